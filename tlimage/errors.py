@@ -1,0 +1,166 @@
+"""The error tree. Every error a user can cause derives from `TlimageError`.
+
+    TlimageError                 exit code 1 unless a subclass says otherwise
+    ├── SourceError              bad input at a place in a file: file:line:col, the line, a caret
+    │   ├── IRSyntaxError        the IR text form does not parse
+    │   └── DockerfileError      (frontends.dockerfile) parse, instruction and lowering errors
+    ├── DSLError                 a Python DSL call was wrong; names the call site file:line
+    ├── JSONFormError            a JSON image document is invalid; names the JSON path
+    ├── DiscoveryError           no image / several images / unknown image name in a file
+    ├── CacheError               the layer cache: lock time-outs, corrupt entries
+    ├── ExecutorError            a build step could not run (VM failed to boot, step timed out)
+    │   └── StepFailed           a step ran and exited non-zero; carries its source location
+    ├── RegistryError            image names: unknown, invalid, conflicts
+    └── RuntimeError_            sandboxes: unknown id, wrong state
+
+The CLI prints `str(error)` (plus `error.hint` when present) and exits with `error.exit_code`;
+it never prints a Python traceback for a `TlimageError`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tlimage.source import Span
+
+
+class TlimageError(Exception):
+    """Root of every user-facing error."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def render(self) -> str:
+        """The full text shown to a person: the message, then the hint if any."""
+        text = str(self)
+        if self.hint:
+            text += f"\nhint: {self.hint}"
+        return text
+
+
+class SourceError(TlimageError):
+    """An error at a place in a source file. `str()` is `file:line:col: message` plus the
+    offending line with a caret under the column, when the text is known."""
+
+    exit_code = 2
+
+    def __init__(
+        self,
+        message: str,
+        span: Span | None,
+        *,
+        text: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.span = span
+        self.text = text  # the whole source, when it is not a file on disk
+
+    def __str__(self) -> str:
+        if self.span is None:
+            return self.message
+        return self.span.render(self.message, self.text)
+
+
+class IRSyntaxError(SourceError):
+    pass
+
+
+class DockerfileError(SourceError):
+    pass
+
+
+class DSLError(TlimageError):
+    """A wrong call in the Python DSL. `where` is the user's call site as `file:line`."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, where: str | None = None, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.where = where
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+
+class JSONFormError(TlimageError):
+    """An invalid JSON image document; `path` is like `images[0].operations[3].args`."""
+
+    exit_code = 2
+
+    def __init__(
+        self, message: str, path: str = "", *, file: str | None = None, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+        self.file = file
+
+    def __str__(self) -> str:
+        where = ":".join(p for p in (self.file, self.path) if p)
+        return f"{where}: {self.message}" if where else self.message
+
+
+class DiscoveryError(TlimageError):
+    exit_code = 2
+
+
+class CacheError(TlimageError):
+    pass
+
+
+class ExecutorError(TlimageError):
+    pass
+
+
+class StepFailed(ExecutorError):
+    """A build step exited non-zero. `location` is the step's source (file:line), `log_tail` the
+    last lines it printed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        location: str | None = None,
+        exit_code: int | None = None,
+        log_tail: tuple[str, ...] = (),
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.location = location
+        self.step_exit_code = exit_code
+        self.log_tail = log_tail
+
+    def __str__(self) -> str:
+        head = f"{self.location}: {self.message}" if self.location else self.message
+        if self.log_tail:
+            head += "\n" + "\n".join("  | " + line for line in self.log_tail)
+        return head
+
+
+class RegistryError(TlimageError):
+    pass
+
+
+class RuntimeError_(TlimageError):  # noqa: N801 - `RuntimeError` is a builtin
+    pass
+
+
+__all__ = [
+    "CacheError",
+    "DSLError",
+    "DiscoveryError",
+    "DockerfileError",
+    "ExecutorError",
+    "IRSyntaxError",
+    "JSONFormError",
+    "RegistryError",
+    "RuntimeError_",
+    "SourceError",
+    "StepFailed",
+    "TlimageError",
+]

@@ -1,0 +1,150 @@
+"""Plain-object codec for IR values, and the canonical encoding that digests are taken over.
+
+`to_obj` turns a step (or any IR dataclass) into JSON-able objects, omitting fields at their
+default; `from_obj` reverses it using the dataclass type hints, so tuples, pairs, nested mounts and
+optionals come back exactly. `canonical` is the deterministic byte form: sorted keys, no
+whitespace, UTF-8, the op name and `IR_VERSION` inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from functools import cache
+from typing import Any, Literal, get_args, get_origin
+
+from tlimage.ir.steps import STEP_TYPES, Step
+
+IR_VERSION = 1
+
+
+class DecodeError(ValueError):
+    """A plain object does not fit the IR type; `path` says where (`mounts[0].type`)."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.message = message
+        self.path = path
+
+
+def field_name(name: str) -> str:
+    """The external spelling of a field: `from_` is `from`."""
+    return name[:-1] if name.endswith("_") else name
+
+
+@cache
+def _fields(cls: type) -> tuple[tuple[str, str, Any, Any], ...]:
+    """(attribute, external name, type hint, default) for each field of a dataclass."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
+        out.append((f.name, field_name(f.name), hints[f.name], default))
+    return tuple(out)
+
+
+def to_obj(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        obj: dict[str, Any] = {}
+        for attr, name, _hint, default in _fields(type(value)):
+            v = getattr(value, attr)
+            if default is not dataclasses.MISSING and v == default:
+                continue
+            obj[name] = to_obj(v)
+        return obj
+    if isinstance(value, tuple):
+        return [to_obj(v) for v in value]
+    return value
+
+
+def step_to_obj(step: Step) -> dict[str, Any]:
+    return {"op": step.op, **to_obj(step)}
+
+
+def step_from_obj(obj: Any, path: str = "") -> Step:
+    if not isinstance(obj, dict) or not isinstance(obj.get("op"), str):
+        raise DecodeError("expected an object with an 'op' string", path)
+    cls = STEP_TYPES.get(obj["op"])
+    if cls is None:
+        raise DecodeError(
+            f"unknown op {obj['op']!r}; known: {', '.join(sorted(STEP_TYPES))}", _join(path, "op")
+        )
+    body = {k: v for k, v in obj.items() if k != "op"}
+    return from_obj(cls, body, path)
+
+
+def from_obj(hint: Any, value: Any, path: str = "") -> Any:
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise DecodeError(f"expected an object, got {_kind(value)}", path)
+        known = {name: (attr, h) for attr, name, h, _ in _fields(hint)}
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise DecodeError(
+                f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(known))}",
+                _join(path, unknown[0]),
+            )
+        kwargs = {attr: from_obj(h, value[name], _join(path, name))
+                  for name, (attr, h) in known.items() if name in value}  # fmt: skip
+        try:
+            return hint(**kwargs)
+        except TypeError as e:  # a required field is missing
+            raise DecodeError(str(e).replace("__init__() ", ""), path) from None
+        except ValueError as e:
+            raise DecodeError(str(e), path) from None
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return from_obj(inner, value, path)
+    if origin is tuple:
+        args = get_args(hint)
+        if not isinstance(value, list):
+            raise DecodeError(f"expected a list, got {_kind(value)}", path)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(from_obj(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise DecodeError(f"expected a list of {len(args)} items, got {len(value)}", path)
+        return tuple(from_obj(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise DecodeError(
+                f"{value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}", path
+            )
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise DecodeError(f"expected true or false, got {_kind(value)}", path)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DecodeError(f"expected an integer, got {_kind(value)}", path)
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise DecodeError(f"expected a string, got {_kind(value)}", path)
+        return value
+    raise TypeError(f"unsupported IR type {hint!r}")  # a bug in the IR definition, not input
+
+
+def canonical(obj: Any) -> bytes:
+    """The deterministic byte encoding that digests are computed over."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _kind(value: Any) -> str:
+    return {
+        type(None): "null", bool: "a boolean", int: "a number", float: "a number",
+        str: "a string", list: "a list", dict: "an object",
+    }.get(type(value), type(value).__name__)  # fmt: skip

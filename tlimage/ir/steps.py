@@ -1,0 +1,213 @@
+"""The build steps: a closed union of frozen dataclasses.
+
+Every front end lowers to these and nothing else; the builder, the cache keys and the text form
+handle exactly this set (`STEP_TYPES`). Fields hold already-normalized values: tuples, not lists;
+ordered pairs, not dicts (ENV order matters and keys may repeat, as in `ENV A=1 A=2`).
+
+A field left at its default is omitted from the canonical encoding, so adding a new field with a
+default later does not change the digest of any existing step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+Pairs = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    op: ClassVar[str] = ""
+
+
+@dataclass(frozen=True, slots=True)
+class From(Step):
+    """Starts a stage: a base image (`debian-minimal`, a registered name, `scratch`) or another
+    stage of the same image. `pin` is the base's content digest; the builder fills it when
+    resolving a name, and a pinned base that no longer matches is an error."""
+
+    op: ClassVar[str] = "from"
+    image: str | None = None
+    stage: str | None = None
+    pin: str | None = None
+    platform: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.image is None) == (self.stage is None):
+            raise ValueError("From needs exactly one of image= or stage=")
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """A RUN mount (`--mount=type=cache,target=/root/.cache`). `options` are the remaining
+    key/value pairs, sorted, so that equal mounts encode equally."""
+
+    type: Literal["bind", "cache", "secret", "ssh", "tmpfs"]
+    target: str = ""
+    options: Pairs = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Run(Step):
+    """Run a command. Shell form: `command` is one string run by the stage's SHELL.
+    Exec form: `command` is the argv. `env`, `user`, `workdir` override the stage's for this
+    step only (DSL `run(..., options=...)`)."""
+
+    op: ClassVar[str] = "run"
+    command: tuple[str, ...] = ()
+    shell: bool = True
+    env: Pairs = ()
+    user: str | None = None
+    workdir: str | None = None
+    mounts: tuple[Mount, ...] = ()
+    network: Literal["default", "none", "host"] = "default"
+    security: Literal["sandbox", "insecure"] = "sandbox"
+
+
+@dataclass(frozen=True, slots=True)
+class InlineFile:
+    """A file whose bytes are in the definition (a Dockerfile heredoc `COPY <<EOF /dest`)."""
+
+    name: str
+    content: str
+    mode: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Copy(Step):
+    """Copy files from the build context, another stage (`from_`) or inline content into `dest`."""
+
+    op: ClassVar[str] = "copy"
+    sources: tuple[str, ...] = ()
+    dest: str = ""
+    from_: str | None = None
+    chown: str | None = None
+    chmod: str | None = None
+    link: bool = False
+    parents: bool = False
+    excludes: tuple[str, ...] = ()
+    inline: tuple[InlineFile, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Add(Step):
+    """Like Copy, and also: URLs are fetched, local tar archives are unpacked."""
+
+    op: ClassVar[str] = "add"
+    sources: tuple[str, ...] = ()
+    dest: str = ""
+    chown: str | None = None
+    chmod: str | None = None
+    link: bool = False
+    excludes: tuple[str, ...] = ()
+    checksum: str | None = None
+    keep_git_dir: bool = False
+    inline: tuple[InlineFile, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Env(Step):
+    op: ClassVar[str] = "env"
+    vars: Pairs = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Workdir(Step):
+    op: ClassVar[str] = "workdir"
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class User(Step):
+    op: ClassVar[str] = "user"
+    user: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Arg(Step):
+    """A build argument; `default` None means declared without a default."""
+
+    op: ClassVar[str] = "arg"
+    name: str = ""
+    default: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Label(Step):
+    op: ClassVar[str] = "label"
+    labels: Pairs = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Expose(Step):
+    """Ports as `NUMBER/PROTO`, protocol always spelled out (`80/tcp`)."""
+
+    op: ClassVar[str] = "expose"
+    ports: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Entrypoint(Step):
+    op: ClassVar[str] = "entrypoint"
+    command: tuple[str, ...] = ()
+    shell: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Cmd(Step):
+    op: ClassVar[str] = "cmd"
+    command: tuple[str, ...] = ()
+    shell: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Shell(Step):
+    op: ClassVar[str] = "shell"
+    argv: tuple[str, ...] = ("/bin/sh", "-c")
+
+
+@dataclass(frozen=True, slots=True)
+class StopSignal(Step):
+    op: ClassVar[str] = "stopsignal"
+    signal: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Healthcheck(Step):
+    """`test` follows the OCI/Docker config: `("NONE",)`, `("CMD", argv...)` or
+    `("CMD-SHELL", command)`. Durations are nanoseconds; None means the runtime default."""
+
+    op: ClassVar[str] = "healthcheck"
+    test: tuple[str, ...] = ("NONE",)
+    interval: int | None = None
+    timeout: int | None = None
+    start_period: int | None = None
+    start_interval: int | None = None
+    retries: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Volume(Step):
+    op: ClassVar[str] = "volume"
+    paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Onbuild(Step):
+    """A trigger kept in the image config, run by images that build FROM this one."""
+
+    op: ClassVar[str] = "onbuild"
+    instruction: str = ""
+
+
+STEP_TYPES: dict[str, type[Step]] = {
+    cls.op: cls
+    for cls in (
+        From, Run, Copy, Add, Env, Workdir, User, Arg, Label, Expose,
+        Entrypoint, Cmd, Shell, StopSignal, Healthcheck, Volume, Onbuild,
+    )
+}  # fmt: skip
+
+# Steps that change the filesystem and so produce a layer; the rest only change the config.
+FILESYSTEM_OPS = frozenset({"run", "copy", "add", "workdir"})
