@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs everything tlimage needs on a fresh Debian 12 machine (as root): the host tools the
+# executor and runtime start (QEMU, mmdebstrap, busybox, e2fsprogs, ...) and the Python package.
+# Idempotent: packages already present are skipped quickly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs cpio zstd
+  bubblewrap dpkg-dev gcc libc6-dev uidmap iproute2 nodejs npm
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'

@@ -1,0 +1,42 @@
+"""tlimage: build sandbox images from Python, TypeScript/JSON or Dockerfiles; run sandboxes.
+
+    from tlimage import Image
+    image = Image("data-tools").run("pip install pandas").env("APP_ENV", "prod")
+
+The public names below are imported on first use, so `import tlimage` (and `tl --help`) stays
+cheap.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tlimage.errors import TlimageError
+    from tlimage.frontends import load
+    from tlimage.frontends.dsl import Image, function
+    from tlimage.ir import ImageDef
+
+_EXPORTS = {
+    "Image": "tlimage.frontends.dsl",
+    "function": "tlimage.frontends.dsl",
+    "ImageDef": "tlimage.ir",
+    "TlimageError": "tlimage.errors",
+    "load": "tlimage.frontends",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tlimage' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

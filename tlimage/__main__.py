@@ -1,0 +1,3 @@
+from tlimage.cli import entry
+
+entry()

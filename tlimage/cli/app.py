@@ -1,0 +1,100 @@
+"""Typer command tree: `tl sbx image ...` for images, `tl sbx ...` for sandboxes."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="tl",
+    help="Build sandbox images from Python, TypeScript/JSON or Dockerfiles, and run sandboxes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+sbx = typer.Typer(help="Sandboxes and their images.", no_args_is_help=True)
+image = typer.Typer(help="Compile, build and manage images.", no_args_is_help=True)
+app.add_typer(sbx, name="sbx")
+sbx.add_typer(image, name="image")
+
+
+class Emit(str, Enum):
+    ir = "ir"
+    json = "json"
+
+
+FileArg = Annotated[
+    Path, typer.Argument(help="Image file: image.py, image.json, image.ts or a Dockerfile.")
+]
+ImageNameOpt = Annotated[
+    str | None,
+    typer.Option("--image-name", "-i", help="Which image of the file (when it defines several)."),
+]
+BuildArgOpt = Annotated[
+    list[str] | None,
+    typer.Option("--build-arg", help="KEY=VALUE for a Dockerfile ARG (repeatable)."),
+]
+TargetOpt = Annotated[
+    str | None, typer.Option("--target", help="Dockerfile stage to build (default: the last).")
+]
+
+
+def _frontend_options(build_arg: list[str] | None, target: str | None) -> dict[str, object]:
+    from tlimage.errors import TlimageError
+
+    args: dict[str, str] = {}
+    for item in build_arg or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise TlimageError(f"--build-arg {item!r}: expected KEY=VALUE")
+        args[key] = value
+    opts: dict[str, object] = {}
+    if args:
+        opts["build_args"] = args
+    if target:
+        opts["target"] = target
+    return opts
+
+
+def _load_one(file: Path, name: str | None, options: dict[str, object]):  # noqa: ANN202
+    from tlimage import frontends
+
+    if frontends.kind_of(file) != "dockerfile":
+        for key in options:
+            from tlimage.errors import TlimageError
+
+            raise TlimageError(f"--{key.replace('_', '-')} applies to Dockerfiles only")
+    return frontends.select(frontends.load(file, **options), name, file)
+
+
+@image.command("compile")
+def compile_(
+    file: FileArg,
+    emit: Annotated[Emit, typer.Option("--emit", help="ir: the IR text form; json: JSON.")] = Emit.ir,
+    image_name: ImageNameOpt = None,
+    digests: Annotated[bool, typer.Option(help="Print each step's digest as a comment.")] = True,
+    build_arg: BuildArgOpt = None,
+    target: TargetOpt = None,
+) -> None:
+    """Compile an image file to the build-step IR and print it (nothing is built)."""
+    from tlimage import ir
+
+    img = _load_one(file, image_name, _frontend_options(build_arg, target))
+    if emit is Emit.ir:
+        sys.stdout.write(ir.format_text(img, digests=digests))
+    else:
+        import json
+
+        sys.stdout.write(json.dumps(ir.to_json_obj(img), indent=2, ensure_ascii=False) + "\n")
+
+
+@app.command("version")
+def version() -> None:
+    """Print tlimage's version."""
+    from importlib.metadata import version as v
+
+    print(v("tlimage"))
