@@ -1,0 +1,706 @@
+/*
+ * tlimage guest agent: speaks runner/PROTOCOL.md (version 1) over one byte channel.
+ *
+ * Runs as PID 1's child inside the build microVM (started by runner/init), or on a host for the
+ * protocol conformance tests (`agent --stdio`: the channel is fd 0 in / fd 1 out).
+ *
+ * Contract:
+ *   - The agent sends HELLO first, then serves one request at a time; every request gets exactly
+ *     one terminal reply (OK, ERROR, EXIT or EXPORT_END) after any data frames.
+ *   - RUN streams the step's stdout and stderr as separate frames, in the order the bytes are read
+ *     from the two pipes (no interleaving guarantee beyond that, as with any two pipes).
+ *   - Setup failures before exec (bad user, missing workdir, command not found) end in ERROR with a
+ *     message, never in EXIT; EXIT always means the step's program ran.
+ *   - EXPORT sends the overlay upper directory as a tar stream (busybox tar: whiteouts are 0:0 char
+ *     devices, kept as such) and the list of opaque directories in EXPORT_END, because tar cannot
+ *     carry the trusted.overlay.opaque xattr.
+ *
+ * Built statically at provisioning time (gcc -static -Os); depends on nothing in the rootfs being
+ * built, which may have no shell, no libc and no Python.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <grp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#define PROTOCOL_VERSION 1
+#define MAX_PAYLOAD (1u << 20)
+#define CHUNK 65536
+
+enum {
+    T_HELLO = 0x01, T_OK = 0x02, T_ERROR = 0x03,
+    T_STDOUT = 0x10, T_STDERR = 0x11, T_EXIT = 0x12,
+    T_TAR = 0x20, T_EXPORT_END = 0x21,
+    T_MOUNT = 0x81, T_RUN = 0x82, T_EXPORT = 0x83, T_SHUTDOWN = 0x84, T_KILL = 0x85,
+    T_UMOUNT = 0x86,
+};
+
+static int chan_in = -1, chan_out = -1;
+static int stdio_mode = 0;
+
+/* ---- byte buffers and the wire encoding (u32 big-endian lengths) ---- */
+
+typedef struct { unsigned char *p; size_t len, cap; } buf_t;
+
+static void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "tl-agent: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(70);
+}
+
+static void buf_put(buf_t *b, const void *data, size_t n) {
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (cap < b->len + n) cap *= 2;
+        b->p = realloc(b->p, cap);
+        if (!b->p) die("out of memory");
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, data, n);
+    b->len += n;
+}
+static void buf_u32(buf_t *b, uint32_t v) {
+    unsigned char x[4] = {v >> 24, v >> 16, v >> 8, v};
+    buf_put(b, x, 4);
+}
+static void buf_str(buf_t *b, const char *s) {
+    size_t n = strlen(s);
+    buf_u32(b, (uint32_t)n);
+    buf_put(b, s, n);
+}
+
+typedef struct { const unsigned char *p; size_t len, off; int bad; } rd_t;
+
+static uint32_t rd_u32(rd_t *r) {
+    if (r->off + 4 > r->len) { r->bad = 1; return 0; }
+    const unsigned char *x = r->p + r->off;
+    r->off += 4;
+    return ((uint32_t)x[0] << 24) | ((uint32_t)x[1] << 16) | ((uint32_t)x[2] << 8) | x[3];
+}
+static unsigned rd_u8(rd_t *r) {
+    if (r->off + 1 > r->len) { r->bad = 1; return 0; }
+    return r->p[r->off++];
+}
+/* Returns a malloc'd NUL-terminated copy; strings containing NUL are rejected. */
+static char *rd_str(rd_t *r) {
+    uint32_t n = rd_u32(r);
+    if (r->bad || r->off + n > r->len || memchr(r->p + r->off, 0, n)) { r->bad = 1; return strdup(""); }
+    char *s = malloc(n + 1);
+    memcpy(s, r->p + r->off, n);
+    s[n] = 0;
+    r->off += n;
+    return s;
+}
+/* A NULL-terminated array of strings. */
+static char **rd_strlist(rd_t *r, uint32_t *count) {
+    uint32_t n = rd_u32(r);
+    if (r->bad || n > MAX_PAYLOAD / 4) { r->bad = 1; n = 0; }
+    char **v = calloc(n + 1, sizeof(char *));
+    for (uint32_t i = 0; i < n; i++) v[i] = rd_str(r);
+    if (count) *count = n;
+    return v;
+}
+static void free_strlist(char **v) {
+    for (char **p = v; p && *p; p++) free(*p);
+    free(v);
+}
+
+/* ---- framing: [type u8][0 u8][0 u16][length u32 BE] then payload ---- */
+
+static void write_all(int fd, const void *data, size_t n) {
+    const char *p = data;
+    while (n) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR || errno == EAGAIN) continue;
+            die("channel write: %s", strerror(errno));
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+}
+static int read_all(int fd, void *data, size_t n) {
+    char *p = data;
+    while (n) {
+        ssize_t r = read(fd, p, n);
+        if (r < 0) {
+            if (errno == EINTR || errno == EAGAIN) continue;
+            return -1;
+        }
+        if (r == 0) return -1;
+        p += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+static void send_frame(unsigned type, const void *payload, size_t n) {
+    unsigned char h[8] = {type, 0, 0, 0, n >> 24, n >> 16, n >> 8, n};
+    write_all(chan_out, h, 8);
+    if (n) write_all(chan_out, payload, n);
+}
+static void send_buf(unsigned type, buf_t *b) {
+    send_frame(type, b->p, b->len);
+    free(b->p);
+    *b = (buf_t){0};
+}
+static void send_error(const char *fmt, ...) {
+    char msg[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    buf_t b = {0};
+    buf_str(&b, msg);
+    send_buf(T_ERROR, &b);
+}
+/* Reads one frame; returns its type, or -1 at end of channel. *payload is malloc'd. */
+static int recv_frame(unsigned char **payload, size_t *n) {
+    unsigned char h[8];
+    if (read_all(chan_in, h, 8) < 0) return -1;
+    uint32_t len = ((uint32_t)h[4] << 24) | ((uint32_t)h[5] << 16) | ((uint32_t)h[6] << 8) | h[7];
+    if (len > MAX_PAYLOAD) die("frame too large: %u bytes", len);
+    *payload = malloc(len ? len : 1);
+    if (len && read_all(chan_in, *payload, len) < 0) return -1;
+    *n = len;
+    return h[0];
+}
+
+/* ---- MOUNT / UMOUNT ---- */
+
+static const char *mounted_target = NULL;
+
+static int mkdir_p(const char *path) {
+    char tmp[4096];
+    snprintf(tmp, sizeof tmp, "%s", path);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p == '/') {
+            *p = 0;
+            if (mkdir(tmp, 0755) < 0 && errno != EEXIST) return -1;
+            *p = '/';
+        }
+    }
+    if (mkdir(tmp, 0755) < 0 && errno != EEXIST) return -1;
+    return 0;
+}
+
+static void do_mount(rd_t *r) {
+    uint32_t nlowers;
+    char **lowers = rd_strlist(r, &nlowers);
+    char *upper = rd_str(r), *work = rd_str(r), *target = rd_str(r);
+    if (r->bad || nlowers == 0) {
+        send_error("MOUNT: malformed request");
+        goto out;
+    }
+    if (mkdir_p(upper) || mkdir_p(work) || mkdir_p(target)) {
+        send_error("MOUNT: mkdir: %s", strerror(errno));
+        goto out;
+    }
+    /* overlayfs lists lowerdir top first; the protocol lists lowers bottom first. redirect_dir
+     * and metacopy stay off so the upper dir holds only plain files, dirs, whiteouts and opaque
+     * markers: exactly what an OCI layer can express. */
+    buf_t opts = {0};
+    buf_put(&opts, "lowerdir=", 9);
+    for (uint32_t i = nlowers; i-- > 0;) {
+        buf_put(&opts, lowers[i], strlen(lowers[i]));
+        if (i) buf_put(&opts, ":", 1);
+    }
+    char tail[8192];
+    snprintf(tail, sizeof tail, ",upperdir=%s,workdir=%s,redirect_dir=off,metacopy=off,index=off", upper, work);
+    buf_put(&opts, tail, strlen(tail) + 1);
+    if (mount("overlay", target, "overlay", 0, (char *)opts.p) < 0) {
+        send_error("MOUNT: overlay on %s: %s (options %s)", target, strerror(errno), (char *)opts.p);
+    } else {
+        free((void *)mounted_target);
+        mounted_target = strdup(target);
+        send_frame(T_OK, NULL, 0);
+    }
+    free(opts.p);
+out:
+    free_strlist(lowers);
+    free(upper);
+    free(work);
+    free(target);
+}
+
+static void do_umount(rd_t *r) {
+    char *target = rd_str(r);
+    if (umount2(target, 0) < 0) send_error("UMOUNT %s: %s", target, strerror(errno));
+    else send_frame(T_OK, NULL, 0);
+    free(target);
+}
+
+/* ---- RUN ---- */
+
+/* Mounts made under the step's root for the duration of one RUN, undone in reverse order. A
+ * mount point that the rootfs lacks is skipped rather than created: creating it would leak into
+ * the layer. */
+static char step_mounts[8][4096];
+static int n_step_mounts = 0;
+static char created_files[4][4096];
+static int n_created_files = 0;
+
+static int dir_exists(const char *p) {
+    struct stat st;
+    return lstat(p, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static void step_mount(const char *root, const char *rel, const char *src, const char *fstype,
+                       unsigned long flags, const char *data) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s%s", root, rel);
+    if (!dir_exists(path)) return;
+    if (mount(src, path, fstype, flags, data) == 0 && n_step_mounts < 8)
+        snprintf(step_mounts[n_step_mounts++], 4096, "%s", path);
+}
+
+/* Binds a guest file (resolv.conf, hosts) over the step's copy. When the rootfs has no such file a
+ * placeholder is created and removed after the step; a file created and removed in the same upper
+ * leaves no trace in it. A dangling symlink (systemd-resolved style) is left alone. */
+static void step_bind_file(const char *root, const char *rel, const char *src) {
+    char path[4096], etc[4096];
+    struct stat st;
+    if (access(src, R_OK) != 0) return;
+    snprintf(etc, sizeof etc, "%s/etc", root);
+    if (!dir_exists(etc)) return;
+    snprintf(path, sizeof path, "%s%s", root, rel);
+    if (lstat(path, &st) != 0) {
+        int fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0644);
+        if (fd < 0) return;
+        close(fd);
+        if (n_created_files < 4) snprintf(created_files[n_created_files++], 4096, "%s", path);
+    } else if (!S_ISREG(st.st_mode)) {
+        return;
+    }
+    if (mount(src, path, NULL, MS_BIND, NULL) == 0 && n_step_mounts < 8)
+        snprintf(step_mounts[n_step_mounts++], 4096, "%s", path);
+}
+
+static void step_unmount_all(void) {
+    while (n_step_mounts > 0) {
+        const char *p = step_mounts[--n_step_mounts];
+        if (umount2(p, 0) < 0) umount2(p, MNT_DETACH);
+    }
+    while (n_created_files > 0) unlink(created_files[--n_created_files]);
+}
+
+/* Resolves "user[:group]" (names or numbers) against the step root's /etc/passwd and /etc/group,
+ * following Docker's USER rules: a numeric uid need not exist; a named user must; without a group
+ * the user's primary group is used and supplementary groups come from /etc/group. Runs after
+ * chroot. Returns 0 or writes a message into err. */
+static int resolve_user(const char *spec, uid_t *uid, gid_t *gid, gid_t *groups, int *ngroups,
+                        char *home, size_t homelen, char *err, size_t errlen) {
+    char user[256], group[256] = "";
+    const char *colon = strchr(spec, ':');
+    if (colon) {
+        snprintf(user, sizeof user, "%.*s", (int)(colon - spec), spec);
+        snprintf(group, sizeof group, "%s", colon + 1);
+    } else {
+        snprintf(user, sizeof user, "%s", spec[0] ? spec : "root");
+    }
+    if (!user[0]) snprintf(user, sizeof user, "root");
+    char *end;
+    int found = 0;
+    char uname[256] = "";
+    unsigned long num = strtoul(user, &end, 10);
+    int numeric = *end == 0;
+    /* A numeric uid absent from /etc/passwd runs with gid 0, as in Docker. */
+    *uid = numeric ? (uid_t)num : 0;
+    *gid = 0;
+    snprintf(home, homelen, "/");
+    FILE *f = fopen("/etc/passwd", "r");
+    char line[4096];
+    while (f && fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\n")] = 0;
+        char *rest = line, *fl[7];
+        int nf = 0;
+        while (nf < 7 && rest) fl[nf++] = strsep(&rest, ":");
+        if (nf < 7) continue;
+        int match = numeric ? (strtoul(fl[2], NULL, 10) == num) : strcmp(fl[0], user) == 0;
+        if (!match) continue;
+        found = 1;
+        *uid = (uid_t)strtoul(fl[2], NULL, 10);
+        *gid = (gid_t)strtoul(fl[3], NULL, 10);
+        snprintf(uname, sizeof uname, "%s", fl[0]);
+        snprintf(home, homelen, "%s", fl[5][0] ? fl[5] : "/");
+        break;
+    }
+    if (f) fclose(f);
+    if (!found && !numeric) {
+        snprintf(err, errlen, "unable to find user %s: no matching entries in passwd file", user);
+        return -1;
+    }
+    *ngroups = 0;
+    int group_given = group[0] != 0;
+    if (group_given) {
+        unsigned long g = strtoul(group, &end, 10);
+        if (*end == 0) {
+            *gid = (gid_t)g;
+        } else {
+            int gfound = 0;
+            FILE *gf = fopen("/etc/group", "r");
+            while (gf && fgets(line, sizeof line, gf)) {
+                line[strcspn(line, "\n")] = 0;
+                char *rest = line, *fl[4];
+                int nf = 0;
+                while (nf < 4 && rest) fl[nf++] = strsep(&rest, ":");
+                if (nf >= 3 && strcmp(fl[0], group) == 0) {
+                    *gid = (gid_t)strtoul(fl[2], NULL, 10);
+                    gfound = 1;
+                    break;
+                }
+            }
+            if (gf) fclose(gf);
+            if (!gfound) {
+                snprintf(err, errlen, "unable to find group %s: no matching entries in group file", group);
+                return -1;
+            }
+        }
+    }
+    groups[(*ngroups)++] = *gid;
+    if (!group_given && uname[0]) {
+        FILE *gf = fopen("/etc/group", "r");
+        while (gf && fgets(line, sizeof line, gf) && *ngroups < 64) {
+            line[strcspn(line, "\n")] = 0;
+            char *rest = line, *fl[4];
+            int nf = 0;
+            while (nf < 4 && rest) fl[nf++] = strsep(&rest, ":");
+            if (nf < 4) continue;
+            char *members = fl[3], *m;
+            while ((m = strsep(&members, ",")) != NULL) {
+                if (strcmp(m, uname) == 0) {
+                    gid_t g = (gid_t)strtoul(fl[2], NULL, 10);
+                    if (g != *gid) groups[(*ngroups)++] = g;
+                    break;
+                }
+            }
+        }
+        if (gf) fclose(gf);
+    }
+    return 0;
+}
+
+/* PATH search inside the step root, using the step's PATH (not the agent's). */
+static int find_exec(const char *name, const char *path, char *out, size_t outlen) {
+    if (strchr(name, '/')) {
+        snprintf(out, outlen, "%s", name);
+        return access(out, F_OK) == 0 ? 0 : -1;
+    }
+    char copy[4096];
+    snprintf(copy, sizeof copy, "%s", path);
+    char *rest = copy, *dir;
+    while ((dir = strsep(&rest, ":")) != NULL) {
+        snprintf(out, outlen, "%s/%s", dir[0] ? dir : ".", name);
+        if (access(out, X_OK) == 0) return 0;
+    }
+    return -1;
+}
+
+static pid_t step_pid = -1;
+
+static void child_fail(int errfd, const char *fmt, ...) {
+    char msg[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (n > (int)sizeof msg - 1) n = sizeof msg - 1;
+    if (write(errfd, msg, (size_t)n) < 0) { /* nothing left to report to */ }
+    _exit(127);
+}
+
+static void do_run(rd_t *r) {
+    char **argv = rd_strlist(r, NULL);
+    char **env = rd_strlist(r, NULL);
+    char *user = rd_str(r), *workdir = rd_str(r);
+    unsigned network = rd_u8(r);
+    int outp[2] = {-1, -1}, errp[2] = {-1, -1}, statp[2] = {-1, -1};
+    const char *root = mounted_target;
+    if (r->bad || !argv[0]) {
+        send_error("RUN: malformed request");
+        goto out;
+    }
+    if (!root && !stdio_mode) {
+        send_error("RUN before MOUNT");
+        goto out;
+    }
+    if (!root) root = "/";
+    if (strcmp(root, "/") != 0) {
+        step_mount(root, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+        step_mount(root, "/sys", "sysfs", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL);
+        step_mount(root, "/dev", "/dev", NULL, MS_BIND | MS_REC, NULL);
+        if (network) {
+            step_bind_file(root, "/etc/resolv.conf", "/tl/etc/resolv.conf");
+            step_bind_file(root, "/etc/hosts", "/tl/etc/hosts");
+        }
+    }
+    if (pipe2(outp, O_CLOEXEC) || pipe2(errp, O_CLOEXEC) || pipe2(statp, O_CLOEXEC)) {
+        send_error("RUN: pipe: %s", strerror(errno));
+        goto out;
+    }
+    const char *path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    for (char **e = env; *e; e++)
+        if (strncmp(*e, "PATH=", 5) == 0) path = *e + 5;
+    pid_t pid = fork();
+    if (pid < 0) {
+        send_error("RUN: fork: %s", strerror(errno));
+        goto out;
+    }
+    if (pid == 0) {
+        setsid();
+        signal(SIGPIPE, SIG_DFL);
+        signal(SIGCHLD, SIG_DFL);
+        dup2(outp[1], 1);
+        dup2(errp[1], 2);
+        int devnull = open("/dev/null", O_RDONLY);
+        if (devnull >= 0) dup2(devnull, 0);
+        if (strcmp(root, "/") != 0 && (chroot(root) < 0 || chdir("/") < 0))
+            child_fail(statp[1], "chroot %s: %s", root, strerror(errno));
+        uid_t uid;
+        gid_t gid, groups[64];
+        int ngroups;
+        char home[1024], err[1024];
+        if (resolve_user(user, &uid, &gid, groups, &ngroups, home, sizeof home, err, sizeof err) < 0)
+            child_fail(statp[1], "%s", err);
+        const char *wd = workdir[0] ? workdir : "/";
+        if (chdir(wd) < 0) child_fail(statp[1], "workdir %s: %s", wd, strerror(errno));
+        char exe[4096];
+        if (find_exec(argv[0], path, exe, sizeof exe) < 0)
+            child_fail(statp[1], "exec: \"%s\": executable file not found in $PATH", argv[0]);
+        if (setgroups((size_t)ngroups, groups) < 0 || setgid(gid) < 0 || setuid(uid) < 0)
+            child_fail(statp[1], "set user %s: %s", user, strerror(errno));
+        /* HOME follows the user unless the step sets it, as Docker does. */
+        int has_home = 0, n = 0;
+        for (char **e = env; *e; e++, n++)
+            if (strncmp(*e, "HOME=", 5) == 0) has_home = 1;
+        char **envp = calloc((size_t)n + 2, sizeof(char *));
+        memcpy(envp, env, (size_t)n * sizeof(char *));
+        char homevar[1100];
+        if (!has_home) {
+            snprintf(homevar, sizeof homevar, "HOME=%s", home);
+            envp[n] = homevar;
+        }
+        execve(exe, argv, envp);
+        child_fail(statp[1], "exec %s: %s", argv[0], strerror(errno));
+    }
+    step_pid = pid;
+    close(outp[1]);
+    close(errp[1]);
+    close(statp[1]);
+    outp[1] = errp[1] = statp[1] = -1;
+
+    char failmsg[4096];
+    ssize_t fl = 0, got;
+    while ((got = read(statp[0], failmsg + fl, sizeof failmsg - 1 - (size_t)fl)) > 0) fl += got;
+    failmsg[fl > 0 ? fl : 0] = 0;
+
+    unsigned char *chunk = malloc(CHUNK);
+    int open_fds = 2;
+    struct pollfd pf[3] = {{outp[0], POLLIN, 0}, {errp[0], POLLIN, 0}, {chan_in, POLLIN, 0}};
+    while (open_fds > 0) {
+        if (poll(pf, 3, -1) < 0) {
+            if (errno == EINTR) continue;
+            break;
+        }
+        for (int i = 0; i < 2; i++) {
+            if (pf[i].fd < 0 || !(pf[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+            ssize_t n = read(pf[i].fd, chunk, CHUNK);
+            if (n > 0) {
+                send_frame(i == 0 ? T_STDOUT : T_STDERR, chunk, (size_t)n);
+            } else if (n == 0 || errno != EINTR) {
+                close(pf[i].fd);
+                if (i == 0) outp[0] = -1; else errp[0] = -1;
+                pf[i].fd = -1;
+                open_fds--;
+            }
+        }
+        if (pf[2].revents & POLLIN) {
+            unsigned char *payload;
+            size_t n;
+            int t = recv_frame(&payload, &n);
+            if (t < 0) { kill(-pid, SIGKILL); pf[2].fd = -1; }
+            else if (t == T_KILL) {
+                int sig = n >= 1 ? payload[0] : SIGKILL;
+                kill(-pid, sig);
+            }
+            /* Other requests are not valid while a step runs; the host never sends them. */
+            if (t >= 0) free(payload);
+        }
+    }
+    free(chunk);
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+    step_pid = -1;
+    /* The step's session may leave daemons behind; they do not outlive the step. */
+    kill(-pid, SIGKILL);
+    if (fl > 0) {
+        send_error("%s", failmsg);
+    } else {
+        int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+        buf_t b = {0};
+        buf_u32(&b, (uint32_t)code);
+        buf_u32(&b, (uint32_t)sig);
+        send_buf(T_EXIT, &b);
+    }
+out:
+    step_unmount_all();
+    for (int i = 0; i < 2; i++) {
+        if (outp[i] >= 0) close(outp[i]);
+        if (errp[i] >= 0) close(errp[i]);
+        if (statp[i] >= 0) close(statp[i]);
+    }
+    free_strlist(argv);
+    free_strlist(env);
+    free(user);
+    free(workdir);
+}
+
+/* ---- EXPORT ---- */
+
+static buf_t opaque_list;
+static uint32_t opaque_count;
+static size_t export_root_len;
+
+static int collect_opaque(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+    (void)ftw;
+    if (flag != FTW_D || !S_ISDIR(st->st_mode)) return 0;
+    char v[8];
+    ssize_t n = lgetxattr(path, "trusted.overlay.opaque", v, sizeof v);
+    if (n == 1 && v[0] == 'y') {
+        const char *rel = path + export_root_len;
+        while (*rel == '/') rel++;
+        buf_str(&opaque_list, rel[0] ? rel : ".");
+        opaque_count++;
+    }
+    return 0;
+}
+
+static void do_export(rd_t *r) {
+    char *upper = rd_str(r);
+    if (r->bad || !dir_exists(upper)) {
+        send_error("EXPORT: no such directory: %s", upper);
+        free(upper);
+        return;
+    }
+    opaque_list = (buf_t){0};
+    opaque_count = 0;
+    export_root_len = strlen(upper);
+    nftw(upper, collect_opaque, 64, FTW_PHYS);
+
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) < 0) {
+        send_error("EXPORT: pipe: %s", strerror(errno));
+        free(upper);
+        return;
+    }
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(p[1], 1);
+        int devnull = open("/dev/null", O_WRONLY);
+        if (devnull >= 0) dup2(devnull, 2);
+        const char *tar = getenv("TL_TAR");
+        execl(tar ? tar : "/bin/busybox", "tar", "-c", "-f", "-", "-C", upper, ".", (char *)NULL);
+        _exit(127);
+    }
+    close(p[1]);
+    unsigned char *chunk = malloc(CHUNK);
+    ssize_t n;
+    while ((n = read(p[0], chunk, CHUNK)) != 0) {
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            break;
+        }
+        send_frame(T_TAR, chunk, (size_t)n);
+    }
+    free(chunk);
+    close(p[0]);
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        send_error("EXPORT: tar failed with status %d", status);
+        free(opaque_list.p);
+    } else {
+        buf_t b = {0};
+        buf_u32(&b, opaque_count);
+        buf_put(&b, opaque_list.p ? opaque_list.p : (unsigned char *)"", opaque_list.len);
+        free(opaque_list.p);
+        send_buf(T_EXPORT_END, &b);
+    }
+    free(upper);
+}
+
+/* ---- main loop ---- */
+
+int main(int argc, char **argv) {
+    if (argc == 2 && strcmp(argv[1], "--stdio") == 0) {
+        stdio_mode = 1;
+        chan_in = dup(0);
+        chan_out = dup(1);
+        int devnull = open("/dev/null", O_RDWR);
+        dup2(devnull, 0);
+        dup2(2, 1);
+    } else if (argc == 2) {
+        chan_in = chan_out = open(argv[1], O_RDWR | O_CLOEXEC);
+        if (chan_in < 0) die("open %s: %s", argv[1], strerror(errno));
+    } else {
+        die("usage: agent CHANNEL_DEVICE | agent --stdio");
+    }
+    fcntl(chan_in, F_SETFD, FD_CLOEXEC);
+    fcntl(chan_out, F_SETFD, FD_CLOEXEC);
+    signal(SIGPIPE, SIG_IGN);
+
+    buf_t hello = {0};
+    unsigned char v[2] = {PROTOCOL_VERSION >> 8, PROTOCOL_VERSION & 0xff};
+    buf_put(&hello, v, 2);
+    buf_str(&hello, "tl-agent");
+    send_buf(T_HELLO, &hello);
+
+    for (;;) {
+        unsigned char *payload;
+        size_t n;
+        int t = recv_frame(&payload, &n);
+        if (t < 0) break;
+        rd_t r = {payload, n, 0, 0};
+        switch (t) {
+        case T_MOUNT: do_mount(&r); break;
+        case T_UMOUNT: do_umount(&r); break;
+        case T_RUN: do_run(&r); break;
+        case T_EXPORT: do_export(&r); break;
+        case T_KILL: send_frame(T_OK, NULL, 0); break; /* no step running: nothing to kill */
+        case T_SHUTDOWN:
+            send_frame(T_OK, NULL, 0);
+            free(payload);
+            if (!stdio_mode) {
+                sync();
+                reboot(RB_AUTOBOOT); /* QEMU runs with -no-reboot: a reset ends the VM */
+            }
+            return 0;
+        default: send_error("unknown request type 0x%02x", t);
+        }
+        free(payload);
+    }
+    if (!stdio_mode) {
+        sync();
+        reboot(RB_AUTOBOOT);
+    }
+    return 0;
+}

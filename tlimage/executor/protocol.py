@@ -1,0 +1,281 @@
+"""Host side of the guest agent protocol (runner/PROTOCOL.md, version 1).
+
+Pure encoding and decoding: no I/O beyond the `FrameReader` helper, so the unit tests pin the
+wire format without a VM. The C agent (runner/agent.c) is the other implementation; the two are
+kept in step by tests/unit/test_runner_protocol.py, which also runs the real agent in `--stdio`
+mode against this module.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import BinaryIO
+
+from tlimage.errors import ExecutorError
+
+PROTOCOL_VERSION = 1
+MAX_PAYLOAD = 1 << 20
+HEADER = struct.Struct(">BBHI")  # type, flags (0), reserved (0), payload length
+
+
+class ProtocolError(ExecutorError):
+    """The channel carried something that is not protocol version 1."""
+
+
+class FrameType(IntEnum):
+    # guest -> host
+    HELLO = 0x01
+    OK = 0x02
+    ERROR = 0x03
+    STDOUT = 0x10
+    STDERR = 0x11
+    EXIT = 0x12
+    TAR = 0x20
+    EXPORT_END = 0x21
+    # host -> guest
+    MOUNT = 0x81
+    RUN = 0x82
+    EXPORT = 0x83
+    SHUTDOWN = 0x84
+    KILL = 0x85
+    UMOUNT = 0x86
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: FrameType
+    payload: bytes = b""
+
+
+# --- primitive encodings: u32 big-endian lengths, strings are bytes without NUL --------------
+
+
+def _u32(n: int) -> bytes:
+    return struct.pack(">I", n)
+
+
+def _str(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    if b"\0" in b:
+        raise ProtocolError(f"strings on the channel cannot contain NUL: {b!r}")
+    return _u32(len(b)) + b
+
+
+def _strlist(items) -> bytes:
+    items = list(items)
+    return _u32(len(items)) + b"".join(_str(i) for i in items)
+
+
+class _Reader:
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data, self.off, self.what = data, 0, what
+
+    def _take(self, n: int) -> bytes:
+        if self.off + n > len(self.data):
+            raise ProtocolError(f"truncated {self.what} payload")
+        b = self.data[self.off : self.off + n]
+        self.off += n
+        return b
+
+    def u8(self) -> int:
+        return self._take(1)[0]
+
+    def u16(self) -> int:
+        return struct.unpack(">H", self._take(2))[0]
+
+    def u32(self) -> int:
+        return struct.unpack(">I", self._take(4))[0]
+
+    def str(self) -> str:
+        return self._take(self.u32()).decode("utf-8", "surrogateescape")
+
+    def strlist(self) -> list[str]:
+        return [self.str() for _ in range(self.u32())]
+
+    def end(self) -> None:
+        if self.off != len(self.data):
+            raise ProtocolError(f"{len(self.data) - self.off} trailing bytes in {self.what} payload")
+
+
+# --- frames ---------------------------------------------------------------------------------
+
+
+def encode_frame(frame: Frame) -> bytes:
+    if len(frame.payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"frame payload of {len(frame.payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(int(frame.type), 0, 0, len(frame.payload)) + frame.payload
+
+
+def decode_header(header: bytes) -> tuple[FrameType, int]:
+    ftype, flags, reserved, length = HEADER.unpack(header)
+    try:
+        t = FrameType(ftype)
+    except ValueError:
+        raise ProtocolError(f"unknown frame type 0x{ftype:02x}") from None
+    if flags or reserved:
+        raise ProtocolError(f"frame header has non-zero reserved bits ({flags}, {reserved})")
+    if length > MAX_PAYLOAD:
+        raise ProtocolError(f"frame payload of {length} bytes exceeds {MAX_PAYLOAD}")
+    return t, length
+
+
+def decode_frames(data: bytes) -> tuple[list[Frame], bytes]:
+    """Splits a byte string into whole frames; returns them and the incomplete rest."""
+    frames, off = [], 0
+    while len(data) - off >= HEADER.size:
+        t, length = decode_header(data[off : off + HEADER.size])
+        if len(data) - off - HEADER.size < length:
+            break
+        start = off + HEADER.size
+        frames.append(Frame(t, data[start : start + length]))
+        off = start + length
+    return frames, data[off:]
+
+
+class FrameReader:
+    """Reads whole frames from a blocking binary stream (a socket's makefile, a pipe)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+
+    def _read_exact(self, n: int) -> bytes:
+        chunks, left = [], n
+        while left:
+            b = self.stream.read(left)
+            if not b:
+                raise EOFError("agent channel closed")
+            chunks.append(b)
+            left -= len(b)
+        return b"".join(chunks)
+
+    def read(self) -> Frame:
+        t, length = decode_header(self._read_exact(HEADER.size))
+        return Frame(t, self._read_exact(length) if length else b"")
+
+
+# --- messages -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    version: int
+    agent: str
+
+
+def encode_hello(version: int = PROTOCOL_VERSION, agent: str = "tl-agent") -> Frame:
+    return Frame(FrameType.HELLO, struct.pack(">H", version) + _str(agent))
+
+
+def decode_hello(frame: Frame, *, expect: int = PROTOCOL_VERSION) -> Hello:
+    """Decodes the agent's first frame; any version other than `expect` is rejected, since
+    the host and the agent are provisioned together and a mismatch means a stale initramfs."""
+    if frame.type is not FrameType.HELLO:
+        raise ProtocolError(f"expected HELLO as the agent's first frame, got {frame.type.name}")
+    r = _Reader(frame.payload, "HELLO")
+    hello = Hello(r.u16(), r.str())
+    r.end()
+    if hello.version != expect:
+        raise ProtocolError(
+            f"guest agent speaks protocol version {hello.version}; this host speaks {expect}",
+            hint="the cached initramfs is stale: remove the tlimage cache's executor folder",
+        )
+    return hello
+
+
+@dataclass(frozen=True)
+class MountRequest:
+    lowers: tuple[str, ...]  # bottom -> top, guest paths
+    upper: str
+    work: str
+    target: str
+
+
+@dataclass(frozen=True)
+class RunRequestMsg:
+    argv: tuple[str, ...]
+    env: tuple[str, ...]  # "KEY=VALUE"
+    user: str
+    workdir: str
+    network: bool
+
+
+@dataclass(frozen=True)
+class Exit:
+    code: int  # 0-255, or 128 + signal
+    signal: int  # 0 when the step exited normally
+
+
+def encode_mount(m: MountRequest) -> Frame:
+    return Frame(FrameType.MOUNT, _strlist(m.lowers) + _str(m.upper) + _str(m.work) + _str(m.target))
+
+
+def decode_mount(frame: Frame) -> MountRequest:
+    r = _Reader(frame.payload, "MOUNT")
+    m = MountRequest(tuple(r.strlist()), r.str(), r.str(), r.str())
+    r.end()
+    return m
+
+
+def encode_run(m: RunRequestMsg) -> Frame:
+    if not m.argv:
+        raise ProtocolError("RUN needs a non-empty argv")
+    payload = _strlist(m.argv) + _strlist(m.env) + _str(m.user) + _str(m.workdir)
+    return Frame(FrameType.RUN, payload + bytes([1 if m.network else 0]))
+
+
+def decode_run(frame: Frame) -> RunRequestMsg:
+    r = _Reader(frame.payload, "RUN")
+    m = RunRequestMsg(tuple(r.strlist()), tuple(r.strlist()), r.str(), r.str(), bool(r.u8()))
+    r.end()
+    return m
+
+
+def encode_export(upper: str) -> Frame:
+    return Frame(FrameType.EXPORT, _str(upper))
+
+
+def encode_umount(target: str) -> Frame:
+    return Frame(FrameType.UMOUNT, _str(target))
+
+
+def encode_kill(signal: int) -> Frame:
+    return Frame(FrameType.KILL, bytes([signal]))
+
+
+def encode_shutdown() -> Frame:
+    return Frame(FrameType.SHUTDOWN)
+
+
+def encode_exit(e: Exit) -> Frame:
+    return Frame(FrameType.EXIT, struct.pack(">II", e.code, e.signal))
+
+
+def decode_exit(frame: Frame) -> Exit:
+    r = _Reader(frame.payload, "EXIT")
+    e = Exit(r.u32(), r.u32())
+    r.end()
+    return e
+
+
+def encode_error(message: str) -> Frame:
+    return Frame(FrameType.ERROR, _str(message))
+
+
+def decode_error(frame: Frame) -> str:
+    r = _Reader(frame.payload, "ERROR")
+    msg = r.str()
+    r.end()
+    return msg
+
+
+def encode_export_end(opaque: tuple[str, ...]) -> Frame:
+    return Frame(FrameType.EXPORT_END, _strlist(opaque))
+
+
+def decode_export_end(frame: Frame) -> tuple[str, ...]:
+    r = _Reader(frame.payload, "EXPORT_END")
+    out = tuple(r.strlist())
+    r.end()
+    return out
