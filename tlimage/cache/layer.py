@@ -1,0 +1,648 @@
+"""Deterministic layer tars, and applying them onto a directory.
+
+A layer is a PAX tar compressed with zstd, stored in the blob store under the xxh3-128 of its
+compressed bytes. Its `diff_id` is the sha256 of the uncompressed tar, as OCI image configs need.
+
+What makes the tar bytes a function of the tree alone (not of when, how or by whom it was made):
+- entries in depth-first order, siblings sorted by the bytes of their names; a directory's opaque
+  marker comes right after the directory and before its children;
+- every mtime set to one constant (`mtime`, default 0; the builder passes it, e.g. from
+  SOURCE_DATE_EPOCH, and puts it in the cache key — this module never reads the environment);
+- numeric owners kept, user and group names empty; modes are the permission bits (0o7777) only;
+- atime/ctime, device and inode numbers never written; only `security.capability` and `user.*`
+  extended attributes kept (overlayfs' own `*.overlay.*` attributes are never copied);
+- zstd in multi-threaded mode, whose output does not depend on the number of worker threads.
+
+Overlay upper directories (`layer_from_upper`) are turned into OCI whiteouts: a 0:0 character
+device becomes `.wh.<name>`, a directory marked opaque (`trusted.overlay.opaque=y`, or
+`user.overlay.opaque=y` under `userxattr`, or listed in `opaque_dirs` where xattrs cannot be
+read) gets a `.wh..wh..opq` entry. Uppers made with `redirect_dir` or `metacopy` are refused: they
+are not self-contained; the executor mounts with `redirect_dir=off,metacopy=off`.
+
+Not represented: sockets (skipped, as Docker does), and source names that start with `.wh.` (they
+would read back as whiteouts; refused with an error).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, BinaryIO
+
+from tlimage.errors import CacheError
+
+if TYPE_CHECKING:
+    from tlimage.cache.store import BlobStore
+
+MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+zstd"
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+DEFAULT_LEVEL = 3
+
+_CHUNK = 1 << 20
+_KEPT_XATTR_PREFIXES = ("user.", "security.capability")
+_OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+_REFUSED_OVERLAY_XATTRS = ("redirect", "metacopy")
+_PAX_XATTR = "SCHILY.xattr."
+
+
+class LayerError(CacheError):
+    """A tree cannot be turned into a layer, or a layer cannot be applied safely."""
+
+
+@dataclass(frozen=True, slots=True)
+class LayerInfo:
+    """A layer blob in the store. `digest` names the compressed blob (`xxh3:<hex>`), `diff_id` is
+    the OCI diff_id (`sha256:<hex>` of the uncompressed tar)."""
+
+    digest: str
+    diff_id: str
+    size: int
+    uncompressed_size: int
+    entries: int
+    media_type: str = MEDIA_TYPE
+
+
+@dataclass(frozen=True, slots=True)
+class TarStats:
+    diff_id: str
+    uncompressed_size: int
+    entries: int
+
+
+@dataclass(slots=True)
+class ApplyStats:
+    entries: int = 0
+    files: int = 0
+    bytes: int = 0
+    whiteouts: int = 0
+    # (path inside the layer, reason): devices that could not be created, xattrs refused, ...
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def layer_from_upper(
+    upper_dir: str | os.PathLike[str],
+    store: BlobStore,
+    *,
+    opaque_dirs: Iterable[str] = (),
+    mtime: int = 0,
+    level: int = DEFAULT_LEVEL,
+    threads: int | None = None,
+) -> LayerInfo:
+    """Store the layer for an overlay upper directory (what a RUN step changed)."""
+    return _store_layer(upper_dir, store, True, opaque_dirs, mtime, level, threads)
+
+
+def layer_from_dir(
+    root: str | os.PathLike[str],
+    store: BlobStore,
+    *,
+    mtime: int = 0,
+    level: int = DEFAULT_LEVEL,
+    threads: int | None = None,
+) -> LayerInfo:
+    """Store a plain tree (a base rootfs, a COPY's files) as a layer; nothing is a whiteout."""
+    return _store_layer(root, store, False, (), mtime, level, threads)
+
+
+def _store_layer(src, store, upper, opaque_dirs, mtime, level, threads) -> LayerInfo:
+    with store.writer() as w:
+        stats = write_layer(
+            src, w, upper=upper, opaque_dirs=opaque_dirs, mtime=mtime, level=level, threads=threads
+        )
+        ref = w.commit()
+    return LayerInfo(ref.digest, stats.diff_id, ref.size, stats.uncompressed_size, stats.entries)
+
+
+def write_layer(
+    src: str | os.PathLike[str],
+    out: BinaryIO,
+    *,
+    upper: bool,
+    opaque_dirs: Iterable[str] = (),
+    mtime: int = 0,
+    level: int = DEFAULT_LEVEL,
+    threads: int | None = None,
+) -> TarStats:
+    """Write the zstd-compressed layer tar of `src` to `out` (any writable binary file)."""
+    import zstandard
+
+    # Always multi-threaded (>= 1 worker): zstd's output is then the same for any worker count.
+    workers = max(1, threads if threads is not None else (os.cpu_count() or 1))
+    cctx = zstandard.ZstdCompressor(level=level, threads=workers, write_checksum=True)
+    zw = cctx.stream_writer(out, closefd=False)
+    stats = write_tar(src, zw, upper=upper, opaque_dirs=opaque_dirs, mtime=mtime)
+    zw.flush(zstandard.FLUSH_FRAME)
+    zw.close()
+    return stats
+
+
+def write_tar(
+    src: str | os.PathLike[str],
+    out: BinaryIO,
+    *,
+    upper: bool,
+    opaque_dirs: Iterable[str] = (),
+    mtime: int = 0,
+) -> TarStats:
+    """Write the uncompressed, deterministic tar of `src` to `out`."""
+    root = os.fspath(src)
+    if not os.path.isdir(root):
+        raise LayerError(f"layer source is not a directory: {root}")
+    opaque = {_norm_rel(p, "opaque_dirs entry") for p in opaque_dirs}
+    for rel in opaque:
+        if not os.path.isdir(os.path.join(root, rel) if rel else root):
+            raise LayerError(f"opaque_dirs names {rel or '.'!r}, not a directory in {root}")
+
+    tee = _Sha256Tee(out)
+    tf = tarfile.TarFile(
+        fileobj=tee,  # type: ignore[arg-type]
+        mode="w",
+        format=tarfile.PAX_FORMAT,
+        encoding="utf-8",
+        errors="surrogateescape",
+        copybufsize=_CHUNK,
+    )
+    entries = 0
+    links: dict[tuple[int, int], str] = {}
+    try:
+        if upper and ("" in opaque or _is_opaque(root)):
+            tf.addfile(_marker(OPAQUE_MARKER, mtime))
+            entries += 1
+        for rel, path, st in _walk(root):
+            entries += _add(tf, rel, path, st, upper, opaque, links, mtime)
+    finally:
+        tf.close()
+    return TarStats("sha256:" + tee.hexdigest(), tee.size, entries)
+
+
+def _walk(root: str, rel_dir: str = "") -> Iterator[tuple[str, str, os.stat_result]]:
+    """(relative path, absolute path, lstat), depth-first, siblings sorted by the bytes of their
+    names; a directory's children come right after it."""
+    abs_dir = os.path.join(root, rel_dir) if rel_dir else root
+    try:
+        names = sorted(os.listdir(abs_dir), key=os.fsencode)
+    except OSError as e:
+        raise LayerError(f"cannot list {abs_dir}: {e.strerror}") from e
+    for name in names:
+        rel = f"{rel_dir}/{name}" if rel_dir else name
+        path = os.path.join(abs_dir, name)
+        st = os.lstat(path)
+        yield rel, path, st
+        if stat.S_ISDIR(st.st_mode):
+            yield from _walk(root, rel)
+
+
+def _add(tf, rel, path, st, upper, opaque, links, mtime) -> int:
+    name = rel.rsplit("/", 1)[-1]
+    if name.startswith(WHITEOUT_PREFIX):
+        raise LayerError(
+            f"{path}: names starting with '{WHITEOUT_PREFIX}' cannot be stored in a layer "
+            "(they are reserved for OCI whiteouts)"
+        )
+    mode = st.st_mode
+    xattr_names = _listxattr(path) if not stat.S_ISLNK(mode) else _listxattr(path, follow=False)
+
+    if upper:
+        for x in xattr_names:
+            if x.startswith(_OVERLAY_XATTR_PREFIXES) and x.rsplit(".", 1)[-1] in (
+                _REFUSED_OVERLAY_XATTRS
+            ):
+                raise LayerError(
+                    f"{path} carries overlayfs attribute {x}: the upper directory is not "
+                    "self-contained; mount the overlay with redirect_dir=off,metacopy=off"
+                )
+        is_whiteout = (stat.S_ISCHR(mode) and st.st_rdev == 0) or (
+            stat.S_ISREG(mode)
+            and st.st_size == 0
+            and any(x.endswith(".overlay.whiteout") for x in xattr_names)
+        )
+        if is_whiteout:
+            parent = rel.rpartition("/")[0]
+            wh = f"{parent}/{WHITEOUT_PREFIX}{name}" if parent else WHITEOUT_PREFIX + name
+            tf.addfile(_marker(wh, mtime))
+            return 1
+
+    ti = tarfile.TarInfo(rel)
+    ti.mode = stat.S_IMODE(mode)
+    ti.uid, ti.gid = st.st_uid, st.st_gid
+    ti.uname = ti.gname = ""
+    ti.mtime = mtime
+    pax = _xattr_pax(path, xattr_names, follow=not stat.S_ISLNK(mode))
+    if pax:
+        ti.pax_headers = pax
+
+    if stat.S_ISDIR(mode):
+        ti.type = tarfile.DIRTYPE
+        tf.addfile(ti)
+        if upper and (
+            rel in opaque or (any(x in _OPAQUE_XATTRS for x in xattr_names) and _is_opaque(path))
+        ):
+            tf.addfile(_marker(f"{rel}/{OPAQUE_MARKER}", mtime))
+            return 2
+        return 1
+
+    if st.st_nlink > 1:
+        key = (st.st_dev, st.st_ino)
+        first = links.get(key)
+        if first is not None:
+            ti.type = tarfile.LNKTYPE
+            ti.linkname = first
+            ti.mode = stat.S_IMODE(mode)
+            tf.addfile(ti)
+            return 1
+        links[key] = rel
+
+    if stat.S_ISREG(mode):
+        ti.type = tarfile.REGTYPE
+        ti.size = st.st_size
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise LayerError(f"cannot read {path}: {e.strerror}") from e
+        with os.fdopen(fd, "rb") as f:
+            try:
+                tf.addfile(ti, f)
+            except OSError as e:  # tarfile: "unexpected end of data" when the file shrank
+                raise LayerError(f"{path} changed while it was being archived: {e}") from e
+    elif stat.S_ISLNK(mode):
+        ti.type = tarfile.SYMTYPE
+        ti.linkname = os.readlink(path)
+        tf.addfile(ti)
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        ti.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+        ti.devmajor, ti.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        tf.addfile(ti)
+    elif stat.S_ISFIFO(mode):
+        ti.type = tarfile.FIFOTYPE
+        tf.addfile(ti)
+    else:  # sockets: not representable in a tar
+        return 0
+    return 1
+
+
+def _marker(name: str, mtime: int) -> tarfile.TarInfo:
+    """A whiteout entry: empty regular file, mode 0, owner 0:0 (as containerd writes them)."""
+    ti = tarfile.TarInfo(name)
+    ti.type = tarfile.REGTYPE
+    ti.mode = 0
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.mtime = mtime
+    return ti
+
+
+def _is_opaque(path: str) -> bool:
+    for name in _OPAQUE_XATTRS:
+        try:
+            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _listxattr(path: str, follow: bool = True) -> list[str]:
+    try:
+        return os.listxattr(path, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
+            return []
+        raise
+
+
+def _xattr_pax(path: str, names: list[str], follow: bool) -> dict[str, str]:
+    pax: dict[str, str] = {}
+    for name in sorted(names):
+        if not name.startswith(_KEPT_XATTR_PREFIXES) or name.startswith(_OVERLAY_XATTR_PREFIXES):
+            continue
+        try:
+            value = os.getxattr(path, name, follow_symlinks=follow)
+        except OSError:
+            continue
+        # tarfile writes a PAX value as UTF-8, or as raw bytes (hdrcharset=BINARY) when it holds
+        # surrogate escapes, so binary values such as capabilities round-trip exactly.
+        pax[_PAX_XATTR + name] = value.decode("utf-8", "surrogateescape")
+    return pax
+
+
+class _Sha256Tee:
+    """Passes writes through to `sink`, counting and sha256-hashing them (the diff_id)."""
+
+    def __init__(self, sink: BinaryIO) -> None:
+        self._sink = sink
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        self._sink.write(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _norm_rel(path: str, what: str) -> str:
+    parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise LayerError(f"{what} {path!r} leaves the tree ('..' is not allowed)")
+    return "/".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Applying
+
+
+def apply_layer(
+    layer: str | os.PathLike[str] | BinaryIO,
+    dest_dir: str | os.PathLike[str],
+    *,
+    compressed: bool = True,
+    same_owner: bool | None = None,
+) -> ApplyStats:
+    """Extract a layer onto `dest_dir`, applying OCI whiteouts against what is already there.
+
+    `layer` is a path or a readable binary file (e.g. `store.open(digest, verify=True)`; a
+    corrupt blob then raises `CorruptBlob` at the end, and `dest_dir` must be thrown away).
+
+    Safety: entry names with `..` are refused; symlinks met on the way to an entry resolve as if
+    `dest_dir` were the root (an absolute or `..`-laden target never leaves it), and the entry's own
+    final component is never followed. Entries that are whited out only remove what lower layers
+    put there, never what this same layer wrote. Owners are applied when running as root (or
+    `same_owner=True`); devices that cannot be created are listed in `ApplyStats.skipped`.
+    """
+    import zstandard
+
+    dest = os.path.abspath(os.fspath(dest_dir))
+    os.makedirs(dest, exist_ok=True)
+    if same_owner is None:
+        same_owner = os.geteuid() == 0
+
+    if isinstance(layer, (str, os.PathLike)):
+        raw: BinaryIO = open(layer, "rb")
+        close_raw = True
+    else:
+        raw, close_raw = layer, False
+    try:
+        stream = (
+            zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+            if compressed
+            else raw
+        )
+        applier = _Applier(dest, same_owner)
+        with tarfile.open(
+            fileobj=stream,
+            mode="r|",
+            bufsize=_CHUNK,
+            encoding="utf-8",
+            errors="surrogateescape",
+        ) as tf:
+            for member in tf:
+                applier.apply(tf, member)
+        # Drain to EOF so a verifying reader gets to check the blob's digest.
+        while stream.read(_CHUNK):
+            pass
+        if compressed:
+            while raw.read(_CHUNK):
+                pass
+        applier.finish()
+        return applier.stats
+    except tarfile.TarError as e:
+        _drain(raw)  # a verifying reader reports a corrupt blob as such, not as a bad tar
+        raise LayerError(f"layer is not a valid tar: {e}") from e
+    except zstandard.ZstdError as e:
+        _drain(raw)
+        raise LayerError(f"layer is not valid zstd data: {e}") from e
+    finally:
+        if close_raw:
+            raw.close()
+
+
+def _drain(raw: BinaryIO) -> None:
+    try:
+        while raw.read(_CHUNK):
+            pass
+    except (OSError, ValueError):
+        pass
+
+
+class _Applier:
+    def __init__(self, dest: str, same_owner: bool) -> None:
+        self.dest = dest
+        self.same_owner = same_owner
+        self.stats = ApplyStats()
+        self.written: set[str] = set()  # absolute paths this layer created
+        self.dirs: list[tuple[str, int, float]] = []  # modes and times applied last
+        self._parents: dict[tuple[str, ...], str] = {}
+
+    # -- paths --------------------------------------------------------------------------------
+
+    def _split(self, name: str) -> tuple[str, ...]:
+        parts = tuple(p for p in name.split("/") if p not in ("", "."))
+        if ".." in parts:
+            raise LayerError(f"layer entry {name!r} leaves the destination ('..' is not allowed)")
+        return parts
+
+    def _resolve(self, parts: tuple[str, ...]) -> str:
+        """The real directory for `parts` (created if missing), resolving symlinks with
+        `dest` as the root."""
+        cached = self._parents.get(parts)
+        if cached is not None:
+            return cached
+        todo = list(parts)
+        done: list[str] = []
+        hops = 0
+        while todo:
+            comp = todo.pop(0)
+            if comp in ("", "."):
+                continue
+            if comp == "..":
+                if done:
+                    done.pop()
+                continue
+            cur = os.path.join(self.dest, *done, comp)
+            try:
+                st = os.lstat(cur)
+            except FileNotFoundError:
+                os.mkdir(cur, 0o755)
+                self.written.add(cur)
+                done.append(comp)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                hops += 1
+                if hops > 40:
+                    raise LayerError(f"too many symlinks resolving {'/'.join(parts)!r}")
+                target = os.readlink(cur)
+                if target.startswith("/"):
+                    done = []
+                todo = target.split("/") + todo
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise LayerError(
+                    f"layer entry under {'/'.join(parts)!r}: {'/'.join([*done, comp])!r} "
+                    "exists and is not a directory"
+                )
+            done.append(comp)
+        path = os.path.join(self.dest, *done)
+        self._parents[parts] = path
+        return path
+
+    def _clear(self, path: str) -> None:
+        """Remove whatever is at `path` (without following it)."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+        self._parents.clear()
+
+    # -- entries ------------------------------------------------------------------------------
+
+    def apply(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        parts = self._split(m.name)
+        self.stats.entries += 1
+        if not parts:
+            return  # the root itself: its mode and owner belong to the destination
+        base = parts[-1]
+        parent = self._resolve(parts[:-1])
+
+        if base.startswith(WHITEOUT_PREFIX):
+            self.stats.whiteouts += 1
+            if base == OPAQUE_MARKER:
+                for child in os.listdir(parent):
+                    p = os.path.join(parent, child)
+                    if p not in self.written:
+                        self._clear(p)
+            elif not base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+                target = os.path.join(parent, base[len(WHITEOUT_PREFIX) :])
+                if target not in self.written:
+                    self._clear(target)
+            return  # other `.wh..wh.*` names are aufs bookkeeping; nothing to do
+
+        path = os.path.join(parent, base)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if m.isdir():
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                self._clear(path)
+                st = None
+            if st is None:
+                os.mkdir(path, 0o700)
+            self._own(path, m)
+            self.dirs.append((path, m.mode, m.mtime))
+        else:
+            if st is not None:
+                self._clear(path)
+            if m.isreg():
+                self._file(tf, m, path)
+            elif m.issym():
+                os.symlink(m.linkname, path)
+                self._own(path, m)
+                self._parents.clear()
+            elif m.islnk():
+                self._hardlink(m, path)
+            elif m.ischr() or m.isblk() or m.isfifo():
+                if not self._device(m, path):
+                    return
+            else:
+                self.stats.skipped.append((m.name, f"unsupported tar entry type {m.type!r}"))
+                return
+            if not m.islnk():
+                if not m.issym():
+                    os.chmod(path, m.mode)
+                self._times(path, m.mtime)
+        self.written.add(path)
+        self._xattrs(path, m)
+
+    def _file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, path: str) -> None:
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        with os.fdopen(fd, "wb", buffering=0) as out:
+            src = tf.extractfile(m)
+            assert src is not None
+            while chunk := src.read(_CHUNK):
+                out.write(chunk)
+            if self.same_owner:
+                os.fchown(fd, m.uid, m.gid)
+        self.stats.files += 1
+        self.stats.bytes += m.size
+
+    def _hardlink(self, m: tarfile.TarInfo, path: str) -> None:
+        tparts = self._split(m.linkname)
+        if not tparts:
+            raise LayerError(f"hard link {m.name!r} has an empty target")
+        target = os.path.join(self._resolve(tparts[:-1]), tparts[-1])
+        try:
+            tst = os.lstat(target)
+        except FileNotFoundError:
+            raise LayerError(
+                f"hard link {m.name!r} points at {m.linkname!r}, which the layer has not created"
+            ) from None
+        if stat.S_ISDIR(tst.st_mode):
+            raise LayerError(f"hard link {m.name!r} points at a directory ({m.linkname!r})")
+        os.link(target, path, follow_symlinks=False)
+
+    def _device(self, m: tarfile.TarInfo, path: str) -> bool:
+        try:
+            if m.isfifo():
+                os.mkfifo(path, 0o600)
+            else:
+                kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+                os.mknod(path, kind | 0o600, os.makedev(m.devmajor, m.devminor))
+        except PermissionError as e:
+            self.stats.skipped.append((m.name, f"cannot create device: {e.strerror}"))
+            return False
+        self._own(path, m)
+        return True
+
+    def _own(self, path: str, m: tarfile.TarInfo) -> None:
+        if self.same_owner:
+            os.lchown(path, m.uid, m.gid)
+
+    def _times(self, path: str, mtime: float) -> None:
+        ns = int(mtime * 1_000_000_000)
+        os.utime(path, ns=(ns, ns), follow_symlinks=False)
+
+    def _xattrs(self, path: str, m: tarfile.TarInfo) -> None:
+        for key, value in sorted(m.pax_headers.items()):
+            if not key.startswith(_PAX_XATTR):
+                continue
+            name = key[len(_PAX_XATTR) :]
+            try:
+                os.setxattr(
+                    path, name, value.encode("utf-8", "surrogateescape"), follow_symlinks=False
+                )
+            except OSError as e:
+                self.stats.skipped.append((m.name, f"xattr {name}: {e.strerror}"))
+
+    def finish(self) -> None:
+        # Deepest first, so restoring a directory's time is not undone by writing into it, and
+        # read-only directories are made so only after their children exist.
+        for path, mode, mtime in sorted(self.dirs, key=lambda d: d[0].count("/"), reverse=True):
+            os.chmod(path, mode)
+            self._times(path, mtime)
