@@ -1,0 +1,114 @@
+"""The executor protocol: run one build step on a stack of layers, return what it changed.
+
+Layer format, in both directions, is an *overlay-style directory* on the host:
+- a plain directory tree is a valid layer (a fully applied rootfs is one layer);
+- a 0:0 character device named `x` deletes `x` from the layers below (a whiteout);
+- a directory with the xattr `trusted.overlay.opaque=y` hides everything below it (opaque).
+
+`RunRequest.lowers` are such directories, bottom first; a `RunResult.upper` from an earlier run
+can be passed as a lower as it is. The upper is what `tlimage.cache.layer.layer_from_upper`
+turns into an OCI layer. Uppers never contain overlayfs' redirect or metacopy xattrs, and each
+whiteout is its own inode (overlayfs shares one whiteout inode between many names; backends
+break those links so a layer writer never sees whiteouts as hard links).
+
+Every backend guarantees: the step's process tree and any VM are gone when `run` returns or
+raises (timeouts, KeyboardInterrupt and crashes included); temporary files are removed; the
+upper dir exists only if `run` returned normally.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+from tlimage.errors import ExecutorError
+
+Stream = Literal["stdout", "stderr"]
+OutputCallback = Callable[[Stream, bytes], None]
+OPAQUE_XATTR = "trusted.overlay.opaque"
+
+# Build steps run with this PATH unless their env sets one (Docker's default).
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class StepTimeout(ExecutorError):
+    """A step ran longer than its timeout; it was killed and nothing was kept."""
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One step. `upper_dir` must not exist yet (its parent must); the backend creates it and
+    fills it with the step's changes. `env` is the complete environment of the step (no host
+    variable leaks in); PATH defaults to DEFAULT_PATH when absent. `user` is Docker's USER syntax
+    (`name`, `uid`, `name:group`, `uid:gid`), resolved against the layers' /etc/passwd and
+    /etc/group. `workdir` must exist in the layers. `timeout` is in seconds (None: no limit)."""
+
+    lowers: tuple[Path, ...]
+    argv: tuple[str, ...]
+    upper_dir: Path
+    env: tuple[tuple[str, str], ...] = ()
+    user: str = "root"
+    workdir: str = "/"
+    timeout: float | None = None
+    network: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.lowers:
+            raise ExecutorError("RunRequest needs at least one lower layer (the base rootfs)")
+        if not self.argv:
+            raise ExecutorError("RunRequest needs a non-empty argv")
+        if not self.workdir.startswith("/"):
+            raise ExecutorError(f"workdir must be absolute, got {self.workdir!r}")
+
+    def env_list(self) -> list[str]:
+        """`KEY=VALUE` strings, with PATH added when the step does not set it."""
+        out = [f"{k}={v}" for k, v in self.env]
+        if not any(k == "PATH" for k, _ in self.env):
+            out.insert(0, f"PATH={DEFAULT_PATH}")
+        return out
+
+
+@dataclass(frozen=True)
+class RunResult:
+    exit_code: int  # 0-255; 128+N when killed by signal N
+    upper: Path  # overlay-style directory of the changes (== request.upper_dir)
+    duration: float  # seconds from request to exit, including any VM boot
+    opaque: tuple[str, ...] = field(default=())  # relative paths of opaque dirs in `upper`
+
+
+@runtime_checkable
+class Executor(Protocol):
+    name: str
+
+    def run(self, req: RunRequest, on_output: OutputCallback | None = None) -> RunResult:
+        """Runs the step; streams output chunks to `on_output` as they arrive (from the calling
+        thread). A non-zero exit is a result, not an error; errors are for steps that could
+        not run (bad user or workdir, missing program, boot failure, timeout)."""
+        ...
+
+    def close(self) -> None:
+        """Releases anything kept between runs (a warm VM). Idempotent."""
+        ...
+
+
+def normalize_upper(upper: Path) -> tuple[str, ...]:
+    """Breaks hard links between whiteouts and returns the opaque directories (relative paths,
+    "." for the root), sorted. Call on every upper before handing it out."""
+    opaque: list[str] = []
+    for dirpath, _dirnames, filenames in os.walk(upper):
+        try:
+            if os.getxattr(dirpath, OPAQUE_XATTR, follow_symlinks=False) == b"y":
+                opaque.append(os.path.relpath(dirpath, upper))
+        except OSError:
+            pass
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 and st.st_nlink > 1:
+                os.unlink(p)
+                os.mknod(p, stat.S_IFCHR | 0o000, 0)
+    return tuple(sorted(opaque))
