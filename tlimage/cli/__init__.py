@@ -13,9 +13,9 @@ def main(argv: list[str] | None = None) -> int:
     from tlimage.errors import TlimageError
 
     try:
-        from tlimage.cli.app import app
-
         import click
+
+        from tlimage.cli.app import app
 
         try:
             rv = app(args=argv, prog_name="tl", standalone_mode=False)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +22,7 @@ app.add_typer(sbx, name="sbx")
 sbx.add_typer(image, name="image")
 
 
-class Emit(str, Enum):
+class Emit(StrEnum):
     ir = "ir"
     json = "json"
 
@@ -90,6 +90,86 @@ def compile_(
         import json
 
         sys.stdout.write(json.dumps(ir.to_json_obj(img), indent=2, ensure_ascii=False) + "\n")
+
+
+class Isolation(str, Enum):
+    auto = "auto"
+    microvm = "microvm"
+    namespace = "namespace"
+
+
+ProjectOpt = Annotated[
+    str | None,
+    typer.Option("--project", envvar="TLIMAGE_PROJECT",
+                 help="Project that scopes image names (default: 'default')."),
+]  # fmt: skip
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option("--cache-dir", envvar="TLIMAGE_CACHE_DIR", help="Layer cache folder."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print NDJSON events on stdout.")]
+
+
+@image.command("create")
+def create(
+    file: FileArg,
+    image_name: ImageNameOpt = None,
+    registered_name: Annotated[
+        str | None,
+        typer.Option("--registered-name", "-n",
+                     help="Name to register the image under (default: the image's name)."),
+    ] = None,  # fmt: skip
+    tag: Annotated[str | None, typer.Option("--tag", "-t", help="Tag (default: the image's).")] = None,
+    json_: JsonOpt = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Run every step.")] = False,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="For each cache miss, say which input changed.")
+    ] = False,
+    isolation: Annotated[
+        Isolation, typer.Option("--isolation", help="Where steps run.")
+    ] = Isolation.auto,
+    timeout: Annotated[
+        float | None, typer.Option("--step-timeout", help="Seconds a step may run.")
+    ] = None,
+    project: ProjectOpt = None,
+    cache_dir: CacheDirOpt = None,
+    build_arg: BuildArgOpt = None,
+    target: TargetOpt = None,
+) -> int:
+    """Build an image from FILE and register it for sandboxes."""
+    from tlimage._paths import project_name
+    from tlimage.builder import build_image, error_event
+    from tlimage.errors import TlimageError
+
+    if json_:
+        from tlimage.cli.render import emit_json as emit
+    else:
+        from tlimage.cli.progress import StepPrinter
+
+        emit = StepPrinter()
+    opts = _frontend_options(build_arg, target)
+    try:
+        build_image(
+            file,
+            image_name=image_name,
+            frontend_options=opts,
+            emit=emit,
+            project=project_name(project),
+            registered_name=registered_name,
+            tag=tag,
+            cache_dir=cache_dir,
+            no_cache=no_cache,
+            explain=explain,
+            isolation=isolation.value,
+            step_timeout=timeout,
+            build_args=(opts.get("build_args") or {}),  # type: ignore[arg-type]
+        )
+    except TlimageError as e:
+        if json_:
+            emit(error_event(e))
+            return e.exit_code
+        raise
+    return 0
 
 
 @app.command("version")

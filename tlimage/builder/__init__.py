@@ -1,0 +1,108 @@
+"""The programmatic build API.
+
+    for event in tlimage.build("image.py", project="demo"):
+        print(event)
+
+`build()` yields the same events `tl sbx image create --json` prints, ending with `done` or
+`error`; `build_image()` runs to completion and returns a `BuildResult` (or raises).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tlimage.builder.loop import BuildOptions, BuildResult, Builder, Emit
+from tlimage.errors import StepFailed, TlimageError
+
+__all__ = ["BuildOptions", "BuildResult", "build", "build_image", "error_event"]
+
+
+def _resolve(source: Any, image_name: str | None, frontend_options: dict[str, Any]) -> Any:
+    from tlimage import frontends
+    from tlimage.ir import ImageDef
+
+    if isinstance(source, ImageDef):
+        return source, None
+    if hasattr(source, "to_ir"):
+        return source.to_ir(), None
+    path = Path(source)
+    images = frontends.load(path, **frontend_options)
+    return frontends.select(images, image_name, path), path
+
+
+def build_image(
+    source: Any,
+    *,
+    image_name: str | None = None,
+    emit: Emit | None = None,
+    frontend_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> BuildResult:
+    """Build `source` (a file path, an `Image`, or an `ImageDef`) and register it."""
+    image, path = _resolve(source, image_name, frontend_options or {})
+    opts = BuildOptions(**options)
+    if path is not None:
+        if "context_dir" not in options:
+            opts.context_dir = path.resolve().parent
+        opts.source = opts.source or str(path)
+        if not opts.ignore:
+            opts.ignore = _ignore_patterns(path)
+    builder = Builder(image, opts, emit or (lambda _e: None))
+    try:
+        return builder.run()
+    finally:
+        builder.close()
+
+
+def build(source: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """Build in a background thread, yielding events as they happen. Closing the generator
+    early lets the current step finish and registers nothing."""
+    events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    cancel = threading.Event()
+
+    def emit(event: dict[str, Any]) -> None:
+        if cancel.is_set():
+            raise TlimageError("build cancelled")
+        events.put(event)
+
+    def work() -> None:
+        try:
+            build_image(source, emit=emit, **kwargs)
+        except TlimageError as e:
+            if not cancel.is_set():
+                events.put(error_event(e))
+        except BaseException as e:  # noqa: BLE001 - reported as an event, never lost
+            events.put({"event": "error", "message": f"{type(e).__name__}: {e}"})
+        finally:
+            events.put(None)
+
+    thread = threading.Thread(target=work, name="tlimage-build", daemon=True)
+    thread.start()
+    try:
+        while (event := events.get()) is not None:
+            yield event
+    finally:
+        cancel.set()
+        thread.join()
+
+
+def error_event(e: TlimageError) -> dict[str, Any]:
+    event: dict[str, Any] = {"event": "error", "message": e.render()}
+    if isinstance(e, StepFailed):
+        event.update(message=e.message, at=e.location, exit_code=e.step_exit_code,
+                     log_tail=list(e.log_tail))  # fmt: skip
+    return event
+
+
+def _ignore_patterns(path: Path) -> tuple[str, ...]:
+    """`.dockerignore` (or `<file>.dockerignore`) beside the image file."""
+    from tlimage.cache.ignore import read_ignore_file
+
+    for candidate in (path.with_name(path.name + ".dockerignore"), path.with_name(".dockerignore")):
+        if candidate.is_file():
+            return tuple(read_ignore_file(candidate))
+    return ()

@@ -1,0 +1,210 @@
+"""COPY and ADD: choosing files from the build context and laying them out as a layer tree.
+
+Docker's rules, as users rely on them:
+- sources are relative to the context folder and may not leave it; `*`, `?` and `[...]` glob;
+- a source folder copies its *contents*; a source file keeps its name inside a folder dest;
+- dest is a folder when it ends in `/`, when there are several sources (or a glob), or when it
+  already is a folder in the image; otherwise it names the file;
+- a relative dest resolves against the WORKDIR; missing parents are created (0755, root);
+- copied files keep their mode bits; owners are 0:0 unless `--chown` says otherwise.
+ADD also fetches URLs (verified against `checksum` when given) and unpacks local tar archives.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+import posixpath
+import shutil
+import stat
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlimage.errors import TlimageError
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+class ContextError(TlimageError):
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Source:
+    """A selected source: its path on the host, and the name it is known by in the context."""
+
+    path: Path
+    rel: str
+    is_glob: bool = False
+
+
+def select_sources(
+    root: Path, patterns: Iterable[str], *, excludes: Iterable[str] = (),
+    ignore: Iterable[str] = (),
+) -> list[Source]:  # fmt: skip
+    """Resolve COPY sources against the context `root`. Raises when a source escapes the root or
+    matches nothing."""
+    root = root.resolve()
+    out: list[Source] = []
+    for pattern in patterns:
+        rel = posixpath.normpath(pattern.lstrip("/")) if pattern.strip("/") else "."
+        if rel == ".." or rel.startswith("../"):
+            raise ContextError(f"source {pattern!r} is outside the build context {root}")
+        is_glob = any(c in rel for c in "*?[")
+        if is_glob:
+            matches = sorted(glob.glob(str(root / rel), recursive=False))
+            if not matches:
+                raise ContextError(f"source {pattern!r} matches no file in {root}")
+            for m in matches:
+                out.append(Source(Path(m), os.path.relpath(m, root), True))
+        else:
+            path = root / rel
+            if not os.path.lexists(path):
+                raise ContextError(f"source {pattern!r} not found in the build context {root}")
+            real = path.resolve()
+            if real != root and root not in real.parents:
+                raise ContextError(f"source {pattern!r} resolves outside the build context")
+            out.append(Source(path, rel))
+    skip = [*ignore, *excludes]
+    return [s for s in out if not _ignored(s.rel, skip)]
+
+
+def _ignored(rel: str, patterns: list[str]) -> bool:
+    hit = False
+    for p in patterns:
+        neg = p.startswith("!")
+        pat = p[1:] if neg else p
+        pat = posixpath.normpath(pat.lstrip("/"))
+        if fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(rel, pat + "/*"):
+            hit = not neg
+    return hit
+
+
+def iter_files(sources: Iterable[Source], excludes: Iterable[str] = ()) -> Iterator[tuple[str, Path]]:
+    """Every file, symlink and folder under the sources, as (context-relative path, host path),
+    sorted, skipping excluded ones."""
+    skip = list(excludes)
+    for src in sources:
+        if src.path.is_dir() and not src.path.is_symlink():
+            base = src.rel if src.rel != "." else ""
+            for dirpath, dirnames, filenames in os.walk(src.path):
+                dirnames.sort()
+                for name in [*dirnames, *sorted(filenames)]:
+                    full = Path(dirpath) / name
+                    rel = posixpath.normpath(posixpath.join(base, os.path.relpath(full, src.path)))
+                    if not _ignored(rel, skip):
+                        yield rel, full
+        else:
+            yield src.rel, src.path
+
+
+def lay_out(
+    upper: Path,
+    sources: list[Source],
+    dest: str,
+    *,
+    dest_is_dir_in_image: bool,
+    excludes: Iterable[str] = (),
+    uid: int = 0,
+    gid: int = 0,
+    chmod: int | None = None,
+    unpack_archives: bool = False,
+) -> None:
+    """Copy `sources` into the layer tree `upper` at the absolute image path `dest`."""
+    many = len(sources) > 1 or any(s.is_glob for s in sources)
+    as_dir = dest.endswith("/") or many or dest_is_dir_in_image
+    target = upper / dest.strip("/")
+    _make_parents(upper, target if as_dir else target.parent, uid, gid)
+    skip = list(excludes)
+    for src in sources:
+        if src.path.is_dir() and not src.path.is_symlink():
+            _copy_tree(src.path, target, skip, src.rel, uid, gid, chmod)
+        elif unpack_archives and src.path.name.endswith(ARCHIVE_SUFFIXES):
+            target.mkdir(parents=True, exist_ok=True)
+            _unpack(src.path, target)
+        else:
+            dst = target / src.path.name if as_dir else target
+            _copy_one(src.path, dst, uid, gid, chmod)
+
+
+def write_inline(upper: Path, dest: str, name: str, content: str, mode: int | None,
+                 uid: int, gid: int, as_dir: bool) -> None:  # fmt: skip
+    target = upper / dest.strip("/")
+    dst = target / name if as_dir else target
+    _make_parents(upper, dst.parent, uid, gid)
+    dst.write_text(content)
+    os.chmod(dst, mode if mode is not None else 0o644)
+    os.lchown(dst, uid, gid)
+
+
+def _make_parents(upper: Path, folder: Path, uid: int, gid: int) -> None:
+    rel = folder.relative_to(upper)
+    cur = upper
+    for part in rel.parts:
+        cur = cur / part
+        if not cur.exists():
+            cur.mkdir(mode=0o755)
+            os.chmod(cur, 0o755)
+
+
+def _copy_tree(src: Path, dst: Path, skip: list[str], rel_base: str, uid: int, gid: int,
+               chmod: int | None) -> None:  # fmt: skip
+    dst.mkdir(parents=True, exist_ok=True)
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames.sort()
+        here = Path(dirpath)
+        rel_here = here.relative_to(src)
+        out_dir = dst / rel_here
+        for name in sorted(dirnames):
+            rel = posixpath.normpath(posixpath.join(rel_base, str(rel_here), name))
+            if _ignored(rel, skip):
+                dirnames.remove(name)
+                continue
+            d = out_dir / name
+            d.mkdir(exist_ok=True)
+            os.chmod(d, chmod if chmod is not None else stat.S_IMODE((here / name).lstat().st_mode))
+            os.lchown(d, uid, gid)
+        for name in sorted(filenames):
+            rel = posixpath.normpath(posixpath.join(rel_base, str(rel_here), name))
+            if _ignored(rel, skip):
+                continue
+            _copy_one(here / name, out_dir / name, uid, gid, chmod)
+    os.lchown(dst, uid, gid)
+
+
+def _copy_one(src: Path, dst: Path, uid: int, gid: int, chmod: int | None) -> None:
+    if dst.is_dir() and not dst.is_symlink():
+        shutil.rmtree(dst)
+    elif dst.exists() or dst.is_symlink():
+        dst.unlink()
+    st = src.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src), dst)
+    elif stat.S_ISREG(st.st_mode):
+        shutil.copyfile(src, dst)
+        os.chmod(dst, chmod if chmod is not None else stat.S_IMODE(st.st_mode))
+    else:
+        raise ContextError(f"{src}: only files, folders and symlinks can be copied")
+    os.lchown(dst, uid, gid)
+
+
+def _unpack(archive: Path, dest: Path) -> None:
+    try:
+        with tarfile.open(archive) as tf:
+            tf.extractall(dest, filter="tar", numeric_owner=True)
+    except tarfile.TarError as e:
+        raise ContextError(f"{archive}: cannot unpack archive: {e}") from None
+
+
+def parse_chmod(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value, 8)
+    except ValueError:
+        raise ContextError(
+            f"chmod {value!r}: only octal modes (like 755) are supported when copying"
+        ) from None

@@ -1,0 +1,508 @@
+"""The build loop: walk the IR, reuse cached layers, run misses in the executor, snapshot,
+register.
+
+For each needed stage, in dependency order, a chain key is carried from step to step
+(`cache.keys`). Config steps (ENV, USER, CMD, ...) only change the image config; filesystem steps
+(RUN, COPY, ADD, WORKDIR) look their key up in the layer index — a hit stacks the stored layer, a
+miss runs the step (RUN in the executor on the stacked layers, COPY/ADD on the host) and stores
+what changed as a new layer. At the end the target stage's layers and config are written as a
+manifest blob (the snapshot) and the name is registered — only then, so an interrupted or failed
+build registers nothing.
+
+Events go to `emit` as plain dicts (the `--json` stream and the `tlimage.build()` generator carry
+them unchanged); see `events.py` for their shapes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tlimage import ir
+from tlimage.builder import context as ctx
+from tlimage.builder.config import ImageConfig
+from tlimage.builder.rootfs import unpacked_layer
+from tlimage.cache import keys
+from tlimage.errors import StepFailed, TlimageError
+from tlimage.ir.describe import describe
+from tlimage.registry.db import ImageRecord, LayerRef, Manifest, Registry
+
+Emit = Callable[[dict[str, Any]], None]
+LOG_TAIL_LINES = 20
+
+# Set in every RUN step unless the step sets it: the seed bases keep Debian's PEP 668 marker
+# (EXTERNALLY-MANAGED) for their system Python, and users expect `pip install x` to work there.
+BUILD_ENV_DEFAULTS = (("PIP_BREAK_SYSTEM_PACKAGES", "1"), ("DEBIAN_FRONTEND", "noninteractive"))
+
+
+@dataclass
+class BuildOptions:
+    context_dir: Path = Path(".")
+    project: str = "default"
+    registered_name: str | None = None  # default: the image's name
+    tag: str | None = None  # default: the image's tag
+    cache_dir: Path | None = None
+    no_cache: bool = False
+    explain: bool = False
+    isolation: str = "auto"
+    platform: str = "linux/amd64"
+    build_args: dict[str, str] = field(default_factory=dict)
+    step_timeout: float | None = None
+    register: bool = True
+    ignore: tuple[str, ...] = ()  # .dockerignore-style patterns for the context
+    source: str | None = None  # the file the image came from, recorded in the registry
+    executor: Any = None  # an Executor; default: chosen by `isolation`
+
+
+@dataclass
+class BuildResult:
+    image: ir.ImageDef
+    manifest: Manifest
+    image_id: str
+    record: ImageRecord | None
+    cached_steps: int
+    executed_steps: int
+    duration: float
+
+
+@dataclass
+class _StageState:
+    layers: list[LayerRef]
+    config: ImageConfig
+    key: str
+    base_desc: str
+
+
+class Builder:
+    def __init__(self, image: ir.ImageDef, opts: BuildOptions, emit: Emit) -> None:
+        from tlimage.cache.index import LayerIndex
+
+        from tlimage.cache.store import BlobStore
+
+        self.image = image
+        self.opts = opts
+        self.emit = emit
+        self.store = BlobStore(opts.cache_dir)
+        self.index = LayerIndex(self.store.root)
+        self.registry = Registry()
+        self.stages: dict[str, _StageState] = {}
+        self._executor = opts.executor
+        self._own_executor = opts.executor is None
+        self.cached = 0
+        self.executed = 0
+        self._previous = self.index.last_build(self._build_name()) if opts.explain else None
+        self._this_build: list[dict[str, Any]] = []
+
+    def _build_name(self) -> str:
+        return f"{self.opts.project}/{self.opts.registered_name or self.image.name}"
+
+    # -- executor ------------------------------------------------------------------------
+
+    @property
+    def executor(self) -> Any:
+        if self._executor is None:
+            from tlimage.executor import select_executor
+
+            self._executor = select_executor(
+                self.opts.isolation,
+                notice=lambda msg: self.emit({"event": "status", "message": msg}),
+                cache_dir=self.opts.cache_dir,
+            )
+        return self._executor
+
+    def close(self) -> None:
+        if self._own_executor and self._executor is not None:
+            self._executor.close()
+            self._executor = None
+
+    # -- the walk ------------------------------------------------------------------------
+
+    def run(self) -> BuildResult:
+        t0 = time.monotonic()
+        for stage in self.image.needed_stages():
+            self._build_stage(stage)
+        target = self.stages[self.image.target_stage.name]
+        manifest = Manifest(
+            layers=tuple(target.layers),
+            config=target.config.to_json(),
+            base=target.base_desc,
+            ir_digest=self.image.digest(),
+        )
+        blob = self.store.put_bytes(manifest.to_bytes())
+        image_id = manifest.image_id()
+        self.emit({"event": "snapshot_created", "image_id": image_id, "manifest": blob.digest,
+                   "layers": len(manifest.layers),
+                   "size": sum(la.size for la in manifest.layers)})  # fmt: skip
+        self.index.record_build(self._build_name(), self._this_build)
+        record = None
+        if self.opts.register:
+            name = self.opts.registered_name or self.image.name
+            tag = self.opts.tag or self.image.tag
+            record = self.registry.register(self.opts.project, name, tag, manifest,
+                                            self.opts.source)  # fmt: skip
+            self.emit({"event": "image_registered", "project": self.opts.project, "name": name,
+                       "tag": tag, "image_id": image_id})  # fmt: skip
+        duration = time.monotonic() - t0
+        self.emit({"event": "done", "image_id": image_id, "duration": round(duration, 3),
+                   "cached_steps": self.cached, "executed_steps": self.executed})  # fmt: skip
+        return BuildResult(self.image, manifest, image_id, record, self.cached, self.executed,
+                           duration)  # fmt: skip
+
+    def _build_stage(self, stage: ir.Stage) -> None:
+        digests = self.image.step_digests(stage.name)
+        refs = {name: self.image.step_digests(name)[-1]
+                for name in stage.stage_refs() if name in self.image.stage_names}  # fmt: skip
+        state = self._base(stage, stage.base, stage.meta[0])
+        n = len(stage.steps)
+        for i, (step, meta) in enumerate(stage.items()):
+            if i == 0:
+                continue
+            self._step(stage, i, n, step, meta, state, refs, digests[i])
+        self.stages[stage.name] = state
+
+    # -- FROM ----------------------------------------------------------------------------
+
+    def _base(self, stage: ir.Stage, base: ir.From, meta: ir.StepMeta) -> _StageState:
+        where = str(meta.span.short) if meta.span else None
+        self.emit({"event": "step_started", "stage": stage.name, "index": 0,
+                   "total": len(stage.steps), "step": describe(base), "at": where})  # fmt: skip
+        if base.stage is not None:
+            dep = self.stages[base.stage]
+            return dataclasses.replace(dep, layers=list(dep.layers))
+        name = base.image or "scratch"
+        if name == "scratch":
+            state = _StageState([], ImageConfig(), keys.step_components("", {"base": "scratch"})
+                                .key(), "scratch")  # fmt: skip
+        elif (rec := self.registry.find(self.opts.project, name)) is not None:
+            state = _StageState(list(rec.manifest.layers),
+                                ImageConfig.from_json(rec.manifest.config),
+                                keys.step_components("", {"base": rec.image_id}).key(),
+                                f"{rec.ref}@{rec.image_id}")  # fmt: skip
+            pin_target = rec.image_id
+        else:
+            from tlimage.builder.bases import KNOWN_BASES, ensure_base
+
+            if name not in KNOWN_BASES:
+                available = sorted(KNOWN_BASES) + [r.ref for r in
+                                                   self.registry.list(self.opts.project)]
+                raise _at(meta, TlimageError(
+                    f"unknown base image {name!r}; available: {', '.join(available)}",
+                    hint="base images are the seeds or images registered in this project "
+                    "(`tl sbx image ls`)",
+                ))  # fmt: skip
+            layer, config = ensure_base(name, self.store, self.index, self.emit)
+            state = _StageState([layer], config,
+                                keys.step_components("", {"base": layer.digest}).key(),
+                                f"{name}@{layer.digest}")  # fmt: skip
+            pin_target = layer.digest
+        if base.pin and name != "scratch" and base.pin not in (pin_target, _hex(pin_target)):
+            raise _at(meta, TlimageError(
+                f"base image {name!r} is pinned to {base.pin} but is now {pin_target}",
+                hint="update the pin, or rebuild the base it named",
+            ))  # fmt: skip
+        self.emit({"event": "step_cached", "stage": stage.name, "index": 0,
+                   "step": describe(base), "key": state.key})  # fmt: skip
+        return state
+
+    # -- other steps ---------------------------------------------------------------------
+
+    def _step(self, stage: ir.Stage, i: int, n: int, step: ir.Step, meta: ir.StepMeta,
+              state: _StageState, refs: dict[str, str], digest: str) -> None:  # fmt: skip
+        where = meta.span.short if meta.span else None
+        desc = describe(step)
+        base_event = {"stage": stage.name, "index": i, "step": desc}
+        self.emit({"event": "step_started", **base_event, "total": n, "at": where})
+        if step.op not in ir.steps.FILESYSTEM_OPS:
+            state.config = state.config.apply(step, self.opts.build_args)
+            comps = keys.step_components(state.key, _step_obj(step, refs))
+            state.key = comps.key()
+            self._this_build.append({"step": desc, "components": comps.to_json()})
+            self.emit({"event": "step_done", **base_event, "config_only": True, "duration": 0.0})
+            return
+
+        files: dict[str, str] = {}
+        sources: list[ctx.Source] = []
+        if isinstance(step, ir.Copy | ir.Add) and not _from_other(step, self.image):
+            local = [s for s in step.sources if not _is_url(s)]
+            try:
+                sources = ctx.select_sources(self.opts.context_dir, local,
+                                             excludes=step.excludes, ignore=self.opts.ignore)
+            except ctx.ContextError as e:
+                raise _at(meta, e) from None
+            files = _file_digests(sources, step.excludes, self.opts.cache_dir)
+        env = state.config.run_env() if isinstance(step, ir.Run) else {}
+        comps = keys.step_components(state.key, _step_obj(step, refs), env=env,
+                                     platform=self.opts.platform, files=files)  # fmt: skip
+        key = comps.key()
+        self._this_build.append({"step": desc, "components": comps.to_json()})
+        hit = None if (self.opts.no_cache or meta.force) else self.index.get(key)
+        if hit is not None and (hit.digest is None or self.store.has(hit.digest)):
+            if hit.digest is not None:
+                state.layers.append(LayerRef(hit.digest, hit.diff_id, hit.size))
+            state.config = _after_fs_step(state.config, step)
+            state.key = key
+            self.cached += 1
+            self.emit({"event": "step_cached", **base_event, "key": key})
+            return
+        if self.opts.explain:
+            prev = self._previous_components(len(self._this_build) - 1, desc)
+            self.emit({"event": "explain", **base_event, "reason": keys.explain(prev, comps)})
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="tlimage-step-",
+                                         dir=self._scratch_dir()) as tmp:  # fmt: skip
+            if isinstance(step, ir.Run):
+                upper, opaque = self._run(step, meta, state, Path(tmp), base_event)
+            elif isinstance(step, ir.Workdir):
+                upper, opaque = self._workdir(step, state, Path(tmp)), ()
+            else:
+                upper, opaque = self._copy(step, meta, state, sources, Path(tmp)), ()
+            from tlimage.cache.layer import layer_from_upper
+
+            info = layer_from_upper(upper, self.store, opaque_dirs=opaque)
+        layer = None if info.entries == 0 else LayerRef(info.digest, info.diff_id, info.size)
+        self.index.put(key, layer.digest if layer else None, layer.diff_id if layer else None,
+                       layer.size if layer else 0, desc)  # fmt: skip
+        if layer is not None:
+            state.layers.append(layer)
+        state.config = _after_fs_step(state.config, step)
+        state.key = key
+        self.executed += 1
+        self.emit({"event": "step_done", **base_event, "duration": round(time.monotonic() - t0, 3),
+                   "layer": layer.digest if layer else None,
+                   "size": layer.size if layer else 0})  # fmt: skip
+
+    def _previous_components(self, position: int, desc: str) -> keys.Components | None:
+        if not self._previous:
+            return None
+        prev = self._previous[position] if position < len(self._previous) else None
+        if prev is None:
+            return None
+        return keys.Components.from_json(prev["components"])
+
+    def _scratch_dir(self) -> str:
+        d = Path(self.store.root) / "tmp"
+        d.mkdir(parents=True, exist_ok=True)
+        return str(d)
+
+    def _lowers(self, state: _StageState) -> tuple[Path, ...]:
+        return tuple(unpacked_layer(self.store, la.digest) for la in state.layers)
+
+    # -- RUN -----------------------------------------------------------------------------
+
+    def _run(self, step: ir.Run, meta: ir.StepMeta, state: _StageState, tmp: Path,
+             base_event: dict[str, Any]) -> tuple[Path, tuple[str, ...]]:  # fmt: skip
+        from tlimage.executor.base import RunRequest
+
+        if not state.layers:
+            raise _at(meta, TlimageError("RUN needs a base image with a shell; this stage starts "
+                                         "FROM scratch"))  # fmt: skip
+        if step.mounts:
+            raise _at(meta, TlimageError(
+                "RUN mounts (--mount) are not supported by this builder yet",
+                hint="install into the image instead, or drop the mount"))  # fmt: skip
+        lowers = self._lowers(state)
+        config = state.config
+        env = dict(BUILD_ENV_DEFAULTS)
+        env.update(config.run_env())
+        env.update(dict(step.env))
+        workdir = config.resolve(step.workdir) if step.workdir else config.workdir
+        argv = config.command_argv(step.command, step.shell)
+        if not _is_dir_in(lowers, workdir):
+            argv = ("/bin/sh", "-c", 'mkdir -p "$1" && cd "$1" && shift && exec "$@"', "sh",
+                    workdir, *argv)  # fmt: skip
+            workdir = "/"
+        tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        partial = {"stdout": b"", "stderr": b""}
+
+        def on_output(stream: str, data: bytes) -> None:
+            self.emit({"event": "build_log", **base_event, "stream": stream,
+                       "data": data.decode("utf-8", "replace")})  # fmt: skip
+            buf = partial[stream] + data
+            *lines, partial[stream] = buf.split(b"\n")
+            tail.extend(line.decode("utf-8", "replace") for line in lines)
+
+        req = RunRequest(
+            lowers=lowers, argv=tuple(argv), upper_dir=tmp / "upper", env=tuple(env.items()),
+            user=step.user or config.user, workdir=workdir, timeout=self.opts.step_timeout,
+            network=step.network != "none",
+        )
+        result = self.executor.run(req, on_output)
+        if result.exit_code != 0:
+            for rest in partial.values():
+                if rest:
+                    tail.append(rest.decode("utf-8", "replace"))
+            raise StepFailed(
+                f"{describe(step, 60)} failed with exit code {result.exit_code}",
+                location=meta.span.short if meta.span else None,
+                exit_code=result.exit_code,
+                log_tail=tuple(tail),
+            )
+        return result.upper, tuple(result.opaque)
+
+    # -- WORKDIR, COPY, ADD --------------------------------------------------------------
+
+    def _workdir(self, step: ir.Workdir, state: _StageState, tmp: Path) -> Path:
+        upper = tmp / "upper"
+        upper.mkdir()
+        path = state.config.resolve(step.path)
+        if not state.layers or not _is_dir_in(self._lowers(state), path):
+            ctx._make_parents(upper, upper / path.strip("/"), 0, 0)
+        return upper
+
+    def _copy(self, step: ir.Copy | ir.Add, meta: ir.StepMeta, state: _StageState,
+              sources: list[ctx.Source], tmp: Path) -> Path:  # fmt: skip
+        upper = tmp / "upper"
+        upper.mkdir()
+        config = state.config
+        dest = config.resolve(step.dest) + ("/" if step.dest.endswith("/") else "")
+        lowers = self._lowers(state) if state.layers else ()
+        uid, gid = _owner(step.chown, lowers, meta)
+        try:
+            chmod = ctx.parse_chmod(step.chmod)
+            if _from_other(step, self.image) and isinstance(step, ir.Copy):
+                sources = self._sources_from(step, meta, tmp)
+            if isinstance(step, ir.Add):
+                sources = [*sources, *self._fetch_urls(step, meta, tmp)]
+            dest_dir = _is_dir_in(lowers, dest.rstrip("/") or "/")
+            if sources:
+                ctx.lay_out(upper, sources, dest, dest_is_dir_in_image=dest_dir,
+                            excludes=step.excludes, uid=uid, gid=gid, chmod=chmod,
+                            unpack_archives=isinstance(step, ir.Add))  # fmt: skip
+            for f in step.inline:
+                ctx.write_inline(upper, dest, f.name, f.content, f.mode, uid, gid,
+                                 dest.endswith("/") or len(step.inline) > 1 or dest_dir)
+        except ctx.ContextError as e:
+            raise _at(meta, e) from None
+        return upper
+
+    def _sources_from(self, step: ir.Copy, meta: ir.StepMeta, tmp: Path) -> list[ctx.Source]:
+        """COPY --from: the sources come from another stage's or image's filesystem."""
+        from tlimage.cache.layer import apply_layer
+
+        assert step.from_ is not None
+        if step.from_ in self.stages:
+            layers = self.stages[step.from_].layers
+        else:
+            layers = list(self.registry.get(self.opts.project, step.from_).manifest.layers)
+        root = tmp / "from"
+        root.mkdir()
+        for la in layers:
+            with self.store.open(la.digest, verify=True) as f:
+                apply_layer(f, root)
+        return ctx.select_sources(root, step.sources, excludes=step.excludes)
+
+    def _fetch_urls(self, step: ir.Add, meta: ir.StepMeta, tmp: Path) -> list[ctx.Source]:
+        out = []
+        for i, url in enumerate(s for s in step.sources if _is_url(s)):
+            from tlimage.builder.fetch import fetch_url
+
+            folder = tmp / f"url{i}"
+            folder.mkdir()
+            try:
+                path = fetch_url(url, folder, step.checksum)
+            except TlimageError as e:
+                raise _at(meta, e) from None
+            out.append(ctx.Source(path, path.name))
+        return out
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _at(meta: ir.StepMeta, err: TlimageError) -> TlimageError:
+    """Prefix an error with the step's source location."""
+    if meta.span is not None and not str(err).startswith(meta.span.short):
+        err.message = f"{meta.span.short}: {err.message}"
+        err.args = (err.message,)
+    return err
+
+
+def _hex(digest: str) -> str:
+    return digest.split(":", 1)[-1]
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def _from_other(step: ir.Step, image: ir.ImageDef) -> bool:
+    return isinstance(step, ir.Copy) and step.from_ is not None
+
+
+def _step_obj(step: ir.Step, refs: dict[str, str]) -> dict[str, Any]:
+    obj = ir.step_to_obj(step)
+    if isinstance(step, ir.Copy) and step.from_ in refs:
+        obj["from"] = {"digest": refs[step.from_]}
+    return obj
+
+
+def _after_fs_step(config: ImageConfig, step: ir.Step) -> ImageConfig:
+    return config.apply(step) if isinstance(step, ir.Workdir) else config
+
+
+def _file_digests(sources: list[ctx.Source], excludes: tuple[str, ...],
+                  cache_dir: Path | None) -> dict[str, str]:  # fmt: skip
+    from tlimage.cache.filehash import entry_digests
+
+    return entry_digests(list(ctx.iter_files(sources, excludes)), cache_dir=cache_dir)
+
+
+def _lookup(lowers: tuple[Path, ...], path: str) -> os.stat_result | None:
+    """The top-most entry for `path` in a stack of overlay-format folders (None: absent or
+    whited out)."""
+    rel = path.strip("/")
+    if not rel:
+        return os.stat(lowers[-1]) if lowers else None
+    for layer in reversed(lowers):
+        # A whiteout of the path or of any parent ends the search.
+        parts = rel.split("/")
+        for k in range(1, len(parts) + 1):
+            p = layer.joinpath(*parts[:k])
+            try:
+                st = os.lstat(p)
+            except OSError:
+                break
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                return None
+            if k == len(parts):
+                return st
+    return None
+
+
+def _is_dir_in(lowers: tuple[Path, ...], path: str) -> bool:
+    st = _lookup(lowers, path)
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+
+
+def _owner(chown: str | None, lowers: tuple[Path, ...], meta: ir.StepMeta) -> tuple[int, int]:
+    if not chown:
+        return 0, 0
+    user, _, group = chown.partition(":")
+
+    def resolve(name: str, db: str) -> int:
+        if name.isdigit():
+            return int(name)
+        for layer in reversed(lowers):
+            f = layer / "etc" / db
+            if f.is_file():
+                for line in f.read_text(errors="replace").splitlines():
+                    fields = line.split(":")
+                    if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
+                        return int(fields[2])
+                break
+        raise _at(meta, TlimageError(f"chown {chown!r}: no {'user' if db == 'passwd' else 'group'}"
+                                     f" {name!r} in the image's /etc/{db}"))  # fmt: skip
+
+    uid = resolve(user, "passwd")
+    gid = resolve(group, "group") if group else uid
+    return uid, gid
+

@@ -1,0 +1,83 @@
+"""Layers as overlayfs lower directories.
+
+Each stored layer is unpacked once into `<cache>/layers-v1/unpacked/<hex>/` in overlayfs' own
+format: an OCI whiteout `.wh.name` becomes a 0:0 character device `name`, an opaque marker
+`.wh..wh..opq` becomes the `trusted.overlay.opaque=y` xattr on its folder. A stack of such folders
+is a valid `lowerdir=` list, so a step's root filesystem costs no copying.
+
+The unpack goes to a temp folder beside the final one and is renamed into place, so a crash
+leaves no half-unpacked layer under a final name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tarfile
+from pathlib import Path
+
+from tlimage.cache.store import BlobStore, parse_digest
+from tlimage.errors import CacheError
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+
+
+def unpacked_root(store: BlobStore) -> Path:
+    return Path(store.root) / "unpacked"
+
+
+def unpacked_layer(store: BlobStore, digest: str) -> Path:
+    """The overlay-format folder of a stored layer, unpacking it on first use."""
+    final = unpacked_root(store) / parse_digest(digest)
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{os.getpid()}-{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        with store.open(digest, verify=True) as raw:
+            unpack_for_overlay(raw, tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():  # another build won the race: fine; anything else: raise
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def unpack_for_overlay(raw, dest: Path) -> None:  # noqa: ANN001 - a readable binary stream
+    import zstandard
+
+    opaque: list[Path] = []
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=False)
+    with tarfile.open(fileobj=reader, mode="r|") as tf:
+        for member in tf:
+            parent, _, base = member.name.rstrip("/").rpartition("/")
+            if base == OPAQUE_MARKER:
+                opaque.append(dest / parent)
+                continue
+            if base.startswith(WHITEOUT_PREFIX):
+                target = dest / parent / base[len(WHITEOUT_PREFIX) :]
+                _check_inside(dest, target)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+                continue
+            tf.extract(member, dest, numeric_owner=True, filter="tar")
+    for folder in opaque:
+        _check_inside(dest, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        os.setxattr(folder, "trusted.overlay.opaque", b"y", follow_symlinks=False)
+
+
+def _check_inside(root: Path, path: Path) -> None:
+    real = os.path.realpath(path.parent)
+    if os.path.commonpath([real, os.path.realpath(root)]) != os.path.realpath(root):
+        raise CacheError(f"layer entry {path} would land outside the layer folder")
