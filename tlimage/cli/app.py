@@ -92,7 +92,7 @@ def compile_(
         sys.stdout.write(json.dumps(ir.to_json_obj(img), indent=2, ensure_ascii=False) + "\n")
 
 
-class Isolation(str, Enum):
+class Isolation(StrEnum):
     auto = "auto"
     microvm = "microvm"
     namespace = "namespace"
@@ -170,6 +170,88 @@ def create(
             return e.exit_code
         raise
     return 0
+
+
+@image.command("ls")
+def image_ls(project: ProjectOpt = None, json_: JsonOpt = False) -> None:
+    """List the images registered in the project."""
+    from tlimage._paths import project_name
+    from tlimage.registry import Registry
+
+    proj = project_name(project)
+    records = Registry().list(proj)
+    if json_:
+        from tlimage.cli.render import emit_json
+
+        for r in records:
+            emit_json({"name": r.name, "tag": r.tag, "image_id": r.image_id, "size": r.size,
+                       "layers": len(r.manifest.layers), "created_at": r.created_at,
+                       "source": r.source})  # fmt: skip
+        return
+    from tlimage.cli.render import size as _size
+    from tlimage.cli.render import table
+
+    table(
+        ["NAME", "TAG", "IMAGE ID", "LAYERS", "SIZE", "CREATED"],
+        [[r.name, r.tag, r.image_id[:12], str(len(r.manifest.layers)), _size(r.size),
+          _ago(r.created_at)] for r in records],  # fmt: skip
+        empty=f"no images in project {proj!r}",
+    )
+
+
+@image.command("describe")
+def image_describe(ref: Annotated[str, typer.Argument(help="NAME[:TAG]")],
+                   project: ProjectOpt = None) -> None:  # fmt: skip
+    """Show a registered image: layers and config (JSON)."""
+    import json
+
+    from tlimage._paths import project_name
+    from tlimage.registry import Registry
+
+    r = Registry().get(project_name(project), ref)
+    doc = {
+        "project": r.project, "name": r.name, "tag": r.tag, "image_id": r.image_id,
+        "source": r.source, "created_at": r.created_at, "base": r.manifest.base,
+        "ir_digest": r.manifest.ir_digest, "size": r.size,
+        "layers": [vars(layer) for layer in r.manifest.layers], "config": r.manifest.config,
+    }  # fmt: skip
+    print(json.dumps(doc, indent=2))
+
+
+@image.command("rm")
+def image_rm(refs: Annotated[list[str], typer.Argument(help="NAME[:TAG] ...")],
+             project: ProjectOpt = None) -> None:  # fmt: skip
+    """Remove registered names (layers stay in the cache until pruned)."""
+    from tlimage._paths import project_name
+    from tlimage.registry import Registry
+
+    reg, proj = Registry(), project_name(project)
+    for ref in refs:
+        rec = reg.remove(proj, ref)
+        print(f"removed {rec.ref}")
+
+
+@image.command("parse")
+def image_parse(
+    file: Annotated[Path, typer.Argument(help="A Dockerfile.")],
+    dump: Annotated[bool, typer.Option("--dump", help="BuildKit's s-expression dump.")] = True,
+) -> None:
+    """Parse a Dockerfile and print the syntax tree (BuildKit's dump format)."""
+    from tlimage.frontends.dockerfile.parser import dump as dump_ast
+    from tlimage.frontends.dockerfile.parser import parse_file
+
+    ast = parse_file(str(file))
+    sys.stdout.write(dump_ast(ast) + "\n")
+
+
+def _ago(ts: float) -> str:
+    import time
+
+    s = max(0, time.time() - ts)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{int(s // n)}{unit} ago"
+    return f"{int(s)}s ago"
 
 
 @app.command("version")

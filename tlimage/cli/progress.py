@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from tlimage.cli.render import is_tty
+from tlimage.cli.render import size as _size
 
 
 class StepPrinter:
@@ -65,15 +66,8 @@ class StepPrinter:
             self._print(f"  │ {line}", "dim")
 
     def _flush_logs(self) -> None:
-        for key, rest in list(self._open_line.items()):
+        for rest in self._open_line.values():
             if rest:
                 self._print(f"  │ {rest}", "dim")
         self._open_line.clear()
 
-
-def _size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"

@@ -33,3 +33,33 @@ def print_error(e: TlimageError) -> None:
 def emit_json(event: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n")
     sys.stdout.flush()
+
+
+def table(headers: list[str], rows: list[list[str]], empty: str = "nothing to show") -> None:
+    """Aligned columns; rich on a terminal, plain text otherwise."""
+    if not rows:
+        print(empty, file=sys.stderr)
+        return
+    if is_tty():
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(box=None, header_style="bold")
+        for h in headers:
+            t.add_column(h)
+        for r in rows:
+            t.add_row(*r)
+        Console().print(t)
+        return
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
+    for r in [headers, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def size(n: float) -> str:
+    """Bytes in decimal units, as people read them (`12.3 MB`)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
