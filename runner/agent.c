@@ -12,8 +12,8 @@
  *   - Setup failures before exec (bad user, missing workdir, command not found) end in ERROR with a
  *     message, never in EXIT; EXIT always means the step's program ran.
  *   - EXPORT sends the overlay upper directory as a tar stream (busybox tar: whiteouts are 0:0 char
- *     devices, kept as such) and the list of opaque directories in EXPORT_END, because tar cannot
- *     carry the trusted.overlay.opaque xattr.
+ *     devices, kept as such), then EXPORT_END with the opaque directories and the other xattrs,
+ *     because busybox tar carries no xattrs.
  *
  * Built statically at provisioning time (gcc -static -Os); depends on nothing in the rootfs being
  * built, which may have no shell, no libc and no Python.
@@ -549,8 +549,12 @@ static void do_run(rd_t *r) {
     int status = 0;
     while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
     step_pid = -1;
-    /* The step's session may leave daemons behind; they do not outlive the step. */
-    kill(-pid, SIGKILL);
+    /* Nothing the step started outlives it: in the VM, kill(-1) reaches every process but init
+     * and the agent (daemons that left the step's session included), so the upper is quiescent
+     * before EXPORT and a reused VM starts the next step clean. On a host (--stdio, tests) only
+     * the step's own session is killed. */
+    if (stdio_mode) kill(-pid, SIGKILL);
+    else kill(-1, SIGKILL);
     if (fl > 0) {
         send_error("%s", failmsg);
     } else {
@@ -576,20 +580,39 @@ out:
 
 /* ---- EXPORT ---- */
 
-static buf_t opaque_list;
-static uint32_t opaque_count;
+static buf_t opaque_list, xattr_list;
+static uint32_t opaque_count, xattr_count;
 static size_t export_root_len;
 
-static int collect_opaque(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+/* Records the opaque marker and every other xattr except overlayfs' own (trusted.overlay.*),
+ * since busybox tar writes no xattrs; security.capability (setcap) must survive into the layer. */
+static int collect_meta(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
     (void)ftw;
-    if (flag != FTW_D || !S_ISDIR(st->st_mode)) return 0;
-    char v[8];
-    ssize_t n = lgetxattr(path, "trusted.overlay.opaque", v, sizeof v);
-    if (n == 1 && v[0] == 'y') {
-        const char *rel = path + export_root_len;
-        while (*rel == '/') rel++;
-        buf_str(&opaque_list, rel[0] ? rel : ".");
-        opaque_count++;
+    const char *rel = path + export_root_len;
+    while (*rel == '/') rel++;
+    if (!rel[0]) rel = ".";
+    if (flag == FTW_D && S_ISDIR(st->st_mode)) {
+        char v[8];
+        ssize_t n = lgetxattr(path, "trusted.overlay.opaque", v, sizeof v);
+        if (n == 1 && v[0] == 'y') {
+            buf_str(&opaque_list, rel);
+            opaque_count++;
+        }
+    }
+    char names[65536];
+    ssize_t len = llistxattr(path, names, sizeof names);
+    for (ssize_t off = 0; len > 0 && off < len; off += (ssize_t)strlen(names + off) + 1) {
+        const char *name = names + off;
+        if (strncmp(name, "trusted.overlay.", 16) == 0 || strcmp(name, "security.selinux") == 0)
+            continue;
+        unsigned char value[65536];
+        ssize_t vn = lgetxattr(path, name, value, sizeof value);
+        if (vn < 0) continue;
+        buf_str(&xattr_list, rel);
+        buf_str(&xattr_list, name);
+        buf_u32(&xattr_list, (uint32_t)vn);
+        buf_put(&xattr_list, value, (size_t)vn);
+        xattr_count++;
     }
     return 0;
 }
@@ -601,10 +624,10 @@ static void do_export(rd_t *r) {
         free(upper);
         return;
     }
-    opaque_list = (buf_t){0};
-    opaque_count = 0;
+    opaque_list = xattr_list = (buf_t){0};
+    opaque_count = xattr_count = 0;
     export_root_len = strlen(upper);
-    nftw(upper, collect_opaque, 64, FTW_PHYS);
+    nftw(upper, collect_meta, 64, FTW_PHYS);
 
     int p[2];
     if (pipe2(p, O_CLOEXEC) < 0) {
@@ -637,14 +660,16 @@ static void do_export(rd_t *r) {
     while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
         send_error("EXPORT: tar failed with status %d", status);
-        free(opaque_list.p);
     } else {
         buf_t b = {0};
         buf_u32(&b, opaque_count);
-        buf_put(&b, opaque_list.p ? opaque_list.p : (unsigned char *)"", opaque_list.len);
-        free(opaque_list.p);
+        if (opaque_list.len) buf_put(&b, opaque_list.p, opaque_list.len);
+        buf_u32(&b, xattr_count);
+        if (xattr_list.len) buf_put(&b, xattr_list.p, xattr_list.len);
         send_buf(T_EXPORT_END, &b);
     }
+    free(opaque_list.p);
+    free(xattr_list.p);
     free(upper);
 }
 

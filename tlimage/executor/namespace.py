@@ -92,7 +92,7 @@ class NamespaceExecutor:
             if not req.network:
                 flags.append("--net")
             code = self._spawn(flags, spec, req, emit)
-            opaque = normalize_upper(upper)
+            opaque = normalize_upper(upper, req.lowers)
             ok = True
             return RunResult(code, upper, time.monotonic() - start, opaque)
         finally:

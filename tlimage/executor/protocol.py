@@ -63,6 +63,10 @@ def _str(s: str | bytes) -> bytes:
     return _u32(len(b)) + b
 
 
+def _bytes(b: bytes) -> bytes:
+    return _u32(len(b)) + b
+
+
 def _strlist(items) -> bytes:
     items = list(items)
     return _u32(len(items)) + b"".join(_str(i) for i in items)
@@ -87,6 +91,9 @@ class _Reader:
 
     def u32(self) -> int:
         return struct.unpack(">I", self._take(4))[0]
+
+    def bytes(self) -> bytes:
+        return self._take(self.u32())
 
     def str(self) -> str:
         return self._take(self.u32()).decode("utf-8", "surrogateescape")
@@ -270,12 +277,21 @@ def decode_error(frame: Frame) -> str:
     return msg
 
 
-def encode_export_end(opaque: tuple[str, ...]) -> Frame:
-    return Frame(FrameType.EXPORT_END, _strlist(opaque))
+@dataclass(frozen=True)
+class ExportEnd:
+    opaque: tuple[str, ...]  # relative paths ("." = the upper's root)
+    xattrs: tuple[tuple[str, str, bytes], ...]  # (relative path, name, value); no trusted.overlay.*
 
 
-def decode_export_end(frame: Frame) -> tuple[str, ...]:
+def encode_export_end(e: ExportEnd) -> Frame:
+    payload = _strlist(e.opaque) + _u32(len(e.xattrs))
+    payload += b"".join(_str(p) + _str(n) + _bytes(v) for p, n, v in e.xattrs)
+    return Frame(FrameType.EXPORT_END, payload)
+
+
+def decode_export_end(frame: Frame) -> ExportEnd:
     r = _Reader(frame.payload, "EXPORT_END")
-    out = tuple(r.strlist())
+    opaque = tuple(r.strlist())
+    xattrs = tuple((r.str(), r.str(), r.bytes()) for _ in range(r.u32()))
     r.end()
-    return out
+    return ExportEnd(opaque, xattrs)
