@@ -138,6 +138,7 @@ class Instruction:
     heredocs: tuple[Heredoc, ...] = ()
     sub: Instruction | None = None
     comments: tuple[str, ...] = ()
+    logical_end_line: int = 0  # last line of the instruction text itself, before heredoc bodies
 
     @property
     def command(self) -> str:
@@ -377,6 +378,7 @@ class _Parser:
                         "https://docs.docker.com/go/dockerfile/rule/no-empty-continuation/",
                     )
                 )
+            logical_end = current
             node = self.node_from_line(line, start, current, first_col)
             heredocs: list[Heredoc] = []
             if _can_contain_heredoc(node) and "<<" in line:
@@ -407,7 +409,9 @@ class _Parser:
                         )
                     heredocs.append(Heredoc(doc.name, doc.fd, doc.expand, doc.chomp, "".join(body)))
             instructions.append(
-                _freeze(node, start, current, first_col, tuple(heredocs), tuple(comments))
+                _freeze(
+                    node, start, current, logical_end, first_col, tuple(heredocs), tuple(comments)
+                )
             )
             comments = []
 
@@ -482,13 +486,14 @@ def _freeze(
     node: _Node,
     start: int,
     end: int,
+    logical_end: int,
     col: int,
     heredocs: tuple[Heredoc, ...],
     comments: tuple[str, ...],
 ) -> Instruction:
     sub = None
     if node.sub is not None:
-        sub = _freeze(node.sub, start, end, col, (), ())
+        sub = _freeze(node.sub, start, end, logical_end, col, (), ())
     return Instruction(
         keyword=node.keyword,
         flags=node.flags,
@@ -501,6 +506,7 @@ def _freeze(
         heredocs=heredocs,
         sub=sub,
         comments=comments,
+        logical_end_line=logical_end,
     )
 
 
