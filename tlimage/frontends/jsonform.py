@@ -200,7 +200,7 @@ class _Parser:
     def document(self) -> Any:
         i = self.ws(0)
         if i >= self.n:
-            raise _SyntaxFail("the file is empty; expected a JSON object", i)
+            raise _SyntaxFail("the file is empty; expected a JSON object", 0)
         value, i = self.value(i, (), 0)
         i = self.ws(i)
         if i < self.n:
@@ -236,8 +236,8 @@ class _Parser:
         word = m.group() if m else ""
         if word in ("true", "false", "null"):
             return {"true": True, "false": False, "null": None}[word], i + len(word)
-        if word in ("NaN", "Infinity") or self.s.startswith("-Infinity", i):
-            raise _SyntaxFail(f"{word or '-Infinity'} is not a JSON number", i)
+        if word in ("NaN", "Infinity"):
+            raise _SyntaxFail(f"{word} is not a JSON number", i)
         if word in ("True", "False", "None", "undefined"):
             spelled = {"True": "true", "False": "false"}.get(word, "null")
             raise _SyntaxFail(f"unexpected {word!r}; JSON spells it {spelled}", i)
@@ -267,6 +267,8 @@ class _Parser:
     def number(self, i: int) -> tuple[int | float, int]:
         m = _NUMBER.match(self.s, i)
         if not m:
+            if self.s.startswith("-Infinity", i):
+                raise _SyntaxFail("-Infinity is not a JSON number", i)
             raise _SyntaxFail("invalid number", i)
         end = m.end()
         if end < self.n and (self.s[end].isalnum() or self.s[end] == "."):
@@ -463,7 +465,7 @@ class SchemaValidator:
             types = s["type"] if isinstance(s["type"], list) else [s["type"]]
             if not any(_is_type(value, t) for t in types):
                 want = " or ".join(_TYPE_NAMES[t] for t in types)
-                rule = f"; allowed: {desc}" if desc else ""
+                rule = f" ({desc})" if desc else ""
                 raise Invalid(path, f"expected {want}, got {_described(value)}{rule}")
         if "const" in s and not _json_equal(value, s["const"]):
             rule = f" ({desc})" if desc else ""
@@ -524,7 +526,8 @@ class SchemaValidator:
                 if not props:
                     rule = s.get("description") or "no fields are allowed here"
                     raise Invalid((*path, key), f"unknown {what} {show(key)}: {rule}", at_key=True)
-                close = difflib.get_close_matches(key, list(props), 1)
+                close = [p for p in sorted(props) if p.startswith(key) or key.startswith(p)]
+                close = close or difflib.get_close_matches(key, list(props), 1, cutoff=0.7)
                 raise Invalid(
                     (*path, key),
                     f"unknown {what} {show(key)}; allowed: {', '.join(sorted(props))}",
