@@ -466,18 +466,27 @@ class _Loc:
         self,
         ins: Instruction,
         message: str,
-        needle: str | None = None,
+        needle: str | tuple[str, ...] | None = None,
         hint: str | None = None,
     ) -> DockerfileInstructionError:
+        """The error, pointing at the first of `needle` (or of several, tried in order) found
+        in the instruction's own lines, else at its keyword."""
         line, col, width = ins.start_line, ins.col, len(ins.keyword)
         last = max(ins.logical_end_line, ins.start_line)
-        if needle:
+        needles = (needle,) if isinstance(needle, str) else needle or ()
+        found = False
+        for want in needles:
+            if not want:
+                continue
             for ln in range(ins.start_line, min(last, len(self.lines)) + 1):
                 text = self.lines[ln - 1]
-                idx = text.find(needle, ins.col - 1 if ln == ins.start_line else 0)
+                idx = text.find(want, ins.col - 1 if ln == ins.start_line else 0)
                 if idx >= 0:
-                    line, col, width = ln, idx + 1, len(needle)
+                    line, col, width = ln, idx + 1, len(want)
+                    found = True
                     break
+            if found:
+                break
         span = Span(self.file, line, col, line, col + max(1, width))
         return DockerfileInstructionError(message, span, text=self.text, hint=hint)
 
@@ -485,7 +494,9 @@ class _Loc:
 class _Invalid(Exception):
     """An instruction error before it has a location; `needle` is the text to point at."""
 
-    def __init__(self, message: str, needle: str | None = None, hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, needle: str | tuple[str, ...] | None = None, hint: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.needle = needle
@@ -805,7 +816,7 @@ def _kv_pairs(ins: Instruction, name: str) -> tuple[KeyValuePair, ...]:
     for j in range(0, len(args), 3):
         key, value, delim = args[j : j + 3]
         if not key:
-            raise _Invalid(f"{name} names can not be blank")
+            raise _Invalid(f"{name} names can not be blank", "=" + value if delim else None)
         out.append(KeyValuePair(key, value, delim == ""))
     return tuple(out)
 
@@ -984,7 +995,7 @@ def _parse_mount(spec: str, expander: Expander | None) -> Mount:
     try:
         fields = _values.read_csv_record(spec)
     except _values.CSVError as e:
-        raise _Invalid(f"failed to parse csv mounts: {e}", spec) from None
+        raise _Invalid(f"failed to parse csv mounts: {e}", (spec, "--mount")) from None
     m: dict[str, object] = {"type": "bind"}
     ro_auto = True
     deferred = False
@@ -1002,19 +1013,24 @@ def _parse_mount(spec: str, expander: Expander | None) -> Mount:
                 if m["type"] in ("secret", "ssh"):
                     m["required"] = True
                     continue
-                raise _Invalid(f"unexpected key '{key}' for mount type '{m['type']}'", fld)
-            raise _Invalid(f"invalid field '{fld}' must be a key=value pair", fld)
+                raise _Invalid(
+                    f"unexpected key '{key}' for mount type '{m['type']}'", (fld, spec, "--mount")
+                )
+            raise _Invalid(
+                f"invalid field '{fld}' must be a key=value pair", (fld, spec, "--mount")
+            )
         if expander is not None:
             value = expander(value)
         elif key == "from" and re.search(r"\$.", value):
             raise _Invalid(
                 f"'{key}' doesn't support variable expansion, define alias stage instead",
-                fld,
+                (fld, spec, "--mount"),
             )
         elif "$" in value:
             if key not in _MOUNT_KEYS:
                 raise _Invalid(
-                    f"unexpected key '{key}' in '{fld}'{_suggest(key, _MOUNT_KEYS)}", fld
+                    f"unexpected key '{key}' in '{fld}'{_suggest(key, _MOUNT_KEYS)}",
+                    (fld, spec, "--mount"),
                 )
             deferred = True
             continue  # checked once expanded
@@ -1026,22 +1042,28 @@ def _parse_mount(spec: str, expander: Expander | None) -> Mount:
     file_info_ok = mtype in ("secret", "ssh", "cache")
     for k in ("mode", "uid", "gid"):
         if m.get(k) is not None and not file_info_ok:
-            raise _Invalid(f"{k} not allowed for {go_quote(str(mtype))} type mounts", spec)
+            raise _Invalid(
+                f"{k} not allowed for {go_quote(str(mtype))} type mounts", (spec, "--mount")
+            )
     if m.get("size") is not None and mtype != "tmpfs":
-        raise _Invalid(f"size not allowed for {go_quote(str(mtype))} type mounts", spec)
+        raise _Invalid(
+            f"size not allowed for {go_quote(str(mtype))} type mounts", (spec, "--mount")
+        )
     if m.get("env") and mtype != "secret":
-        raise _Invalid(f"env not allowed for {go_quote(str(mtype))} type mounts", spec)
+        raise _Invalid(f"env not allowed for {go_quote(str(mtype))} type mounts", (spec, "--mount"))
     if ro_auto:
         m["readonly"] = mtype not in ("cache", "tmpfs")
     if m.get("sharing") and mtype != "cache":
-        raise _Invalid(f"invalid cache sharing set for {mtype} mount", spec)
+        raise _Invalid(f"invalid cache sharing set for {mtype} mount", (spec, "--mount"))
     if mtype == "secret":
         if m.get("from_"):
-            raise _Invalid("secret mount should not have a from", spec)
+            raise _Invalid("secret mount should not have a from", (spec, "--mount"))
         if not (m.get("source") or m.get("target") or m.get("id") or m.get("env")):
-            raise _Invalid("invalid secret mount. one of source, target required", spec)
+            raise _Invalid(
+                "invalid secret mount. one of source, target required", (spec, "--mount")
+            )
         if m.get("source") and m.get("id"):
-            raise _Invalid("both source and id can't be set", spec)
+            raise _Invalid("both source and id can't be set", (spec, "--mount"))
     return Mount(**m)  # type: ignore[arg-type]
 
 
@@ -1049,7 +1071,7 @@ def _mount_field(m: dict[str, object], key: str, value: str, fld: str) -> bool:
     """Apply one key=value; returns False when it set read-only/read-write explicitly."""
 
     def bad(what: str = "") -> _Invalid:
-        return _Invalid(what or f"invalid value for {key}: {value}", fld)
+        return _Invalid(what or f"invalid value for {key}: {value}", (fld, "--mount"))
 
     if key == "type":
         t = go_lower(value)
@@ -1098,7 +1120,9 @@ def _mount_field(m: dict[str, object], key: str, value: str, fld: str) -> bool:
     elif key == "env":
         m["env"] = value
     else:
-        raise _Invalid(f"unexpected key '{key}' in '{fld}'{_suggest(key, _MOUNT_KEYS)}", fld)
+        raise _Invalid(
+            f"unexpected key '{key}' in '{fld}'{_suggest(key, _MOUNT_KEYS)}", (fld, "--mount")
+        )
     return True
 
 

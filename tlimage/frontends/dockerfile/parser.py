@@ -257,10 +257,18 @@ class _Parser:
     # errors ---------------------------------------------------------------------------------
 
     def error(
-        self, message: str, line: int, col: int = 1, end_line: int | None = None, width: int = 1
+        self,
+        message: str,
+        line: int,
+        col: int = 1,
+        end_line: int | None = None,
+        width: int = 1,
     ) -> DockerfileParseError:
+        """An error at `line`:`col`, underlining `width` characters. `end_line` (the last line
+        of the instruction) is accepted for callers' clarity; the caret stays on one line."""
         line = max(line, 1)
-        span = Span(self.file, line, max(col, 1), end_line or line, max(col, 1) + width)
+        col = max(col, 1)
+        span = Span(self.file, line, col, line, col + max(1, width))
         return DockerfileParseError(message, span, text=self.text)
 
     def column_of(self, needle: str, line: int) -> int:
@@ -401,7 +409,7 @@ class _Parser:
                         marker = "<<-" if doc.chomp else "<<"
                         col = self.column_of(marker, start)
                         raise self.error(
-                            f"unterminated heredoc {doc.name!r}: no line reads {doc.name!r}",
+                            f"unterminated heredoc: no line {doc.name!r} ends it before the end of the file",
                             start,
                             col,
                             end_line=current,
