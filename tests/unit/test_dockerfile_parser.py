@@ -6,6 +6,8 @@ quirks the corpus does not reach.
 
 from __future__ import annotations
 
+import io
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -322,3 +324,41 @@ def test_parse_either_succeeds_or_raises_a_located_error(text: str) -> None:
     assert out.count("\n") == len(ast.instructions) - 1
     # Parsing is deterministic and independent of how the input is passed.
     assert dump(parse(text.encode("utf-8", "surrogateescape"))) == out
+
+
+_KEYWORDS = ["FROM", "RUN", "COPY", "ENV", "LABEL", "WORKDIR", "USER", "EXPOSE", "CMD"]
+_instruction = st.tuples(
+    st.sampled_from(_KEYWORDS),
+    st.lists(st.sampled_from(["a", "b=1", "/x", "--flag=2", "$V"]), min_size=1, max_size=4),
+    st.integers(min_value=0, max_value=2),  # continuation lines
+)
+_filler = st.sampled_from(["", "# note", "   "])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.lists(_filler, max_size=2), _instruction), min_size=1, max_size=6))
+def test_line_ranges_agree_with_dockerfile_parse(doc) -> None:
+    """Cross-check with dockerfile-parse where both follow the same rules: no comments or
+    blank lines inside continuations, no heredocs (it differs there, BuildKit is right)."""
+    from dockerfile_parse import DockerfileParser
+
+    lines: list[str] = []
+    for fillers, (keyword, words, breaks) in doc:
+        lines += fillers
+        if keyword in ("ENV", "LABEL"):
+            words = [f"k{i}={w}" for i, w in enumerate(words)]
+        head = f"{keyword} {words[0]}"
+        tail = words[1:]
+        for _ in range(breaks):
+            lines.append(head + " \\")
+            head = "    " + (tail.pop(0) if tail else "z=1")
+        lines.append(" ".join([head, *tail]))
+    text = "FROM base\n" + "\n".join(lines) + "\n"
+    ours = [(i.start_line, i.end_line, i.command) for i in parse(text)]
+    parser = DockerfileParser(fileobj=io.BytesIO(text.encode()))
+    theirs = [
+        (s["startline"] + 1, s["endline"] + 1, s["instruction"].lower())
+        for s in parser.structure
+        if s["instruction"] != "COMMENT"
+    ]
+    assert ours == theirs

@@ -279,6 +279,15 @@ class _Parser:
                 return idx + 1
         return 1
 
+    def locate(self, needle: str, start: int, end: int) -> tuple[int, int] | None:
+        """(line, column) of the first `needle` on lines `start`..`end`, or None."""
+        if needle:
+            for ln in range(max(start, 1), min(end, len(self.lines)) + 1):
+                idx = self.lines[ln - 1].find(needle)
+                if idx >= 0:
+                    return ln, idx + 1
+        return None
+
     # directives -----------------------------------------------------------------------------
 
     def directive(self, token: str, lineno: int) -> bool:
@@ -454,10 +463,10 @@ class _Parser:
                 args, is_json = _ARG_RULES[rule](rest, self.escape)
         except _LineError as e:
             needle = e.needle if e.needle is not None else rest[:20]
-            c = self.column_of(needle, start) if needle else col
-            raise self.error(
-                e.message, start, c if c > 1 else col, end_line=end, width=max(1, len(needle or ""))
-            ) from None
+            where = self.locate(needle, start, end)
+            line_no, c = where if where else (start, col)
+            width = len(needle) if where else len(keyword)
+            raise self.error(e.message, line_no, c, end_line=end, width=width) from None
         return _Node(keyword, tuple(flags), args, is_json, line, sub)
 
     def heredocs_from_line(self, line: str, start: int, end: int, col: int) -> list[Heredoc]:
