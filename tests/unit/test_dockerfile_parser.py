@@ -362,3 +362,18 @@ def test_line_ranges_agree_with_dockerfile_parse(doc) -> None:
         if s["instruction"] != "COMMENT"
     ]
     assert ours == theirs
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="\\` \ta\t\r", max_size=8), st.sampled_from(["\\", "`"]))
+def test_continuation_rule_equals_buildkits_regex(line: str, esc: str) -> None:
+    import re
+
+    from tlimage.frontends.dockerfile.parser import _Parser
+
+    e = re.escape(esc)
+    regex = re.compile(rf"([^{e}]){e}[ \t]*\Z|^{e}[ \t]*\Z")
+    expected = (regex.sub(r"\1", line), False) if regex.search(line) else (line, True)
+    p = _Parser("", "Dockerfile")
+    p.escape = esc
+    assert p.trim_continuation(line) == expected

@@ -66,12 +66,9 @@ __all__ = [
 MAX_LINE_BYTES = 65535  # bufio.MaxScanTokenSize - 1
 
 _WS = re.compile(r"[\t\v\f\r ]+")
+_GO_SPACE_RUN = re.compile("[" + re.escape(GO_SPACE) + "]+")
 _DIRECTIVE = re.compile(r"([a-zA-Z][a-zA-Z0-9]*)[\t\n\f\r ]*=[\t\n\f\r ]*(.+?)[\t\n\f\r ]*\Z")
 _HEREDOC = re.compile(r"([0-9]*)<<(-?)[\t\n\f\r ]*([^<]*)\Z")
-_CONTINUATION = {
-    "\\": re.compile(r"([^\\])\\[ \t]*\Z|^\\[ \t]*\Z"),
-    "`": re.compile(r"([^`])`[ \t]*\Z|^`[ \t]*\Z"),
-}
 VALID_DIRECTIVES = ("syntax", "escape", "check")
 HEREDOC_COMMANDS = frozenset({"add", "copy", "run"})
 
@@ -249,7 +246,6 @@ class _Parser:
             lines.append(pieces[-1])
         self.lines = lines
         self.escape = "\\"
-        self.continuation = _CONTINUATION["\\"]
         self.directives_done = False
         self.directives: list[Directive] = []
         self.seen: set[str] = set()
@@ -321,14 +317,20 @@ class _Parser:
                     width=len(value),
                 )
             self.escape = value
-            self.continuation = _CONTINUATION[value]
         self.directives.append(Directive(key, value, lineno))
         return True
 
     def trim_continuation(self, line: str) -> tuple[str, bool]:
-        """(line without its continuation token, whether the logical line ends here)."""
-        if self.continuation.search(line):
-            return self.continuation.sub(r"\1", line), False
+        """(line without its continuation token, whether the logical line ends here).
+
+        BuildKit's rule is the regex `([^E])E[ \\t]*$|^E[ \\t]*$` replaced by `$1`: the line
+        continues when, after trailing blanks, it ends in the escape token E that is not itself
+        escaped (`foo\\\\` ends the line). Done here with string operations to the same effect.
+        """
+        stripped = line.rstrip(" \t")
+        esc = self.escape
+        if stripped.endswith(esc) and (len(stripped) == 1 or stripped[-2] != esc):
+            return stripped[:-1], False
         return line, True
 
     # main loop ------------------------------------------------------------------------------
@@ -336,14 +338,16 @@ class _Parser:
     def run(self) -> Dockerfile:
         lines = self.lines
         n = len(lines)
-        for idx, raw in enumerate(lines):
-            if (
-                len(raw) * 4 > MAX_LINE_BYTES
-                and len(to_go_bytes(raw.rstrip("\n"))) > MAX_LINE_BYTES
-            ):
-                raise self.error(
-                    f"dockerfile line greater than max allowed size of {MAX_LINE_BYTES}", idx + 1
-                )
+        if len(self.text) * 4 > MAX_LINE_BYTES:
+            for idx, raw in enumerate(lines):
+                if (
+                    len(raw) * 4 > MAX_LINE_BYTES
+                    and len(to_go_bytes(raw.rstrip("\n"))) > MAX_LINE_BYTES
+                ):
+                    raise self.error(
+                        f"dockerfile line greater than max allowed size of {MAX_LINE_BYTES}",
+                        idx + 1,
+                    )
         instructions: list[Instruction] = []
         warnings: list[ParseWarning] = []
         comments: list[str] = []
@@ -354,20 +358,24 @@ class _Parser:
             i += 1
             if current == 0 and raw.startswith("\ufeff"):
                 raw = raw[1:]
-            if _is_comment(raw):
+            # Left-stripping first and then dropping the line end is the same as BuildKit's
+            # order (trim the end, then the left), since both strip newlines.
+            token = raw.lstrip(GO_SPACE)
+            first_col = len(raw) - len(token) + 1
+            token = token.rstrip("\r\n")
+            is_comment = token[:1] == "#"
+            if is_comment:
                 comment = go_trim_space(raw[1:])
                 if comment == "":
                     comments = []
                 else:
                     comments.append(comment)
-            token = go_trim_left_space(raw.rstrip("\r\n"))
-            if self.directive(token, current + 1) and comments:
+            if not self.directives_done and self.directive(token, current + 1) and comments:
                 comments.pop()
-            if _is_comment(token):
+            if is_comment:
                 token = ""
             current += 1
             start = current
-            first_col = len(raw) - len(raw.lstrip(GO_SPACE)) + 1
             token, eol = self.trim_continuation(token)
             if eol and token == "":
                 continue
@@ -580,6 +588,11 @@ def _extract_flags(line: str) -> tuple[str, list[str]]:
     """BuildKit's extractBuilderFlags: leading `--words` become flags, with quotes removed and
     `\\x` giving `x`. The scan is byte-wise (as upstream), so a non-ASCII byte in a flag reads
     as the Latin-1 character of that byte and bytes 0x85/0xA0 count as blanks."""
+    # Fast path: the first non-blank byte does not start `--`. (A non-ASCII character never
+    # starts with a blank byte, so only ASCII blanks and undecodable bytes are skipped.)
+    lead = line.lstrip(" \t\n\v\f\r")
+    if not lead.startswith("--") and lead[:1] not in ("\udc85", "\udca0"):
+        return lead, []
     if line.isascii():
         data = line
         as_str = True
@@ -668,6 +681,8 @@ def _fields(rest: str) -> list[str]:
 def _parse_words(rest: str, escape: str) -> list[str]:
     """BuildKit's parseWords: split on blanks outside quotes, keeping quotes and escapes."""
     rest = replace_invalid(rest)
+    if "'" not in rest and '"' not in rest and escape not in rest:
+        return [w for w in _GO_SPACE_RUN.split(rest) if w]  # no quoting: plain fields
     words: list[str] = []
     word: list[str] = []
     phase = 0
