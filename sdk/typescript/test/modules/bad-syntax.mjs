@@ -1,0 +1,2 @@
+import { Image } from "@tlimage/sdk";
+export default new Image({ name: "t" }).run(["a",;

@@ -1,0 +1,3 @@
+import { Image } from "@tlimage/sdk";
+const x: number = ;
+export default new Image();

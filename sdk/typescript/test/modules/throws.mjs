@@ -1,0 +1,5 @@
+import { Image } from "@tlimage/sdk";
+
+const settings = {};
+export default new Image({ name: "t" })
+  .env("KEY", settings.key.trim());
