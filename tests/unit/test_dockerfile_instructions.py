@@ -302,3 +302,15 @@ def test_negative_fixture(case: Path) -> None:
     with pytest.raises(DockerfileError) as info:
         parse_program(parse((case / "Dockerfile").read_bytes(), "Dockerfile"))
     assert str(info.value) + "\n" == expected
+
+
+def test_instructions_that_ignore_flags_warn() -> None:
+    prog = parse_program(
+        parse("ARG --x=1 A\nFROM a\nSTOPSIGNAL --y TERM\nHEALTHCHECK --z NONE\n", "Dockerfile")
+    )
+    assert prog.meta_args[0].args == (ins.ArgDef("A"),)
+    assert [(w.line, w.short) for w in prog.warnings] == [
+        (1, "ARG ignores flags, as BuildKit does: --x=1"),
+        (3, "STOPSIGNAL ignores flags, as BuildKit does: --y"),
+        (4, "HEALTHCHECK ignores flags, as BuildKit does: --z"),
+    ]

@@ -7,6 +7,12 @@
 `shell` is BuildKit's word lexer (variable expansion, quote removal, word splitting).
 """
 
+from tlimage.frontends.dockerfile.instructions import (
+    DockerfileInstructionError,
+    Program,
+    Stage,
+    parse_program,
+)
 from tlimage.frontends.dockerfile.parser import (
     Directive,
     Dockerfile,
@@ -22,11 +28,15 @@ from tlimage.frontends.dockerfile.parser import (
 __all__ = [
     "Directive",
     "Dockerfile",
+    "DockerfileInstructionError",
     "DockerfileParseError",
     "Heredoc",
     "Instruction",
     "ParseWarning",
+    "Program",
+    "Stage",
     "dump",
     "parse",
     "parse_file",
+    "parse_program",
 ]

@@ -13,7 +13,8 @@ which calls `command.expand(expander)` (the fields BuildKit expands, per instruc
 after expansion (`RunCommand.expand` re-parses its mounts); the rest are validated here.
 
 Deliberately as BuildKit: ONBUILD keeps its trigger as text (it runs in a later build);
-HEALTHCHECK NONE and STOPSIGNAL ignore flags; MAINTAINER is accepted.
+ARG, STOPSIGNAL and HEALTHCHECK NONE ignore flags (a `Program` warning says so); MAINTAINER is
+accepted.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from typing import ClassVar
 from tlimage.errors import DockerfileError
 from tlimage.frontends.dockerfile import _values
 from tlimage.frontends.dockerfile._gostr import go_lower, go_quote, go_trim_space, go_upper
-from tlimage.frontends.dockerfile.parser import Dockerfile, Heredoc, Instruction, parse_heredoc
+from tlimage.frontends.dockerfile.parser import (
+    Dockerfile,
+    Heredoc,
+    Instruction,
+    ParseWarning,
+    parse_heredoc,
+)
 from tlimage.source import Span
 
 __all__ = [
@@ -430,13 +437,15 @@ class Stage:
 @dataclass(frozen=True, slots=True)
 class Program:
     """A whole Dockerfile as typed instructions: the ARGs before the first FROM (the only
-    variables FROM lines can use) and the stages."""
+    variables FROM lines can use) and the stages. `warnings` are the parser's plus flags that
+    were ignored."""
 
     file: str
     meta_args: tuple[ArgCommand, ...]
     stages: tuple[Stage, ...]
     escape: str = "\\"
     syntax: str | None = None
+    warnings: tuple[ParseWarning, ...] = ()
 
     def stage(self, name_or_index: str | int) -> Stage:
         if isinstance(name_or_index, int):
@@ -834,7 +843,7 @@ def _parse_label(ins: Instruction, loc: _Loc) -> LabelCommand:
 def _parse_arg(ins: Instruction, loc: _Loc) -> ArgCommand:
     if not ins.args:
         raise _Invalid("ARG requires at least one argument")
-    _no_flags(ins)
+    # As BuildKit: ARG does not look at flags (parse_program warns about them).
     defs = []
     for arg in ins.args:
         key, eq, value = arg.partition("=")
@@ -1163,8 +1172,19 @@ def parse_program(ast: Dockerfile) -> Program:
     meta_args: list[ArgCommand] = []
     stages: list[_StageBuilder] = []
     seen_names: dict[str, Span] = {}
+    warnings = list(ast.warnings)
     for ins in ast.instructions:
         cmd = _parse_one(ins, loc)
+        ignores_flags = isinstance(cmd, ArgCommand | StopSignalCommand) or (
+            isinstance(cmd, HealthcheckCommand) and cmd.test == ("NONE",)
+        )
+        if ins.flags and ignores_flags:
+            warnings.append(
+                ParseWarning(
+                    f"{ins.keyword} ignores flags, as BuildKit does: {' '.join(ins.flags)}",
+                    ins.start_line,
+                )
+            )
         if isinstance(cmd, FromCommand):
             if cmd.stage_name:
                 if cmd.stage_name in seen_names:
@@ -1195,4 +1215,5 @@ def parse_program(ast: Dockerfile) -> Program:
         stages=tuple(Stage(s.index, s.from_, tuple(s.commands)) for s in stages),
         escape=ast.escape,
         syntax=ast.directive("syntax"),
+        warnings=tuple(warnings),
     )
