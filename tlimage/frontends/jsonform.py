@@ -598,6 +598,7 @@ class _Context:
 
     doc: Document
     in_text: bool
+    _source_files: dict[str, str] = field(default_factory=dict)  # shown path -> path as given
 
     def fail(self, err: Invalid | str, path: Path_ = (), *, at_key: bool = False,
              hint: str | None = None) -> JSONDocumentError:  # fmt: skip
@@ -605,40 +606,46 @@ class _Context:
             path, message, at_key, hint = err.path, err.message, err.at_key, err.hint or hint
         else:
             message = err
-        span = self.doc.span(path, key=at_key) if self.in_text else self.source_near(path)
+        if self.in_text:
+            span, text = self.doc.span(path, key=at_key), self.doc.text
+        else:  # the SDK source the operation came from, read now (linecache may be stale)
+            span = self.source_near(path)
+            text = _read_text(self._source_files.get(span.file, span.file)) if span else None
         return JSONDocumentError(
-            message,
-            format_path(path),
-            file=self.doc.file,
-            span=span,
-            text=self.doc.text if self.in_text else None,
-            hint=hint,
+            message, format_path(path), file=self.doc.file, span=span, text=text, hint=hint
         )
+
+    def step_span(self, obj: dict[str, Any], path: Path_) -> Span | None:
+        return self._source_span(obj) or (self.doc.span(path) if self.in_text else None)
 
     def source_near(self, path: Path_) -> Span | None:
         """The `source` of the innermost image or operation that encloses `path`."""
         node_at: list[Any] = [self.doc.value]
         for part in path:
-            cur = node_at[-1]
             try:
-                node_at.append(cur[part])  # type: ignore[index]
+                node_at.append(node_at[-1][part])
             except (KeyError, IndexError, TypeError):
                 break
         for node in reversed(node_at):
-            span = _source_span(node)
+            span = self._source_span(node)
             if span is not None:
                 return span
         return None
 
-    def step_span(self, obj: dict[str, Any], path: Path_) -> Span | None:
-        return _source_span(obj) or (self.doc.span(path) if self.in_text else None)
+    def _source_span(self, node: Any) -> Span | None:
+        src = node.get("source") if isinstance(node, dict) else None
+        if not isinstance(src, dict) or not isinstance(src.get("file"), str):
+            return None
+        shown = _display_path(src["file"])
+        self._source_files[shown] = src["file"]
+        return Span(shown, int(src.get("line", 1)), int(src.get("column", 1)))
 
 
-def _source_span(node: Any) -> Span | None:
-    src = node.get("source") if isinstance(node, dict) else None
-    if not isinstance(src, dict) or not isinstance(src.get("file"), str):
+def _read_text(file: str) -> str | None:
+    try:
+        return Path(file).read_text(encoding="utf-8", errors="replace")
+    except OSError:
         return None
-    return Span(_display_path(src["file"]), int(src.get("line", 1)), int(src.get("column", 1)))
 
 
 def _display_path(file: str) -> str:
