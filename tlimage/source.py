@@ -47,10 +47,10 @@ class Span:
 
 def _source_line(file: str, line: int, text: str | None) -> str | None:
     if text is not None:
-        lines = text.splitlines()
+        lines = text.split("\n")  # not splitlines(): \f, \v, \x1c-\x1e, \u2028 are not breaks
         return lines[line - 1] if 0 < line <= len(lines) else None
     got = linecache.getline(file, line)
-    return got or None
+    return got.rstrip("\n") or None
 
 
 def render_at(file: str, text: str, line: int, col: int, message: str, width: int = 1) -> str:
