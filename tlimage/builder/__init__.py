@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tlimage.builder.loop import BuildOptions, BuildResult, Builder, Emit
+from tlimage.builder.loop import Builder, BuildOptions, BuildResult, Emit
 from tlimage.errors import StepFailed, TlimageError
 
 __all__ = ["BuildOptions", "BuildResult", "build", "build_image", "error_event"]
@@ -99,10 +99,8 @@ def error_event(e: TlimageError) -> dict[str, Any]:
 
 
 def _ignore_patterns(path: Path) -> tuple[str, ...]:
-    """`.dockerignore` (or `<file>.dockerignore`) beside the image file."""
-    from tlimage.cache.ignore import read_ignore_file
+    """`<file>.dockerignore`, else `.dockerignore`, beside the image file (the context root)."""
+    from tlimage.cache.ignore import IgnoreMatcher, find_ignore_file
 
-    for candidate in (path.with_name(path.name + ".dockerignore"), path.with_name(".dockerignore")):
-        if candidate.is_file():
-            return tuple(read_ignore_file(candidate))
-    return ()
+    found = find_ignore_file(path.resolve().parent, path.resolve())
+    return tuple(IgnoreMatcher.from_file(found).patterns) if found else ()

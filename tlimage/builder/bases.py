@@ -1,68 +1,45 @@
-"""Seed base images, built once by the tool itself and kept as layers in the cache.
+"""Seed base images as layers: `debian-minimal`, `ubuntu-minimal` and the tiny `busybox`.
 
-`debian-minimal` and `ubuntu-minimal` carry a PEP 668-managed system Python 3 with pip and no
-systemd; `busybox` is a few-megabyte base for tests and quick experiments. Each is built from
-packages (see `tlimage.executor.bases`) the first time it is needed, stored as one layer, and
-found again by a key naming the recipe's version, so a recipe change builds a new base.
+The executor builds each base's root filesystem on the host (`tlimage.executor.bases`); here it
+becomes one layer in the cache, found again by a key that names the tree's own key (suite, mirror,
+packages, tool versions), so a changed recipe gives a new base and an unchanged one costs a
+lookup.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tlimage.builder.config import DEFAULT_PATH, ImageConfig
+from tlimage.builder.config import ImageConfig
 from tlimage.registry.db import LayerRef
 
-_PY_ENV = (("PATH", DEFAULT_PATH), ("LANG", "C.UTF-8"))
-
-# name -> (recipe version, config)
-KNOWN_BASES: dict[str, tuple[int, ImageConfig]] = {
-    "debian-minimal": (1, ImageConfig(env=_PY_ENV, cmd=("/bin/bash",), cmd_from_base=True)),
-    "ubuntu-minimal": (1, ImageConfig(env=_PY_ENV, cmd=("/bin/bash",), cmd_from_base=True)),
-    "busybox": (1, ImageConfig(cmd=("/bin/sh",), cmd_from_base=True)),
-}
-
-
-def base_key(name: str) -> str:
-    version, _ = KNOWN_BASES[name]
-    return f"base:{name}:v{version}"
+KNOWN_BASES = ("busybox", "debian-minimal", "ubuntu-minimal")
+_DEFAULT_CMD = {"busybox": ("/bin/sh",), "debian-minimal": ("/bin/bash",),
+                "ubuntu-minimal": ("/bin/bash",)}  # fmt: skip
 
 
 def ensure_base(
-    name: str, store: Any, index: Any, emit: Callable[[dict[str, Any]], None]
+    name: str, cache: Any, emit: Callable[[dict[str, Any]], None], cache_dir: Path | None
 ) -> tuple[LayerRef, ImageConfig]:
-    """The base's layer, building and storing it on first use."""
-    from tlimage.cache.layer import layer_from_dir
-    from tlimage.executor.bases import build_base
+    """The base's layer and config, building the tree and its layer on first use."""
+    from tlimage.executor import bases
 
-    _, config = KNOWN_BASES[name]
-    key = base_key(name)
-    hit = index.get(key)
-    if hit is not None and hit.digest is not None and store.has(hit.digest):
-        return LayerRef(hit.digest, hit.diff_id, hit.size), config
-    emit({"event": "status", "message": f"building base image {name} (first use only)"})
+    def progress(msg: str) -> None:
+        emit({"event": "status", "message": msg})
+
     t0 = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix=f"tlimage-base-{name}-", dir=_scratch(store)))
-    try:
-        root = tmp / "rootfs"
-        build_base(name, root, log=lambda line: emit(
-            {"event": "build_log", "stage": "base", "index": 0, "stream": "stderr",
-             "data": line if line.endswith("\n") else line + "\n"}))  # fmt: skip
-        info = layer_from_dir(root, store)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    index.put(key, info.digest, info.diff_id, info.size, f"base {name}")
-    emit({"event": "status", "message": f"base image {name} ready in "
-          f"{time.monotonic() - t0:.1f}s ({info.size / 1e6:.1f} MB compressed)"})  # fmt: skip
-    return LayerRef(info.digest, info.diff_id, info.size), config
-
-
-def _scratch(store: Any) -> str:
-    d = Path(store.root) / "tmp"
-    d.mkdir(parents=True, exist_ok=True)
-    return str(d)
+    base = bases.ensure_base(name, cache_dir, progress=progress)
+    # PIP_BREAK_SYSTEM_PACKAGES is a build-time setting (see loop.BUILD_ENV_DEFAULTS), not part
+    # of the image a sandbox runs.
+    env = tuple((k, v) for k, v in base.env if k != "PIP_BREAK_SYSTEM_PACKAGES")
+    config = ImageConfig(env=env, cmd=_DEFAULT_CMD[name], cmd_from_base=True)
+    key = f"base:{name}:{base.key}"
+    rec = cache.lookup(key)
+    if rec is None:
+        rec = cache.store_dir(key, base.tree, description=f"base {name}")
+        progress(f"base image {name} stored as a layer in {time.monotonic() - t0:.1f}s "
+                 f"({rec.size / 1e6:.1f} MB compressed)")  # fmt: skip
+    return LayerRef(rec.digest, rec.diff_id, rec.size), config

@@ -12,14 +12,13 @@ ADD also fetches URLs (verified against `checksum` when given) and unpacks local
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import os
 import posixpath
 import shutil
 import stat
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,11 +41,11 @@ class Source:
 
 
 def select_sources(
-    root: Path, patterns: Iterable[str], *, excludes: Iterable[str] = (),
-    ignore: Iterable[str] = (),
-) -> list[Source]:  # fmt: skip
+    root: Path, patterns: Iterable[str], *, ignored: Callable[[str], bool] = lambda _p: False
+) -> list[Source]:
     """Resolve COPY sources against the context `root`. Raises when a source escapes the root or
-    matches nothing."""
+    matches nothing. `ignored(rel_path)` says whether a context path is excluded
+    (.dockerignore, --exclude)."""
     root = root.resolve()
     out: list[Source] = []
     for pattern in patterns:
@@ -68,37 +67,7 @@ def select_sources(
             if real != root and root not in real.parents:
                 raise ContextError(f"source {pattern!r} resolves outside the build context")
             out.append(Source(path, rel))
-    skip = [*ignore, *excludes]
-    return [s for s in out if not _ignored(s.rel, skip)]
-
-
-def _ignored(rel: str, patterns: list[str]) -> bool:
-    hit = False
-    for p in patterns:
-        neg = p.startswith("!")
-        pat = p[1:] if neg else p
-        pat = posixpath.normpath(pat.lstrip("/"))
-        if fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(rel, pat + "/*"):
-            hit = not neg
-    return hit
-
-
-def iter_files(sources: Iterable[Source], excludes: Iterable[str] = ()) -> Iterator[tuple[str, Path]]:
-    """Every file, symlink and folder under the sources, as (context-relative path, host path),
-    sorted, skipping excluded ones."""
-    skip = list(excludes)
-    for src in sources:
-        if src.path.is_dir() and not src.path.is_symlink():
-            base = src.rel if src.rel != "." else ""
-            for dirpath, dirnames, filenames in os.walk(src.path):
-                dirnames.sort()
-                for name in [*dirnames, *sorted(filenames)]:
-                    full = Path(dirpath) / name
-                    rel = posixpath.normpath(posixpath.join(base, os.path.relpath(full, src.path)))
-                    if not _ignored(rel, skip):
-                        yield rel, full
-        else:
-            yield src.rel, src.path
+    return [s for s in out if s.rel == "." or not ignored(s.rel)]
 
 
 def lay_out(
@@ -107,7 +76,7 @@ def lay_out(
     dest: str,
     *,
     dest_is_dir_in_image: bool,
-    excludes: Iterable[str] = (),
+    ignored: Callable[[str], bool] = lambda _p: False,
     uid: int = 0,
     gid: int = 0,
     chmod: int | None = None,
@@ -118,10 +87,9 @@ def lay_out(
     as_dir = dest.endswith("/") or many or dest_is_dir_in_image
     target = upper / dest.strip("/")
     _make_parents(upper, target if as_dir else target.parent, uid, gid)
-    skip = list(excludes)
     for src in sources:
         if src.path.is_dir() and not src.path.is_symlink():
-            _copy_tree(src.path, target, skip, src.rel, uid, gid, chmod)
+            _copy_tree(src.path, target, ignored, src.rel, uid, gid, chmod)
         elif unpack_archives and src.path.name.endswith(ARCHIVE_SUFFIXES):
             target.mkdir(parents=True, exist_ok=True)
             _unpack(src.path, target)
@@ -150,8 +118,8 @@ def _make_parents(upper: Path, folder: Path, uid: int, gid: int) -> None:
             os.chmod(cur, 0o755)
 
 
-def _copy_tree(src: Path, dst: Path, skip: list[str], rel_base: str, uid: int, gid: int,
-               chmod: int | None) -> None:  # fmt: skip
+def _copy_tree(src: Path, dst: Path, ignored: Callable[[str], bool], rel_base: str, uid: int,
+               gid: int, chmod: int | None) -> None:  # fmt: skip
     dst.mkdir(parents=True, exist_ok=True)
     for dirpath, dirnames, filenames in os.walk(src):
         dirnames.sort()
@@ -160,7 +128,7 @@ def _copy_tree(src: Path, dst: Path, skip: list[str], rel_base: str, uid: int, g
         out_dir = dst / rel_here
         for name in sorted(dirnames):
             rel = posixpath.normpath(posixpath.join(rel_base, str(rel_here), name))
-            if _ignored(rel, skip):
+            if ignored(rel):
                 dirnames.remove(name)
                 continue
             d = out_dir / name
@@ -169,7 +137,7 @@ def _copy_tree(src: Path, dst: Path, skip: list[str], rel_base: str, uid: int, g
             os.lchown(d, uid, gid)
         for name in sorted(filenames):
             rel = posixpath.normpath(posixpath.join(rel_base, str(rel_here), name))
-            if _ignored(rel, skip):
+            if ignored(rel):
                 continue
             _copy_one(here / name, out_dir / name, uid, gid, chmod)
     os.lchown(dst, uid, gid)

@@ -83,23 +83,24 @@ class _StageState:
 
 class Builder:
     def __init__(self, image: ir.ImageDef, opts: BuildOptions, emit: Emit) -> None:
-        from tlimage.cache.index import LayerIndex
-
-        from tlimage.cache.store import BlobStore
+        from tlimage.cache.cache import LayerCache
 
         self.image = image
         self.opts = opts
         self.emit = emit
-        self.store = BlobStore(opts.cache_dir)
-        self.index = LayerIndex(self.store.root)
+        self.cache = LayerCache(
+            opts.cache_dir, on_wait=lambda msg: emit({"event": "status", "message": msg})
+        )
+        self.store = self.cache.store
+        self._hasher = None
         self.registry = Registry()
         self.stages: dict[str, _StageState] = {}
         self._executor = opts.executor
         self._own_executor = opts.executor is None
         self.cached = 0
         self.executed = 0
-        self._previous = self.index.last_build(self._build_name()) if opts.explain else None
-        self._this_build: list[dict[str, Any]] = []
+        self._previous = self.cache.last_build(self._build_name()) if opts.explain else None
+        self._this_build: list[tuple[str, dict[str, Any]]] = []
 
     def _build_name(self) -> str:
         return f"{self.opts.project}/{self.opts.registered_name or self.image.name}"
@@ -122,10 +123,17 @@ class Builder:
         if self._own_executor and self._executor is not None:
             self._executor.close()
             self._executor = None
+        if self._hasher is not None:
+            self._hasher.close()
+        self.cache.close()
 
     # -- the walk ------------------------------------------------------------------------
 
     def run(self) -> BuildResult:
+        with self.cache.session():
+            return self._run_locked()
+
+    def _run_locked(self) -> BuildResult:
         t0 = time.monotonic()
         for stage in self.image.needed_stages():
             self._build_stage(stage)
@@ -141,7 +149,7 @@ class Builder:
         self.emit({"event": "snapshot_created", "image_id": image_id, "manifest": blob.digest,
                    "layers": len(manifest.layers),
                    "size": sum(la.size for la in manifest.layers)})  # fmt: skip
-        self.index.record_build(self._build_name(), self._this_build)
+        self.cache.record_build(self._build_name(), self._this_build)
         record = None
         if self.opts.register:
             name = self.opts.registered_name or self.image.name
@@ -191,14 +199,14 @@ class Builder:
             from tlimage.builder.bases import KNOWN_BASES, ensure_base
 
             if name not in KNOWN_BASES:
-                available = sorted(KNOWN_BASES) + [r.ref for r in
+                available = list(KNOWN_BASES) + [r.ref for r in
                                                    self.registry.list(self.opts.project)]
                 raise _at(meta, TlimageError(
                     f"unknown base image {name!r}; available: {', '.join(available)}",
                     hint="base images are the seeds or images registered in this project "
                     "(`tl sbx image ls`)",
                 ))  # fmt: skip
-            layer, config = ensure_base(name, self.store, self.index, self.emit)
+            layer, config = ensure_base(name, self.cache, self.emit, self.opts.cache_dir)
             state = _StageState([layer], config,
                                 keys.step_components("", {"base": layer.digest}).key(),
                                 f"{name}@{layer.digest}")  # fmt: skip
@@ -224,7 +232,7 @@ class Builder:
             state.config = state.config.apply(step, self.opts.build_args)
             comps = keys.step_components(state.key, _step_obj(step, refs))
             state.key = comps.key()
-            self._this_build.append({"step": desc, "components": comps.to_json()})
+            self._this_build.append((state.key, {"step": desc, **comps.to_json()}))
             self.emit({"event": "step_done", **base_event, "config_only": True, "duration": 0.0})
             return
 
@@ -233,19 +241,19 @@ class Builder:
         if isinstance(step, ir.Copy | ir.Add) and not _from_other(step, self.image):
             local = [s for s in step.sources if not _is_url(s)]
             try:
+                files = self._file_digests(local, step.excludes)
                 sources = ctx.select_sources(self.opts.context_dir, local,
-                                             excludes=step.excludes, ignore=self.opts.ignore)
-            except ctx.ContextError as e:
+                                             ignored=self._ignore(step.excludes).matches)
+            except TlimageError as e:
                 raise _at(meta, e) from None
-            files = _file_digests(sources, step.excludes, self.opts.cache_dir)
         env = state.config.run_env() if isinstance(step, ir.Run) else {}
         comps = keys.step_components(state.key, _step_obj(step, refs), env=env,
                                      platform=self.opts.platform, files=files)  # fmt: skip
         key = comps.key()
-        self._this_build.append({"step": desc, "components": comps.to_json()})
-        hit = None if (self.opts.no_cache or meta.force) else self.index.get(key)
-        if hit is not None and (hit.digest is None or self.store.has(hit.digest)):
-            if hit.digest is not None:
+        self._this_build.append((key, {"step": desc, **comps.to_json()}))
+        hit = None if (self.opts.no_cache or meta.force) else self.cache.lookup(key)
+        if hit is not None:
+            if not hit.meta.get("empty"):
                 state.layers.append(LayerRef(hit.digest, hit.diff_id, hit.size))
             state.config = _after_fs_step(state.config, step)
             state.key = key
@@ -267,9 +275,8 @@ class Builder:
             from tlimage.cache.layer import layer_from_upper
 
             info = layer_from_upper(upper, self.store, opaque_dirs=opaque)
+        self.cache.put(key, info, description=desc, meta={"empty": info.entries == 0})
         layer = None if info.entries == 0 else LayerRef(info.digest, info.diff_id, info.size)
-        self.index.put(key, layer.digest if layer else None, layer.diff_id if layer else None,
-                       layer.size if layer else 0, desc)  # fmt: skip
         if layer is not None:
             state.layers.append(layer)
         state.config = _after_fs_step(state.config, step)
@@ -280,12 +287,26 @@ class Builder:
                    "size": layer.size if layer else 0})  # fmt: skip
 
     def _previous_components(self, position: int, desc: str) -> keys.Components | None:
-        if not self._previous:
+        if not self._previous or position >= len(self._previous):
             return None
-        prev = self._previous[position] if position < len(self._previous) else None
-        if prev is None:
-            return None
-        return keys.Components.from_json(prev["components"])
+        return keys.Components.from_json(self._previous[position].inputs)
+
+    def _ignore(self, excludes: tuple[str, ...]) -> Any:
+        from tlimage.cache.ignore import IgnoreMatcher
+
+        return IgnoreMatcher([*self.opts.ignore, *excludes])
+
+    def _file_digests(self, sources: list[str], excludes: tuple[str, ...]) -> dict[str, str]:
+        """path -> token for every file a COPY/ADD reads (see `cache.filehash`)."""
+        from tlimage.cache.filehash import digest_tree
+
+        if not sources:
+            return {}
+        if self._hasher is None:
+            self._hasher = self.cache.hasher()
+        tree = digest_tree(self.opts.context_dir, sources, self._ignore(excludes),
+                           hasher=self._hasher)  # fmt: skip
+        return tree.manifest()
 
     def _scratch_dir(self) -> str:
         d = Path(self.store.root) / "tmp"
@@ -374,7 +395,7 @@ class Builder:
             dest_dir = _is_dir_in(lowers, dest.rstrip("/") or "/")
             if sources:
                 ctx.lay_out(upper, sources, dest, dest_is_dir_in_image=dest_dir,
-                            excludes=step.excludes, uid=uid, gid=gid, chmod=chmod,
+                            ignored=self._ignore(step.excludes).matches, uid=uid, gid=gid, chmod=chmod,
                             unpack_archives=isinstance(step, ir.Add))  # fmt: skip
             for f in step.inline:
                 ctx.write_inline(upper, dest, f.name, f.content, f.mode, uid, gid,
@@ -397,7 +418,7 @@ class Builder:
         for la in layers:
             with self.store.open(la.digest, verify=True) as f:
                 apply_layer(f, root)
-        return ctx.select_sources(root, step.sources, excludes=step.excludes)
+        return ctx.select_sources(root, step.sources, ignored=self._ignore(step.excludes).matches)
 
     def _fetch_urls(self, step: ir.Add, meta: ir.StepMeta, tmp: Path) -> list[ctx.Source]:
         out = []
@@ -446,13 +467,6 @@ def _step_obj(step: ir.Step, refs: dict[str, str]) -> dict[str, Any]:
 
 def _after_fs_step(config: ImageConfig, step: ir.Step) -> ImageConfig:
     return config.apply(step) if isinstance(step, ir.Workdir) else config
-
-
-def _file_digests(sources: list[ctx.Source], excludes: tuple[str, ...],
-                  cache_dir: Path | None) -> dict[str, str]:  # fmt: skip
-    from tlimage.cache.filehash import entry_digests
-
-    return entry_digests(list(ctx.iter_files(sources, excludes)), cache_dir=cache_dir)
 
 
 def _lookup(lowers: tuple[Path, ...], path: str) -> os.stat_result | None:
