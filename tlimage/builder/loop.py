@@ -203,8 +203,9 @@ class Builder:
                                                    self.registry.list(self.opts.project)]
                 raise _at(meta, TlimageError(
                     f"unknown base image {name!r}; available: {', '.join(available)}",
-                    hint="base images are the seeds or images registered in this project "
-                    "(`tl sbx image ls`)",
+                    hint="bases are the seeds or images registered in this project "
+                    "(`tl sbx image ls`); nothing is pulled from a registry — for a Python "
+                    "image, debian-minimal carries Python 3 with pip",
                 ))  # fmt: skip
             layer, config = ensure_base(name, self.cache, self.emit, self.opts.cache_dir)
             state = _StageState([layer], config,
