@@ -360,6 +360,8 @@ class Invalid(Exception):
         self.hint = hint
 
 
+_QUIET = Invalid((), "invalid")  # raised by quiet checks: no message is composed
+
 _TYPE_NAMES = {
     "object": "an object", "array": "a list", "string": "a string", "integer": "an integer",
     "number": "a number", "boolean": "true or false", "null": "null",
@@ -445,7 +447,7 @@ class SchemaValidator:
 
     def is_valid(self, value: Any, schema: Any) -> bool:
         try:
-            self.check(value, schema, ())
+            self.check(value, schema, (), True)
         except Invalid:
             return False
         return True
@@ -453,24 +455,33 @@ class SchemaValidator:
     def validate(self, value: Any) -> None:
         self.check(value, self.root, ())
 
-    def check(self, value: Any, s: Any, path: Path_) -> None:  # noqa: C901 - one keyword each
+    def check(self, value: Any, s: Any, path: Path_, quiet: bool = False) -> None:  # noqa: C901
+        """Raises Invalid at the first failure; `quiet` skips composing its message."""
         if s is True:
             return
         if s is False:
+            if quiet:
+                raise _QUIET
             raise Invalid(path, f"{_described(value)} is not allowed here")
         desc = s.get("description")
         if "$ref" in s:
-            self.check(value, self.resolve(s["$ref"]), path)
+            self.check(value, self.resolve(s["$ref"]), path, quiet)
         if "type" in s:
             types = s["type"] if isinstance(s["type"], list) else [s["type"]]
             if not any(_is_type(value, t) for t in types):
+                if quiet:
+                    raise _QUIET
                 want = " or ".join(_TYPE_NAMES[t] for t in types)
                 rule = f" ({desc})" if desc else ""
                 raise Invalid(path, f"expected {want}, got {_described(value)}{rule}")
         if "const" in s and not _json_equal(value, s["const"]):
+            if quiet:
+                raise _QUIET
             rule = f" ({desc})" if desc else ""
             raise Invalid(path, f"expected {show(s['const'])}, got {show(value)}{rule}")
         if "enum" in s and not any(_json_equal(value, e) for e in s["enum"]):
+            if quiet:
+                raise _QUIET
             allowed = ", ".join(show(e) for e in s["enum"])
             hint = None
             if isinstance(value, str):
@@ -483,23 +494,31 @@ class SchemaValidator:
             if pat is None:
                 pat = self._patterns[s["pattern"]] = re.compile(s["pattern"])
             if not pat.search(value):
+                if quiet:
+                    raise _QUIET
                 rule = desc or f"it must match {s['pattern']}"
                 raise Invalid(path, f"{show(value)} is not allowed: {rule}")
         if _is_type(value, "number"):
             if "minimum" in s and value < s["minimum"]:
+                if quiet:
+                    raise _QUIET
                 raise Invalid(path, f"{show(value)} is too small: {desc or 'the minimum is ' + str(s['minimum'])}")  # noqa: E501
             if "maximum" in s and value > s["maximum"]:
+                if quiet:
+                    raise _QUIET
                 raise Invalid(path, f"{show(value)} is too large: {desc or 'the maximum is ' + str(s['maximum'])}")  # noqa: E501
         if isinstance(value, dict):
-            self._check_object(value, s, path)
+            self._check_object(value, s, path, quiet)
         if isinstance(value, list):
-            self._check_array(value, s, path)
+            self._check_array(value, s, path, quiet)
         if "anyOf" in s:
             branches = s["anyOf"]
             if not any(self.is_valid(value, b) for b in branches):
+                if quiet:
+                    raise _QUIET
                 typed = [b for b in branches if self._accepts_type(value, b)]
                 if len(typed) == 1:
-                    self.check(value, typed[0], path)
+                    self.check(value, typed[0], path, quiet)
                 if desc and not any(isinstance(b, dict) and "type" in b for b in branches):
                     raise Invalid(path, desc)  # alternatives of one shape: the rule says it all
                 if desc:
@@ -507,21 +526,26 @@ class SchemaValidator:
                 want = " or ".join(self._describe(b) for b in branches)
                 raise Invalid(path, f"expected {want}, got {_described(value)}")
         for sub in s.get("allOf", ()):
-            self.check(value, sub, path)
+            self.check(value, sub, path, quiet)
         if "if" in s:
             branch = s.get("then") if self.is_valid(value, s["if"]) else s.get("else")
             if branch is not None:
-                self.check(value, branch, path)
+                self.check(value, branch, path, quiet)
 
-    def _check_object(self, value: dict[str, Any], s: dict[str, Any], path: Path_) -> None:
+    def _check_object(self, value: dict[str, Any], s: dict[str, Any], path: Path_,
+                      quiet: bool) -> None:  # fmt: skip
         props = s.get("properties", {})
         extra = s.get("additionalProperties", True)
         names = s.get("propertyNames")
         for key in value:
             if names is not None and not self.is_valid(key, names):
+                if quiet:
+                    raise _QUIET
                 rule = self._describe(names)
                 raise Invalid((*path, key), f"invalid key {show(key)}: {rule}", at_key=True)
             if key not in props and extra is False:
+                if quiet:
+                    raise _QUIET
                 what = "option" if path and path[-1] == "options" else "field"
                 if not props:
                     rule = s.get("description") or "no fields are allowed here"
@@ -536,18 +560,23 @@ class SchemaValidator:
                 )
         for key in s.get("required", ()):
             if key not in value:
+                if quiet:
+                    raise _QUIET
                 rule = f": {s['description']}" if key == "type" and "description" in s else ""
                 raise Invalid(path, f"missing required field {show(key)}{rule}")
         for key, v in value.items():
             if key in props:
-                self.check(v, props[key], (*path, key))
+                self.check(v, props[key], (*path, key), quiet)
             elif isinstance(extra, dict):
-                self.check(v, extra, (*path, key))
+                self.check(v, extra, (*path, key), quiet)
 
-    def _check_array(self, value: list[Any], s: dict[str, Any], path: Path_) -> None:
+    def _check_array(self, value: list[Any], s: dict[str, Any], path: Path_,
+                     quiet: bool) -> None:  # fmt: skip
         lo, hi = s.get("minItems"), s.get("maxItems")
         n = len(value)
         if (lo is not None and n < lo) or (hi is not None and n > hi):
+            if quiet:
+                raise _QUIET
             if lo == hi:
                 want = f"{lo} item{'s' if lo != 1 else ''}"
             elif lo is not None and n < lo:
@@ -558,10 +587,10 @@ class SchemaValidator:
             raise Invalid(path, f"expected {want}, got {n}{rule}")
         prefix = s.get("prefixItems", [])
         for i, (item, sub) in enumerate(zip(value, prefix, strict=False)):
-            self.check(item, sub, (*path, i))
+            self.check(item, sub, (*path, i), quiet)
         if "items" in s:
             for i in range(len(prefix), n):
-                self.check(value[i], s["items"], (*path, i))
+                self.check(value[i], s["items"], (*path, i), quiet)
 
     def _accepts_type(self, value: Any, s: Any) -> bool:
         while isinstance(s, dict) and "type" not in s and "$ref" in s:
