@@ -231,6 +231,53 @@ def image_rm(refs: Annotated[list[str], typer.Argument(help="NAME[:TAG] ...")],
         print(f"removed {rec.ref}")
 
 
+@image.command("schema")
+def image_schema() -> None:
+    """Print the JSON Schema of image documents (what the TypeScript SDK exports)."""
+    from tlimage.frontends.jsonform import schema_text
+
+    sys.stdout.write(schema_text())
+
+
+@image.command("prune")
+def image_prune(
+    keep_storage: Annotated[
+        str, typer.Option("--keep-storage", help="Keep at most this much (e.g. 10GB); 0: all.")
+    ] = "0",
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Remove cached layers, least recently used first; registered images keep theirs."""
+    from tlimage.builder.gc import prune
+    from tlimage.cache.cache import parse_size
+    from tlimage.cli.render import size
+
+    r = prune(cache_dir, parse_size(keep_storage))
+    print(f"removed {r.removed_entries} cache entries, {r.removed_blobs} layers, "
+          f"freed {size(r.freed_bytes)}; {size(r.remaining_bytes)} remain")  # fmt: skip
+
+
+cache = typer.Typer(help="Inspect the layer cache.", no_args_is_help=True)
+image.add_typer(cache, name="cache")
+
+
+@cache.command("ls")
+def cache_ls(cache_dir: CacheDirOpt = None, json_: JsonOpt = False) -> None:
+    """List cached layers, most recently used first."""
+    from tlimage.cache.cache import LayerCache
+    from tlimage.cli.render import emit_json, size, table
+
+    with LayerCache(cache_dir) as c:
+        entries = c.ls()
+    if json_:
+        for e in entries:
+            emit_json({"key": e.key, "digest": e.digest, "size": e.size, "step": e.description,
+                       "last_used": e.last_used})  # fmt: skip
+        return
+    table(["KEY", "LAYER", "SIZE", "LAST USED", "STEP"],
+          [[e.key[:12], e.digest.split(":")[-1][:12], size(e.size), _ago(e.last_used),
+            e.description[:60]] for e in entries], empty="the cache is empty")  # fmt: skip
+
+
 @image.command("parse")
 def image_parse(
     file: Annotated[Path, typer.Argument(help="A Dockerfile.")],
