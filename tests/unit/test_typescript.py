@@ -4,9 +4,11 @@ through Node into IR. Skipped only when `node` is not installed."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,3 +177,48 @@ def test_exported_documents_are_valid_for_jsonschema() -> None:
     for path in files:
         doc = json.loads(export_json(path))
         assert [e.message for e in check.iter_errors(doc)] == [], path
+
+
+TS_IMAGE = """\
+import { Image } from "@tlimage/sdk";
+
+export default new Image({ name: "ts-hello", baseImage: "busybox" })
+  .run(["mkdir -p /w", "echo hi > /w/x"])
+  .copy("app/", "/srv/app/")
+  .env("APP_ENV", "prod")
+  .workdir("/srv/app")
+  .run("cat greeting.txt")
+  .cmd(["cat", "/srv/app/greeting.txt"]);
+"""
+
+
+@needs_node
+@pytest.mark.vm
+@pytest.mark.skipif(os.geteuid() != 0, reason="the namespace backend needs root")
+@pytest.mark.skipif(shutil.which("busybox") is None and not Path("/bin/busybox").exists(),
+                    reason="busybox-static is not installed (scripts/setup.sh installs it)")  # fmt: skip
+def test_json_exported_by_the_sdk_builds_end_to_end(tmp_path: Path) -> None:
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "greeting.txt").write_text("hello from TypeScript\n")
+    (tmp_path / "image.mjs").write_text(TS_IMAGE)
+    exporter = sdk_dir() / "bin" / "tlimage-export.js"
+    doc = subprocess.run([NODE, str(exporter), "image.mjs"], cwd=tmp_path, capture_output=True,
+                         text=True, check=True, timeout=120).stdout  # fmt: skip
+    (tmp_path / "image.json").write_text(doc)
+
+    def tl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tlimage", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    built = tl("sbx", "image", "create", "image.json", "--isolation", "namespace")
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert "registered ts-hello:latest" in built.stdout + built.stderr
+    described = tl("sbx", "image", "describe", "ts-hello")
+    assert described.returncode == 0, described.stderr
+    info = json.loads(described.stdout)
+    assert info["config"]["cmd"] == ["cat", "/srv/app/greeting.txt"]
+    assert "APP_ENV=prod" in info["config"]["env"]
+    # The JSON file and the module it came from are the same image.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        assert info["ir_digest"] == load("image.json")[0].digest() == load("image.mjs")[0].digest()

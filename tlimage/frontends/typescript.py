@@ -65,8 +65,8 @@ def export_json(path: Path) -> str:
     exporter = sdk_dir() / "bin" / "tlimage-export.js"
     with tempfile.TemporaryDirectory(prefix="tlimage-ts-") as tmp:
         out = Path(tmp) / "images.json"
-        cmd = [node, "--enable-source-maps", str(exporter), "--sources", "--out", str(out),
-               str(path.resolve())]  # fmt: skip
+        cmd = [node, "--enable-source-maps", str(exporter), "--sources", "--compact",
+               "--out", str(out), str(path.resolve())]  # fmt: skip
         try:
             proc = subprocess.run(
                 cmd, capture_output=True, text=True, timeout=EXPORT_TIMEOUT_S, check=False

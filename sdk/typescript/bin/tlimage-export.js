@@ -1,9 +1,10 @@
 #!/usr/bin/env node
-// tlimage-export [--sources] [--pretty] [--out PATH] FILE
+// tlimage-export [--sources] [--compact] [--out PATH] FILE
 //
 // Loads an image file (.ts, .mts, .mjs, .js) and writes the JSON image document of the images
 // it exports to PATH, or to stdout. What the file logs with console.log goes to stderr, so
-// stdout carries only the document. `tl sbx image create image.ts` runs this with --out.
+// stdout carries only the document. The document is indented (one operation per line, so a
+// saved file's step spans point at distinct lines) unless --compact. `tl sbx image create image.ts` runs this with --out.
 //
 // Exit status: 0 with the document on stdout; 2 when the file is at fault (it throws while
 // loading, does not parse, exports no image), with one message on stderr that starts with
@@ -17,7 +18,7 @@ import { pathToFileURL, fileURLToPath } from "node:url";
 
 // A stack frame in a file: `at f (file:///x.mjs:3:7)`, `at /x.js:3:7`.
 const FRAME = /(?:\(|at )((?:file:\/\/|\/)[^()]*?):(\d+):(\d+)\)?\s*$/;
-const USAGE = "usage: tlimage-export [--sources] [--pretty] [--out PATH] FILE";
+const USAGE = "usage: tlimage-export [--sources] [--compact] [--out PATH] FILE";
 
 function fail(message, status = 2) {
   process.stderr.write(`${message}\n`);
@@ -33,10 +34,10 @@ if (outAt >= 0) {
   args.splice(outAt, 2);
 }
 const sources = args.includes("--sources");
-const pretty = args.includes("--pretty");
+const compact = args.includes("--compact");
 const files = args.filter((a) => !a.startsWith("--"));
 if (files.length !== 1 || args.some((a) => a.startsWith("--") &&
-    !["--sources", "--pretty"].includes(a))) {
+    !["--sources", "--compact"].includes(a))) {
   fail(USAGE);
 }
 const [major, minor] = process.versions.node.split(".").map(Number);
@@ -64,7 +65,7 @@ if (!doc.images.length) {
   fail(`${file}: exports no image; export one: \`export default new Image({...})\` or ` +
     "`export const app = new Image({...})`");
 }
-const text = `${JSON.stringify(doc, null, pretty ? 2 : undefined)}\n`;
+const text = `${JSON.stringify(doc, null, compact ? undefined : 2)}\n`;
 if (out === null) process.stdout.write(text);
 else writeFileSync(out, text);
 
