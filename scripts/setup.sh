@@ -7,12 +7,15 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs cpio zstd
-  bubblewrap dpkg-dev gcc libc6-dev uidmap iproute2 nodejs npm
+  bubblewrap dpkg-dev gcc libc6-dev uidmap iproute2
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Node.js may come from elsewhere than Debian (with its own npm): only the commands matter.
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
@@ -20,3 +23,6 @@ if ((${#missing[@]})); then
 fi
 
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
+
+# The TypeScript SDK's own dependencies (only `typescript`, for .ts image files).
+(cd sdk/typescript && npm ci --no-audit --no-fund --loglevel=error)

@@ -26,7 +26,7 @@ _EXPORTS = {
     "load": "tlimage.frontends",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["Image", "ImageDef", "TlimageError", "function", "load"]
 
 
 def __getattr__(name: str) -> Any:

@@ -29,7 +29,7 @@ from typing import Any
 from tlimage import ir
 from tlimage.builder import context as ctx
 from tlimage.builder.config import ImageConfig
-from tlimage.builder.rootfs import unpacked_layer
+from tlimage.builder.rootfs import adopt_upper, unpacked_layer
 from tlimage.cache import keys
 from tlimage.errors import StepFailed, TlimageError
 from tlimage.ir.describe import describe
@@ -58,6 +58,7 @@ class BuildOptions:
     step_timeout: float | None = None
     register: bool = True
     ignore: tuple[str, ...] = ()  # .dockerignore-style patterns for the context
+    host_ca: str = "auto"  # "auto" | "on" | "off": trust the host's CA bundle in RUN steps
     source: str | None = None  # the file the image came from, recorded in the registry
     executor: Any = None  # an Executor; default: chosen by `isolation`
 
@@ -276,7 +277,9 @@ class Builder:
             from tlimage.cache.layer import layer_from_upper
 
             info = layer_from_upper(upper, self.store, opaque_dirs=opaque)
-        self.cache.put(key, info, description=desc, meta={"empty": info.entries == 0})
+            self.cache.put(key, info, description=desc, meta={"empty": info.entries == 0})
+            if info.entries:
+                adopt_upper(self.store, info.digest, upper)
         layer = None if info.entries == 0 else LayerRef(info.digest, info.diff_id, info.size)
         if layer is not None:
             state.layers.append(layer)
@@ -330,11 +333,18 @@ class Builder:
             raise _at(meta, TlimageError(
                 "RUN mounts (--mount) are not supported by this builder yet",
                 hint="install into the image instead, or drop the mount"))  # fmt: skip
+        from tlimage.builder import hostca
+
         lowers = self._lowers(state)
         config = state.config
         env = dict(BUILD_ENV_DEFAULTS)
         env.update(config.run_env())
         env.update(dict(step.env))
+        ca = hostca.ca_layer(Path(self.store.root), self.opts.host_ca)
+        if ca is not None:
+            lowers = (*lowers, ca)
+            for k, v in hostca.step_env().items():
+                env.setdefault(k, v)
         workdir = config.resolve(step.workdir) if step.workdir else config.workdir
         argv = config.command_argv(step.command, step.shell)
         if not _is_dir_in(lowers, workdir):

@@ -53,6 +53,20 @@ def unpacked_layer(store: BlobStore, digest: str) -> Path:
     return final
 
 
+def adopt_upper(store: BlobStore, digest: str, upper: Path) -> None:
+    """Keep a step's upper folder as the unpacked form of the layer just made from it, so the
+    next step's lowers cost a rename instead of an unpack. (Its mtimes are the step's own rather
+    than the layer's clamped ones; overlayfs does not care, and the layer is what is kept.)"""
+    final = unpacked_root(store) / parse_digest(digest)
+    if final.exists():
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(upper, final)
+    except OSError:
+        pass  # another build adopted it first, or another filesystem: unpack on demand
+
+
 def unpack_for_overlay(raw, dest: Path) -> None:  # noqa: ANN001 - a readable binary stream
     import zstandard
 

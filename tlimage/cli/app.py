@@ -98,6 +98,12 @@ class Isolation(StrEnum):
     namespace = "namespace"
 
 
+class HostCA(StrEnum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 ProjectOpt = Annotated[
     str | None,
     typer.Option("--project", envvar="TLIMAGE_PROJECT",
@@ -131,6 +137,10 @@ def create(
     timeout: Annotated[
         float | None, typer.Option("--step-timeout", help="Seconds a step may run.")
     ] = None,
+    host_ca: Annotated[
+        HostCA, typer.Option("--host-ca", help="Trust the host's CA bundle in RUN steps "
+                             "(auto: when the host uses extra CAs, e.g. a TLS proxy).")
+    ] = HostCA.auto,  # fmt: skip
     project: ProjectOpt = None,
     cache_dir: CacheDirOpt = None,
     build_arg: BuildArgOpt = None,
@@ -162,6 +172,7 @@ def create(
             explain=explain,
             isolation=isolation.value,
             step_timeout=timeout,
+            host_ca=host_ca.value,
             build_args=(opts.get("build_args") or {}),  # type: ignore[arg-type]
         )
     except TlimageError as e:
