@@ -313,7 +313,7 @@ class Builder:
         return tree.manifest()
 
     def _scratch_dir(self) -> str:
-        d = Path(self.store.root) / "tmp"
+        d = Path(self.store.path) / "tmp"
         d.mkdir(parents=True, exist_ok=True)
         return str(d)
 
@@ -340,7 +340,7 @@ class Builder:
         env = dict(BUILD_ENV_DEFAULTS)
         env.update(config.run_env())
         env.update(dict(step.env))
-        ca = hostca.ca_layer(Path(self.store.root), self.opts.host_ca)
+        ca = hostca.ca_layer(Path(self.store.path), self.opts.host_ca)
         if ca is not None:
             lowers = (*lowers, ca)
             for k, v in hostca.step_env().items():

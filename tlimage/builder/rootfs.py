@@ -25,7 +25,7 @@ OPAQUE_MARKER = ".wh..wh..opq"
 
 
 def unpacked_root(store: BlobStore) -> Path:
-    return Path(store.root) / "unpacked"
+    return Path(store.path) / "unpacked"
 
 
 def unpacked_layer(store: BlobStore, digest: str) -> Path:
