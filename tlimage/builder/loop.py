@@ -31,7 +31,7 @@ from tlimage.builder import context as ctx
 from tlimage.builder.config import ImageConfig
 from tlimage.builder.rootfs import adopt_upper, unpacked_layer
 from tlimage.cache import keys
-from tlimage.errors import StepFailed, TlimageError
+from tlimage.errors import ExecutorError, StepFailed, TlimageError
 from tlimage.ir.describe import describe
 from tlimage.registry.db import ImageRecord, LayerRef, Manifest, Registry
 
@@ -366,7 +366,10 @@ class Builder:
             user=step.user or config.user, workdir=workdir, timeout=self.opts.step_timeout,
             network=step.network != "none",
         )
-        result = self.executor.run(req, on_output)
+        try:
+            result = self.executor.run(req, on_output)
+        except ExecutorError as e:  # could not run: time-out, bad user or workdir, boot failure
+            raise _at(meta, e) from None
         if result.exit_code != 0:
             for rest in partial.values():
                 if rest:
