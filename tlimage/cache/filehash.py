@@ -191,9 +191,9 @@ class FileHasher:
             return None
         if self._db is None:
             self.db_path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.db_path, timeout=5.0, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+            from tlimage.cache.index import connect_wal
+
+            db = connect_wal(self.db_path, 5.0)
             db.execute(
                 "CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER,"
                 " mtime_ns INTEGER, ctime_ns INTEGER, ino INTEGER, dev INTEGER,"

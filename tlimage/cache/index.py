@@ -71,11 +71,7 @@ class CacheIndex:
     def __init__(self, path: str | os.PathLike[str], *, timeout: float = 30.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit survives a killed process; after a power loss the last
-        # commits may be lost, which only turns hits into misses (the blobs stay consistent).
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = connect_wal(self.path, timeout)
         self._db.execute("PRAGMA foreign_keys=OFF")
         with self._write():
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -188,6 +184,34 @@ class CacheIndex:
         if row is None:
             return None
         return [BuildStep(s["key"], s["inputs"]) for s in json.loads(row[0])]
+
+
+def connect_wal(path: Path, timeout: float) -> sqlite3.Connection:
+    """An autocommit connection in WAL mode with `synchronous=NORMAL`.
+
+    NORMAL in WAL mode: a commit survives a killed process; after a power loss the last commits
+    may be lost, which only turns hits into misses. Switching to WAL (or recovering the WAL of a
+    killed process) can report "database is locked" without consulting the busy timeout, so
+    that step is retried here until `timeout`.
+    """
+    db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            mode = db.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode.lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+            if time.monotonic() >= deadline:
+                raise CacheError(f"{path}: database stayed locked for {timeout:g}s") from e
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
 
 
 _COLS = "key, digest, diff_id, size, uncompressed_size, created_at, last_used, description, meta"

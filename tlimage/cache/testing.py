@@ -32,8 +32,8 @@ class Entry:
 def make_tree(root: str | os.PathLike[str], entries: Iterable[Entry], *, mtime: int = 0) -> None:
     """Create `entries` under `root` in the given order (parents are created as needed, 0o755).
 
-    Modes are set with chmod, so the process umask does not leak into the tree; owners are set
-    when running as root.
+    Every mode is set with chmod, so the process umask does not leak into the tree; owners are
+    set when running as root.
     """
     root = os.fspath(root)
     os.makedirs(root, exist_ok=True)
@@ -71,6 +71,13 @@ def make_tree(root: str | os.PathLike[str], entries: Iterable[Entry], *, mtime: 
             os.chmod(path, mode)
         if e.kind not in ("symlink", "hardlink", "dir", "opaque"):
             os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+    # Directories made implicitly get 0o755 too, so the process umask never shows in the tree.
+    explicit = {path for path, _ in dirs}
+    for dirpath, dirnames, _ in os.walk(root):
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if path not in explicit and not os.path.islink(path):
+                os.chmod(path, 0o755)
     for path, mode in dirs:
         os.chmod(path, mode)
 
