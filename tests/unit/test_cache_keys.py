@@ -79,4 +79,6 @@ def test_explain_names_each_kind_of_change() -> None:
     assert keys.explain(old, new) == "files changed: a (removed), b (added)"
     new = keys.step_components("q", {"op": "run"}, env={"A": "1"}, files={"a": "f-:1"})
     assert keys.explain(old, new) == "an earlier step changed"
-    assert keys.explain(old, old) == "inputs are the same; the cached layer is missing or was pruned"
+    assert (
+        keys.explain(old, old) == "inputs are the same; the cached layer is missing or was pruned"
+    )
