@@ -217,8 +217,7 @@ class FileHasher:
             " WHERE path >= ? AND path < ?",
             (prefix, upper),
         )
-        for path, *rest in rows:
-            self._mem[path] = tuple(rest)  # type: ignore[assignment]
+        self._mem.update((row[0], row[1:]) for row in rows)
 
     def _lookup(self, key: bytes) -> tuple | None:
         hit = self._mem.get(key)
@@ -324,20 +323,21 @@ def digest_tree(
         hasher.flush()
 
     entries = sorted(walker.entries.values(), key=lambda e: _fsbytes(e.path))
+    # Per entry: kind, x or -, path, NUL, payload, NUL. Neither a path nor a symlink target can
+    # hold a NUL, so the encoding is unambiguous.
     h = xxhash.xxh3_128(TREE_FORMAT)
-    for e in entries:
-        h.update(
-            b"".join(
-                (
-                    e.kind.encode(),
-                    b"x" if e.executable else b"-",
-                    _fsbytes(e.path),
-                    b"\0",
-                    _fsbytes(e.payload),
-                    b"\0",
-                )
+    h.update(
+        b"".join(
+            b"%s%s%s\0%s\0"
+            % (
+                e.kind.encode(),
+                b"x" if e.executable else b"-",
+                _fsbytes(e.path),
+                _fsbytes(e.payload),
             )
+            for e in entries
         )
+    )
     return TreeDigest(
         "xxh3:" + h.hexdigest(),
         tuple(entries),
@@ -484,7 +484,7 @@ class _Walker:
     def _children(self, display: str, real: str, path: str, hits: list[bool] | None) -> bool:
         any_child = False
         with os.scandir(path) as it:
-            children = sorted(it, key=lambda e: os.fsencode(e.name))
+            children = list(it)  # no need to sort: digest_tree sorts all entries once
         matcher = self.matcher
         for child in children:
             name = child.name
