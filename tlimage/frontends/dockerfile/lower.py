@@ -194,6 +194,14 @@ def platform_args() -> dict[str, str]:
 # ------------------------------------------------------------------------------- lowering
 
 
+# The flag whose value `Command.expand` checks, per instruction (errors point at it).
+_EXPAND_FLAG: dict[type, str] = {
+    ins.RunCommand: "--mount",
+    ins.CopyCommand: "--chmod",
+    ins.AddCommand: "--chmod",
+}
+
+
 class _DependencyFailed(Exception):
     """A stage reads from a stage that failed to lower; it fails with that stage's error."""
 
@@ -381,8 +389,9 @@ class _Lowering:
     # -- one instruction ------------------------------------------------------------------
 
     def _command(self, scope: _Scope, cmd: ins.Command, where: ins.Command) -> None:
-        """Lower `cmd` into `scope`; `where` is the instruction errors and spans point at
-        (the FROM line for a parent's ONBUILD trigger)."""
+        """Lower `cmd` into `scope`. `where` is the instruction errors and spans point at:
+        `cmd` itself, or the FROM line for a parent stage's ONBUILD trigger."""
+        trigger = where is not cmd
         try:
             if isinstance(cmd, ins.ArgCommand):
                 self._arg(scope, cmd, where)
@@ -390,14 +399,19 @@ class _Lowering:
             cmd = cmd.expand(self._expander(scope.env, where))
             step = self._step(scope, cmd)
         except Problem as p:
-            raise self._error(where, p.message, p.needle, hint=p.hint) from None
+            err = self._error(where, p.message, None if trigger else p.needle, hint=p.hint)
         except DockerfileError as e:
-            if e.text is not None and where is cmd:
+            if e.text is not None and not trigger:
                 raise
-            # Raised by `Command.expand` with the instruction's span only, or about a trigger's
-            # own text: point at `where`, with the line shown.
-            raise self._error(where, e.message, hint=e.hint) from None
-        self._add(scope, step, where)
+            # `Command.expand` knows the instruction's span only; point at the flag it checks.
+            needle = _EXPAND_FLAG.get(type(cmd)) if not trigger else None
+            err = self._error(where, e.message, needle, hint=e.hint)
+        else:
+            self._add(scope, step, where)
+            return
+        if trigger:
+            err.hint = f"the parent stage's ONBUILD trigger `{cmd.original}` runs here"
+        raise err
 
     def _step(self, scope: _Scope, cmd: ins.Command) -> ir.Step:
         if isinstance(cmd, ins.RunCommand):

@@ -52,9 +52,7 @@ def run_command(cmd: ins.RunCommand) -> tuple[tuple[str, ...], bool]:
     return (text,), True
 
 
-def lower_mount(
-    m: ins.Mount, workdir: str, resolve_from: Callable[[str], str]
-) -> ir.Mount:
+def lower_mount(m: ins.Mount, workdir: str, resolve_from: Callable[[str], str]) -> ir.Mount:
     """One parsed (and expanded) `--mount` as an IR mount: type, target, and the options that
     differ from the type's defaults, under their long names, sorted. A relative target
     resolves against the working directory, as BuildKit does; `resolve_from` maps `from=` to
@@ -92,9 +90,7 @@ def lower_mount(
     return ir.Mount(type=m.type, target=target, options=tuple(sorted(opts.items())))  # type: ignore[arg-type]
 
 
-def lower_run(
-    cmd: ins.RunCommand, workdir: str, resolve_from: Callable[[str], str]
-) -> ir.Run:
+def lower_run(cmd: ins.RunCommand, workdir: str, resolve_from: Callable[[str], str]) -> ir.Run:
     """`cmd` is expanded already (its mounts parsed with the stage's variables)."""
     command, shell = run_command(cmd)
     mounts = tuple(lower_mount(m, workdir, resolve_from) for m in cmd.mounts)
