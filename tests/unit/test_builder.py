@@ -198,3 +198,25 @@ def test_concurrent_builds_share_a_cache(tmp_path: Path) -> None:
         assert p.returncode == 0, err
         outs.append(json.loads(out))
     assert all(o == outs[0] for o in outs)
+
+
+def test_copy_parents_keeps_context_folders(tmp_path: Path) -> None:
+    from tlimage.cache.layer import apply_layer
+    from tlimage.cache.store import BlobStore
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "x.txt").write_text("x")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "y.txt").write_text("y")
+    (tmp_path / "image.py").write_text(
+        "from tlimage import Image\n"
+        "image = Image('p', base_image='busybox').copy(['a/b/x.txt', 'c/y.txt'], '/dst/',"
+        " options={'parents': True})\n"
+    )
+    result, _, _ = run(tmp_path / "image.py")
+    layer = result.manifest.layers[-1]
+    out = tmp_path / "out"
+    with BlobStore().open(layer.digest, verify=True) as f:
+        apply_layer(f, out)
+    assert (out / "dst" / "a" / "b" / "x.txt").read_text() == "x"
+    assert (out / "dst" / "c" / "y.txt").read_text() == "y"

@@ -81,14 +81,23 @@ def lay_out(
     gid: int = 0,
     chmod: int | None = None,
     unpack_archives: bool = False,
+    parents: bool = False,
 ) -> None:
-    """Copy `sources` into the layer tree `upper` at the absolute image path `dest`."""
+    """Copy `sources` into the layer tree `upper` at the absolute image path `dest`. With
+    `parents` (COPY --parents), each source keeps its context-relative folders under dest."""
     many = len(sources) > 1 or any(s.is_glob for s in sources)
-    as_dir = dest.endswith("/") or many or dest_is_dir_in_image
-    target = upper / dest.strip("/")
-    _make_parents(upper, target if as_dir else target.parent, uid, gid)
+    as_dir = dest.endswith("/") or many or dest_is_dir_in_image or parents
+    base = upper / dest.strip("/")
+    _make_parents(upper, base if as_dir else base.parent, uid, gid)
     for src in sources:
+        target = base
+        if parents and posixpath.dirname(src.rel):
+            target = base / posixpath.dirname(src.rel)
+            _make_parents(upper, target, uid, gid)
         if src.path.is_dir() and not src.path.is_symlink():
+            if parents and src.rel != ".":
+                target = base / src.rel
+                _make_parents(upper, target, uid, gid)
             _copy_tree(src.path, target, ignored, src.rel, uid, gid, chmod)
         elif unpack_archives and src.path.name.endswith(ARCHIVE_SUFFIXES):
             target.mkdir(parents=True, exist_ok=True)

@@ -410,7 +410,8 @@ class Builder:
             if sources:
                 ctx.lay_out(upper, sources, dest, dest_is_dir_in_image=dest_dir,
                             ignored=self._ignore(step.excludes).matches, uid=uid, gid=gid, chmod=chmod,
-                            unpack_archives=isinstance(step, ir.Add))  # fmt: skip
+                            unpack_archives=isinstance(step, ir.Add),
+                            parents=isinstance(step, ir.Copy) and step.parents)  # fmt: skip
             for f in step.inline:
                 ctx.write_inline(upper, dest, f.name, f.content, f.mode, uid, gid,
                                  dest.endswith("/") or len(step.inline) > 1 or dest_dir)
