@@ -142,3 +142,19 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(bad):
     with pytest.raises(CacheError, match="invalid size"):
         parse_size(bad)
+
+
+def test_prune_keeps_pinned_blobs_and_reports_deletions(cache, tmp_path):
+    a = cache.store_dir("a", tree(tmp_path / "a", 1, size=40_000))
+    b = cache.store_dir("b", tree(tmp_path / "b", 2, size=40_001))
+    manifest = cache.store.put_bytes(b'{"layers": []}')  # no row names it
+    stray = cache.store.put_bytes(b"really an orphan")
+    deleted = []
+    result = cache.prune(
+        keep_storage=0, keep_digests=[a.digest, manifest.digest], on_delete=deleted.append
+    )
+    assert sorted(deleted) == sorted([b.digest, stray.digest])
+    assert [e.key for e in cache.ls()] == ["a"]
+    assert cache.store.has(a.digest) and cache.store.has(manifest.digest)
+    assert result.remaining_bytes == a.size + manifest.size
+    assert result.removed_entries == 1 and result.swept_orphan_blobs == 1

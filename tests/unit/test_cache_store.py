@@ -133,3 +133,17 @@ def test_sweep_temp_keeps_live_writers(tmp_path):
     other = store.writer()
     assert store.sweep_temp(everything=True) == 1
     other.abort()
+
+
+def test_package_exports_resolve_lazily():
+    import subprocess
+    import sys
+
+    import tlimage.cache as pkg
+
+    for name in pkg.__all__:
+        assert getattr(pkg, name) is not None, name
+    # importing the package alone does not pull in sqlite3, zstandard or tarfile
+    code = "import sys, tlimage.cache; print(sorted(m for m in ('sqlite3', 'zstandard', 'tarfile') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

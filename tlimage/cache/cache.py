@@ -241,14 +241,23 @@ class LayerCache:
         self,
         keep_storage: int = 0,
         *,
+        keep_digests: Iterable[str] = (),
+        on_delete: Callable[[str], None] | None = None,
         timeout: float | None = None,
         on_wait: Callable[[str], None] | None = None,
     ) -> PruneResult:
         """Drop least-recently-used layers until the blobs take at most `keep_storage` bytes
-        (0: drop everything). Always sweeps temp files, unindexed blobs and rows whose blob is
-        gone. Takes the exclusive lock: waits for running builds (up to `timeout`)."""
+        (0: everything that may go). Always sweeps temp files, unindexed blobs and rows whose
+        blob is gone. Takes the exclusive lock: waits for running builds (up to `timeout`).
+
+        `keep_digests` pins blobs that something outside the index needs (layers and manifests
+        of registered images): they are never deleted, their rows are kept, and their size counts
+        toward `keep_storage`. `on_delete(digest)` is called after each blob is deleted, for
+        whoever keeps derived data beside it (an unpacked copy, say).
+        """
         if keep_storage < 0:
             raise CacheError(f"keep_storage must be >= 0, got {keep_storage}")
+        pinned = set(keep_digests)
         with self.lock.exclusive(
             purpose="prune",
             timeout=self.lock_timeout if timeout is None else timeout,
@@ -256,44 +265,54 @@ class LayerCache:
         ):
             swept = self.store.sweep_temp(everything=True)
             records = self.index.records()
+
+            def delete_blob(digest: str) -> None:
+                if self.store.delete(digest) and on_delete is not None:
+                    on_delete(digest)
+
+            # Rows whose blob is gone, or has another size than recorded: forget them.
+            on_disk: dict[str, int | None] = {}
+            for r in records:
+                if r.digest not in on_disk:
+                    on_disk[r.digest] = self.store.size(r.digest)
+            bad = {r.digest for r in records if on_disk[r.digest] != r.size}
+            for d in bad:
+                self.index.delete_digest(d)
+                if d not in pinned:
+                    delete_blob(d)
+            records = [r for r in records if r.digest not in bad]
             indexed = {r.digest for r in records}
 
-            # Rows whose blob is gone or damaged in size: forget them.
-            sizes: dict[str, int] = {}
-            for r in records:
-                if r.digest not in sizes:
-                    sizes[r.digest] = self.store.size(r.digest) or -1
-            missing = {d for d, s in sizes.items() if s < 0}
-            for r in records:
-                if r.digest in sizes and sizes[r.digest] >= 0 and sizes[r.digest] != r.size:
-                    missing.add(r.digest)
-            for d in missing:
-                self.index.delete_digest(d)
-                self.store.delete(d)
-            records = [r for r in records if r.digest not in missing]
-
+            # Blobs no row names (a crash between blob and row, a row replaced), unless pinned.
             orphans = 0
+            pinned_unindexed = 0
             for d in list(self.store.iter_digests()):
-                if d not in indexed:
-                    self.store.delete(d)
-                    orphans += 1
+                if d in indexed:
+                    continue
+                if d in pinned:
+                    pinned_unindexed += self.store.size(d) or 0
+                    continue
+                delete_blob(d)
+                orphans += 1
 
-            # LRU: oldest last_used first; a blob goes when its last row goes.
+            # LRU: oldest last_used first; a blob goes when its last row goes; pinned stay.
             refs: dict[str, int] = {}
             blob_size: dict[str, int] = {}
             for r in records:
                 refs[r.digest] = refs.get(r.digest, 0) + 1
                 blob_size[r.digest] = r.size
-            total = sum(blob_size.values())
+            total = sum(blob_size.values()) + pinned_unindexed
             removed_entries = removed_blobs = freed = 0
             for r in sorted(records, key=lambda r: (r.last_used, r.key)):
                 if total <= keep_storage:
                     break
+                if r.digest in pinned:
+                    continue
                 self.index.delete_keys([r.key])
                 removed_entries += 1
                 refs[r.digest] -= 1
                 if refs[r.digest] == 0:
-                    self.store.delete(r.digest)
+                    delete_blob(r.digest)
                     removed_blobs += 1
                     freed += blob_size[r.digest]
                     total -= blob_size[r.digest]
