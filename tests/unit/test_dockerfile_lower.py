@@ -147,7 +147,7 @@ def test_resolve_base_supplies_a_registered_images_config() -> None:
 
 def test_run_cmd_entrypoint_shell_and_healthcheck_are_not_expanded() -> None:
     text = (
-        "FROM busybox\nARG X=1\nRUN echo $X\nCMD echo $X\nENTRYPOINT [\"$X\"]\n"
+        'FROM busybox\nARG X=1\nRUN echo $X\nCMD echo $X\nENTRYPOINT ["$X"]\n'
         'SHELL ["/bin/$X"]\nHEALTHCHECK CMD test $X\n'
     )
     assert steps(text)[1:] == (
