@@ -1,0 +1,314 @@
+"""`tl sbx new|ls|info|exec|cp|snapshot|clone|suspend|resume|terminate|rm|logs`: sandboxes.
+
+A thin layer over `tlimage.runtime`: parse arguments, call the API, render. Every command
+reconciles the runtime state with the host first (through the API), so what it shows is true.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+class Backend(StrEnum):
+    auto = "auto"
+    microvm = "microvm"
+    namespace = "namespace"
+
+
+ProjectOpt = Annotated[
+    str | None,
+    typer.Option("--project", envvar="TLIMAGE_PROJECT",
+                 help="Project that scopes image and sandbox names (default: 'default')."),
+]  # fmt: skip
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option("--cache-dir", envvar="TLIMAGE_CACHE_DIR", help="Layer cache folder."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON).")]
+IdArg = Annotated[str, typer.Argument(help="Sandbox id, unique id prefix, or name.")]
+EnvOpt = Annotated[
+    list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE (repeatable).")
+]
+_ARGS_AFTER_ID = {"allow_interspersed_args": False, "ignore_unknown_options": True}
+
+
+def _get(ref: str, project: str | None):  # noqa: ANN202
+    from tlimage.runtime import Sandbox
+
+    return Sandbox.get(ref, project=project)
+
+
+def _ago(ts: float | None) -> str:
+    import time
+
+    if ts is None:
+        return "-"
+    s = max(0, time.time() - ts)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{int(s // n)}{unit} ago"
+    return f"{int(s)}s ago"
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _info_json(sb) -> dict:  # noqa: ANN001
+    d = sb.info().to_json()
+    d["created_at"] = _iso(d["created_at"])
+    d["terminated_at"] = _iso(d["terminated_at"])
+    return d
+
+
+def register(sbx: typer.Typer) -> None:
+    """Adds the sandbox commands to the `sbx` group (once; later calls do nothing)."""
+    if getattr(sbx, "_tl_sandbox_commands", False):
+        return
+    sbx._tl_sandbox_commands = True  # type: ignore[attr-defined]
+
+    @sbx.command("new")
+    def new(
+        name: Annotated[str | None, typer.Argument(
+            help="Name: named sandboxes persist (filesystem kept, can be suspended); "
+                 "unnamed ones are ephemeral.")] = None,
+        image: Annotated[str, typer.Option("--image", "-i", help="Registered image NAME[:TAG].")
+                         ] = "",
+        cpus: Annotated[float, typer.Option("--cpus", help="CPU cores (fractions allowed).")] = 1.0,
+        memory: Annotated[int, typer.Option("--memory", help="Memory in MiB.")] = 512,
+        timeout: Annotated[float | None, typer.Option(
+            "--timeout", help="Seconds of running time before it is terminated.")] = None,
+        entrypoint: Annotated[str | None, typer.Option(
+            "--entrypoint", help="Command to run as the main process (shell words); the "
+                                 "sandbox ends when it exits. Default: idle.")] = None,
+        env: EnvOpt = None,
+        workdir: Annotated[str | None, typer.Option("--workdir", "-w",
+                                                    help="Default working directory.")] = None,
+        user: Annotated[str | None, typer.Option("--user", "-u",
+                                                 help="Default user (USER syntax).")] = None,
+        backend: Annotated[Backend, typer.Option(
+            "--backend", help="auto: the microVM when KVM works, else namespaces.")
+        ] = Backend.auto,
+        no_network: Annotated[bool, typer.Option("--no-network",
+                                                 help="Only a loopback interface.")] = False,
+        project: ProjectOpt = None,
+        cache_dir: CacheDirOpt = None,
+        json_: JsonOpt = False,
+    ) -> None:
+        """Boot a sandbox from a registered image and print its id."""
+        import shlex
+
+        from tlimage.errors import RuntimeError_
+        from tlimage.runtime import Sandbox
+
+        if not image:
+            raise RuntimeError_("tl sbx new needs --image NAME[:TAG]")
+        sb = Sandbox.create(
+            image, name=name, project=project, backend=backend.value, cpus=cpus, memory=memory,
+            timeout=timeout, entrypoint=shlex.split(entrypoint) if entrypoint else None,
+            env=env, workdir=workdir, user=user, network=not no_network, cache_dir=cache_dir,
+        )  # fmt: skip
+        if json_:
+            import json
+
+            print(json.dumps(_info_json(sb)))
+        else:
+            print(sb.id)
+
+    @sbx.command("ls")
+    def ls(
+        running: Annotated[bool, typer.Option("--running", help="Only running sandboxes.")] = False,
+        all_: Annotated[bool, typer.Option("--all", "-a", help="Include terminated ones.")] = False,
+        project: ProjectOpt = None,
+        json_: JsonOpt = False,
+    ) -> None:
+        """List sandboxes (live ones by default)."""
+        from tlimage.runtime import Status, list_sandboxes
+
+        sbs = list_sandboxes(project, include_terminated=all_)
+        if running:
+            sbs = [s for s in sbs if s.record.status is Status.RUNNING]
+        if json_:
+            from tlimage.cli.render import emit_json
+
+            for s in sbs:
+                emit_json(_info_json(s))
+            return
+        from tlimage.cli.render import table
+
+        rows = []
+        for s in sbs:
+            r = s.record
+            rows.append([r.id, r.name or "-", str(r.status), r.image_ref, r.backend,
+                         f"{r.cpus:g}", f"{r.memory_mb} MiB",
+                         "-" if r.timeout is None else f"{r.timeout:g}s",
+                         _ago(r.created_at)])  # fmt: skip
+        table(["ID", "NAME", "STATUS", "IMAGE", "BACKEND", "CPUS", "MEMORY", "TIMEOUT", "CREATED"],
+              rows, empty="no sandboxes" + ("" if all_ else " (--all shows ended ones)"))
+
+    @sbx.command("info")
+    def info(ref: IdArg, project: ProjectOpt = None, json_: JsonOpt = False) -> None:
+        """Show a sandbox: status, image, resources, timeout, entrypoint, times."""
+        import json
+
+        d = _info_json(_get(ref, project))
+        if json_:
+            print(json.dumps(d, indent=2))
+            return
+        for k, v in d.items():
+            if v is None or v == [] or v == "":
+                continue
+            if isinstance(v, dict):
+                v = ", ".join(f"{a}={b}" for a, b in v.items())
+            elif isinstance(v, list):
+                v = " ".join(str(x) for x in v)
+            print(f"{k + ':':<15}{v}")
+
+    @sbx.command("exec", context_settings=_ARGS_AFTER_ID)
+    def exec_(
+        ref: IdArg,
+        cmd: Annotated[list[str], typer.Argument(help="Command and its arguments.")],
+        workdir: Annotated[str | None, typer.Option("--workdir", "-w", help="Working directory.")
+                           ] = None,
+        env: EnvOpt = None,
+        user: Annotated[str | None, typer.Option("--user", "-u", help="USER syntax.")] = None,
+        interactive: Annotated[bool, typer.Option("--interactive", "-i",
+                                                  help="Pass stdin through.")] = False,
+        timeout: Annotated[float | None, typer.Option("--timeout",
+                                                      help="Kill it after this many seconds.")
+                           ] = None,
+        project: ProjectOpt = None,
+    ) -> int:
+        """Run a command in a sandbox; its output streams through and its exit code is ours.
+        Options go before the sandbox id: tl sbx exec -w /srv ID ls -la."""
+        sb = _get(ref, project)
+        sys.stdout.flush()
+        r = sb.exec(*cmd, env=env, workdir=workdir, user=user, timeout=timeout,
+                    stdin=sys.stdin.fileno() if interactive else None, passthrough=True)
+        return r.exit_code
+
+    @sbx.command("cp")
+    def cp(
+        src: Annotated[str, typer.Argument(help="Host path or ID:/path.")],
+        dest: Annotated[str, typer.Argument(help="Host path or ID:/path.")],
+        project: ProjectOpt = None,
+    ) -> None:
+        """Copy files between the host and a sandbox (into DEST when it is a folder)."""
+        from tlimage.errors import RuntimeError_
+
+        s_ref, s_path = _split(src)
+        d_ref, d_path = _split(dest)
+        if (s_ref is None) == (d_ref is None):
+            raise RuntimeError_("tl sbx cp copies between the host and a sandbox: exactly one "
+                                "of SRC and DEST must be ID:/path")  # fmt: skip
+        if d_ref is not None:
+            where = _get(d_ref, project).cp_in(s_path, d_path)
+            print(f"{d_ref}:{where}", file=sys.stderr)
+        else:
+            assert s_ref is not None
+            where = _get(s_ref, project).cp_out(s_path, d_path)
+            print(str(where), file=sys.stderr)
+
+    @sbx.command("snapshot")
+    def snapshot(
+        ref: IdArg,
+        register: Annotated[str | None, typer.Option(
+            "--register", help="Register as NAME[:TAG] (default: <id>:snap-<n>).")] = None,
+        project: ProjectOpt = None,
+        json_: JsonOpt = False,
+    ) -> None:
+        """Snapshot a sandbox's filesystem as a registered image (its layers plus one)."""
+        img = _get(ref, project).snapshot(register)
+        if json_:
+            import json
+
+            print(json.dumps({"image": img.ref, "image_id": img.image_id,
+                              "layers": len(img.manifest.layers), "size": img.size}))
+        else:
+            print(img.ref)
+
+    @sbx.command("clone")
+    def clone(
+        ref: IdArg,
+        name: Annotated[str | None, typer.Argument(help="Name of the new sandbox.")] = None,
+        register: Annotated[str | None, typer.Option(
+            "--register", help="Register the snapshot as NAME[:TAG].")] = None,
+        project: ProjectOpt = None,
+    ) -> None:
+        """Start a new sandbox from a snapshot of this one; prints the new id."""
+        print(_get(ref, project).clone(name, register=register).id)
+
+    @sbx.command("suspend")
+    def suspend(ref: IdArg, project: ProjectOpt = None) -> None:
+        """Pause a named sandbox (microVM: memory saved to a file, the VM exits)."""
+        r = _get(ref, project).suspend()
+        print(f"suspended in {r.seconds:.2f} s", file=sys.stderr)
+        if r.note:
+            print(f"note: {r.note}", file=sys.stderr)
+
+    @sbx.command("resume")
+    def resume(ref: IdArg, project: ProjectOpt = None) -> None:
+        """Continue a suspended sandbox."""
+        s = _get(ref, project).resume()
+        print(f"resumed in {s:.2f} s", file=sys.stderr)
+
+    @sbx.command("terminate")
+    def terminate(refs: Annotated[list[str], typer.Argument(help="Sandbox ids or names.")],
+                  project: ProjectOpt = None) -> None:  # fmt: skip
+        """End sandboxes: kill every process and VM, unmount; ephemeral ones lose their files."""
+        for ref in refs:
+            sb = _get(ref, project)
+            sb.terminate()
+            print(sb.id)
+
+    @sbx.command("rm")
+    def rm(refs: Annotated[list[str], typer.Argument(help="Sandbox ids or names.")],
+           force: Annotated[bool, typer.Option("--force", "-f",
+                                               help="Terminate live ones first.")] = False,
+           project: ProjectOpt = None) -> None:  # fmt: skip
+        """Delete ended sandboxes and their files (a named one's kept filesystem too)."""
+        from tlimage.errors import RuntimeError_
+        from tlimage.runtime import Status
+
+        for ref in refs:
+            sb = _get(ref, project)
+            if sb.status is not Status.TERMINATED and not force:
+                raise RuntimeError_(f"sandbox {sb.id} is {sb.status}",
+                                    hint="terminate it first, or use --force")  # fmt: skip
+            sb.remove()
+            print(sb.id)
+
+    @sbx.command("logs")
+    def logs(ref: IdArg, project: ProjectOpt = None) -> None:
+        """Print the sandbox's console: the entrypoint's output (or the VM's console)."""
+        path = Path(_get(ref, project).info().dir) / "console.log"
+        if path.exists():
+            sys.stdout.buffer.write(path.read_bytes())
+
+
+def _attach() -> None:
+    """Importing this module from tlimage/cli/app.py adds the commands to its `sbx` group."""
+    from tlimage.cli.app import sbx
+
+    register(sbx)
+
+
+def _split(arg: str) -> tuple[str | None, str]:
+    """`ID:/path` -> (ID, /path); a host path -> (None, path). Host paths with a colon can be
+    written ./a:b."""
+    ref, sep, path = arg.partition(":")
+    if sep and ref and "/" not in ref and path.startswith("/"):
+        return ref, path
+    return None, arg
+
+
+_attach()

@@ -1,0 +1,47 @@
+"""The bundled runtime: sandboxes booted from registered images, with their whole lifecycle.
+
+    from tlimage.runtime import Sandbox, list_sandboxes
+
+    sb = Sandbox.create("hello:latest", name="dev", cpus=1, memory=512, timeout=600)
+    r = sb.exec("sh", "-c", "echo $APP_ENV", env={"X": "1"}, workdir="/srv", user="app")
+    sb.cp_in("local.txt", "/tmp/"); sb.cp_out("/etc/os-release", "out/")
+    img = sb.snapshot(register="dev-snap:v1")     # a registered image: image layers + changes
+    sb.suspend(); sb.resume()                     # named sandboxes only
+    twin = sb.clone()                             # a new sandbox from a snapshot
+    sb.terminate()
+
+Backends: `microvm` (QEMU -M microvm with the guest agent; memory snapshots on suspend) and
+`namespace` (PID/mount/UTS/IPC namespaces on overlayfs; suspend freezes in RAM). `auto` takes
+the microVM when KVM boots and the namespace backend otherwise, as builds do.
+
+Daemonless: every sandbox has one supervising process of its own (PID 1 of the namespace
+sandbox, or the VM's shim) and state lives in SQLite (`<state dir>/runtime-v1.db`); any `tl`
+command reconciles that state with the host first, so nothing is left behind by a crashed CLI
+or a reboot.
+"""
+
+from tlimage.runtime._api import (
+    BACKENDS,
+    ExecResult,
+    Sandbox,
+    SandboxInfo,
+    SuspendResult,
+    list_sandboxes,
+    reconcile,
+)
+from tlimage.runtime._errors import ExecStartError, ExecTimeout, SandboxNotFound
+from tlimage.runtime._state import Status
+
+__all__ = [
+    "BACKENDS",
+    "ExecResult",
+    "ExecStartError",
+    "ExecTimeout",
+    "Sandbox",
+    "SandboxInfo",
+    "SandboxNotFound",
+    "Status",
+    "SuspendResult",
+    "list_sandboxes",
+    "reconcile",
+]

@@ -1,0 +1,744 @@
+"""The sandbox API: `Sandbox` objects over the state database and two backends.
+
+Every operation re-reads the sandbox's row, takes the sandbox's lock file for lifecycle changes
+(so two CLI processes never interleave a suspend and a snapshot), and moves the status with a
+compare-and-swap. A lock held by a live process marks an operation in progress; `reconcile`
+treats a transitional status whose lock it can take as abandoned and rolls it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tlimage._paths import project_name, state_dir
+from tlimage.errors import RuntimeError_
+from tlimage.runtime import _proc
+from tlimage.runtime._errors import SandboxNotFound
+from tlimage.runtime._state import (
+    LIVE,
+    TRANSITIONAL,
+    SandboxRecord,
+    StateDB,
+    Status,
+    now,
+    op_owner,
+)
+
+SANDBOXES = "sandboxes-v1"
+BACKENDS = ("auto", "microvm", "namespace")
+DEFAULT_CPUS = 1.0
+DEFAULT_MEMORY_MB = 512
+LOCK_TIMEOUT = 120.0
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+Output = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class SuspendResult:
+    seconds: float
+    memory_snapshot: bool  # False: processes are frozen in RAM (namespace backend)
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    id: str
+    name: str | None
+    project: str
+    status: str
+    backend: str
+    image: str
+    image_id: str
+    cpus: float
+    memory_mb: int
+    timeout: float | None
+    entrypoint: list[str] | None
+    created_at: float
+    terminated_at: float | None
+    reason: str | None
+    exit_code: int | None
+    persistent: bool
+    source: str | None
+    notes: list[str]
+    dir: str
+
+    def to_json(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["resources"] = {"cpus": d.pop("cpus"), "memory_mb": d.pop("memory_mb")}
+        return d
+
+
+# --- paths and backends ----------------------------------------------------------------------
+
+
+def sandboxes_root() -> Path:
+    return state_dir() / SANDBOXES
+
+
+def run_root() -> Path:
+    """Short paths for unix sockets (limited to 107 bytes): /run/tlimage as root, else the
+    user's runtime folder; cleared by a reboot, which is what sockets of dead VMs want."""
+    if os.geteuid() == 0 and os.access("/run", os.W_OK):
+        return Path("/run/tlimage")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "tlimage" if xdg else Path(f"/tmp/tlimage-{os.getuid()}")
+
+
+def backend_for(name: str):  # noqa: ANN201 - NamespaceBackend | MicroVMBackend
+    if name == "namespace":
+        from tlimage.runtime.namespace import NamespaceBackend
+
+        return NamespaceBackend()
+    if name == "microvm":
+        from tlimage.runtime.microvm import MicroVMBackend
+
+        return MicroVMBackend()
+    raise RuntimeError_(f"unknown backend {name!r}; expected one of: {', '.join(BACKENDS)}")
+
+
+_noticed = False
+
+
+def select_backend(backend: str, cache_dir: Path | None,
+                   notice: Callable[[str], None] | None = None) -> tuple[str, str | None]:  # fmt: skip
+    """(backend, accel): the builds' rule — the microVM when KVM boots, else the namespace
+    sandbox (said once per process), else the microVM under TCG."""
+    if backend not in BACKENDS:
+        raise RuntimeError_(f"unknown backend {backend!r}; expected one of: {', '.join(BACKENDS)}")
+    if backend == "namespace":
+        return "namespace", None
+    if backend == "microvm":
+        return "microvm", None
+    from tlimage.executor import _kvm_usable
+    from tlimage.runtime.namespace import check_host
+
+    ok, reason = _kvm_usable(cache_dir, None)
+    if ok:
+        return "microvm", "kvm"
+    global _noticed
+    say = notice or (lambda m: print(f"tlimage: {m}", file=sys.stderr))
+    problem = check_host()
+    if problem is None:
+        if not _noticed:
+            say(f"KVM is not usable here ({reason}); sandboxes run in the namespace backend "
+                "(use --backend microvm to force the VM under TCG)")
+            _noticed = True
+        return "namespace", None
+    if not _noticed:
+        say(f"KVM is not usable here ({reason}) and {problem}; sandboxes run in a microVM "
+            "under TCG emulation, which is much slower")
+        _noticed = True
+    return "microvm", "tcg"
+
+
+# --- locks -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _lock(rec: SandboxRecord, *, timeout: float = LOCK_TIMEOUT,
+          what: str = "") -> Iterator[None]:  # fmt: skip
+    rec.path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(rec.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        said = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError_(
+                        f"sandbox {rec.id} is busy with another operation (waited {timeout:g} s)"
+                    ) from None
+                if not said and what:
+                    print(f"tlimage: waiting for another operation on sandbox {rec.id} "
+                          f"to {what}", file=sys.stderr)  # fmt: skip
+                    said = True
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _try_lock(rec: SandboxRecord) -> int | None:
+    """The lock's fd when free (the caller closes it), None when an operation holds it."""
+    try:
+        fd = os.open(rec.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return -1  # no folder: nothing can hold it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+        return None
+
+
+# --- environment -----------------------------------------------------------------------------
+
+
+def merge_env(*layers: Sequence[str]) -> list[str]:
+    """KEY=VALUE lists merged left to right (later wins, order of first appearance kept);
+    PATH defaults to Docker's."""
+    env: dict[str, str] = {}
+    for layer in layers:
+        for item in layer:
+            k, eq, v = item.partition("=")
+            if not eq or not k:
+                raise RuntimeError_(f"environment entry {item!r}: expected KEY=VALUE")
+            env[k] = v
+    env.setdefault("PATH", DEFAULT_PATH)
+    return [f"{k}={v}" for k, v in env.items()]
+
+
+# --- the API ---------------------------------------------------------------------------------
+
+
+class Sandbox:
+    """A handle on one sandbox. Cheap to make; every call re-reads the state."""
+
+    def __init__(self, rec: SandboxRecord, db: StateDB | None = None) -> None:
+        self._rec = rec
+        self._db = db or StateDB()
+
+    def __repr__(self) -> str:
+        return f"Sandbox({self.id!r}, name={self.name!r}, status={self.status!s})"
+
+    # -- creation and lookup --------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        image: str,
+        *,
+        name: str | None = None,
+        project: str | None = None,
+        backend: str = "auto",
+        cpus: float = DEFAULT_CPUS,
+        memory: int = DEFAULT_MEMORY_MB,
+        timeout: float | None = None,
+        entrypoint: Sequence[str] | None = None,
+        env: Sequence[str] | dict[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        network: bool = True,
+        cache_dir: Path | None = None,
+        notice: Callable[[str], None] | None = None,
+        _source: str | None = None,
+    ) -> Sandbox:
+        """Boots a sandbox from the registered image `image` (NAME[:TAG]) and returns once
+        it runs. Without `entrypoint` it idles until terminated or timed out; with one, it
+        ends when the entrypoint exits. `timeout` (seconds of running time) terminates it.
+        Unnamed sandboxes are ephemeral: their filesystem goes when they end."""
+        from tlimage.registry import Registry
+
+        reconcile()
+        proj = project_name(project)
+        if name is not None:
+            _check_name(name)
+        if cpus <= 0:
+            raise RuntimeError_(f"cpus must be > 0, got {cpus:g}")
+        if memory < 64:
+            raise RuntimeError_(f"memory must be at least 64 MiB, got {memory}")
+        if timeout is not None and timeout <= 0:
+            raise RuntimeError_(f"timeout must be > 0 seconds, got {timeout:g}")
+        if entrypoint is not None and not list(entrypoint):
+            entrypoint = None
+        img = Registry().get(proj, image)
+        if not img.manifest.layers:
+            raise RuntimeError_(f"image {img.ref} has no layers; nothing to boot")
+        cache = str(Path(cache_dir).resolve()) if cache_dir else os.environ.get(
+            "TLIMAGE_CACHE_DIR")
+        be_name, accel = select_backend(backend, Path(cache) if cache else None, notice)
+        if isinstance(env, dict):
+            env = [f"{k}={v}" for k, v in env.items()]
+        sandbox_env = list(env or [])
+        merge_env(sandbox_env)  # validates
+        cfg = img.manifest.config
+        config = {"env": list(cfg.get("env", [])), "user": cfg.get("user") or "root",
+                  "workdir": cfg.get("workdir") or "/"}  # fmt: skip
+
+        sid = new_id()
+        path = sandboxes_root() / sid
+        path.mkdir(parents=True)
+        run_dir = run_root() / sid
+        rec = SandboxRecord(
+            id=sid, project=proj, name=name, status=Status.PENDING, backend=be_name,
+            image_ref=img.ref, image_id=img.image_id, cpus=float(cpus), memory_mb=int(memory),
+            timeout=timeout, entrypoint=list(entrypoint) if entrypoint else None,
+            env=sandbox_env, workdir=workdir, user=user, network=network, created_at=now(),
+            started_at=None, terminated_at=None, deadline=None, suspended_at=None, reason=None,
+            exit_code=None, pids={}, boot_id=_proc.boot_id(), dir=str(path),
+            run_dir=str(run_dir), cache_dir=cache, source=_source,
+            extra={"config": config, "image_config": dict(cfg), "accel": accel,
+                   "layers": [vars(la) for la in img.manifest.layers]},
+            **op_owner(),
+        )  # fmt: skip
+        db = StateDB()
+        with _lock(rec):
+            try:
+                db.insert(rec)
+            except BaseException:
+                shutil.rmtree(path, ignore_errors=True)
+                raise
+            be = backend_for(be_name)
+            confirm = None
+            try:
+                lowers = _lowers(rec)
+                ep = None
+                if entrypoint:
+                    ep = {"argv": list(entrypoint),
+                          "env": merge_env(config["env"], sandbox_env),
+                          "user": user or config["user"],
+                          "workdir": workdir or config["workdir"]}  # fmt: skip
+                deadline = None if timeout is None else time.time() + timeout
+                be.set_deadline(rec, deadline)
+                pids, extra, confirm = be.start(rec, lowers, ep)
+                rec = db.transition(sid, [Status.PENDING], Status.RUNNING, pids=pids,
+                                    extra={**rec.extra, **extra}, started_at=now(),
+                                    deadline=deadline, op_pid=None, op_start=None)  # fmt: skip
+                confirm()
+            except BaseException as e:
+                failed = db.get(sid) or rec
+                with contextlib.suppress(Exception):
+                    be.stop(failed)
+                with contextlib.suppress(Exception):
+                    be.cleanup(failed, keep_fs=False)
+                with contextlib.suppress(Exception):
+                    db.transition(sid, LIVE, Status.TERMINATED, terminated_at=now(),
+                                  reason=f"failed to start: {_first_line(e)}",
+                                  op_pid=None, op_start=None)  # fmt: skip
+                raise
+        return cls(rec, db)
+
+    @classmethod
+    def get(cls, ref: str, *, project: str | None = None) -> Sandbox:
+        """By id, unique id prefix (at least 4 characters), or name in the project."""
+        reconcile()
+        db = StateDB()
+        rec = db.get(ref)
+        if rec is None and not ref.startswith("sb-"):
+            rec = db.find_name(project_name(project), ref)
+        if rec is None and len(ref) >= 4:
+            hits = db.find_prefix(ref if ref.startswith("sb-") else "sb-" + ref)
+            if len(hits) > 1:
+                raise SandboxNotFound(f"{ref!r} matches {len(hits)} sandboxes: "
+                                      f"{', '.join(h.id for h in hits)}")  # fmt: skip
+            rec = hits[0] if hits else None
+        if rec is None:
+            raise SandboxNotFound(f"no sandbox {ref!r} in project {project_name(project)!r}",
+                                  hint="list them with `tl sbx ls --all`")  # fmt: skip
+        return cls(rec, db)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def refresh(self) -> SandboxRecord:
+        rec = self._db.get(self._rec.id)
+        if rec is None:
+            raise SandboxNotFound(f"sandbox {self._rec.id} was removed")
+        self._rec = rec
+        return rec
+
+    @property
+    def id(self) -> str:
+        return self._rec.id
+
+    @property
+    def name(self) -> str | None:
+        return self._rec.name
+
+    @property
+    def status(self) -> Status:
+        return self.refresh().status
+
+    @property
+    def record(self) -> SandboxRecord:
+        return self._rec
+
+    def info(self) -> SandboxInfo:
+        r = self.refresh()
+        return SandboxInfo(
+            id=r.id, name=r.name, project=r.project, status=str(r.status), backend=r.backend,
+            image=r.image_ref, image_id=r.image_id, cpus=r.cpus, memory_mb=r.memory_mb,
+            timeout=r.timeout, entrypoint=r.entrypoint, created_at=r.created_at,
+            terminated_at=r.terminated_at, reason=r.reason, exit_code=r.exit_code,
+            persistent=r.persistent, source=r.source, notes=list(r.extra.get("notes") or []),
+            dir=r.dir,
+        )  # fmt: skip
+
+    def _backend(self):  # noqa: ANN202
+        return backend_for(self._rec.backend)
+
+    def _running(self, what: str) -> SandboxRecord:
+        rec = self.refresh()
+        if rec.status is Status.RUNNING:
+            return rec
+        hint = {Status.SUSPENDED: f"resume it first: tl sbx resume {rec.name or rec.id}",
+                Status.TERMINATED: "it has ended; start a new one with `tl sbx new`"}  # fmt: skip
+        raise RuntimeError_(f"cannot {what}: sandbox {_label(rec)} is {rec.status}",
+                            hint=hint.get(rec.status))  # fmt: skip
+
+    # -- exec and copy --------------------------------------------------------------------
+
+    def exec(
+        self,
+        *cmd: str,
+        env: Sequence[str] | dict[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | int | None = None,
+        on_output: Output | None = None,
+        passthrough: bool = False,
+    ) -> ExecResult:
+        """Runs `cmd` in the sandbox with the image's env, workdir and user (each overridable).
+        Output is collected in the result and passed to `on_output(stream, chunk)` as it
+        arrives; with `passthrough` it goes straight to this process's stdout/stderr instead
+        (and `stdin` may be a file descriptor). A program that cannot start raises
+        ExecStartError; a non-zero exit is a result."""
+        if not cmd:
+            raise RuntimeError_("exec needs a command")
+        rec = self._running("exec")
+        if isinstance(env, dict):
+            env = [f"{k}={v}" for k, v in env.items()]
+        cfg = rec.extra.get("config", {})
+        full_env = merge_env(cfg.get("env", []), rec.env, list(env or []))
+        wd = workdir or rec.workdir or cfg.get("workdir") or "/"
+        if not wd.startswith("/"):
+            raise RuntimeError_(f"workdir must be absolute, got {wd!r}")
+        who = user or rec.user or cfg.get("user") or "root"
+        out: list[bytes] = []
+        err: list[bytes] = []
+
+        def collect(stream: str, data: bytes) -> None:
+            (out if stream == "stdout" else err).append(data)
+            if on_output:
+                on_output(stream, data)
+
+        t0 = time.monotonic()
+        code = self._backend().exec(rec, list(cmd), full_env, who, wd, stdin=stdin,
+                                    on_output=collect, passthrough=passthrough,
+                                    timeout=timeout)  # fmt: skip
+        return ExecResult(code, b"".join(out), b"".join(err), time.monotonic() - t0)
+
+    def cp_in(self, src: str | os.PathLike[str], dest: str) -> str:
+        """Copies a host file or folder into the sandbox; `dest` an existing folder means
+        into it. Returns the path written in the sandbox."""
+        if not dest.startswith("/"):
+            raise RuntimeError_(f"sandbox paths must be absolute, got {dest!r}")
+        rec = self._running("copy into it")
+        return self._backend().put(rec, Path(src), dest)
+
+    def cp_out(self, src: str, dest: str | os.PathLike[str]) -> Path:
+        """Copies a file or folder out of the sandbox; `dest` an existing folder means into
+        it. Returns the host path written."""
+        if not src.startswith("/"):
+            raise RuntimeError_(f"sandbox paths must be absolute, got {src!r}")
+        rec = self._running("copy out of it")
+        return self._backend().get(rec, src, Path(dest))
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def snapshot(self, register: str | None = None):  # noqa: ANN201 - ImageRecord
+        """The sandbox's filesystem as a registered image: the image's layers plus one layer
+        of what changed (none when nothing did). Registered as `register` (NAME[:TAG]) or as
+        `<sandbox id>:snap-<n>`. A running sandbox is frozen while its changes are read."""
+        from tlimage.registry import parse_ref
+
+        if register is not None:
+            parse_ref(register)
+        rec = self.refresh()
+        with _lock(rec, what="snapshot it"):
+            rec = self.refresh()
+            if rec.status not in (Status.RUNNING, Status.SUSPENDED):
+                raise RuntimeError_(f"cannot snapshot sandbox {_label(rec)}: it is {rec.status}")
+            prev = rec.status
+            rec = self._db.transition(rec.id, [prev], Status.SNAPSHOTTING, prev_status=str(prev),
+                                      **op_owner())  # fmt: skip
+            n = self._db.next_snapshot(rec.id)
+            try:
+                layer = _snapshot_layer(rec, self._backend(), n, running=prev is Status.RUNNING)
+            finally:
+                self._rec = self._db.transition(rec.id, [Status.SNAPSHOTTING], prev,
+                                                prev_status=None, op_pid=None, op_start=None)
+            return _register_snapshot(self._rec, layer, register or f"{rec.id}:snap-{n}")
+
+    def suspend(self) -> SuspendResult:
+        """Pauses a named sandbox. The microVM saves its memory to a file and exits (it then
+        survives a host reboot); the namespace backend freezes its processes in RAM."""
+        rec = self.refresh()
+        if not rec.persistent:
+            raise RuntimeError_(f"sandbox {rec.id} is ephemeral (unnamed); only named sandboxes "
+                                "can be suspended",
+                                hint="create it with a name: tl sbx new NAME --image ...")
+        with _lock(rec, what="suspend it"):
+            rec = self._db.transition(rec.id, [Status.RUNNING], Status.SUSPENDING, **op_owner())
+            t0 = time.monotonic()
+            be = self._backend()
+            try:
+                result = be.suspend(rec)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    be.abort_suspend(rec)
+                self._rec = self._db.transition(rec.id, [Status.SUSPENDING], Status.RUNNING,
+                                                op_pid=None, op_start=None)  # fmt: skip
+                raise
+            changes = result.pop("changes", {})
+            self._rec = self._db.transition(rec.id, [Status.SUSPENDING], Status.SUSPENDED,
+                                            suspended_at=now(), op_pid=None, op_start=None,
+                                            **changes)  # fmt: skip
+            return SuspendResult(time.monotonic() - t0, **result)
+
+    def resume(self) -> float:
+        """Continues a suspended sandbox; returns the seconds it took. Time spent suspended
+        does not count against the timeout."""
+        rec = self.refresh()
+        with _lock(rec, what="resume it"):
+            rec = self.refresh()
+            if rec.status is not Status.SUSPENDED:
+                raise RuntimeError_(f"cannot resume sandbox {_label(rec)}: it is {rec.status}")
+            t0 = time.monotonic()
+            deadline = rec.deadline
+            if deadline is not None and rec.suspended_at is not None:
+                deadline += max(0.0, now() - rec.suspended_at)
+            be = self._backend()
+            changes = be.resume(rec, deadline) or {}
+            self._rec = self._db.transition(rec.id, [Status.SUSPENDED], Status.RUNNING,
+                                            deadline=deadline, suspended_at=None,
+                                            **changes)  # fmt: skip
+            return time.monotonic() - t0
+
+    def clone(self, name: str | None = None, *, register: str | None = None) -> Sandbox:
+        """A new sandbox (same backend, resources, timeout, entrypoint, env) booted from a
+        snapshot of this one's filesystem."""
+        rec = self.refresh()
+        img = self.snapshot(register)
+        return Sandbox.create(
+            img.ref, name=name, project=rec.project, backend=rec.backend, cpus=rec.cpus,
+            memory=rec.memory_mb, timeout=rec.timeout, entrypoint=rec.entrypoint, env=rec.env,
+            workdir=rec.workdir, user=rec.user, network=rec.network,
+            cache_dir=Path(rec.cache_dir) if rec.cache_dir else None, _source=rec.id,
+        )  # fmt: skip
+
+    def terminate(self) -> None:
+        """Ends the sandbox: every process (and VM) is killed, nothing stays mounted; an
+        ephemeral sandbox's filesystem is removed. Idempotent."""
+        rec = self.refresh()
+        if rec.status is Status.TERMINATED:
+            return
+        with _lock(rec, what="terminate it"):
+            rec = self.refresh()
+            if rec.status is Status.TERMINATED:
+                return
+            _finish(rec, self._db, "terminated")
+            self.refresh()
+
+    def remove(self) -> None:
+        """Terminates if needed, then deletes the sandbox's files and its record."""
+        self.terminate()
+        rec = self.refresh()
+        with _lock(rec):
+            shutil.rmtree(rec.path, ignore_errors=True)
+            shutil.rmtree(rec.run_path, ignore_errors=True)
+            self._db.delete(rec.id)
+
+    def wait(self, timeout: float | None = None) -> Status:
+        """Waits until the sandbox has ended (entrypoint exit, timeout, terminate)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            reconcile()
+            st = self.status
+            if st is Status.TERMINATED:
+                return st
+            if deadline is not None and time.monotonic() > deadline:
+                return st
+            time.sleep(0.05)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Leaving a `with` block terminates an ephemeral sandbox; a named one keeps running."""
+        if not self._rec.persistent:
+            self.terminate()
+
+
+def list_sandboxes(project: str | None = None, *, all_projects: bool = False,
+                   include_terminated: bool = False) -> list[Sandbox]:  # fmt: skip
+    reconcile()
+    db = StateDB()
+    recs = db.list(None if all_projects else project_name(project),
+                   None if include_terminated else LIVE)  # fmt: skip
+    return [Sandbox(r, db) for r in recs]
+
+
+# --- internals -------------------------------------------------------------------------------
+
+
+def new_id() -> str:
+    alphabet = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lowercase
+    return "sb-" + "".join(secrets.choice(alphabet) for _ in range(10))
+
+
+def _check_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", name) or name.startswith("sb-"):
+        raise RuntimeError_(f"invalid sandbox name {name!r}: use lowercase letters, digits, "
+                            "'.', '_' and '-' (at most 63), not starting with 'sb-'")  # fmt: skip
+
+
+def _label(rec: SandboxRecord) -> str:
+    return f"{rec.id} ({rec.name})" if rec.name else rec.id
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text.splitlines()[0]
+
+
+def _store(rec: SandboxRecord):  # noqa: ANN202
+    from tlimage.cache.store import BlobStore
+
+    return BlobStore(rec.cache_dir)
+
+
+def _lowers(rec: SandboxRecord) -> list[Path]:
+    from tlimage.builder.rootfs import unpacked_layer
+
+    store = _store(rec)
+    return [unpacked_layer(store, la["digest"]) for la in rec.extra["layers"]]
+
+
+def _snapshot_layer(rec: SandboxRecord, be, n: int, *, running: bool):  # noqa: ANN001, ANN202
+    """The LayerInfo of the sandbox's changes, or None when it changed nothing."""
+    import tempfile
+
+    from tlimage.cache.cache import LayerCache
+    from tlimage.cache.layer import layer_from_upper
+
+    lowers = _lowers(rec)
+    with LayerCache(rec.cache_dir) as cache, cache.session(purpose="snapshot"):
+        tmp = Path(tempfile.mkdtemp(prefix=".snap-", dir=rec.path))
+        try:
+            if running:
+                be.freeze(rec)
+            try:
+                upper = tmp / "upper"
+                be.export_upper(rec, upper, lowers)
+                if not any(upper.iterdir()):
+                    return None
+                info = layer_from_upper(upper, cache.store)
+            finally:
+                if running:
+                    be.thaw(rec)
+            cache.put(f"snapshot/{rec.id}/{n}", info,
+                      description=f"snapshot of sandbox {rec.id}")  # fmt: skip
+            return info
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _register_snapshot(rec: SandboxRecord, info, ref: str):  # noqa: ANN001, ANN202
+    """Registers the image the sandbox booted plus `info` (a LayerInfo or None) as `ref`."""
+    from tlimage.cache.store import BlobStore
+    from tlimage.registry import Registry
+    from tlimage.registry.db import LayerRef, Manifest, parse_ref
+
+    layers = [LayerRef(**la) for la in rec.extra["layers"]]
+    if info is not None:
+        layers.append(LayerRef(info.digest, info.diff_id, info.size))
+    manifest = Manifest(layers=tuple(layers), config=dict(rec.extra.get("image_config") or {}),
+                        base=f"{rec.image_ref}@{rec.image_id}")  # fmt: skip
+    BlobStore(rec.cache_dir).put_bytes(manifest.to_bytes())
+    name, tag = parse_ref(ref)
+    return Registry().register(rec.project, name, tag, manifest, source=f"sandbox {rec.id}")
+
+
+def _finish(rec: SandboxRecord, db: StateDB, reason: str) -> None:
+    """Kills what is left, cleans up and records the end. Caller holds the lock."""
+    be = backend_for(rec.backend)
+    be.stop(rec)
+    info = be.exit_info(rec) or {}
+    be.cleanup(rec, keep_fs=rec.persistent)
+    why = info.get("reason") or reason
+    code = info.get("exit_code")
+    if why == "entrypoint exited" and code is not None:
+        why = f"entrypoint exited with code {code}"
+    db.transition(rec.id, LIVE, Status.TERMINATED, terminated_at=info.get("at") or now(),
+                  reason=why, exit_code=code, op_pid=None, op_start=None)  # fmt: skip
+
+
+def reconcile() -> None:
+    """Brings the records in line with the host: sandboxes whose processes are gone (crash,
+    timeout, entrypoint exit, reboot) become Terminated and are cleaned up; operations whose
+    process died are rolled back. Runs at the start of every CLI command; cheap when nothing
+    is live."""
+    db = StateDB()
+    live = db.list(None, LIVE)
+    if not live:
+        return
+    bid = _proc.boot_id()
+    for rec in live:
+        fd = _try_lock(rec)
+        if fd is None:
+            continue  # an operation is in progress
+        try:
+            rec = db.get(rec.id)
+            if rec is None or rec.status is Status.TERMINATED:
+                continue
+            be = backend_for(rec.backend)
+            rebooted = rec.boot_id != bid
+            if rebooted and not be.survives_reboot(rec):
+                _finish(rec, db, "the host rebooted")
+            elif rebooted:
+                db.update(rec.id, boot_id=bid, pids={})
+            elif rec.status is Status.PENDING:
+                _finish(rec, db, "the process creating it died")
+            elif not be.alive(rec):
+                _finish(rec, db, "its processes ended unexpectedly")
+            elif rec.status in TRANSITIONAL:
+                _rollback(rec, be, db)
+            elif (rec.status is Status.RUNNING and rec.deadline is not None
+                  and now() > rec.deadline + 10):
+                _finish(rec, db, "timeout")
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+
+def _rollback(rec: SandboxRecord, be, db: StateDB) -> None:  # noqa: ANN001
+    if rec.status is Status.SNAPSHOTTING:
+        prev = Status(rec.prev_status or Status.RUNNING)
+        if prev is Status.RUNNING:
+            be.thaw(rec)
+        db.transition(rec.id, [Status.SNAPSHOTTING], prev, prev_status=None, op_pid=None,
+                      op_start=None)  # fmt: skip
+    elif rec.status is Status.SUSPENDING:
+        to = be.rollback_suspend(rec)
+        db.transition(rec.id, [Status.SUSPENDING], to, op_pid=None, op_start=None,
+                      suspended_at=now() if to is Status.SUSPENDED else None)  # fmt: skip

@@ -1,0 +1,574 @@
+"""The namespace backend: a sandbox is a process tree in its own PID, mount, UTS and IPC
+namespaces (and network, when it has none) on an overlayfs root, with no daemon.
+
+    setsid -f unshare --mount --pid --fork ... -- python3 -I -S _nsbox.py spec.json
+        unshare (host pid, `pids["unshare"]`)        waits for its child; SIGKILLs it if killed
+          └─ _nsbox.py (PID 1 inside, `pids["init"]`)  mounts, entrypoint, watchdog, reaper
+    nsenter -t <init> -m -u -i -p -- python3 -I -S _nsexec.py   exec, cp in, cp out
+
+`setsid -f` makes the tree nobody's child: it survives the CLI and a crash of it, and no tlimage
+process must reap it. Files: `<sandbox dir>/fs/{upper,work,merged}`; `merged` is mounted only
+inside the sandbox's mount namespace, so nothing is mounted on the host and nothing can be left
+mounted there: the kernel drops the mounts with the namespace's last process.
+
+Isolation is that of the namespace build executor (one kernel; root inside is root outside for
+anything namespaces do not cover). Suspend freezes the cgroup (or SIGSTOPs every process); memory
+stays in RAM, so a suspended namespace sandbox does not survive a host reboot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from tlimage.errors import RuntimeError_
+from tlimage.runtime import _proc
+from tlimage.runtime._cgroup import Cgroup
+from tlimage.runtime._errors import ExecStartError, ExecTimeout
+from tlimage.runtime._state import SandboxRecord
+
+HERE = Path(__file__).resolve().parent
+_NSBOX = HERE / "_nsbox.py"
+_NSEXEC = HERE / "_nsexec.py"
+START_TIMEOUT = 30.0
+TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+Output = Callable[[str, bytes], None]
+
+
+def check_host() -> str | None:
+    from tlimage.executor.namespace import check_host as executor_check
+
+    problem = executor_check()
+    if problem:
+        return problem
+    for tool in ("nsenter", "setsid"):
+        if shutil.which(tool, path=TOOL_PATH) is None:
+            return f"`{tool}` is not installed (apt-get install util-linux)"
+    return None
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=TOOL_PATH)
+    if path is None:
+        raise RuntimeError_(f"`{name}` is not installed; namespace sandboxes need it",
+                            hint="apt-get install -y util-linux")  # fmt: skip
+    return path
+
+
+def _nsinit_dir() -> str:
+    import tlimage.executor
+
+    return str(Path(tlimage.executor.__file__).resolve().parent)
+
+
+def fs_dir(rec: SandboxRecord) -> Path:
+    return rec.path / "fs"
+
+
+class NamespaceBackend:
+    name = "namespace"
+
+    # -- start ----------------------------------------------------------------------------
+
+    def start(self, rec: SandboxRecord, lowers: list[Path],
+              entrypoint: dict[str, Any] | None) -> tuple[dict, dict, Callable[[], None]]:  # fmt: skip
+        """Starts the sandbox; returns (pids, extra, confirm). The sandbox waits (up to a
+        minute) for `confirm()` and ends itself without it, so a caller that dies between
+        start and recording the pids leaks nothing."""
+        problem = check_host()
+        if problem:
+            raise RuntimeError_(f"cannot start a namespace sandbox: {problem}")
+        fs = fs_dir(rec)
+        for d in ("upper", "work", "merged"):
+            (fs / d).mkdir(parents=True, exist_ok=True)
+        cg, notes = Cgroup.create(rec.id, rec.cpus, rec.memory_mb)
+        extra: dict[str, Any] = {"cgroup": cg.to_json() if cg else None, "notes": notes}
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            spec = {
+                "id": rec.id,
+                "hostname": rec.name or rec.id,
+                "lowers": [str(p.resolve()) for p in lowers],
+                "upper": str(fs / "upper"),
+                "work": str(fs / "work"),
+                "merged": str(fs / "merged"),
+                "network": rec.network,
+                "entrypoint": entrypoint,
+                "deadline_file": str(rec.path / "deadline"),
+                "exit_file": str(rec.path / "exit.json"),
+                "placeholders_file": str(rec.path / "placeholders.json"),
+                "cgroup_procs": cg.procs_files() if cg else [],
+                "nsinit_dir": _nsinit_dir(),
+                "sock_fd": child.fileno(),
+            }
+            spec_path = rec.path / "spec.json"
+            spec_path.write_text(json.dumps(spec, indent=1))
+            flags = ["--mount", "--pid", "--fork", "--uts", "--ipc", "--kill-child=SIGKILL"]
+            if not rec.network:
+                flags.append("--net")
+            cmd = [_tool("setsid"), "-f", _tool("unshare"), *flags, "--",
+                   sys.executable, "-I", "-S", str(_NSBOX), str(spec_path)]  # fmt: skip
+            with open(rec.path / "console.log", "ab") as log:
+                subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                               pass_fds=(child.fileno(),), env={"PATH": TOOL_PATH},
+                               check=True)  # fmt: skip
+            child.close()
+            parent.settimeout(START_TIMEOUT)
+            try:
+                msg, anc, _flags, _addr = parent.recvmsg(4096, socket.CMSG_SPACE(12))
+            except TimeoutError:
+                msg, anc = b"", []
+            pid = None
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("3i", data[:12])[0]
+            text = msg.decode("utf-8", "replace")
+            if text != "ready" or pid is None:
+                if pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                if cg:
+                    cg.kill_all()
+                    cg.remove()
+                why = text.removeprefix("error: ") if text else _log_tail(rec)
+                raise RuntimeError_(f"the namespace sandbox failed to start: {why}")
+            init = _proc.ident(pid)
+            up = _proc.ppid(pid)
+            unshare = _proc.ident(up) if up else None
+            pids = {"init": init, "unshare": unshare} if unshare else {"init": init}
+            extra["pidns"] = _proc.pid_ns(pid)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                child.close()
+            parent.close()
+            raise
+
+        def confirm() -> None:
+            try:
+                parent.send(b"go")
+            finally:
+                parent.close()
+
+        return pids, extra, confirm
+
+    # -- liveness and teardown ------------------------------------------------------------
+
+    def alive(self, rec: SandboxRecord) -> bool:
+        return _proc.alive(rec.pids.get("init"))
+
+    def stop(self, rec: SandboxRecord) -> None:
+        """Kills every process of the sandbox and waits for them; idempotent."""
+        init, unshare = rec.pids.get("init"), rec.pids.get("unshare")
+        # SIGKILL to a PID namespace's init (delivered even from outside) takes down every
+        # process in the namespace; the cgroup and the pid-namespace scan catch anything that
+        # was already on its way in (an nsenter'd helper between setns and fork).
+        _proc.signal_entry(init, signal.SIGKILL)
+        _proc.signal_entry(unshare, signal.SIGKILL)
+        cg = Cgroup.from_json(rec.extra.get("cgroup"))
+        if cg:
+            cg.kill_all()
+        ns = rec.extra.get("pidns")
+        if ns and rec.boot_id == _proc.boot_id():
+            _proc.kill_tree_ns(ns, signal.SIGKILL)
+            _proc.kill_tree_ns(ns, signal.SIGCONT)
+        _proc.wait_dead([init, unshare], 10)
+
+    def cleanup(self, rec: SandboxRecord, keep_fs: bool) -> None:
+        cg = Cgroup.from_json(rec.extra.get("cgroup"))
+        if cg:
+            cg.remove()
+        fs = fs_dir(rec)
+        shutil.rmtree(fs / "work", ignore_errors=True)
+        shutil.rmtree(fs / "merged", ignore_errors=True)
+        if not keep_fs:
+            shutil.rmtree(fs, ignore_errors=True)
+
+    def exit_info(self, rec: SandboxRecord) -> dict | None:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads((rec.path / "exit.json").read_text())
+        return None
+
+    # -- freezing -------------------------------------------------------------------------
+
+    def freeze(self, rec: SandboxRecord) -> None:
+        cg = Cgroup.from_json(rec.extra.get("cgroup"))
+        if cg and cg.can_freeze:
+            cg.freeze()
+            return
+        ns = rec.extra.get("pidns")
+        if not ns:
+            raise RuntimeError_(f"sandbox {rec.id} has no process namespace on record")
+        # Stop until a scan finds nothing running: a process may fork while we scan.
+        for _ in range(50):
+            pids = _proc.pids_in_ns(ns)
+            running = [p for p in pids if _proc.proc_state(p) not in ("T", "t", "Z", "X", None)]
+            if not running:
+                return
+            for p in running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGSTOP)
+            time.sleep(0.002)
+        raise RuntimeError_(f"could not stop every process of sandbox {rec.id}")
+
+    def thaw(self, rec: SandboxRecord) -> None:
+        cg = Cgroup.from_json(rec.extra.get("cgroup"))
+        if cg and cg.can_freeze:
+            cg.thaw()
+            return
+        ns = rec.extra.get("pidns")
+        if ns:
+            _proc.kill_tree_ns(ns, signal.SIGCONT)
+
+    def frozen(self, rec: SandboxRecord) -> bool:
+        cg = Cgroup.from_json(rec.extra.get("cgroup"))
+        if cg and cg.can_freeze:
+            return cg.frozen()
+        init = rec.pids.get("init")
+        return bool(init) and _proc.proc_state(init[0]) in ("T", "t")
+
+    # -- suspend --------------------------------------------------------------------------
+
+    def suspend(self, rec: SandboxRecord) -> dict:
+        self.freeze(rec)
+        return {"memory_snapshot": False,
+                "note": "the namespace backend cannot snapshot memory: the processes are frozen "
+                        "in RAM, and a host reboot ends the sandbox"}  # fmt: skip
+
+    def abort_suspend(self, rec: SandboxRecord) -> None:
+        self.thaw(rec)
+
+    def rollback_suspend(self, rec: SandboxRecord):  # noqa: ANN201 - Status
+        from tlimage.runtime._state import Status
+
+        return Status.SUSPENDED if self.frozen(rec) else Status.RUNNING
+
+    def resume(self, rec: SandboxRecord, deadline: float | None) -> dict:
+        self.set_deadline(rec, deadline)  # before the watchdog wakes
+        self.thaw(rec)
+        return {}
+
+    def survives_reboot(self, rec: SandboxRecord) -> bool:
+        return False
+
+    def set_deadline(self, rec: SandboxRecord, deadline: float | None) -> None:
+        path = rec.path / "deadline"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text("" if deadline is None else repr(deadline))
+        os.replace(tmp, path)
+
+    # -- exec and copy --------------------------------------------------------------------
+
+    def _enter(self, rec: SandboxRecord, spec: dict, status_w: int) -> list[str]:
+        init = rec.pids.get("init")
+        if not _proc.alive(init):
+            raise RuntimeError_(f"sandbox {rec.id} is not running (its init process is gone)")
+        assert init is not None
+        cg = Cgroup.from_json(rec.extra.get("cgroup"))
+        spec = {**spec, "merged": str(fs_dir(rec) / "merged"), "nsinit_dir": _nsinit_dir(),
+                "cgroup_procs": cg.procs_files() if cg else [], "status_fd": status_w}  # fmt: skip
+        ns_flags = ["-m", "-u", "-i", "-p"] + ([] if rec.network else ["-n"])
+        return [_tool("nsenter"), "-t", str(init[0]), *ns_flags, "--",
+                sys.executable, "-I", "-S", str(_NSEXEC), json.dumps(spec)]  # fmt: skip
+
+    def exec(
+        self,
+        rec: SandboxRecord,
+        argv: list[str],
+        env: list[str],
+        user: str,
+        workdir: str,
+        *,
+        stdin: bytes | int | None = None,
+        on_output: Output | None = None,
+        passthrough: bool = False,
+        timeout: float | None = None,
+    ) -> int:
+        """Runs argv in the sandbox; returns its exit code (128+N for signal N). With
+        `passthrough` the program writes straight to this process's stdout and stderr (and
+        reads its stdin when `stdin` is an fd); otherwise chunks go to `on_output`."""
+        status_r, status_w = os.pipe()
+        try:
+            cmd = self._enter(rec, {"mode": "exec", "argv": argv, "env": env, "user": user,
+                                    "workdir": workdir}, status_w)  # fmt: skip
+            return _spawn(cmd, status_r, status_w, stdin, on_output, passthrough, timeout, argv)
+        finally:
+            for fd in (status_r, status_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def put(self, rec: SandboxRecord, src: Path, dest: str) -> str:
+        """Copies a host file or directory into the sandbox (as `docker cp` does: into `dest`
+        when it is a directory, else as `dest`); returns the path written."""
+        status_r, status_w = os.pipe()
+        try:
+            cmd = self._enter(rec, {"mode": "put", "dest": dest, "name": src.name}, status_w)
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, pass_fds=(status_w,),
+                                    env={"PATH": TOOL_PATH})  # fmt: skip
+            os.close(status_w)
+            assert proc.stdin is not None
+            try:
+                write_tar(src, proc.stdin)
+            except BrokenPipeError:
+                pass
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+            proc.stdin = None
+            out, err = proc.communicate()
+            failure = _read_all(status_r)
+            if failure or proc.returncode != 0:
+                raise RuntimeError_(f"cp into {rec.id}:{dest} failed: "
+                                    f"{failure or _last_line(err)}")  # fmt: skip
+            return json.loads(out)["path"]
+        finally:
+            for fd in (status_r, status_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def get(self, rec: SandboxRecord, src: str, dest: Path) -> Path:
+        """Copies a file or directory out of the sandbox to `dest` (into it when it is a
+        directory); returns the host path written."""
+        status_r, status_w = os.pipe()
+        try:
+            cmd = self._enter(rec, {"mode": "get", "src": src}, status_w)
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, pass_fds=(status_w,),
+                                    env={"PATH": TOOL_PATH})  # fmt: skip
+            os.close(status_w)
+            assert proc.stdout is not None and proc.stderr is not None
+            failure = _read_all(status_r)
+            if failure:
+                proc.communicate()
+                raise RuntimeError_(f"cp from {rec.id}:{src} failed: {failure}")
+            target = host_target(dest, Path(src.rstrip("/")).name or "root")
+            try:
+                read_tar(proc.stdout, target)
+            finally:
+                _, err = proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError_(f"cp from {rec.id}:{src} failed: {_last_line(err)}")
+            return target
+        finally:
+            for fd in (status_r, status_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    # -- snapshot -------------------------------------------------------------------------
+
+    def export_upper(self, rec: SandboxRecord, dest: Path, lowers: list[Path]) -> None:
+        """The sandbox's changes as an overlay-style upper at `dest` (which must not exist),
+        without the placeholders the sandbox mounted host files on. The caller freezes the
+        sandbox around this and the layer write: files are hard links into the live upper."""
+        upper = fs_dir(rec) / "upper"
+        skip: set[str] = set()
+        with contextlib.suppress(OSError, ValueError):
+            skip = set(json.loads((rec.path / "placeholders.json").read_text()))
+        link_tree(upper, dest, skip)
+        from tlimage.executor.base import normalize_upper
+
+        normalize_upper(dest, tuple(lowers))
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _spawn(cmd: list[str], status_r: int, status_w: int, stdin: bytes | int | None,
+           on_output: Output | None, passthrough: bool, timeout: float | None,
+           argv: list[str]) -> int:  # fmt: skip
+    emit = on_output or (lambda _s, _b: None)
+    if isinstance(stdin, int):
+        stdin_arg: Any = stdin
+    elif stdin is None:
+        stdin_arg = subprocess.DEVNULL
+    else:
+        stdin_arg = subprocess.PIPE
+    out = None if passthrough else subprocess.PIPE
+    proc = subprocess.Popen(cmd, stdin=stdin_arg, stdout=out, stderr=out,
+                            pass_fds=(status_w,), env={"PATH": TOOL_PATH})  # fmt: skip
+    os.close(status_w)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        if isinstance(stdin, bytes):
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(stdin)
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+        if not passthrough:
+            _pump(proc, emit, deadline, timeout, argv)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            proc.wait(left)
+        except subprocess.TimeoutExpired:
+            raise ExecTimeout(f"command timed out after {timeout:g} s: {_join(argv)}") from None
+        failure = _read_all(status_r)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+        raise
+    finally:
+        for f in (proc.stdout, proc.stderr):
+            if f:
+                f.close()
+    if failure:
+        raise ExecStartError(failure)
+    code = proc.returncode
+    return code if code >= 0 else 128 - code
+
+
+def _pump(proc: subprocess.Popen, emit: Output, deadline: float | None,
+          timeout: float | None, argv: list[str]) -> None:  # fmt: skip
+    sel = selectors.DefaultSelector()
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
+        sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
+        while sel.get_map():
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            events = sel.select(wait)
+            if not events and deadline is not None and time.monotonic() >= deadline:
+                raise ExecTimeout(f"command timed out after {timeout:g} s: {_join(argv)}")
+            for key, _ in events:
+                data = os.read(key.fd, 65536)
+                if data:
+                    emit(key.data, data)
+                else:
+                    sel.unregister(key.fileobj)
+    finally:
+        sel.close()
+
+
+def _join(argv: list[str]) -> str:
+    import shlex
+
+    return shlex.join(argv)
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while True:
+        b = os.read(fd, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def _last_line(err: bytes | None) -> str:
+    lines = (err or b"").decode("utf-8", "replace").strip().splitlines()
+    return lines[-1] if lines else "no error output"
+
+
+def _log_tail(rec: SandboxRecord) -> str:
+    with contextlib.suppress(OSError):
+        lines = (rec.path / "console.log").read_text(errors="replace").strip().splitlines()
+        if lines:
+            return "\n".join("  | " + line for line in lines[-10:])
+    return "the sandbox process exited without saying why"
+
+
+def link_tree(src: Path, dest: Path, skip: set[str]) -> None:
+    """A copy of `src` whose files are hard links (directories are new, with the same mode,
+    owner, times and xattrs); relative paths in `skip` are left out."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = os.path.relpath(dirpath, src)
+        out = dest if rel == "." else dest / rel
+        out.mkdir()
+        _copy_meta(dirpath, out)
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            r = os.path.normpath(os.path.join(rel, name))
+            if r in skip:
+                continue
+            s = os.path.join(dirpath, name)
+            st = os.lstat(s)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                os.mknod(out / name, stat.S_IFCHR, 0)  # a whiteout: its own inode
+            else:
+                os.link(s, out / name, follow_symlinks=False)
+        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+    # times last: creating entries changed them
+    for dirpath, _dirnames, _files in os.walk(src):
+        rel = os.path.relpath(dirpath, src)
+        st = os.lstat(dirpath)
+        os.utime(dest if rel == "." else dest / rel, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _copy_meta(src: str, dest: Path) -> None:
+    st = os.lstat(src)
+    os.chown(dest, st.st_uid, st.st_gid)
+    os.chmod(dest, stat.S_IMODE(st.st_mode))
+    with contextlib.suppress(OSError):
+        for n in os.listxattr(src, follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.setxattr(dest, n, os.getxattr(src, n, follow_symlinks=False))
+
+
+# --- cp archives: one top-level entry named "_" ----------------------------------------------
+
+
+def write_tar(src: Path, out: IO[bytes]) -> None:
+    """`src` (file, link or tree) as a tar stream with top-level entry `_`, owned by root."""
+    if not os.path.lexists(src):
+        raise RuntimeError_(f"{src}: no such file or directory")
+
+    def as_root(ti: tarfile.TarInfo) -> tarfile.TarInfo:
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        return ti
+
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+        tf.add(str(src), arcname="_", recursive=True, filter=as_root)
+
+
+def host_target(dest: Path, name: str) -> Path:
+    if dest.is_dir():
+        return dest / name
+    if not dest.parent.is_dir():
+        raise RuntimeError_(f"{dest.parent}: no such directory")
+    return dest
+
+
+def read_tar(stream: IO[bytes], target: Path) -> None:
+    """Extracts a `_`-rooted stream as `target`, owned by the caller. Archives from a sandbox
+    are untrusted: tarfile's `tar` filter keeps every entry inside the target's folder, device
+    nodes are skipped."""
+    uid, gid = os.getuid(), os.getgid()
+    base = target.name
+    folder = target.parent
+
+    def check(m: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+        if m.name != "_" and not m.name.startswith("_/"):
+            raise RuntimeError_(f"unexpected entry {m.name!r} in the sandbox's archive")
+        if m.ischr() or m.isblk():
+            return None
+        m = m.replace(name=base + m.name[1:], uid=uid, gid=gid, uname="", gname="", deep=False)
+        if m.islnk():
+            m = m.replace(linkname=base + m.linkname[1:], deep=False)
+        return tarfile.tar_filter(m, path)
+
+    with tarfile.open(fileobj=stream, mode="r|") as tf:
+        for m in tf:
+            m2 = check(m, str(folder))
+            if m2 is None:
+                continue
+            dst = folder / m2.name
+            if m2.isdir() and dst.is_dir() and not dst.is_symlink():
+                continue
+            tf.extract(m2, folder, numeric_owner=True, filter="fully_trusted")
