@@ -493,3 +493,16 @@ def test_cli_compiles_a_dockerfile_with_build_args_and_target(tmp_path: Path) ->
     assert bad.returncode == 2
     assert "Dockerfile:2:12: invalid signal: NOPE" in bad.stderr
     assert "^^^^" in bad.stderr
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    word=st.text(st.characters(blacklist_categories=("Cs",)), max_size=40),
+    escape=st.sampled_from("\\`"),
+)
+def test_words_without_dollar_quotes_or_escape_expand_to_themselves(word: str, escape: str) -> None:
+    """The lowering skips the lexer for such words; the lexer agrees."""
+    from tlimage.frontends.dockerfile.shell import ShellLex
+
+    plain = "".join(c for c in word if c not in "$'\"" + escape)
+    assert ShellLex(escape).process_word(plain, {"A": "x"}) == plain

@@ -248,6 +248,7 @@ class _Lowering:
         self.text = ast.text
         self.lines = ast.text.split("\n")
         self.lex = ShellLex(program.escape)
+        self._special = re.compile("[$'\"" + re.escape(program.escape) + "]")
         self.build_args = dict(build_args)
         self.resolve_base = resolve_base
         self.table = StageTable(program.stages)
@@ -515,6 +516,9 @@ class _Lowering:
         return Span(self.file, s.line, s.col, end_line, len(last) + 1)
 
     def _expand(self, word: str, env: Mapping[str, str], where: ins.Command) -> str:
+        # Without `$`, quotes or the escape token the lexer gives the word back unchanged.
+        if not self._special.search(word):
+            return word
         try:
             return self.lex.process_word(word, env)
         except ShellError as e:
