@@ -220,3 +220,21 @@ def test_copy_parents_keeps_context_folders(tmp_path: Path) -> None:
         apply_layer(f, out)
     assert (out / "dst" / "a" / "b" / "x.txt").read_text() == "x"
     assert (out / "dst" / "c" / "y.txt").read_text() == "y"
+
+
+def test_prune_keeps_what_registered_images_need(tmp_path: Path) -> None:
+    from tlimage.builder.gc import prune
+    from tlimage.cache.store import BlobStore
+
+    result, _, _ = run(project(tmp_path))
+    store = BlobStore()
+    (tmp_path / "image.py").write_text(IMAGE.format(mode="x").replace("write /etc/first one",
+                                                                      "write /etc/first two"))
+    run(tmp_path / "image.py", registered_name="other")
+    Registry().remove("default", "other")
+    prune(None, keep_storage=0)
+    for layer in result.manifest.layers:
+        assert store.verify(layer.digest)
+    assert store.has(f"xxh3:{result.image_id}")
+    second, _, ex = run(project(tmp_path))
+    assert second.image_id == result.image_id and ex.runs == []

@@ -6,7 +6,9 @@ Docker's rules, as users rely on them:
 - dest is a folder when it ends in `/`, when there are several sources (or a glob), or when it
   already is a folder in the image; otherwise it names the file;
 - a relative dest resolves against the WORKDIR; missing parents are created (0755, root);
-- copied files keep their mode bits; owners are 0:0 unless `--chown` says otherwise.
+- modes are normalized: folders 0755, files 0755 when the source is executable, else 0644
+  (cache keys see only the exec bit, so a copy may not depend on the umask it was made under);
+  owners are 0:0 unless `--chown` says otherwise; `--chmod` sets both.
 ADD also fetches URLs (verified against `checksum` when given) and unpacks local tar archives.
 """
 
@@ -142,7 +144,7 @@ def _copy_tree(src: Path, dst: Path, ignored: Callable[[str], bool], rel_base: s
                 continue
             d = out_dir / name
             d.mkdir(exist_ok=True)
-            os.chmod(d, chmod if chmod is not None else stat.S_IMODE((here / name).lstat().st_mode))
+            os.chmod(d, chmod if chmod is not None else 0o755)
             os.lchown(d, uid, gid)
         for name in sorted(filenames):
             rel = posixpath.normpath(posixpath.join(rel_base, str(rel_here), name))
@@ -162,10 +164,14 @@ def _copy_one(src: Path, dst: Path, uid: int, gid: int, chmod: int | None) -> No
         os.symlink(os.readlink(src), dst)
     elif stat.S_ISREG(st.st_mode):
         shutil.copyfile(src, dst)
-        os.chmod(dst, chmod if chmod is not None else stat.S_IMODE(st.st_mode))
+        os.chmod(dst, chmod if chmod is not None else _normal_mode(st.st_mode))
     else:
         raise ContextError(f"{src}: only files, folders and symlinks can be copied")
     os.lchown(dst, uid, gid)
+
+
+def _normal_mode(mode: int) -> int:
+    return 0o755 if mode & 0o111 else 0o644
 
 
 def _unpack(archive: Path, dest: Path) -> None:

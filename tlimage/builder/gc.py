@@ -1,29 +1,87 @@
-"""Pruning the cache without breaking registered images.
+"""Pruning the cache without breaking registered images, and sweeping what crashed builds left.
 
-`LayerCache.prune` drops least-recently-used index rows and their blobs. A registered image
-needs its layers even when no cache row names them any more, so before pruning every layer a
-registered image uses is touched (made most recent) and is never counted against the budget
-below what registered images need.
+Registered images need their layer blobs and manifests even when no cache row names them any
+more, so `prune` pins them (`keep_digests`); a pruned layer's unpacked copy goes with it. Scratch
+folders are named after the process that made them and removed once it is gone.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from pathlib import Path
 
 from tlimage.cache.cache import LayerCache, PruneResult
+from tlimage.cache.store import BlobStore, parse_digest
 from tlimage.registry import Registry
+
+_STALE_S = 24 * 3600
+
+
+def pinned_digests() -> set[str]:
+    """Layers and manifests of every registered image (a manifest blob is named by the image
+    id: both are the xxh3-128 of the manifest bytes)."""
+    out: set[str] = set()
+    for rec in Registry().list():
+        out.update(layer.digest for layer in rec.manifest.layers)
+        out.add(f"xxh3:{rec.image_id}")
+    return out
 
 
 def prune(cache_dir: Path | None, keep_storage: int) -> PruneResult:
-    needed = Registry().referenced_layers()
     with LayerCache(cache_dir) as cache:
-        keep_keys = [r.key for r in cache.index.records() if r.digest in needed]
-        cache.index.touch(keep_keys, when=float("inf"))
-        try:
-            size_needed = sum({r.digest: r.size for r in cache.index.records()
-                               if r.digest in needed}.values())  # fmt: skip
-            return cache.prune(keep_storage=max(keep_storage, size_needed))
-        finally:
-            import time
+        unpacked = Path(cache.store.path) / "unpacked"
 
-            cache.index.touch(keep_keys, when=time.time())
+        def drop_unpacked(digest: str) -> None:
+            shutil.rmtree(unpacked / parse_digest(digest), ignore_errors=True)
+
+        result = cache.prune(keep_storage, keep_digests=pinned_digests(), on_delete=drop_unpacked)
+        sweep_scratch(cache.store)
+        return result
+
+
+def scratch_name(prefix: str) -> str:
+    """A scratch folder prefix that records its owner, for `sweep_scratch`."""
+    return f"{prefix}{os.getpid()}-"
+
+
+def sweep_scratch(store: BlobStore) -> int:
+    """Remove scratch and half-unpacked folders whose process is gone (or that are older than a
+    day, in case of pid reuse). Returns how many were removed."""
+    removed = 0
+    now = time.time()
+    for folder, prefix in ((Path(store.path) / "tmp", "tlimage-"),
+                           (Path(store.path) / "unpacked", ".tmp-")):  # fmt: skip
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if not entry.name.startswith(prefix):
+                continue
+            pid = _pid_of(entry.name)
+            try:
+                age = now - entry.lstat().st_mtime
+            except FileNotFoundError:
+                continue
+            if pid is not None and _alive(pid) and age < _STALE_S:
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _pid_of(name: str) -> int | None:
+    for part in name.split("-"):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -131,7 +131,10 @@ class Builder:
     # -- the walk ------------------------------------------------------------------------
 
     def run(self) -> BuildResult:
+        from tlimage.builder.gc import sweep_scratch
+
         with self.cache.session():
+            sweep_scratch(self.store)
             return self._run_locked()
 
     def _run_locked(self) -> BuildResult:
@@ -266,7 +269,9 @@ class Builder:
             prev = self._previous_components(len(self._this_build) - 1, desc)
             self.emit({"event": "explain", **base_event, "reason": keys.explain(prev, comps)})
         t0 = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="tlimage-step-",
+        from tlimage.builder.gc import scratch_name
+
+        with tempfile.TemporaryDirectory(prefix=scratch_name("tlimage-step-"),
                                          dir=self._scratch_dir()) as tmp:  # fmt: skip
             if isinstance(step, ir.Run):
                 upper, opaque = self._run(step, meta, state, Path(tmp), base_event)
