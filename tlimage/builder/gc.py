@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from tlimage.cache.cache import LayerCache, PruneResult
-from tlimage.cache.store import BlobStore, parse_digest
+from tlimage.cache.store import BlobStore, parse_digest, pid_alive
 from tlimage.registry import Registry
 
 _STALE_S = 24 * 3600
@@ -63,7 +63,7 @@ def sweep_scratch(store: BlobStore) -> int:
                 age = now - entry.lstat().st_mtime
             except FileNotFoundError:
                 continue
-            if pid is not None and _alive(pid) and age < _STALE_S:
+            if pid is not None and pid_alive(pid) and age < _STALE_S:
                 continue
             shutil.rmtree(entry, ignore_errors=True)
             removed += 1
@@ -76,12 +76,3 @@ def _pid_of(name: str) -> int | None:
             return int(part)
     return None
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

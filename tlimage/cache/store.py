@@ -266,7 +266,7 @@ class BlobStore:
                         age = now - entry.stat(follow_symlinks=False).st_mtime
                     except FileNotFoundError:
                         continue
-                    if pid is not None and _pid_alive(pid) and age < _TMP_MAX_AGE_S:
+                    if pid is not None and pid_alive(pid) and age < _TMP_MAX_AGE_S:
                         continue
                 if _unlink_quiet(Path(entry.path)):
                     removed += 1
@@ -424,7 +424,8 @@ def _tmp_owner(name: str) -> int | None:
     return int(pid) if pid.isdigit() else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs with this pid (a zombie counts as gone)."""
     if pid == os.getpid():
         return True
     try:
