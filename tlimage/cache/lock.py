@@ -139,7 +139,7 @@ class CacheLock:
 
     def holders(self) -> list[Holder]:
         """Live holders from their notes (notes of dead processes are removed)."""
-        from tlimage.cache.store import _pid_alive
+        from tlimage.cache.store import pid_alive
 
         out: list[Holder] = []
         try:
@@ -154,7 +154,7 @@ class CacheLock:
                 holder = Holder(int(body["pid"]), body["mode"], body["purpose"], body["since"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if _pid_alive(holder.pid):
+            if pid_alive(holder.pid):
                 out.append(holder)
             else:
                 with contextlib.suppress(FileNotFoundError):
