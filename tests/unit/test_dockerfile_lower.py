@@ -245,6 +245,12 @@ def test_an_error_in_a_stage_the_target_does_not_need_leaves_it_out() -> None:
     assert "U: unset" in error(text, target="uses")
 
 
+def test_every_from_line_is_checked_even_in_stages_not_needed() -> None:
+    """As BuildKit, which expands all FROM lines before it looks at the target."""
+    text = "ARG B\nFROM busybox AS ok\nFROM ${B} AS unused\n"
+    assert "Dockerfile:3:6: base name (${B}) should not be blank" in error(text, target="ok")
+
+
 def test_unknown_target_lists_the_stages() -> None:
     text = "FROM busybox AS build\nFROM build AS release\n"
     message = error(text, target="relase")

@@ -259,11 +259,14 @@ class _Lowering:
     # -- the whole image ------------------------------------------------------------------
 
     def image(self, name: str, target: str | None) -> ir.ImageDef:
+        # As BuildKit: every FROM line is expanded before the target is looked up, so a bad
+        # base fails the build even in a stage the target does not need.
+        bases = [self._base(st.from_) for st in self.program.stages]
         target_info = self._target(target)
         lowered: dict[int, ir.Stage] = {}
-        for st in self.program.stages:
+        for st, (base, platform) in zip(self.program.stages, bases, strict=True):
             try:
-                lowered[st.index] = self._stage(st)
+                lowered[st.index] = self._stage(st, base, platform)
             except _DependencyFailed as e:
                 self.failed[st.index] = e.error
             except DockerfileError as e:
@@ -332,19 +335,23 @@ class _Lowering:
 
     # -- one stage ------------------------------------------------------------------------
 
-    def _stage(self, st: ins.Stage) -> ir.Stage:
-        info = self.table.stages[st.index]
-        frm = st.from_
+    def _base(self, frm: ins.FromCommand) -> tuple[str, str | None]:
+        """The FROM line's base and platform, expanded with the meta ARGs."""
         base = self._expand(frm.base, self.global_args, frm)
         if base == "":
             raise self._error(frm, f"base name ({frm.base}) should not be blank", frm.base)
-        platform = None
-        if frm.platform:
-            platform = self._expand(frm.platform, self.global_args, frm)
-            if platform == "":
-                raise self._error(
-                    frm, f"empty platform value from expression {frm.platform}", "--platform"
-                )
+        if not frm.platform:
+            return base, None
+        platform = self._expand(frm.platform, self.global_args, frm)
+        if platform == "":
+            raise self._error(
+                frm, f"empty platform value from expression {frm.platform}", "--platform"
+            )
+        return base, platform
+
+    def _stage(self, st: ins.Stage, base: str, platform: str | None) -> ir.Stage:
+        info = self.table.stages[st.index]
+        frm = st.from_
         parent = self.table.by_name(base)
         triggers: list[str] = []
         if parent is not None and parent.index < st.index:
@@ -370,7 +377,7 @@ class _Lowering:
                 self._command(scope, self._trigger(expression, frm), frm)
             for cmd in st.commands:
                 self._command(scope, cmd, cmd)
-        except BaseException:
+        except Exception:
             del self.scopes[st.index]
             raise
         return ir.Stage(info.ir_name, tuple(scope.steps), tuple(scope.meta))
