@@ -188,7 +188,9 @@ class Builder:
                    "total": len(stage.steps), "step": describe(base), "at": where})  # fmt: skip
         if base.stage is not None:
             dep = self.stages[base.stage]
-            return dataclasses.replace(dep, layers=list(dep.layers))
+            # ONBUILD triggers were run by the front end; the new stage does not carry them on.
+            config = dataclasses.replace(dep.config, onbuild=())
+            return dataclasses.replace(dep, layers=list(dep.layers), config=config)
         name = base.image or "scratch"
         if name == "scratch":
             state = _StageState([], ImageConfig(), keys.step_components("", {"base": "scratch"})
