@@ -211,7 +211,8 @@ def merge_env(*layers: Sequence[str]) -> list[str]:
             if not eq or not k:
                 raise RuntimeError_(f"environment entry {item!r}: expected KEY=VALUE")
             env[k] = v
-    env.setdefault("PATH", DEFAULT_PATH)
+    if "PATH" not in env:
+        env = {"PATH": DEFAULT_PATH, **env}
     return [f"{k}={v}" for k, v in env.items()]
 
 

@@ -435,17 +435,33 @@ def _spawn(cmd: list[str], status_r: int, status_w: int, stdin: bytes | int | No
 
 def _pump(proc: subprocess.Popen, emit: Output, deadline: float | None,
           timeout: float | None, argv: list[str]) -> None:  # fmt: skip
+    """Streams both pipes until the program exits, then takes what is already buffered: a
+    background process that keeps the pipes open does not hold the exec (nor does it get
+    its later output delivered)."""
     sel = selectors.DefaultSelector()
+    pidfd = os.pidfd_open(proc.pid)
     try:
         assert proc.stdout is not None and proc.stderr is not None
         sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
         sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
-        while sel.get_map():
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        sel.register(pidfd, selectors.EVENT_READ, None)
+        exited = False
+        while len(sel.get_map()) > (0 if exited else 1):
+            if exited:
+                wait = 0.0
+            else:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             events = sel.select(wait)
-            if not events and deadline is not None and time.monotonic() >= deadline:
-                raise ExecTimeout(f"command timed out after {timeout:g} s: {_join(argv)}")
+            if not events:
+                if exited:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise ExecTimeout(f"command timed out after {timeout:g} s: {_join(argv)}")
             for key, _ in events:
+                if key.data is None:
+                    sel.unregister(pidfd)
+                    exited = True
+                    continue
                 data = os.read(key.fd, 65536)
                 if data:
                     emit(key.data, data)
@@ -453,6 +469,7 @@ def _pump(proc: subprocess.Popen, emit: Output, deadline: float | None,
                     sel.unregister(key.fileobj)
     finally:
         sel.close()
+        os.close(pidfd)
 
 
 def _join(argv: list[str]) -> str:
@@ -547,28 +564,36 @@ def host_target(dest: Path, name: str) -> Path:
 
 def read_tar(stream: IO[bytes], target: Path) -> None:
     """Extracts a `_`-rooted stream as `target`, owned by the caller. Archives from a sandbox
-    are untrusted: tarfile's `tar` filter keeps every entry inside the target's folder, device
-    nodes are skipped."""
+    are untrusted: every entry must land inside `target` after following the links already
+    extracted (a planted symlink cannot carry a later entry out), hard links must point inside
+    it, device nodes are skipped, and tarfile's `tar` filter clears set-id bits."""
     uid, gid = os.getuid(), os.getgid()
     base = target.name
     folder = target.parent
+    root = os.path.realpath(target)
 
-    def check(m: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
-        if m.name != "_" and not m.name.startswith("_/"):
-            raise RuntimeError_(f"unexpected entry {m.name!r} in the sandbox's archive")
-        if m.ischr() or m.isblk():
-            return None
-        m = m.replace(name=base + m.name[1:], uid=uid, gid=gid, uname="", gname="", deep=False)
-        if m.islnk():
-            m = m.replace(linkname=base + m.linkname[1:], deep=False)
-        return tarfile.tar_filter(m, path)
+    def inside(path: Path) -> bool:
+        real = os.path.realpath(path)
+        return real == root or real.startswith(root + os.sep)
 
     with tarfile.open(fileobj=stream, mode="r|") as tf:
         for m in tf:
-            m2 = check(m, str(folder))
-            if m2 is None:
+            if m.name != "_" and not m.name.startswith("_/"):
+                raise RuntimeError_(f"unexpected entry {m.name!r} in the sandbox's archive")
+            if m.ischr() or m.isblk():
                 continue
-            dst = folder / m2.name
-            if m2.isdir() and dst.is_dir() and not dst.is_symlink():
+            dst = folder / (base + m.name[1:])
+            if m.name != "_" and not inside(dst.parent):
+                raise RuntimeError_(f"entry {m.name!r} of the sandbox's archive leads outside "
+                                    f"{target}")  # fmt: skip
+            m = m.replace(name=base + m.name[1:], uid=uid, gid=gid, uname="", gname="",
+                          deep=False)  # fmt: skip
+            if m.islnk():
+                if not m.linkname.startswith("_/") or not inside(folder / (base + m.linkname[1:])):
+                    raise RuntimeError_(f"hard link {m.name!r} of the sandbox's archive points "
+                                        f"outside {target}")  # fmt: skip
+                m = m.replace(linkname=base + m.linkname[1:], deep=False)
+            m = tarfile.tar_filter(m, str(folder))
+            if m.isdir() and dst.is_dir() and not dst.is_symlink():
                 continue
-            tf.extract(m2, folder, numeric_owner=True, filter="fully_trusted")
+            tf.extract(m, folder, numeric_owner=True, filter="fully_trusted")
