@@ -503,26 +503,28 @@ def _command(command: Any, site: Span | None) -> tuple[tuple[str, ...], bool]:
     return tuple(_str_list(command, "command", site)), False
 
 
-_MOUNT_TYPES = ("bind", "cache", "secret", "ssh", "tmpfs")
-
-
 def _mount(value: Any, site: Span | None) -> ir.Mount:
-    """`type=cache,target=/root/.cache` or {'type': 'cache', 'target': ...}."""
-    if isinstance(value, str):
-        items: dict[str, str] = {}
-        for part in value.split(","):
-            k, eq, v = part.partition("=")
-            items[k.strip()] = v.strip() if eq else "true"
-    elif isinstance(value, Mapping):
-        items = {str(k): str(v).lower() if isinstance(v, bool) else str(v)
-                 for k, v in value.items()}  # fmt: skip
+    """`type=cache,target=/root/.cache` or {'type': 'cache', 'target': ...}, read exactly as a
+    Dockerfile's `RUN --mount=` (same option names, defaults and normalization), so equal mounts
+    give equal digests whichever front end wrote them."""
+    from tlimage.errors import TlimageError
+    from tlimage.frontends.dockerfile.instructions import _parse_mount
+    from tlimage.frontends.dockerfile.lower_run import lower_mount
+
+    if isinstance(value, Mapping):
+        spec = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                        for k, v in value.items())  # fmt: skip
+    elif isinstance(value, str):
+        spec = value
     else:
         raise _fail(f"a mount must be a 'type=...,target=...' string or a dict, got {value!r}",
                     site)  # fmt: skip
-    mtype = items.pop("type", "bind")
-    if mtype not in _MOUNT_TYPES:
-        raise _fail(f"unknown mount type {mtype!r}; allowed: {', '.join(_MOUNT_TYPES)}", site)
-    target = items.pop("target", items.pop("dst", items.pop("destination", "")))
-    if not target and mtype != "secret":
-        raise _fail(f"a {mtype} mount needs a target", site)
-    return ir.Mount(type=mtype, target=target, options=tuple(sorted(items.items())))
+    try:
+        parsed = _parse_mount(spec, None)
+        if parsed.type not in ("secret", "ssh") and not parsed.target.startswith("/"):
+            raise _fail(f"mount {spec!r}: the target must be an absolute path", site)
+        return lower_mount(parsed, "/", lambda name: name)
+    except DSLError:
+        raise
+    except TlimageError as e:
+        raise _fail(f"invalid mount {spec!r}: {getattr(e, 'message', str(e))}", site) from None
