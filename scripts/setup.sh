@@ -16,9 +16,13 @@ done
 # Node.js may come from elsewhere than Debian (with its own npm): only the commands matter.
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
-if ((${#missing[@]})); then
+# The executor fetches the guest kernel with `apt-get download`: the package lists must know it.
+if ((${#missing[@]})) || ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+fi
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
