@@ -15,9 +15,10 @@ metadata (paths, modes, owners, sizes, mtimes, link targets, xattrs): lowers are
 contract, so a changed file must change its size or mtime. More than MAX_LOWER_DISKS lowers are
 flattened, bottom ones first, into one image.
 
-Warm VM: after a step, the VM stays up (unless `keep_warm=False`). When the next request's lowers
-are this VM's lowers plus the uppers of the steps it ran, in order, the step runs in the same VM
-on the previous upper, skipping a boot. Any other request, any error, a timeout or `close()`
+Warm VM: after a step, the VM stays up (unless `keep_warm=False`). When every lower of the next
+request is either one of this VM's disks (same host path) or an upper this VM produced (same
+content, see `content_key`: the builder passes uppers back as unpacked store layers), the step
+runs in the same VM, stacking the uppers from the scratch disk, and skips a boot. Any other request, any error, a timeout or `close()`
 ends the VM. A VM never outlives this process: QEMU gets PR_SET_PDEATHSIG, and `close` runs at
 exit.
 """
@@ -649,15 +650,62 @@ def _close_all() -> None:
             ex.close()
 
 
+def content_key(root: Path) -> str:
+    """What a layer says, not when it was written: paths, types, modes, owners, devices, link
+    targets, file bytes, xattrs that layers keep, and the opaque marker; no times. An upper and
+    the same upper after a trip through the layer store have the same key."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    for rel, st in _walk(root):
+        path = os.path.join(root, rel)
+        mode = st.st_mode
+        rec: list = [rel, stat.S_IFMT(mode), stat.S_IMODE(mode), st.st_uid, st.st_gid]
+        if stat.S_ISLNK(mode):
+            rec.append(os.readlink(path))
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            rec.append(st.st_rdev)
+        elif stat.S_ISREG(mode):
+            fh = xxhash.xxh3_128()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    fh.update(chunk)
+            rec.append(fh.hexdigest())
+        rec.append([(n, v.hex()) for n, v in _xattrs(path)
+                    if n == OPAQUE_XATTR or n.startswith(("user.", "security.capability"))])
+        h.update(json.dumps(rec, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()
+
+
 @dataclass
 class _Session:
-    vm: _VM
-    base: tuple[Path, ...]  # lowers on disks, bottom first
-    uppers: list[Path]  # host uppers of the steps run so far, in order
-    network: bool
+    """A running VM and what it can serve as lowers without a reboot: its disks (by host path)
+    and the uppers of the steps it ran (on the scratch disk, by content key)."""
 
-    def lowers(self) -> tuple[Path, ...]:
-        return self.base + tuple(self.uppers)
+    vm: _VM
+    disks: dict[Path, str]  # resolved host lower -> guest mount point
+    network: bool
+    uppers: dict[str, str] = field(default_factory=dict)  # content key -> guest upper
+    steps: int = 0
+    _keys: dict[Path, str] = field(default_factory=dict)
+
+    def guest_lowers(self, lowers: tuple[Path, ...]) -> list[str] | None:
+        """Guest paths for `lowers` (bottom first), or None if one is not available here."""
+        out = []
+        for lower in lowers:
+            real = lower.resolve()
+            if real in self.disks:
+                out.append(self.disks[real])
+                continue
+            if not self.uppers:
+                return None
+            key = self._keys.get(real)
+            if key is None:
+                key = self._keys[real] = content_key(real)
+            if key not in self.uppers:
+                return None
+            out.append(self.uppers[key])
+        return out
 
 
 class MicroVMExecutor:
@@ -690,6 +738,7 @@ class MicroVMExecutor:
                                              else TCG_BOOT_TIMEOUT)
         self._session: _Session | None = None
         self.last_boot_seconds: float | None = None
+        self.boots = 0  # VMs started by this executor (the warm VM saves boots)
         _live.add(self)
 
     def run(self, req: RunRequest, on_output: OutputCallback | None = None) -> RunResult:
@@ -702,20 +751,19 @@ class MicroVMExecutor:
                 raise ExecutorError(f"lower layer is not a directory: {lower}")
         ok = False
         try:
-            session = self._session_for(req)
+            session, guest_lowers = self._session_for(req)
             vm = session.vm
-            i = len(session.uppers)
-            n_disks = len(vm.disks)
-            guest_lowers = [f"/tl/lower/{d}" for d in range(n_disks)]
-            guest_lowers += [f"/tl/scratch/{j}/upper" for j in range(i)]
+            i = session.steps
+            session.steps += 1
+            upper = f"/tl/scratch/{i}/upper"
             vm.request(P.encode_mount(P.MountRequest(
-                tuple(guest_lowers), f"/tl/scratch/{i}/upper", f"/tl/scratch/{i}/work",
-                "/tl/root")))
+                tuple(guest_lowers), upper, f"/tl/scratch/{i}/work", "/tl/root")))
             code = self._run_step(vm, req, emit)
             req.upper_dir.mkdir()
-            opaque = self._export(vm, f"/tl/scratch/{i}/upper", req)
+            opaque = self._export(vm, upper, req)
             vm.request(P.encode_umount("/tl/root"))
-            session.uppers.append(req.upper_dir)
+            if self.keep_warm:
+                session.uppers[content_key(req.upper_dir)] = upper
             ok = True
         finally:
             if not ok:
@@ -725,18 +773,30 @@ class MicroVMExecutor:
             self._end_session()
         return RunResult(code, req.upper_dir, time.monotonic() - start, opaque)
 
-    def _session_for(self, req: RunRequest) -> _Session:
+    def _session_for(self, req: RunRequest) -> tuple[_Session, list[str]]:
         s = self._session
         if (s is not None and s.vm.proc is not None and s.vm.proc.poll() is None
-                and s.network == req.network and _same(s.lowers(), req.lowers)):
-            return s
+                and s.network == req.network):
+            guest = s.guest_lowers(req.lowers)
+            if guest is not None:
+                return s, guest
         self._end_session()
         disks = lower_images(req.lowers, self.cache_dir)
         vm = _VM(self.kit, self.accel, disks, req.network, self.memory_mb, self.cpus)
         vm.start(self.boot_timeout)
+        self.boots += 1
         self.last_boot_seconds = vm.boot_seconds
-        self._session = _Session(vm, tuple(req.lowers), [], req.network)
-        return self._session
+        mapping: dict[Path, str] = {}
+        guest = []
+        # One disk per lower, except that lower_images may flatten the bottom ones into one.
+        flat = len(req.lowers) - len(disks) + 1
+        for j, lower in enumerate(req.lowers):
+            d = max(0, j - flat + 1)
+            guest.append(f"/tl/lower/{d}")
+            if flat == 1:
+                mapping[lower.resolve()] = f"/tl/lower/{d}"
+        self._session = _Session(vm, mapping, req.network)
+        return self._session, list(dict.fromkeys(guest))
 
     def _run_step(self, vm: _VM, req: RunRequest, emit: OutputCallback) -> int:
         assert vm.chan is not None
@@ -792,10 +852,6 @@ class MicroVMExecutor:
     def close(self) -> None:
         self._end_session()
         _live.discard(self)
-
-
-def _same(a: tuple[Path, ...], b: tuple[Path, ...]) -> bool:
-    return len(a) == len(b) and all(x.resolve() == y.resolve() for x, y in zip(a, b, strict=True))
 
 
 def _console_tail(vm: _VM) -> str:
