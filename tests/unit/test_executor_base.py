@@ -286,3 +286,18 @@ def test_static_elf_detection(tmp_path):
     assert not _is_static_elf(Path(sys.executable).resolve())  # dynamically linked
     (tmp_path / "x").write_bytes(b"not elf")
     assert not _is_static_elf(tmp_path / "x")
+
+
+@root_only
+def test_auto_falls_back_to_namespace_with_one_notice(monkeypatch):
+    import tlimage.executor as ex_pkg
+
+    monkeypatch.setenv("TLIMAGE_KVM", "0")
+    monkeypatch.setattr(ex_pkg, "_noticed", False)
+    notices: list[str] = []
+    first = select_executor("auto", notice=notices.append)
+    second = select_executor("auto", notice=notices.append)
+    assert first.name == second.name == "namespace"
+    assert len(notices) == 1
+    assert "KVM is not usable here (TLIMAGE_KVM=0)" in notices[0]
+    assert "namespace sandbox" in notices[0]
