@@ -8,8 +8,13 @@
     ├── JSONFormError            a JSON image document is invalid; names the JSON path
     ├── DiscoveryError           no image / several images / unknown image name in a file
     ├── CacheError               the layer cache: lock time-outs, corrupt entries
-    ├── ExecutorError            a build step could not run (VM failed to boot, step timed out)
-    │   └── StepFailed           a step ran and exited non-zero; carries its source location
+    ├── ExecutorError            a build step could not run
+    │   ├── StepFailed           a step ran and exited non-zero; carries its source location
+    │   ├── StepTimeout          (executor.base) a step ran past its time-out and was killed
+    │   ├── ProvisionError       (executor.provision) no guest kernel/initramfs could be made
+    │   ├── BaseError            (executor.bases) a base root filesystem could not be built
+    │   ├── BootError            (executor.microvm) the microVM did not come up
+    │   └── ProtocolError        (executor.protocol) the guest agent spoke something else
     ├── RegistryError            image names: unknown, invalid, conflicts
     └── RuntimeError_            sandboxes: unknown id, wrong state
 
