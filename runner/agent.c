@@ -1,5 +1,5 @@
 /*
- * tlimage guest agent: speaks runner/PROTOCOL.md (version 1) over one byte channel.
+ * tlimage guest agent: speaks runner/PROTOCOL.md (version 2) over one byte channel.
  *
  * Runs as PID 1's child inside the build microVM (started by runner/init), or on a host for the
  * protocol conformance tests (`agent --stdio`: the channel is fd 0 in / fd 1 out).
@@ -14,6 +14,9 @@
  *   - EXPORT sends the overlay upper directory as a tar stream (busybox tar: whiteouts are 0:0 char
  *     devices, kept as such), then EXPORT_END with the opaque directories and the other xattrs,
  *     because busybox tar carries no xattrs.
+ *   - SANDBOX (version 2) turns a build VM into a long-lived sandbox: EXEC, SPAWN, PUT and GET run
+ *     chrooted in its root, nothing is killed when a command exits, and the end of the channel
+ *     means "wait for the host to come back" (it then sends ATTACH) instead of "shut down".
  *
  * Built statically at provisioning time (gcc -static -Os); depends on nothing in the rootfs being
  * built, which may have no shell, no libc and no Python.
@@ -31,27 +34,36 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
+#include <libgen.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <sys/xattr.h>
+#include <time.h>
 #include <unistd.h>
 
-#define PROTOCOL_VERSION 1
+#define PROTOCOL_VERSION 2
 #define MAX_PAYLOAD (1u << 20)
 #define CHUNK 65536
 
 enum {
-    T_HELLO = 0x01, T_OK = 0x02, T_ERROR = 0x03,
+    T_HELLO = 0x01, T_OK = 0x02, T_ERROR = 0x03, T_PATH = 0x04,
     T_STDOUT = 0x10, T_STDERR = 0x11, T_EXIT = 0x12,
     T_TAR = 0x20, T_EXPORT_END = 0x21,
     T_MOUNT = 0x81, T_RUN = 0x82, T_EXPORT = 0x83, T_SHUTDOWN = 0x84, T_KILL = 0x85,
     T_UMOUNT = 0x86,
+    /* version 2: sandboxes */
+    T_EXEC = 0x87, T_PUT = 0x88, T_GET = 0x89, T_STDIN = 0x8A, T_FREEZE = 0x8B, T_THAW = 0x8C,
+    T_ATTACH = 0x8D, T_SPAWN = 0x8E, T_SANDBOX = 0x8F,
 };
 
 static int chan_in = -1, chan_out = -1;
 static int stdio_mode = 0;
+static int sandbox_mode = 0;      /* set by SANDBOX: the channel may drop and come back */
+static int channel_up = 1;        /* cleared when the host went away (sandbox mode only) */
 
 /* ---- byte buffers and the wire encoding (u32 big-endian lengths) ---- */
 
@@ -126,17 +138,18 @@ static void free_strlist(char **v) {
 
 /* ---- framing: [type u8][0 u8][0 u16][length u32 BE] then payload ---- */
 
-static void write_all(int fd, const void *data, size_t n) {
+static int write_all(int fd, const void *data, size_t n) {
     const char *p = data;
     while (n) {
         ssize_t w = write(fd, p, n);
         if (w < 0) {
             if (errno == EINTR || errno == EAGAIN) continue;
-            die("channel write: %s", strerror(errno));
+            return -1;
         }
         p += w;
         n -= (size_t)w;
     }
+    return 0;
 }
 static int read_all(int fd, void *data, size_t n) {
     char *p = data;
@@ -152,10 +165,15 @@ static int read_all(int fd, void *data, size_t n) {
     }
     return 0;
 }
+/* In sandbox mode a lost host drops the frames meant for it; a build VM without its host has
+ * nothing left to do. */
 static void send_frame(unsigned type, const void *payload, size_t n) {
     unsigned char h[8] = {type, 0, 0, 0, n >> 24, n >> 16, n >> 8, n};
-    write_all(chan_out, h, 8);
-    if (n) write_all(chan_out, payload, n);
+    if (!channel_up) return;
+    if (write_all(chan_out, h, 8) < 0 || (n && write_all(chan_out, payload, n) < 0)) {
+        if (!sandbox_mode) die("channel write: %s", strerror(errno));
+        channel_up = 0;
+    }
 }
 static void send_buf(unsigned type, buf_t *b) {
     send_frame(type, b->p, b->len);
@@ -673,6 +691,569 @@ static void do_export(rd_t *r) {
     free(upper);
 }
 
+/* ---- sandboxes (protocol version 2) ---- */
+
+static char *sandbox_root = NULL; /* where EXEC, SPAWN, PUT and GET run, chrooted */
+static pid_t entry_pid = -1;      /* SPAWN's program: its exit ends the VM */
+static int sigchld_pipe[2] = {-1, -1};
+
+static void on_sigchld(int sig) {
+    (void)sig;
+    int saved = errno;
+    if (write(sigchld_pipe[1], "c", 1) < 0) { /* full: a wake-up is already pending */ }
+    errno = saved;
+}
+
+static void drain_fd(int fd) {
+    char b[256];
+    while (read(fd, b, sizeof b) > 0) {}
+}
+
+/* The entrypoint's exit ends the sandbox: the status goes to the console (the host's log), then
+ * the VM resets, which ends QEMU (-no-reboot). */
+static void check_entry(void) {
+    int status;
+    if (entry_pid <= 0 || waitpid(entry_pid, &status, WNOHANG) != entry_pid) return;
+    int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    entry_pid = -1;
+    int con = stdio_mode ? dup(2) : open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+    if (con >= 0) {
+        dprintf(con, "tl-agent: entrypoint exited with status %d\n", code);
+        close(con);
+    }
+    if (stdio_mode) return;
+    sync();
+    reboot(RB_AUTOBOOT);
+}
+
+static const char *exec_root(void) {
+    return sandbox_root ? sandbox_root : (stdio_mode ? "/" : NULL);
+}
+
+static void perm_mount(const char *root, const char *rel, const char *src, const char *fstype,
+                       unsigned long flags, const char *data) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s%s", root, rel);
+    if (dir_exists(path)) mount(src, path, fstype, flags, data);
+}
+
+/* As step_bind_file, but for the sandbox's whole life: a placeholder stays in the upper (the
+ * host leaves empty placeholders out of snapshots). */
+static void perm_bind_file(const char *root, const char *rel, const char *src) {
+    char path[4096], etc[4096];
+    struct stat st;
+    snprintf(etc, sizeof etc, "%s/etc", root);
+    if (access(src, R_OK) != 0 || !dir_exists(etc)) return;
+    snprintf(path, sizeof path, "%s%s", root, rel);
+    if (lstat(path, &st) != 0) {
+        int fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0644);
+        if (fd < 0) return;
+        close(fd);
+    } else if (!S_ISREG(st.st_mode)) {
+        return;
+    }
+    mount(src, path, NULL, MS_BIND, NULL);
+}
+
+static void do_sandbox(rd_t *r) {
+    char *root = rd_str(r);
+    unsigned network = rd_u8(r);
+    char *hostname = rd_str(r);
+    if (r->bad || root[0] != '/') {
+        send_error("SANDBOX: malformed request");
+    } else if (!stdio_mode && (!mounted_target || strcmp(root, mounted_target) != 0)) {
+        send_error("SANDBOX: %s is not the mounted root", root);
+    } else {
+        if (strcmp(root, "/") != 0) {
+            perm_mount(root, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+            perm_mount(root, "/sys", "sysfs", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL);
+            perm_mount(root, "/dev", "/dev", NULL, MS_BIND | MS_REC, NULL);
+            if (network) {
+                perm_bind_file(root, "/etc/resolv.conf", "/tl/etc/resolv.conf");
+                perm_bind_file(root, "/etc/hosts", "/tl/etc/hosts");
+            }
+        }
+        if (!stdio_mode && hostname[0] && sethostname(hostname, strlen(hostname)) < 0) {
+            /* a name the kernel refuses (too long) keeps the old one */
+        }
+        free(sandbox_root);
+        sandbox_root = strdup(root);
+        sandbox_mode = 1;
+        send_frame(T_OK, NULL, 0);
+    }
+    free(root);
+    free(hostname);
+}
+
+/* The child side of EXEC and SPAWN: chroot, user, workdir, PATH lookup, exec. Failures go to
+ * statfd and end in exit 127; statfd is close-on-exec, so EOF without a message means it ran. */
+static void exec_child(const char *root, char **argv, char **env, const char *user,
+                       const char *workdir, int statfd) {
+    setsid();
+    signal(SIGPIPE, SIG_DFL);
+    signal(SIGCHLD, SIG_DFL);
+    const char *path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    for (char **e = env; *e; e++)
+        if (strncmp(*e, "PATH=", 5) == 0) path = *e + 5;
+    if (strcmp(root, "/") != 0 && (chroot(root) < 0 || chdir("/") < 0))
+        child_fail(statfd, "chroot %s: %s", root, strerror(errno));
+    uid_t uid;
+    gid_t gid, groups[64];
+    int ngroups;
+    char home[1024], err[1024];
+    if (resolve_user(user, &uid, &gid, groups, &ngroups, home, sizeof home, err, sizeof err) < 0)
+        child_fail(statfd, "%s", err);
+    const char *wd = workdir[0] ? workdir : "/";
+    if (chdir(wd) < 0) child_fail(statfd, "workdir %s: %s", wd, strerror(errno));
+    char exe[4096];
+    if (find_exec(argv[0], path, exe, sizeof exe) < 0)
+        child_fail(statfd, "exec: \"%s\": executable file not found in $PATH", argv[0]);
+    if (setgroups((size_t)ngroups, groups) < 0 || setgid(gid) < 0 || setuid(uid) < 0)
+        child_fail(statfd, "set user %s: %s", user, strerror(errno));
+    int has_home = 0, n = 0;
+    for (char **e = env; *e; e++, n++)
+        if (strncmp(*e, "HOME=", 5) == 0) has_home = 1;
+    char **envp = calloc((size_t)n + 2, sizeof(char *));
+    memcpy(envp, env, (size_t)n * sizeof(char *));
+    char homevar[1100];
+    if (!has_home) {
+        snprintf(homevar, sizeof homevar, "HOME=%s", home);
+        envp[n] = homevar;
+    }
+    execve(exe, argv, envp);
+    child_fail(statfd, "exec %s: %s", argv[0], strerror(errno));
+}
+
+static ssize_t read_msg(int fd, char *msg, size_t cap) {
+    ssize_t fl = 0, got;
+    while ((got = read(fd, msg + fl, cap - 1 - (size_t)fl)) != 0) {
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            break;
+        }
+        fl += got;
+    }
+    msg[fl > 0 ? fl : 0] = 0;
+    return fl;
+}
+
+/* EXEC: like RUN, in the sandbox root, but nothing else is killed when the program exits, and
+ * EXIT follows the program's exit (with the output it left in the pipes), not the pipes' end:
+ * a background process that keeps them open holds nothing. */
+static void do_exec(rd_t *r) {
+    char **argv = rd_strlist(r, NULL);
+    char **env = rd_strlist(r, NULL);
+    char *user = rd_str(r), *workdir = rd_str(r);
+    unsigned flags = rd_u8(r);
+    int outp[2] = {-1, -1}, errp[2] = {-1, -1}, statp[2] = {-1, -1}, inp[2] = {-1, -1};
+    const char *root = exec_root();
+    buf_t pending = {0};
+    size_t sent = 0;
+    unsigned char *chunk = NULL;
+    if (r->bad || !argv[0]) {
+        send_error("EXEC: malformed request");
+        goto out;
+    }
+    if (!root) {
+        send_error("EXEC before SANDBOX");
+        goto out;
+    }
+    if (pipe2(outp, O_CLOEXEC) || pipe2(errp, O_CLOEXEC) || pipe2(statp, O_CLOEXEC) ||
+        ((flags & 1) && pipe2(inp, O_CLOEXEC))) {
+        send_error("EXEC: pipe: %s", strerror(errno));
+        goto out;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        send_error("EXEC: fork: %s", strerror(errno));
+        goto out;
+    }
+    if (pid == 0) {
+        dup2(outp[1], 1);
+        dup2(errp[1], 2);
+        if (flags & 1) {
+            dup2(inp[0], 0);
+        } else {
+            int devnull = open("/dev/null", O_RDONLY);
+            if (devnull >= 0) dup2(devnull, 0);
+        }
+        exec_child(root, argv, env, user, workdir, statp[1]);
+    }
+    close(outp[1]);
+    close(errp[1]);
+    close(statp[1]);
+    outp[1] = errp[1] = statp[1] = -1;
+    if (inp[0] >= 0) {
+        close(inp[0]);
+        inp[0] = -1;
+        fcntl(inp[1], F_SETFL, O_NONBLOCK);
+    }
+    char failmsg[4096];
+    if (read_msg(statp[0], failmsg, sizeof failmsg) > 0) {
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
+        send_error("%s", failmsg);
+        goto out;
+    }
+
+    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    int status = 0, exited = 0, stdin_eof = 0;
+    chunk = malloc(CHUNK);
+    while (!exited) {
+        struct pollfd pf[5] = {
+            {outp[0], POLLIN, 0}, {errp[0], POLLIN, 0},
+            {channel_up ? chan_in : -1, POLLIN, 0}, {pidfd, POLLIN, 0},
+            {inp[1] >= 0 && pending.len > sent ? inp[1] : -1, POLLOUT, 0},
+        };
+        if (poll(pf, 5, pidfd >= 0 ? -1 : 20) < 0 && errno != EINTR) break;
+        for (int i = 0; i < 2; i++) {
+            if (pf[i].fd < 0 || !(pf[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+            ssize_t n = read(pf[i].fd, chunk, CHUNK);
+            if (n > 0) {
+                send_frame(i == 0 ? T_STDOUT : T_STDERR, chunk, (size_t)n);
+            } else if (n == 0 || errno != EINTR) {
+                close(pf[i].fd);
+                if (i == 0) outp[0] = -1; else errp[0] = -1;
+            }
+        }
+        if (pf[2].revents & (POLLIN | POLLHUP | POLLERR)) {
+            unsigned char *payload;
+            size_t n;
+            int t = (pf[2].revents & POLLIN) && !(pf[2].revents & POLLHUP)
+                        ? recv_frame(&payload, &n) : -1;
+            if (t < 0) {
+                kill(-pid, SIGKILL); /* the host is gone: so is the command */
+                channel_up = 0;
+            } else {
+                if (t == T_KILL) kill(-pid, n >= 1 ? payload[0] : SIGKILL);
+                if (t == T_STDIN && inp[1] >= 0) {
+                    if (n == 0) stdin_eof = 1;
+                    else buf_put(&pending, payload, n);
+                }
+                free(payload);
+            }
+        }
+        if (pf[4].fd >= 0 && (pf[4].revents & (POLLOUT | POLLERR | POLLHUP))) {
+            ssize_t w = write(inp[1], pending.p + sent, pending.len - sent);
+            if (w > 0) sent += (size_t)w;
+            else if (w < 0 && errno != EAGAIN && errno != EINTR) sent = pending.len; /* EPIPE */
+        }
+        if (inp[1] >= 0 && stdin_eof && sent == pending.len) {
+            close(inp[1]);
+            inp[1] = -1;
+        }
+        if (waitpid(pid, &status, WNOHANG) == pid) exited = 1;
+    }
+    if (pidfd >= 0) close(pidfd);
+    if (!exited) while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+    /* What the program wrote before it exited is in the pipes: send it, then stop reading. */
+    for (int i = 0; i < 2; i++) {
+        int fd = i == 0 ? outp[0] : errp[0];
+        if (fd < 0) continue;
+        fcntl(fd, F_SETFL, O_NONBLOCK);
+        ssize_t n;
+        while ((n = read(fd, chunk, CHUNK)) > 0) send_frame(i == 0 ? T_STDOUT : T_STDERR, chunk, (size_t)n);
+    }
+    int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+    buf_t b = {0};
+    buf_u32(&b, (uint32_t)code);
+    buf_u32(&b, (uint32_t)sig);
+    send_buf(T_EXIT, &b);
+out:
+    free(chunk);
+    free(pending.p);
+    int *fds[] = {outp, errp, statp, inp};
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 2; j++)
+            if (fds[i][j] >= 0) close(fds[i][j]);
+    free_strlist(argv);
+    free_strlist(env);
+    free(user);
+    free(workdir);
+}
+
+/* SPAWN: starts the sandbox's main program in the background, its output on the console. */
+static void do_spawn(rd_t *r) {
+    char **argv = rd_strlist(r, NULL);
+    char **env = rd_strlist(r, NULL);
+    char *user = rd_str(r), *workdir = rd_str(r);
+    rd_u8(r);
+    int statp[2] = {-1, -1};
+    const char *root = exec_root();
+    if (r->bad || !argv[0]) {
+        send_error("SPAWN: malformed request");
+    } else if (!root) {
+        send_error("SPAWN before SANDBOX");
+    } else if (entry_pid > 0) {
+        send_error("SPAWN: the entrypoint is already running");
+    } else if (pipe2(statp, O_CLOEXEC) < 0) {
+        send_error("SPAWN: pipe: %s", strerror(errno));
+    } else {
+        pid_t pid = fork();
+        if (pid == 0) {
+            int con = stdio_mode ? dup(2) : open("/dev/console", O_WRONLY | O_NOCTTY);
+            int devnull = open("/dev/null", O_RDONLY);
+            if (devnull >= 0) dup2(devnull, 0);
+            if (con >= 0) {
+                dup2(con, 1);
+                dup2(con, 2);
+            }
+            exec_child(root, argv, env, user, workdir, statp[1]);
+        }
+        close(statp[1]);
+        char failmsg[4096];
+        if (pid < 0) {
+            send_error("SPAWN: fork: %s", strerror(errno));
+        } else if (read_msg(statp[0], failmsg, sizeof failmsg) > 0) {
+            while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
+            send_error("%s", failmsg);
+        } else {
+            entry_pid = pid;
+            send_frame(T_OK, NULL, 0);
+        }
+        close(statp[0]);
+    }
+    free_strlist(argv);
+    free_strlist(env);
+    free(user);
+    free(workdir);
+}
+
+static void do_attach(rd_t *r) {
+    uint64_t hi = rd_u32(r), lo = rd_u32(r);
+    if (r->bad) {
+        send_error("ATTACH: malformed request");
+        return;
+    }
+    uint64_t ns = (hi << 32) | lo;
+    if (!stdio_mode && ns) {
+        struct timespec ts = {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)};
+        clock_settime(CLOCK_REALTIME, &ts);
+    }
+    buf_t hello = {0};
+    unsigned char v[2] = {PROTOCOL_VERSION >> 8, PROTOCOL_VERSION & 0xff};
+    buf_put(&hello, v, 2);
+    buf_str(&hello, "tl-agent");
+    send_buf(T_HELLO, &hello);
+}
+
+/* busybox (the initramfs's, or $TL_TAR's) runs the archives inside the chroot through an fd
+ * opened before it: the sandbox's rootfs need not have a tar. */
+static int open_busybox(void) {
+    const char *tar = getenv("TL_TAR");
+    return open(tar ? tar : "/bin/busybox", O_RDONLY | O_CLOEXEC);
+}
+
+static void report_fail(int fd, const char *fmt, ...) {
+    char msg[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(msg + 1, sizeof msg - 1, fmt, ap);
+    va_end(ap);
+    msg[0] = 'E';
+    if (n > (int)sizeof msg - 2) n = sizeof msg - 2;
+    if (write(fd, msg, (size_t)n + 1) < 0) { /* nothing left to report to */ }
+    _exit(127);
+}
+
+static char *const no_env[] = {"PATH=/bin", NULL};
+
+/* PUT: the host's archive lands at `dest` (inside it when it is a directory, with `name`). */
+static void do_put(rd_t *r) {
+    char *dest = rd_str(r), *name = rd_str(r);
+    const char *root = exec_root();
+    int rep[2] = {-1, -1}, inp[2] = {-1, -1}, errp[2] = {-1, -1}, bb = -1;
+    if (r->bad || dest[0] != '/' || !name[0] || strchr(name, '/')) {
+        send_error("PUT: malformed request");
+        goto out;
+    }
+    if (!root) {
+        send_error("PUT before SANDBOX");
+        goto out;
+    }
+    if ((bb = open_busybox()) < 0 || pipe2(rep, O_CLOEXEC) || pipe2(inp, O_CLOEXEC) ||
+        pipe2(errp, O_CLOEXEC)) {
+        send_error("PUT: %s", strerror(errno));
+        goto out;
+    }
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(inp[0], 0);
+        dup2(errp[1], 1);
+        dup2(errp[1], 2);
+        if (strcmp(root, "/") != 0 && (chroot(root) < 0 || chdir("/") < 0))
+            report_fail(rep[1], "chroot %s: %s", root, strerror(errno));
+        char target[4096], parent[4096];
+        struct stat st;
+        size_t dl = strlen(dest);
+        while (dl > 1 && dest[dl - 1] == '/' && dest[dl - 2] == '/') dest[--dl] = 0;
+        if (stat(dest, &st) == 0 && S_ISDIR(st.st_mode)) {
+            while (dl > 0 && dest[dl - 1] == '/') dest[--dl] = 0;
+            snprintf(target, sizeof target, "%s/%s", dest, name);
+        } else if (dest[dl - 1] == '/') {
+            report_fail(rep[1], "%s: no such directory in the sandbox", dest);
+        } else {
+            snprintf(target, sizeof target, "%s", dest);
+        }
+        snprintf(parent, sizeof parent, "%s", target);
+        char *dir = dirname(parent);
+        if (chdir(dir) < 0) report_fail(rep[1], "%s: no such directory in the sandbox", dir);
+        char msg[4100];
+        int n = snprintf(msg, sizeof msg, "T%s", target);
+        if (write(rep[1], msg, (size_t)n) < 0) _exit(127);
+        umask(0);
+        char *args[] = {"tar", "-x", "--numeric-owner", "-f", "-", NULL};
+        fexecve(bb, args, no_env);
+        report_fail(rep[1], "exec tar: %s", strerror(errno));
+    }
+    close(rep[1]);
+    close(inp[0]);
+    close(errp[1]);
+    rep[1] = inp[0] = errp[1] = -1;
+    char msg[4200];
+    if (pid < 0 || read_msg(rep[0], msg, sizeof msg) <= 0 || msg[0] != 'T') {
+        if (pid > 0) while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
+        send_error("PUT: %s", pid < 0 ? strerror(errno) : msg[0] ? msg + 1 : "tar failed to start");
+        goto out;
+    }
+    buf_t b = {0};
+    buf_str(&b, msg + 1);
+    send_buf(T_PATH, &b);
+    int ok = 1;
+    for (;;) {
+        unsigned char *payload;
+        size_t n;
+        int t = recv_frame(&payload, &n);
+        if (t < 0) {
+            kill(pid, SIGKILL);
+            channel_up = 0;
+            ok = 0;
+            break;
+        }
+        int end = t != T_TAR || n == 0;
+        if (t == T_TAR && n && ok && write_all(inp[1], payload, n) < 0) ok = 0;
+        free(payload);
+        if (end) {
+            if (t != T_TAR) ok = 0;
+            break;
+        }
+    }
+    close(inp[1]);
+    inp[1] = -1;
+    char errmsg[4096];
+    read_msg(errp[0], errmsg, sizeof errmsg);
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+    if (ok && WIFEXITED(status) && WEXITSTATUS(status) == 0) send_frame(T_OK, NULL, 0);
+    else send_error("PUT: tar -x failed (status %d): %s", status, errmsg);
+out:
+    if (bb >= 0) close(bb);
+    int *fds[] = {rep, inp, errp};
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 2; j++)
+            if (fds[i][j] >= 0) close(fds[i][j]);
+    free(dest);
+    free(name);
+}
+
+/* GET: `path` as a tar stream whose top entry is its base name ("." for the root). */
+static void do_get(rd_t *r) {
+    char *path = rd_str(r);
+    const char *root = exec_root();
+    int rep[2] = {-1, -1}, outp[2] = {-1, -1}, errp[2] = {-1, -1}, bb = -1;
+    if (r->bad || path[0] != '/') {
+        send_error("GET: malformed request");
+        goto out;
+    }
+    if (!root) {
+        send_error("GET before SANDBOX");
+        goto out;
+    }
+    if ((bb = open_busybox()) < 0 || pipe2(rep, O_CLOEXEC) || pipe2(outp, O_CLOEXEC) ||
+        pipe2(errp, O_CLOEXEC)) {
+        send_error("GET: %s", strerror(errno));
+        goto out;
+    }
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(outp[1], 1);
+        dup2(errp[1], 2);
+        int devnull = open("/dev/null", O_RDONLY);
+        if (devnull >= 0) dup2(devnull, 0);
+        if (strcmp(root, "/") != 0 && (chroot(root) < 0 || chdir("/") < 0))
+            report_fail(rep[1], "chroot %s: %s", root, strerror(errno));
+        struct stat st;
+        if (lstat(path, &st) < 0) report_fail(rep[1], "%s: %s", path, strerror(errno));
+        char d[4096], b[4096];
+        snprintf(d, sizeof d, "%s", path);
+        snprintf(b, sizeof b, "%s", path);
+        char *dir = dirname(d), *base = basename(b);
+        if (strcmp(base, "/") == 0) base = ".";
+        if (chdir(dir) < 0) report_fail(rep[1], "%s: %s", dir, strerror(errno));
+        if (write(rep[1], "T", 1) < 0) _exit(127);
+        char *args[] = {"tar", "-c", "-f", "-", base, NULL};
+        fexecve(bb, args, no_env);
+        report_fail(rep[1], "exec tar: %s", strerror(errno));
+    }
+    close(rep[1]);
+    close(outp[1]);
+    close(errp[1]);
+    rep[1] = outp[1] = errp[1] = -1;
+    char msg[4200];
+    if (pid < 0 || read_msg(rep[0], msg, sizeof msg) <= 0 || msg[0] != 'T') {
+        if (pid > 0) while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
+        send_error("GET: %s", pid < 0 ? strerror(errno) : msg[0] ? msg + 1 : "tar failed to start");
+        goto out;
+    }
+    unsigned char *chunk = malloc(CHUNK);
+    ssize_t n;
+    while ((n = read(outp[0], chunk, CHUNK)) != 0) {
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            break;
+        }
+        send_frame(T_TAR, chunk, (size_t)n);
+    }
+    free(chunk);
+    char errmsg[4096];
+    read_msg(errp[0], errmsg, sizeof errmsg);
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) send_frame(T_OK, NULL, 0);
+    else send_error("GET: tar -c failed (status %d): %s", status, errmsg);
+out:
+    if (bb >= 0) close(bb);
+    int *fds[] = {rep, outp, errp};
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 2; j++)
+            if (fds[i][j] >= 0) close(fds[i][j]);
+    free(path);
+}
+
+/* Between requests in sandbox mode: reap the entrypoint, and ride out a host that went away
+ * (the virtio port reports POLLHUP until a host connects again). */
+static void idle_wait(void) {
+    for (;;) {
+        check_entry();
+        struct pollfd pf[2] = {{chan_in, POLLIN, 0}, {sigchld_pipe[0], POLLIN, 0}};
+        if (poll(pf, 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            return;
+        }
+        if (pf[1].revents & POLLIN) drain_fd(sigchld_pipe[0]);
+        if (pf[0].revents & POLLHUP) {
+            if (stdio_mode) return;
+            channel_up = 0;
+            usleep(50000);
+            continue;
+        }
+        if (pf[0].revents & (POLLIN | POLLERR)) {
+            channel_up = 1;
+            return;
+        }
+    }
+}
+
 /* ---- main loop ---- */
 
 int main(int argc, char **argv) {
@@ -692,6 +1273,11 @@ int main(int argc, char **argv) {
     fcntl(chan_in, F_SETFD, FD_CLOEXEC);
     fcntl(chan_out, F_SETFD, FD_CLOEXEC);
     signal(SIGPIPE, SIG_IGN);
+    if (pipe2(sigchld_pipe, O_CLOEXEC | O_NONBLOCK) < 0) die("pipe: %s", strerror(errno));
+    struct sigaction sa = {0};
+    sa.sa_handler = on_sigchld;
+    sa.sa_flags = SA_RESTART | SA_NOCLDSTOP;
+    sigaction(SIGCHLD, &sa, NULL);
 
     buf_t hello = {0};
     unsigned char v[2] = {PROTOCOL_VERSION >> 8, PROTOCOL_VERSION & 0xff};
@@ -702,8 +1288,15 @@ int main(int argc, char **argv) {
     for (;;) {
         unsigned char *payload;
         size_t n;
+        if (sandbox_mode) idle_wait();
         int t = recv_frame(&payload, &n);
-        if (t < 0) break;
+        if (t < 0) {
+            if (sandbox_mode && !stdio_mode) {
+                channel_up = 0;
+                continue; /* the host comes back with ATTACH */
+            }
+            break;
+        }
         rd_t r = {payload, n, 0, 0};
         switch (t) {
         case T_MOUNT: do_mount(&r); break;
@@ -711,6 +1304,25 @@ int main(int argc, char **argv) {
         case T_RUN: do_run(&r); break;
         case T_EXPORT: do_export(&r); break;
         case T_KILL: send_frame(T_OK, NULL, 0); break; /* no step running: nothing to kill */
+        case T_SANDBOX: do_sandbox(&r); break;
+        case T_EXEC: do_exec(&r); break;
+        case T_SPAWN: do_spawn(&r); break;
+        case T_PUT: do_put(&r); break;
+        case T_GET: do_get(&r); break;
+        case T_ATTACH: do_attach(&r); break;
+        case T_FREEZE:
+            if (!stdio_mode) {
+                sync();
+                kill(-1, SIGSTOP); /* every process but init and the agent */
+            }
+            send_frame(T_OK, NULL, 0);
+            break;
+        case T_THAW:
+            if (!stdio_mode) kill(-1, SIGCONT);
+            send_frame(T_OK, NULL, 0);
+            break;
+        case T_STDIN: /* after its EXEC ended: nothing reads it */
+        case T_TAR: break;
         case T_SHUTDOWN:
             send_frame(T_OK, NULL, 0);
             free(payload);

@@ -1,8 +1,16 @@
-"""Pins runner/PROTOCOL.md (version 1): golden bytes, round trips, rejection rules."""
+"""Pins runner/PROTOCOL.md (version 2): golden bytes, round trips, rejection rules, and the real
+agent (compiled here, run in `--stdio` mode) answering the version 2 sandbox requests."""
 
 from __future__ import annotations
 
+import io
+import shutil
 import struct
+import subprocess
+import tarfile
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -14,8 +22,8 @@ text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=
 texts = st.lists(text, max_size=6).map(tuple)
 
 
-def test_version_is_one():
-    assert P.PROTOCOL_VERSION == 1
+def test_version_is_two():
+    assert P.PROTOCOL_VERSION == 2
 
 
 def test_run_frame_golden_bytes_match_the_spec_example():
@@ -34,7 +42,26 @@ def test_run_frame_golden_bytes_match_the_spec_example():
 
 def test_hello_golden_bytes():
     wire = P.encode_frame(P.encode_hello())
-    assert wire == bytes.fromhex("01000000 0000000e 0001 00000008") + b"tl-agent"
+    assert wire == bytes.fromhex("01000000 0000000e 0002 00000008") + b"tl-agent"
+
+
+def test_v2_golden_bytes():
+    exec_ = P.encode_exec(P.ExecMsg(("true",), ("PATH=/bin",), "root", "/", stdin=True))
+    assert P.encode_frame(exec_) == bytes.fromhex(
+        "87 00 0000 0000002b"
+        "00000001 00000004 74727565"
+        "00000001 00000009 504154483d2f62696e"
+        "00000004 726f6f74"
+        "00000001 2f"
+        "01".replace(" ", "")
+    )
+    assert P.encode_frame(P.encode_attach(0x0102030405060708)) == bytes.fromhex(
+        "8d000000 00000008 0102030405060708")
+    assert P.encode_frame(P.encode_put("/tmp", "f")) == bytes.fromhex(
+        "88000000 0000000d 00000004 2f746d70 00000001 66".replace(" ", ""))
+    assert P.encode_frame(P.encode_sandbox(P.SandboxMsg("/tl/root", True, "h"))) == bytes.fromhex(
+        "8f000000 00000012 00000008 2f746c2f726f6f74 01 00000001 68".replace(" ", ""))
+    assert P.encode_frame(P.encode_stdin(b"")) == bytes.fromhex("8a000000 00000000")
 
 
 @given(texts.filter(bool), texts, text, text, st.booleans())
@@ -43,6 +70,28 @@ def test_run_round_trip(argv, env, user, workdir, network):
     frames, rest = P.decode_frames(P.encode_frame(P.encode_run(msg)))
     assert rest == b"" and len(frames) == 1
     assert P.decode_run(frames[0]) == msg
+
+
+@given(texts.filter(bool), texts, text, text, st.booleans())
+def test_exec_and_spawn_round_trip(argv, env, user, workdir, stdin):
+    msg = P.ExecMsg(argv, env, user, workdir, stdin)
+    assert P.decode_exec(P.encode_exec(msg)) == msg
+    assert P.decode_exec(P.encode_spawn(msg)) == msg
+
+
+@given(text, st.booleans(), text, text, text, st.integers(0, 2**64 - 1))
+def test_v2_round_trips(root, network, hostname, dest, name, ns):
+    assert P.decode_sandbox(P.encode_sandbox(P.SandboxMsg(root, network, hostname))) == \
+        P.SandboxMsg(root, network, hostname)
+    assert P.decode_put(P.encode_put(dest, name)) == (dest, name)
+    assert P.decode_path(P.encode_path(dest)) == dest
+    assert P.decode_attach(P.encode_attach(ns)) == ns
+
+
+def test_exec_flags_beyond_stdin_are_rejected():
+    frame = P.encode_exec(P.ExecMsg(("x",), (), "root", "/"))
+    with pytest.raises(P.ProtocolError, match="unknown EXEC flags 0x02"):
+        P.decode_exec(P.Frame(P.FrameType.EXEC, frame.payload[:-1] + b"\x02"))
 
 
 @given(texts.filter(bool), text, text, text)
@@ -74,8 +123,8 @@ def test_decode_frames_handles_any_split(frames, cut):
 
 
 def test_version_mismatch_is_rejected():
-    with pytest.raises(P.ProtocolError, match="version 2; this host speaks 1") as e:
-        P.decode_hello(P.encode_hello(version=2))
+    with pytest.raises(P.ProtocolError, match="version 1; this host speaks 2") as e:
+        P.decode_hello(P.encode_hello(version=1))
     assert "stale" in (e.value.hint or "")
 
 
@@ -113,3 +162,150 @@ def test_nul_in_strings_is_refused_on_encode():
 def test_oversized_frame_is_refused_on_encode():
     with pytest.raises(P.ProtocolError, match="exceeds"):
         P.encode_frame(P.Frame(P.FrameType.TAR, b"x" * (P.MAX_PAYLOAD + 1)))
+
+
+# --- the real agent, version 2 requests, in --stdio mode (no VM: the root is "/") -------------
+
+
+@pytest.fixture(scope="module")
+def agent_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed (apt-get install gcc libc6-dev)")
+    out = tmp_path_factory.mktemp("agent") / "agent"
+    src = Path(__file__).resolve().parents[2] / "runner" / "agent.c"
+    subprocess.run([gcc, "-static", "-Os", "-o", str(out), str(src)], check=True,
+                   capture_output=True)
+    return out
+
+
+class Agent:
+    def __init__(self, binary: Path, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen([str(binary), "--stdio"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env={"PATH": "/usr/bin:/bin", **(env or {})})
+        self.reader = P.FrameReader(self.proc.stdout)
+        self.err = bytearray()
+        self.drain = threading.Thread(target=self._drain, daemon=True)
+        self.drain.start()
+        assert P.decode_hello(self.reader.read()).version == 2
+
+    def _drain(self) -> None:
+        while chunk := self.proc.stderr.read1(4096):
+            self.err += chunk
+
+    def stderr_text(self) -> str:
+        return bytes(self.err).decode()
+
+    def send(self, frame: P.Frame) -> None:
+        self.proc.stdin.write(P.encode_frame(frame))
+        self.proc.stdin.flush()
+
+    def until(self, *types: P.FrameType) -> list[P.Frame]:
+        frames = []
+        while True:
+            f = self.reader.read()
+            frames.append(f)
+            if f.type in types:
+                return frames
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(10)
+        self.drain.join(10)
+
+
+def _out(frames: list[P.Frame], t: P.FrameType) -> bytes:
+    return b"".join(f.payload for f in frames if f.type is t)
+
+
+def test_agent_exec_streams_takes_stdin_and_does_not_wait_for_background_writers(agent_bin):
+    a = Agent(agent_bin)
+    a.send(P.encode_exec(P.ExecMsg(("sh", "-c", "echo out; echo err >&2; tr a-z A-Z; exit 3"),
+                                   ("PATH=/usr/bin:/bin",), "root", "/", stdin=True)))
+    a.send(P.encode_stdin(b"piped "))
+    a.send(P.encode_stdin(b"input\n"))
+    a.send(P.encode_stdin(b""))
+    frames = a.until(P.FrameType.EXIT, P.FrameType.ERROR)
+    assert P.decode_exit(frames[-1]) == P.Exit(3, 0)
+    assert _out(frames, P.FrameType.STDOUT) == b"out\nPIPED INPUT\n"
+    assert _out(frames, P.FrameType.STDERR) == b"err\n"
+    # A background process keeps stdout open: EXIT still follows the program's own exit.
+    a.send(P.encode_exec(P.ExecMsg(("sh", "-c", "sleep 30 & echo started"), ("PATH=/usr/bin:/bin",),
+                                   "root", "/")))
+    frames = a.until(P.FrameType.EXIT, P.FrameType.ERROR)
+    assert P.decode_exit(frames[-1]).code == 0 and _out(frames, P.FrameType.STDOUT) == b"started\n"
+    a.send(P.encode_exec(P.ExecMsg(("no-such-program",), ("PATH=/usr/bin:/bin",), "root", "/")))
+    err = a.until(P.FrameType.EXIT, P.FrameType.ERROR)[-1]
+    assert "executable file not found" in P.decode_error(err)
+    a.send(P.encode_attach(0))
+    assert P.decode_hello(a.until(P.FrameType.HELLO)[-1]).version == 2
+    a.send(P.encode_freeze())  # no-ops on a host, but answered
+    a.send(P.encode_thaw())
+    assert [f.type for f in a.until(P.FrameType.OK)] == [P.FrameType.OK]
+    assert [f.type for f in a.until(P.FrameType.OK)] == [P.FrameType.OK]
+    a.close()
+
+
+def test_agent_kill_during_exec(agent_bin):
+    a = Agent(agent_bin)
+    a.send(P.encode_exec(P.ExecMsg(("sleep", "30"), ("PATH=/usr/bin:/bin",), "root", "/")))
+    a.send(P.encode_kill(15))
+    assert P.decode_exit(a.until(P.FrameType.EXIT)[-1]) == P.Exit(128 + 15, 15)
+    a.close()
+
+
+@pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="busybox-static is not installed")
+def test_agent_put_and_get(agent_bin, tmp_path):
+    a = Agent(agent_bin, {"TL_TAR": "/bin/busybox"})
+    dest = tmp_path / "box"
+    dest.mkdir()
+    a.send(P.encode_put(str(dest) + "/", "notes.txt"))
+    target = P.decode_path(a.until(P.FrameType.PATH, P.FrameType.ERROR)[-1])
+    assert target == f"{dest}/notes.txt"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        ti = tarfile.TarInfo("notes.txt")
+        ti.size, ti.mode = 6, 0o640
+        tf.addfile(ti, io.BytesIO(b"hello\n"))
+    data = buf.getvalue()
+    a.send(P.encode_tar(data[:700]))
+    a.send(P.encode_tar(data[700:]))
+    a.send(P.encode_tar(b""))
+    assert a.until(P.FrameType.OK, P.FrameType.ERROR)[-1].type is P.FrameType.OK
+    assert (dest / "notes.txt").read_text() == "hello\n"
+    assert (dest / "notes.txt").stat().st_mode & 0o777 == 0o640
+
+    a.send(P.encode_put(str(dest / "missing" / "x"), "x"))
+    assert "no such directory" in P.decode_error(a.until(P.FrameType.PATH, P.FrameType.ERROR)[-1])
+
+    a.send(P.encode_get(str(dest)))
+    frames = a.until(P.FrameType.OK, P.FrameType.ERROR)
+    assert frames[-1].type is P.FrameType.OK
+    with tarfile.open(fileobj=io.BytesIO(_out(frames, P.FrameType.TAR))) as tf:
+        names = sorted(m.name.rstrip("/") for m in tf.getmembers())
+    assert names == ["box", "box/notes.txt"]
+    a.send(P.encode_get(str(dest / "nope")))
+    assert "No such file" in P.decode_error(a.until(P.FrameType.OK, P.FrameType.ERROR)[-1])
+    a.close()
+
+
+def test_agent_spawn_reports_the_entrypoint_exit(agent_bin):
+    a = Agent(agent_bin)
+    a.send(P.encode_sandbox(P.SandboxMsg("/", False, "")))
+    assert a.until(P.FrameType.OK, P.FrameType.ERROR)[-1].type is P.FrameType.OK
+    a.send(P.encode_spawn(P.ExecMsg(("nope",), ("PATH=/usr/bin:/bin",), "root", "/")))
+    err = a.until(P.FrameType.OK, P.FrameType.ERROR)[-1]
+    assert "executable file not found" in P.decode_error(err)
+    a.send(P.encode_spawn(P.ExecMsg(("sh", "-c", "echo entry; exit 4"), ("PATH=/usr/bin:/bin",),
+                                    "root", "/")))
+    assert a.until(P.FrameType.OK, P.FrameType.ERROR)[-1].type is P.FrameType.OK
+    # The agent notices the exit between requests (on a host it only reports it).
+    deadline = time.monotonic() + 10
+    while "entrypoint exited" not in a.stderr_text() and time.monotonic() < deadline:
+        a.send(P.encode_attach(0))
+        a.until(P.FrameType.HELLO)
+        time.sleep(0.01)
+    a.close()
+    assert "entry\n" in a.stderr_text()
+    assert "tl-agent: entrypoint exited with status 4\n" in a.stderr_text()

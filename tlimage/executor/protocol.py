@@ -1,4 +1,4 @@
-"""Host side of the guest agent protocol (runner/PROTOCOL.md, version 1).
+"""Host side of the guest agent protocol (runner/PROTOCOL.md, version 2).
 
 Pure encoding and decoding: no I/O beyond the `FrameReader` helper, so the unit tests pin the
 wire format without a VM. The C agent (runner/agent.c) is the other implementation; the two are
@@ -15,13 +15,13 @@ from typing import BinaryIO
 
 from tlimage.errors import ExecutorError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_PAYLOAD = 1 << 20
 HEADER = struct.Struct(">BBHI")  # type, flags (0), reserved (0), payload length
 
 
 class ProtocolError(ExecutorError):
-    """The channel carried something that is not protocol version 1."""
+    """The channel carried something that is not protocol version 2."""
 
 
 class FrameType(IntEnum):
@@ -29,6 +29,7 @@ class FrameType(IntEnum):
     HELLO = 0x01
     OK = 0x02
     ERROR = 0x03
+    PATH = 0x04  # version 2
     STDOUT = 0x10
     STDERR = 0x11
     EXIT = 0x12
@@ -41,6 +42,16 @@ class FrameType(IntEnum):
     SHUTDOWN = 0x84
     KILL = 0x85
     UMOUNT = 0x86
+    # version 2: sandboxes (tlimage/runtime/microvm.py)
+    EXEC = 0x87
+    PUT = 0x88
+    GET = 0x89
+    STDIN = 0x8A
+    FREEZE = 0x8B
+    THAW = 0x8C
+    ATTACH = 0x8D
+    SPAWN = 0x8E
+    SANDBOX = 0x8F
 
 
 @dataclass(frozen=True)
@@ -295,3 +306,115 @@ def decode_export_end(frame: Frame) -> ExportEnd:
     xattrs = tuple((r.str(), r.str(), r.bytes()) for _ in range(r.u32()))
     r.end()
     return ExportEnd(opaque, xattrs)
+
+
+# --- version 2: sandboxes -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExecMsg:
+    """EXEC and SPAWN: a command in the sandbox root. `stdin` says whether STDIN frames follow
+    (else the program reads /dev/null)."""
+
+    argv: tuple[str, ...]
+    env: tuple[str, ...]
+    user: str
+    workdir: str
+    stdin: bool = False
+
+
+@dataclass(frozen=True)
+class SandboxMsg:
+    root: str
+    network: bool
+    hostname: str
+
+
+def _encode_exec(t: FrameType, m: ExecMsg) -> Frame:
+    payload = _strlist(m.argv) + _strlist(m.env) + _str(m.user) + _str(m.workdir)
+    return Frame(t, payload + bytes([1 if m.stdin else 0]))
+
+
+def encode_exec(m: ExecMsg) -> Frame:
+    return _encode_exec(FrameType.EXEC, m)
+
+
+def encode_spawn(m: ExecMsg) -> Frame:
+    return _encode_exec(FrameType.SPAWN, m)
+
+
+def decode_exec(frame: Frame) -> ExecMsg:
+    r = _Reader(frame.payload, frame.type.name)
+    m = ExecMsg(tuple(r.strlist()), tuple(r.strlist()), r.str(), r.str())
+    flags = r.u8()
+    r.end()
+    if flags & ~1:
+        raise ProtocolError(f"unknown {frame.type.name} flags 0x{flags:02x}")
+    return ExecMsg(m.argv, m.env, m.user, m.workdir, bool(flags & 1))
+
+
+def encode_sandbox(m: SandboxMsg) -> Frame:
+    return Frame(FrameType.SANDBOX,
+                 _str(m.root) + bytes([1 if m.network else 0]) + _str(m.hostname))
+
+
+def decode_sandbox(frame: Frame) -> SandboxMsg:
+    r = _Reader(frame.payload, "SANDBOX")
+    m = SandboxMsg(r.str(), bool(r.u8()), r.str())
+    r.end()
+    return m
+
+
+def encode_stdin(data: bytes) -> Frame:
+    """The next bytes of a running EXEC's stdin; empty means end of input."""
+    return Frame(FrameType.STDIN, data)
+
+
+def encode_put(dest: str, name: str) -> Frame:
+    return Frame(FrameType.PUT, _str(dest) + _str(name))
+
+
+def decode_put(frame: Frame) -> tuple[str, str]:
+    r = _Reader(frame.payload, "PUT")
+    dest, name = r.str(), r.str()
+    r.end()
+    return dest, name
+
+
+def encode_get(path: str) -> Frame:
+    return Frame(FrameType.GET, _str(path))
+
+
+def encode_tar(chunk: bytes) -> Frame:
+    """A chunk of an archive (host to guest during PUT); empty ends the archive."""
+    return Frame(FrameType.TAR, chunk)
+
+
+def encode_path(path: str) -> Frame:
+    return Frame(FrameType.PATH, _str(path))
+
+
+def decode_path(frame: Frame) -> str:
+    r = _Reader(frame.payload, "PATH")
+    path = r.str()
+    r.end()
+    return path
+
+
+def encode_attach(unix_ns: int) -> Frame:
+    """Asks the agent to introduce itself again (HELLO) and to set its clock to `unix_ns`."""
+    return Frame(FrameType.ATTACH, struct.pack(">Q", unix_ns))
+
+
+def decode_attach(frame: Frame) -> int:
+    if len(frame.payload) != 8:
+        raise ProtocolError("ATTACH payload must be 8 bytes")
+    return struct.unpack(">Q", frame.payload)[0]
+
+
+def encode_freeze() -> Frame:
+    return Frame(FrameType.FREEZE)
+
+
+def encode_thaw() -> Frame:
+    return Frame(FrameType.THAW)

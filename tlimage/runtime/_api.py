@@ -316,9 +316,12 @@ class Sandbox:
                           "env": merge_env(config["env"], sandbox_env),
                           "user": user or config["user"],
                           "workdir": workdir or config["workdir"]}  # fmt: skip
+                be.set_deadline(rec, None)
+                pids, extra, confirm = be.start(rec, lowers, ep)
+                # The timeout counts from here: a slow boot (TCG) does not eat into it. The
+                # supervisor reads the deadline once it has the confirmation.
                 deadline = None if timeout is None else time.time() + timeout
                 be.set_deadline(rec, deadline)
-                pids, extra, confirm = be.start(rec, lowers, ep)
                 rec = db.transition(sid, [Status.PENDING], Status.RUNNING, pids=pids,
                                     extra={**rec.extra, **extra}, started_at=now(),
                                     deadline=deadline, op_pid=None, op_start=None)  # fmt: skip
@@ -646,17 +649,11 @@ def _snapshot_layer(rec: SandboxRecord, be, n: int, *, running: bool):  # noqa: 
     with LayerCache(rec.cache_dir) as cache, cache.session(purpose="snapshot"):
         tmp = Path(tempfile.mkdtemp(prefix=".snap-", dir=rec.path))
         try:
-            if running:
-                be.freeze(rec)
-            try:
-                upper = tmp / "upper"
-                be.export_upper(rec, upper, lowers)
+            upper = tmp / "upper"
+            with be.frozen_upper(rec, upper, lowers, running):
                 if not any(upper.iterdir()):
                     return None
                 info = layer_from_upper(upper, cache.store)
-            finally:
-                if running:
-                    be.thaw(rec)
             cache.put(f"snapshot/{rec.id}/{n}", info,
                       description=f"snapshot of sandbox {rec.id}")  # fmt: skip
             return info

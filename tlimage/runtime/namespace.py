@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -371,18 +371,28 @@ class NamespaceBackend:
 
     # -- snapshot -------------------------------------------------------------------------
 
-    def export_upper(self, rec: SandboxRecord, dest: Path, lowers: list[Path]) -> None:
+    @contextlib.contextmanager
+    def frozen_upper(self, rec: SandboxRecord, dest: Path, lowers: list[Path],
+                     running: bool) -> Iterator[None]:  # fmt: skip
         """The sandbox's changes as an overlay-style upper at `dest` (which must not exist),
-        without the placeholders the sandbox mounted host files on. The caller freezes the
-        sandbox around this and the layer write: files are hard links into the live upper."""
+        without the placeholders the sandbox mounted host files on. Its files are hard links
+        into the live upper, so a running sandbox stays frozen until the block ends (the
+        caller writes the layer inside it)."""
+        from tlimage.executor.base import normalize_upper
+
         upper = fs_dir(rec) / "upper"
         skip: set[str] = set()
         with contextlib.suppress(OSError, ValueError):
             skip = set(json.loads((rec.path / "placeholders.json").read_text()))
-        link_tree(upper, dest, skip)
-        from tlimage.executor.base import normalize_upper
-
-        normalize_upper(dest, tuple(lowers))
+        if running:
+            self.freeze(rec)
+        try:
+            link_tree(upper, dest, skip)
+            normalize_upper(dest, tuple(lowers))
+            yield
+        finally:
+            if running:
+                self.thaw(rec)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -540,8 +550,9 @@ def _copy_meta(src: str, dest: Path) -> None:
 # --- cp archives: one top-level entry named "_" ----------------------------------------------
 
 
-def write_tar(src: Path, out: IO[bytes]) -> None:
-    """`src` (file, link or tree) as a tar stream with top-level entry `_`, owned by root."""
+def write_tar(src: Path, out: IO[bytes], arcname: str = "_") -> None:
+    """`src` (file, link or tree) as a tar stream with the top-level entry `arcname`, owned
+    by root."""
     if not os.path.lexists(src):
         raise RuntimeError_(f"{src}: no such file or directory")
 
@@ -551,7 +562,7 @@ def write_tar(src: Path, out: IO[bytes]) -> None:
         return ti
 
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tf:
-        tf.add(str(src), arcname="_", recursive=True, filter=as_root)
+        tf.add(str(src), arcname=arcname, recursive=True, filter=as_root)
 
 
 def host_target(dest: Path, name: str) -> Path:
@@ -562,8 +573,9 @@ def host_target(dest: Path, name: str) -> Path:
     return dest
 
 
-def read_tar(stream: IO[bytes], target: Path) -> None:
-    """Extracts a `_`-rooted stream as `target`, owned by the caller. Archives from a sandbox
+def read_tar(stream: IO[bytes], target: Path, top: str = "_") -> None:
+    """Extracts a stream whose entries all sit under `top` as `target`, owned by the caller
+    (`top` "." is the root of a sandbox). Archives from a sandbox
     are untrusted: every entry must land inside `target` after following the links already
     extracted (a planted symlink cannot carry a later entry out), hard links must point inside
     it, device nodes are skipped, and tarfile's `tar` filter clears set-id bits."""
@@ -578,21 +590,24 @@ def read_tar(stream: IO[bytes], target: Path) -> None:
 
     with tarfile.open(fileobj=stream, mode="r|") as tf:
         for m in tf:
-            if m.name != "_" and not m.name.startswith("_/"):
+            name = m.name.rstrip("/")
+            if name != top and not name.startswith(top + "/"):
                 raise RuntimeError_(f"unexpected entry {m.name!r} in the sandbox's archive")
             if m.ischr() or m.isblk():
                 continue
-            dst = folder / (base + m.name[1:])
-            if m.name != "_" and not inside(dst.parent):
+            rest = name[len(top):]
+            dst = folder / (base + rest)
+            if rest and not inside(dst.parent):
                 raise RuntimeError_(f"entry {m.name!r} of the sandbox's archive leads outside "
                                     f"{target}")  # fmt: skip
-            m = m.replace(name=base + m.name[1:], uid=uid, gid=gid, uname="", gname="",
-                          deep=False)  # fmt: skip
+            m = m.replace(name=base + rest, uid=uid, gid=gid, uname="", gname="", deep=False)
             if m.islnk():
-                if not m.linkname.startswith("_/") or not inside(folder / (base + m.linkname[1:])):
+                link = m.linkname.rstrip("/")
+                lrest = link[len(top):]
+                if not link.startswith(top + "/") or not inside(folder / (base + lrest)):
                     raise RuntimeError_(f"hard link {m.name!r} of the sandbox's archive points "
                                         f"outside {target}")  # fmt: skip
-                m = m.replace(linkname=base + m.linkname[1:], deep=False)
+                m = m.replace(linkname=base + lrest, deep=False)
             m = tarfile.tar_filter(m, str(folder))
             if m.isdir() and dst.is_dir() and not dst.is_symlink():
                 continue

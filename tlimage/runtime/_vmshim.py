@@ -1,0 +1,381 @@
+"""The supervisor of one microVM sandbox: `python -m tlimage.runtime._vmshim SPEC.json`.
+
+One shim per VM, started detached (`setsid -f`) by runtime/microvm.py; QEMU is its child and
+dies with it (PR_SET_PDEATHSIG). The shim:
+
+- boots the VM (or restores it from a suspend file with `-incoming defer`, connecting the
+  agent's channel before the guest runs, so the guest never sees its host leave), mounts the
+  sandbox root and starts the entrypoint;
+- reports `ready {"shim": pid, "qemu": pid}` on the socket `sock_fd` and waits for `go` (a
+  creator that dies first never sends it, and the shim ends the VM);
+- holds the agent's channel for the VM's whole life and lends it to one client at a time on
+  `<run dir>/shim.sock`, forwarding frames verbatim. It follows each request to its terminal
+  frame, so a client that disconnects mid-request is cleaned up after: a running EXEC is
+  killed, a half-sent PUT is ended, a FREEZE is undone, the rest of a reply is discarded;
+- ends the VM on SIGTERM or when the deadline in `deadline_file` passes, and writes
+  `exit_file` (reason, exit code) when the VM ends for any reason other than a suspend (the
+  suspending client writes `suspended` in the sandbox folder before it quits QEMU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tlimage.executor import protocol as P
+
+PR_SET_PDEATHSIG = 1
+T = P.FrameType
+TERMINAL = {T.OK, T.ERROR, T.EXIT, T.EXPORT_END, T.HELLO}
+ENTRY_EXIT = re.compile(rb"tl-agent: entrypoint exited with status (\d+)")
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def write_atomic(path: str, data: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class Agent:
+    """The VM end: frames over QEMU's virtio-serial socket."""
+
+    def __init__(self, path: str, deadline: float, proc: subprocess.Popen) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("QEMU exited during start-up")
+            try:
+                self.sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("QEMU did not open its channel socket") from None
+                time.sleep(0.005)
+        self.buf = b""
+
+    def send(self, frame: P.Frame) -> None:
+        self.sock.sendall(P.encode_frame(frame))
+
+    def feed(self) -> list[P.Frame]:
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise EOFError("the guest channel closed")
+        frames, self.buf = P.decode_frames(self.buf + data)
+        return frames
+
+    def recv(self, deadline: float) -> P.Frame:
+        while True:
+            if len(self.buf) >= P.HEADER.size:
+                t, length = P.decode_header(self.buf[: P.HEADER.size])
+                end = P.HEADER.size + length
+                if len(self.buf) >= end:
+                    frame = P.Frame(t, self.buf[P.HEADER.size : end])
+                    self.buf = self.buf[end:]
+                    return frame
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(1 << 20)
+            finally:
+                self.sock.settimeout(None)
+            if not data:
+                raise EOFError("the guest channel closed")
+            self.buf += data
+
+    def request(self, frame: P.Frame, deadline: float) -> P.Frame:
+        self.send(frame)
+        reply = self.recv(deadline)
+        if reply.type is T.ERROR:
+            raise RuntimeError(P.decode_error(reply))
+        return reply
+
+
+class Shim:
+    def __init__(self, spec: dict) -> None:
+        self.spec = spec
+        self.run = Path(spec["run_dir"])
+        self.dir = Path(spec["dir"])
+        self.proc: subprocess.Popen | None = None
+        self.agent: Agent | None = None
+        self.client: socket.socket | None = None
+        self.cbuf = b""
+        self.pending: str | None = None  # the client's request in progress, by kind
+        self.put_open = False  # PUT got its PATH: TAR frames flow to the guest
+        self.frozen = False
+        self.orphan = False  # the client left mid-request: discard until its terminal frame
+
+    # -- start ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        spec = self.spec
+        argv = list(spec["qemu_argv"])
+        if spec.get("incoming"):
+            argv += ["-incoming", "defer"]
+        log = open(self.dir / "qemu.log", "ab")
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         preexec_fn=_die_with_parent)  # fmt: skip
+        finally:
+            log.close()
+        deadline = time.monotonic() + spec["boot_timeout"]
+        self.agent = Agent(str(self.run / "ctl.sock"), deadline, self.proc)
+        if spec.get("incoming"):
+            self._restore(spec["incoming"], deadline)
+            hello = self.agent.request(P.encode_attach(time.time_ns()), deadline)
+            P.decode_hello(hello)
+            return
+        try:
+            P.decode_hello(self.agent.recv(deadline))
+        except TimeoutError:
+            raise RuntimeError(f"the guest agent did not answer within "
+                               f"{spec['boot_timeout']:g} s") from None  # fmt: skip
+        setup = spec["setup"]
+        m = setup["mount"]
+        self.agent.request(P.encode_mount(P.MountRequest(tuple(m["lowers"]), m["upper"],
+                                                         m["work"], m["target"])), deadline)
+        sb = setup["sandbox"]
+        self.agent.request(P.encode_sandbox(P.SandboxMsg(sb["root"], sb["network"],
+                                                         sb["hostname"])), deadline)
+        ep = setup.get("entrypoint")
+        if ep:
+            self.agent.request(P.encode_spawn(P.ExecMsg(tuple(ep["argv"]), tuple(ep["env"]),
+                                                        ep["user"], ep["workdir"])), deadline)
+
+    def _restore(self, state: str, deadline: float) -> None:
+        from tlimage.runtime.microvm import QMP, wait_migration
+
+        qmp = QMP(str(self.run / "qmp.sock"), deadline)
+        try:
+            qmp.command("migrate-set-capabilities", capabilities=[
+                {"capability": "x-ignore-shared", "state": True}])
+            qmp.command("migrate-incoming", uri=f"exec:cat {_quote(state)}")
+            wait_migration(qmp, deadline, incoming=True)
+            qmp.command("cont")
+        finally:
+            qmp.close()
+
+    # -- serving --------------------------------------------------------------------------
+
+    def listen(self) -> socket.socket:
+        """The clients' socket, bound before the shim reports ready."""
+        listener = socket.socket(socket.AF_UNIX)
+        path = self.run / "shim.sock"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        listener.bind(str(path))
+        listener.listen(16)
+        return listener
+
+    def serve(self, listener: socket.socket) -> None:
+        assert self.proc is not None and self.agent is not None
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ, "accept")
+        sel.register(self.agent.sock, selectors.EVENT_READ, "agent")
+        pidfd = os.pidfd_open(self.proc.pid)
+        sel.register(pidfd, selectors.EVENT_READ, "qemu")
+        sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(sig_w)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, lambda *_: None)
+        sel.register(sig_r, selectors.EVENT_READ, "signal")
+        listening = True
+        while True:
+            deadline = self._deadline()
+            if deadline is not None and time.time() >= deadline:
+                self.end("timeout")
+            wait = 3600.0 if deadline is None else min(3600.0, max(0.0, deadline - time.time()))
+            for key, _ in sel.select(wait):
+                what = key.data
+                if what == "signal":
+                    os.read(sig_r, 64)
+                    self.end("terminated")
+                elif what == "qemu":
+                    self.vm_exited()
+                elif what == "accept" and self.client is None and not self.orphan:
+                    self.client, _ = listener.accept()
+                    self.cbuf = b""
+                    sel.register(self.client, selectors.EVENT_READ, "client")
+                elif what == "client":
+                    self.from_client(sel)
+                elif what == "agent":
+                    try:
+                        frames = self.agent.feed()
+                    except (EOFError, OSError):
+                        self.vm_exited()
+                        continue
+                    for f in frames:
+                        self.from_agent(f)
+            # One client at a time (and none while an abandoned request drains): the others
+            # wait in the listen backlog.
+            busy = self.client is not None or self.orphan
+            if busy and listening:
+                sel.unregister(listener)
+                listening = False
+            elif not busy and not listening:
+                sel.register(listener, selectors.EVENT_READ, "accept")
+                listening = True
+
+    def from_client(self, sel: selectors.BaseSelector) -> None:
+        assert self.client is not None and self.agent is not None
+        try:
+            data = self.client.recv(1 << 20)
+        except OSError:
+            data = b""
+        if not data:
+            self.drop_client(sel)
+            return
+        try:
+            frames, self.cbuf = P.decode_frames(self.cbuf + data)
+        except P.ProtocolError:
+            self.drop_client(sel)
+            return
+        for f in frames:
+            if self.pending is None:
+                self.pending = {T.EXEC: "exec", T.RUN: "exec", T.PUT: "put"}.get(f.type, "other")
+                self.put_open = False
+                if f.type is T.FREEZE:
+                    self.frozen = True
+                elif f.type is T.THAW:
+                    self.frozen = False
+            self.agent.send(f)
+
+    def from_agent(self, f: P.Frame) -> None:
+        if f.type is T.PATH and self.pending == "put":
+            self.put_open = True
+        elif f.type in TERMINAL and self.pending is not None:
+            self.pending = None
+            self.put_open = False
+            if self.orphan:
+                self.orphan = False
+                if self.frozen:
+                    self.frozen = False
+                    self._thaw()
+                return
+        if self.orphan or self.client is None:
+            return
+        try:
+            self.client.sendall(P.encode_frame(f))
+        except OSError:
+            pass  # the client is gone; its EOF arrives next
+
+    def drop_client(self, sel: selectors.BaseSelector) -> None:
+        """The client left: finish what it started so the guest is ready for the next one."""
+        assert self.client is not None and self.agent is not None
+        sel.unregister(self.client)
+        self.client.close()
+        self.client = None
+        if self.pending is not None:
+            self.orphan = True
+            if self.pending == "exec":
+                self.agent.send(P.encode_kill(signal.SIGKILL))
+            elif self.pending == "put" and self.put_open:
+                self.agent.send(P.encode_tar(b""))
+        elif self.frozen:
+            self.frozen = False
+            self._thaw()
+
+    def _thaw(self) -> None:
+        assert self.agent is not None
+        self.agent.send(P.encode_thaw())
+        self.pending, self.orphan = "other", True  # discard its OK
+
+    # -- the end --------------------------------------------------------------------------
+
+    def _deadline(self) -> float | None:
+        try:
+            text = Path(self.spec["deadline_file"]).read_text().strip()
+            return float(text) if text else None
+        except (OSError, ValueError):
+            return None
+
+    def vm_exited(self) -> None:
+        assert self.proc is not None
+        self.proc.wait()
+        if (self.dir / "suspended").exists():
+            self.exit(None)
+        code = None
+        with contextlib.suppress(OSError):
+            tail = (self.dir / "console.log").read_bytes()[-4096:]
+            found = ENTRY_EXIT.findall(tail)
+            if found:
+                code = int(found[-1])
+        if code is not None:
+            self.exit({"reason": "entrypoint exited", "exit_code": code})
+        self.exit({"reason": f"the VM exited (QEMU status {self.proc.returncode})",
+                   "exit_code": None})
+
+    def end(self, reason: str) -> None:
+        self.kill_vm()
+        self.exit({"reason": reason, "exit_code": None})
+
+    def kill_vm(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def exit(self, info: dict | None) -> None:
+        if info is not None:
+            write_atomic(self.spec["exit_file"], json.dumps({**info, "at": time.time()}))
+        self.kill_vm()
+        for name in ("shim.sock", "ctl.sock", "qmp.sock"):
+            with contextlib.suppress(OSError):
+                (self.run / name).unlink()
+        os._exit(0)
+
+
+def _quote(path: str) -> str:
+    import shlex
+
+    return shlex.quote(path)
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    sock = socket.socket(fileno=spec["sock_fd"])
+    shim = Shim(spec)
+    try:
+        shim.start()
+        listener = shim.listen()
+    except Exception as e:  # noqa: BLE001 - every failure is reported to the creator
+        shim.kill_vm()
+        tail = ""
+        with contextlib.suppress(OSError):
+            lines = []
+            for name in ("qemu.log", "console.log"):
+                lines += (shim.dir / name).read_text(errors="replace").strip().splitlines()[-8:]
+            tail = "\n".join("  | " + line for line in lines)
+        sock.sendall(f"error: {e}\n{tail}".encode())
+        os._exit(1)
+    assert shim.proc is not None
+    sock.sendall(("ready " + json.dumps({"shim": os.getpid(), "qemu": shim.proc.pid})).encode())
+    sock.settimeout(60)
+    try:
+        go = sock.recv(16)
+    except OSError:
+        go = b""
+    sock.close()
+    if go != b"go":
+        shim.end("the host did not confirm the start")
+    shim.serve(listener)
+
+
+if __name__ == "__main__":
+    main()
