@@ -322,3 +322,13 @@ def version() -> None:
     from importlib.metadata import version as v
 
     print(v("tlimage"))
+
+
+def _sandbox_commands() -> None:
+    """`tl sbx new/ls/exec/cp/snapshot/clone/suspend/resume/terminate` (tlimage/cli/sandbox.py)."""
+    from tlimage.cli.sandbox import register
+
+    register(sbx)
+
+
+_sandbox_commands()
