@@ -69,7 +69,7 @@ class Agent:
 @pytest.fixture
 def agent(agent_bin):
     a = Agent(agent_bin)
-    assert P.decode_hello(a.reader.read()) == P.Hello(1, "tl-agent")
+    assert P.decode_hello(a.reader.read()) == P.Hello(P.PROTOCOL_VERSION, "tl-agent")
     yield a
     if a.proc.poll() is None:
         a.proc.kill()
