@@ -697,6 +697,11 @@ def reconcile() -> None:
     process died are rolled back. Runs at the start of every CLI command; cheap when nothing
     is live."""
     db = StateDB()
+    global _swept
+    if not _swept:
+        _swept = True
+        with contextlib.suppress(OSError):
+            _sweep(db)
     live = db.list(None, LIVE)
     if not live:
         return
@@ -727,6 +732,37 @@ def reconcile() -> None:
         finally:
             if fd >= 0:
                 os.close(fd)
+
+
+_swept = False
+SWEEP_MIN_AGE = 120.0  # seconds: younger leftovers may belong to a sandbox being created
+
+
+def _sweep(db: StateDB) -> None:
+    """Removes what no record accounts for (once per process): sandbox folders without a row
+    (a crash between creating the folder and inserting the row), mounts under the sandboxes'
+    folder (none are made on the host; a host that shares them must not keep them), and empty
+    cgroups left by a killed start."""
+    root = sandboxes_root()
+    known = {r.id for r in db.list()}
+    cutoff = time.time() - SWEEP_MIN_AGE
+    if root.is_dir():
+        for entry in os.scandir(root):
+            if (entry.name.startswith("sb-") and entry.name not in known
+                    and entry.stat().st_mtime < cutoff):  # fmt: skip
+                shutil.rmtree(entry.path, ignore_errors=True)
+    prefix = str(root) + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for point in sorted((p for p in points if p.startswith(prefix)), reverse=True):
+        import ctypes
+
+        ctypes.CDLL(None).umount2(point.encode(), 2)  # MNT_DETACH
+    from tlimage.runtime._cgroup import stale_cgroups
+
+    for d in stale_cgroups(live={r.id for r in db.list(None, LIVE)}, older_than=cutoff):
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
 
 
 def _rollback(rec: SandboxRecord, be, db: StateDB) -> None:  # noqa: ANN001

@@ -194,3 +194,20 @@ class Cgroup:
             self.kill_all()
             time.sleep(0.01)
         return not left
+
+
+def stale_cgroups(live: set[str], older_than: float) -> list[str]:
+    """Sandbox cgroup folders (any state folder's) not in `live` and created before
+    `older_than`; removing one that still has processes fails, which keeps it."""
+    out = []
+    for base in (ROOT / PARENT, *(ROOT / c / PARENT for c in ("freezer", "cpu", "memory"))):
+        try:
+            entries = list(os.scandir(base))
+        except OSError:
+            continue
+        for e in entries:
+            if e.name.startswith("sb-") and e.name not in live and e.is_dir():
+                with contextlib.suppress(OSError):
+                    if e.stat().st_mtime < older_than:
+                        out.append(e.path)
+    return out

@@ -107,6 +107,60 @@ class Agent:
         return reply
 
 
+class Relay:
+    """What happens to each frame while clients, one at a time, borrow the agent's channel.
+
+    It follows every request to its terminal frame. When a client leaves mid-request, the
+    rest of the reply is discarded (`orphan`) and the guest is brought back to a clean state:
+    a running EXEC gets SIGKILL, a PUT that has its PATH gets its closing empty TAR, and a
+    FREEZE without its THAW is thawed. Pure bookkeeping, so it is tested without a VM."""
+
+    def __init__(self) -> None:
+        self.pending: str | None = None  # the request in progress, by kind
+        self.put_open = False  # the PUT got its PATH: TAR frames flow to the guest
+        self.frozen = False
+        self.orphan = False  # its client left: discard until the terminal frame
+
+    def from_client(self, f: P.Frame) -> None:
+        if self.pending is None:  # a new request (else data for the current one)
+            self.pending = {T.EXEC: "exec", T.RUN: "exec", T.PUT: "put"}.get(f.type, "other")
+            self.put_open = False
+            if f.type is T.FREEZE:
+                self.frozen = True
+            elif f.type is T.THAW:
+                self.frozen = False
+
+    def from_agent(self, f: P.Frame) -> tuple[bool, list[P.Frame]]:
+        """(deliver it to the client, frames to send the agent)."""
+        if f.type is T.PATH and self.pending == "put":
+            self.put_open = True
+        elif f.type in TERMINAL and self.pending is not None:
+            self.pending = None
+            self.put_open = False
+            if self.orphan:
+                self.orphan = False
+                return False, self._thaw_if_frozen()
+            return True, []
+        return not self.orphan, []
+
+    def client_left(self) -> list[P.Frame]:
+        if self.pending is None:
+            return self._thaw_if_frozen()
+        self.orphan = True
+        if self.pending == "exec":
+            return [P.encode_kill(signal.SIGKILL)]
+        if self.pending == "put" and self.put_open:
+            return [P.encode_tar(b"")]
+        return []
+
+    def _thaw_if_frozen(self) -> list[P.Frame]:
+        if not self.frozen:
+            return []
+        self.frozen = False
+        self.pending, self.orphan = "other", True  # its OK is nobody's
+        return [P.encode_thaw()]
+
+
 class Shim:
     def __init__(self, spec: dict) -> None:
         self.spec = spec
@@ -116,10 +170,7 @@ class Shim:
         self.agent: Agent | None = None
         self.client: socket.socket | None = None
         self.cbuf = b""
-        self.pending: str | None = None  # the client's request in progress, by kind
-        self.put_open = False  # PUT got its PATH: TAR frames flow to the guest
-        self.frozen = False
-        self.orphan = False  # the client left mid-request: discard until its terminal frame
+        self.relay = Relay()
 
     # -- start ----------------------------------------------------------------------------
 
@@ -208,7 +259,7 @@ class Shim:
                     self.end("terminated")
                 elif what == "qemu":
                     self.vm_exited()
-                elif what == "accept" and self.client is None and not self.orphan:
+                elif what == "accept" and self.client is None and not self.relay.orphan:
                     self.client, _ = listener.accept()
                     self.cbuf = b""
                     sel.register(self.client, selectors.EVENT_READ, "client")
@@ -224,7 +275,7 @@ class Shim:
                         self.from_agent(f)
             # One client at a time (and none while an abandoned request drains): the others
             # wait in the listen backlog.
-            busy = self.client is not None or self.orphan
+            busy = self.client is not None or self.relay.orphan
             if busy and listening:
                 sel.unregister(listener)
                 listening = False
@@ -247,33 +298,19 @@ class Shim:
             self.drop_client(sel)
             return
         for f in frames:
-            if self.pending is None:
-                self.pending = {T.EXEC: "exec", T.RUN: "exec", T.PUT: "put"}.get(f.type, "other")
-                self.put_open = False
-                if f.type is T.FREEZE:
-                    self.frozen = True
-                elif f.type is T.THAW:
-                    self.frozen = False
+            self.relay.from_client(f)
             self.agent.send(f)
 
     def from_agent(self, f: P.Frame) -> None:
-        if f.type is T.PATH and self.pending == "put":
-            self.put_open = True
-        elif f.type in TERMINAL and self.pending is not None:
-            self.pending = None
-            self.put_open = False
-            if self.orphan:
-                self.orphan = False
-                if self.frozen:
-                    self.frozen = False
-                    self._thaw()
-                return
-        if self.orphan or self.client is None:
-            return
-        try:
-            self.client.sendall(P.encode_frame(f))
-        except OSError:
-            pass  # the client is gone; its EOF arrives next
+        assert self.agent is not None
+        deliver, replies = self.relay.from_agent(f)
+        for r in replies:
+            self.agent.send(r)
+        if deliver and self.client is not None:
+            try:
+                self.client.sendall(P.encode_frame(f))
+            except OSError:
+                pass  # the client is gone; its EOF arrives next
 
     def drop_client(self, sel: selectors.BaseSelector) -> None:
         """The client left: finish what it started so the guest is ready for the next one."""
@@ -281,20 +318,8 @@ class Shim:
         sel.unregister(self.client)
         self.client.close()
         self.client = None
-        if self.pending is not None:
-            self.orphan = True
-            if self.pending == "exec":
-                self.agent.send(P.encode_kill(signal.SIGKILL))
-            elif self.pending == "put" and self.put_open:
-                self.agent.send(P.encode_tar(b""))
-        elif self.frozen:
-            self.frozen = False
-            self._thaw()
-
-    def _thaw(self) -> None:
-        assert self.agent is not None
-        self.agent.send(P.encode_thaw())
-        self.pending, self.orphan = "other", True  # discard its OK
+        for f in self.relay.client_left():
+            self.agent.send(f)
 
     # -- the end --------------------------------------------------------------------------
 

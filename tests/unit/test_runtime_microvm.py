@@ -1,0 +1,173 @@
+"""The microVM backend's host-side pieces without a VM: the shim's relay bookkeeping, the
+QEMU command line, the merged-layer lookup for placeholders, archive framing, and the sweep
+of leftovers no record accounts for."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tlimage.executor import protocol as P
+from tlimage.runtime._vmshim import Relay
+
+T = P.FrameType
+OK, EXIT0 = P.Frame(T.OK), P.encode_exit(P.Exit(0, 0))
+
+
+def test_relay_forwards_a_finished_request_and_asks_for_nothing() -> None:
+    r = Relay()
+    r.from_client(P.encode_exec(P.ExecMsg(("true",), (), "root", "/")))
+    assert r.from_agent(P.Frame(T.STDOUT, b"x")) == (True, [])
+    assert r.from_agent(EXIT0) == (True, [])
+    assert r.pending is None and r.client_left() == []
+
+
+def test_relay_kills_an_abandoned_exec_and_discards_its_output() -> None:
+    r = Relay()
+    r.from_client(P.encode_exec(P.ExecMsg(("sleep", "9"), (), "root", "/")))
+    r.from_client(P.encode_stdin(b"data for the same request"))
+    assert r.client_left() == [P.encode_kill(9)]
+    assert r.orphan
+    assert r.from_agent(P.Frame(T.STDOUT, b"late")) == (False, [])
+    assert r.from_agent(P.encode_exit(P.Exit(137, 9))) == (False, [])
+    assert not r.orphan and r.pending is None
+
+
+def test_relay_closes_an_abandoned_put_only_once_it_has_its_path() -> None:
+    r = Relay()
+    r.from_client(P.encode_put("/tmp", "f"))
+    assert r.client_left() == []  # no PATH yet: the agent answers PATH or ERROR by itself
+    assert r.from_agent(P.encode_path("/tmp/f")) == (False, [])
+    assert r.from_agent(OK) == (False, [])
+    r = Relay()
+    r.from_client(P.encode_put("/tmp", "f"))
+    assert r.from_agent(P.encode_path("/tmp/f")) == (True, [])
+    r.from_client(P.encode_tar(b"half an archive"))
+    assert r.client_left() == [P.encode_tar(b"")]
+    assert r.from_agent(P.encode_error("tar: short read")) == (False, [])
+
+
+def test_relay_thaws_a_guest_its_client_left_frozen() -> None:
+    # frozen, then the client leaves between requests
+    r = Relay()
+    r.from_client(P.encode_freeze())
+    assert r.from_agent(OK) == (True, [])
+    assert r.client_left() == [P.encode_thaw()]
+    assert r.from_agent(OK) == (False, [])  # the THAW's OK is nobody's
+    assert not r.orphan and not r.frozen
+    # frozen, then the client leaves during the EXPORT that follows
+    r = Relay()
+    r.from_client(P.encode_freeze())
+    r.from_agent(OK)
+    r.from_client(P.encode_export("/tl/scratch/upper"))
+    assert r.client_left() == []
+    assert r.from_agent(P.Frame(T.TAR, b"...")) == (False, [])
+    assert r.from_agent(P.encode_export_end(P.ExportEnd((), ()))) == (False, [P.encode_thaw()])
+    assert r.orphan and r.from_agent(OK) == (False, []) and not r.orphan
+    # a THAW the client sent itself clears the flag
+    r = Relay()
+    r.from_client(P.encode_freeze())
+    r.from_agent(OK)
+    r.from_client(P.encode_thaw())
+    r.from_agent(OK)
+    assert r.client_left() == []
+
+
+def test_qemu_command_line(tmp_path: Path) -> None:
+    from tests.unit.test_runtime import record
+    from tlimage.executor.provision import GuestKit
+    from tlimage.runtime.microvm import qemu_argv
+
+    kit = GuestKit(tmp_path / "vmlinuz", tmp_path / "initrd.img", "linux-image-x", "1", "6.1",
+                   "1.35", "k")  # fmt: skip
+    named = record(name="web", tmp=tmp_path, cpus=1.5, memory_mb=768)
+    argv = qemu_argv(named, kit, "tcg", [tmp_path / "l0.img", tmp_path / "l1.img"], True)
+    joined = " ".join(argv)
+    assert f"memory-backend-file,id=mem,size=768M,mem-path={named.dir}/ram,share=on" in joined
+    assert "memory-backend=mem" in joined and argv[argv.index("-smp") + 1] == str(
+        min(2, os.cpu_count() or 1))
+    assert "serial=tl-l0" in joined and "serial=tl-l1" in joined and "serial=tl-scratch" in joined
+    assert "tl.net=1" in joined and "append=on" in joined  # the console survives a resume
+    eph = qemu_argv(record(tmp=tmp_path, network=False), kit, "kvm", [], False)
+    assert "memory-backend" not in " ".join(eph) and "-netdev" not in eph
+    assert eph[eph.index("-accel") + 1] == "kvm"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts are device nodes: mknod needs root")
+def test_placeholder_lookup_sees_the_merged_layers(tmp_path: Path) -> None:
+    from tlimage.runtime.microvm import _exists_in_layers
+
+    low, mid, top = (tmp_path / n for n in ("low", "mid", "top"))
+    for d in (low / "etc", mid / "etc", top):
+        d.mkdir(parents=True)
+    (low / "etc" / "hosts").write_text("x")
+    (low / "etc" / "resolv.conf").write_text("x")
+    os.mknod(mid / "etc" / "resolv.conf", 0o020000, 0)  # a whiteout
+    assert _exists_in_layers([low, mid, top], "etc/hosts")
+    assert not _exists_in_layers([low, mid, top], "etc/resolv.conf")
+    (top / "etc").mkdir()
+    os.setxattr(top / "etc", "trusted.overlay.opaque", b"y")
+    assert not _exists_in_layers([low, mid, top], "etc/hosts")
+    assert not _exists_in_layers([low], "etc/missing")
+
+
+def test_tar_frames_round_trip_through_a_sink_and_a_stream(tmp_path: Path) -> None:
+    from tlimage.runtime.microvm import FRAME_CHUNK, _TarStream, _TarWriter
+    from tlimage.runtime.namespace import read_tar, write_tar
+
+    sent: list[P.Frame] = []
+
+    class Conn:
+        def send(self, f: P.Frame) -> None:
+            sent.append(f)
+
+        def recv(self, _deadline: float | None) -> P.Frame:
+            return sent.pop(0)
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(FRAME_CHUNK * 2 + 17))
+    sink = _TarWriter(Conn())  # type: ignore[arg-type]
+    write_tar(src, sink, arcname="src")
+    sink.flush()
+    assert all(f.type is T.TAR and 0 < len(f.payload) <= FRAME_CHUNK for f in sent)
+    sent.append(OK)
+    first = sent.pop(0)
+    stream = _TarStream(Conn(), first)  # type: ignore[arg-type]
+    read_tar(stream, tmp_path / "out", top="src")
+    assert stream.finish() == OK
+    assert (tmp_path / "out" / "big").read_bytes() == (src / "big").read_bytes()
+
+
+def test_sweep_removes_only_old_unrecorded_folders(tmp_path: Path) -> None:
+    from tests.unit.test_runtime import record
+    from tlimage.runtime import _api
+    from tlimage.runtime._state import StateDB
+
+    root = _api.sandboxes_root()
+    old, young, kept = root / "sb-orphan0001", root / "sb-orphan0002", root / "sb-kept000001"
+    for d in (old, young, kept):
+        d.mkdir(parents=True)
+    past = time.time() - 3600
+    os.utime(old, (past, past))
+    os.utime(kept, (past, past))
+    StateDB().insert(record("sb-kept000001", tmp=root))
+    _api._sweep(StateDB())
+    assert not old.exists() and young.exists() and kept.exists()
+
+
+def test_tar_stream_is_a_raw_stream() -> None:
+    from tlimage.runtime.microvm import _TarStream
+
+    frames = [P.Frame(T.TAR, b"abc"), P.Frame(T.TAR, b"def"), OK]
+
+    class Conn:
+        def recv(self, _d: float | None) -> P.Frame:
+            return frames.pop(0)
+
+    s = _TarStream(Conn(), P.Frame(T.TAR, b"01"))  # type: ignore[arg-type]
+    assert io.BufferedReader(s).read() == b"01abcdef" and s.finish() == OK
