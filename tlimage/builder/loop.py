@@ -16,6 +16,7 @@ them unchanged); see `events.py` for their shapes.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import stat
@@ -29,6 +30,8 @@ from typing import Any
 from tlimage import ir
 from tlimage.builder import context as ctx
 from tlimage.builder.config import ImageConfig
+from tlimage.builder.mounts import Redactor, StepMounts
+from tlimage.builder.mounts import key_inputs as mount_key_inputs
 from tlimage.builder.rootfs import adopt_upper, unpacked_layer
 from tlimage.cache import keys
 from tlimage.errors import ExecutorError, StepFailed, TlimageError
@@ -60,6 +63,9 @@ class BuildOptions:
     ignore: tuple[str, ...] = ()  # .dockerignore-style patterns for the context
     host_ca: str = "auto"  # "auto" | "on" | "off": trust the host's CA bundle in RUN steps
     source: str | None = None  # the file the image came from, recorded in the registry
+    # Values for RUN --mount=type=secret, by id: the bytes, or a file to read them from. They
+    # never enter a key, a layer, the image or the logs (see builder.mounts).
+    secrets: dict[str, Path | bytes] = field(default_factory=dict, repr=False)
     executor: Any = None  # an Executor; default: chosen by `isolation`
 
 
@@ -254,8 +260,15 @@ class Builder:
             except TlimageError as e:
                 raise _at(meta, e) from None
         env = state.config.run_env() if isinstance(step, ir.Run) else {}
+        extra: dict[str, str] = {}
+        if isinstance(step, ir.Run) and step.mounts:
+            try:
+                files, extra = mount_key_inputs(self, step)
+            except TlimageError as e:
+                raise _at(meta, e) from None
         comps = keys.step_components(state.key, _step_obj(step, refs), env=env,
-                                     platform=self.opts.platform, files=files)  # fmt: skip
+                                     platform=self.opts.platform, files=files,
+                                     extra=extra)  # fmt: skip
         key = comps.key()
         self._this_build.append((key, {"step": desc, **comps.to_json()}))
         hit = None if (self.opts.no_cache or meta.force) else self.cache.lookup(key)
@@ -336,10 +349,6 @@ class Builder:
         if not state.layers:
             raise _at(meta, TlimageError("RUN needs a base image with a shell; this stage starts "
                                          "FROM scratch"))  # fmt: skip
-        if step.mounts:
-            raise _at(meta, TlimageError(
-                "RUN mounts (--mount) are not supported by this builder yet",
-                hint="install into the image instead, or drop the mount"))  # fmt: skip
         from tlimage.builder import hostca
 
         lowers = self._lowers(state)
@@ -360,23 +369,42 @@ class Builder:
             workdir = "/"
         tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         partial = {"stdout": b"", "stderr": b""}
+        redactor = Redactor(())
 
         def on_output(stream: str, data: bytes) -> None:
+            data = redactor.feed(stream, data)
+            if not data:
+                return
             self.emit({"event": "build_log", **base_event, "stream": stream,
                        "data": data.decode("utf-8", "replace")})  # fmt: skip
             buf = partial[stream] + data
             *lines, partial[stream] = buf.split(b"\n")
             tail.extend(line.decode("utf-8", "replace") for line in lines)
 
-        req = RunRequest(
-            lowers=lowers, argv=tuple(argv), upper_dir=tmp / "upper", env=tuple(env.items()),
-            user=step.user or config.user, workdir=workdir, timeout=self.opts.step_timeout,
-            network=step.network != "none",
-        )
-        try:
-            result = self.executor.run(req, on_output)
-        except ExecutorError as e:  # could not run: time-out, bad user or workdir, boot failure
-            raise _at(meta, e) from None
+        # Mounts (caches locked, secrets read, context views prepared) last only for this step.
+        with contextlib.ExitStack() as stack:
+            try:
+                mounts = stack.enter_context(StepMounts(self, step, tmp)) if step.mounts else None
+            except TlimageError as e:
+                raise _at(meta, e) from None
+            if mounts is not None:
+                redactor = mounts.redactor
+            req = RunRequest(
+                lowers=lowers, argv=tuple(argv), upper_dir=tmp / "upper",
+                env=tuple(env.items()), user=step.user or config.user, workdir=workdir,
+                timeout=self.opts.step_timeout, network=step.network != "none",
+                mounts=mounts.host if mounts is not None else (),
+            )
+            try:
+                result = self.executor.run(req, on_output)
+            except ExecutorError as e:  # could not run: time-out, bad user or workdir, boot
+                raise _at(meta, e) from None
+            finally:
+                for stream in ("stdout", "stderr"):
+                    if rest := redactor.flush(stream):
+                        self.emit({"event": "build_log", **base_event, "stream": stream,
+                                   "data": rest.decode("utf-8", "replace")})  # fmt: skip
+                        partial[stream] += rest
         if result.exit_code != 0:
             for rest in partial.values():
                 if rest:

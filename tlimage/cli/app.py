@@ -149,10 +149,16 @@ def create(
     cache_dir: CacheDirOpt = None,
     build_arg: BuildArgOpt = None,
     target: TargetOpt = None,
+    secret: Annotated[
+        list[str] | None,
+        typer.Option("--secret", help="A secret for RUN --mount=type=secret, as BuildKit takes "
+                     "it: id=NAME,src=PATH or id=NAME,env=VAR. Repeatable."),
+    ] = None,  # fmt: skip
 ) -> int:
     """Build an image from FILE and register it for sandboxes."""
     from tlimage._paths import project_name
     from tlimage.builder import build_image, error_event
+    from tlimage.builder.mounts import parse_secrets
     from tlimage.errors import TlimageError
 
     if json_:
@@ -178,6 +184,7 @@ def create(
             step_timeout=timeout,
             host_ca=host_ca.value,
             build_args=(opts.get("build_args") or {}),  # type: ignore[arg-type]
+            secrets=parse_secrets(secret or ()),
         )
     except TlimageError as e:
         if json_:

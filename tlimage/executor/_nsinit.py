@@ -7,6 +7,12 @@ namespace until the step exits, undoes its placeholder files and exits with the 
 
 Failures before the step's exec are written to the status fd (closed on exec) and end with exit 127; the
 host reports them as errors rather than as step results. Semantics match runner/agent.c.
+
+RUN mounts (`spec["mounts"]`, see executor.base.HostMount) are set up after the pseudo
+filesystems: views are overlays staged under `spec["scratch"]`, secrets are written to a tmpfs
+there (their bytes arrive on `spec["secrets_fd"]`, never in argv), and each lands on its target
+by a bind mount. Missing targets get stubs that are removed after the step when still empty, so
+the upper never shows a mount point the step did not make.
 """
 
 import json
@@ -57,6 +63,156 @@ def mount(src, target, fstype=None, options="", flags=""):
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {fstype or flags} on {target}: {os.strerror(err)}")
+
+
+def _escape(path):
+    """A path as one overlayfs option value (`:` separates lowers, `,` options)."""
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+def resolve_in_root(root, path, create=None, created=None):
+    """The host path of `path` inside `root`, following symlinks as if `root` were `/` (so an
+    image's absolute or `..` links cannot reach the host). With `create` ("dir" or "file"),
+    missing components are made (folders, and the last one as `create`); each new path is
+    appended to `created`, parents first. Raises OSError for a missing path without `create`."""
+    todo = [p for p in path.split("/") if p not in ("", ".")]
+    done = []
+    hops = 0
+    while todo:
+        name = todo.pop(0)
+        if name == "..":
+            if done:
+                done.pop()
+            continue
+        full = os.path.join(root, *done, name)
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            if create is None:
+                raise
+            if todo or create == "dir":
+                os.mkdir(full, 0o755)
+            else:
+                os.close(os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            created.append(full)
+            done.append(name)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > 40:
+                raise OSError(40, f"too many levels of symbolic links: {path}")
+            link = os.readlink(full)
+            if link.startswith("/"):
+                done = []
+            todo = [p for p in link.split("/") if p not in ("", ".")] + todo
+            continue
+        done.append(name)
+    return os.path.join(root, *done)
+
+
+def read_exact(fd, n):
+    chunks = []
+    while n > 0:
+        b = os.read(fd, min(n, 1 << 20))
+        if not b:
+            raise OSError(5, "secrets pipe closed early")
+        chunks.append(b)
+        n -= len(b)
+    return b"".join(chunks)
+
+
+def setup_mounts(root, scratch, mounts, secrets_fd):
+    """Mount `mounts` (already sorted parents first) into `root`. Returns (mounted, secret_env):
+    per mount its target and the stubs made for it, and the variables to add to the step's
+    environment."""
+    mounted, secret_env = [], {}
+    datas = [read_exact(secrets_fd, m["len"]) if m["kind"] == "secret" else None for m in mounts]
+    if secrets_fd >= 0:
+        os.close(secrets_fd)
+    secret_dir = None
+    for i, m in enumerate(mounts):
+        kind, target = m["kind"], m["target"]
+        if kind == "secret":
+            if m["env"]:
+                secret_env[m["env"]] = datas[i].decode("utf-8", "surrogateescape")
+            if not target:
+                continue
+            if secret_dir is None:
+                secret_dir = os.path.join(scratch, "secrets")
+                os.mkdir(secret_dir, 0o700)
+                mount("tmpfs", secret_dir, "tmpfs", "mode=700", flags="nosuid,nodev,noexec")
+            src = os.path.join(secret_dir, str(i))
+            fd = os.open(src, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, datas[i])
+                os.fchown(fd, m["uid"], m["gid"])
+                os.fchmod(fd, m["mode"])
+            finally:
+                os.close(fd)
+        elif kind == "bind":
+            src = m["source"]
+        elif kind == "view":
+            stage = os.path.join(scratch, f"m{i}")
+            os.mkdir(stage)
+            os.mkdir(stage + "/root")
+            layers = list(m["layers"])
+            opts = ""
+            if m["readonly"] and len(layers) == 1:
+                os.mkdir(stage + "/empty")  # overlayfs needs two lowers when it has no upper
+                layers.append(stage + "/empty")
+            if not m["readonly"]:
+                os.mkdir(stage + "/upper")
+                os.mkdir(stage + "/work")
+                opts = f",upperdir={_escape(stage + '/upper')},workdir={_escape(stage + '/work')}"
+            lowers = ":".join(_escape(p) for p in reversed(layers))
+            mount("overlay", stage + "/root", "overlay",
+                  f"lowerdir={lowers}{opts},redirect_dir=off,metacopy=off,index=off")
+            try:
+                src = resolve_in_root(stage + "/root", m["subpath"])
+            except OSError as e:
+                raise OSError(e.errno, f"mount source {m['subpath']!r} for {target}: "
+                              f"{e.strerror or e}") from None
+        else:
+            src = None
+        is_dir = kind == "tmpfs" or os.path.isdir(src)
+        stubs = []
+        mounted.append((None, stubs))
+        try:
+            dest = resolve_in_root(root, target, "dir" if is_dir else "file", stubs)
+        except OSError as e:
+            raise OSError(e.errno, f"mount target {target}: {e.strerror or e}") from None
+        if kind == "tmpfs":
+            size = f",size={m['size']}" if m.get("size") else ""
+            mount("tmpfs", dest, "tmpfs", f"mode=1777{size}", flags="nosuid,nodev")
+        else:
+            mount(src, dest, flags="bind")
+        mounted[-1] = (dest, stubs)
+        if m["readonly"] and kind != "tmpfs":
+            mount(None, dest, flags="remount,bind,ro,nosuid,nodev")
+    return mounted, secret_env
+
+
+def undo_mounts(mounted):
+    """Unmount, innermost first; a mount's stubs go right after it, while the mounts they were
+    made in are still there (a stub inside a cache mount must leave the cache, not the root)."""
+    for dest, stubs in reversed(mounted):
+        if dest is not None:
+            libc().umount2(dest.encode(), 2)  # MNT_DETACH
+        remove_stubs(stubs)
+
+
+def remove_stubs(stubs):
+    """Remove mount stubs, deepest first, that are still empty (BuildKit's MountStubsCleaner):
+    a folder the step filled stays, and so do its parents."""
+    for p in reversed(stubs):
+        try:
+            st = os.lstat(p)
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(p)  # fails (and keeps it) when not empty
+            elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                os.unlink(p)
+        except OSError:
+            pass
 
 
 def resolve_user(spec):
@@ -175,6 +331,11 @@ def main():
             pass
     except OSError as e:
         fail(f"sandbox setup failed: {e}")
+    try:
+        step_mounts, secret_env = setup_mounts(
+            root, spec.get("scratch", ""), spec.get("mounts", []), spec.get("secrets_fd", -1))
+    except OSError as e:
+        fail(f"RUN --mount: {e.strerror or e}")
 
     env = spec["env"]
     path = next((e[5:] for e in env if e.startswith("PATH=")), "/usr/bin:/bin")
@@ -205,6 +366,7 @@ def main():
             fail(f"set user {spec['user']}: {e.strerror}")
         envd = dict(e.split("=", 1) for e in env)
         envd.setdefault("HOME", home)
+        envd.update(secret_env)
         try:
             os.execve(exe, argv, envd)
         except OSError as e:
@@ -226,6 +388,7 @@ def main():
                 os.kill(-1, signal.SIGKILL)
             except OSError:
                 pass
+    undo_mounts(step_mounts)
     for p in reversed(mounted):
         libc().umount2(p.encode(), 2)  # MNT_DETACH
     for p in created:

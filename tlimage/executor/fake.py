@@ -11,6 +11,14 @@ make build tests meaningful without privileges:
     rm PATH             -> a whiteout for PATH (a 0:0 char device when running as root, else a
                            `.wh.<name>` file: fakes run unprivileged)
     fail TEXT           -> TEXT on stderr, exit 1
+    cat PATH            -> PATH's bytes on stdout (mounts, then the upper, then the lowers);
+                           exit 1 when missing
+    printenv NAME       -> the variable's value and a newline (secrets exposed as env included)
+
+Mounts (`RunRequest.mounts`) behave as the real backends make them behave: `write` under a
+writable bind lands in its host folder (cache mounts persist), under a writable view or a tmpfs
+it is discarded, under a read-only mount or a secret it fails with exit 1; nothing under a mount
+target reaches the upper.
 
 Commands come from `argv` directly, or from `sh -c "a; b"` with `;`-separated commands.
 """
@@ -26,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlimage.errors import ExecutorError
-from tlimage.executor.base import OutputCallback, RunRequest, RunResult, StepTimeout
+from tlimage.executor.base import HostMount, OutputCallback, RunRequest, RunResult, StepTimeout
 
 Handler = Callable[[RunRequest, Path, OutputCallback], int]
 
@@ -36,6 +44,43 @@ def _rel(path: str) -> str:
     if not rel:
         raise ExecutorError(f"fake executor: refusing to touch the root ({path!r})")
     return rel
+
+
+def _mount_at(req: RunRequest, path: str) -> tuple[HostMount, str] | None:
+    """The innermost mount whose target holds `path`, and the path below that target."""
+    norm = os.path.normpath("/" + path.lstrip("/"))
+    for m in reversed(req.sorted_mounts()):
+        t = m.target.rstrip("/")
+        if norm == t or norm.startswith(t + "/"):
+            return m, norm[len(t):].lstrip("/")
+    return None
+
+
+def _read(req: RunRequest, upper: Path, path: str) -> bytes | None:
+    hit = _mount_at(req, path)
+    if hit is not None:
+        m, rel = hit
+        if m.kind == "secret":
+            return m.data if not rel else None
+        if m.kind == "bind" and m.source is not None:
+            p = m.source / rel if rel else m.source
+            return p.read_bytes() if p.is_file() else None
+        if m.kind == "view":
+            sub = os.path.normpath(os.path.join(m.subpath.lstrip("/"), rel)).lstrip("./")
+            return _read_stack(m.layers, sub)
+        return None  # tmpfs: empty
+    return _read_stack((*req.lowers, upper), _rel(path))
+
+
+def _read_stack(layers: tuple[Path, ...], rel: str) -> bytes | None:
+    for layer in reversed(layers):
+        p = layer / rel if rel else layer
+        if os.path.lexists(p):
+            st = os.lstat(p)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                return None  # a whiteout
+            return p.read_bytes() if stat.S_ISREG(st.st_mode) else None
+    return None
 
 
 def default_handler(req: RunRequest, upper: Path, emit: OutputCallback) -> int:
@@ -53,6 +98,29 @@ def default_handler(req: RunRequest, upper: Path, emit: OutputCallback) -> int:
         elif op == "fail":
             emit("stderr", (" ".join(args) + "\n").encode())
             return 1
+        elif op == "cat":
+            data = _read(req, upper, args[0])
+            if data is None:
+                emit("stderr", f"cat: {args[0]}: No such file or directory\n".encode())
+                return 1
+            emit("stdout", data)
+        elif op == "printenv":
+            env = dict(req.env)
+            env.update({m.env: m.data.decode("utf-8", "surrogateescape")
+                        for m in req.mounts if m.kind == "secret" and m.env})  # fmt: skip
+            if args[0] not in env:
+                return 1
+            emit("stdout", (env[args[0]] + "\n").encode())
+        elif op == "write" and (hit := _mount_at(req, args[0])) is not None:
+            m, rel = hit
+            if m.readonly or m.kind == "secret" or not rel:
+                emit("stderr", f"write {args[0]}: Read-only file system\n".encode())
+                return 1
+            if m.kind == "bind" and m.source is not None:
+                p = m.source / rel
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_text(" ".join(args[1:]))
+            # views and tmpfs: the write is discarded with the mount
         elif op == "write":
             p = upper / _rel(args[0])
             p.parent.mkdir(parents=True, exist_ok=True)

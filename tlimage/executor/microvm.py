@@ -744,6 +744,12 @@ class MicroVMExecutor:
     def run(self, req: RunRequest, on_output: OutputCallback | None = None) -> RunResult:
         start = time.monotonic()
         emit = on_output or (lambda _s, _b: None)
+        if req.mounts:
+            # The guest agent has no mount request for them yet (runner/PROTOCOL.md v1).
+            raise ExecutorError(
+                "RUN --mount needs --isolation namespace for now: the microVM backend cannot "
+                "mount caches, secrets, binds or tmpfs into a step yet",
+                hint="build with `--isolation namespace` (needs root), or drop the mount")
         if req.upper_dir.exists():
             raise ExecutorError(f"upper dir already exists: {req.upper_dir}")
         for lower in req.lowers:

@@ -8,6 +8,10 @@ host filesystem under `upper_dir` that supports trusted.* xattrs (ext4, xfs, btr
 All mounts live in the sandbox's private mount namespace, so they disappear with its last
 process; killing `unshare` (on timeout, Ctrl-C or a crash of this process) kills the sandbox's
 PID 1 and with it every process of the step.
+
+RUN mounts are made by the sandbox's PID 1 (`_nsinit.setup_mounts`) in the same private
+namespace; secrets reach it through a pipe, so their bytes are never in an argv, an environment
+of this process or a file on disk.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 
 from tlimage.errors import ExecutorError
 from tlimage.executor.base import (
+    HostMount,
     OutputCallback,
     RunRequest,
     RunResult,
@@ -87,11 +92,14 @@ class NamespaceExecutor:
                 "user": req.user,
                 "workdir": req.workdir,
                 "network": req.network,
+                "scratch": str(scratch),
+                "mounts": _mount_specs(req),
             }
             flags = ["--mount", "--pid", "--fork", "--uts", "--ipc", "--kill-child=SIGKILL"]
             if not req.network:
                 flags.append("--net")
-            code = self._spawn(flags, spec, req, emit)
+            secrets = b"".join(m.data for m in _ordered(req) if m.kind == "secret")
+            code = self._spawn(flags, spec, req, emit, secrets)
             opaque = normalize_upper(upper, req.lowers)
             ok = True
             return RunResult(code, upper, time.monotonic() - start, opaque)
@@ -100,9 +108,11 @@ class NamespaceExecutor:
             if not ok:
                 shutil.rmtree(upper, ignore_errors=True)
 
-    def _spawn(self, flags: list[str], spec: dict, req: RunRequest, emit: OutputCallback) -> int:
+    def _spawn(self, flags: list[str], spec: dict, req: RunRequest, emit: OutputCallback,
+               secrets: bytes = b"") -> int:  # fmt: skip
         status_r, status_w = os.pipe()
-        spec = {**spec, "status_fd": status_w}
+        secrets_r, secrets_w = os.pipe() if spec["mounts"] else (-1, -1)
+        spec = {**spec, "status_fd": status_w, "secrets_fd": secrets_r}
         cmd = [self._unshare, *flags, "--", sys.executable, "-I", "-S", str(_NSINIT),
                json.dumps(spec)]
         try:
@@ -111,16 +121,20 @@ class NamespaceExecutor:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                pass_fds=(status_w,),
+                pass_fds=(status_w,) if secrets_r < 0 else (status_w, secrets_r),
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
             )
         except BaseException:
-            os.close(status_r)
-            os.close(status_w)
+            for fd in (status_r, status_w, secrets_r, secrets_w):
+                if fd >= 0:
+                    os.close(fd)
             raise
         os.close(status_w)
+        if secrets_r >= 0:
+            os.close(secrets_r)
+            _feed(secrets_w, secrets)
         deadline = None if req.timeout is None else time.monotonic() + req.timeout
         sel = selectors.DefaultSelector()
         try:
@@ -163,6 +177,44 @@ class NamespaceExecutor:
 
     def close(self) -> None:
         pass
+
+
+def _ordered(req: RunRequest) -> list[HostMount]:
+    """The order the sandbox mounts in: file mounts parents first, then env-only secrets."""
+    return [*req.sorted_mounts(), *(m for m in req.mounts if not m.target)]
+
+
+def _mount_specs(req: RunRequest) -> list[dict]:
+    out = []
+    for m in _ordered(req):
+        if m.kind == "bind" and m.source is not None and not m.source.exists():
+            raise ExecutorError(f"mount source for {m.target} does not exist: {m.source}")
+        for layer in m.layers:
+            if not layer.is_dir():
+                raise ExecutorError(f"layer of the mount at {m.target} is not a directory: "
+                                    f"{layer}")  # fmt: skip
+        out.append({
+            "kind": m.kind, "target": m.target,
+            "source": str(m.source.resolve()) if m.source is not None else None,
+            "layers": [str(p.resolve()) for p in m.layers], "subpath": m.subpath,
+            "readonly": m.readonly, "size": m.size, "env": m.env,
+            "uid": m.uid, "gid": m.gid, "mode": m.mode, "len": len(m.data),
+        })  # fmt: skip
+    return out
+
+
+def _feed(fd: int, data: bytes) -> None:
+    """Write the secrets for the sandbox to read at start-up, then close the pipe. A sandbox
+    that died first (EPIPE) reports its own failure on the status pipe."""
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    except BrokenPipeError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _read_all(fd: int) -> str:

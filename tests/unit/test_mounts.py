@@ -1,0 +1,397 @@
+"""RUN mounts through the build loop with the in-process fake executor: what each mount type
+shows the step, what reaches keys, layers and logs, cache-mount persistence and sharing, secrets
+from the build invocation. (tests/vm/test_mounts.py runs the same through the namespace sandbox.)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from tlimage import ir
+from tlimage.builder import build_image
+from tlimage.builder.mounts import (
+    MountError,
+    Redactor,
+    _cache_instance,
+    cache_mount_dir,
+    clear_cache_mounts,
+    parse_secret,
+    spec_of,
+)
+from tlimage.cache.store import BlobStore
+from tlimage.errors import ExecutorError, TlimageError
+from tlimage.executor.base import HostMount, RunRequest
+from tlimage.executor.fake import FakeExecutor
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="unpacking layers needs root (mknod)")
+
+SECRET = b"hunter2-very-secret"
+
+
+def build(path: Path, **kw):  # noqa: ANN201
+    events: list[dict] = []
+    ex = FakeExecutor()
+    result = build_image(path, emit=events.append, executor=ex, **kw)
+    return result, events, ex
+
+
+def logs(events: list[dict]) -> str:
+    return "".join(e["data"] for e in events if e["event"] == "build_log")
+
+
+def layer_bytes(result) -> bytes:  # noqa: ANN001
+    """The uncompressed tars of the layers the build added over its busybox base."""
+    store = BlobStore()
+    out = b""
+    for la in result.manifest.layers[1:]:
+        out += zstandard.ZstdDecompressor().decompressobj().decompress(
+            store.read_bytes(la.digest))
+    return out
+
+
+def ran(events: list[dict]) -> list[int]:
+    return [e["index"] for e in events if e["event"] == "step_done" and not e.get("config_only")]
+
+
+def dockerfile(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "Dockerfile"
+    p.write_text(text)
+    return p
+
+
+# -- the mount definitions ------------------------------------------------------------------------
+
+
+def test_defaults_are_buildkits() -> None:
+    cache = spec_of(ir.Mount("cache", "/root/.cache/pip"))
+    assert (cache.id, cache.sharing, cache.readonly) == ("/root/.cache/pip", "shared", False)
+    bind = spec_of(ir.Mount("bind", "/src"))
+    assert (bind.source, bind.from_, bind.readonly) == ("", None, True)
+    sec = spec_of(ir.Mount("secret", "", (("id", "tok"),)))
+    assert (sec.id, sec.target, sec.required, sec.mode) == ("tok", "/run/secrets/tok", False, None)
+    by_target = spec_of(ir.Mount("secret", "/etc/token"))
+    assert (by_target.id, by_target.target) == ("token", "/etc/token")
+    by_source = spec_of(ir.Mount("secret", "", (("source", "npmrc"),)))
+    assert by_source.id == "npmrc"
+    env_only = spec_of(ir.Mount("secret", "", (("env", "TOKEN"), ("id", "tok"))))
+    assert (env_only.target, env_only.env) == ("", "TOKEN")
+    both = spec_of(ir.Mount("secret", "/t", (("env", "TOKEN"), ("id", "tok"))))
+    assert (both.target, both.env) == ("/t", "TOKEN")
+    assert spec_of(ir.Mount("tmpfs", "/t", (("size", "1048576"),))).size == 1 << 20
+    assert spec_of(ir.Mount("cache", "/c", (("mode", "0700"),))).mode == 0o700
+
+
+@pytest.mark.parametrize(
+    ("mount", "message"),
+    [
+        (ir.Mount("tmpfs", "/t", (("source", "x"),)), "option 'source' is not allowed for "
+                                                      "type=tmpfs"),
+        (ir.Mount("cache", "/c", (("sharing", "sometimes"),)), "sharing='sometimes'"),
+        (ir.Mount("bind", ""), "needs an absolute target"),
+        (ir.Mount("secret", ""), "needs one of id, source or target"),
+        (ir.Mount("cache", "/c", (("uid", "root"),)), "uid='root' is not a number"),
+    ],
+)
+def test_bad_mounts_are_named(mount: ir.Mount, message: str) -> None:
+    with pytest.raises(MountError, match=message.replace("(", r"\(")):
+        spec_of(mount)
+
+
+def test_host_mount_keeps_secret_bytes_out_of_repr() -> None:
+    m = HostMount.secret(SECRET, "/run/secrets/x")
+    req = RunRequest(lowers=(Path("/"),), argv=("true",), upper_dir=Path("/nonexistent/u"),
+                     mounts=(m,))  # fmt: skip
+    assert SECRET.decode() not in repr(m) and SECRET.decode() not in repr(req)
+    with pytest.raises(ExecutorError, match="absolute"):
+        HostMount.tmpfs("relative")
+    with pytest.raises(ExecutorError, match="needs a target"):
+        HostMount.secret(b"x")
+
+
+def test_mounts_sort_parents_first() -> None:
+    req = RunRequest(lowers=(Path("/"),), argv=("true",), upper_dir=Path("/x/u"), mounts=(
+        HostMount.tmpfs("/a/b/c"), HostMount.tmpfs("/a"), HostMount.secret(b"v", env="V"),
+        HostMount.tmpfs("/z/y"),
+    ))  # fmt: skip
+    assert [m.target for m in req.sorted_mounts()] == ["/a", "/z/y", "/a/b/c"]
+
+
+def test_microvm_backend_refuses_mounts_clearly(tmp_path: Path) -> None:
+    from tlimage.executor.microvm import MicroVMExecutor
+
+    ex = MicroVMExecutor.__new__(MicroVMExecutor)  # no VM: the check comes before any boot
+    req = RunRequest(lowers=(tmp_path,), argv=("true",), upper_dir=tmp_path / "u",
+                     mounts=(HostMount.tmpfs("/t"),))  # fmt: skip
+    with pytest.raises(ExecutorError, match="needs --isolation namespace"):
+        ex.run(req)
+    assert not (tmp_path / "u").exists()
+
+
+# -- secrets from the invocation -------------------------------------------------------------------
+
+
+def test_parse_secret_like_buildx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "tok"
+    f.write_bytes(SECRET)
+    assert parse_secret(f"id=tok,src={f}") == ("tok", f)
+    assert parse_secret(f"id=tok,source={f}") == ("tok", f)
+    monkeypatch.setenv("MY_TOKEN", "from-env")
+    assert parse_secret("id=tok,env=MY_TOKEN") == ("tok", b"from-env")
+    assert parse_secret("type=env,id=tok,src=MY_TOKEN") == ("tok", b"from-env")
+    assert parse_secret("id=MY_TOKEN") == ("MY_TOKEN", b"from-env")  # env var of that name
+    assert parse_secret("id=npmrc") == ("npmrc", Path("npmrc"))  # else a file of that name
+    for bad, msg in [("src=", "an id is required"), ("id=x,color=red", "unexpected key 'color'"),
+                     ("id=x,env=NOPE_NOT_SET", "NOPE_NOT_SET is not set"),
+                     ("id=x,type=ssh", "unsupported type"), ("idx", "must be key=value")]:
+        with pytest.raises(MountError, match=msg):
+            parse_secret(bad)
+
+
+def test_redactor_masks_values_split_across_chunks() -> None:
+    r = Redactor([SECRET + b"\n", b"abc"])
+    out = r.feed("stdout", b"token: hunter2-ve")
+    out += r.feed("stdout", b"ry-secret and again hunter2-very-secret\n")
+    out += r.flush("stdout")
+    assert out == b"token: **** and again ****\n"
+    # too short to mask, and a partial prefix at the end is released by flush
+    assert r.feed("stderr", b"abc hunt") + r.flush("stderr") == b"abc hunt"
+    assert Redactor([]).feed("stdout", b"as is") == b"as is"
+
+
+# -- through the builder ------------------------------------------------------------------------
+
+
+@needs_root
+def test_cache_mount_persists_between_builds_and_stays_out_of_layers(tmp_path: Path) -> None:
+    img = tmp_path / "image.py"
+    mount = "options={'mounts': ['type=cache,target=/root/.cache/pip']}"
+    img.write_text("from tlimage import Image\n"
+                   "image = Image('c', base_image='busybox').run(\n"
+                   f"    'write /root/.cache/pip/wheel downloaded; write /out 1', {mount})\n")
+    data = cache_mount_dir(BlobStore().path, "/root/.cache/pip") / "0" / "wheel"
+    assert not data.exists()
+    first, _, ex1 = build(img)
+    assert ex1.runs[0].mounts == (HostMount.bind(data.parent, "/root/.cache/pip"),)
+    assert data.read_text() == "downloaded"
+    assert b"downloaded" not in layer_bytes(first) and b"out" in layer_bytes(first)
+    img.write_text(img.read_text().replace("write /root/.cache/pip/wheel downloaded; write /out 1",
+                                           "cat /root/.cache/pip/wheel; write /out 2"))
+    second, ev2, ex2 = build(img)
+    assert len(ex2.runs) == 1  # the step changed, so it ran again ...
+    assert logs(ev2) == "downloaded"  # ... and found what the first build left in the cache
+    assert b"downloaded" not in layer_bytes(second)
+    # the cache's contents are not an input: with the same step, a changed cache is a hit
+    data.write_text("changed")
+    _, _, ex3 = build(img)
+    assert ex3.runs == []
+
+
+@needs_root
+def test_secret_is_visible_to_the_step_but_not_in_key_layer_logs_or_image(tmp_path: Path) -> None:
+    f = tmp_path / "token.txt"
+    f.write_bytes(SECRET)
+    path = dockerfile(tmp_path, "FROM busybox\n"
+                      "RUN --mount=type=secret,id=tok cat /run/secrets/tok; write /built yes\n"
+                      "RUN --mount=type=secret,id=tok,env=TOKEN printenv TOKEN\n")  # fmt: skip
+    result, events, ex = build(path, secrets={"tok": f})
+    assert [m.kind for r in ex.runs for m in r.mounts] == ["secret", "secret"]
+    assert ex.runs[0].mounts[0].target == "/run/secrets/tok"
+    assert ex.runs[1].mounts[0].env == "TOKEN" and ex.runs[1].mounts[0].target == ""
+    text = json.dumps(events)
+    assert SECRET.decode() not in text and logs(events).count("****") == 2
+    assert SECRET not in layer_bytes(result)
+    assert SECRET not in json.dumps(result.manifest.config).encode()
+    for db in Path(os.environ["TLIMAGE_CACHE_DIR"]).rglob("*.db*"):
+        assert SECRET not in db.read_bytes(), db
+    # another value is not another key: the build is fully cached
+    _, _, ex2 = build(path, secrets={"tok": b"a different value"})
+    assert ex2.runs == []
+
+
+@needs_root
+def test_missing_required_secret_names_the_line(tmp_path: Path) -> None:
+    path = dockerfile(tmp_path, "FROM busybox\nRUN echo one\n"
+                      "RUN --mount=type=secret,id=tok,required cat /run/secrets/tok\n")  # fmt: skip
+    with pytest.raises(TlimageError) as err:
+        build(path)
+    assert str(err.value).startswith(f"{path}:3")
+    assert "secret 'tok' is required" in str(err.value)
+    assert "--secret id=tok" in err.value.render()
+    # an optional secret that is missing is simply not mounted, as in BuildKit
+    path.write_text("FROM busybox\nRUN --mount=type=secret,id=tok cat /run/secrets/tok\n")
+    with pytest.raises(TlimageError, match="exit code 1"):
+        build(path)
+
+
+@needs_root
+def test_secret_value_kinds(tmp_path: Path) -> None:
+    path = dockerfile(tmp_path, "FROM busybox\nRUN --mount=type=secret,id=tok true\n")
+    with pytest.raises(TlimageError, match=r"Dockerfile:2.*secret 'tok': cannot read .*missing"):
+        build(path, secrets={"tok": tmp_path / "missing"})
+    with pytest.raises(TlimageError, match="expected bytes .* or a Path") as err:
+        build(path, secrets={"tok": "looks-like-a-value"})
+    assert "looks-like-a-value" not in str(err.value)
+
+
+@needs_root
+def test_bind_from_context_shows_files_and_keys_on_them(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("alpha-content\n")
+    (tmp_path / "src" / "secret.env").write_text("ignored\n")
+    (tmp_path / "other.txt").write_text("not mounted\n")
+    (tmp_path / ".dockerignore").write_text("src/secret.env\n")
+    path = dockerfile(tmp_path, "FROM busybox\n"
+                      "RUN --mount=type=bind,source=src,target=/src cat /src/a.txt; "
+                      "cat /src/secret.env; write /out done\n")  # fmt: skip
+    with pytest.raises(TlimageError) as err:  # the ignored file is not there
+        build(path)
+    assert "secret.env: No such file" in "\n".join(err.value.log_tail)  # type: ignore[attr-defined]
+    path.write_text(path.read_text().replace("cat /src/secret.env; ", ""))
+    result, events, ex = build(path)
+    assert "alpha-content" in logs(events)
+    (m,) = ex.runs[0].mounts
+    assert (m.kind, m.target, m.readonly) == ("view", "/src", True)
+    assert b"alpha-content" not in layer_bytes(result)
+    # unrelated files do not touch the key; a mounted one does, and --explain names it
+    (tmp_path / "other.txt").write_text("changed\n")
+    _, _, ex2 = build(path)
+    assert ex2.runs == []
+    (tmp_path / "src" / "a.txt").write_text("beta\n")
+    _, events3, ex3 = build(path, explain=True)
+    assert len(ex3.runs) == 1 and "beta" in logs(events3)
+    reasons = [e["reason"] for e in events3 if e["event"] == "explain"]
+    assert reasons == ["files changed: src/a.txt (changed)"]
+
+
+@needs_root
+def test_bind_source_missing_names_the_line(tmp_path: Path) -> None:
+    path = dockerfile(tmp_path, "FROM busybox\nRUN --mount=type=bind,source=nope,target=/n true\n")
+    with pytest.raises(TlimageError, match=r"Dockerfile:2.*nope.*not found in the build context"):
+        build(path)
+
+
+@needs_root
+def test_bind_rw_writes_are_discarded(tmp_path: Path) -> None:
+    (tmp_path / "f.txt").write_text("original\n")
+    path = dockerfile(tmp_path, "FROM busybox\n"
+                      "RUN --mount=type=bind,target=/ctx,rw write /ctx/f.txt scribbled; "
+                      "write /ctx/new x\n")  # fmt: skip
+    result, _, ex = build(path)
+    assert ex.runs[0].mounts[0].readonly is False
+    assert (tmp_path / "f.txt").read_text() == "original\n"
+    assert not (tmp_path / "new").exists()
+    assert result.manifest.layers == build(path)[0].manifest.layers
+
+
+@needs_root
+def test_bind_from_another_stage_keys_on_that_stage(tmp_path: Path) -> None:
+    (tmp_path / "v.txt").write_text("1\n")
+    path = dockerfile(tmp_path, "FROM busybox AS build\nCOPY v.txt /out/v.txt\n"
+                      "FROM busybox\n"
+                      "RUN --mount=type=bind,from=build,source=/out,target=/o cat /o/v.txt\n")
+    _, events, ex = build(path)
+    assert logs(events) == "1\n"
+    (m,) = ex.runs[0].mounts
+    assert (m.kind, m.subpath, m.target) == ("view", "/out", "/o")
+    _, _, ex2 = build(path)
+    assert ex2.runs == []
+    (tmp_path / "v.txt").write_text("2\n")  # the stage changes, so the mounting step reruns
+    _, events3, ex3 = build(path, explain=True)
+    assert logs(events3) == "2\n" and len(ex3.runs) == 1
+    reasons = [e["reason"] for e in events3 if e["event"] == "explain" and e["stage"] != "build"]
+    assert len(reasons) == 1 and reasons[0].startswith("mount /o from changed: 'stage build ")
+
+
+@needs_root
+def test_tmpfs_writes_vanish(tmp_path: Path) -> None:
+    path = dockerfile(tmp_path, "FROM busybox\n"
+                      "RUN --mount=type=tmpfs,target=/scratch,size=1m write /scratch/big x\n")
+    result, _, ex = build(path)
+    assert ex.runs[0].mounts[0] == HostMount.tmpfs("/scratch", 1 << 20)
+    assert result.manifest.layers == build(path)[0].manifest.layers  # no layer from the step
+    assert len(result.manifest.layers) == 1
+
+
+@needs_root
+def test_ssh_mounts(tmp_path: Path) -> None:
+    path = dockerfile(tmp_path, "FROM busybox\nRUN --mount=type=ssh,required git fetch\n")
+    with pytest.raises(TlimageError, match=r"Dockerfile:2.*needs an SSH agent"):
+        build(path)
+    path.write_text("FROM busybox\nRUN --mount=type=ssh echo without\n")
+    _, events, ex = build(path)
+    assert ex.runs[0].mounts == ()
+    assert any("optional ssh mount at /run/buildkit/ssh_agent.0 is left out" in e["message"]
+               for e in events if e["event"] == "status")
+
+
+@needs_root
+def test_cache_mount_from_stage_is_seeded_and_keyed_apart(tmp_path: Path) -> None:
+    path = dockerfile(tmp_path, "FROM busybox AS seed\nRUN mkdir -p /s; write /s/seeded yes\n"
+                      "FROM busybox\n"
+                      "RUN --mount=type=cache,id=c,from=seed,source=/s,target=/c cat /c/seeded\n"
+                      "RUN --mount=type=cache,id=c,target=/c cat /c/seeded\n")  # fmt: skip
+    events: list[dict] = []
+    with pytest.raises(TlimageError) as err:
+        build_image(path, emit=events.append, executor=FakeExecutor())
+    # the first mount starts from the stage's /s; the plain cache of the same id is another one
+    assert [e["data"] for e in events if e["event"] == "build_log" and e["index"] == 1] == ["yes"]
+    assert str(err.value).startswith(f"{path}:5:")
+    plain = cache_mount_dir(BlobStore().path, "c")
+    assert (plain / "0").is_dir() and not (plain / "0" / "seeded").exists()
+
+
+# -- cache sharing ------------------------------------------------------------------------------
+
+
+class _B:
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.emit = self.events.append
+
+
+def test_cache_sharing_modes(tmp_path: Path) -> None:
+    def spec(sharing: str):  # noqa: ANN202
+        return spec_of(ir.Mount("cache", "/c", (("sharing", sharing),)))
+
+    folder = tmp_path / "c"
+    b = _B()
+    with _cache_instance(folder, spec("locked"), "", None, b, None) as inst:
+        assert inst == folder / "0" and inst.is_dir()
+        # private: instance 0 is busy, so it gets its own
+        with _cache_instance(folder, spec("private"), "", None, b, None) as other:
+            assert other == folder / "1"
+        # locked and shared wait for it; with a time-out they say so and give up
+        with pytest.raises(MountError, match="timed out after 0.2s waiting for cache mount"):
+            with _cache_instance(folder, spec("shared"), "", None, b, 0.2):
+                pass
+        assert any("waiting for cache mount '/c' (shared)" in e["message"] for e in b.events)
+    # shared users share instance 0
+    with _cache_instance(folder, spec("shared"), "", None, b, None) as a:
+        with _cache_instance(folder, spec("shared"), "", None, b, 0.5) as c:
+            assert a == c == folder / "0"
+
+
+def test_locked_waits_for_the_holder(tmp_path: Path) -> None:
+    folder = tmp_path / "c"
+    folder.mkdir()
+    fd = os.open(folder / "0.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    threading.Timer(0.3, os.close, (fd,)).start()
+    with _cache_instance(folder, spec_of(ir.Mount("cache", "/c", (("sharing", "locked"),))),
+                         "", None, _B(), 10) as inst:  # fmt: skip
+        assert inst == folder / "0"
+
+
+def test_clear_cache_mounts(tmp_path: Path) -> None:
+    d = cache_mount_dir(BlobStore().path, "x") / "0"
+    d.mkdir(parents=True)
+    (d / "f").write_bytes(b"x" * 10000)
+    assert clear_cache_mounts() > 0
+    assert not d.exists()
