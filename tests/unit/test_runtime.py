@@ -322,3 +322,25 @@ def test_comm_with_parentheses_and_spaces_parses(tmp_path: Path) -> None:
     finally:
         p.kill()
         p.wait()
+
+
+def test_auto_backend_follows_the_builds_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tlimage.executor
+    import tlimage.runtime.namespace
+
+    notes: list[str] = []
+    monkeypatch.setattr(_api, "_noticed", False)
+    monkeypatch.setattr(tlimage.executor, "_kvm_usable", lambda _c, _p: (True, "booted"))
+    assert _api.select_backend("auto", None, notes.append) == ("microvm", "kvm")
+    monkeypatch.setattr(tlimage.executor, "_kvm_usable", lambda _c, _p: (False, "no /dev/kvm"))
+    monkeypatch.setattr(tlimage.runtime.namespace, "check_host", lambda: None)
+    assert _api.select_backend("auto", None, notes.append) == ("namespace", None)
+    assert _api.select_backend("auto", None, notes.append) == ("namespace", None)
+    assert len(notes) == 1 and "no /dev/kvm" in notes[0]  # said once
+    monkeypatch.setattr(_api, "_noticed", False)
+    monkeypatch.setattr(tlimage.runtime.namespace, "check_host", lambda: "no root")
+    assert _api.select_backend("auto", None, notes.append) == ("microvm", "tcg")
+    assert "TCG" in notes[-1]
+    assert _api.select_backend("namespace", None) == ("namespace", None)
+    with pytest.raises(RuntimeError_, match="unknown backend 'docker'"):
+        _api.select_backend("docker", None)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tlimage.runtime import ExecStartError, Sandbox, Status, reconcile
+from tlimage.runtime import ExecStartError, ExecTimeout, Sandbox, Status, reconcile
 
 pytestmark = [
     pytest.mark.vm,
@@ -81,6 +81,13 @@ def test_microvm_lifecycle(tmp_path: Path) -> None:
     assert (r.exit_code, r.stdout) == (3, b"65534\nSHOUT\n")
     with pytest.raises(ExecStartError, match="executable file not found"):
         sb.exec("no-such-program")
+    # A client that gives up (timeout, Ctrl-C) leaves mid-request: the shim kills the command
+    # and the next client is served at once.
+    with pytest.raises(ExecTimeout):
+        sb.exec("sleep", "300", timeout=1)
+    t0 = time.monotonic()
+    assert sb.exec("sh", "-c", "ps | grep -c 'sleep 30[0]'").stdout == b"0\n"
+    assert time.monotonic() - t0 < 60
 
     (tmp_path / "in.txt").write_text("copied in\n")
     (tmp_path / "tree" / "sub").mkdir(parents=True)
