@@ -217,7 +217,7 @@ class Shim:
             qmp.command("migrate-set-capabilities", capabilities=[
                 {"capability": "x-ignore-shared", "state": True}])
             qmp.command("migrate-incoming", uri=f"exec:cat {_quote(state)}")
-            wait_migration(qmp, deadline, incoming=True)
+            wait_migration(qmp, deadline)
             qmp.command("cont")
         finally:
             qmp.close()
