@@ -344,3 +344,17 @@ def test_auto_backend_follows_the_builds_rule(monkeypatch: pytest.MonkeyPatch) -
     assert _api.select_backend("namespace", None) == ("namespace", None)
     with pytest.raises(RuntimeError_, match="unknown backend 'docker'"):
         _api.select_backend("docker", None)
+
+
+def test_the_executor_helpers_the_namespace_sandbox_borrows_are_there() -> None:
+    """_nsbox.py and _nsexec.py import these from tlimage/executor/_nsinit.py at run time."""
+    import inspect
+
+    import tlimage.executor._nsinit as ns
+
+    assert hasattr(ns, "STATUS_FD")
+    for name, params in (("fail", ["msg"]), ("resolve_user", ["spec"]),
+                         ("find_exec", ["name", "path"]),
+                         ("mount", ["src", "target", "fstype", "options", "flags"]),
+                         ("bind_file", ["root", "rel", "src", "created", "mounted"])):  # fmt: skip
+        assert list(inspect.signature(getattr(ns, name)).parameters) == params, name
