@@ -358,3 +358,14 @@ def test_the_executor_helpers_the_namespace_sandbox_borrows_are_there() -> None:
                          ("mount", ["src", "target", "fstype", "options", "flags"]),
                          ("bind_file", ["root", "rel", "src", "created", "mounted"])):  # fmt: skip
         assert list(inspect.signature(getattr(ns, name)).parameters) == params, name
+
+
+def test_live_layer_digests_are_those_of_sandboxes_that_have_not_ended() -> None:
+    from tlimage.runtime import live_layer_digests
+
+    db = StateDB()
+    lay = [{"digest": "xxh3:" + "a" * 32, "diff_id": "sha256:x", "size": 1}]
+    db.insert(record("sb-layr000001", extra={"layers": lay}))
+    db.insert(record("sb-layr000002", status=Status.TERMINATED,
+                     extra={"layers": [{**lay[0], "digest": "xxh3:" + "b" * 32}]}))
+    assert live_layer_digests() == {"xxh3:" + "a" * 32}

@@ -27,6 +27,7 @@ from tlimage.runtime._api import (
     SandboxInfo,
     SuspendResult,
     list_sandboxes,
+    live_layer_digests,
     reconcile,
 )
 from tlimage.runtime._errors import ExecStartError, ExecTimeout, SandboxNotFound
@@ -43,5 +44,6 @@ __all__ = [
     "Status",
     "SuspendResult",
     "list_sandboxes",
+    "live_layer_digests",
     "reconcile",
 ]

@@ -600,6 +600,16 @@ def list_sandboxes(project: str | None = None, *, all_projects: bool = False,
     return [Sandbox(r, db) for r in recs]
 
 
+def live_layer_digests() -> set[str]:
+    """Layer digests that sandboxes still use: a namespace sandbox mounts their unpacked
+    folders as its lowers until it has ended, so cache pruning must keep them (microVM
+    sandboxes hold hard links to their disk images and need nothing from the cache)."""
+    out: set[str] = set()
+    for rec in StateDB().list(None, LIVE):
+        out.update(la["digest"] for la in rec.extra.get("layers", []))
+    return out
+
+
 # --- internals -------------------------------------------------------------------------------
 
 
