@@ -181,14 +181,18 @@ def setup_mounts(root, scratch, mounts, secrets_fd):
             dest = resolve_in_root(root, target, "dir" if is_dir else "file", stubs)
         except OSError as e:
             raise OSError(e.errno, f"mount target {target}: {e.strerror or e}") from None
-        if kind == "tmpfs":
-            size = f",size={m['size']}" if m.get("size") else ""
-            mount("tmpfs", dest, "tmpfs", f"mode=1777{size}", flags="nosuid,nodev")
-        else:
-            mount(src, dest, flags="bind")
-        mounted[-1] = (dest, stubs)
-        if m["readonly"] and kind != "tmpfs":
-            mount(None, dest, flags="remount,bind,ro,nosuid,nodev")
+        try:
+            if kind == "tmpfs":
+                size = f",size={m['size']}" if m.get("size") else ""
+                mount("tmpfs", dest, "tmpfs", f"mode=1777{size}", flags="nosuid,nodev")
+            else:
+                mount(src, dest, flags="bind")
+            mounted[-1] = (dest, stubs)
+            if m["readonly"] and kind != "tmpfs":
+                mount(None, dest, flags="remount,bind,ro,nosuid,nodev")
+        except OSError as e:  # name the target in the step's root, not the host path
+            raise OSError(e.errno, f"cannot mount {kind} at {target}: "
+                          f"{os.strerror(e.errno or 5)}") from None
     return mounted, secret_env
 
 
