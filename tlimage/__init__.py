@@ -13,10 +13,12 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from tlimage.builder import build, build_image
     from tlimage.errors import TlimageError
     from tlimage.frontends import load
     from tlimage.frontends.dsl import Image, function
     from tlimage.ir import ImageDef
+    from tlimage.runtime import Sandbox
 
 _EXPORTS = {
     "Image": "tlimage.frontends.dsl",
@@ -24,9 +26,14 @@ _EXPORTS = {
     "ImageDef": "tlimage.ir",
     "TlimageError": "tlimage.errors",
     "load": "tlimage.frontends",
+    "build": "tlimage.builder",
+    "build_image": "tlimage.builder",
+    "Sandbox": "tlimage.runtime",
 }
 
-__all__ = ["Image", "ImageDef", "TlimageError", "function", "load"]
+__all__ = [
+    "Image", "ImageDef", "Sandbox", "TlimageError", "build", "build_image", "function", "load",
+]  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

@@ -78,6 +78,8 @@ def test_entrypoint_and_cmd_forms() -> None:
 def test_public_api_is_pinned() -> None:
     import tlimage
 
-    assert tlimage.__all__ == ["Image", "ImageDef", "TlimageError", "function", "load"]
+    assert tlimage.__all__ == [
+        "Image", "ImageDef", "Sandbox", "TlimageError", "build", "build_image", "function", "load",
+    ]  # fmt: skip
     for name in tlimage.__all__:
         assert getattr(tlimage, name) is not None

@@ -1,6 +1,6 @@
 """The programmatic build API.
 
-    for event in tlimage.build("image.py", project="demo"):
+    for event in tlimage.build("image.py", project="demo"):   # or tlimage.builder.build
         print(event)
 
 `build()` yields the same events `tl sbx image create --json` prints, ending with `done` or

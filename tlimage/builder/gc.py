@@ -21,8 +21,11 @@ _STALE_S = 24 * 3600
 
 def pinned_digests() -> set[str]:
     """Layers and manifests of every registered image (a manifest blob is named by the image
-    id: both are the xxh3-128 of the manifest bytes)."""
-    out: set[str] = set()
+    id: both are the xxh3-128 of the manifest bytes), and the layers live sandboxes run on
+    (their unpacked folders are a namespace sandbox's lowers)."""
+    from tlimage.runtime import live_layer_digests
+
+    out: set[str] = set(live_layer_digests())
     for rec in Registry().list():
         out.update(layer.digest for layer in rec.manifest.layers)
         out.add(f"xxh3:{rec.image_id}")
