@@ -520,44 +520,11 @@ class MicroVMBackend:
 
 
 def guest_kit(cache: Path | None):  # noqa: ANN201 - a GuestKit
-    """The executor's provisioned kernel and initramfs. Asking apt which versions are current
-    costs ~0.8 s per package on some hosts, so the answer is remembered until apt's package
-    lists or configuration change, or the runner sources do (the kit's own key)."""
-    from tlimage._paths import state_dir
-    from tlimage.executor.provision import (
-        _kit_from_manifest,
-        _runner_digest,
-        executor_dir,
-        provision,
-        runner_source_dir,
-    )
+    """The executor's provisioned kernel and initramfs (remembered across starts by
+    `provision` itself)."""
+    from tlimage.executor.provision import provision
 
-    def mtime(path: str) -> int:
-        try:
-            return os.stat(path).st_mtime_ns
-        except OSError:
-            return 0
-
-    key = json.dumps([str(executor_dir(cache)), _runner_digest(runner_source_dir()),
-                      mtime("/var/lib/apt/lists"), mtime("/etc/apt"),
-                      mtime("/etc/apt/sources.list.d"), mtime("/etc/apt/preferences.d")])
-    memo_path = state_dir() / "runtime-kit.json"
-    memo: dict = {}
-    with contextlib.suppress(OSError, ValueError):
-        memo = json.loads(memo_path.read_text())
-    folder = memo.get(key)
-    if folder:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            manifest = json.loads((Path(folder) / "manifest.json").read_text())
-            return _kit_from_manifest(Path(folder), manifest)
-    kit = provision(cache)
-    memo = {key: str(kit.folder)}  # one entry: an old key never comes back
-    tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-    with contextlib.suppress(OSError):
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
-    return kit
+    return provision(cache)
 
 
 def qemu_argv(rec: SandboxRecord, kit, accel: str, disks: list[Path],
