@@ -22,7 +22,10 @@ from tlimage.builder.mounts import (
     _cache_instance,
     cache_mount_dir,
     clear_cache_mounts,
+    ignored_below,
+    mkdirs_in,
     parse_secret,
+    resolve_in,
     spec_of,
 )
 from tlimage.cache.store import BlobStore
@@ -395,3 +398,51 @@ def test_clear_cache_mounts(tmp_path: Path) -> None:
     (d / "f").write_bytes(b"x" * 10000)
     assert clear_cache_mounts() > 0
     assert not d.exists()
+
+
+# -- paths inside a root ------------------------------------------------------------------------
+
+
+def test_paths_resolve_inside_their_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    outside = tmp_path / "outside"
+    (root / "real").mkdir(parents=True)
+    outside.mkdir()
+    (root / "abs").symlink_to("/real")  # absolute: means root/real, not the host's /real
+    (root / "up").symlink_to("../../outside")  # climbs no higher than the root
+    (root / "planted").symlink_to(str(outside))  # what a step could leave in a cache mount
+    assert resolve_in(str(root), "abs") == resolve_in(str(root), "abs/../real/.") == "real"
+    with pytest.raises(FileNotFoundError):
+        resolve_in(str(root), "up")  # root/outside does not exist, and the host's is not seen
+    (root / "outside").mkdir()
+    assert resolve_in(str(root), "up") == "outside"
+    with pytest.raises(FileNotFoundError):
+        resolve_in(str(root), "planted")  # root/<tmp>/outside does not exist
+    with pytest.raises(MountError, match="planted is a link to nothing inside the cache"):
+        mkdirs_in(str(root), "planted/sub")
+    assert os.listdir(outside) == []  # nothing was made on the host side of the link
+    assert mkdirs_in(str(root), "abs/new/deeper") == "real/new/deeper"
+    assert (root / "real" / "new" / "deeper").is_dir()
+
+
+def test_ignored_below_follows_dockerignore_rules(tmp_path: Path) -> None:
+    from tlimage.cache.ignore import IgnoreMatcher
+
+    for rel in ("src/a.py", "src/b.log", "src/logs/x.log", "src/logs/keep.log", "src/deep/n/y",
+                "other/z"):  # fmt: skip
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    m = IgnoreMatcher(["**/*.log", "!src/logs/keep.log", "src/deep", "other"])
+    assert ignored_below(str(tmp_path), "src", m) == ["src/b.log", "src/deep", "src/logs/x.log"]
+    assert ignored_below(str(tmp_path), "src", IgnoreMatcher([])) == []
+    assert "other" in ignored_below(str(tmp_path), "", m)
+
+
+def test_fake_view_reads_hidden_names(tmp_path: Path) -> None:
+    (tmp_path / "l" / "sub").mkdir(parents=True)
+    (tmp_path / "l" / "sub" / ".env").write_text("dot")
+    req = RunRequest(lowers=(tmp_path,), argv=("cat", "/m/.env"), upper_dir=tmp_path / "u",
+                     mounts=(HostMount.view((tmp_path / "l",), "/sub", "/m"),))  # fmt: skip
+    out: list[bytes] = []
+    assert FakeExecutor().run(req, lambda _s, b: out.append(b)).exit_code == 0
+    assert out == [b"dot"]

@@ -345,10 +345,8 @@ class StepMounts:
                             self.builder.opts.step_timeout))  # fmt: skip
         path = data
         if spec.source and spec.from_ is None:
-            rel = _context_rel(spec.source)
-            if rel != ".":
-                path = data / rel
-                path.mkdir(parents=True, exist_ok=True)
+            # Steps write the cache: a link they planted must not lead this host path out of it.
+            path = data / mkdirs_in(str(data), _context_rel(spec.source))
         return HostMount.bind(path, spec.target, readonly=spec.readonly)
 
 
@@ -521,6 +519,26 @@ def resolve_in(root: str, rel: str) -> str:
             continue
         done.append(name)
     return "/".join(done)
+
+
+def mkdirs_in(root: str, rel: str) -> str:
+    """`mkdir -p rel` inside `root`, with symlinks resolved inside `root` as `resolve_in` does;
+    returns the real relative path of the folder."""
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    for k in range(1, len(parts) + 1):
+        try:
+            resolve_in(root, "/".join(parts[:k]))
+        except FileNotFoundError:
+            parent = resolve_in(root, "/".join(parts[: k - 1]))
+            new = os.path.join(root, parent, parts[k - 1])
+            if os.path.lexists(new):
+                raise MountError(f"cache mount source {rel!r}: {'/'.join(parts[:k])} is a link "
+                                 "to nothing inside the cache") from None  # fmt: skip
+            os.mkdir(new)
+    real = resolve_in(root, "/".join(parts))
+    if not os.path.isdir(os.path.join(root, real)):
+        raise MountError(f"cache mount source {rel!r} is not a directory in the cache")
+    return real
 
 
 def ignored_below(ctx: str, real: str, matcher: Any) -> list[str]:

@@ -66,7 +66,7 @@ def _read(req: RunRequest, upper: Path, path: str) -> bytes | None:
             p = m.source / rel if rel else m.source
             return p.read_bytes() if p.is_file() else None
         if m.kind == "view":
-            sub = os.path.normpath(os.path.join(m.subpath.lstrip("/"), rel)).lstrip("./")
+            sub = os.path.normpath(os.path.join("/", m.subpath, rel)).lstrip("/")
             return _read_stack(m.layers, sub)
         return None  # tmpfs: empty
     return _read_stack((*req.lowers, upper), _rel(path))
