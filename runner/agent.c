@@ -1,5 +1,5 @@
 /*
- * tlimage guest agent: speaks runner/PROTOCOL.md (version 2) over one byte channel.
+ * tlimage guest agent: speaks runner/PROTOCOL.md (version 3) over one byte channel.
  *
  * Runs as PID 1's child inside the build microVM (started by runner/init), or on a host for the
  * protocol conformance tests (`agent --stdio`: the channel is fd 0 in / fd 1 out).
@@ -17,6 +17,9 @@
  *   - SANDBOX (version 2) turns a build VM into a long-lived sandbox: EXEC, SPAWN, PUT and GET run
  *     chrooted in its root, nothing is killed when a command exits, and the end of the channel
  *     means "wait for the host to come back" (it then sends ATTACH) instead of "shut down".
+ *   - BIND (version 3) stacks RUN mounts (a guest path, a tmpfs, or a secret's bytes as a file)
+ *     into the mounted root; missing mount points become stubs. UNBIND undoes them all, last
+ *     first, and removes the stubs that are still empty, so they never reach the upper.
  *
  * Built statically at provisioning time (gcc -static -Os); depends on nothing in the rootfs being
  * built, which may have no shell, no libc and no Python.
@@ -45,7 +48,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PROTOCOL_VERSION 2
+#define PROTOCOL_VERSION 3
 #define MAX_PAYLOAD (1u << 20)
 #define CHUNK 65536
 
@@ -58,6 +61,8 @@ enum {
     /* version 2: sandboxes */
     T_EXEC = 0x87, T_PUT = 0x88, T_GET = 0x89, T_STDIN = 0x8A, T_FREEZE = 0x8B, T_THAW = 0x8C,
     T_ATTACH = 0x8D, T_SPAWN = 0x8E, T_SANDBOX = 0x8F,
+    /* version 3: RUN mounts */
+    T_BIND = 0x90, T_UNBIND = 0x91,
 };
 
 static int chan_in = -1, chan_out = -1;
@@ -228,9 +233,19 @@ static void do_mount(rd_t *r) {
         send_error("MOUNT: malformed request");
         goto out;
     }
+    struct stat ust, lst;
+    int new_upper = lstat(upper, &ust) < 0;
     if (mkdir_p(upper) || mkdir_p(work) || mkdir_p(target)) {
         send_error("MOUNT: mkdir: %s", strerror(errno));
         goto out;
+    }
+    /* The merged root shows the upper's root: a new upper takes the top lower's owner and mode
+     * (a cache mount made for uid 1000, mode 0700 stays so). */
+    if (new_upper && stat(lowers[nlowers - 1], &lst) == 0) {
+        if (chown(upper, lst.st_uid, lst.st_gid) < 0 || chmod(upper, lst.st_mode & 07777) < 0) {
+            send_error("MOUNT: %s: %s", upper, strerror(errno));
+            goto out;
+        }
     }
     /* overlayfs lists lowerdir top first; the protocol lists lowers bottom first. redirect_dir
      * and metacopy stay off so the upper dir holds only plain files, dirs, whiteouts and opaque
@@ -689,6 +704,211 @@ static void do_export(rd_t *r) {
     free(opaque_list.p);
     free(xattr_list.p);
     free(upper);
+}
+
+/* ---- BIND / UNBIND (protocol version 3): RUN mounts ---- */
+
+#define MAX_BINDS 64
+#define MAX_STUBS 64
+enum { BIND_PATH = 0, BIND_TMPFS = 1, BIND_DATA = 2 };
+
+typedef struct {
+    char target[4096];
+    int nstubs;
+    char *stubs[MAX_STUBS]; /* created for this bind, parents first */
+} bind_t;
+static bind_t binds[MAX_BINDS];
+static int n_binds = 0;
+static char secrets_dir[256] = "";
+static unsigned secret_seq = 0;
+
+/* `path` inside `root`, following symlinks as if `root` were "/" (an absolute or ".."-laden link
+ * never leaves it). With create (1: a directory, 2: a file), missing components are made
+ * (directories, and the last one as asked) and appended to b->stubs. Returns 0, or -1 with
+ * errno set. */
+static int resolve_in_root(const char *root, const char *path, int create, char *out,
+                           size_t outlen, bind_t *b) {
+    char todo[8192], done[4096] = "", full[8192], name[4096], rest[8192], joined[8192];
+    int hops = 0;
+/* A path that does not fit is an error, never silently cut. */
+#define FIT(buf, ...) do { int n_ = snprintf(buf, sizeof buf, __VA_ARGS__); \
+        if (n_ < 0 || (size_t)n_ >= sizeof buf) { errno = ENAMETOOLONG; return -1; } } while (0)
+    FIT(todo, "%s", path);
+    for (;;) {
+        char *p = todo;
+        while (*p == '/') p++;
+        if (!*p) break;
+        char *slash = strchr(p, '/');
+        if (slash) {
+            FIT(name, "%.*s", (int)(slash - p), p);
+            FIT(rest, "%s", slash);
+        } else {
+            FIT(name, "%s", p);
+            rest[0] = 0;
+        }
+        memcpy(todo, rest, strlen(rest) + 1);
+        if (strcmp(name, ".") == 0) continue;
+        if (strcmp(name, "..") == 0) {
+            char *last = strrchr(done, '/');
+            if (last) *last = 0; else done[0] = 0;
+            continue;
+        }
+        FIT(full, "%s/%s/%s", root, done, name);
+        struct stat st;
+        if (lstat(full, &st) < 0) {
+            if (errno != ENOENT || !create) return -1;
+            int last = todo[strspn(todo, "/")] == 0;
+            if (!last || create == 1) {
+                if (mkdir(full, 0755) < 0) return -1;
+            } else {
+                int fd = open(full, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+                if (fd < 0) return -1;
+                close(fd);
+            }
+            if (b->nstubs >= MAX_STUBS) { errno = ENOSPC; return -1; }
+            b->stubs[b->nstubs++] = strdup(full);
+        } else if (S_ISLNK(st.st_mode)) {
+            char link[4096];
+            ssize_t n = readlink(full, link, sizeof link - 1);
+            if (n < 0) return -1;
+            link[n] = 0;
+            if (++hops > 40) { errno = ELOOP; return -1; }
+            if (link[0] == '/') done[0] = 0;
+            FIT(joined, "%s/%s", link, todo);
+            memcpy(todo, joined, strlen(joined) + 1);
+            continue;
+        }
+        FIT(joined, "%s%s%s", done, done[0] ? "/" : "", name);
+        FIT(done, "%s", joined);
+    }
+    int n = snprintf(out, outlen, "%s/%s", root, done);
+    if (n < 0 || (size_t)n >= outlen) { errno = ENAMETOOLONG; return -1; }
+    return 0;
+#undef FIT
+}
+
+/* Stubs still empty go (deepest first); one the step filled stays, and so do its parents. */
+static void remove_stubs(bind_t *b) {
+    while (b->nstubs > 0) {
+        char *p = b->stubs[--b->nstubs];
+        struct stat st;
+        if (lstat(p, &st) == 0) {
+            if (S_ISDIR(st.st_mode)) rmdir(p);
+            else if (S_ISREG(st.st_mode) && st.st_size == 0) unlink(p);
+        }
+        free(p);
+    }
+}
+
+/* Secrets live on a tmpfs of the agent's own, never on a disk. */
+static int secret_file(const unsigned char *data, size_t n, unsigned uid, unsigned gid,
+                       unsigned mode, char *out, size_t outlen) {
+    if (!secrets_dir[0]) {
+        if (stdio_mode) snprintf(secrets_dir, sizeof secrets_dir, "/tmp/.tl-secrets-%d", (int)getpid());
+        else snprintf(secrets_dir, sizeof secrets_dir, "/tl/secrets");
+        if ((mkdir(secrets_dir, 0700) < 0 && errno != EEXIST) ||
+            mount("tmpfs", secrets_dir, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=700") < 0) {
+            int e = errno;
+            rmdir(secrets_dir);
+            secrets_dir[0] = 0;
+            errno = e;
+            return -1;
+        }
+    }
+    snprintf(out, outlen, "%s/%u", secrets_dir, secret_seq++);
+    int fd = open(out, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) return -1;
+    int ok = write_all(fd, data, n) == 0 && fchown(fd, uid, gid) == 0 && fchmod(fd, mode) == 0;
+    int e = errno;
+    close(fd);
+    errno = e;
+    return ok ? 0 : -1;
+}
+
+static void do_bind(rd_t *r) {
+    char *root = rd_str(r), *target = rd_str(r);
+    unsigned kind = rd_u8(r);
+    char *source_root = rd_str(r), *source = rd_str(r);
+    unsigned readonly = rd_u8(r);
+    uint32_t size_kib = rd_u32(r), uid = rd_u32(r), gid = rd_u32(r), mode = rd_u32(r);
+    uint32_t dlen = rd_u32(r);
+    const unsigned char *data = r->p + r->off;
+    if (!r->bad && r->off + dlen <= r->len) r->off += dlen; else r->bad = 1;
+    char src[4096] = "", dst[4096];
+    int is_dir = 1;
+    if (r->bad || r->off != r->len || kind > BIND_DATA || target[0] != '/') {
+        send_error("BIND: malformed request");
+        goto out;
+    }
+    if (n_binds >= MAX_BINDS) {
+        send_error("BIND: more than %d mounts", MAX_BINDS);
+        goto out;
+    }
+    if (kind == BIND_PATH) {
+        struct stat st;
+        if (resolve_in_root(source_root, source, 0, src, sizeof src, NULL) < 0 || stat(src, &st) < 0) {
+            send_error("BIND: source %s: %s", source, strerror(errno));
+            goto out;
+        }
+        is_dir = S_ISDIR(st.st_mode);
+    } else if (kind == BIND_DATA) {
+        if (secret_file(data, dlen, uid, gid, mode, src, sizeof src) < 0) {
+            send_error("BIND: secret file: %s", strerror(errno));
+            goto out;
+        }
+        is_dir = 0;
+    }
+    bind_t *b = &binds[n_binds];
+    b->nstubs = 0;
+    if (resolve_in_root(root, target, is_dir ? 1 : 2, dst, sizeof dst, b) < 0) {
+        send_error("BIND: mount target %s: %s", target, strerror(errno));
+        remove_stubs(b);
+        goto out;
+    }
+    int rc;
+    if (kind == BIND_TMPFS) {
+        char opts[64] = "mode=1777";
+        if (size_kib) snprintf(opts, sizeof opts, "mode=1777,size=%uk", size_kib);
+        rc = mount("tmpfs", dst, "tmpfs", MS_NOSUID | MS_NODEV, opts);
+    } else {
+        rc = mount(src, dst, NULL, MS_BIND, NULL);
+        if (rc == 0 && (readonly || kind == BIND_DATA) &&
+            mount(NULL, dst, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0) {
+            int e = errno;
+            umount2(dst, MNT_DETACH);
+            errno = e;
+            rc = -1;
+        }
+    }
+    if (rc < 0) {
+        send_error("BIND: cannot mount %s at %s: %s",
+                   kind == BIND_TMPFS ? "tmpfs" : kind == BIND_DATA ? "secret" : "bind", target,
+                   strerror(errno));
+        remove_stubs(b);
+        goto out;
+    }
+    snprintf(b->target, sizeof b->target, "%s", dst);
+    n_binds++;
+    send_frame(T_OK, NULL, 0);
+out:
+    free(root);
+    free(target);
+    free(source_root);
+    free(source);
+}
+
+static void do_unbind(void) {
+    while (n_binds > 0) {
+        bind_t *b = &binds[--n_binds];
+        if (umount2(b->target, 0) < 0) umount2(b->target, MNT_DETACH);
+        remove_stubs(b);
+    }
+    if (secrets_dir[0]) {
+        if (umount2(secrets_dir, 0) < 0) umount2(secrets_dir, MNT_DETACH);
+        rmdir(secrets_dir);
+        secrets_dir[0] = 0;
+    }
+    send_frame(T_OK, NULL, 0);
 }
 
 /* ---- sandboxes (protocol version 2) ---- */
@@ -1310,6 +1530,8 @@ int main(int argc, char **argv) {
         case T_PUT: do_put(&r); break;
         case T_GET: do_get(&r); break;
         case T_ATTACH: do_attach(&r); break;
+        case T_BIND: do_bind(&r); break;
+        case T_UNBIND: do_unbind(); break;
         case T_FREEZE:
             if (!stdio_mode) {
                 sync();

@@ -126,15 +126,65 @@ def test_mounts_sort_parents_first() -> None:
     assert [m.target for m in req.sorted_mounts()] == ["/a", "/z/y", "/a/b/c"]
 
 
-def test_microvm_backend_refuses_mounts_clearly(tmp_path: Path) -> None:
-    from tlimage.executor.microvm import MicroVMExecutor
+def test_microvm_plan_turns_mounts_into_agent_requests(tmp_path: Path) -> None:
+    from tlimage.executor import protocol as P
+    from tlimage.executor.microvm import _plan_mounts
 
-    ex = MicroVMExecutor.__new__(MicroVMExecutor)  # no VM: the check comes before any boot
-    req = RunRequest(lowers=(tmp_path,), argv=("true",), upper_dir=tmp_path / "u",
-                     mounts=(HostMount.tmpfs("/t"),))  # fmt: skip
-    with pytest.raises(ExecutorError, match="needs --isolation namespace"):
-        ex.run(req)
-    assert not (tmp_path / "u").exists()
+    mounts = (
+        HostMount.bind(tmp_path / "cache", "/root/.cache"),
+        HostMount.bind(tmp_path / "ctx", "/src", readonly=True),
+        HostMount.view((tmp_path / "l1", tmp_path / "l2"), "/out", "/o"),
+        HostMount.tmpfs("/t", 1 << 20),
+        HostMount.secret(SECRET, "/run/secrets/s", env="S", uid=7, mode=0o440),
+        HostMount.secret(b"only-env", env="E"),
+    )
+    req = RunRequest(lowers=(tmp_path,), argv=("true",), upper_dir=tmp_path / "u", mounts=mounts)
+    files = req.sorted_mounts()
+    images = [(m, None if m.kind in ("tmpfs", "secret") else tmp_path / f"{k}.img",
+               m.subpath if m.kind == "view" else "/") for k, m in enumerate(files)]
+    plan = _plan_mounts(req, images, 3, "/tl/scratch/0")
+    by_target = {b.target: b for b in plan.binds}
+    assert [b.target for b in plan.binds] == [m.target for m in files]  # parents first
+    cache = by_target["/root/.cache"]
+    assert (cache.kind, cache.source_root, cache.readonly) == (
+        P.BindKind.PATH, f"/tl/scratch/0/m{files.index(mounts[0])}/root", False)
+    ctx = by_target["/src"]
+    assert (ctx.source_root, ctx.source, ctx.readonly) == (
+        f"/tl/lower/{3 + [m for m in files if m.kind in ('bind', 'view')].index(mounts[1])}",
+        "/", True)
+    assert by_target["/o"].source == "/out" and by_target["/o"].readonly
+    assert by_target["/t"].kind == P.BindKind.TMPFS and by_target["/t"].size_kib == 1024
+    sec = by_target["/run/secrets/s"]
+    assert (sec.kind, sec.data, sec.uid, sec.mode) == (P.BindKind.DATA, SECRET, 7, 0o440)
+    # writes to the cache are written back; the view's overlay is thrown away
+    assert [w[1] for w in plan.writeback] == [tmp_path / "cache"]
+    assert len(plan.overlays) == 2
+    assert sorted(plan.env) == [b"E=only-env", b"S=" + SECRET]
+
+
+@needs_root
+def test_apply_upper_never_writes_through_links(tmp_path: Path) -> None:
+    from tlimage.executor.base import OPAQUE_XATTR
+    from tlimage.executor.microvm import apply_upper
+
+    dest, upper, outside = tmp_path / "dest", tmp_path / "upper", tmp_path / "outside"
+    for d in (dest / "keep", dest / "opq", outside):
+        d.mkdir(parents=True)
+    (dest / "gone").write_text("x")
+    (dest / "opq" / "old").write_text("old")
+    (dest / "lnk").symlink_to(outside)  # planted by an earlier step
+    (upper / "opq").mkdir(parents=True)
+    os.setxattr(upper / "opq", OPAQUE_XATTR, b"y")
+    (upper / "opq" / "new").write_text("new")
+    (upper / "lnk").mkdir()
+    (upper / "lnk" / "f").write_text("f")
+    os.mknod(upper / "gone", 0o020000, 0)
+    (upper / "file").write_text("file")
+    apply_upper(upper, dest)
+    assert sorted(os.listdir(dest)) == ["file", "keep", "lnk", "opq"]
+    assert os.listdir(dest / "opq") == ["new"]
+    assert (dest / "lnk").is_dir() and not (dest / "lnk").is_symlink()
+    assert os.listdir(outside) == []
 
 
 # -- secrets from the invocation -------------------------------------------------------------------

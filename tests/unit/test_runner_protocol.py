@@ -1,5 +1,6 @@
-"""Pins runner/PROTOCOL.md (version 2): golden bytes, round trips, rejection rules, and the real
-agent (compiled here, run in `--stdio` mode) answering the version 2 sandbox requests."""
+"""Pins runner/PROTOCOL.md (version 3): golden bytes, round trips, rejection rules, and the real
+agent (compiled here, run in `--stdio` mode) answering the version 2 sandbox requests and the
+version 3 RUN mount requests."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=
 texts = st.lists(text, max_size=6).map(tuple)
 
 
-def test_version_is_two():
-    assert P.PROTOCOL_VERSION == 2
+def test_version_is_three():
+    assert P.PROTOCOL_VERSION == 3
 
 
 def test_run_frame_golden_bytes_match_the_spec_example():
@@ -42,7 +43,7 @@ def test_run_frame_golden_bytes_match_the_spec_example():
 
 def test_hello_golden_bytes():
     wire = P.encode_frame(P.encode_hello())
-    assert wire == bytes.fromhex("01000000 0000000e 0002 00000008") + b"tl-agent"
+    assert wire == bytes.fromhex("01000000 0000000e 0003 00000008") + b"tl-agent"
 
 
 def test_v2_golden_bytes():
@@ -88,6 +89,37 @@ def test_v2_round_trips(root, network, hostname, dest, name, ns):
     assert P.decode_attach(P.encode_attach(ns)) == ns
 
 
+def test_v3_golden_bytes():
+    bind = P.BindMsg("/r", "/t", P.BindKind.DATA, uid=1, gid=2, mode=0o400, data=b"s")
+    assert P.encode_frame(P.encode_bind(bind)) == bytes.fromhex(
+        "90 00 0000 0000002b"
+        "00000002 2f72"  # root
+        "00000002 2f74"  # target
+        "02"  # kind: data
+        "00000000 00000000"  # source_root, source
+        "01"  # readonly
+        "00000000 00000001 00000002 00000100"  # size_kib, uid, gid, mode
+        "00000001 73".replace(" ", "")  # data
+    )
+    assert P.encode_frame(P.encode_unbind()) == bytes.fromhex("91000000 00000000")
+    assert "data" not in repr(bind).replace("data=", "") and "b's'" not in repr(bind)
+
+
+@given(text, text, st.sampled_from(list(P.BindKind)), text, text, st.booleans(),
+       st.integers(0, 2**32 - 1), st.binary(max_size=64))
+def test_bind_round_trip(root, target, kind, source_root, source, readonly, n, data):
+    m = P.BindMsg(root, target, kind, source_root, source, readonly, n, n, n, n, data)
+    assert P.decode_bind(P.encode_bind(m)) == m
+
+
+def test_bind_kind_beyond_data_is_rejected():
+    frame = P.encode_bind(P.BindMsg("/r", "/t", P.BindKind.TMPFS))
+    payload = bytearray(frame.payload)
+    payload[len(P._str("/r") + P._str("/t"))] = 7
+    with pytest.raises(P.ProtocolError, match="unknown BIND kind 7"):
+        P.decode_bind(P.Frame(P.FrameType.BIND, bytes(payload)))
+
+
 def test_exec_flags_beyond_stdin_are_rejected():
     frame = P.encode_exec(P.ExecMsg(("x",), (), "root", "/"))
     with pytest.raises(P.ProtocolError, match="unknown EXEC flags 0x02"):
@@ -123,7 +155,7 @@ def test_decode_frames_handles_any_split(frames, cut):
 
 
 def test_version_mismatch_is_rejected():
-    with pytest.raises(P.ProtocolError, match="version 1; this host speaks 2") as e:
+    with pytest.raises(P.ProtocolError, match="version 1; this host speaks 3") as e:
         P.decode_hello(P.encode_hello(version=1))
     assert "stale" in (e.value.hint or "")
 
@@ -188,7 +220,7 @@ class Agent:
         self.err = bytearray()
         self.drain = threading.Thread(target=self._drain, daemon=True)
         self.drain.start()
-        assert P.decode_hello(self.reader.read()).version == 2
+        assert P.decode_hello(self.reader.read()).version == P.PROTOCOL_VERSION
 
     def _drain(self) -> None:
         while chunk := self.proc.stderr.read1(4096):
@@ -239,7 +271,7 @@ def test_agent_exec_streams_takes_stdin_and_does_not_wait_for_background_writers
     err = a.until(P.FrameType.EXIT, P.FrameType.ERROR)[-1]
     assert "executable file not found" in P.decode_error(err)
     a.send(P.encode_attach(0))
-    assert P.decode_hello(a.until(P.FrameType.HELLO)[-1]).version == 2
+    assert P.decode_hello(a.until(P.FrameType.HELLO)[-1]).version == P.PROTOCOL_VERSION
     a.send(P.encode_freeze())  # no-ops on a host, but answered
     a.send(P.encode_thaw())
     assert [f.type for f in a.until(P.FrameType.OK)] == [P.FrameType.OK]
@@ -309,3 +341,59 @@ def test_agent_spawn_reports_the_entrypoint_exit(agent_bin):
     a.close()
     assert "entry\n" in a.stderr_text()
     assert "tl-agent: entrypoint exited with status 4\n" in a.stderr_text()
+
+
+# --- the real agent, version 3 RUN mounts (in its own mount namespace) -------------------------
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare is not installed")
+def test_agent_bind_and_unbind(agent_bin, tmp_path):
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "hostname").write_text("in-root\n")
+    (root / "lnk").symlink_to("/etc")  # resolves inside the root, never to the host's /etc
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_text("from-source\n")
+    a = Agent.__new__(Agent)
+    a.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", str(agent_bin),
+                               "--stdio"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"})
+    a.reader = P.FrameReader(a.proc.stdout)
+    a.err = bytearray()
+    a.drain = threading.Thread(target=a._drain, daemon=True)
+    a.drain.start()
+    assert P.decode_hello(a.reader.read()).version == 3
+    r = str(root)
+
+    def bind(msg: P.BindMsg) -> P.Frame:
+        a.send(P.encode_bind(msg))
+        return a.until(P.FrameType.OK, P.FrameType.ERROR)[-1]
+
+    assert bind(P.BindMsg(r, "/mnt/src", P.BindKind.PATH, str(src), "/sub")).type is P.FrameType.OK
+    assert bind(P.BindMsg(r, "/tmp/t", P.BindKind.TMPFS, size_kib=1024,
+                          readonly=False)).type is P.FrameType.OK
+    assert bind(P.BindMsg(r, "/lnk/secret", P.BindKind.DATA, uid=1000, gid=1000, mode=0o440,
+                          data=b"s3cret")).type is P.FrameType.OK
+    bad = bind(P.BindMsg(r, "/etc/hostname/x", P.BindKind.TMPFS))
+    assert "BIND: mount target /etc/hostname/x: Not a directory" in P.decode_error(bad)
+    missing = bind(P.BindMsg(r, "/x", P.BindKind.PATH, str(src), "/missing"))
+    assert P.decode_error(missing) == "BIND: source /missing: No such file or directory"
+    script = (f"cat {r}/mnt/src/f; stat -c '%a %u' {r}/etc/secret; cat {r}/etc/secret; echo; "
+              f"touch {r}/mnt/src/new 2>/dev/null || echo read-only; "
+              f"df -k {r}/tmp/t | tail -1 | awk '{{print $2}}'; touch {r}/tmp/t/x")
+    a.send(P.encode_run(P.RunRequestMsg(("sh", "-c", script), ("PATH=/usr/bin:/bin",), "root",
+                                        "/", False)))  # fmt: skip
+    frames = a.until(P.FrameType.EXIT, P.FrameType.ERROR)
+    assert _out(frames, P.FrameType.STDOUT) == b"from-source\n440 1000\ns3cret\nread-only\n1024\n"
+    assert not Path("/etc/secret").exists()
+    a.send(P.encode_unbind())
+    assert a.until(P.FrameType.OK)[-1].type is P.FrameType.OK
+    # every stub is gone: the root holds what it held before
+    assert sorted(os.listdir(root)) == ["etc", "lnk"] and os.listdir(root / "etc") == ["hostname"]
+    assert os.listdir(src / "sub") == ["f"]
+    a.close()

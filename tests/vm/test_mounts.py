@@ -1,6 +1,7 @@
-"""RUN mounts end to end through the namespace sandbox on the real busybox base (and one real
-`pip install` on debian-minimal when PyPI is reachable): what the step sees, what persists, and
-that nothing a mount shows reaches a layer, a key or the logs."""
+"""RUN mounts end to end on the real busybox base, through both backends (the namespace sandbox
+and the microVM, which carries mounts as disks and protocol v3 BIND requests), plus one real
+`pip` step on debian-minimal when PyPI is reachable: what the step sees, what persists, and that
+nothing a mount shows reaches a layer, a key or the logs."""
 
 from __future__ import annotations
 
@@ -31,9 +32,37 @@ pytestmark = [
 SECRET = b"hunter2-very-secret"
 
 
-def build(path: Path, **kw):  # noqa: ANN201
+@pytest.fixture(scope="session")
+def shared_cache() -> Path:
+    """The user's cache (computed before conftest gives each test its own), where the guest
+    kit and debian-minimal are made once: that takes minutes."""
+    from tlimage.cache.store import default_cache_root
+
+    return Path(os.environ.get("TLIMAGE_EXECUTOR_TEST_CACHE") or default_cache_root())
+
+
+@pytest.fixture(scope="session")
+def microvm(shared_cache: Path):  # noqa: ANN201
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86 is not installed (scripts/setup.sh installs it)")
+    from tlimage.executor.microvm import MicroVMExecutor
+
+    ex = MicroVMExecutor(cache_dir=shared_cache)
+    yield ex
+    ex.close()
+
+
+@pytest.fixture(params=["namespace", "microvm"])
+def build(request: pytest.FixtureRequest):  # noqa: ANN201
+    """`build(path, **options)` through a fresh namespace sandbox, or the session's microVM."""
+    backend = ({"isolation": "namespace"} if request.param == "namespace"
+               else {"executor": request.getfixturevalue("microvm")})  # fmt: skip
+    return lambda path, **kw: ns_build(path, **{**backend, **kw})
+
+
+def ns_build(path: Path, **kw):  # noqa: ANN201
     events: list[dict] = []
-    result = build_image(path, emit=events.append, isolation="namespace", **kw)
+    result = build_image(path, emit=events.append, **{"isolation": "namespace", **kw})
     return result, events
 
 
@@ -77,7 +106,7 @@ def dockerfile(tmp_path: Path, text: str) -> Path:
     return p
 
 
-def test_cache_mount_speeds_the_second_install_and_stays_out_of_the_layer(tmp_path: Path) -> None:
+def test_cache_mount_speeds_the_second_install_and_stays_out_of_the_layer(tmp_path: Path, build) -> None:  # noqa: ANN001
     step = ("RUN --mount=type=cache,target=/var/cache/pkgs "
             "if [ -f /var/cache/pkgs/pkg.whl ]; then echo using cached pkg.whl; "
             "else echo downloading; head -c 65536 /dev/urandom > /var/cache/pkgs/pkg.whl; fi; "
@@ -96,7 +125,7 @@ def test_cache_mount_speeds_the_second_install_and_stays_out_of_the_layer(tmp_pa
     assert cached.read_bytes() in added_bytes(second)
 
 
-def test_secret_file_and_env_reach_the_step_only(tmp_path: Path) -> None:
+def test_secret_file_and_env_reach_the_step_only(tmp_path: Path, build) -> None:  # noqa: ANN001
     f = tmp_path / "token.txt"
     f.write_bytes(SECRET)
     path = dockerfile(tmp_path, "FROM busybox\n"
@@ -123,10 +152,10 @@ def test_missing_required_secret_names_the_line(tmp_path: Path) -> None:
     path = dockerfile(tmp_path, "FROM busybox\n"
                       "RUN --mount=type=secret,id=tok,required=true cat /run/secrets/tok\n")
     with pytest.raises(TlimageError, match=rf"^{path}:2: secret 'tok' is required"):
-        build(path)
+        ns_build(path)
 
 
-def test_bind_from_context_hides_ignored_files_and_discards_writes(tmp_path: Path) -> None:
+def test_bind_from_context_hides_ignored_files_and_discards_writes(tmp_path: Path, build) -> None:  # noqa: ANN001
     (tmp_path / "src" / "sub").mkdir(parents=True)
     (tmp_path / "src" / "a.txt").write_text("alpha\n")
     (tmp_path / "src" / "sub" / "keep.txt").write_text("keep\n")
@@ -147,7 +176,7 @@ def test_bind_from_context_hides_ignored_files_and_discards_writes(tmp_path: Pat
     assert added_paths(result) == {"o", "o/one.txt"}  # no /src, no /one.txt stub
 
 
-def test_bind_from_another_stage_resolves_links_inside_that_stage(tmp_path: Path) -> None:
+def test_bind_from_another_stage_resolves_links_inside_that_stage(tmp_path: Path, build) -> None:  # noqa: ANN001
     marker = f"/etc/stage-only-{uuid.uuid4().hex}"
     path = dockerfile(tmp_path, "FROM busybox AS build\n"
                       f"RUN echo from-the-stage > {marker} && ln -s /etc /s\n"
@@ -162,7 +191,7 @@ def test_bind_from_another_stage_resolves_links_inside_that_stage(tmp_path: Path
     assert added_paths(result) == set()  # neither step left anything
 
 
-def test_mount_errors_name_the_line(tmp_path: Path) -> None:
+def test_mount_errors_name_the_line(tmp_path: Path, build) -> None:  # noqa: ANN001
     (tmp_path / "d").mkdir()
     path = dockerfile(tmp_path, "FROM busybox\nRUN --mount=type=bind,source=d,target=/bin/sh true\n")
     with pytest.raises(TlimageError, match=rf"^{path}:2: step could not start: RUN --mount: "
@@ -170,7 +199,7 @@ def test_mount_errors_name_the_line(tmp_path: Path) -> None:
         build(path)
 
 
-def test_nested_mount_stubs_leave_the_cache_clean(tmp_path: Path) -> None:
+def test_nested_mount_stubs_leave_the_cache_clean(tmp_path: Path, build) -> None:  # noqa: ANN001
     path = dockerfile(tmp_path, "FROM busybox\n"
                       "RUN --mount=type=cache,id=nest,target=/c "
                       "--mount=type=secret,id=s,target=/c/deep/s "
@@ -205,15 +234,6 @@ def _pypi_reachable() -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def shared_cache() -> Path:
-    """The user's cache (computed before conftest gives each test its own), where
-    debian-minimal is built once: building it takes minutes."""
-    from tlimage.cache.store import default_cache_root
-
-    return Path(os.environ.get("TLIMAGE_EXECUTOR_TEST_CACHE") or default_cache_root())
-
-
 @pytest.fixture
 def debian_cache(shared_cache: Path) -> Path:
     if shutil.which("mmdebstrap") is None and not any(
@@ -235,10 +255,10 @@ def test_real_pip_step_reuses_its_cache_mount(tmp_path: Path, debian_cache: Path
     path = dockerfile(tmp_path, "FROM debian-minimal\n" + step.replace("{n}", "1"))
     store = BlobStore(debian_cache)
     try:
-        first, ev1 = build(path, cache_dir=debian_cache, register=False)
+        first, ev1 = ns_build(path, cache_dir=debian_cache, register=False)
         assert "Saved /root/.cache/pip/wheels/six-1.16.0-py2.py3-none-any.whl" in logs(ev1)
         path.write_text("FROM debian-minimal\n" + step.replace("{n}", "2"))
-        second, ev2 = build(path, cache_dir=debian_cache, register=False)
+        second, ev2 = ns_build(path, cache_dir=debian_cache, register=False)
         assert "File was already downloaded /root/.cache/pip/wheels/six-1.16.0" in logs(ev2)
         for r in (first, second):
             paths = added_paths(r, store)
@@ -248,7 +268,7 @@ def test_real_pip_step_reuses_its_cache_mount(tmp_path: Path, debian_cache: Path
         shutil.rmtree(cache_mount_dir(store.path, cid), ignore_errors=True)
 
 
-def test_step_failure_inside_a_mount_step_keeps_the_log_redacted(tmp_path: Path) -> None:
+def test_step_failure_inside_a_mount_step_keeps_the_log_redacted(tmp_path: Path, build) -> None:  # noqa: ANN001
     path = dockerfile(tmp_path, "FROM busybox\n"
                       "RUN --mount=type=secret,id=tok,env=T echo \"leak: $T\" && exit 3\n")
     with pytest.raises(StepFailed) as err:

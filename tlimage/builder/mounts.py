@@ -310,7 +310,7 @@ class StepMounts:
                 empty.mkdir(parents=True)
                 layers = (empty,)
             return HostMount.view(layers, "/" + _context_rel(spec.source).lstrip("."),
-                                  spec.target, readonly=spec.readonly)  # fmt: skip
+                                  spec.target, readonly=spec.readonly, stable=True)  # fmt: skip
         ctx = os.path.realpath(self.builder.opts.context_dir)
         rel = _context_rel(spec.source)
         try:

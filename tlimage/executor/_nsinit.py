@@ -162,6 +162,9 @@ def setup_mounts(root, scratch, mounts, secrets_fd):
                 layers.append(stage + "/empty")
             if not m["readonly"]:
                 os.mkdir(stage + "/upper")
+                top = os.stat(layers[-1])  # the merged root shows the upper's owner and mode
+                os.chown(stage + "/upper", top.st_uid, top.st_gid)
+                os.chmod(stage + "/upper", stat.S_IMODE(top.st_mode))
                 os.mkdir(stage + "/work")
                 opts = f",upperdir={_escape(stage + '/upper')},workdir={_escape(stage + '/work')}"
             lowers = ":".join(_escape(p) for p in reversed(layers))

@@ -76,15 +76,18 @@ class HostMount:
     uid: int = 0
     gid: int = 0
     mode: int = 0o400
+    # The sources never change (store layers): a backend may cache what it derives from them.
+    stable: bool = False
 
     @classmethod
     def bind(cls, source: Path, target: str, *, readonly: bool = False) -> HostMount:
         return cls("bind", target, source=source, readonly=readonly)
 
     @classmethod
-    def view(cls, layers: tuple[Path, ...], subpath: str, target: str, *,
-             readonly: bool = True) -> HostMount:  # fmt: skip
-        return cls("view", target, layers=tuple(layers), subpath=subpath, readonly=readonly)
+    def view(cls, layers: tuple[Path, ...], subpath: str, target: str, *, readonly: bool = True,
+             stable: bool = False) -> HostMount:  # fmt: skip
+        return cls("view", target, layers=tuple(layers), subpath=subpath, readonly=readonly,
+                   stable=stable)  # fmt: skip
 
     @classmethod
     def tmpfs(cls, target: str, size: int | None = None) -> HostMount:

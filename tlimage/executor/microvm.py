@@ -15,6 +15,15 @@ metadata (paths, modes, owners, sizes, mtimes, link targets, xattrs): lowers are
 contract, so a changed file must change its size or mtime. More than MAX_LOWER_DISKS lowers are
 flattened, bottom ones first, into one image.
 
+RUN mounts (`RunRequest.mounts`) travel as extra disks and agent requests (protocol v3, BIND):
+a host folder or file becomes an ext4 image made for the step; a view of layers becomes one
+image (cached like the lowers when its layers are store layers, `HostMount.stable`) under an
+overlay on the scratch disk, so writes to it are discarded; tmpfs and secrets are made by the
+agent (a secret's bytes go over the channel onto a guest tmpfs, never onto a disk). A writable
+host folder (a cache mount) is mounted through an overlay too; after the step its upper is
+exported and applied to the folder, so writes persist as with the namespace sandbox. A step
+with mounts boots a VM with its disks; the VM then stays warm for later steps.
+
 Warm VM: after a step, the VM stays up (unless `keep_warm=False`). When every lower of the next
 request is either one of this VM's disks (same host path) or an upper this VM produced (same
 content, see `content_key`: the builder passes uppers back as unpacked store layers), the step
@@ -49,6 +58,7 @@ from tlimage.errors import ExecutorError
 from tlimage.executor import protocol as P
 from tlimage.executor.base import (
     OPAQUE_XATTR,
+    HostMount,
     OutputCallback,
     RunRequest,
     RunResult,
@@ -58,6 +68,7 @@ from tlimage.executor.base import (
 from tlimage.executor.provision import GuestKit, executor_dir, provision, require_tool
 
 # 24 virtio-mmio transports in QEMU's microvm; scratch, serial, net and rng take 4.
+MAX_DISKS = 20
 MAX_LOWER_DISKS = 16
 # Part of every cached image's name: bump when make_ext4's output changes for the same tree.
 IMAGE_FORMAT = "i2"
@@ -139,7 +150,9 @@ def tree_key(root: Path) -> tuple[str, int, int]:
     return h.hexdigest(), size, count
 
 
-def make_ext4(src: Path, dest: Path, data_bytes: int, entries: int) -> None:
+def make_ext4(src: Path, dest: Path, data_bytes: int, entries: int, *,
+              root_owner: tuple[int, int] = (0, 0),
+              root_mode: int | None = None) -> None:  # fmt: skip
     """mke2fs -d: copies modes, owners, times, hard links, devices (whiteouts) and xattrs
     (the opaque marker). No journal: the image is only ever mounted read-only."""
     mke2fs = require_tool("mke2fs", "to build the base disk images for the microVM")
@@ -152,12 +165,15 @@ def make_ext4(src: Path, dest: Path, data_bytes: int, entries: int) -> None:
         p = subprocess.run(
             [mke2fs, "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0",
              "-N", str(entries + 256), "-O", "^has_journal,^resize_inode",
-             "-E", "root_owner=0:0", "-L", "tl-lower", "-d", str(src), str(dest)],
+             "-E", f"root_owner={root_owner[0]}:{root_owner[1]}", "-L", "tl-lower", "-d",
+             str(src), str(dest)],
             capture_output=True, text=True, check=False,
         )
         if p.returncode == 0:
             if not (src / "lost+found").exists():
                 _drop_lost_found(dest)
+            if root_mode is not None and root_mode != 0o755:  # mke2fs -d leaves the root 0755
+                _debugfs(dest, f"sif / mode 0{stat.S_IFDIR | root_mode:o}")
             return
         if "No space left" not in p.stderr and "Could not allocate" not in p.stderr:
             break
@@ -167,11 +183,15 @@ def make_ext4(src: Path, dest: Path, data_bytes: int, entries: int) -> None:
 
 def _drop_lost_found(image: Path) -> None:
     """mke2fs always makes /lost+found; a step must see the layers' root, nothing more."""
+    _debugfs(image, "rmdir /lost+found")
+
+
+def _debugfs(image: Path, request: str) -> None:
     debugfs = require_tool("debugfs", "to edit the base disk images for the microVM")
-    p = subprocess.run([debugfs, "-w", "-R", "rmdir /lost+found", str(image)],
+    p = subprocess.run([debugfs, "-w", "-R", request, str(image)],
                        capture_output=True, text=True, check=False)
     if p.returncode != 0:
-        raise ExecutorError(f"debugfs rmdir /lost+found {image} failed: {p.stderr.strip()}")
+        raise ExecutorError(f"debugfs {request} {image} failed: {p.stderr.strip()}")
 
 
 def flatten_layers(lowers: list[Path], dest: Path) -> None:
@@ -235,13 +255,14 @@ def _remove(path: str) -> None:
             os.unlink(path)
 
 
-def lower_images(lowers: tuple[Path, ...], cache_dir: Path | None = None) -> list[Path]:
+def lower_images(lowers: tuple[Path, ...], cache_dir: Path | None = None, *,
+                 max_disks: int = MAX_LOWER_DISKS) -> list[Path]:  # fmt: skip
     """One cached ext4 image per lower (bottom first); excess bottom lowers are flattened."""
     root = executor_dir(cache_dir) / "ext4"
     root.mkdir(parents=True, exist_ok=True)
     groups: list[list[Path]] = [[p] for p in lowers]
-    if len(groups) > MAX_LOWER_DISKS:
-        cut = len(groups) - MAX_LOWER_DISKS + 1
+    if len(groups) > max_disks:
+        cut = len(groups) - max_disks + 1
         groups = [[p for g in groups[:cut] for p in g], *groups[cut:]]
     images = []
     for group in groups:
@@ -744,34 +765,50 @@ class MicroVMExecutor:
     def run(self, req: RunRequest, on_output: OutputCallback | None = None) -> RunResult:
         start = time.monotonic()
         emit = on_output or (lambda _s, _b: None)
-        if req.mounts:
-            # The guest agent has no mount request for them yet (runner/PROTOCOL.md v1).
-            raise ExecutorError(
-                "RUN --mount needs --isolation namespace for now: the microVM backend cannot "
-                "mount caches, secrets, binds or tmpfs into a step yet",
-                hint="build with `--isolation namespace` (needs root), or drop the mount")
         if req.upper_dir.exists():
             raise ExecutorError(f"upper dir already exists: {req.upper_dir}")
         for lower in req.lowers:
             if not lower.is_dir():
                 raise ExecutorError(f"lower layer is not a directory: {lower}")
         ok = False
+        work = (Path(tempfile.mkdtemp(prefix=".tl-vm-mounts-", dir=req.upper_dir.parent))
+                if req.mounts else None)  # fmt: skip
         try:
-            session, guest_lowers = self._session_for(req)
+            images = self._mount_images(req, work) if work is not None else []
+            session, guest_lowers, first = self._session_for(
+                req, [img for _, img, _ in images if img is not None])
             vm = session.vm
             i = session.steps
             session.steps += 1
             upper = f"/tl/scratch/{i}/upper"
+            plan = _plan_mounts(req, images, first, f"/tl/scratch/{i}")
+            for overlay in plan.overlays:  # before the root: RUN runs in the last MOUNT's target
+                vm.request(P.encode_mount(overlay))
             vm.request(P.encode_mount(P.MountRequest(
                 tuple(guest_lowers), upper, f"/tl/scratch/{i}/work", "/tl/root")))
-            code = self._run_step(vm, req, emit)
+            try:
+                for bind in plan.binds:
+                    vm.request(P.encode_bind(bind))
+            except ExecutorError as e:
+                raise ExecutorError(f"step could not start: RUN --mount: "
+                                    f"{str(e).removeprefix('guest agent: BIND: ')}") from None
+            code = self._run_step(vm, req, emit, plan.env)
+            if req.mounts:
+                vm.request(P.encode_unbind())
             req.upper_dir.mkdir()
             opaque = self._export(vm, upper, req)
+            for j, (guest_upper, dest) in enumerate(plan.writeback):
+                assert work is not None
+                self._write_back(vm, guest_upper, dest, work / f"writeback{j}")
+            for overlay in plan.overlays:
+                vm.request(P.encode_umount(overlay.target))
             vm.request(P.encode_umount("/tl/root"))
             if self.keep_warm:
                 session.uppers[content_key(req.upper_dir)] = upper
             ok = True
         finally:
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
             if not ok:
                 self._end_session()
                 shutil.rmtree(req.upper_dir, ignore_errors=True)
@@ -779,16 +816,24 @@ class MicroVMExecutor:
             self._end_session()
         return RunResult(code, req.upper_dir, time.monotonic() - start, opaque)
 
-    def _session_for(self, req: RunRequest) -> tuple[_Session, list[str]]:
+    def _session_for(self, req: RunRequest,
+                     extra: list[Path] | None = None) -> tuple[_Session, list[str], int]:  # fmt: skip
+        """The session to run `req` in, the guest paths of its lowers, and the index of the
+        first of the `extra` disks (mount images), which always need a fresh VM."""
         s = self._session
-        if (s is not None and s.vm.proc is not None and s.vm.proc.poll() is None
+        if (not extra and s is not None and s.vm.proc is not None and s.vm.proc.poll() is None
                 and s.network == req.network):
             guest = s.guest_lowers(req.lowers)
             if guest is not None:
-                return s, guest
+                return s, guest, -1
         self._end_session()
-        disks = lower_images(req.lowers, self.cache_dir)
-        vm = _VM(self.kit, self.accel, disks, req.network, self.memory_mb, self.cpus)
+        extra = extra or []
+        budget = min(MAX_LOWER_DISKS, MAX_DISKS - len(extra))
+        if budget < 1:
+            raise ExecutorError(f"a step may mount at most {MAX_DISKS - 1} folders, files or "
+                                f"views in a microVM; this one mounts {len(extra)}")  # fmt: skip
+        disks = lower_images(req.lowers, self.cache_dir, max_disks=budget)
+        vm = _VM(self.kit, self.accel, [*disks, *extra], req.network, self.memory_mb, self.cpus)
         vm.start(self.boot_timeout)
         self.boots += 1
         self.last_boot_seconds = vm.boot_seconds
@@ -802,13 +847,15 @@ class MicroVMExecutor:
             if flat == 1:
                 mapping[lower.resolve()] = f"/tl/lower/{d}"
         self._session = _Session(vm, mapping, req.network)
-        return self._session, list(dict.fromkeys(guest))
+        return self._session, list(dict.fromkeys(guest)), len(disks)
 
-    def _run_step(self, vm: _VM, req: RunRequest, emit: OutputCallback) -> int:
+    def _run_step(self, vm: _VM, req: RunRequest, emit: OutputCallback,
+                  secret_env: tuple[bytes, ...] = ()) -> int:  # fmt: skip
         assert vm.chan is not None
         deadline = None if req.timeout is None else time.monotonic() + req.timeout
+        env = (*req.env_list(), *secret_env)  # the channel is private: no log, no argv
         vm.chan.send(P.encode_run(P.RunRequestMsg(
-            req.argv, tuple(req.env_list()), req.user, req.workdir, req.network)))
+            req.argv, env, req.user, req.workdir, req.network)))  # type: ignore[arg-type]
         while True:
             try:
                 f = vm.chan.recv(deadline)
@@ -831,10 +878,14 @@ class MicroVMExecutor:
                 raise P.ProtocolError(f"unexpected {f.type.name} frame during RUN")
 
     def _export(self, vm: _VM, guest_upper: str, req: RunRequest) -> tuple[str, ...]:
+        self._export_to(vm, guest_upper, req.upper_dir)
+        return normalize_upper(req.upper_dir, req.lowers)
+
+    def _export_to(self, vm: _VM, guest_upper: str, dest: Path) -> None:
         assert vm.chan is not None
         vm.chan.send(P.encode_export(guest_upper))
         stream = _TarFrames(vm.chan, time.monotonic() + 600)
-        unpack_export(stream, req.upper_dir)
+        unpack_export(stream, dest)
         while stream.end is None:  # tar's end-of-archive padding may leave frames unread
             stream.read(65536)
         end = stream.end
@@ -844,11 +895,55 @@ class MicroVMExecutor:
             raise P.ProtocolError(f"unexpected {end.type.name} frame during EXPORT")
         meta = P.decode_export_end(end)
         for rel, name, value in meta.xattrs:
-            os.setxattr(_safe_join(req.upper_dir, rel), name, value, follow_symlinks=False)
+            os.setxattr(_safe_join(dest, rel), name, value, follow_symlinks=False)
         for rel in meta.opaque:
-            os.setxattr(_safe_join(req.upper_dir, rel), OPAQUE_XATTR, b"y",
-                        follow_symlinks=False)
-        return normalize_upper(req.upper_dir, req.lowers)
+            os.setxattr(_safe_join(dest, rel), OPAQUE_XATTR, b"y", follow_symlinks=False)
+
+    def _write_back(self, vm: _VM, guest_upper: str, dest: Path, scratch: Path) -> None:
+        """A writable host folder's changes, made in the guest on an overlay over its image,
+        applied to the folder itself."""
+        scratch.mkdir()
+        self._export_to(vm, guest_upper, scratch)
+        apply_upper(scratch, dest)
+
+    def _mount_images(self, req: RunRequest,
+                      work: Path) -> list[tuple[HostMount, Path | None, str]]:  # fmt: skip
+        """Per file mount (parents first): the mount, the disk image that carries it (None for
+        tmpfs and secrets) and the path inside that image to mount ("/" for its root)."""
+        out: list[tuple[HostMount, Path | None, str]] = []
+        for j, m in enumerate(req.sorted_mounts()):
+            if m.kind in ("tmpfs", "secret"):
+                out.append((m, None, ""))
+            elif m.kind == "bind":
+                assert m.source is not None
+                if not os.path.lexists(m.source):
+                    raise ExecutorError(f"mount source for {m.target} does not exist: "
+                                        f"{m.source}")  # fmt: skip
+                src, name = m.source, "/"
+                if not m.source.is_dir():
+                    if not m.readonly:
+                        raise ExecutorError(f"a writable bind of a single file ({m.source}) is "
+                                            "not supported in a microVM")  # fmt: skip
+                    src, name = work / f"file{j}", "f"
+                    src.mkdir()
+                    shutil.copy2(m.source, src / name)
+                img = work / f"bind{j}.img"
+                _, size, count = tree_key(src)
+                top = os.stat(src)  # a cache mount's root keeps its owner and mode (uid=, mode=)
+                make_ext4(src, img, size, count, root_owner=(top.st_uid, top.st_gid),
+                          root_mode=stat.S_IMODE(top.st_mode))  # fmt: skip
+                out.append((m, img, name))
+            else:
+                if m.stable:
+                    (img,) = lower_images(m.layers, self.cache_dir, max_disks=1)
+                else:
+                    flat = work / f"view{j}"
+                    flatten_layers(list(m.layers), flat)
+                    img = work / f"view{j}.img"
+                    _, size, count = tree_key(flat)
+                    make_ext4(flat, img, size, count)
+                out.append((m, img, m.subpath))
+        return out
 
     def _end_session(self) -> None:
         s, self._session = self._session, None
@@ -858,6 +953,99 @@ class MicroVMExecutor:
     def close(self) -> None:
         self._end_session()
         _live.discard(self)
+
+
+@dataclass
+class _MountPlan:
+    overlays: list[P.MountRequest] = field(default_factory=list)  # MOUNTed before the BINDs
+    binds: list[P.BindMsg] = field(default_factory=list)
+    env: tuple[bytes, ...] = ()  # secrets exposed as variables, `KEY=VALUE`
+    writeback: list[tuple[str, Path]] = field(default_factory=list)  # guest upper -> host folder
+
+
+def _plan_mounts(req: RunRequest, images: list[tuple[HostMount, Path | None, str]], first: int,
+                 step_dir: str) -> _MountPlan:  # fmt: skip
+    """The agent requests for a step's mounts; image k is the guest disk /tl/lower/<first+k>."""
+    plan = _MountPlan()
+    k = 0
+    for j, (m, img, name) in enumerate(images):
+        disk = ""
+        if img is not None:
+            disk = f"/tl/lower/{first + k}"
+            k += 1
+        if m.kind == "tmpfs":
+            size = 0 if m.size is None else max(1, (m.size + 1023) // 1024)
+            plan.binds.append(P.BindMsg("/tl/root", m.target, P.BindKind.TMPFS, size_kib=size,
+                                        readonly=False))  # fmt: skip
+        elif m.kind == "secret":
+            plan.binds.append(P.BindMsg("/tl/root", m.target, P.BindKind.DATA, uid=m.uid,
+                                        gid=m.gid, mode=m.mode, data=m.data))  # fmt: skip
+        elif m.kind == "bind" and m.readonly:
+            plan.binds.append(P.BindMsg("/tl/root", m.target, P.BindKind.PATH, disk, name))
+        else:
+            # Writes go to an overlay on the scratch disk: kept for a host folder (written
+            # back after the step), discarded for a view. Views always take the overlay, which
+            # also hides any whiteouts their image holds.
+            base = f"{step_dir}/m{j}"
+            plan.overlays.append(P.MountRequest((disk,), f"{base}/upper", f"{base}/work",
+                                                f"{base}/root"))  # fmt: skip
+            plan.binds.append(P.BindMsg("/tl/root", m.target, P.BindKind.PATH, f"{base}/root",
+                                        name, readonly=m.readonly))  # fmt: skip
+            if m.kind == "bind":
+                assert m.source is not None
+                plan.writeback.append((f"{base}/upper", m.source))
+    plan.env = tuple(m.env.encode() + b"=" + m.data for m in req.mounts
+                     if m.kind == "secret" and m.env)  # fmt: skip
+    for m in req.mounts:
+        if m.kind == "secret" and m.env and b"\0" in m.data:
+            raise ExecutorError(f"secret for ${m.env} holds a NUL byte; an environment "
+                                "variable cannot")  # fmt: skip
+    return plan
+
+
+def apply_upper(upper: Path, dest: Path) -> None:
+    """Applies an overlay-style upper (whiteouts delete, opaque folders replace) onto the host
+    folder `dest`, moving its files in. Parents come before children and each is made a real
+    folder first, so nothing is ever written through a symlink found in `dest`."""
+    for rel, st in _walk(upper):
+        if rel == ".":
+            continue
+        src = os.path.join(upper, rel)
+        dst = os.path.join(dest, rel)
+        mode = st.st_mode
+        if stat.S_ISCHR(mode) and st.st_rdev == 0:
+            _remove(dst)
+            continue
+        try:
+            cur = os.lstat(dst)
+        except FileNotFoundError:
+            cur = None
+        if stat.S_ISDIR(mode):
+            opaque = False
+            with contextlib.suppress(OSError):
+                opaque = os.getxattr(src, OPAQUE_XATTR, follow_symlinks=False) == b"y"
+            if cur is not None and (opaque or not stat.S_ISDIR(cur.st_mode)):
+                _remove(dst)
+                cur = None
+            if cur is None:
+                os.mkdir(dst)
+            os.chown(dst, st.st_uid, st.st_gid)
+            os.chmod(dst, stat.S_IMODE(mode))
+            continue
+        if cur is not None:
+            _remove(dst)
+        if stat.S_ISREG(mode):
+            try:
+                os.replace(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+                os.chown(dst, st.st_uid, st.st_gid)
+        elif stat.S_ISLNK(mode):
+            os.symlink(os.readlink(src), dst)
+            os.lchown(dst, st.st_uid, st.st_gid)
+        else:
+            os.mknod(dst, mode, st.st_rdev)
+            os.chown(dst, st.st_uid, st.st_gid)
 
 
 def _console_tail(vm: _VM) -> str:

@@ -1,4 +1,4 @@
-"""Host side of the guest agent protocol (runner/PROTOCOL.md, version 2).
+"""Host side of the guest agent protocol (runner/PROTOCOL.md, version 3).
 
 Pure encoding and decoding: no I/O beyond the `FrameReader` helper, so the unit tests pin the
 wire format without a VM. The C agent (runner/agent.c) is the other implementation; the two are
@@ -9,19 +9,19 @@ mode against this module.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import BinaryIO
 
 from tlimage.errors import ExecutorError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_PAYLOAD = 1 << 20
 HEADER = struct.Struct(">BBHI")  # type, flags (0), reserved (0), payload length
 
 
 class ProtocolError(ExecutorError):
-    """The channel carried something that is not protocol version 2."""
+    """The channel carried something that is not protocol version 3."""
 
 
 class FrameType(IntEnum):
@@ -52,6 +52,9 @@ class FrameType(IntEnum):
     ATTACH = 0x8D
     SPAWN = 0x8E
     SANDBOX = 0x8F
+    # version 3: RUN mounts (tlimage/executor/microvm.py)
+    BIND = 0x90
+    UNBIND = 0x91
 
 
 @dataclass(frozen=True)
@@ -418,3 +421,54 @@ def encode_freeze() -> Frame:
 
 def encode_thaw() -> Frame:
     return Frame(FrameType.THAW)
+
+
+# --- version 3: RUN mounts --------------------------------------------------------------------
+
+
+class BindKind(IntEnum):
+    PATH = 0  # `source` inside `source_root` (a guest path), bind-mounted
+    TMPFS = 1  # a new tmpfs of `size_kib` (0: the kernel's default)
+    DATA = 2  # `data` as a file (uid, gid, mode) on a guest tmpfs, bind-mounted read-only
+
+
+@dataclass(frozen=True)
+class BindMsg:
+    """One mount for the next RUN, at `target` inside `root` (both resolved inside their root,
+    symlinks included). `data` carries a secret: kept out of `repr`."""
+
+    root: str
+    target: str
+    kind: BindKind
+    source_root: str = ""
+    source: str = ""
+    readonly: bool = True
+    size_kib: int = 0
+    uid: int = 0
+    gid: int = 0
+    mode: int = 0o400
+    data: bytes = field(default=b"", repr=False)
+
+
+def encode_bind(m: BindMsg) -> Frame:
+    payload = (_str(m.root) + _str(m.target) + bytes([int(m.kind)]) + _str(m.source_root)
+               + _str(m.source) + bytes([1 if m.readonly else 0])
+               + struct.pack(">IIII", m.size_kib, m.uid, m.gid, m.mode) + _bytes(m.data))
+    return Frame(FrameType.BIND, payload)
+
+
+def decode_bind(frame: Frame) -> BindMsg:
+    r = _Reader(frame.payload, "BIND")
+    root, target, kind = r.str(), r.str(), r.u8()
+    try:
+        k = BindKind(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown BIND kind {kind}") from None
+    m = BindMsg(root, target, k, r.str(), r.str(), bool(r.u8()), r.u32(), r.u32(), r.u32(),
+                r.u32(), r.bytes())  # fmt: skip
+    r.end()
+    return m
+
+
+def encode_unbind() -> Frame:
+    return Frame(FrameType.UNBIND)
