@@ -774,9 +774,11 @@ class MicroVMExecutor:
         work = (Path(tempfile.mkdtemp(prefix=".tl-vm-mounts-", dir=req.upper_dir.parent))
                 if req.mounts else None)  # fmt: skip
         try:
-            images = self._mount_images(req, work) if work is not None else []
+            images: list[tuple[HostMount, Path | tuple[str, ...] | None, str]] = []
+            if work is not None:
+                images = self._warm_mounts(req) or self._mount_images(req, work)  # type: ignore[assignment]
             session, guest_lowers, first = self._session_for(
-                req, [img for _, img, _ in images if img is not None])
+                req, [img for _, img, _ in images if isinstance(img, Path)])
             vm = session.vm
             i = session.steps
             session.steps += 1
@@ -906,6 +908,24 @@ class MicroVMExecutor:
         self._export_to(vm, guest_upper, scratch)
         apply_upper(scratch, dest)
 
+    def _warm_mounts(self, req: RunRequest) -> list | None:
+        """`_mount_images` without new disks, when the warm VM can serve the step and every one
+        of its mounts: tmpfs, secrets, and views of layers the VM already has (a stage built
+        earlier in the same VM: its lowers are disks, its uppers on the scratch disk)."""
+        s = self._session
+        if (s is None or s.vm.proc is None or s.vm.proc.poll() is not None
+                or s.network != req.network or s.guest_lowers(req.lowers) is None):
+            return None
+        out: list[tuple[HostMount, tuple[str, ...] | None, str]] = []
+        for m in req.sorted_mounts():
+            if m.kind in ("tmpfs", "secret"):
+                out.append((m, None, ""))
+            elif m.kind == "view" and m.stable and (g := s.guest_lowers(m.layers)) is not None:
+                out.append((m, tuple(g), m.subpath))
+            else:
+                return None
+        return out
+
     def _mount_images(self, req: RunRequest,
                       work: Path) -> list[tuple[HostMount, Path | None, str]]:  # fmt: skip
         """Per file mount (parents first): the mount, the disk image that carries it (None for
@@ -963,16 +983,20 @@ class _MountPlan:
     writeback: list[tuple[str, Path]] = field(default_factory=list)  # guest upper -> host folder
 
 
-def _plan_mounts(req: RunRequest, images: list[tuple[HostMount, Path | None, str]], first: int,
-                 step_dir: str) -> _MountPlan:  # fmt: skip
-    """The agent requests for a step's mounts; image k is the guest disk /tl/lower/<first+k>."""
+def _plan_mounts(req: RunRequest, images: list, first: int, step_dir: str) -> _MountPlan:
+    """The agent requests for a step's mounts. `images` holds per file mount (parents first)
+    the mount, what carries it (an image, the k-th being guest disk /tl/lower/<first+k>; guest
+    lowers the VM already has; None for tmpfs and secrets) and the path to mount inside it."""
     plan = _MountPlan()
     k = 0
     for j, (m, img, name) in enumerate(images):
-        disk = ""
-        if img is not None:
-            disk = f"/tl/lower/{first + k}"
+        lowers: tuple[str, ...] = ()
+        if isinstance(img, tuple):
+            lowers = img
+        elif img is not None:
+            lowers = (f"/tl/lower/{first + k}",)
             k += 1
+        disk = lowers[0] if lowers else ""
         if m.kind == "tmpfs":
             size = 0 if m.size is None else max(1, (m.size + 1023) // 1024)
             plan.binds.append(P.BindMsg("/tl/root", m.target, P.BindKind.TMPFS, size_kib=size,
@@ -987,7 +1011,7 @@ def _plan_mounts(req: RunRequest, images: list[tuple[HostMount, Path | None, str
             # back after the step), discarded for a view. Views always take the overlay, which
             # also hides any whiteouts their image holds.
             base = f"{step_dir}/m{j}"
-            plan.overlays.append(P.MountRequest((disk,), f"{base}/upper", f"{base}/work",
+            plan.overlays.append(P.MountRequest(lowers, f"{base}/upper", f"{base}/work",
                                                 f"{base}/root"))  # fmt: skip
             plan.binds.append(P.BindMsg("/tl/root", m.target, P.BindKind.PATH, f"{base}/root",
                                         name, readonly=m.readonly))  # fmt: skip
