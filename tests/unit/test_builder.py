@@ -238,3 +238,18 @@ def test_prune_keeps_what_registered_images_need(tmp_path: Path) -> None:
     assert store.has(f"xxh3:{result.image_id}")
     second, _, ex = run(project(tmp_path))
     assert second.image_id == result.image_id and ex.runs == []
+
+
+def test_copy_from_a_stage_sees_a_changed_file_in_that_stage(tmp_path: Path) -> None:
+    """COPY --from=<stage> is keyed by what the stage built, not only by how it is defined."""
+    (tmp_path / "v.txt").write_text("one")
+    (tmp_path / "Dockerfile").write_text(
+        "FROM busybox AS a\nCOPY v.txt /v\n\nFROM busybox\nCOPY --from=a /v /copied\n"
+    )
+    first, _, _ = run(tmp_path / "Dockerfile")
+    (tmp_path / "v.txt").write_text("two")
+    second, events, _ = run(tmp_path / "Dockerfile")
+    assert second.image_id != first.image_id
+    final_copy = [e for e in events if e["event"] in ("step_cached", "step_done")
+                  and e["stage"] == "stage-1" and e["index"] == 1]  # fmt: skip
+    assert [e["event"] for e in final_copy] == ["step_done"]

@@ -175,15 +175,16 @@ class Builder:
                            duration)  # fmt: skip
 
     def _build_stage(self, stage: ir.Stage) -> None:
-        digests = self.image.step_digests(stage.name)
-        refs = {name: self.image.step_digests(name)[-1]
-                for name in stage.stage_refs() if name in self.image.stage_names}  # fmt: skip
+        # A stage read by COPY --from or a mount enters keys by its final cache key, which covers
+        # the files it copied; its IR digest would not, and a changed file would be missed.
+        refs = {name: self.stages[name].key
+                for name in stage.stage_refs() if name in self.stages}  # fmt: skip
         state = self._base(stage, stage.base, stage.meta[0])
         n = len(stage.steps)
         for i, (step, meta) in enumerate(stage.items()):
             if i == 0:
                 continue
-            self._step(stage, i, n, step, meta, state, refs, digests[i])
+            self._step(stage, i, n, step, meta, state, refs)
         self.stages[stage.name] = state
 
     # -- FROM ----------------------------------------------------------------------------
@@ -236,7 +237,7 @@ class Builder:
     # -- other steps ---------------------------------------------------------------------
 
     def _step(self, stage: ir.Stage, i: int, n: int, step: ir.Step, meta: ir.StepMeta,
-              state: _StageState, refs: dict[str, str], digest: str) -> None:  # fmt: skip
+              state: _StageState, refs: dict[str, str]) -> None:  # fmt: skip
         where = meta.span.short if meta.span else None
         desc = describe(step)
         base_event = {"stage": stage.name, "index": i, "step": desc}
@@ -251,7 +252,7 @@ class Builder:
 
         files: dict[str, str] = {}
         sources: list[ctx.Source] = []
-        if isinstance(step, ir.Copy | ir.Add) and not _from_other(step, self.image):
+        if isinstance(step, ir.Copy | ir.Add) and not _from_other(step):
             local = [s for s in step.sources if not _is_url(s)]
             try:
                 files = self._file_digests(local, step.excludes)
@@ -437,7 +438,7 @@ class Builder:
         uid, gid = _owner(step.chown, lowers, meta)
         try:
             chmod = ctx.parse_chmod(step.chmod)
-            if _from_other(step, self.image) and isinstance(step, ir.Copy):
+            if _from_other(step) and isinstance(step, ir.Copy):
                 sources = self._sources_from(step, meta, tmp)
             if isinstance(step, ir.Add):
                 sources = [*sources, *self._fetch_urls(step, meta, tmp)]
@@ -504,7 +505,7 @@ def _is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
-def _from_other(step: ir.Step, image: ir.ImageDef) -> bool:
+def _from_other(step: ir.Step) -> bool:
     return isinstance(step, ir.Copy) and step.from_ is not None
 
 
