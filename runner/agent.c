@@ -1523,7 +1523,9 @@ int main(int argc, char **argv) {
         case T_UMOUNT: do_umount(&r); break;
         case T_RUN: do_run(&r); break;
         case T_EXPORT: do_export(&r); break;
-        case T_KILL: send_frame(T_OK, NULL, 0); break; /* no step running: nothing to kill */
+        /* No step running: nothing to kill, and no reply — a KILL that races the end of a step
+         * must not leave a frame on the channel for whoever sends the next request. */
+        case T_KILL: break;
         case T_SANDBOX: do_sandbox(&r); break;
         case T_EXEC: do_exec(&r); break;
         case T_SPAWN: do_spawn(&r); break;
