@@ -169,12 +169,21 @@ def test_timeout_and_entrypoint_end_the_sandbox(image: str) -> None:
         assert leftovers(s.refresh()) == []
 
 
+def _wait_dead(entry: list[int]) -> None:
+    from tlimage.runtime import _proc
+
+    deadline = time.monotonic() + 30
+    while _proc.alive(entry) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_reconcile_after_crashes(image: str) -> None:
     db = StateDB()
     # The sandbox's processes die behind our back (OOM killer, kill -9): marked Terminated and
     # cleaned up on the next reconcile.
     a = Sandbox.create(image, backend="namespace")
     os.kill(a.record.pids["init"][0], signal.SIGKILL)
+    _wait_dead(a.record.pids["init"])  # dead before reconcile looks, as after an OOM kill
     reconcile()
     assert a.status is Status.TERMINATED and "unexpectedly" in (a.info().reason or "")
     assert leftovers(a.record) == [] and not (Path(a.record.dir) / "fs").exists()
