@@ -282,7 +282,7 @@ class Builder:
             self.emit({"event": "step_cached", **base_event, "key": key})
             return
         if self.opts.explain:
-            prev = self._previous_components(len(self._this_build) - 1, desc)
+            prev = self._previous_components(len(self._this_build) - 1)
             self.emit({"event": "explain", **base_event, "reason": keys.explain(prev, comps)})
         t0 = time.monotonic()
         from tlimage.builder.gc import scratch_name
@@ -311,7 +311,7 @@ class Builder:
                    "layer": layer.digest if layer else None,
                    "size": layer.size if layer else 0})  # fmt: skip
 
-    def _previous_components(self, position: int, desc: str) -> keys.Components | None:
+    def _previous_components(self, position: int) -> keys.Components | None:
         if not self._previous or position >= len(self._previous):
             return None
         return keys.Components.from_json(self._previous[position].inputs)
