@@ -342,11 +342,26 @@ class _Channel:
         return P.Frame(t, payload)
 
 
-class _QMP:
-    def __init__(self, path: Path) -> None:
+class QMP:
+    """A QMP client that skips events. With a `deadline` (time.monotonic()) it waits for the
+    monitor socket to open and for each reply as long as the deadline allows; without one the
+    socket must be open now and replies get 5 s. Failures are raised as `error`."""
+
+    error: type[Exception] = ExecutorError
+
+    def __init__(self, path: str | Path, deadline: float | None = None) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(5)
-        self.sock.connect(str(path))
+        while True:
+            try:
+                self.sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if deadline is None:
+                    raise
+                if time.monotonic() > deadline:
+                    raise self.error(f"QEMU's monitor socket {path} did not open") from None
+                time.sleep(0.005)
+        self.sock.settimeout(5 if deadline is None else max(1.0, deadline - time.monotonic()))
         self.file = self.sock.makefile("rwb")
         self._read()  # greeting
         self.command("qmp_capabilities")
@@ -355,7 +370,7 @@ class _QMP:
         while True:
             line = self.file.readline()
             if not line:
-                raise EOFError("QMP closed")
+                raise EOFError("QEMU closed its monitor")
             msg = json.loads(line)
             if "event" not in msg:
                 return msg
@@ -365,7 +380,7 @@ class _QMP:
         self.file.flush()
         reply = self._read()
         if "error" in reply:
-            raise ExecutorError(f"QMP {name}: {reply['error'].get('desc')}")
+            raise self.error(f"QMP {name}: {reply['error'].get('desc')}")
         return reply.get("return", {})
 
     def close(self) -> None:
@@ -386,7 +401,7 @@ class _VM:
     tmp: Path = field(init=False)
     proc: subprocess.Popen | None = field(default=None, init=False)
     chan: _Channel | None = field(default=None, init=False)
-    qmp: _QMP | None = field(default=None, init=False)
+    qmp: QMP | None = field(default=None, init=False)
     boot_seconds: float = field(default=0.0, init=False)
 
     def command_line(self) -> list[str]:
@@ -453,7 +468,7 @@ class _VM:
                     time.sleep(0.005)
             self.chan = _Channel(sock)
             with contextlib.suppress(OSError, EOFError, ExecutorError):
-                self.qmp = _QMP(self.tmp / "qmp.sock")
+                self.qmp = QMP(self.tmp / "qmp.sock")
             try:
                 hello = self.chan.recv(deadline)
             except TimeoutError:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from tlimage.errors import RuntimeError_
+from tlimage.executor.microvm import QMP as _ExecutorQMP
 from tlimage.runtime import _proc
 from tlimage.runtime._errors import ExecStartError, ExecTimeout
 from tlimage.runtime._state import SandboxRecord, Status
@@ -61,45 +62,10 @@ Output = Callable[[str, bytes], None]
 # --- QMP -------------------------------------------------------------------------------------
 
 
-class QMP:
-    """A QMP client that skips events and waits as long as the caller's deadline allows."""
+class QMP(_ExecutorQMP):
+    """The executor's QMP client, failing as a sandbox error."""
 
-    def __init__(self, path: str, deadline: float) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        while True:
-            try:
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError_(f"QEMU's monitor socket {path} did not open") from None
-                time.sleep(0.005)
-        self.sock.settimeout(max(1.0, deadline - time.monotonic()))
-        self.file = self.sock.makefile("rwb")
-        self._read()  # greeting
-        self.command("qmp_capabilities")
-
-    def _read(self) -> dict:
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise EOFError("QEMU closed its monitor")
-            msg = json.loads(line)
-            if "event" not in msg:
-                return msg
-
-    def command(self, name: str, **args: Any) -> dict:
-        self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        self.file.flush()
-        reply = self._read()
-        if "error" in reply:
-            raise RuntimeError_(f"QMP {name}: {reply['error'].get('desc')}")
-        return reply.get("return", {})
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.file.close()
-            self.sock.close()
+    error = RuntimeError_
 
 
 def wait_migration(qmp: QMP, deadline: float) -> None:
