@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from tlimage.cli.options import CacheDirOpt, Isolation, ProjectOpt
+
 app = typer.Typer(
     name="tl",
     help="Build sandbox images from Python, TypeScript/JSON or Dockerfiles, and run sandboxes.",
@@ -96,27 +98,12 @@ def compile_(
         sys.stdout.write(json.dumps(ir.to_json_obj(img), indent=2, ensure_ascii=False) + "\n")
 
 
-class Isolation(StrEnum):
-    auto = "auto"
-    microvm = "microvm"
-    namespace = "namespace"
-
-
 class HostCA(StrEnum):
     auto = "auto"
     on = "on"
     off = "off"
 
 
-ProjectOpt = Annotated[
-    str | None,
-    typer.Option("--project", envvar="TLIMAGE_PROJECT",
-                 help="Project that scopes image names (default: 'default')."),
-]  # fmt: skip
-CacheDirOpt = Annotated[
-    Path | None,
-    typer.Option("--cache-dir", envvar="TLIMAGE_CACHE_DIR", help="Layer cache folder."),
-]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print NDJSON events on stdout.")]
 
 

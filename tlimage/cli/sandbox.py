@@ -7,28 +7,14 @@ reconciles the runtime state with the host first (through the API), so what it s
 from __future__ import annotations
 
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from tlimage.cli.options import CacheDirOpt, Isolation, ProjectOpt
 
-class Backend(StrEnum):
-    auto = "auto"
-    microvm = "microvm"
-    namespace = "namespace"
-
-
-ProjectOpt = Annotated[
-    str | None,
-    typer.Option("--project", envvar="TLIMAGE_PROJECT",
-                 help="Project that scopes image and sandbox names (default: 'default')."),
-]  # fmt: skip
-CacheDirOpt = Annotated[
-    Path | None,
-    typer.Option("--cache-dir", envvar="TLIMAGE_CACHE_DIR", help="Layer cache folder."),
-]
+Backend = Isolation  # the same choices; `--backend` reads better for sandboxes
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON).")]
 IdArg = Annotated[str, typer.Argument(help="Sandbox id, unique id prefix, or name.")]
 EnvOpt = Annotated[
