@@ -290,10 +290,10 @@ def test_static_elf_detection(tmp_path):
 
 @root_only
 def test_auto_falls_back_to_namespace_with_one_notice(monkeypatch):
-    import tlimage.executor as ex_pkg
+    import tlimage.sandbox
 
     monkeypatch.setenv("TLIMAGE_KVM", "0")
-    monkeypatch.setattr(ex_pkg, "_noticed", False)
+    monkeypatch.setattr(tlimage.sandbox, "_noticed", False)
     notices: list[str] = []
     first = select_executor("auto", notice=notices.append)
     second = select_executor("auto", notice=notices.append)

@@ -15,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tlimage.errors import RuntimeError_
-from tlimage.runtime import _api, _proc
+from tlimage.runtime import _api
 from tlimage.runtime._state import SandboxRecord, StateDB, Status
+from tlimage.sandbox import proc as _proc
 
 
 def record(sid: str = "sb-0000000001", *, name: str | None = None, status: Status = Status.RUNNING,
@@ -326,19 +327,21 @@ def test_comm_with_parentheses_and_spaces_parses(tmp_path: Path) -> None:
 
 def test_auto_backend_follows_the_builds_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     import tlimage.executor
-    import tlimage.runtime.namespace
+    import tlimage.sandbox
+    import tlimage.sandbox.namespace
 
     notes: list[str] = []
-    monkeypatch.setattr(_api, "_noticed", False)
-    monkeypatch.setattr(tlimage.executor, "_kvm_usable", lambda _c, _p: (True, "booted"))
+    monkeypatch.setattr(tlimage.sandbox, "_noticed", False)
+    monkeypatch.setattr(tlimage.executor, "kvm_usable", lambda _c, _p=None: (True, "booted"))
     assert _api.select_backend("auto", None, notes.append) == ("microvm", "kvm")
-    monkeypatch.setattr(tlimage.executor, "_kvm_usable", lambda _c, _p: (False, "no /dev/kvm"))
-    monkeypatch.setattr(tlimage.runtime.namespace, "check_host", lambda: None)
+    monkeypatch.setattr(tlimage.executor, "kvm_usable",
+                        lambda _c, _p=None: (False, "no /dev/kvm"))
+    monkeypatch.setattr(tlimage.sandbox.namespace, "check_host", lambda: None)
     assert _api.select_backend("auto", None, notes.append) == ("namespace", None)
     assert _api.select_backend("auto", None, notes.append) == ("namespace", None)
     assert len(notes) == 1 and "no /dev/kvm" in notes[0]  # said once
-    monkeypatch.setattr(_api, "_noticed", False)
-    monkeypatch.setattr(tlimage.runtime.namespace, "check_host", lambda: "no root")
+    monkeypatch.setattr(tlimage.sandbox, "_noticed", False)
+    monkeypatch.setattr(tlimage.sandbox.namespace, "check_host", lambda: "no root")
     assert _api.select_backend("auto", None, notes.append) == ("microvm", "tcg")
     assert "TCG" in notes[-1]
     assert _api.select_backend("namespace", None) == ("namespace", None)
@@ -346,15 +349,15 @@ def test_auto_backend_follows_the_builds_rule(monkeypatch: pytest.MonkeyPatch) -
         _api.select_backend("docker", None)
 
 
-def test_the_executor_helpers_the_namespace_sandbox_borrows_are_there() -> None:
-    """_nsbox.py and _nsexec.py import these from tlimage/executor/_nsinit.py at run time."""
+def test_the_init_helpers_the_exec_helper_borrows_are_there() -> None:
+    """sandbox/_enter.py imports these from its neighbour sandbox/_init.py at run time."""
     import inspect
 
-    import tlimage.executor._nsinit as ns
+    import tlimage.sandbox._init as ns
 
     assert hasattr(ns, "STATUS_FD")
     for name, params in (("fail", ["msg"]), ("resolve_user", ["spec"]),
-                         ("find_exec", ["name", "path"]),
+                         ("find_exec", ["name", "path"]), ("become", ["proc", "extra_env"]),
                          ("mount", ["src", "target", "fstype", "options", "flags"]),
                          ("bind_file", ["root", "rel", "src", "created", "mounted"])):  # fmt: skip
         assert list(inspect.signature(getattr(ns, name)).parameters) == params, name

@@ -50,7 +50,7 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def leftovers(rec) -> list[str]:  # noqa: ANN001 - a SandboxRecord
-    from tlimage.runtime._proc import alive
+    from tlimage.sandbox.proc import alive
 
     found = [f"{role} {e[0]}" for role, e in rec.pids.items() if alive(e)]
     found += processes_mentioning(rec.id)
@@ -152,6 +152,6 @@ def test_microvm_lifecycle(tmp_path: Path) -> None:
 
 
 def _alive(entry) -> bool:  # noqa: ANN001
-    from tlimage.runtime._proc import alive
+    from tlimage.sandbox.proc import alive
 
     return alive(entry)

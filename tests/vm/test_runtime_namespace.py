@@ -52,13 +52,13 @@ def leftovers(rec) -> list[str]:  # noqa: ANN001 - a SandboxRecord
     """Processes, mounts and cgroups of a sandbox that still exist."""
     found = []
     for role, entry in rec.pids.items():
-        from tlimage.runtime._proc import alive
+        from tlimage.sandbox.proc import alive
 
         if alive(entry):
             found.append(f"process {role} {entry[0]}")
     ns = rec.extra.get("pidns")
     if ns:
-        from tlimage.runtime._proc import pids_in_ns, proc_state
+        from tlimage.sandbox.proc import pids_in_ns, proc_state
 
         found += [f"process {p} in its pid namespace" for p in pids_in_ns(ns)
                   if proc_state(p) not in ("Z", "X", None)]  # fmt: skip
@@ -170,7 +170,7 @@ def test_timeout_and_entrypoint_end_the_sandbox(image: str) -> None:
 
 
 def _wait_dead(entry: list[int]) -> None:
-    from tlimage.runtime import _proc
+    from tlimage.sandbox import proc as _proc
 
     deadline = time.monotonic() + 30
     while _proc.alive(entry) and time.monotonic() < deadline:

@@ -7,15 +7,14 @@ Backends (imported lazily; importing this package starts nothing):
     namespace  unshare + overlayfs + chroot, no VM; needs root               (namespace.py)
     fake       in-process, for unit tests                                    (fake.py)
 
-`auto` picks the microVM when KVM works; otherwise the namespace sandbox, and says so once per
-process through `notice`; a host that can do neither namespaces nor KVM gets the microVM under
-TCG (slow but isolated), also with a notice.
+`auto` follows tlimage.sandbox.select_isolation (the rule sandboxes follow too): the microVM
+when KVM works; otherwise the namespace sandbox, said once per process through `notice`; a host
+that can do neither namespaces nor KVM gets the microVM under TCG (slow but isolated).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,11 +27,6 @@ from tlimage.executor.base import (
 )
 
 ISOLATIONS = ("auto", "microvm", "namespace", "fake")
-_noticed = False
-
-
-def _default_notice(msg: str) -> None:
-    print(f"tlimage: {msg}", file=sys.stderr)
 
 
 def select_executor(
@@ -62,30 +56,18 @@ def select_executor(
         return MicroVMExecutor(cache_dir=cache_dir, progress=progress)
 
     # auto
-    from tlimage.executor.namespace import check_host
+    from tlimage.sandbox import select_isolation
 
-    say = notice or _default_notice
-    kvm_ok, reason = _kvm_usable(cache_dir, progress)
-    if kvm_ok:
-        return MicroVMExecutor(cache_dir=cache_dir, accel="kvm", progress=progress)
-    ns_problem = check_host()
-    global _noticed
-    if ns_problem is None:
+    backend, accel = select_isolation(
+        "auto", kvm_probe=lambda: kvm_usable(cache_dir, progress), notice=notice)
+    if backend == "namespace":
         from tlimage.executor.namespace import NamespaceExecutor
 
-        if not _noticed:
-            say(f"KVM is not usable here ({reason}); build steps run in a namespace sandbox "
-                "instead of a microVM (use --isolation microvm to force the VM under TCG)")
-            _noticed = True
         return NamespaceExecutor()
-    if not _noticed:
-        say(f"KVM is not usable here ({reason}) and {ns_problem}; build steps run in a "
-            "microVM under TCG emulation, which is much slower")
-        _noticed = True
-    return MicroVMExecutor(cache_dir=cache_dir, accel="tcg", progress=progress)
+    return MicroVMExecutor(cache_dir=cache_dir, accel=accel, progress=progress)
 
 
-def _kvm_usable(cache_dir: Path | None, progress) -> tuple[bool, str]:
+def kvm_usable(cache_dir: Path | None, progress=None) -> tuple[bool, str]:  # noqa: ANN001
     """Cheap checks first; the boot probe (which provisions the guest kit) only when /dev/kvm
     could work at all."""
     forced = os.environ.get("TLIMAGE_KVM")
@@ -112,5 +94,6 @@ __all__ = [
     "RunRequest",
     "RunResult",
     "StepTimeout",
+    "kvm_usable",
     "select_executor",
 ]

@@ -1,30 +1,17 @@
-"""Namespace executor: no VM. The step runs under `unshare` (mount, PID, UTS, IPC, and network
-unless the step has network) in a chroot onto an overlayfs of the lower layers.
+"""Namespace executor: no VM. The step runs in a namespace sandbox (tlimage.sandbox: mount,
+PID, UTS, IPC, and network unless the step has network) on an overlayfs of the lower layers;
+this module turns a RunRequest into the sandbox's spec and its upper into a RunResult.
 
-Isolation is weaker than the microVM's (one kernel, root inside is root outside for anything the
-namespaces do not cover); it exists for hosts without usable KVM and for speed. Needs root and a
-host filesystem under `upper_dir` that supports trusted.* xattrs (ext4, xfs, btrfs, tmpfs).
-
-All mounts live in the sandbox's private mount namespace, so they disappear with its last
-process; killing `unshare` (on timeout, Ctrl-C or a crash of this process) kills the sandbox's
-PID 1 and with it every process of the step.
-
-RUN mounts are made by the sandbox's PID 1 (`_nsinit.setup_mounts`) in the same private
-namespace; secrets reach it through a pipe, so their bytes are never in an argv, an environment
-of this process or a file on disk.
+Needs root and a host filesystem under `upper_dir` that supports trusted.* xattrs (ext4, xfs,
+btrfs, tmpfs). RUN mounts are made by the sandbox's PID 1 in its private mount namespace;
+secrets reach it through a pipe, so their bytes are never in an argv, an environment of this
+process or a file on disk.
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
-import os
-import selectors
 import shlex
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,23 +25,14 @@ from tlimage.executor.base import (
     StepTimeout,
     normalize_upper,
 )
-from tlimage.executor.provision import require_tool
+from tlimage.sandbox import namespace as isolation
 
-_NSINIT = Path(__file__).with_name("_nsinit.py")
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+HOSTNAME = "tlimage-build"
 
 
 def check_host() -> str | None:
     """None when this host can run the namespace executor, else the reason it cannot."""
-    if os.geteuid() != 0:
-        return "the namespace executor needs root (it mounts overlayfs and chroots)"
-    if shutil.which("unshare") is None:
-        return "`unshare` is not installed (apt-get install util-linux)"
-    return None
+    return isolation.check_host()
 
 
 class NamespaceExecutor:
@@ -64,7 +42,6 @@ class NamespaceExecutor:
         reason = check_host()
         if reason:
             raise ExecutorError(reason)
-        self._unshare = require_tool("unshare", "to start namespace sandboxes")
 
     def run(self, req: RunRequest, on_output: OutputCallback | None = None) -> RunResult:
         start = time.monotonic()
@@ -83,23 +60,23 @@ class NamespaceExecutor:
             (scratch / "work").mkdir()
             (scratch / "merged").mkdir()
             spec = {
-                "lowers": [str(p.resolve()) for p in req.lowers],
-                "upper": str(upper.resolve()),
-                "work": str(scratch / "work"),
-                "merged": str(scratch / "merged"),
+                **isolation.root_spec(req.lowers, upper, scratch / "work", scratch / "merged",
+                                      network=req.network, hostname=HOSTNAME),
                 "argv": list(req.argv),
                 "env": req.env_list(),
                 "user": req.user,
                 "workdir": req.workdir,
-                "network": req.network,
                 "scratch": str(scratch),
                 "mounts": _mount_specs(req),
             }
-            flags = ["--mount", "--pid", "--fork", "--uts", "--ipc", "--kill-child=SIGKILL"]
-            if not req.network:
-                flags.append("--net")
             secrets = b"".join(m.data for m in _ordered(req) if m.kind == "secret")
-            code = self._spawn(flags, spec, req, emit, secrets)
+            try:
+                code = isolation.run_step(
+                    spec, secrets=secrets, emit=emit, timeout=req.timeout,
+                    on_timeout=lambda: StepTimeout(
+                        f"step timed out after {req.timeout:g} s: {shlex.join(req.argv)}"))
+            except isolation.SandboxError as e:
+                raise ExecutorError(f"step could not start: {e}") from None
             opaque = normalize_upper(upper, req.lowers)
             ok = True
             return RunResult(code, upper, time.monotonic() - start, opaque)
@@ -107,73 +84,6 @@ class NamespaceExecutor:
             shutil.rmtree(scratch, ignore_errors=True)
             if not ok:
                 shutil.rmtree(upper, ignore_errors=True)
-
-    def _spawn(self, flags: list[str], spec: dict, req: RunRequest, emit: OutputCallback,
-               secrets: bytes = b"") -> int:  # fmt: skip
-        status_r, status_w = os.pipe()
-        secrets_r, secrets_w = os.pipe() if spec["mounts"] else (-1, -1)
-        spec = {**spec, "status_fd": status_w, "secrets_fd": secrets_r}
-        cmd = [self._unshare, *flags, "--", sys.executable, "-I", "-S", str(_NSINIT),
-               json.dumps(spec)]
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                pass_fds=(status_w,) if secrets_r < 0 else (status_w, secrets_r),
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-            )
-        except BaseException:
-            for fd in (status_r, status_w, secrets_r, secrets_w):
-                if fd >= 0:
-                    os.close(fd)
-            raise
-        os.close(status_w)
-        if secrets_r >= 0:
-            os.close(secrets_r)
-            _feed(secrets_w, secrets)
-        deadline = None if req.timeout is None else time.monotonic() + req.timeout
-        sel = selectors.DefaultSelector()
-        try:
-            assert proc.stdout is not None and proc.stderr is not None
-            sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
-            sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
-            while sel.get_map():
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-                events = sel.select(wait)
-                if not events and deadline is not None and time.monotonic() >= deadline:
-                    raise StepTimeout(
-                        f"step timed out after {req.timeout:g} s: {shlex.join(req.argv)}"
-                    )
-                for key, _ in events:
-                    data = os.read(key.fd, 65536)
-                    if data:
-                        emit(key.data, data)
-                    else:
-                        sel.unregister(key.fileobj)
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                proc.wait(left)
-            except subprocess.TimeoutExpired:
-                raise StepTimeout(
-                    f"step timed out after {req.timeout:g} s: {shlex.join(req.argv)}"
-                ) from None
-            failure = _read_all(status_r)
-        except BaseException:
-            _kill(proc)
-            raise
-        finally:
-            sel.close()
-            os.close(status_r)
-            for f in (proc.stdout, proc.stderr):
-                if f:
-                    f.close()
-        if failure:
-            raise ExecutorError(f"step could not start: {failure}")
-        return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
 
     def close(self) -> None:
         pass
@@ -201,37 +111,3 @@ def _mount_specs(req: RunRequest) -> list[dict]:
             "uid": m.uid, "gid": m.gid, "mode": m.mode, "len": len(m.data),
         })  # fmt: skip
     return out
-
-
-def _feed(fd: int, data: bytes) -> None:
-    """Write the secrets for the sandbox to read at start-up, then close the pipe. A sandbox
-    that died first (EPIPE) reports its own failure on the status pipe."""
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-    except BrokenPipeError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _read_all(fd: int) -> str:
-    chunks = []
-    while True:
-        b = os.read(fd, 65536)
-        if not b:
-            break
-        chunks.append(b)
-    return b"".join(chunks).decode("utf-8", "replace")
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL to unshare's process group; --kill-child takes the sandbox's PID 1 (and with it
-    the whole PID namespace) down too."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()

@@ -22,7 +22,6 @@ from typing import Any
 
 from tlimage._paths import project_name, state_dir
 from tlimage.errors import RuntimeError_
-from tlimage.runtime import _proc
 from tlimage.runtime._errors import SandboxNotFound
 from tlimage.runtime._state import (
     LIVE,
@@ -33,6 +32,7 @@ from tlimage.runtime._state import (
     now,
     op_owner,
 )
+from tlimage.sandbox import proc as _proc
 
 SANDBOXES = "sandboxes-v1"
 BACKENDS = ("auto", "microvm", "namespace")
@@ -119,39 +119,16 @@ def backend_for(name: str):  # noqa: ANN201 - NamespaceBackend | MicroVMBackend
     raise RuntimeError_(f"unknown backend {name!r}; expected one of: {', '.join(BACKENDS)}")
 
 
-_noticed = False
-
-
 def select_backend(backend: str, cache_dir: Path | None,
                    notice: Callable[[str], None] | None = None) -> tuple[str, str | None]:  # fmt: skip
-    """(backend, accel): the builds' rule — the microVM when KVM boots, else the namespace
-    sandbox (said once per process), else the microVM under TCG."""
+    """(backend, accel): the builds' rule (tlimage.sandbox.select_isolation) — the microVM when
+    KVM boots, else the namespace sandbox (said once per process), else the microVM under TCG."""
     if backend not in BACKENDS:
         raise RuntimeError_(f"unknown backend {backend!r}; expected one of: {', '.join(BACKENDS)}")
-    if backend == "namespace":
-        return "namespace", None
-    if backend == "microvm":
-        return "microvm", None
-    from tlimage.executor import _kvm_usable
-    from tlimage.runtime.namespace import check_host
+    from tlimage.executor import kvm_usable
+    from tlimage.sandbox import select_isolation
 
-    ok, reason = _kvm_usable(cache_dir, None)
-    if ok:
-        return "microvm", "kvm"
-    global _noticed
-    say = notice or (lambda m: print(f"tlimage: {m}", file=sys.stderr))
-    problem = check_host()
-    if problem is None:
-        if not _noticed:
-            say(f"KVM is not usable here ({reason}); sandboxes run in the namespace backend "
-                "(use --backend microvm to force the VM under TCG)")
-            _noticed = True
-        return "namespace", None
-    if not _noticed:
-        say(f"KVM is not usable here ({reason}) and {problem}; sandboxes run in a microVM "
-            "under TCG emulation, which is much slower")
-        _noticed = True
-    return "microvm", "tcg"
+    return select_isolation(backend, kvm_probe=lambda: kvm_usable(cache_dir), notice=notice)
 
 
 # --- locks -----------------------------------------------------------------------------------
@@ -768,7 +745,7 @@ def _sweep(db: StateDB) -> None:
         import ctypes
 
         ctypes.CDLL(None).umount2(point.encode(), 2)  # MNT_DETACH
-    from tlimage.runtime._cgroup import stale_cgroups
+    from tlimage.sandbox.cgroup import stale_cgroups
 
     for d in stale_cgroups(live={r.id for r in db.list(None, LIVE)}, older_than=cutoff):
         with contextlib.suppress(OSError):

@@ -291,7 +291,7 @@ def now() -> float:
 
 def op_owner() -> dict[str, int]:
     """`op_pid`/`op_start` for a transition owned by this process."""
-    from tlimage.runtime._proc import proc_start
+    from tlimage.sandbox.proc import proc_start
 
     pid = os.getpid()
     return {"op_pid": pid, "op_start": proc_start(pid) or 0}

@@ -43,9 +43,9 @@ from typing import Any
 
 from tlimage.errors import RuntimeError_
 from tlimage.executor.microvm import QMP as _ExecutorQMP
-from tlimage.runtime import _proc
 from tlimage.runtime._errors import ExecStartError, ExecTimeout
 from tlimage.runtime._state import SandboxRecord, Status
+from tlimage.sandbox import proc as _proc
 
 TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 KVM_BOOT_TIMEOUT = 60.0

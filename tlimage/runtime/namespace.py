@@ -1,19 +1,20 @@
 """The namespace backend: a sandbox is a process tree in its own PID, mount, UTS and IPC
-namespaces (and network, when it has none) on an overlayfs root, with no daemon.
+namespaces (and network, when it has none) on an overlayfs root, with no daemon. The isolation
+itself (launch, PID 1, exec helper, cgroups) is tlimage.sandbox's; this module keeps sandboxes
+alive and records their state.
 
-    setsid -f unshare --mount --pid --fork ... -- python3 -I -S _nsbox.py spec.json
+    setsid -f unshare ... -- python3 -I -S sandbox/_init.py FD
         unshare (host pid, `pids["unshare"]`)        waits for its child; SIGKILLs it if killed
-          └─ _nsbox.py (PID 1 inside, `pids["init"]`)  mounts, entrypoint, watchdog, reaper
-    nsenter -t <init> -m -u -i -p -- python3 -I -S _nsexec.py   exec, cp in, cp out
+          └─ _init.py (PID 1 inside, `pids["init"]`)   mounts, entrypoint, watchdog, reaper
+    nsenter -t <init> ... -- python3 -I -S sandbox/_enter.py   exec, cp in, cp out
 
 `setsid -f` makes the tree nobody's child: it survives the CLI and a crash of it, and no tlimage
 process must reap it. Files: `<sandbox dir>/fs/{upper,work,merged}`; `merged` is mounted only
 inside the sandbox's mount namespace, so nothing is mounted on the host and nothing can be left
 mounted there: the kernel drops the mounts with the namespace's last process.
 
-Isolation is that of the namespace build executor (one kernel; root inside is root outside for
-anything namespaces do not cover). Suspend freezes the cgroup (or SIGSTOPs every process); memory
-stays in RAM, so a suspended namespace sandbox does not survive a host reboot.
+Suspend freezes the cgroup (or SIGSTOPs every process); memory stays in RAM, so a suspended
+namespace sandbox does not survive a host reboot.
 """
 
 from __future__ import annotations
@@ -24,11 +25,8 @@ import os
 import selectors
 import shutil
 import signal
-import socket
 import stat
-import struct
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -36,44 +34,20 @@ from pathlib import Path
 from typing import IO, Any
 
 from tlimage.errors import RuntimeError_
-from tlimage.runtime import _proc
-from tlimage.runtime._cgroup import Cgroup
 from tlimage.runtime._errors import ExecStartError, ExecTimeout
 from tlimage.runtime._state import SandboxRecord
+from tlimage.sandbox import namespace as isolation
+from tlimage.sandbox import proc as _proc
+from tlimage.sandbox.cgroup import Cgroup
 
-HERE = Path(__file__).resolve().parent
-_NSBOX = HERE / "_nsbox.py"
-_NSEXEC = HERE / "_nsexec.py"
 START_TIMEOUT = 30.0
-TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+TOOL_PATH = isolation.TOOL_PATH
 
 Output = Callable[[str, bytes], None]
 
 
 def check_host() -> str | None:
-    from tlimage.executor.namespace import check_host as executor_check
-
-    problem = executor_check()
-    if problem:
-        return problem
-    for tool in ("nsenter", "setsid"):
-        if shutil.which(tool, path=TOOL_PATH) is None:
-            return f"`{tool}` is not installed (apt-get install util-linux)"
-    return None
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name, path=TOOL_PATH)
-    if path is None:
-        raise RuntimeError_(f"`{name}` is not installed; namespace sandboxes need it",
-                            hint="apt-get install -y util-linux")  # fmt: skip
-    return path
-
-
-def _nsinit_dir() -> str:
-    import tlimage.executor
-
-    return str(Path(tlimage.executor.__file__).resolve().parent)
+    return isolation.check_host()
 
 
 def fs_dir(rec: SandboxRecord) -> Path:
@@ -98,73 +72,33 @@ class NamespaceBackend:
             (fs / d).mkdir(parents=True, exist_ok=True)
         cg, notes = Cgroup.create(rec.id, rec.cpus, rec.memory_mb)
         extra: dict[str, Any] = {"cgroup": cg.to_json() if cg else None, "notes": notes}
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        spec = {
+            **isolation.root_spec(lowers, fs / "upper", fs / "work", fs / "merged",
+                           network=rec.network, hostname=rec.name or rec.id),
+            "id": rec.id,
+            "entrypoint": entrypoint,
+            "deadline_file": str(rec.path / "deadline"),
+            "exit_file": str(rec.path / "exit.json"),
+            "placeholders_file": str(rec.path / "placeholders.json"),
+            "cgroup_procs": cg.procs_files() if cg else [],
+        }
         try:
-            parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            spec = {
-                "id": rec.id,
-                "hostname": rec.name or rec.id,
-                "lowers": [str(p.resolve()) for p in lowers],
-                "upper": str(fs / "upper"),
-                "work": str(fs / "work"),
-                "merged": str(fs / "merged"),
-                "network": rec.network,
-                "entrypoint": entrypoint,
-                "deadline_file": str(rec.path / "deadline"),
-                "exit_file": str(rec.path / "exit.json"),
-                "placeholders_file": str(rec.path / "placeholders.json"),
-                "cgroup_procs": cg.procs_files() if cg else [],
-                "nsinit_dir": _nsinit_dir(),
-                "sock_fd": child.fileno(),
-            }
-            spec_path = rec.path / "spec.json"
-            spec_path.write_text(json.dumps(spec, indent=1))
-            flags = ["--mount", "--pid", "--fork", "--uts", "--ipc", "--kill-child=SIGKILL"]
-            if not rec.network:
-                flags.append("--net")
-            cmd = [_tool("setsid"), "-f", _tool("unshare"), *flags, "--",
-                   sys.executable, "-I", "-S", str(_NSBOX), str(spec_path)]  # fmt: skip
-            with open(rec.path / "console.log", "ab") as log:
-                subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                               pass_fds=(child.fileno(),), env={"PATH": TOOL_PATH},
-                               check=True)  # fmt: skip
-            child.close()
-            parent.settimeout(START_TIMEOUT)
-            try:
-                msg, anc, _flags, _addr = parent.recvmsg(4096, socket.CMSG_SPACE(12))
-            except TimeoutError:
-                msg, anc = b"", []
-            pid = None
-            for level, kind, data in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid = struct.unpack("3i", data[:12])[0]
-            text = msg.decode("utf-8", "replace")
-            if text != "ready" or pid is None:
-                if pid is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                if cg:
-                    cg.kill_all()
-                    cg.remove()
-                why = text.removeprefix("error: ") if text else _log_tail(rec)
-                raise RuntimeError_(f"the namespace sandbox failed to start: {why}")
-            init = _proc.ident(pid)
-            up = _proc.ppid(pid)
-            unshare = _proc.ident(up) if up else None
-            pids = {"init": init, "unshare": unshare} if unshare else {"init": init}
-            extra["pidns"] = _proc.pid_ns(pid)
+            pid, confirm = isolation.start_box(spec, rec.path / "console.log", START_TIMEOUT)
+        except (isolation.SandboxError, OSError, subprocess.CalledProcessError) as e:
+            if cg:
+                cg.kill_all()
+                cg.remove()
+            raise RuntimeError_(f"the namespace sandbox failed to start: {e}") from None
         except BaseException:
-            with contextlib.suppress(OSError):
-                child.close()
-            parent.close()
+            if cg:
+                cg.kill_all()
+                cg.remove()
             raise
-
-        def confirm() -> None:
-            try:
-                parent.send(b"go")
-            finally:
-                parent.close()
-
+        init = _proc.ident(pid)
+        up = _proc.ppid(pid)
+        unshare = _proc.ident(up) if up else None
+        pids = {"init": init, "unshare": unshare} if unshare else {"init": init}
+        extra["pidns"] = _proc.pid_ns(pid)
         return pids, extra, confirm
 
     # -- liveness and teardown ------------------------------------------------------------
@@ -280,11 +214,12 @@ class NamespaceBackend:
             raise RuntimeError_(f"sandbox {rec.id} is not running (its init process is gone)")
         assert init is not None
         cg = Cgroup.from_json(rec.extra.get("cgroup"))
-        spec = {**spec, "merged": str(fs_dir(rec) / "merged"), "nsinit_dir": _nsinit_dir(),
+        spec = {**spec, "merged": str(fs_dir(rec) / "merged"),
                 "cgroup_procs": cg.procs_files() if cg else [], "status_fd": status_w}  # fmt: skip
-        ns_flags = ["-m", "-u", "-i", "-p"] + ([] if rec.network else ["-n"])
-        return [_tool("nsenter"), "-t", str(init[0]), *ns_flags, "--",
-                sys.executable, "-I", "-S", str(_NSEXEC), json.dumps(spec)]  # fmt: skip
+        try:
+            return isolation.enter_command(init[0], rec.network, spec)
+        except isolation.SandboxError as e:
+            raise RuntimeError_(str(e)) from None
 
     def exec(
         self,
@@ -488,27 +423,12 @@ def _join(argv: list[str]) -> str:
     return shlex.join(argv)
 
 
-def _read_all(fd: int) -> str:
-    chunks = []
-    while True:
-        b = os.read(fd, 65536)
-        if not b:
-            break
-        chunks.append(b)
-    return b"".join(chunks).decode("utf-8", "replace")
+_read_all = isolation.read_all
 
 
 def _last_line(err: bytes | None) -> str:
     lines = (err or b"").decode("utf-8", "replace").strip().splitlines()
     return lines[-1] if lines else "no error output"
-
-
-def _log_tail(rec: SandboxRecord) -> str:
-    with contextlib.suppress(OSError):
-        lines = (rec.path / "console.log").read_text(errors="replace").strip().splitlines()
-        if lines:
-            return "\n".join("  | " + line for line in lines[-10:])
-    return "the sandbox process exited without saying why"
 
 
 def link_tree(src: Path, dest: Path, skip: set[str]) -> None:

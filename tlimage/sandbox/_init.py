@@ -1,27 +1,40 @@
-"""PID 1 of a namespace build sandbox (run by namespace.py under `unshare`, as `python3 -I -S`).
+"""PID 1 of a namespace sandbox: one build step (`mode: step`) or a long-lived sandbox
+(`mode: box`). Started by sandbox/namespace.py under `unshare` as `python3 -I -S _init.py FD`;
+the JSON spec arrives on the pipe FD, never in argv.
 
-Standalone on purpose: it imports nothing from tlimage, so it starts in ~15 ms. It receives one
-JSON spec in argv[1], mounts the overlay and the pseudo filesystems inside its private mount
-namespace, forks the step (chroot, user, workdir, exec), reaps every process in the PID
-namespace until the step exits, undoes its placeholder files and exits with the step's code.
+Standalone on purpose: it imports nothing from tlimage (the exec helper `_enter.py` imports it
+by path), so it starts in ~15 ms and keeps running if tlimage is upgraded. It mounts the
+overlay root and the pseudo filesystems inside its private mount namespace, then:
 
-Failures before the step's exec are written to the status fd (closed on exec) and end with exit 127; the
-host reports them as errors rather than as step results. Semantics match runner/agent.c.
-
-RUN mounts (`spec["mounts"]`, see executor.base.HostMount) are set up after the pseudo
-filesystems: views are overlays staged under `spec["scratch"]`, secrets are written to a tmpfs
-there (their bytes arrive on `spec["secrets_fd"]`, never in argv), and each lands on its target
-by a bind mount. Missing targets get stubs that are removed after the step when still empty, so
-the upper never shows a mount point the step did not make.
+- step: makes the RUN mounts, forks the step (chroot, user, workdir, exec), reaps every process
+  in the PID namespace until the step exits, undoes its placeholder files and exits with the
+  step's code. Failures before the step's exec are written to `status_fd` (closed on exec) and
+  end with exit 127; the host reports them as errors rather than as step results. Semantics
+  match runner/agent.c. RUN mounts (`spec["mounts"]`, see executor.base.HostMount): views are
+  overlays staged under `spec["scratch"]`, secrets are written to a tmpfs there (their bytes
+  arrive on `spec["secrets_fd"]`), and each lands on its target by a bind mount. Missing
+  targets get stubs that are removed after the step when still empty, so the upper never shows
+  a mount point the step did not make.
+- box: joins the sandbox's cgroups, starts the entrypoint, if any, and tells the host on the
+  SOCK_SEQPACKET socket `sock_fd` `ready` (or `error: ...`) with its credentials, which the
+  kernel translates to its host pid. It then waits for `go`: a host that dies before recording
+  the sandbox never sends it, and the sandbox ends rather than leak. It ends the sandbox on
+  SIGTERM, when the entrypoint exits, or when the wall-clock deadline in `deadline_file` passes
+  (re-read on every wake-up; an empty file means no deadline), after writing `exit_file` (JSON:
+  reason, exit_code, at). As PID 1, its exit takes every process of the sandbox with it.
 """
 
 import json
 import os
 import signal
+import socket
 import stat
+import struct
 import sys
+import time
 
-HOSTNAME = "tlimage-build"
+SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 STATUS_FD = -1  # set from the spec: the write end of the host's status pipe
 
 
@@ -291,51 +304,132 @@ def bind_file(root, rel, src, created, mounted):
     mounted.append(path)
 
 
-def main():
+def read_spec(fd):
+    chunks = []
+    while True:
+        b = os.read(fd, 1 << 20)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(fd)
+    return json.loads(b"".join(chunks))
+
+
+def loopback_up():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        import fcntl
+
+        ifr = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, ifr))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+    finally:
+        s.close()
+
+
+def setup_root(spec):
+    """The sandbox's root at spec["merged"]: the overlay, /proc, /sys, /dev, the host's name
+    files when it shares the host's network, the loopback when it does not, the hostname.
+    Returns (created, mounted): placeholder files made in the upper and what was mounted on
+    them, to undo before the end."""
+    root = spec["merged"]
+    mount(None, "/", flags="rec,private")
+    lowers = ":".join(_escape(p) for p in reversed(spec["lowers"]))  # top layer first
+    mount("overlay", root, "overlay",
+          f"lowerdir={lowers},upperdir={_escape(spec['upper'])},workdir={_escape(spec['work'])},"
+          "redirect_dir=off,metacopy=off,index=off")
+    if os.path.isdir(root + "/proc"):
+        mount("proc", root + "/proc", "proc", flags="nosuid,nodev,noexec")
+    if os.path.isdir(root + "/sys"):
+        try:
+            mount("sysfs", root + "/sys", "sysfs", flags="nosuid,nodev,noexec,ro")
+        except OSError:
+            pass
+    if os.path.isdir(root + "/dev"):
+        dev = root + "/dev"
+        mount("tmpfs", dev, "tmpfs", "mode=755,size=65536k", flags="nosuid")
+        for node in ("null", "zero", "full", "random", "urandom", "tty"):
+            os.close(os.open(f"{dev}/{node}", os.O_CREAT | os.O_WRONLY, 0o666))
+            mount(f"/dev/{node}", f"{dev}/{node}", flags="bind")
+        for d in ("pts", "shm", "mqueue"):
+            os.mkdir(f"{dev}/{d}")
+        mount("devpts", f"{dev}/pts", "devpts", "newinstance,ptmxmode=0666,mode=620",
+              flags="nosuid,noexec")
+        os.symlink("pts/ptmx", f"{dev}/ptmx")
+        mount("tmpfs", f"{dev}/shm", "tmpfs", "mode=1777", flags="nosuid,nodev")
+        try:
+            mount("mqueue", f"{dev}/mqueue", "mqueue", flags="nosuid,nodev,noexec")
+        except OSError:
+            os.rmdir(f"{dev}/mqueue")
+        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+            os.symlink(target, f"{dev}/{name}")
+    created, mounted = [], []
+    if spec["network"]:
+        bind_file(root, "/etc/resolv.conf", "/etc/resolv.conf", created, mounted)
+        bind_file(root, "/etc/hosts", "/etc/hosts", created, mounted)
+    else:
+        loopback_up()
+    try:
+        socket.sethostname(spec["hostname"])
+    except OSError:
+        pass
+    return created, mounted
+
+
+def become(proc, extra_env=None):
+    """In the sandbox's root already: become `proc["user"]`, cd to its workdir and exec its
+    argv with exactly its env (plus HOME and `extra_env`). Never returns; failures go to the
+    status fd."""
+    for s in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(s, signal.SIG_DFL)
+    uid, gid, groups, home = resolve_user(proc["user"])
+    try:
+        os.chdir(proc["workdir"] or "/")
+    except OSError as e:
+        fail(f"workdir {proc['workdir']}: {e.strerror}")
+    env = proc["env"]
+    path = next((e[5:] for e in env if e.startswith("PATH=")), "/usr/bin:/bin")
+    argv = proc["argv"]
+    exe = find_exec(argv[0], path)
+    if exe is None:
+        fail(f'exec: "{argv[0]}": executable file not found in $PATH')
+    try:
+        os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as e:
+        fail(f"set user {proc['user']}: {e.strerror}")
+    envd = dict(e.split("=", 1) for e in env)
+    envd.setdefault("HOME", home)
+    envd.update(extra_env or {})
+    if proc.get("pdeathsig"):
+        # After setuid (which clears it): the program dies with the helper that started it.
+        libc().prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    try:
+        os.execve(exe, argv, envd)
+    except OSError as e:
+        fail(f"exec {argv[0]}: {e.strerror}")
+
+
+def enter_root(root):
+    try:
+        os.chroot(root)
+        os.chdir("/")
+    except OSError as e:
+        fail(f"cannot enter the sandbox root: {e.strerror}")
+
+
+# --- one build step ------------------------------------------------------------------------
+
+
+def main_step(spec):
     global STATUS_FD
-    spec = json.loads(sys.argv[1])
     root = spec["merged"]
     STATUS_FD = spec["status_fd"]
     os.set_inheritable(STATUS_FD, False)
     try:
-        mount(None, "/", flags="rec,private")
-        lowers = ":".join(reversed(spec["lowers"]))  # overlayfs wants the top layer first
-        mount("overlay", root, "overlay",
-              f"lowerdir={lowers},upperdir={spec['upper']},workdir={spec['work']},"
-              "redirect_dir=off,metacopy=off,index=off")
-        mounted = []
-        created = []
-        if os.path.isdir(root + "/proc"):
-            mount("proc", root + "/proc", "proc", flags="nosuid,nodev,noexec")
-        if os.path.isdir(root + "/sys"):
-            try:
-                mount("sysfs", root + "/sys", "sysfs", flags="nosuid,nodev,noexec,ro")
-            except OSError:
-                pass
-        if os.path.isdir(root + "/dev"):
-            dev = root + "/dev"
-            mount("tmpfs", dev, "tmpfs", "mode=755,size=65536k", flags="nosuid")
-            for node in ("null", "zero", "full", "random", "urandom", "tty"):
-                os.close(os.open(f"{dev}/{node}", os.O_CREAT | os.O_WRONLY, 0o666))
-                mount(f"/dev/{node}", f"{dev}/{node}", flags="bind")
-            for d in ("pts", "shm"):
-                os.mkdir(f"{dev}/{d}")
-            mount("devpts", f"{dev}/pts", "devpts", "newinstance,ptmxmode=0666,mode=620",
-                  flags="nosuid,noexec")
-            os.symlink("pts/ptmx", f"{dev}/ptmx")
-            mount("tmpfs", f"{dev}/shm", "tmpfs", "mode=1777", flags="nosuid,nodev")
-            for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                                 ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
-                os.symlink(target, f"{dev}/{name}")
-        if spec["network"]:
-            bind_file(root, "/etc/resolv.conf", "/etc/resolv.conf", created, mounted)
-            bind_file(root, "/etc/hosts", "/etc/hosts", created, mounted)
-        try:
-            import socket
-
-            socket.sethostname(HOSTNAME)
-        except OSError:
-            pass
+        created, mounted = setup_root(spec)
     except OSError as e:
         fail(f"sandbox setup failed: {e}")
     try:
@@ -343,41 +437,11 @@ def main():
             root, spec.get("scratch", ""), spec.get("mounts", []), spec.get("secrets_fd", -1))
     except OSError as e:
         fail(f"RUN --mount: {e.strerror or e}")
-
-    env = spec["env"]
-    path = next((e[5:] for e in env if e.startswith("PATH=")), "/usr/bin:/bin")
     pid = os.fork()
     if pid == 0:
         os.setsid()
-        for s in (signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(s, signal.SIG_DFL)
-        try:
-            os.chroot(root)
-            os.chdir("/")
-        except OSError as e:
-            fail(f"chroot {root}: {e.strerror}")
-        uid, gid, groups, home = resolve_user(spec["user"])
-        try:
-            os.chdir(spec["workdir"] or "/")
-        except OSError as e:
-            fail(f"workdir {spec['workdir']}: {e.strerror}")
-        argv = spec["argv"]
-        exe = find_exec(argv[0], path)
-        if exe is None:
-            fail(f'exec: "{argv[0]}": executable file not found in $PATH')
-        try:
-            os.setgroups(groups)
-            os.setgid(gid)
-            os.setuid(uid)
-        except OSError as e:
-            fail(f"set user {spec['user']}: {e.strerror}")
-        envd = dict(e.split("=", 1) for e in env)
-        envd.setdefault("HOME", home)
-        envd.update(secret_env)
-        try:
-            os.execve(exe, argv, envd)
-        except OSError as e:
-            fail(f"exec {argv[0]}: {e.strerror}")
+        enter_root(root)
+        become(spec, secret_env)
     os.close(STATUS_FD)
     # PID 1: reap everything; the step's status decides our exit code.
     code = None
@@ -405,6 +469,130 @@ def main():
             pass
     sys.stdout.flush()
     os._exit(code if code is not None else 127)
+
+
+# --- a long-lived sandbox ------------------------------------------------------------------
+
+
+def write_atomic(path, data):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def start_entrypoint(spec):
+    """Forks the entrypoint chrooted into the sandbox; returns its pid once it has exec'd, or
+    raises with the reason it could not start."""
+    global STATUS_FD
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        STATUS_FD = w
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        os.setsid()
+        enter_root(spec["merged"])
+        become(spec["entrypoint"])
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    msg = b"".join(chunks).decode("utf-8", "replace")
+    if msg:
+        os.waitpid(pid, 0)
+        raise RuntimeError(f"the entrypoint could not start: {msg}")
+    return pid
+
+
+def send(sock, text):
+    creds = struct.pack("3i", os.getpid(), os.getuid(), os.getgid())
+    sock.sendmsg([text.encode("utf-8", "replace")],
+                 [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
+
+
+def read_deadline(path):
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return float(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+def finish(spec, reason, code):
+    write_atomic(spec["exit_file"],
+                 json.dumps({"reason": reason, "exit_code": code, "at": time.time()}))
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except OSError:
+        pass
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            time.sleep(0.005)
+    os._exit(0)
+
+
+def main_box(spec):
+    sock = socket.socket(fileno=spec["sock_fd"])
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        for procs in spec["cgroup_procs"]:
+            with open(procs, "w") as f:
+                f.write("0")
+        created, _mounted = setup_root(spec)
+        root = spec["merged"]
+        write_atomic(spec["placeholders_file"],
+                     json.dumps([os.path.relpath(p, root) for p in created]))
+        entry = start_entrypoint(spec) if spec["entrypoint"] else None
+    except (OSError, RuntimeError, SystemExit) as e:
+        send(sock, f"error: {e}")
+        os._exit(1)
+    send(sock, "ready")
+    sock.settimeout(60)
+    try:
+        go = sock.recv(16)
+    except OSError:
+        go = b""
+    sock.close()
+    if go != b"go":
+        finish(spec, "the host did not confirm the start", None)
+
+    while True:
+        deadline = read_deadline(spec["deadline_file"])
+        if deadline is not None and time.time() >= deadline:
+            finish(spec, "timeout", None)
+        wait = 3600.0 if deadline is None else min(3600.0, max(0.0, deadline - time.time()))
+        info = signal.sigtimedwait(SIGNALS, wait)
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid == entry:
+                code = os.waitstatus_to_exitcode(status)
+                finish(spec, "entrypoint exited", 128 - code if code < 0 else code)
+        if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+            finish(spec, "terminated", None)
+
+
+def main():
+    spec = read_spec(int(sys.argv[1]))
+    if spec["mode"] == "box":
+        main_box(spec)
+    else:
+        main_step(spec)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Runs inside a namespace sandbox, started as
-`nsenter -t <init> -m -u -i -p [-n] -- python3 -I -S _nsexec.py SPEC_JSON`.
+`nsenter -t <init> -m -u -i -p [-n] -- python3 -I -S _enter.py SPEC_JSON` (sandbox/namespace.py).
 
 Modes:
     exec  chroot into the sandbox root, become the user, cd, exec argv with exactly `env`
@@ -13,22 +13,19 @@ and ends with exit 127, so the host tells "could not start" from an exit code. M
 imported before the chroot: the sandbox need not have a Python.
 """
 
-import ctypes
 import json
 import os
-import signal
 import sys
 import tarfile
-
-PR_SET_PDEATHSIG = 1
 
 
 def main():
     spec = json.loads(sys.argv[1])
-    sys.path.insert(0, spec["nsinit_dir"])
-    import _nsinit as ns  # noqa: PLC0415 - found through the spec, not sys.path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _init as ns  # noqa: PLC0415 - this file's neighbour, not on sys.path under -I
 
     ns.STATUS_FD = spec["status_fd"]
+    ns.libc()  # ctypes, imported while the host's Python is still reachable
     os.set_inheritable(ns.STATUS_FD, False)
     for procs in spec["cgroup_procs"]:
         try:
@@ -53,32 +50,7 @@ def main():
 
 
 def run(spec, ns):
-    uid, gid, groups, home = ns.resolve_user(spec["user"])
-    try:
-        os.chdir(spec["workdir"] or "/")
-    except OSError as e:
-        ns.fail(f"workdir {spec['workdir']}: {e.strerror}")
-    env = dict(e.split("=", 1) for e in spec["env"])
-    argv = spec["argv"]
-    exe = ns.find_exec(argv[0], env.get("PATH", "/usr/bin:/bin"))
-    if exe is None:
-        ns.fail(f'exec: "{argv[0]}": executable file not found in $PATH')
-    try:
-        os.setgroups(groups)
-        os.setgid(gid)
-        os.setuid(uid)
-    except OSError as e:
-        ns.fail(f"set user {spec['user']}: {e.strerror}")
-    env.setdefault("HOME", home)
-    for s in (signal.SIGPIPE, signal.SIGXFSZ):
-        signal.signal(s, signal.SIG_DFL)
-    # After setuid (which clears it): the program dies with nsenter, which the host kills on
-    # timeout or interrupt. Programs it starts are not affected.
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    try:
-        os.execve(exe, argv, env)
-    except OSError as e:
-        ns.fail(f"exec {argv[0]}: {e.strerror}")
+    ns.become({**spec, "pdeathsig": True})
 
 
 def _target(ns, dest, name):

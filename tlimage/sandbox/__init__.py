@@ -1,0 +1,58 @@
+"""Isolation for build steps and sandboxes: the one place for namespace sandboxes (and, in
+`qemu/`, the microVM machinery), below the executor and the runtime.
+
+    select_isolation(requested, kvm_probe=...) -> ("microvm", "kvm" | "tcg" | None)
+                                                | ("namespace", None)
+    namespace.py   host side: start a build step or a long-lived sandbox, enter one
+    _init.py       PID 1 inside (standalone, stdlib only)
+    _enter.py      exec / cp helper that joins a running sandbox (standalone)
+    cgroup.py      a sandbox's cgroup: limits, freezing, finding every process
+    proc.py        processes tracked by (pid, start time, boot id)
+
+Importing this package starts nothing and imports nothing above it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+KvmProbe = Callable[[], tuple[bool, str]]
+_noticed = False
+
+
+def _default_notice(msg: str) -> None:
+    print(f"tlimage: {msg}", file=sys.stderr)
+
+
+def select_isolation(requested: str, *, kvm_probe: KvmProbe,
+                     notice: Callable[[str], None] | None = None) -> tuple[str, str | None]:  # fmt: skip
+    """(backend, accel) for `requested` ("auto", "microvm" or "namespace"); accel is None
+    unless `auto` decided it. The rule for build steps and sandboxes alike: the microVM when
+    KVM boots (`kvm_probe()`), else the namespace sandbox, else the microVM under TCG; the
+    fallback is said once per process through `notice`."""
+    if requested != "auto":
+        return requested, None
+    global _noticed
+    say = notice or _default_notice
+    ok, reason = kvm_probe()
+    if ok:
+        return "microvm", "kvm"
+    from tlimage.sandbox.namespace import check_host
+
+    problem = check_host()
+    if problem is None:
+        if not _noticed:
+            say(f"KVM is not usable here ({reason}); build steps and sandboxes run in a "
+                "namespace sandbox instead of a microVM (use --isolation microvm to force the "
+                "VM under TCG)")  # fmt: skip
+            _noticed = True
+        return "namespace", None
+    if not _noticed:
+        say(f"KVM is not usable here ({reason}) and {problem}; build steps and sandboxes run "
+            "in a microVM under TCG emulation, which is much slower")  # fmt: skip
+        _noticed = True
+    return "microvm", "tcg"
+
+
+__all__ = ["KvmProbe", "select_isolation"]
