@@ -259,9 +259,14 @@ def test_cli_new_exec_cp_ls_terminate(image: str, tmp_path: Path) -> None:
     assert tl("sbx", "cp", "web:/srv/app/f.txt", "back.txt").returncode == 0
     assert (tmp_path / "back.txt").read_text() == "x\n"
     ls = json.loads(tl("sbx", "ls", "--json").stdout)
-    assert ls["id"] == sid and ls["status"] == "Running" and ls["resources"]["cpus"] == 1.0
+    assert ls["sandbox_id"] == sid and ls["status"] == "Running"
+    assert ls["resources"]["cpus"] == 1.0
     info = json.loads(tl("sbx", "info", "--json", "web").stdout)
-    assert info["image"] == image and info["timeout"] == 300 and info["created_at"].endswith("Z")
+    documented = ["sandbox_id", "namespace", "status", "image", "resources", "secret_names",
+                  "timeout_secs", "entrypoint", "created_at", "terminated_at"]  # fmt: skip
+    assert list(info)[: len(documented)] == documented
+    assert info["image"] == image and info["timeout_secs"] == 300 and info["namespace"] == "default"
+    assert info["created_at"].endswith("Z") and info["terminated_at"] is None
     bad = tl("sbx", "exec", "web", "nope")
     assert bad.returncode == 127 and "executable file not found" in bad.stderr
     assert tl("sbx", "terminate", "web").returncode == 0

@@ -326,3 +326,13 @@ def _sandbox_commands() -> None:
 
 
 _sandbox_commands()
+
+
+def _secret_commands() -> None:
+    """`tl secrets set/ls/rm` (tlimage/cli/secrets.py)."""
+    from tlimage.cli.secrets import secrets_app
+
+    app.add_typer(secrets_app, name="secrets")
+
+
+_secret_commands()

@@ -41,19 +41,8 @@ def _ago(ts: float | None) -> str:
     return f"{int(s)}s ago"
 
 
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def _info_json(sb) -> dict:  # noqa: ANN001
-    d = sb.info().to_json()
-    d["created_at"] = _iso(d["created_at"])
-    d["terminated_at"] = _iso(d["terminated_at"])
-    return d
+    return sb.info().to_json()
 
 
 def register(sbx: typer.Typer) -> None:
@@ -86,6 +75,10 @@ def register(sbx: typer.Typer) -> None:
         ] = Backend.auto,
         no_network: Annotated[bool, typer.Option("--no-network",
                                                  help="Only a loopback interface.")] = False,
+        secret: Annotated[list[str] | None, typer.Option(
+            "--secret", help="NAME of a stored secret (tl secrets set) to pass as an "
+                             "environment variable to every exec and spawn (repeatable).")
+        ] = None,
         project: ProjectOpt = None,
         cache_dir: CacheDirOpt = None,
         json_: JsonOpt = False,
@@ -102,6 +95,7 @@ def register(sbx: typer.Typer) -> None:
             image, name=name, project=project, backend=backend.value, cpus=cpus, memory=memory,
             timeout=timeout, entrypoint=shlex.split(entrypoint) if entrypoint else None,
             env=env, workdir=workdir, user=user, network=not no_network, cache_dir=cache_dir,
+            secret_names=secret or None,
         )  # fmt: skip
         if json_:
             import json

@@ -8,6 +8,8 @@
     img = sb.snapshot(register="dev-snap:v1")     # a registered image: image layers + changes
     sb.suspend(); sb.resume()                     # named sandboxes only
     twin = sb.clone()                             # a new sandbox from a snapshot
+    set_secret("API_KEY", "…")                    # per project, 0600 in the state folder
+    Sandbox.create("hello", secret_names=["API_KEY"])  # $API_KEY in every exec and spawn
     sb.terminate()
 
 Backends: `microvm` (QEMU -M microvm with the guest agent; memory snapshots on suspend) and
@@ -31,6 +33,7 @@ from tlimage.runtime._api import (
     reconcile,
 )
 from tlimage.runtime._errors import ExecStartError, ExecTimeout, SandboxNotFound
+from tlimage.runtime._secrets import list_secrets, remove_secret, set_secret
 from tlimage.runtime._state import Status
 
 __all__ = [
@@ -44,6 +47,9 @@ __all__ = [
     "Status",
     "SuspendResult",
     "list_sandboxes",
+    "list_secrets",
     "live_layer_digests",
     "reconcile",
+    "remove_secret",
+    "set_secret",
 ]

@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +84,31 @@ class SandboxInfo:
     source: str | None
     notes: list[str]
     dir: str
+    secret_names: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["resources"] = {"cpus": d.pop("cpus"), "memory_mb": d.pop("memory_mb")}
-        return d
+        """The documented fields first (`sandbox_id`, `namespace` (the project), `status`,
+        `image`, `resources`, `secret_names`, `timeout_secs`, `entrypoint`, `created_at`,
+        `terminated_at`; times in ISO-8601 UTC), then the rest."""
+        return {
+            "sandbox_id": self.id, "namespace": self.project, "status": self.status,
+            "image": self.image, "resources": {"cpus": self.cpus, "memory_mb": self.memory_mb},
+            "secret_names": list(self.secret_names), "timeout_secs": self.timeout,
+            "entrypoint": self.entrypoint, "created_at": iso_time(self.created_at),
+            "terminated_at": iso_time(self.terminated_at), "name": self.name,
+            "backend": self.backend, "image_id": self.image_id, "reason": self.reason,
+            "exit_code": self.exit_code, "persistent": self.persistent, "source": self.source,
+            "notes": list(self.notes), "dir": self.dir,
+        }  # fmt: skip
+
+
+def iso_time(ts: float | None) -> str | None:
+    """Seconds since the epoch as ISO-8601 UTC (`2026-01-02T03:04:05Z`)."""
+    if ts is None:
+        return None
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 # --- paths and backends ----------------------------------------------------------------------
@@ -225,14 +245,18 @@ class Sandbox:
         user: str | None = None,
         network: bool = True,
         cache_dir: Path | None = None,
+        secret_names: Sequence[str] | None = None,
         notice: Callable[[str], None] | None = None,
         _source: str | None = None,
     ) -> Sandbox:
         """Boots a sandbox from the registered image `image` (NAME[:TAG]) and returns once
         it runs. Without `entrypoint` it idles until terminated or timed out; with one, it
         ends when the entrypoint exits. `timeout` (seconds of running time) terminates it.
-        Unnamed sandboxes are ephemeral: their filesystem goes when they end."""
+        Unnamed sandboxes are ephemeral: their filesystem goes when they end.
+        `secret_names` (stored with `tl secrets set`) become environment variables of every
+        exec and spawn; their values are read at each exec and never stored with the sandbox."""
         from tlimage.registry import Registry
+        from tlimage.runtime._secrets import check_secrets_exist
 
         reconcile()
         proj = project_name(project)
@@ -246,6 +270,9 @@ class Sandbox:
             raise RuntimeError_(f"timeout must be > 0 seconds, got {timeout:g}")
         if entrypoint is not None and not list(entrypoint):
             entrypoint = None
+        if isinstance(secret_names, str):
+            secret_names = [secret_names]
+        secrets_ = check_secrets_exist(secret_names or [], project=proj)
         img = Registry().get(proj, image)
         if not img.manifest.layers:
             raise RuntimeError_(f"image {img.ref} has no layers; nothing to boot")
@@ -273,7 +300,8 @@ class Sandbox:
             exit_code=None, pids={}, boot_id=_proc.boot_id(), dir=str(path),
             run_dir=str(run_dir), cache_dir=cache, source=_source,
             extra={"config": config, "image_config": dict(cfg), "accel": accel,
-                   "layers": [vars(la) for la in img.manifest.layers]},
+                   "layers": [vars(la) for la in img.manifest.layers],
+                   "secret_names": secrets_},
             **op_owner(),
         )  # fmt: skip
         db = StateDB()
@@ -368,8 +396,12 @@ class Sandbox:
             timeout=r.timeout, entrypoint=r.entrypoint, created_at=r.created_at,
             terminated_at=r.terminated_at, reason=r.reason, exit_code=r.exit_code,
             persistent=r.persistent, source=r.source, notes=list(r.extra.get("notes") or []),
-            dir=r.dir,
+            dir=r.dir, secret_names=list(r.extra.get("secret_names") or []),
         )  # fmt: skip
+
+    @property
+    def secret_names(self) -> list[str]:
+        return list(self._rec.extra.get("secret_names") or [])
 
     def _backend(self):  # noqa: ANN202
         return backend_for(self._rec.backend)
@@ -384,6 +416,17 @@ class Sandbox:
                             hint=hint.get(rec.status))  # fmt: skip
 
     # -- exec and copy --------------------------------------------------------------------
+
+    def _env(self, rec: SandboxRecord, env: Sequence[str] | dict[str, str] | None) -> list[str]:
+        """The image's env, the sandbox's, its secrets (read now), then this call's."""
+        from tlimage.runtime._secrets import secret_env
+
+        if isinstance(env, dict):
+            env = [f"{k}={v}" for k, v in env.items()]
+        cfg = rec.extra.get("config", {})
+        names = rec.extra.get("secret_names") or []
+        return merge_env(cfg.get("env", []), rec.env, secret_env(names, project=rec.project),
+                         list(env or []))  # fmt: skip
 
     def exec(
         self,
@@ -404,10 +447,8 @@ class Sandbox:
         if not cmd:
             raise RuntimeError_("exec needs a command")
         rec = self._running("exec")
-        if isinstance(env, dict):
-            env = [f"{k}={v}" for k, v in env.items()]
+        full_env = self._env(rec, env)
         cfg = rec.extra.get("config", {})
-        full_env = merge_env(cfg.get("env", []), rec.env, list(env or []))
         wd = workdir or rec.workdir or cfg.get("workdir") or "/"
         if not wd.startswith("/"):
             raise RuntimeError_(f"workdir must be absolute, got {wd!r}")
@@ -522,7 +563,8 @@ class Sandbox:
             img.ref, name=name, project=rec.project, backend=rec.backend, cpus=rec.cpus,
             memory=rec.memory_mb, timeout=rec.timeout, entrypoint=rec.entrypoint, env=rec.env,
             workdir=rec.workdir, user=rec.user, network=rec.network,
-            cache_dir=Path(rec.cache_dir) if rec.cache_dir else None, _source=rec.id,
+            cache_dir=Path(rec.cache_dir) if rec.cache_dir else None,
+            secret_names=rec.extra.get("secret_names") or None, _source=rec.id,
         )  # fmt: skip
 
     def terminate(self) -> None:
