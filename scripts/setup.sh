@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs cpio zstd
   bubblewrap dpkg-dev gcc libc6-dev uidmap iproute2
+  # OCI interop tests: a real registry (CNCF distribution), htpasswd, and peer tools.
+  docker-registry apache2-utils openssl skopeo umoci podman buildah golang-github-containers-common
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -16,6 +16,8 @@
     │   ├── BootError            (executor.microvm) the microVM did not come up
     │   └── ProtocolError        (executor.protocol) the guest agent spoke something else
     ├── RegistryError            image names: unknown, invalid, conflicts
+    ├── OCIError                 (oci) a remote registry, image reference or OCI layout; names
+    │                            the image reference
     └── RuntimeError_            sandboxes: unknown id, wrong state
 
 The CLI prints `str(error)` (plus `error.hint` when present) and exits with `error.exit_code`;
@@ -151,6 +153,15 @@ class RegistryError(TlimageError):
     pass
 
 
+class OCIError(TlimageError):
+    """Talking to a container registry or reading an OCI layout failed. `ref` is the image
+    reference that asked for it, when known."""
+
+    def __init__(self, message: str, *, ref: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.ref = ref
+
+
 class RuntimeError_(TlimageError):  # noqa: N801 - `RuntimeError` is a builtin
     pass
 
@@ -163,6 +174,7 @@ __all__ = [
     "ExecutorError",
     "IRSyntaxError",
     "JSONFormError",
+    "OCIError",
     "RegistryError",
     "RuntimeError_",
     "SourceError",

@@ -1,0 +1,601 @@
+"""Pull an image from a registry into the layer store.
+
+    image = pull("python:3.12-slim", cache, platform="linux/amd64")
+
+Resolution: the reference's manifest (or index, from which the platform's manifest is chosen)
+is fetched and its digest pinned. Without `refresh`, a reference resolved before is answered
+from the last resolution recorded under `<cache>/oci-v1/` when its layers are still stored: no
+network at all. A resolution that differs from the last one is reported (`moved_from`).
+
+Layers: each is streamed once — sha256 of the compressed bytes checked against the manifest as
+they arrive (a blob longer than declared is cut off at once), decompressed (gzip, zstd or none),
+its tar headers checked (no `..` names or hard links, no device nodes), the diff_id checked
+against the image config, and the result stored as a zstd layer blob (a zstd source is kept
+byte for byte; others are compressed). Nothing is stored when any check fails. Layers download
+in parallel; a download that breaks off is restarted a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tlimage.errors import OCIError
+from tlimage.oci import client as cl
+from tlimage.oci.reference import Reference, parse
+
+Progress = Callable[[dict[str, Any]], None]
+LAYOUT = "oci-v1"
+DEFAULT_PLATFORM = "linux/amd64"
+
+FOREIGN_TYPES = (
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+)
+
+
+@dataclass(frozen=True)
+class PulledLayer:
+    digest: str  # the layer blob in the store (xxh3:…)
+    diff_id: str  # sha256 of the uncompressed tar
+    size: int  # bytes of the stored blob
+    blob: str  # the registry's digest of the compressed blob it came from (sha256:…)
+    media_type: str = ""
+
+
+@dataclass
+class PulledImage:
+    ref: str  # as asked for, familiar form
+    name: str  # canonical name: registry/repository
+    digest: str  # the platform manifest's digest
+    platform: str
+    config: dict[str, Any]  # the OCI image config document
+    layers: list[PulledLayer]
+    index_digest: str | None = None
+    tag: str | None = None
+    offline: bool = False  # answered from the recorded resolution, no network
+    moved_from: str | None = None  # the previous resolution, when it differs
+    downloaded: int = 0  # layers fetched this time
+    bytes: int = 0
+
+    @property
+    def pinned(self) -> str:
+        return f"{self.name}@{self.digest}"
+
+    def to_json(self) -> dict[str, Any]:
+        obj = asdict(self)
+        for k in ("offline", "moved_from", "downloaded", "bytes"):
+            obj.pop(k)
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> PulledImage:
+        layers = [PulledLayer(**la) for la in obj.pop("layers")]
+        return cls(layers=layers, **obj)
+
+
+@dataclass
+class _Ctx:
+    cache: Any  # a tlimage.cache.LayerCache
+    client: cl.RegistryClient
+    label: str
+    progress: Progress | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def state_root(cache: Any) -> Path:
+    return Path(cache.root) / LAYOUT
+
+
+def pull(
+    ref_text: str,
+    cache: Any,
+    *,
+    platform: str = DEFAULT_PLATFORM,
+    refresh: bool = False,
+    config: cl.RegistryConfig | None = None,
+    client: cl.RegistryClient | None = None,
+    progress: Progress | None = None,
+    jobs: int = 4,
+    label: str | None = None,
+) -> PulledImage:
+    """Resolve `ref_text` and make sure its layers are in `cache`'s store (see the module
+    docstring). `label` names the asker in errors (a Dockerfile line), default the reference."""
+    ref = parse(ref_text)
+    label = label or ref_text
+    platform = normalize_platform(platform)
+    previous = _load_resolution(cache, ref, platform)
+    if previous is not None and not refresh:
+        img = _load_image(cache, previous)
+        if img is not None and _have_layers(cache, img):
+            img.offline = True
+            img.ref = ref_text
+            return img
+    own = client is None
+    client = client or cl.RegistryClient(config)
+    try:
+        ctx = _Ctx(cache, client, label, progress)
+        img = _pull(ctx, ref, ref_text, platform, jobs)
+    finally:
+        if own:
+            client.close()
+    if previous is not None and previous != img.digest and ref.digest is None:
+        img.moved_from = previous
+    _save(cache, ref, platform, img)
+    return img
+
+
+def _pull(ctx: _Ctx, ref: Reference, ref_text: str, platform: str, jobs: int) -> PulledImage:
+    fetched, ep = ctx.client.get_manifest(ref, label=ctx.label)
+    index_digest = None
+    if fetched.media_type in cl.INDEX_TYPES or _is_index(fetched.data):
+        index_digest = fetched.digest
+        chosen = select_platform(json.loads(fetched.data), platform, ctx.label)
+        fetched = ctx.client._get_manifest(ep, chosen, ctx.label)
+        if fetched is None:
+            raise OCIError(f"{ctx.label}: the index names manifest {chosen} for {platform}, but "
+                           f"{ep} does not have it", ref=ctx.label)  # fmt: skip
+    manifest = _manifest_doc(fetched, ctx.label)
+    cached = _load_image(ctx.cache, fetched.digest)
+    if cached is not None and _have_layers(ctx.cache, cached):
+        cached.ref, cached.tag, cached.index_digest = ref_text, ref.tag, index_digest
+        return cached
+    cdesc = manifest["config"]
+    config_bytes = ctx.client.get_blob_bytes(ep, cdesc["digest"], int(cdesc["size"]),
+                                             label=ctx.label)  # fmt: skip
+    try:
+        config = json.loads(config_bytes)
+        diff_ids = list(config["rootfs"]["diff_ids"])
+    except (ValueError, KeyError, TypeError):
+        raise OCIError(f"{ctx.label}: the image config {cdesc['digest']} is not a valid image "
+                       "config (no rootfs.diff_ids)", ref=ctx.label) from None  # fmt: skip
+    descs = manifest.get("layers") or []
+    if len(descs) != len(diff_ids):
+        raise OCIError(f"{ctx.label}: the manifest lists {len(descs)} layers but the config "
+                       f"{len(diff_ids)} diff_ids", ref=ctx.label)  # fmt: skip
+    for d in descs:
+        mt = d.get("mediaType", "")
+        if mt in FOREIGN_TYPES or "nondistributable" in mt or "foreign" in mt or d.get("urls"):
+            raise OCIError(
+                f"{ctx.label}: layer {d.get('digest')} is a foreign (non-distributable) layer "
+                f"({mt}); tlimage does not fetch layers from outside the registry",
+                ref=ctx.label, hint="such layers are Windows base layers; use a Linux image",
+            )  # fmt: skip
+        _compression(mt, ctx.label)
+    if ctx.progress:
+        ctx.progress({"event": "pull_started", "ref": ctx.label, "digest": fetched.digest,
+                      "layers": len(descs), "size": sum(int(d["size"]) for d in descs)})
+    t0 = time.monotonic()
+    # The cache index is used from this thread only; workers download and store blobs.
+    results: list[tuple[PulledLayer, int] | None] = [None] * len(descs)
+    todo = []
+    for i, d in enumerate(descs):
+        rec = ctx.cache.lookup(layer_key(str(d["digest"])))
+        if rec is not None and rec.diff_id == diff_ids[i]:
+            results[i] = (PulledLayer(rec.digest, rec.diff_id, rec.size, str(d["digest"]),
+                                      d.get("mediaType", "")), 0)  # fmt: skip
+            if ctx.progress:
+                ctx.progress({"event": "pull_layer", "ref": ctx.label, "layer": d["digest"],
+                              "status": "exists", "total": int(d["size"]),
+                              "bytes": int(d["size"])})  # fmt: skip
+        else:
+            todo.append(i)
+    if todo:
+        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(todo))),
+                                thread_name_prefix="tlimage-pull") as pool:  # fmt: skip
+            futures = {pool.submit(_layer, ctx, ep, descs[i], diff_ids[i]): i for i in todo}
+            try:
+                for fut in as_completed(futures):
+                    info, layer = fut.result()
+                    ctx.cache.put(layer_key(layer.blob), info,
+                                  description=f"pulled {ctx.label} {layer.blob[:19]}",
+                                  meta={"blob": layer.blob, "media_type": layer.media_type})
+                    results[futures[fut]] = (layer, int(descs[futures[fut]]["size"]))
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+    results_ = [r for r in results if r is not None]
+    img = PulledImage(
+        ref=ref_text, name=ref.name, digest=fetched.digest, platform=platform, config=config,
+        layers=[r[0] for r in results_], index_digest=index_digest, tag=ref.tag,
+        downloaded=sum(1 for r in results_ if r[1]), bytes=sum(r[1] for r in results_),
+    )  # fmt: skip
+    if ctx.progress:
+        ctx.progress({"event": "pull_done", "ref": ctx.label, "digest": img.digest,
+                      "downloaded": img.downloaded, "bytes": img.bytes,
+                      "duration": round(time.monotonic() - t0, 3)})  # fmt: skip
+    return img
+
+
+# -- platforms ------------------------------------------------------------------------------
+
+
+def normalize_platform(text: str) -> str:
+    parts = [p for p in (text or DEFAULT_PLATFORM).lower().split("/") if p]
+    if len(parts) == 1:
+        parts = ["linux", parts[0]]
+    if len(parts) not in (2, 3):
+        raise OCIError(f"invalid platform {text!r}: expected OS/ARCH[/VARIANT], e.g. linux/amd64")
+    arch = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64"}.get(parts[1], parts[1])
+    parts[1] = arch
+    if arch == "arm64" and len(parts) == 3 and parts[2] == "v8":
+        parts = parts[:2]
+    return "/".join(parts)
+
+
+def _plat_of(entry: dict[str, Any]) -> str | None:
+    p = entry.get("platform") or {}
+    if not p.get("os") or not p.get("architecture"):
+        return None
+    text = f"{p['os']}/{p['architecture']}" + (f"/{p['variant']}" if p.get("variant") else "")
+    return normalize_platform(text)
+
+
+def select_platform(index: dict[str, Any], platform: str, label: str) -> str:
+    """The digest of the index entry for `platform`; an error lists the platforms present."""
+    want = normalize_platform(platform)
+    present: list[str] = []
+    fallback = None
+    for entry in index.get("manifests") or []:
+        if (entry.get("annotations") or {}).get("vnd.docker.reference.type"):
+            continue  # attestations, signatures
+        plat = _plat_of(entry)
+        if plat is None:
+            continue
+        present.append(plat)
+        if plat == want:
+            return str(entry["digest"])
+        # linux/arm (no variant) accepts the first arm variant; a variant-less entry serves
+        # a request with a variant.
+        if fallback is None and (plat.startswith(want + "/") or want.startswith(plat + "/")):
+            fallback = str(entry["digest"])
+    if fallback:
+        return fallback
+    raise OCIError(
+        f"{label}: no image for platform {want}; the index has: "
+        f"{', '.join(dict.fromkeys(present)) or 'no platforms'}",
+        ref=label, hint="choose one with --platform",
+    )  # fmt: skip
+
+
+def _is_index(data: bytes) -> bool:
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and "manifests" in doc and "layers" not in doc
+
+
+def _manifest_doc(fetched: cl.Fetched, label: str) -> dict[str, Any]:
+    if fetched.media_type.startswith("application/vnd.docker.distribution.manifest.v1"):
+        raise OCIError(f"{label}: Docker schema 1 manifests are not supported (deprecated since "
+                       "2017); push the image again with a current client", ref=label)  # fmt: skip
+    doc = json.loads(fetched.data)
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict) or \
+            not isinstance(doc.get("layers", []), list):  # fmt: skip
+        raise OCIError(f"{label}: manifest {fetched.digest} is not an image manifest "
+                       f"({fetched.media_type or 'no media type'})", ref=label)  # fmt: skip
+    ctype = doc["config"].get("mediaType", "")
+    if ctype and ctype not in (cl.OCI_CONFIG, cl.DOCKER_CONFIG):
+        raise OCIError(f"{label}: {fetched.digest} is an OCI artifact ({ctype}), not an image",
+                       ref=label)  # fmt: skip
+    return doc
+
+
+def _compression(media_type: str, label: str) -> str:
+    mt = media_type.lower()
+    if mt.endswith("+zstd") or mt.endswith(".zstd"):
+        return "zstd"
+    if mt.endswith("gzip") or mt.endswith("+gzip") or mt == cl.DOCKER_LAYER:
+        return "gzip"
+    if mt.endswith(".tar") or mt.endswith("tar") or mt == "":
+        return "none"
+    raise OCIError(f"{label}: layer media type {media_type!r} is not a tar (gzip, zstd or "
+                   "uncompressed)", ref=label)  # fmt: skip
+
+
+# -- one layer ------------------------------------------------------------------------------
+
+
+def layer_key(blob_digest: str) -> str:
+    return f"oci-layer:{blob_digest}"
+
+
+def _layer(ctx: _Ctx, ep: cl.Endpoint, desc: dict[str, Any],
+           diff_id: str) -> tuple[Any, PulledLayer]:  # fmt: skip
+    """Download one layer into the store (run in a worker thread): (LayerInfo, PulledLayer)."""
+    from tlimage.cache.layer import LayerInfo
+
+    digest, size = str(desc["digest"]), int(desc["size"])
+    media = desc.get("mediaType", "")
+    kind = _compression(media, ctx.label)
+    retries = ctx.client.config.retries
+    for attempt in range(retries + 1):
+        done = 0
+        last = 0.0
+
+        def on_bytes(n: int) -> None:
+            nonlocal done, last
+            done += n
+            now = time.monotonic()
+            if ctx.progress and (now - last > 0.2 or done == size):
+                last = now
+                ctx.progress({"event": "pull_layer", "ref": ctx.label, "layer": digest,
+                              "status": "downloading", "bytes": done, "total": size})
+
+        try:
+            with ctx.cache.store.writer() as w:
+                conv = Converter(kind, w, label=ctx.label, layer=digest)
+                for chunk in ctx.client.iter_blob(ep, digest, size, label=ctx.label,
+                                                  on_bytes=on_bytes):  # fmt: skip
+                    conv.feed(chunk)
+                got_diff, usize, entries = conv.finish()
+                if got_diff != diff_id:
+                    raise OCIError(f"{ctx.label}: layer {digest} unpacks to {got_diff}, but the "
+                                   f"image config says {diff_id}; nothing was stored",
+                                   ref=ctx.label)  # fmt: skip
+                blob = w.commit()
+        except cl.BlobInterrupted:
+            if attempt == retries:
+                raise
+            time.sleep(ctx.client._backoff(attempt + 1))
+            continue
+        if ctx.progress:
+            ctx.progress({"event": "pull_layer", "ref": ctx.label, "layer": digest,
+                          "status": "done", "bytes": size, "total": size})  # fmt: skip
+        info = LayerInfo(blob.digest, diff_id, blob.size, usize, entries)
+        return info, PulledLayer(blob.digest, diff_id, blob.size, digest, media)
+    raise AssertionError("unreachable")
+
+
+class Converter:
+    """Push-style: compressed layer bytes in (`feed`), a zstd layer blob out to `out`, the
+    uncompressed tar hashed and its headers checked on the way."""
+
+    def __init__(self, kind: str, out: Any, *, label: str, layer: str) -> None:
+        import zstandard
+
+        self.kind = kind
+        self.out = out
+        self.diff = hashlib.sha256()
+        self.usize = 0
+        self.tar = TarChecker(f"{label}: layer {layer}", label)
+        self._zstd = zstandard
+        if kind == "gzip":
+            self._d: Any = zlib.decompressobj(wbits=31)
+        elif kind == "zstd":
+            self._d = zstandard.ZstdDecompressor().decompressobj()
+        else:
+            self._d = None
+        self._c = None
+        if kind != "zstd":
+            cctx = zstandard.ZstdCompressor(level=3, threads=1, write_checksum=True)
+            self._c = cctx.compressobj()
+
+    def feed(self, chunk: bytes) -> None:
+        if self.kind == "zstd":
+            self.out.write(chunk)
+        data = chunk
+        while data:
+            if self._d is None:
+                self._plain(data)
+                return
+            try:
+                self._plain(self._d.decompress(data))
+            except (zlib.error, self._zstd.ZstdError) as e:
+                raise OCIError(f"{self.tar.where}: not valid {self.kind} data: {e}",
+                               ref=self.tar.label) from None  # fmt: skip
+            data = b""
+            if self._d.eof and self._d.unused_data:  # a next gzip member / zstd frame
+                data = self._d.unused_data
+                self._d = (zlib.decompressobj(wbits=31) if self.kind == "gzip"
+                           else self._zstd.ZstdDecompressor().decompressobj())  # fmt: skip
+
+    def _plain(self, data: bytes) -> None:
+        if not data:
+            return
+        self.diff.update(data)
+        self.usize += len(data)
+        self.tar.feed(data)
+        if self._c is not None:
+            self.out.write(self._c.compress(data))
+
+    def finish(self) -> tuple[str, int, int]:
+        if self.kind == "gzip":
+            self._plain(self._d.flush())
+        if self._c is not None:
+            self.out.write(self._c.flush())
+        self.tar.finish()
+        return "sha256:" + self.diff.hexdigest(), self.usize, self.tar.entries
+
+
+class TarChecker:
+    """Reads tar headers from a byte stream pushed in pieces and refuses what a layer may not
+    hold: names or hard-link targets with `..`, and device nodes."""
+
+    def __init__(self, where: str, label: str) -> None:
+        self.where = where
+        self.label = label
+        self.entries = 0
+        self._buf = bytearray()
+        self._skip = 0
+        self._pax: dict[str, str] = {}
+        self._long: dict[str, str] = {}
+        self._ended = False
+        self._pending: tuple[str, int, bytearray] | None = None
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._skip:
+                n = min(self._skip, len(view))
+                self._skip -= n
+                view = view[n:]
+                continue
+            if self._ended:
+                return
+            need = 512 - len(self._buf)
+            self._buf += view[:need]
+            view = view[need:]
+            if len(self._buf) == 512:
+                block = bytes(self._buf)
+                self._buf.clear()
+                self._header(block)
+
+    def _header(self, block: bytes) -> None:
+        pending = self._pending  # a pax or GNU long-name payload, read whole
+        if pending is not None:
+            kind, size, buf = pending
+            buf += block
+            if len(buf) >= size:
+                self._pending = None
+                self._meta(kind, bytes(buf[:size]))
+            return
+        if block == b"\0" * 512:
+            self._ended = True
+            return
+        if _checksum(block) != _octal(block[148:156]):
+            self._fail("a tar header's checksum is wrong (not a tar, or corrupt)")
+        typ = chr(block[156]) if block[156] else "0"
+        size = _number(block[124:136])
+        if typ in "xgLK":
+            if size > 1 << 20:
+                self._fail(f"a tar metadata entry of {size} bytes is too large")
+            if size:
+                self._pending = (typ, size, bytearray())
+            return
+        name = block[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if block[257:262] == b"ustar":
+            prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if prefix:
+                name = prefix + "/" + name
+        link = block[157:257].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        name = self._pax.get("path") or self._long.get("L") or name
+        link = self._pax.get("linkpath") or self._long.get("K") or link
+        if "size" in self._pax:
+            try:
+                size = int(self._pax["size"])
+            except ValueError:
+                self._fail("a pax size is not a number")
+        self._pax, self._long = {}, {}
+        self.entries += 1
+        if ".." in name.replace("\\", "/").split("/"):
+            self._fail(f"entry {name!r} leaves the tree ('..' is not allowed)")
+        if typ == "1" and ".." in link.split("/"):
+            self._fail(f"hard link {name!r} -> {link!r} leaves the tree")
+        if typ in "34":
+            self._fail(f"entry {name!r} is a device node; layers may not create devices")
+        if typ in "0\x007":
+            self._skip = (size + 511) // 512 * 512
+        elif typ not in "1256":
+            self._skip = (size + 511) // 512 * 512
+
+    def _meta(self, kind: str, data: bytes) -> None:
+        if kind in "LK":
+            self._long[kind] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            return
+        if kind == "g":
+            return
+        i = 0
+        while i < len(data):
+            sp = data.find(b" ", i)
+            if sp < 0:
+                break
+            try:
+                length = int(data[i:sp])
+            except ValueError:
+                self._fail("a pax header is malformed")
+            rec = data[sp + 1 : i + length - 1]
+            k, _, v = rec.partition(b"=")
+            self._pax[k.decode("utf-8", "surrogateescape")] = v.decode("utf-8",
+                                                                        "surrogateescape")
+            if length <= 0:
+                self._fail("a pax header is malformed")
+            i += length
+
+    def finish(self) -> None:
+        if self._pending is not None or self._skip:
+            self._fail("the tar ends in the middle of an entry")
+
+    def _fail(self, why: str) -> None:
+        raise OCIError(f"{self.where}: {why}; nothing was stored", ref=self.label)
+
+
+def _checksum(block: bytes) -> int:
+    return sum(block[:148]) + 8 * 32 + sum(block[156:])
+
+
+def _octal(field_: bytes) -> int:
+    text = field_.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        return -1
+
+
+def _number(field_: bytes) -> int:
+    if field_[0] & 0x80:  # base-256
+        return int.from_bytes(bytes([field_[0] & 0x7F]) + field_[1:], "big")
+    return max(_octal(field_), 0)
+
+
+# -- the recorded resolutions -------------------------------------------------------------------
+
+
+def _res_path(cache: Any, ref: Reference, platform: str) -> Path:
+    h = hashlib.sha256(f"{ref}|{platform}".encode()).hexdigest()[:32]
+    return state_root(cache) / "refs" / f"{h}.json"
+
+
+def _img_path(cache: Any, digest: str) -> Path:
+    return state_root(cache) / "images" / f"{digest.split(':', 1)[-1]}.json"
+
+
+def _load_resolution(cache: Any, ref: Reference, platform: str) -> str | None:
+    if ref.digest:
+        return ref.digest if _img_path(cache, ref.digest).exists() else None
+    try:
+        return json.loads(_res_path(cache, ref, platform).read_text())["digest"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def last_resolution(cache: Any, ref_text: str, platform: str = DEFAULT_PLATFORM) -> str | None:
+    return _load_resolution(cache, parse(ref_text), normalize_platform(platform))
+
+
+def _load_image(cache: Any, digest: str) -> PulledImage | None:
+    try:
+        return PulledImage.from_json(json.loads(_img_path(cache, digest).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _have_layers(cache: Any, img: PulledImage) -> bool:
+    return all(cache.store.size(la.digest) == la.size for la in img.layers)
+
+
+def _save(cache: Any, ref: Reference, platform: str, img: PulledImage) -> None:
+    from tlimage.cache.store import atomic_write_bytes
+
+    ip = _img_path(cache, img.digest)
+    ip.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(ip, json.dumps(img.to_json(), sort_keys=True).encode(), durable=False)
+    if ref.digest is None:
+        rp = _res_path(cache, ref, platform)
+        rp.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(rp, json.dumps({"ref": str(ref), "platform": platform,
+                                           "digest": img.digest,
+                                           "resolved_at": time.time()}).encode(),
+                           durable=False)  # fmt: skip
