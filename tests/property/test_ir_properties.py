@@ -20,10 +20,20 @@ from tlimage.source import Span
 TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
 
 
+# A mount's target is a normalized absolute path and its id is not empty (checked by the IR).
+MOUNT_FIELDS = {
+    "target": st.from_regex(r"/[a-z.]{1,8}(/[a-z]{1,8}){0,2}", fullmatch=True).filter(
+        lambda p: ".." not in p.split("/") and "." not in p.split("/")),
+    "id": TEXT.filter(bool),
+}
+
+
 def strategy_for(hint: Any) -> st.SearchStrategy[Any]:
     origin = get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        return st.builds(hint, **{attr: strategy_for(h) for attr, _n, h, _d in _fields(hint)})
+        special = MOUNT_FIELDS if hint in ir.MOUNT_TYPES.values() else {}
+        return st.builds(hint, **{attr: special[attr] if attr in special else strategy_for(h)
+                                  for attr, _n, h, _d in _fields(hint)})  # fmt: skip
     if origin in (typing.Union, types.UnionType):
         return st.one_of(*(strategy_for(a) for a in get_args(hint)))
     if hint is type(None):
@@ -139,4 +149,4 @@ def test_digests_are_stable_across_processes() -> None:
     }  # fmt: skip
     assert len(outs) == 1
     # Pinned: a change to this value is a change to the IR encoding and needs IR_VERSION bumped.
-    assert outs == {"d9bee2f4b753f8ed9306e469f3615af5"}
+    assert outs == {"88a6de8fcd8805dfbf81c22dd3ddc825"}  # IR_VERSION 2

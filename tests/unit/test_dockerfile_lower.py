@@ -196,7 +196,7 @@ def test_stages_references_and_what_the_target_needs() -> None:
     assert [s.name for s in image.stages] == ["deps", "build", "test", "docs", "stage-4"]
     last = image.target_stage
     assert last.steps[1] == ir.Copy(sources=("/out",), dest="/out", from_="build")
-    assert last.steps[2].mounts == (ir.Mount("bind", "/d", (("from", "deps"),)),)
+    assert last.steps[2].mounts == (ir.BindMount("/d", from_="deps"),)
     assert [s.name for s in image.needed_stages()] == ["deps", "build", "stage-4"]
     assert image.parallel_groups() == (("deps",), ("build",), ("stage-4",))
     test = lower(MULTI, target="TEST")
@@ -290,7 +290,7 @@ def test_script_runner_runs_the_script_with_its_interpreter_and_cleans_up(tmp_pa
     assert failing.returncode == 7
 
 
-def test_run_mounts_keep_only_what_differs_from_the_defaults() -> None:
+def test_run_mounts_are_typed_with_buildkits_defaults() -> None:
     text = (
         "FROM busybox AS deps\nFROM busybox\nWORKDIR /w\nARG T=cache\n"
         "RUN --mount=type=cache,target=$T,ro --mount=type=bind,from=Deps,rw,target=/d "
@@ -299,11 +299,11 @@ def test_run_mounts_keep_only_what_differs_from_the_defaults() -> None:
     )
     [*_, run] = steps(text)
     assert run.mounts == (
-        ir.Mount("cache", "/w/cache", (("readonly", "true"),)),
-        ir.Mount("bind", "/d", (("from", "deps"), ("readonly", "false"))),
-        ir.Mount("secret", "/run/s", (("id", "s"),)),
-        ir.Mount("tmpfs", "/t"),
-        ir.Mount("cache", "/c", (("mode", "0755"), ("uid", "1"))),
+        ir.CacheMount("/w/cache", id="/w/cache", readonly=True),
+        ir.BindMount("/d", from_="deps", readonly=False),
+        ir.SecretMount("s", target="/run/s"),
+        ir.TmpfsMount("/t"),
+        ir.CacheMount("/c", id="/c", mode=0o755, uid=1),
     )
 
 

@@ -57,7 +57,7 @@ def test_run_options_lower_to_fields() -> None:
     step = img.steps[-1]
     assert step == ir.Run(
         command=("x",), env=(("A", "1"),), user="app", workdir="/w", network="none",
-        mounts=(ir.Mount("cache", "/c", (("id", "pip"),)),),
+        mounts=(ir.CacheMount("/c", id="pip"),),
     )  # fmt: skip
     assert img.to_ir().stages[0].meta[-1].force
 

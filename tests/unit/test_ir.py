@@ -75,7 +75,7 @@ def test_default_fields_are_omitted_from_the_encoding() -> None:
     )
 
 
-TEXT = """tlimage-ir 1
+TEXT = """tlimage-ir 2
 image name="x" tag="latest"
 stage "main"
   from image="debian-minimal"
@@ -89,7 +89,7 @@ stage "main"
         (TEXT.replace("command=", "comand="), "unknown field 'comand'; allowed: command", 5, 7),
         (TEXT.replace('["ls"]', '"ls"'), "expected a list, got a string", 5, 7),
         (TEXT.replace("run ", "jump "), "unknown op 'jump'", 5, 3),
-        (TEXT.replace("tlimage-ir 1", "tlimage-ir 9"), "IR version 9 is not supported", 1, 1),
+        (TEXT.replace("tlimage-ir 2", "tlimage-ir 9"), "IR version 9 is not supported", 1, 1),
         (TEXT.replace('stage "main"', "stage main"), "unexpected main", 3, 7),
         (TEXT + '  run network="wifi"\n', "'wifi' is not allowed; allowed: 'default'", 6, 7),
         (TEXT + '  from image="again"\n', "has a From step after its first step", 3, 7),

@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import FIXTURES, ROOT
 from tlimage import Image
-from tlimage.errors import JSONFormError
+from tlimage.errors import DSLError, JSONFormError
 from tlimage.frontends import jsonform
 from tlimage.frontends.jsonform import JSONDocumentError, load_json_text, parse
 
@@ -111,6 +111,44 @@ def test_lowering_is_the_dsl() -> None:
     )
     assert got.digest() == want.digest()
     assert got.target_stage.steps == want.target_stage.steps
+
+
+@pytest.mark.parametrize(
+    "mount",
+    [
+        'type=cache,"target=/a,b"',  # a quoted CSV field: the target is "/a,b"
+        {"type": "cache", "target": "/a,b"},
+        "type=secret,id=tok,env=TOKEN",
+        {"type": "cache", "target": "/c", "mode": 0o700, "uid": 1},
+        "type=ssh",
+    ],
+)
+def test_json_and_dsl_read_mounts_alike(mount: object) -> None:
+    doc = {"type": "image", "name": "x",
+           "operations": [{"op": "RUN", "args": ["make"], "options": {"mounts": [mount]}}]}
+    [got] = load_json_text(json.dumps(doc), "f.json")
+    want = Image("x").run(["make"], options={"mounts": [mount]}).to_ir()
+    assert got.target_stage.steps == want.target_stage.steps
+
+
+@pytest.mark.parametrize(
+    ("mount", "message"),
+    [
+        ("type=cache,target=rel", "the target must be an absolute path"),
+        ('type=cache,target="/a', 'bare " in non-quoted-field'),
+        ("type=bind,target=/x,sharing=locked", "invalid cache sharing set for bind mount"),
+    ],
+)
+def test_json_and_dsl_refuse_mounts_alike(mount: str, message: str) -> None:
+    doc = {"type": "image", "name": "x",
+           "operations": [{"op": "RUN", "args": ["make"], "options": {"mounts": [mount]}}]}
+    with pytest.raises(JSONDocumentError) as info:
+        load_json_text(json.dumps(doc), "f.json")
+    assert info.value.path == "operations[0].options.mounts[0]"
+    assert message in info.value.message
+    with pytest.raises(DSLError) as dsl:
+        Image("x").run(["make"], options={"mounts": [mount]})
+    assert dsl.value.message.endswith(info.value.message)
 
 
 def test_exported_json_points_errors_at_the_sdk_source(tmp_path: Path,

@@ -1,8 +1,8 @@
 """RUN mounts (`RUN --mount=type=cache|secret|bind|tmpfs|ssh`), with BuildKit's semantics.
 
-The IR keeps a mount as BuildKit's option names with the type's defaults left out (see
-`frontends.dockerfile.lower_run.lower_mount`); `spec_of` puts the defaults back. For each RUN the
-builder asks two things of this module:
+The IR's typed mounts (`ir.BindMount`, `ir.CacheMount`, ...) come with BuildKit's defaults
+filled in by the front ends (`frontends.mounts`). For each RUN the builder asks two things of this
+module:
 
 - `key_inputs(builder, step)`: what the mounts add to the step's cache key beyond their own
   definition (which is in the step already). A bind from the build context adds the digests of
@@ -56,109 +56,8 @@ MAX_SECRET_SIZE = 500 * 1024  # BuildKit's limit for one secret
 MASK = b"****"
 MIN_MASKED = 4  # shorter secrets are not masked in logs: that would garble ordinary output
 
-_OPTIONS = {
-    "bind": {"source", "from", "readonly"},
-    "cache": {"id", "sharing", "from", "source", "readonly", "mode", "uid", "gid"},
-    "tmpfs": {"size"},
-    "secret": {"id", "source", "required", "mode", "uid", "gid", "env"},
-    "ssh": {"id", "required", "mode", "uid", "gid"},
-}
-
-
 class MountError(TlimageError):
     """A RUN mount cannot be set up (bad option, missing secret, missing source)."""
-
-
-# -- the mount, defaults filled in ----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Spec:
-    """One IR mount with BuildKit's defaults applied. `target` is "" only for a secret exposed
-    as an environment variable alone."""
-
-    type: str
-    target: str
-    id: str = ""
-    source: str = ""  # path inside the context, the `from` stage or the cache
-    from_: str | None = None
-    sharing: str = "shared"
-    readonly: bool = False
-    required: bool = False
-    mode: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-    size: int | None = None
-    env: str = ""
-
-
-def spec_of(m: ir.Mount) -> Spec:
-    opts = dict(m.options)
-    allowed = _OPTIONS.get(m.type)
-    if allowed is None:
-        raise MountError(f"unknown mount type {m.type!r}; allowed: {', '.join(_OPTIONS)}")
-    extra = sorted(set(opts) - allowed)
-    if extra:
-        raise MountError(f"option {extra[0]!r} is not allowed for type={m.type} mounts; "
-                         f"allowed: {', '.join(sorted(allowed))}")  # fmt: skip
-
-    def num(key: str, base: int = 10) -> int | None:
-        if key not in opts:
-            return None
-        try:
-            return int(opts[key], base)
-        except ValueError:
-            raise MountError(f"type={m.type} mount: {key}={opts[key]!r} is not a number") from None
-
-    def flag(key: str, default: bool) -> bool:
-        v = opts.get(key)
-        if v is None:
-            return default
-        if v not in ("true", "false"):
-            raise MountError(f"type={m.type} mount: {key}={v!r}; expected true or false")
-        return v == "true"
-
-    common = dict(mode=num("mode", 8), uid=num("uid"), gid=num("gid"))
-    if m.type == "secret":
-        # BuildKit's dispatchSecret: `source` names the secret when given, else `id`, else the
-        # target's base name; without `env` the file goes to /run/secrets/<id> by default.
-        sid = opts.get("source") or opts.get("id") or ""
-        target = m.target
-        if not sid:
-            if not target:
-                raise MountError("type=secret mount needs one of id, source or target")
-            sid = posixpath.basename(target.rstrip("/"))
-        env = opts.get("env", "")
-        if not target and not env:
-            target = "/run/secrets/" + posixpath.basename(sid)
-        if target:
-            target = "/" + posixpath.normpath("/" + target).lstrip("/")
-        return Spec("secret", target, id=sid, readonly=True, required=flag("required", False),
-                    env=env, **common)  # type: ignore[arg-type]  # fmt: skip
-    if m.type == "ssh":
-        # BuildKit's default socket path (one agent here: no --ssh forwarding to number).
-        return Spec("ssh", m.target or "/run/buildkit/ssh_agent.0", id=opts.get("id", "default"),
-                    required=flag("required", False))  # fmt: skip
-    if not m.target or not m.target.startswith("/") or posixpath.normpath(m.target) == "/":
-        raise MountError(f"type={m.type} mount needs an absolute target below /, got "
-                         f"{m.target!r}")  # fmt: skip
-    target = posixpath.normpath(m.target)
-    if m.type == "tmpfs":
-        return Spec("tmpfs", target, size=num("size"))
-    if m.type == "bind":
-        return Spec("bind", target, source=opts.get("source", ""), from_=opts.get("from"),
-                    readonly=flag("readonly", True))  # fmt: skip
-    sharing = opts.get("sharing", "shared")
-    if sharing not in ("shared", "private", "locked"):
-        raise MountError(f"type=cache mount: sharing={sharing!r}; allowed: shared, private, "
-                         "locked")  # fmt: skip
-    return Spec("cache", target, id=opts.get("id") or target, source=opts.get("source", ""),
-                from_=opts.get("from"), sharing=sharing, readonly=flag("readonly", False),
-                **common)  # type: ignore[arg-type]  # fmt: skip
-
-
-def specs_of(step: ir.Run) -> list[Spec]:
-    return [spec_of(m) for m in step.mounts]
 
 
 # -- what the mounts add to a key -----------------------------------------------------------------
@@ -169,7 +68,7 @@ def key_inputs(builder: Any, step: ir.Run) -> tuple[dict[str, str], dict[str, st
     per mount `from=` a stage or image, that source's identity."""
     files: dict[str, str] = {}
     extra: dict[str, str] = {}
-    for spec in specs_of(step):
+    for spec in step.mounts:
         if spec.type == "ssh" and spec.required:
             raise _ssh_error(spec)
         if spec.type == "bind" and spec.from_ is None:
@@ -179,7 +78,7 @@ def key_inputs(builder: Any, step: ir.Run) -> tuple[dict[str, str], dict[str, st
     return files, extra
 
 
-def _ssh_error(spec: Spec) -> MountError:
+def _ssh_error(spec: ir.SshMount) -> MountError:
     return MountError(
         f"RUN --mount=type=ssh (id {spec.id!r}, required) needs an SSH agent, and tlimage does "
         "not forward one into build steps",
@@ -262,7 +161,7 @@ class StepMounts:
     def _prepare(self) -> None:
         out: list[HostMount] = []
         secrets: list[bytes] = []
-        for i, spec in enumerate(specs_of(self.step)):
+        for i, spec in enumerate(self.step.mounts):
             if spec.type == "ssh":
                 if spec.required:
                     raise _ssh_error(spec)
@@ -288,7 +187,7 @@ class StepMounts:
         self.host = tuple(out)
         self.redactor = Redactor(secrets)
 
-    def _secret(self, spec: Spec) -> bytes | None:
+    def _secret(self, spec: ir.SecretMount) -> bytes | None:
         value = self.builder.opts.secrets.get(spec.id) if self.builder.opts.secrets else None
         if value is None:
             if spec.required:
@@ -302,7 +201,7 @@ class StepMounts:
 
     # -- bind ---------------------------------------------------------------------------------
 
-    def _bind(self, spec: Spec, index: int) -> HostMount:
+    def _bind(self, spec: ir.BindMount, index: int) -> HostMount:
         if spec.from_ is not None:
             layers = _from_source(self.builder, spec.from_).layers(self.builder)
             if not layers:  # a stage FROM scratch with no files yet
@@ -330,7 +229,7 @@ class StepMounts:
 
     # -- cache --------------------------------------------------------------------------------
 
-    def _cache(self, spec: Spec) -> HostMount:
+    def _cache(self, spec: ir.CacheMount) -> HostMount:
         seed: _Source | None = None
         base = ""
         if spec.from_ is not None:
@@ -362,7 +261,7 @@ def cache_mount_dir(store_path: Path, cache_id: str, base: str = "") -> Path:
 
 
 @contextlib.contextmanager
-def _cache_instance(folder: Path, spec: Spec, base: str, seed: _Source | None, builder: Any,
+def _cache_instance(folder: Path, spec: ir.CacheMount, base: str, seed: _Source | None, builder: Any,
                     timeout: float | None) -> Iterator[Path]:  # fmt: skip
     """Lock and return (creating it if needed) the instance of a cache mount this step uses."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -413,7 +312,7 @@ def _flock_wait(fd: int, op: int, what: str, emit: Callable[[dict], None],
         delay = min(delay * 2, 0.2)
 
 
-def _create_instance(folder: Path, data: Path, spec: Spec, seed: _Source | None,
+def _create_instance(folder: Path, data: Path, spec: ir.CacheMount, seed: _Source | None,
                      builder: Any) -> None:  # fmt: skip
     """Make instance `data` whole or not at all: built beside it, renamed into place under
     `create.lock` so that two builds never both create it."""
@@ -716,7 +615,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
 __all__ = [
     "MountError",
     "Redactor",
-    "Spec",
     "StepMounts",
     "cache_mount_dir",
     "clear_cache_mounts",
@@ -724,5 +622,4 @@ __all__ = [
     "parse_secret",
     "parse_secrets",
     "secret_bytes",
-    "spec_of",
 ]

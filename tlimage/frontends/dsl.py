@@ -504,27 +504,13 @@ def _command(command: Any, site: Span | None) -> tuple[tuple[str, ...], bool]:
 
 
 def _mount(value: Any, site: Span | None) -> ir.Mount:
-    """`type=cache,target=/root/.cache` or {'type': 'cache', 'target': ...}, read exactly as a
-    Dockerfile's `RUN --mount=` (same option names, defaults and normalization), so equal mounts
-    give equal digests whichever front end wrote them."""
-    from tlimage.errors import TlimageError
-    from tlimage.frontends.dockerfile.instructions import _parse_mount
-    from tlimage.frontends.dockerfile.lower_run import lower_mount
+    """`type=cache,target=/root/.cache` or {'type': 'cache', 'target': ...}, read by the parser
+    every front end shares (`frontends.mounts`), so equal mounts give equal digests whichever
+    front end wrote them."""
+    from tlimage.frontends.mounts import mount_from_user
+    from tlimage.frontends.problem import Problem
 
-    if isinstance(value, Mapping):
-        spec = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
-                        for k, v in value.items())  # fmt: skip
-    elif isinstance(value, str):
-        spec = value
-    else:
-        raise _fail(f"a mount must be a 'type=...,target=...' string or a dict, got {value!r}",
-                    site)  # fmt: skip
     try:
-        parsed = _parse_mount(spec, None)
-        if parsed.type not in ("secret", "ssh") and not parsed.target.startswith("/"):
-            raise _fail(f"mount {spec!r}: the target must be an absolute path", site)
-        return lower_mount(parsed, "/", lambda name: name)
-    except DSLError:
-        raise
-    except TlimageError as e:
-        raise _fail(f"invalid mount {spec!r}: {getattr(e, 'message', str(e))}", site) from None
+        return mount_from_user(value)
+    except Problem as e:
+        raise _fail(e.message, site, hint=e.hint) from None

@@ -841,26 +841,19 @@ def _apply(img: Any, op: dict[str, Any]) -> Any:
     raise AssertionError(f"operation {name} passed validation but has no lowering")
 
 
-_MOUNT_TYPES = ("bind", "cache", "secret", "ssh", "tmpfs")
-
-
 def _check_mounts(op: dict[str, Any], path: Path_, ctx: _Context) -> None:
-    """Mount strings (`type=cache,target=/x`), which the schema takes as plain strings."""
+    """Each mount (a spec string or an object) read by the parser every front end shares, so
+    that a bad one is reported at its own JSON path (`operations[2].options.mounts[0]`)."""
+    from tlimage.frontends.mounts import mount_from_user
+    from tlimage.frontends.problem import Problem
+
     opts = op.get("options") or {}
     if op["op"] != "RUN" or not opts.get("mounts"):
         return
     for i, m in enumerate(opts["mounts"]):
-        if not isinstance(m, str):
-            continue
-        at = (*path, "options", "mounts", i)
-        items = {}
-        for part in m.split(","):
-            k, eq, v = part.partition("=")
-            items[k.strip()] = v.strip() if eq else "true"
-        mtype = items.get("type", "bind")
-        if mtype not in _MOUNT_TYPES:
-            raise ctx.fail(f"{show(m)}: unknown mount type {show(mtype)}; allowed: "
-                           f"{', '.join(_MOUNT_TYPES)}", at)  # fmt: skip
-        if mtype != "secret" and not (items.get("target") or items.get("dst")
-                                      or items.get("destination")):  # fmt: skip
-            raise ctx.fail(f"{show(m)}: a {mtype} mount needs a target (target=/path)", at)
+        try:
+            mount_from_user(m)
+        except Problem as e:
+            raise ctx.fail(e.message, (*path, "options", "mounts", i), hint=e.hint) from None
+
+

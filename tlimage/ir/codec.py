@@ -17,7 +17,9 @@ from typing import Any, Literal, get_args, get_origin
 
 from tlimage.ir.steps import STEP_TYPES, Step
 
-IR_VERSION = 1
+# Bumped whenever the encoding of an existing step changes (every digest and cached layer is
+# invalidated, deliberately). 2: RUN mounts are typed per kind, defaults filled in.
+IR_VERSION = 2
 
 
 class DecodeError(ValueError):
@@ -45,9 +47,18 @@ def _fields(cls: type) -> tuple[tuple[str, str, Any, Any], ...]:
     return tuple(out)
 
 
+def _tag(cls: type) -> str | None:
+    """The kind a member of a tagged union (the RUN mounts) writes as its "type" field."""
+    tag = cls.__dict__.get("type")
+    return tag if isinstance(tag, str) else None
+
+
 def to_obj(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         obj: dict[str, Any] = {}
+        tag = _tag(type(value))
+        if tag is not None:
+            obj["type"] = tag
         for attr, name, _hint, default in _fields(type(value)):
             v = getattr(value, attr)
             if default is not dataclasses.MISSING and v == default:
@@ -99,8 +110,10 @@ def from_obj(hint: Any, value: Any, path: str = "") -> Any:
         args = get_args(hint)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return from_obj(inner, value, path)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # a tagged union: the "type" field picks the member
+            return _from_tagged(inner, value, path)
+        return from_obj(inner[0], value, path)
     if origin is tuple:
         args = get_args(hint)
         if not isinstance(value, list):
@@ -130,6 +143,19 @@ def from_obj(hint: Any, value: Any, path: str = "") -> Any:
             raise DecodeError(f"expected a string, got {_kind(value)}", path)
         return value
     raise TypeError(f"unsupported IR type {hint!r}")  # a bug in the IR definition, not input
+
+
+def _from_tagged(members: list[Any], value: Any, path: str) -> Any:
+    by_tag = {_tag(m): m for m in members}
+    if not isinstance(value, dict):
+        raise DecodeError(f"expected an object, got {_kind(value)}", path)
+    tag = value.get("type")
+    if tag not in by_tag:
+        raise DecodeError(
+            f"{tag!r} is not allowed; allowed: {', '.join(map(repr, sorted(by_tag)))}",
+            _join(path, "type"),
+        )
+    return from_obj(by_tag[tag], {k: v for k, v in value.items() if k != "type"}, path)
 
 
 def canonical(obj: Any) -> bytes:

@@ -16,7 +16,7 @@ from functools import cached_property
 import xxhash
 
 from tlimage.ir.codec import IR_VERSION, canonical, step_to_obj
-from tlimage.ir.steps import Copy, From, Run, Step
+from tlimage.ir.steps import BindMount, CacheMount, Copy, From, Run, Step
 from tlimage.source import Span
 
 _DIGEST_DOMAIN = b"tlimage-ir\x00v%d\x00" % IR_VERSION
@@ -164,7 +164,8 @@ def step_stage_refs(step: Step) -> list[str]:
     if isinstance(step, Copy) and step.from_ is not None:
         return [step.from_]
     if isinstance(step, Run):
-        return [v for m in step.mounts for k, v in m.options if k == "from"]
+        return [m.from_ for m in step.mounts
+                if isinstance(m, BindMount | CacheMount) and m.from_ is not None]  # fmt: skip
     return []
 
 
@@ -181,10 +182,8 @@ def step_digest(parent: str, step: Step, stages: dict[str, str] | None = None) -
         obj["from"] = {"digest": stages[step.from_]}
     elif isinstance(step, Run) and step.mounts and stages:
         for m_obj, m in zip(obj.get("mounts", []), step.mounts, strict=True):
-            opts = [[k, {"digest": stages[v]} if k == "from" and v in stages else v]
-                    for k, v in m.options]  # fmt: skip
-            if opts:
-                m_obj["options"] = opts
+            if isinstance(m, BindMount | CacheMount) and m.from_ in stages:
+                m_obj["from"] = {"digest": stages[m.from_]}
     h = xxhash.xxh3_128(_DIGEST_DOMAIN)
     h.update(parent.encode())
     h.update(b"\x00")

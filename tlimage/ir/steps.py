@@ -10,6 +10,7 @@ default later does not change the digest of any existing step.
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -38,14 +39,114 @@ class From(Step):
             raise ValueError("From needs exactly one of image= or stage=")
 
 
-@dataclass(frozen=True, slots=True)
-class Mount:
-    """A RUN mount (`--mount=type=cache,target=/root/.cache`). `options` are the remaining
-    key/value pairs, sorted, so that equal mounts encode equally."""
+# -- RUN mounts --------------------------------------------------------------------------------
+# One class per kind, with BuildKit's defaults already filled in by the front end (as
+# dockerfile2llb fills LLB's `ops.proto` Mount): a cache's id, a secret's id and file path, the
+# ssh socket path. Each carries its kind as the `type` class attribute, which the codec writes
+# and reads as the "type" field (`{"type": "cache", "target": "/root/.cache", "id": ...}`).
 
-    type: Literal["bind", "cache", "secret", "ssh", "tmpfs"]
+Sharing = Literal["shared", "private", "locked"]
+
+
+def _check_target(kind: str, target: str) -> None:
+    if not target.startswith("/") or posixpath.normpath(target) != target or target == "/" \
+            or target.startswith("//"):  # fmt: skip
+        raise ValueError(f"a {kind} mount's target must be a normalized absolute path below /, "
+                         f"got {target!r}")  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class BindMount:
+    """The build context (`from_` None) or a stage/image's files at `source`, shown at
+    `target`; read-only unless `readonly` is False (writes are discarded after the step)."""
+
+    type: ClassVar[str] = "bind"
+    target: str
+    source: str = ""
+    from_: str | None = None
+    readonly: bool = True
+
+    def __post_init__(self) -> None:
+        _check_target("bind", self.target)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheMount:
+    """A folder kept on the host between builds, found by `id` (BuildKit's default: the
+    target) and what it starts from (`from_`/`source`, or `uid`/`gid`/`mode`)."""
+
+    type: ClassVar[str] = "cache"
+    target: str
+    id: str
+    sharing: Sharing = "shared"
+    from_: str | None = None
+    source: str = ""
+    readonly: bool = False
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_target("cache", self.target)
+        if not self.id:
+            raise ValueError("a cache mount needs an id")
+
+
+@dataclass(frozen=True, slots=True)
+class TmpfsMount:
+    """Scratch space at `target`; `size` in bytes (None: the kernel's default)."""
+
+    type: ClassVar[str] = "tmpfs"
+    target: str
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_target("tmpfs", self.target)
+
+
+@dataclass(frozen=True, slots=True)
+class SecretMount:
+    """The build secret `id` as a file at `target` and/or in the environment variable `env`
+    (`target` "" only when `env` is set). Its value never enters the IR or a key."""
+
+    type: ClassVar[str] = "secret"
+    id: str
     target: str = ""
-    options: Pairs = ()
+    env: str = ""
+    required: bool = False
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ValueError("a secret mount needs an id")
+        if self.target:
+            _check_target("secret", self.target)
+        elif not self.env:
+            raise ValueError("a secret mount needs a target or an env")
+
+
+@dataclass(frozen=True, slots=True)
+class SshMount:
+    """An SSH agent socket at `target`."""
+
+    type: ClassVar[str] = "ssh"
+    id: str = "default"
+    target: str = "/run/buildkit/ssh_agent.0"
+    required: bool = False
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_target("ssh", self.target)
+
+
+Mount = BindMount | CacheMount | TmpfsMount | SecretMount | SshMount
+MOUNT_TYPES: dict[str, type[Mount]] = {
+    cls.type: cls for cls in (BindMount, CacheMount, TmpfsMount, SecretMount, SshMount)
+}
 
 
 @dataclass(frozen=True, slots=True)

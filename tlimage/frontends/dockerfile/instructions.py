@@ -35,6 +35,9 @@ from tlimage.frontends.dockerfile.parser import (
     ParseWarning,
     parse_heredoc,
 )
+from tlimage.frontends.mounts import MountSpec as Mount
+from tlimage.frontends.mounts import parse_mount
+from tlimage.frontends.problem import Problem
 from tlimage.source import Span
 
 __all__ = [
@@ -117,35 +120,8 @@ class ShellInlineFile:
     chomp: bool
 
 
-MOUNT_TYPES = ("bind", "cache", "tmpfs", "secret", "ssh")
-SHARING_MODES = ("shared", "private", "locked")
 NETWORK_MODES = ("default", "none", "host")
 SECURITY_MODES = ("sandbox", "insecure")
-_MOUNT_KEYS = (
-    "type", "from", "source", "target", "readonly", "id", "sharing", "required", "mode", "uid",
-    "gid", "size", "env", "src", "dst", "destination", "ro", "rw", "readwrite",
-)  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class Mount:
-    """A parsed `RUN --mount=` spec. `readonly` already has its per-type default (bind,
-    secret and ssh mounts are read-only unless `rw`; cache and tmpfs are writable).
-    `id` is the cache id or the secret/ssh id; `sharing` is "" for the default (shared)."""
-
-    type: str = "bind"
-    target: str = ""
-    source: str = ""
-    from_: str = ""
-    readonly: bool = True
-    id: str = ""
-    sharing: str = ""
-    required: bool = False
-    mode: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-    size: int | None = None
-    env: str = ""
 
 
 # --------------------------------------------------------------------------------- commands
@@ -203,8 +179,8 @@ class RunCommand(Command):
         if not self.mount_specs:
             return self
         try:
-            mounts = tuple(_parse_mount(spec, expander) for spec in self.mount_specs)
-        except _Invalid as e:
+            mounts = tuple(parse_mount(spec, expander) for spec in self.mount_specs)
+        except Problem as e:
             raise DockerfileInstructionError(e.message, self.span, hint=e.hint) from None
         return replace(self, mounts=mounts)
 
@@ -500,18 +476,6 @@ class _Loc:
         return DockerfileInstructionError(message, span, text=self.text, hint=hint)
 
 
-class _Invalid(Exception):
-    """An instruction error before it has a location; `needle` is the text to point at."""
-
-    def __init__(
-        self, message: str, needle: str | tuple[str, ...] | None = None, hint: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.needle = needle
-        self.hint = hint
-
-
 def _suggest(value: str, options: Iterable[str]) -> str:
     match = difflib.get_close_matches(go_lower(value), list(options), n=1, cutoff=0.6)
     return f" (did you mean {match[0]}?)" if match else ""
@@ -546,29 +510,29 @@ class _Flags:
     def parse(self) -> _Flags:
         for arg in self.raw:
             if not arg.startswith("--"):
-                raise _Invalid(f"arg should start with -- : {arg}", arg)
+                raise Problem(f"arg should start with -- : {arg}", arg)
             if arg == "--":
                 break
             name, eq, value = arg[2:].partition("=")
             kind = self.kinds.get(name)
             needle = "--" + name
             if kind is None:
-                raise _Invalid(f"unknown flag: {name}{_suggest(name, self.kinds)}", needle)
+                raise Problem(f"unknown flag: {name}{_suggest(name, self.kinds)}", needle)
             if name in self.used and kind != "strings":
-                raise _Invalid(f"duplicate flag specified: {name}", needle)
+                raise Problem(f"duplicate flag specified: {name}", needle)
             self.used.append(name)
             if kind == "bool":
                 if eq and value == "":
-                    raise _Invalid(f"missing a value on flag: {name}", needle)
+                    raise Problem(f"missing a value on flag: {name}", needle)
                 lower = go_lower(value)
                 if lower in ("", "true"):
                     self.values[name] = True
                 elif lower == "false":
                     self.values[name] = False
                 else:
-                    raise _Invalid(f"expecting boolean value for flag {name}, not: {value}", needle)
+                    raise Problem(f"expecting boolean value for flag {name}, not: {value}", needle)
             elif not eq:
-                raise _Invalid(f"missing a value on flag: {name}", needle)
+                raise Problem(f"missing a value on flag: {name}", needle)
             elif kind == "string":
                 self.values[name] = value
             else:
@@ -592,13 +556,13 @@ def _no_flags(ins: Instruction) -> None:
 
 def _exactly_one(ins: Instruction, name: str) -> str:
     if len(ins.args) != 1:
-        raise _Invalid(f"{name} requires exactly one argument")
+        raise Problem(f"{name} requires exactly one argument")
     return ins.args[0]
 
 
 def _at_least_one(ins: Instruction, name: str) -> None:
     if not ins.args:
-        raise _Invalid(f"{name} requires at least one argument")
+        raise Problem(f"{name} requires at least one argument")
 
 
 def _json_args(ins: Instruction) -> tuple[str, ...]:
@@ -633,13 +597,13 @@ def _parse_from(ins: Instruction, loc: _Loc) -> FromCommand:
     if len(args) == 3 and go_lower(args[1]) == "as":
         name = go_lower(args[2])
         if not _STAGE_NAME.match(name):
-            raise _Invalid(
+            raise Problem(
                 f"invalid name for build stage: {go_quote(args[2])}, name can't start with a "
                 "number or contain symbols",
                 args[2],
             )
     elif len(args) != 1:
-        raise _Invalid("FROM requires either one or three arguments", args[1] if args[1:] else None)
+        raise Problem("FROM requires either one or three arguments", args[1] if args[1:] else None)
     flags = _Flags(ins.flags)
     flags.string("platform")
     flags.parse()
@@ -659,13 +623,13 @@ def _parse_run(ins: Instruction, loc: _Loc) -> RunCommand:
     flags.string("security", "sandbox")
     flags.parse()
     specs = tuple(flags["mount"])
-    mounts = tuple(_parse_mount(spec, None) for spec in specs)
+    mounts = tuple(parse_mount(spec, None) for spec in specs)
     network = flags["network"]
     if network not in NETWORK_MODES:
-        raise _Invalid(f"invalid network mode {go_quote(network)}", "--network")
+        raise Problem(f"invalid network mode {go_quote(network)}", "--network")
     security = flags["security"]
     if security not in SECURITY_MODES:
-        raise _Invalid(f"security {go_quote(security)} is not valid", "--security")
+        raise Problem(f"security {go_quote(security)} is not valid", "--security")
     return RunCommand(
         **_common(ins, loc),  # type: ignore[arg-type]
         cmd=_json_args(ins),
@@ -704,9 +668,9 @@ def _parse_shell(ins: Instruction, loc: _Loc) -> ShellCommand:
     _no_flags(ins)
     shell = _json_args(ins)
     if not shell:
-        raise _Invalid("SHELL requires at least one argument")
+        raise Problem("SHELL requires at least one argument")
     if not ins.json:
-        raise _Invalid(
+        raise Problem(
             "SHELL requires the arguments to be in JSON form",
             ins.args[0][:20],
             hint='write it as SHELL ["/bin/bash", "-c"]',
@@ -718,14 +682,14 @@ def _sources_and_dest(
     ins: Instruction, name: str
 ) -> tuple[tuple[str, ...], tuple[SourceContent, ...], str]:
     if len(ins.args) < 2:
-        raise _Invalid(
+        raise Problem(
             f"{name} requires at least two arguments, but only one was provided. Destination "
             "could not be determined",
             ins.args[0] if ins.args else None,
         )
     *srcs, dest = ins.args
     if parse_heredoc(dest) is not None:
-        raise _Invalid(f"{name} cannot accept a heredoc as a destination", dest)
+        raise Problem(f"{name} cannot accept a heredoc as a destination", dest)
     lookup: dict[str, Heredoc] = {h.name: h for h in ins.heredocs}
     paths: list[str] = []
     contents: list[SourceContent] = []
@@ -752,7 +716,7 @@ def _check_chmod(chmod: str, cmd: Command | None = None) -> None:
         mode = -1
     if not 0 <= mode <= 0o7777:
         if cmd is None:
-            raise _Invalid(error, "--chmod")
+            raise Problem(error, "--chmod")
         raise DockerfileInstructionError(error, cmd.span)
 
 
@@ -799,7 +763,7 @@ def _parse_add(ins: Instruction, loc: _Loc) -> AddCommand:
     _check_chmod(flags["chmod"])
     checksum = flags["checksum"]
     if checksum and len(sources) + len(contents) != 1:
-        raise _Invalid("checksum can't be specified for multiple sources", "--checksum")
+        raise Problem("checksum can't be specified for multiple sources", "--checksum")
     return AddCommand(
         **_common(ins, loc),  # type: ignore[arg-type]
         sources=sources,
@@ -818,14 +782,14 @@ def _parse_add(ins: Instruction, loc: _Loc) -> AddCommand:
 def _kv_pairs(ins: Instruction, name: str) -> tuple[KeyValuePair, ...]:
     args = ins.args
     if not args:
-        raise _Invalid(f"{name} requires at least one argument")
+        raise Problem(f"{name} requires at least one argument")
     if len(args) % 3 != 0:
-        raise _Invalid(f"Bad input to {name}, too many arguments")
+        raise Problem(f"Bad input to {name}, too many arguments")
     out = []
     for j in range(0, len(args), 3):
         key, value, delim = args[j : j + 3]
         if not key:
-            raise _Invalid(f"{name} names can not be blank", "=" + value if delim else None)
+            raise Problem(f"{name} names can not be blank", "=" + value if delim else None)
         out.append(KeyValuePair(key, value, delim == ""))
     return tuple(out)
 
@@ -842,13 +806,13 @@ def _parse_label(ins: Instruction, loc: _Loc) -> LabelCommand:
 
 def _parse_arg(ins: Instruction, loc: _Loc) -> ArgCommand:
     if not ins.args:
-        raise _Invalid("ARG requires at least one argument")
+        raise Problem("ARG requires at least one argument")
     # As BuildKit: ARG does not look at flags (parse_program warns about them).
     defs = []
     for arg in ins.args:
         key, eq, value = arg.partition("=")
         if eq and not key:
-            raise _Invalid("ARG names can not be blank", arg)
+            raise Problem("ARG names can not be blank", arg)
         defs.append(ArgDef(key, value if eq else None, _get_comment(ins.comments, key)))
     return ArgCommand(**_common(ins, loc), args=tuple(defs))  # type: ignore[arg-type]
 
@@ -879,7 +843,7 @@ def _parse_volume(ins: Instruction, loc: _Loc) -> VolumeCommand:
     for v in ins.args:
         v = go_trim_space(v)
         if v == "":
-            raise _Invalid("VOLUME specified can not be an empty string")
+            raise Problem("VOLUME specified can not be an empty string")
         volumes.append(v)
     return VolumeCommand(**_common(ins, loc), volumes=tuple(volumes))  # type: ignore[arg-type]
 
@@ -903,11 +867,11 @@ def _opt_interval(flags: _Flags, name: str) -> int:
     try:
         d = _values.parse_duration(text)
     except ValueError as e:
-        raise _Invalid(str(e), "--" + name) from None
+        raise Problem(str(e), "--" + name) from None
     if d == 0:
         return 0
     if d < 1_000_000:
-        raise _Invalid(f'Interval "{name}" cannot be less than 1ms', "--" + name)
+        raise Problem(f'Interval "{name}" cannot be less than 1ms', "--" + name)
     return d
 
 
@@ -919,7 +883,7 @@ def _parse_healthcheck(ins: Instruction, loc: _Loc) -> HealthcheckCommand:
     if typ == "NONE":
         # As BuildKit: flags are not looked at for NONE.
         if rest:
-            raise _Invalid("HEALTHCHECK NONE takes no arguments", rest[0][:20])
+            raise Problem("HEALTHCHECK NONE takes no arguments", rest[0][:20])
         return HealthcheckCommand(**common, test=("NONE",))  # type: ignore[arg-type]
     flags = _Flags(ins.flags)
     flags.string("interval")
@@ -929,9 +893,9 @@ def _parse_healthcheck(ins: Instruction, loc: _Loc) -> HealthcheckCommand:
     flags.string("retries")
     flags.parse()
     if typ != "CMD":
-        raise _Invalid(f"Unknown type {go_quote(typ)} in HEALTHCHECK (try CMD)", ins.args[0])
+        raise Problem(f"Unknown type {go_quote(typ)} in HEALTHCHECK (try CMD)", ins.args[0])
     if not rest:
-        raise _Invalid("Missing command after HEALTHCHECK CMD", ins.args[0])
+        raise Problem("Missing command after HEALTHCHECK CMD", ins.args[0])
     cmd = rest if ins.json else (" ".join(rest),)
     test = ("CMD" if ins.json else "CMD-SHELL", *cmd)
     retries = 0
@@ -939,9 +903,9 @@ def _parse_healthcheck(ins: Instruction, loc: _Loc) -> HealthcheckCommand:
         try:
             retries = _values.parse_int(flags["retries"], 32)
         except ValueError as e:
-            raise _Invalid(str(e), "--retries") from None
+            raise Problem(str(e), "--retries") from None
         if retries < 0:
-            raise _Invalid(f"--retries cannot be negative ({retries})", "--retries")
+            raise Problem(f"--retries cannot be negative ({retries})", "--retries")
     return HealthcheckCommand(
         **common,  # type: ignore[arg-type]
         test=test,
@@ -958,13 +922,13 @@ _ONBUILD_PREFIX = re.compile(r"(?i)^[\t\n\f\r ]*ONBUILD[\t\n\f\r ]*")
 
 def _parse_onbuild(ins: Instruction, loc: _Loc) -> OnbuildCommand:
     if ins.sub is None:
-        raise _Invalid("ONBUILD requires at least one argument")
+        raise Problem("ONBUILD requires at least one argument")
     _no_flags(ins)
     trigger = go_upper(go_trim_space(ins.sub.keyword))
     if trigger == "ONBUILD":
-        raise _Invalid("Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed", ins.sub.keyword)
+        raise Problem("Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed", ins.sub.keyword)
     if trigger in ("MAINTAINER", "FROM"):
-        raise _Invalid(f"{trigger} isn't allowed as an ONBUILD trigger", ins.sub.keyword)
+        raise Problem(f"{trigger} isn't allowed as an ONBUILD trigger", ins.sub.keyword)
     expression = _ONBUILD_PREFIX.sub("", ins.original, count=1)
     for doc in ins.heredocs:
         expression += "\n" + doc.content + doc.name
@@ -994,147 +958,6 @@ _PARSERS: dict[str, Callable[[Instruction, _Loc], Command]] = {
 INSTRUCTIONS = tuple(sorted(_PARSERS))
 
 
-# ---------------------------------------------------------------------------------- mounts
-
-
-def _parse_mount(spec: str, expander: Expander | None) -> Mount:
-    """One `--mount=` value. Without an expander, values holding `$` are kept as written and
-    checked only once expanded (BuildKit does all of it at that point; checking what can be
-    checked early reports mistakes before anything runs)."""
-    try:
-        fields = _values.read_csv_record(spec)
-    except _values.CSVError as e:
-        raise _Invalid(f"failed to parse csv mounts: {e}", (spec, "--mount")) from None
-    m: dict[str, object] = {"type": "bind"}
-    ro_auto = True
-    deferred = False
-    for fld in fields:
-        key, eq, value = fld.partition("=")
-        key = go_lower(key)
-        if not eq:
-            if key in ("readonly", "ro"):
-                m["readonly"], ro_auto = True, False
-                continue
-            if key in ("readwrite", "rw"):
-                m["readonly"], ro_auto = False, False
-                continue
-            if key == "required":
-                if m["type"] in ("secret", "ssh"):
-                    m["required"] = True
-                    continue
-                raise _Invalid(
-                    f"unexpected key '{key}' for mount type '{m['type']}'", (fld, spec, "--mount")
-                )
-            raise _Invalid(
-                f"invalid field '{fld}' must be a key=value pair", (fld, spec, "--mount")
-            )
-        if expander is not None:
-            value = expander(value)
-        elif key == "from" and re.search(r"\$.", value):
-            raise _Invalid(
-                f"'{key}' doesn't support variable expansion, define alias stage instead",
-                (fld, spec, "--mount"),
-            )
-        elif "$" in value:
-            if key not in _MOUNT_KEYS:
-                raise _Invalid(
-                    f"unexpected key '{key}' in '{fld}'{_suggest(key, _MOUNT_KEYS)}",
-                    (fld, spec, "--mount"),
-                )
-            deferred = True
-            continue  # checked once expanded
-        ro_auto = _mount_field(m, key, value, fld) and ro_auto
-    if deferred:
-        # Cross-field rules need every value; they run when the spec is expanded.
-        return Mount(**m)  # type: ignore[arg-type]
-    mtype = m["type"]
-    file_info_ok = mtype in ("secret", "ssh", "cache")
-    for k in ("mode", "uid", "gid"):
-        if m.get(k) is not None and not file_info_ok:
-            raise _Invalid(
-                f"{k} not allowed for {go_quote(str(mtype))} type mounts", (spec, "--mount")
-            )
-    if m.get("size") is not None and mtype != "tmpfs":
-        raise _Invalid(
-            f"size not allowed for {go_quote(str(mtype))} type mounts", (spec, "--mount")
-        )
-    if m.get("env") and mtype != "secret":
-        raise _Invalid(f"env not allowed for {go_quote(str(mtype))} type mounts", (spec, "--mount"))
-    if ro_auto:
-        m["readonly"] = mtype not in ("cache", "tmpfs")
-    if m.get("sharing") and mtype != "cache":
-        raise _Invalid(f"invalid cache sharing set for {mtype} mount", (spec, "--mount"))
-    if mtype == "secret":
-        if m.get("from_"):
-            raise _Invalid("secret mount should not have a from", (spec, "--mount"))
-        if not (m.get("source") or m.get("target") or m.get("id") or m.get("env")):
-            raise _Invalid(
-                "invalid secret mount. one of source, target required", (spec, "--mount")
-            )
-        if m.get("source") and m.get("id"):
-            raise _Invalid("both source and id can't be set", (spec, "--mount"))
-    return Mount(**m)  # type: ignore[arg-type]
-
-
-def _mount_field(m: dict[str, object], key: str, value: str, fld: str) -> bool:
-    """Apply one key=value; returns False when it set read-only/read-write explicitly."""
-
-    def bad(what: str = "") -> _Invalid:
-        return _Invalid(what or f"invalid value for {key}: {value}", (fld, "--mount"))
-
-    if key == "type":
-        t = go_lower(value)
-        if t not in MOUNT_TYPES:
-            raise _Invalid(
-                f"unsupported mount type {go_quote(value)}{_suggest(value, MOUNT_TYPES)}", fld
-            )
-        m["type"] = t
-    elif key == "from":
-        m["from_"] = value
-    elif key in ("source", "src"):
-        m["source"] = value
-    elif key in ("target", "dst", "destination"):
-        m["target"] = value
-    elif key in ("readonly", "ro", "readwrite", "rw"):
-        try:
-            flag = _values.parse_bool(value)
-        except ValueError:
-            raise bad() from None
-        m["readonly"] = flag if key in ("readonly", "ro") else not flag
-        return False
-    elif key == "required":
-        if m["type"] not in ("secret", "ssh"):
-            raise bad(f"unexpected key '{key}' for mount type '{m['type']}'")
-        try:
-            m["required"] = _values.parse_bool(value)
-        except ValueError:
-            raise bad() from None
-    elif key == "id":
-        m["id"] = value
-    elif key == "sharing":
-        s = go_lower(value)
-        if s not in SHARING_MODES:
-            raise bad(f"unsupported sharing value {go_quote(value)}")
-        m["sharing"] = s
-    elif key in ("mode", "uid", "gid"):
-        try:
-            m[key] = _values.parse_uint(value, 8 if key == "mode" else 10, 32)
-        except ValueError:
-            raise bad(f"invalid value {value} for {key}") from None
-    elif key == "size":
-        try:
-            m["size"] = _values.ram_in_bytes(value)
-        except ValueError:
-            raise bad(f"invalid value {value} for size") from None
-    elif key == "env":
-        m["env"] = value
-    else:
-        raise _Invalid(
-            f"unexpected key '{key}' in '{fld}'{_suggest(key, _MOUNT_KEYS)}", (fld, "--mount")
-        )
-    return True
-
-
 # ---------------------------------------------------------------------------------- entry
 
 
@@ -1154,7 +977,7 @@ def _parse_one(ins: Instruction, loc: _Loc) -> Command:
         )
     try:
         return parser(ins, loc)
-    except _Invalid as e:
+    except Problem as e:
         raise loc.error(ins, e.message, e.needle, e.hint) from None
 
 

@@ -1,8 +1,8 @@
 """What the lowering's per-feature modules share: the table of stages and the error they raise.
 
-`Problem` is an error that does not know its place yet; `lower.py` turns it into a
-`DockerfileInstructionError` pointing at `needle` (the first of them found in the instruction's
-lines) or at the keyword.
+`Problem` (from `frontends.problem`) is an error that does not know its place yet; `lower.py`
+turns it into a `DockerfileInstructionError` pointing at `needle` (the first of them found in the
+instruction's lines) or at the keyword.
 """
 
 from __future__ import annotations
@@ -13,16 +13,9 @@ from dataclasses import dataclass
 
 from tlimage.frontends.dockerfile import instructions as ins
 from tlimage.frontends.dockerfile._gostr import go_lower
+from tlimage.frontends.problem import Problem
 
-
-class Problem(Exception):
-    def __init__(
-        self, message: str, needle: str | tuple[str, ...] | None = None, hint: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.needle = needle
-        self.hint = hint
+__all__ = ["Problem", "StageInfo", "StageTable"]
 
 
 @dataclass(frozen=True, slots=True)

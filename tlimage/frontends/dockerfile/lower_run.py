@@ -4,7 +4,6 @@ runs."""
 
 from __future__ import annotations
 
-import posixpath
 import re
 from collections.abc import Callable
 
@@ -12,6 +11,7 @@ from tlimage import ir
 from tlimage.frontends.dockerfile import instructions as ins
 from tlimage.frontends.dockerfile.lower_base import Problem
 from tlimage.frontends.dockerfile.parser import parse_heredoc
+from tlimage.frontends.mounts import lower_mount
 
 # A lone heredoc that starts with `#!` is a script for the interpreter it names. BuildKit
 # writes it to a file on a read-only mount and executes that; the IR has no inline files for
@@ -23,10 +23,6 @@ SCRIPT_RUNNER = (
 )
 
 _CHOMP = re.compile(r"(?m)^\t+")
-
-# Each mount type's default for `readonly`: only values that differ are recorded.
-_READONLY_DEFAULT = {"bind": True, "secret": True, "ssh": True, "cache": False, "tmpfs": False}
-
 
 def run_command(cmd: ins.RunCommand) -> tuple[tuple[str, ...], bool]:
     """The IR command and whether it runs through the stage's shell.
@@ -50,44 +46,6 @@ def run_command(cmd: ins.RunCommand) -> tuple[tuple[str, ...], bool]:
         return (data,), True
     text = args[0] + "".join("\n" + f.data + f.name for f in cmd.files)
     return (text,), True
-
-
-def lower_mount(m: ins.Mount, workdir: str, resolve_from: Callable[[str], str]) -> ir.Mount:
-    """One parsed (and expanded) `--mount` as an IR mount: type, target, and the options that
-    differ from the type's defaults, under their long names, sorted. A relative target
-    resolves against the working directory, as BuildKit does; `resolve_from` maps `from=` to
-    a stage's IR name (or leaves an image name)."""
-    target = m.target
-    if m.type not in ("secret", "ssh"):
-        if not target.startswith("/"):
-            target = posixpath.join("/", workdir, target)
-        target = "/" + posixpath.normpath(target).lstrip("/")
-        if target == "/":
-            raise Problem(f'invalid mount target "{target}"', "--mount")
-    opts: dict[str, str] = {}
-    if m.from_:
-        opts["from"] = resolve_from(m.from_)
-    if m.source:
-        opts["source"] = m.source
-    if m.id:
-        opts["id"] = m.id
-    if m.sharing:
-        opts["sharing"] = m.sharing
-    if m.readonly != _READONLY_DEFAULT[m.type]:
-        opts["readonly"] = "true" if m.readonly else "false"
-    if m.required:
-        opts["required"] = "true"
-    if m.mode is not None:
-        opts["mode"] = format(m.mode, "04o")
-    if m.uid is not None:
-        opts["uid"] = str(m.uid)
-    if m.gid is not None:
-        opts["gid"] = str(m.gid)
-    if m.size is not None:
-        opts["size"] = str(m.size)
-    if m.env:
-        opts["env"] = m.env
-    return ir.Mount(type=m.type, target=target, options=tuple(sorted(opts.items())))  # type: ignore[arg-type]
 
 
 def lower_run(cmd: ins.RunCommand, workdir: str, resolve_from: Callable[[str], str]) -> ir.Run:
