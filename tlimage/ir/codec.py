@@ -122,7 +122,9 @@ def from_obj(hint: Any, value: Any, path: str = "") -> Any:
             return tuple(from_obj(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise DecodeError(f"expected a list of {len(args)} items, got {len(value)}", path)
-        return tuple(from_obj(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+        return tuple(
+            from_obj(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
     if origin is Literal:
         allowed = get_args(hint)
         if value not in allowed:
