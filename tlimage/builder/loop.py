@@ -425,7 +425,7 @@ class Builder:
         upper.mkdir()
         path = state.config.resolve(step.path)
         if not state.layers or not _is_dir_in(self._lowers(state), path):
-            ctx._make_parents(upper, upper / path.strip("/"), 0, 0)
+            ctx.make_parents(upper, path.strip("/"))
         return upper
 
     def _copy(self, step: ir.Copy | ir.Add, meta: ir.StepMeta, state: _StageState,
@@ -482,7 +482,9 @@ class Builder:
                 path = fetch_url(url, folder, step.checksum)
             except TlimageError as e:
                 raise _at(meta, e) from None
-            out.append(ctx.Source(path, path.name))
+            # Downloads stay files (mode 0600), archives included, as Docker keeps them.
+            out.append(ctx.Source(path.parent, path.name, path.name, path.name, archive=False,
+                                  mode=0o600))
         return out
 
 

@@ -393,31 +393,14 @@ def _du(root: Path) -> int:
 def resolve_in(root: str, rel: str) -> str:
     """`rel` resolved inside `root` as if it were `/` (symlinks included, none leaving it);
     returns the real relative path ("" for the root). Raises FileNotFoundError."""
-    todo = [p for p in rel.split("/") if p not in ("", ".")]
-    done: list[str] = []
-    hops = 0
-    while todo:
-        name = todo.pop(0)
-        if name == "..":
-            if done:
-                done.pop()
-            continue
-        full = os.path.join(root, *done, name)
-        try:
-            st = os.lstat(full)
-        except (FileNotFoundError, NotADirectoryError):
-            raise FileNotFoundError(rel) from None
-        if stat.S_ISLNK(st.st_mode):
-            hops += 1
-            if hops > 40:
-                raise FileNotFoundError(rel)
-            link = os.readlink(full)
-            if link.startswith("/"):
-                done = []
-            todo = [p for p in link.split("/") if p not in ("", ".")] + todo
-            continue
-        done.append(name)
-    return "/".join(done)
+    from tlimage._fs import resolve_in_root
+
+    try:
+        return resolve_in_root(root, rel)
+    except FileNotFoundError:
+        raise
+    except OSError:  # a symlink loop
+        raise FileNotFoundError(rel) from None
 
 
 def mkdirs_in(root: str, rel: str) -> str:

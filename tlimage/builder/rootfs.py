@@ -13,15 +13,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
-import tarfile
 from pathlib import Path
 
 from tlimage.cache.store import BlobStore, parse_digest
 from tlimage.errors import CacheError
-
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
 
 
 def unpacked_root(store: BlobStore) -> Path:
@@ -68,30 +63,15 @@ def adopt_upper(store: BlobStore, digest: str, upper: Path) -> None:
 
 
 def unpack_for_overlay(raw, dest: Path) -> None:  # noqa: ANN001 - a readable binary stream
+    """Extract a stored layer as an overlay lower (see `tlimage._fs.Extractor`: nothing is
+    written, linked or followed outside `dest`)."""
     import zstandard
 
-    opaque: list[Path] = []
+    from tlimage._fs import extract_tar
+
     reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=False)
-    with tarfile.open(fileobj=reader, mode="r|") as tf:
-        for member in tf:
-            parent, _, base = member.name.rstrip("/").rpartition("/")
-            if base == OPAQUE_MARKER:
-                opaque.append(dest / parent)
-                continue
-            if base.startswith(WHITEOUT_PREFIX):
-                target = dest / parent / base[len(WHITEOUT_PREFIX) :]
-                _check_inside(dest, target)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0))
-                continue
-            tf.extract(member, dest, numeric_owner=True, filter="tar")
-    for folder in opaque:
-        _check_inside(dest, folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        os.setxattr(folder, "trusted.overlay.opaque", b"y", follow_symlinks=False)
-
-
-def _check_inside(root: Path, path: Path) -> None:
-    real = os.path.realpath(path.parent)
-    if os.path.commonpath([real, os.path.realpath(root)]) != os.path.realpath(root):
-        raise CacheError(f"layer entry {path} would land outside the layer folder")
+    try:
+        extract_tar(reader, dest, mode="r|", whiteouts="overlay", same_owner=True,
+                    error=CacheError)  # fmt: skip
+    except zstandard.ZstdError as e:
+        raise CacheError(f"layer {dest.name} is not valid zstd data: {e}") from None

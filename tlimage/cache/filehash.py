@@ -390,35 +390,14 @@ class _Walker:
     def _resolve(self, parts: list[str], raw: str, follow_last: bool = True) -> str:
         """The real relative path for `parts`, following symlinks as if the context were the
         root. Raises ContextPathError when something on the way does not exist."""
-        todo = list(parts)
-        done: list[str] = []
-        hops = 0
-        while todo:
-            comp = todo.pop(0)
-            if comp in ("", "."):
-                continue
-            if comp == "..":
-                if done:
-                    done.pop()
-                continue
-            cur = os.path.join(self.ctx, *done, comp)
-            try:
-                st = os.lstat(cur)
-            except FileNotFoundError:
-                raise ContextPathError(raw, "not found in the build context") from None
-            except NotADirectoryError:
-                raise ContextPathError(raw, "not found in the build context") from None
-            if stat.S_ISLNK(st.st_mode) and (todo or follow_last):
-                hops += 1
-                if hops > _SYMLINK_HOPS:
-                    raise ContextPathError(raw, "too many levels of symbolic links")
-                target = os.readlink(cur)
-                if target.startswith("/"):
-                    done = []
-                todo = target.split("/") + todo
-                continue
-            done.append(comp)
-        return "/".join(done)
+        from tlimage._fs import resolve_in_root
+
+        try:
+            return resolve_in_root(self.ctx, "/".join(parts), follow_last=follow_last)
+        except FileNotFoundError:
+            raise ContextPathError(raw, "not found in the build context") from None
+        except OSError:
+            raise ContextPathError(raw, "too many levels of symbolic links") from None
 
     def _glob(self, parts: list[str], raw: str) -> list[tuple[str, str]]:
         """(display path, real path) of everything matching the wildcard components."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import shutil
 import stat
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -384,18 +383,19 @@ def apply_layer(
     `layer` is a path or a readable binary file (e.g. `store.open(digest, verify=True)`; a
     corrupt blob then raises `CorruptBlob` at the end, and `dest_dir` must be thrown away).
 
-    Safety: entry names with `..` are refused; symlinks met on the way to an entry resolve as if
-    `dest_dir` were the root (an absolute or `..`-laden target never leaves it), and the entry's own
-    final component is never followed. Entries that are whited out only remove what lower layers
+    Safety (`tlimage._fs.Extractor`): entry names with `..` are refused; symlinks met on the way
+    to an entry resolve as if `dest_dir` were the root (an absolute or `..`-laden target never
+    leaves it), the entry's own final component is never followed, and a hard link may only name
+    an entry this same layer created. Entries that are whited out only remove what lower layers
     put there, never what this same layer wrote. Owners are applied when running as root (or
     `same_owner=True`); devices that cannot be created are listed in `ApplyStats.skipped`.
     """
     import zstandard
 
+    from tlimage._fs import Extractor
+
     dest = os.path.abspath(os.fspath(dest_dir))
     os.makedirs(dest, exist_ok=True)
-    if same_owner is None:
-        same_owner = os.geteuid() == 0
 
     if isinstance(layer, (str, os.PathLike)):
         raw: BinaryIO = open(layer, "rb")
@@ -408,8 +408,8 @@ def apply_layer(
             if compressed
             else raw
         )
-        applier = _Applier(dest, same_owner)
-        with tarfile.open(
+        with Extractor(dest, whiteouts="apply", same_owner=same_owner,
+                       error=LayerError) as ex, tarfile.open(  # fmt: skip
             fileobj=stream,
             mode="r|",
             bufsize=_CHUNK,
@@ -417,15 +417,16 @@ def apply_layer(
             errors="surrogateescape",
         ) as tf:
             for member in tf:
-                applier.apply(tf, member)
-        # Drain to EOF so a verifying reader gets to check the blob's digest.
-        while stream.read(_CHUNK):
-            pass
-        if compressed:
-            while raw.read(_CHUNK):
+                ex.add(tf, member)
+            # Drain to EOF so a verifying reader gets to check the blob's digest.
+            while stream.read(_CHUNK):
                 pass
-        applier.finish()
-        return applier.stats
+            if compressed:
+                while raw.read(_CHUNK):
+                    pass
+            ex.finish()
+            st = ex.stats
+        return ApplyStats(st.entries, st.files, st.bytes, st.whiteouts, list(st.skipped))
     except tarfile.TarError as e:
         _drain(raw)  # a verifying reader reports a corrupt blob as such, not as a bad tar
         raise LayerError(f"layer is not a valid tar: {e}") from e
@@ -443,206 +444,3 @@ def _drain(raw: BinaryIO) -> None:
             pass
     except (OSError, ValueError):
         pass
-
-
-class _Applier:
-    def __init__(self, dest: str, same_owner: bool) -> None:
-        self.dest = dest
-        self.same_owner = same_owner
-        self.stats = ApplyStats()
-        self.written: set[str] = set()  # absolute paths this layer created
-        self.dirs: list[tuple[str, int, float]] = []  # modes and times applied last
-        self._parents: dict[tuple[str, ...], str] = {}
-
-    # -- paths --------------------------------------------------------------------------------
-
-    def _split(self, name: str) -> tuple[str, ...]:
-        parts = tuple(p for p in name.split("/") if p not in ("", "."))
-        if ".." in parts:
-            raise LayerError(f"layer entry {name!r} leaves the destination ('..' is not allowed)")
-        return parts
-
-    def _resolve(self, parts: tuple[str, ...]) -> str:
-        """The real directory for `parts` (created if missing), resolving symlinks with
-        `dest` as the root."""
-        cached = self._parents.get(parts)
-        if cached is not None:
-            return cached
-        todo = list(parts)
-        done: list[str] = []
-        hops = 0
-        while todo:
-            comp = todo.pop(0)
-            if comp in ("", "."):
-                continue
-            if comp == "..":
-                if done:
-                    done.pop()
-                continue
-            cur = os.path.join(self.dest, *done, comp)
-            try:
-                st = os.lstat(cur)
-            except FileNotFoundError:
-                os.mkdir(cur, 0o755)
-                self.written.add(cur)
-                done.append(comp)
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                hops += 1
-                if hops > 40:
-                    raise LayerError(f"too many symlinks resolving {'/'.join(parts)!r}")
-                target = os.readlink(cur)
-                if target.startswith("/"):
-                    done = []
-                todo = target.split("/") + todo
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                raise LayerError(
-                    f"layer entry under {'/'.join(parts)!r}: {'/'.join([*done, comp])!r} "
-                    "exists and is not a directory"
-                )
-            done.append(comp)
-        path = os.path.join(self.dest, *done)
-        self._parents[parts] = path
-        return path
-
-    def _clear(self, path: str) -> None:
-        """Remove whatever is at `path` (without following it)."""
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-        self._parents.clear()
-
-    # -- entries ------------------------------------------------------------------------------
-
-    def apply(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
-        parts = self._split(m.name)
-        self.stats.entries += 1
-        if not parts:
-            return  # the root itself: its mode and owner belong to the destination
-        base = parts[-1]
-        parent = self._resolve(parts[:-1])
-
-        if base.startswith(WHITEOUT_PREFIX):
-            self.stats.whiteouts += 1
-            if base == OPAQUE_MARKER:
-                for child in os.listdir(parent):
-                    p = os.path.join(parent, child)
-                    if p not in self.written:
-                        self._clear(p)
-            elif not base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
-                target = os.path.join(parent, base[len(WHITEOUT_PREFIX) :])
-                if target not in self.written:
-                    self._clear(target)
-            return  # other `.wh..wh.*` names are aufs bookkeeping; nothing to do
-
-        path = os.path.join(parent, base)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        if m.isdir():
-            if st is not None and not stat.S_ISDIR(st.st_mode):
-                self._clear(path)
-                st = None
-            if st is None:
-                os.mkdir(path, 0o700)
-            self._own(path, m)
-            self.dirs.append((path, m.mode, m.mtime))
-        else:
-            if st is not None:
-                self._clear(path)
-            if m.isreg():
-                self._file(tf, m, path)
-            elif m.issym():
-                os.symlink(m.linkname, path)
-                self._own(path, m)
-                self._parents.clear()
-            elif m.islnk():
-                self._hardlink(m, path)
-            elif m.ischr() or m.isblk() or m.isfifo():
-                if not self._device(m, path):
-                    return
-            else:
-                self.stats.skipped.append((m.name, f"unsupported tar entry type {m.type!r}"))
-                return
-            if not m.islnk():
-                if not m.issym():
-                    os.chmod(path, m.mode)
-                self._times(path, m.mtime)
-        self.written.add(path)
-        self._xattrs(path, m)
-
-    def _file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, path: str) -> None:
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        with os.fdopen(fd, "wb", buffering=0) as out:
-            src = tf.extractfile(m)
-            assert src is not None
-            while chunk := src.read(_CHUNK):
-                out.write(chunk)
-            if self.same_owner:
-                os.fchown(fd, m.uid, m.gid)
-        self.stats.files += 1
-        self.stats.bytes += m.size
-
-    def _hardlink(self, m: tarfile.TarInfo, path: str) -> None:
-        tparts = self._split(m.linkname)
-        if not tparts:
-            raise LayerError(f"hard link {m.name!r} has an empty target")
-        target = os.path.join(self._resolve(tparts[:-1]), tparts[-1])
-        try:
-            tst = os.lstat(target)
-        except FileNotFoundError:
-            raise LayerError(
-                f"hard link {m.name!r} points at {m.linkname!r}, which the layer has not created"
-            ) from None
-        if stat.S_ISDIR(tst.st_mode):
-            raise LayerError(f"hard link {m.name!r} points at a directory ({m.linkname!r})")
-        os.link(target, path, follow_symlinks=False)
-
-    def _device(self, m: tarfile.TarInfo, path: str) -> bool:
-        try:
-            if m.isfifo():
-                os.mkfifo(path, 0o600)
-            else:
-                kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
-                os.mknod(path, kind | 0o600, os.makedev(m.devmajor, m.devminor))
-        except PermissionError as e:
-            self.stats.skipped.append((m.name, f"cannot create device: {e.strerror}"))
-            return False
-        self._own(path, m)
-        return True
-
-    def _own(self, path: str, m: tarfile.TarInfo) -> None:
-        if self.same_owner:
-            os.lchown(path, m.uid, m.gid)
-
-    def _times(self, path: str, mtime: float) -> None:
-        ns = int(mtime * 1_000_000_000)
-        os.utime(path, ns=(ns, ns), follow_symlinks=False)
-
-    def _xattrs(self, path: str, m: tarfile.TarInfo) -> None:
-        for key, value in sorted(m.pax_headers.items()):
-            if not key.startswith(_PAX_XATTR):
-                continue
-            name = key[len(_PAX_XATTR) :]
-            try:
-                os.setxattr(
-                    path, name, value.encode("utf-8", "surrogateescape"), follow_symlinks=False
-                )
-            except OSError as e:
-                self.stats.skipped.append((m.name, f"xattr {name}: {e.strerror}"))
-
-    def finish(self) -> None:
-        # Deepest first, so restoring a directory's time is not undone by writing into it, and
-        # read-only directories are made so only after their children exist.
-        for path, mode, mtime in sorted(self.dirs, key=lambda d: d[0].count("/"), reverse=True):
-            os.chmod(path, mode)
-            self._times(path, mtime)

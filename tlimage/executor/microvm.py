@@ -46,7 +46,6 @@ import signal
 import socket
 import stat
 import subprocess
-import tarfile
 import tempfile
 import time
 import weakref
@@ -607,71 +606,14 @@ class _TarFrames(io.RawIOBase):
         return n
 
 
-def _safe_join(root: Path, name: str) -> Path:
-    """root/name, refusing absolute names, `..`, and parents that are not real directories
-    (a symlink planted by an earlier entry must not redirect a later one)."""
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if any(p == ".." for p in parts):
-        raise ExecutorError(f"guest export has an unsafe path: {name!r}")
-    cur = root
-    for p in parts[:-1]:
-        cur = cur / p
-        st = os.lstat(cur)
-        if not stat.S_ISDIR(st.st_mode):
-            raise ExecutorError(f"guest export writes through a non-directory: {name!r}")
-    return cur / parts[-1] if parts else root
-
-
 def unpack_export(stream: io.RawIOBase, dest: Path) -> None:
-    """Extracts the agent's tar into `dest` as an overlay-style upper: whiteouts become fresh
-    0:0 char devices (never hard links), owners, modes and mtimes are kept."""
-    dir_times: list[tuple[Path, int]] = []
-    with tarfile.open(fileobj=io.BufferedReader(stream, 1 << 20), mode="r|",
-                      errors="surrogateescape") as tf:
-        for m in tf:
-            path = _safe_join(dest, m.name)
-            if path == dest:
-                os.chown(dest, m.uid, m.gid)
-                os.chmod(dest, m.mode & 0o7777)
-                dir_times.append((dest, int(m.mtime)))
-                continue
-            if m.isdir():
-                if not path.is_dir() or path.is_symlink():
-                    path.mkdir()
-                os.chown(path, m.uid, m.gid)
-                os.chmod(path, m.mode & 0o7777)
-                dir_times.append((path, int(m.mtime)))
-                continue
-            if os.path.lexists(path):
-                _remove(str(path))
-            if m.isreg():
-                src = tf.extractfile(m)
-                assert src is not None
-                with open(path, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-            elif m.issym():
-                os.symlink(m.linkname, path)
-            elif m.islnk():
-                target = _safe_join(dest, m.linkname)
-                tst = os.lstat(target)
-                if stat.S_ISCHR(tst.st_mode) and tst.st_rdev == 0:
-                    os.mknod(path, stat.S_IFCHR, 0)  # a shared whiteout inode: unshare it
-                else:
-                    os.link(target, path)
-                continue
-            elif m.ischr() or m.isblk():
-                kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
-                os.mknod(path, kind | (m.mode & 0o7777), os.makedev(m.devmajor, m.devminor))
-            elif m.isfifo():
-                os.mkfifo(path, m.mode & 0o7777)
-            else:
-                continue
-            os.lchown(path, m.uid, m.gid)
-            if not m.issym():
-                os.chmod(path, m.mode & 0o7777)
-            os.utime(path, (m.mtime, m.mtime), follow_symlinks=False)
-    for path, mtime in reversed(dir_times):
-        os.utime(path, (mtime, mtime), follow_symlinks=False)
+    """Extracts the agent's tar into `dest` as an overlay-style upper: owners, modes, mtimes and
+    devices (whiteouts included) are kept; a hard link to a whiteout becomes a fresh 0:0 device.
+    The guest is untrusted: `tlimage._fs.Extractor` keeps every entry and link inside `dest`."""
+    from tlimage._fs import extract_tar
+
+    extract_tar(io.BufferedReader(stream, 1 << 20), dest, mode="r|", same_owner=True,
+                root_entry=True, follow_links=False, error=ExecutorError)  # fmt: skip
 
 
 # --- the executor ----------------------------------------------------------------------------
@@ -911,10 +853,15 @@ class MicroVMExecutor:
         if end.type is not P.FrameType.EXPORT_END:
             raise P.ProtocolError(f"unexpected {end.type.name} frame during EXPORT")
         meta = P.decode_export_end(end)
-        for rel, name, value in meta.xattrs:
-            os.setxattr(_safe_join(dest, rel), name, value, follow_symlinks=False)
-        for rel in meta.opaque:
-            os.setxattr(_safe_join(dest, rel), OPAQUE_XATTR, b"y", follow_symlinks=False)
+        from tlimage._fs import UnsafePathError, setxattr_in_root
+
+        try:
+            for rel, name, value in meta.xattrs:
+                setxattr_in_root(dest, rel, name, value)
+            for rel in meta.opaque:
+                setxattr_in_root(dest, rel, OPAQUE_XATTR, b"y")
+        except (UnsafePathError, FileNotFoundError) as e:
+            raise ExecutorError(f"guest export: unsafe xattr path: {e}") from None
 
     def _write_back(self, vm: _VM, guest_upper: str, dest: Path, scratch: Path) -> None:
         """A writable host folder's changes, made in the guest on an overlay over its image,

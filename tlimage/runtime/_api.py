@@ -472,6 +472,8 @@ class Sandbox:
         into it. Returns the path written in the sandbox."""
         if not dest.startswith("/"):
             raise RuntimeError_(f"sandbox paths must be absolute, got {dest!r}")
+        if not os.path.lexists(src):
+            raise RuntimeError_(f"{os.fspath(src)}: no such file or folder on the host")
         rec = self._running("copy into it")
         return self._backend().put(rec, Path(src), dest)
 

@@ -495,40 +495,26 @@ def host_target(dest: Path, name: str) -> Path:
 
 def read_tar(stream: IO[bytes], target: Path, top: str = "_") -> None:
     """Extracts a stream whose entries all sit under `top` as `target`, owned by the caller
-    (`top` "." is the root of a sandbox). Archives from a sandbox
-    are untrusted: every entry must land inside `target` after following the links already
-    extracted (a planted symlink cannot carry a later entry out), hard links must point inside
-    it, device nodes are skipped, and tarfile's `tar` filter clears set-id bits."""
-    uid, gid = os.getuid(), os.getgid()
+    (`top` "." is the root of a sandbox). Archives from a sandbox are untrusted: they go through
+    `tlimage._fs.Extractor` below `target`'s folder (every entry and link target resolved inside
+    it, hard links only to entries of the same archive, nothing outside ever written), device
+    nodes are skipped and set-id bits cleared."""
+    from tlimage._fs import Extractor
+
     base = target.name
     folder = target.parent
-    root = os.path.realpath(target)
-
-    def inside(path: Path) -> bool:
-        real = os.path.realpath(path)
-        return real == root or real.startswith(root + os.sep)
-
-    with tarfile.open(fileobj=stream, mode="r|") as tf:
+    with Extractor(folder, owner=(os.getuid(), os.getgid()), devices=False, setid=False,
+                   follow_links=False, error=RuntimeError_) as ex, tarfile.open(fileobj=stream, mode="r|") as tf:
         for m in tf:
             name = m.name.rstrip("/")
             if name != top and not name.startswith(top + "/"):
                 raise RuntimeError_(f"unexpected entry {m.name!r} in the sandbox's archive")
-            if m.ischr() or m.isblk():
-                continue
-            rest = name[len(top):]
-            dst = folder / (base + rest)
-            if rest and not inside(dst.parent):
-                raise RuntimeError_(f"entry {m.name!r} of the sandbox's archive leads outside "
-                                    f"{target}")  # fmt: skip
-            m = m.replace(name=base + rest, uid=uid, gid=gid, uname="", gname="", deep=False)
+            m = m.replace(name=base + name[len(top):], deep=False)
             if m.islnk():
                 link = m.linkname.rstrip("/")
-                lrest = link[len(top):]
-                if not link.startswith(top + "/") or not inside(folder / (base + lrest)):
+                if not link.startswith(top + "/"):
                     raise RuntimeError_(f"hard link {m.name!r} of the sandbox's archive points "
                                         f"outside {target}")  # fmt: skip
-                m = m.replace(linkname=base + lrest, deep=False)
-            m = tarfile.tar_filter(m, str(folder))
-            if m.isdir() and dst.is_dir() and not dst.is_symlink():
-                continue
-            tf.extract(m, folder, numeric_owner=True, filter="fully_trusted")
+                m = m.replace(linkname=base + link[len(top):], deep=False)
+            ex.add(tf, m)
+        ex.finish()
