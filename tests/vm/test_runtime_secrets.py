@@ -118,8 +118,6 @@ def test_secret_reaches_exec_and_nothing_else(tmp_path: Path) -> None:
     assert gone.returncode == 1
 
 
-@pytest.mark.xfail(strict=True, reason="the namespace backend still passes an exec's spec "
-                   "(env included) as an argument of nsenter")  # fmt: skip
 def test_secret_never_in_argv(tmp_path: Path) -> None:
     from tlimage.builder import build_image
     from tlimage.runtime import Sandbox, set_secret

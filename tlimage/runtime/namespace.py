@@ -208,7 +208,8 @@ class NamespaceBackend:
 
     # -- exec and copy --------------------------------------------------------------------
 
-    def _enter(self, rec: SandboxRecord, spec: dict, status_w: int) -> list[str]:
+    def _enter(self, rec: SandboxRecord, spec: dict, status_w: int) -> tuple[list[str], int]:
+        """(command, spec fd): the caller passes the fd to the command and closes it."""
         init = rec.pids.get("init")
         if not _proc.alive(init):
             raise RuntimeError_(f"sandbox {rec.id} is not running (its init process is gone)")
@@ -216,9 +217,11 @@ class NamespaceBackend:
         cg = Cgroup.from_json(rec.extra.get("cgroup"))
         spec = {**spec, "merged": str(fs_dir(rec) / "merged"),
                 "cgroup_procs": cg.procs_files() if cg else [], "status_fd": status_w}  # fmt: skip
+        spec_r = isolation.spec_pipe(spec)
         try:
-            return isolation.enter_command(init[0], rec.network, spec)
+            return isolation.enter_command(init[0], rec.network, spec_r), spec_r
         except isolation.SandboxError as e:
+            os.close(spec_r)
             raise RuntimeError_(str(e)) from None
 
     def exec(
@@ -238,23 +241,28 @@ class NamespaceBackend:
         `passthrough` the program writes straight to this process's stdout and stderr (and
         reads its stdin when `stdin` is an fd); otherwise chunks go to `on_output`."""
         status_r, status_w = os.pipe()
+        spec_r = -1
         try:
-            cmd = self._enter(rec, {"mode": "exec", "argv": argv, "env": env, "user": user,
-                                    "workdir": workdir}, status_w)  # fmt: skip
-            return _spawn(cmd, status_r, status_w, stdin, on_output, passthrough, timeout, argv)
+            cmd, spec_r = self._enter(rec, {"mode": "exec", "argv": argv, "env": env,
+                                            "user": user, "workdir": workdir}, status_w)  # fmt: skip
+            return _spawn(cmd, status_r, status_w, stdin, on_output, passthrough, timeout, argv,
+                          spec_r)  # fmt: skip
         finally:
-            for fd in (status_r, status_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            for fd in (status_r, status_w, spec_r):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
 
     def put(self, rec: SandboxRecord, src: Path, dest: str) -> str:
         """Copies a host file or directory into the sandbox (as `docker cp` does: into `dest`
         when it is a directory, else as `dest`); returns the path written."""
         status_r, status_w = os.pipe()
+        spec_r = -1
         try:
-            cmd = self._enter(rec, {"mode": "put", "dest": dest, "name": src.name}, status_w)
+            cmd, spec_r = self._enter(rec, {"mode": "put", "dest": dest, "name": src.name},
+                                      status_w)  # fmt: skip
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, pass_fds=(status_w,),
+                                    stderr=subprocess.PIPE, pass_fds=(status_w, spec_r),
                                     env={"PATH": TOOL_PATH})  # fmt: skip
             os.close(status_w)
             assert proc.stdin is not None
@@ -272,18 +280,20 @@ class NamespaceBackend:
                                     f"{failure or _last_line(err)}")  # fmt: skip
             return json.loads(out)["path"]
         finally:
-            for fd in (status_r, status_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            for fd in (status_r, status_w, spec_r):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
 
     def get(self, rec: SandboxRecord, src: str, dest: Path) -> Path:
         """Copies a file or directory out of the sandbox to `dest` (into it when it is a
         directory); returns the host path written."""
         status_r, status_w = os.pipe()
+        spec_r = -1
         try:
-            cmd = self._enter(rec, {"mode": "get", "src": src}, status_w)
+            cmd, spec_r = self._enter(rec, {"mode": "get", "src": src}, status_w)
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, pass_fds=(status_w,),
+                                    stderr=subprocess.PIPE, pass_fds=(status_w, spec_r),
                                     env={"PATH": TOOL_PATH})  # fmt: skip
             os.close(status_w)
             assert proc.stdout is not None and proc.stderr is not None
@@ -300,9 +310,10 @@ class NamespaceBackend:
                 raise RuntimeError_(f"cp from {rec.id}:{src} failed: {_last_line(err)}")
             return target
         finally:
-            for fd in (status_r, status_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            for fd in (status_r, status_w, spec_r):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
 
     # -- snapshot -------------------------------------------------------------------------
 
@@ -335,7 +346,7 @@ class NamespaceBackend:
 
 def _spawn(cmd: list[str], status_r: int, status_w: int, stdin: bytes | int | None,
            on_output: Output | None, passthrough: bool, timeout: float | None,
-           argv: list[str]) -> int:  # fmt: skip
+           argv: list[str], spec_r: int) -> int:  # fmt: skip
     emit = on_output or (lambda _s, _b: None)
     if isinstance(stdin, int):
         stdin_arg: Any = stdin
@@ -345,7 +356,7 @@ def _spawn(cmd: list[str], status_r: int, status_w: int, stdin: bytes | int | No
         stdin_arg = subprocess.PIPE
     out = None if passthrough else subprocess.PIPE
     proc = subprocess.Popen(cmd, stdin=stdin_arg, stdout=out, stderr=out,
-                            pass_fds=(status_w,), env={"PATH": TOOL_PATH})  # fmt: skip
+                            pass_fds=(status_w, spec_r), env={"PATH": TOOL_PATH})  # fmt: skip
     os.close(status_w)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:

@@ -1,5 +1,5 @@
 """Runs inside a namespace sandbox, started as
-`nsenter -t <init> -m -u -i -p [-n] -- python3 -I -S _enter.py SPEC_JSON` (sandbox/namespace.py).
+`nsenter -t <init> -m -u -i -p [-n] -- python3 -I -S _enter.py fd:N` (the spec on pipe N) (sandbox/namespace.py).
 
 Modes:
     exec  chroot into the sandbox root, become the user, cd, exec argv with exactly `env`
@@ -20,9 +20,11 @@ import tarfile
 
 
 def main():
-    spec = json.loads(sys.argv[1])
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _init as ns  # noqa: PLC0415 - this file's neighbour, not on sys.path under -I
+
+    # `fd:N`: the spec is JSON on pipe N (never on the command line: it holds the env).
+    spec = ns.read_spec(int(sys.argv[1].removeprefix("fd:")))
 
     ns.STATUS_FD = spec["status_fd"]
     ns.libc()  # ctypes, imported while the host's Python is still reachable

@@ -253,9 +253,30 @@ def _log_tail(log: Path) -> str:
     return "the sandbox process exited without saying why"
 
 
-def enter_command(init_pid: int, network: bool, spec: dict) -> list[str]:
-    """The command that runs `_enter.py` with `spec` inside the sandbox whose PID 1 is
-    `init_pid` (see _enter.main)."""
+def enter_command(init_pid: int, network: bool, spec_fd: int) -> list[str]:
+    """The command that runs `_enter.py` inside the sandbox whose PID 1 is `init_pid`; it
+    reads its spec (see _enter.main) from the pipe `spec_fd` (made by `spec_pipe`, passed to
+    the command), so nothing of it — an exec's environment and secrets included — is on a
+    command line."""
     ns_flags = ["-m", "-u", "-i", "-p"] + ([] if network else ["-n"])
     return [tool("nsenter"), "-t", str(init_pid), *ns_flags, "--",
-            sys.executable, "-I", "-S", str(ENTER), json.dumps(spec)]  # fmt: skip
+            sys.executable, "-I", "-S", str(ENTER), f"fd:{spec_fd}"]  # fmt: skip
+
+
+def spec_pipe(spec: dict) -> int:
+    """The read end of a pipe that holds `spec` as JSON and then EOF (a writer thread feeds
+    what does not fit in the pipe's buffer). The caller passes it on and closes it."""
+    import threading
+
+    data = json.dumps(spec).encode()
+    r, w = os.pipe()
+    if len(data) <= 60000:
+        _write_all(w, data)
+        return r
+
+    def feed() -> None:
+        with contextlib.suppress(OSError):
+            _write_all(w, data)
+
+    threading.Thread(target=feed, daemon=True).start()
+    return r
