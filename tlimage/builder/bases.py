@@ -43,3 +43,27 @@ def ensure_base(
         progress(f"base image {name} stored as a layer in {time.monotonic() - t0:.1f}s "
                  f"({rec.size / 1e6:.1f} MB compressed)")  # fmt: skip
     return LayerRef(rec.digest, rec.diff_id, rec.size), config
+
+
+def pull_base(ref: str, cache: Any, emit: Callable[[dict[str, Any]], None], *,
+              platform: str, refresh: bool, registry_config: Any = None,
+              label: str | None = None) -> tuple[Any, list[LayerRef], ImageConfig]:  # fmt: skip
+    """A registry image as a base: (the `tlimage.oci.pull.PulledImage`, its layers, its
+    config). Without `refresh` a reference resolved before is reused offline."""
+    from tlimage.builder.config import config_from_oci
+    from tlimage.oci import pull as oci_pull
+
+    def progress(ev: dict[str, Any]) -> None:
+        kind = ev["event"]
+        if kind == "pull_started":
+            emit({"event": "status", "message": f"pulling {ev['ref']} ({ev['digest'][:19]}…, "
+                  f"{ev['layers']} layers, {ev['size'] / 1e6:.1f} MB)"})  # fmt: skip
+        elif kind == "pull_done":
+            emit({"event": "status", "message": f"pulled {ev['ref']}: {ev['downloaded']} layers, "
+                  f"{ev['bytes'] / 1e6:.1f} MB in {ev['duration']:.1f}s"})  # fmt: skip
+        emit(ev)
+
+    img = oci_pull.pull(ref, cache, platform=platform, refresh=refresh, config=registry_config,
+                        progress=progress, label=label)  # fmt: skip
+    layers = [LayerRef(la.digest, la.diff_id, la.size) for la in img.layers]
+    return img, layers, config_from_oci(img.config)

@@ -138,3 +138,81 @@ class ImageConfig:
         if isinstance(step, ir.Onbuild):
             return replace(self, onbuild=(*self.onbuild, step.instruction))
         return self
+
+
+def _ns(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and value else None
+
+
+def config_from_oci(doc: dict[str, Any]) -> ImageConfig:
+    """The runtime config of a pulled image (its OCI/Docker image config's `config` object),
+    inherited as BuildKit does: Env, WorkingDir, User, Entrypoint, Cmd (reset by a later
+    ENTRYPOINT), ExposedPorts, Volumes, Labels, StopSignal, Healthcheck, OnBuild, Shell."""
+    c = doc.get("config") or {}
+    env = tuple(tuple(e.split("=", 1)) if "=" in e else (e, "")
+                for e in c.get("Env") or ())  # fmt: skip
+    if not any(k == "PATH" for k, _ in env):
+        env = (("PATH", DEFAULT_PATH), *env)  # BuildKit makes sure PATH is set
+    hc = c.get("Healthcheck")
+    health = None
+    if isinstance(hc, dict) and hc.get("Test"):
+        health = {"test": list(hc["Test"])}
+        for k, ours in (("Interval", "interval"), ("Timeout", "timeout"),
+                        ("StartPeriod", "start_period"), ("StartInterval", "start_interval")):
+            if (v := _ns(hc.get(k))) is not None:
+                health[ours] = v
+        if hc.get("Retries"):
+            health["retries"] = int(hc["Retries"])
+    cmd = tuple(c.get("Cmd") or ())
+    return ImageConfig(
+        env=env,  # type: ignore[arg-type]
+        workdir=c.get("WorkingDir") or "/",
+        user=c.get("User") or "root",
+        shell=tuple(c.get("Shell") or ("/bin/sh", "-c")),
+        entrypoint=tuple(c.get("Entrypoint") or ()),
+        cmd=cmd,
+        cmd_from_base=bool(cmd),
+        labels=tuple(sorted((c.get("Labels") or {}).items())),
+        exposed_ports=tuple(sorted(c.get("ExposedPorts") or {})),
+        volumes=tuple(sorted(c.get("Volumes") or {})),
+        stopsignal=c.get("StopSignal") or None,
+        healthcheck=health,
+        onbuild=tuple(c.get("OnBuild") or ()),
+    )
+
+
+def config_to_oci(cfg: dict[str, Any]) -> dict[str, Any]:
+    """An image's stored config (`ImageConfig.to_json()`) as the `config` object of an OCI image
+    config, the inverse of `config_from_oci` (empty fields left out)."""
+    out: dict[str, Any] = {}
+    if cfg.get("env"):
+        out["Env"] = list(cfg["env"])
+    if cfg.get("entrypoint"):
+        out["Entrypoint"] = list(cfg["entrypoint"])
+    if cfg.get("cmd"):
+        out["Cmd"] = list(cfg["cmd"])
+    if cfg.get("workdir") and cfg["workdir"] != "/":
+        out["WorkingDir"] = cfg["workdir"]
+    if cfg.get("user") and cfg["user"] != "root":
+        out["User"] = cfg["user"]
+    if cfg.get("labels"):
+        out["Labels"] = dict(sorted(cfg["labels"].items()))
+    if cfg.get("exposed_ports"):
+        out["ExposedPorts"] = {p if "/" in p else f"{p}/tcp": {} for p in cfg["exposed_ports"]}
+    if cfg.get("volumes"):
+        out["Volumes"] = {v: {} for v in cfg["volumes"]}
+    if cfg.get("stopsignal"):
+        out["StopSignal"] = cfg["stopsignal"]
+    if cfg.get("onbuild"):
+        out["OnBuild"] = list(cfg["onbuild"])
+    if cfg.get("shell") and list(cfg["shell"]) != ["/bin/sh", "-c"]:
+        out["Shell"] = list(cfg["shell"])
+    if hc := cfg.get("healthcheck"):
+        h: dict[str, Any] = {"Test": list(hc.get("test", ["NONE"]))}
+        for ours, k in (("interval", "Interval"), ("timeout", "Timeout"),
+                        ("start_period", "StartPeriod"), ("start_interval", "StartInterval"),
+                        ("retries", "Retries")):  # fmt: skip
+            if hc.get(ours) is not None:
+                h[k] = hc[ours]
+        out["Healthcheck"] = h
+    return out

@@ -67,6 +67,21 @@ class BuildOptions:
     # never enter a key, a layer, the image or the logs (see builder.mounts).
     secrets: dict[str, Path | bytes] = field(default_factory=dict, repr=False)
     executor: Any = None  # an Executor; default: chosen by `isolation`
+    # Registry images (FROM, COPY --from, RUN --mount from=): `pull` re-resolves tags (else the
+    # last resolution is reused offline); `registry_config` is a tlimage.oci RegistryConfig.
+    pull: bool = False
+    registry_config: Any = None
+
+
+@dataclass
+class ImageSource:
+    """An image a stage starts from or reads: a registered image, a seed base or a registry
+    image. `identity` enters cache keys (an image id, a layer digest, a manifest digest)."""
+
+    layers: list[LayerRef]
+    config: ImageConfig
+    identity: str
+    desc: str  # for the registry record and messages: name@digest
 
 
 @dataclass
@@ -107,6 +122,7 @@ class Builder:
         self.cached = 0
         self.executed = 0
         self._previous = self.cache.last_build(self._build_name()) if opts.explain else None
+        self._images: dict[str, ImageSource] = {}
         self._this_build: list[tuple[str, dict[str, Any]]] = []
 
     def _build_name(self) -> str:
@@ -179,6 +195,11 @@ class Builder:
         # the files it copied; its IR digest would not, and a changed file would be missed.
         refs = {name: self.stages[name].key
                 for name in stage.stage_refs() if name in self.stages}  # fmt: skip
+        # COPY --from=<image>: the image's resolved identity (a pulled digest) enters the key.
+        for step, meta in stage.items():
+            if isinstance(step, ir.Copy) and step.from_ and step.from_ not in self.stages \
+                    and step.from_ not in refs:  # fmt: skip
+                refs[step.from_] = self.image_source(step.from_, meta).identity
         state = self._base(stage, stage.base, stage.meta[0])
         n = len(stage.steps)
         for i, (step, meta) in enumerate(stage.items()):
@@ -202,37 +223,70 @@ class Builder:
         if name == "scratch":
             state = _StageState([], ImageConfig(), keys.step_components("", {"base": "scratch"})
                                 .key(), "scratch")  # fmt: skip
-        elif (rec := self.registry.find(self.opts.project, name)) is not None:
-            state = _StageState(list(rec.manifest.layers),
-                                ImageConfig.from_json(rec.manifest.config),
-                                keys.step_components("", {"base": rec.image_id}).key(),
-                                f"{rec.ref}@{rec.image_id}")  # fmt: skip
-            pin_target = rec.image_id
         else:
-            from tlimage.builder.bases import KNOWN_BASES, ensure_base
-
-            if name not in KNOWN_BASES:
-                available = list(KNOWN_BASES) + [r.ref for r in
-                                                   self.registry.list(self.opts.project)]
-                raise _at(meta, TlimageError(
-                    f"unknown base image {name!r}; available: {', '.join(available)}",
-                    hint="bases are the seeds or images registered in this project "
-                    "(`tl sbx image ls`); nothing is pulled from a registry — for a Python "
-                    "image, debian-minimal carries Python 3 with pip",
-                ))  # fmt: skip
-            layer, config = ensure_base(name, self.cache, self.emit, self.opts.cache_dir)
-            state = _StageState([layer], config,
-                                keys.step_components("", {"base": layer.digest}).key(),
-                                f"{name}@{layer.digest}")  # fmt: skip
-            pin_target = layer.digest
-        if base.pin and name != "scratch" and base.pin not in (pin_target, _hex(pin_target)):
-            raise _at(meta, TlimageError(
-                f"base image {name!r} is pinned to {base.pin} but is now {pin_target}",
-                hint="update the pin, or rebuild the base it named",
-            ))  # fmt: skip
+            src = self.image_source(name, meta, pin=base.pin, stage=stage.name)
+            state = _StageState(list(src.layers), src.config,
+                                keys.step_components("", {"base": src.identity}).key(),
+                                src.desc)  # fmt: skip
         self.emit({"event": "step_cached", "stage": stage.name, "index": 0,
                    "step": describe(base), "key": state.key})  # fmt: skip
         return state
+
+    def image_source(self, name: str, meta: ir.StepMeta | None = None, *, pin: str | None = None,
+                     stage: str | None = None) -> ImageSource:  # fmt: skip
+        """Resolve an image name: a remote reference (a host or a digest in it) is pulled; else
+        an image registered in the project, a seed base, and last a registry image
+        (`debian:bookworm` is docker.io/library/debian:bookworm)."""
+        from tlimage.builder.bases import KNOWN_BASES, ensure_base
+
+        memo = f"{name}@{pin}" if pin else name
+        if memo in self._images:
+            return self._images[memo]
+        remote = pin is not None and pin.startswith("sha256:")
+        if not remote and "/" not in name and (rec := self.registry.find(self.opts.project,
+                                                                         name)):  # fmt: skip
+            src = ImageSource(list(rec.manifest.layers), ImageConfig.from_json(rec.manifest.config),
+                              rec.image_id, f"{rec.ref}@{rec.image_id}")  # fmt: skip
+        elif not remote and name in KNOWN_BASES:
+            layer, config = ensure_base(name, self.cache, self.emit, self.opts.cache_dir)
+            src = ImageSource([layer], config, layer.digest, f"{name}@{layer.digest}")
+        else:
+            src = self._pull(name + (f"@{pin}" if pin else ""), meta, stage)
+            pin = None  # the digest was part of the reference
+        if pin and pin not in (src.identity, _hex(src.identity)):
+            err = TlimageError(f"base image {name!r} is pinned to {pin} but is now "
+                               f"{src.identity}", hint="update the pin, or rebuild the base it "
+                               "named")  # fmt: skip
+            raise _at(meta, err) if meta else err
+        self._images[memo] = src
+        return src
+
+    def _pull(self, ref: str, meta: ir.StepMeta | None, stage: str | None) -> ImageSource:
+        from tlimage.builder.bases import pull_base
+        from tlimage.errors import OCIError
+
+        try:
+            img, layers, config = pull_base(
+                ref, self.cache, self.emit, platform=self.opts.platform, refresh=self.opts.pull,
+                registry_config=self.opts.registry_config)  # fmt: skip
+        except OCIError as e:
+            if not str(e).startswith(ref):
+                e.message = f"{ref}: {e.message}"
+                e.args = (e.message,)
+            if e.hint is None or "unknown image" in e.message or "does not resolve" in e.message:
+                known = ", ".join(r.ref for r in self.registry.list(self.opts.project))
+                e.hint = ((e.hint + "; ") if e.hint else "") + (
+                    "not a registry image? available locally: busybox, debian-minimal, "
+                    f"ubuntu-minimal{', ' + known if known else ''} (`tl sbx image ls`); for a Python "
+                    "image, debian-minimal carries Python 3 with pip")
+            raise _at(meta, e) if meta else e from None
+        if img.moved_from:
+            reason = f"base {ref} moved: {img.moved_from} -> {img.digest}"
+            self.emit({"event": "status", "message": reason})
+            if self.opts.explain:
+                self.emit({"event": "explain", "stage": stage or "", "index": 0, "step": ref,
+                           "reason": reason})  # fmt: skip
+        return ImageSource(layers, config, img.digest, f"{img.name}@{img.digest}")
 
     # -- other steps ---------------------------------------------------------------------
 
@@ -463,7 +517,7 @@ class Builder:
         if step.from_ in self.stages:
             layers = self.stages[step.from_].layers
         else:
-            layers = list(self.registry.get(self.opts.project, step.from_).manifest.layers)
+            layers = self.image_source(step.from_, meta).layers
         root = tmp / "from"
         root.mkdir()
         for la in layers:

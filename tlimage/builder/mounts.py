@@ -111,22 +111,11 @@ def _from_source(builder: Any, name: str) -> _Source:
     if name in builder.stages:
         state = builder.stages[name]
         return _Source(tuple(la.digest for la in state.layers), f"stage {name} {state.key}")
-    rec = builder.registry.find(builder.opts.project, name)
-    if rec is not None:
-        return _Source(tuple(la.digest for la in rec.manifest.layers),
-                       f"image {rec.ref} {rec.image_id}")  # fmt: skip
-    from tlimage.builder.bases import KNOWN_BASES, ensure_base
-
-    if name in KNOWN_BASES:
-        layer, _ = ensure_base(name, builder.cache, builder.emit, builder.opts.cache_dir)
-        return _Source((layer.digest,), f"base {name} {layer.digest}")
     if name in builder.image.stage_names:
         raise MountError(f"mount from stage {name!r}: that stage has not been built")
-    raise MountError(
-        f"mount from={name!r}: no stage or image of that name",
-        hint="use a stage of this image, an image registered in this project "
-        "(`tl sbx image ls`) or a seed base (busybox, debian-minimal, ubuntu-minimal)",
-    )
+    # A registered image, a seed base, or a registry image (pulled; its digest is the identity).
+    src = builder.image_source(name)
+    return _Source(tuple(la.digest for la in src.layers), f"image {src.desc}")
 
 
 # -- preparing the mounts of one step -------------------------------------------------------------

@@ -9,7 +9,15 @@ from typing import Annotated
 
 import typer
 
-from tlimage.cli.options import CacheDirOpt, Isolation, ProjectOpt
+from tlimage.cli.options import (
+    CacheDirOpt,
+    InsecureRegistryOpt,
+    Isolation,
+    PlatformOpt,
+    ProjectOpt,
+    RegistryAuthOpt,
+    registry_config,
+)
 
 app = typer.Typer(
     name="tl",
@@ -141,6 +149,13 @@ def create(
         typer.Option("--secret", help="A secret for RUN --mount=type=secret, as BuildKit takes "
                      "it: id=NAME,src=PATH or id=NAME,env=VAR. Repeatable."),
     ] = None,  # fmt: skip
+    pull: Annotated[
+        bool, typer.Option("--pull", help="Re-resolve registry base images (a moved tag is "
+                           "pulled); without it, the last resolution is reused offline.")
+    ] = False,  # fmt: skip
+    platform: PlatformOpt = "linux/amd64",
+    insecure_registry: InsecureRegistryOpt = None,
+    registry_auth: RegistryAuthOpt = None,
 ) -> int:
     """Build an image from FILE and register it for sandboxes."""
     from tlimage._paths import project_name
@@ -172,6 +187,9 @@ def create(
             host_ca=host_ca.value,
             build_args=(opts.get("build_args") or {}),  # type: ignore[arg-type]
             secrets=parse_secrets(secret or ()),
+            pull=pull,
+            platform=platform,
+            registry_config=registry_config(insecure_registry, registry_auth),
         )
     except TlimageError as e:
         if json_:

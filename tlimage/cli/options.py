@@ -26,3 +26,26 @@ CacheDirOpt = Annotated[
     Path | None,
     typer.Option("--cache-dir", envvar="TLIMAGE_CACHE_DIR", help="Layer cache folder."),
 ]
+
+
+# Registries (tlimage/oci). Each also reads an environment variable, for CI.
+PlatformOpt = Annotated[
+    str, typer.Option("--platform", envvar="TLIMAGE_PLATFORM",
+                      help="Platform of registry images to pull (OS/ARCH[/VARIANT]).")
+]  # fmt: skip
+InsecureRegistryOpt = Annotated[
+    list[str] | None,
+    typer.Option("--insecure-registry", help="HOST[:PORT] reached over plain HTTP or unverified "
+                 "TLS (repeatable; also $TLIMAGE_INSECURE_REGISTRIES, comma-separated)."),
+]  # fmt: skip
+RegistryAuthOpt = Annotated[
+    list[str] | None,
+    typer.Option("--registry-auth", help="A Docker config.json-style credentials file, tried "
+                 "before $REGISTRY_AUTH_FILE and ~/.docker/config.json (repeatable)."),
+]  # fmt: skip
+
+
+def registry_config(insecure: list[str] | None, auth: list[str] | None):  # noqa: ANN201
+    from tlimage.oci.client import RegistryConfig
+
+    return RegistryConfig.from_env(insecure=insecure or (), auth_files=auth or ())

@@ -253,7 +253,7 @@ class RegistryClient:
                     self._schemes[ep.host] = "http"  # an insecure host that speaks plain HTTP
                     continue
                 attempt += 1
-                if attempt > self.config.retries:
+                if attempt > self.config.retries or _unresolvable(e):
                     raise self._net_error(ep, ref, e) from None
                 time.sleep(self._backoff(attempt))
                 continue
@@ -321,6 +321,10 @@ class RegistryClient:
             return min(max(when - time.time(), 0.0), self.config.max_wait)
 
     def _net_error(self, ep: Endpoint, ref: str, e: Exception) -> OCIError:
+        if _unresolvable(e):
+            return OCIError(f"{ref or ep}: cannot reach {ep.host}: its name does not resolve ({e})",
+                            ref=ref or None, hint="no network, or a registry mirror is needed "
+                            f"(${MIRRORS_ENV}=REGISTRY=MIRROR, or {CONFIG_ENV})")  # fmt: skip
         return OCIError(
             f"{ref or ep}: cannot reach {ep.host} after {self.config.retries + 1} attempts: "
             f"{type(e).__name__}: {e}", ref=ref or None,
@@ -639,6 +643,13 @@ class RegistryClient:
 
 class BlobInterrupted(OCIError):
     """A blob transfer broke off part way; it can be retried from the start."""
+
+
+def _unresolvable(e: Exception) -> bool:
+    text = str(e)
+    return any(m in text for m in ("Name or service not known", "No address associated",
+                                   "Temporary failure in name resolution",
+                                   "nodename nor servname"))  # fmt: skip
 
 
 def _empty() -> bytes:

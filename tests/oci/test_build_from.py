@@ -1,0 +1,108 @@
+"""Builds whose bases come from a real registry (docker-registry, images made by umoci and put
+there by skopeo): FROM, COPY --from=<image>, the digest pinned in keys and records, offline
+reuse, --pull and a moved tag, mirrors for docker.io, image config inheritance. Steps run in the
+fake executor here; tests/oci/test_e2e.py runs them in real sandboxes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.oci.conftest import skopeo_copy, umoci_image
+from tlimage.builder import build_image
+from tlimage.errors import TlimageError
+from tlimage.executor.fake import FakeExecutor
+from tlimage.oci.client import RegistryConfig
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0, reason="unpacking layers needs root")]
+
+BASE = [{"etc/": "", "etc/os-release": b"ID=base\n", "opt/": "", "opt/tool": b"v1\n"}]
+CONFIG = ["--config.env=FOO=bar", "--config.workingdir=/opt", "--config.cmd=/opt/tool",
+          "--config.user=1000", "--config.label=org.example=yes", "--config.exposedports=8080/tcp",
+          "--config.stopsignal=SIGINT"]  # fmt: skip
+
+
+@pytest.fixture
+def base(registry, tmp_path):
+    layout = umoci_image(tmp_path / "layout", "v1", BASE, CONFIG)
+    skopeo_copy(f"oci:{layout}:v1", f"docker://{registry.host}/base/img:v1",
+                *registry.skopeo_flags("dest"))  # fmt: skip
+    return layout
+
+
+def build(path: Path, reg, **kw):
+    events: list[dict] = []
+    cfg = RegistryConfig(insecure=(reg.host,), certs_dirs=(), backoff=0.05)
+    result = build_image(path, emit=events.append, executor=FakeExecutor(),
+                         registry_config=kw.pop("registry_config", cfg), **kw)  # fmt: skip
+    return result, events
+
+
+def dockerfile(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "ctx").mkdir(exist_ok=True)
+    p = tmp_path / "ctx" / "Dockerfile"
+    p.write_text(text)
+    return p
+
+
+def test_from_registry_image_inherits_config_and_pins_digest(registry, base, tmp_path):
+    df = dockerfile(tmp_path, f"FROM {registry.host}/base/img:v1\nRUN write /opt/built yes\n")
+    result, events = build(df, registry)
+    cfg = result.manifest.config
+    assert "FOO=bar" in cfg["env"] and cfg["workdir"] == "/opt" and cfg["user"] == "1000"
+    assert cfg["cmd"] == ["/opt/tool"] and cfg["labels"] == {"org.example": "yes"}
+    assert cfg["exposed_ports"] == ["8080/tcp"] and cfg["stopsignal"] == "SIGINT"
+    assert len(result.manifest.layers) == 2
+    assert result.manifest.base.startswith(f"{registry.host}/base/img@sha256:")
+    assert result.record.manifest.base == result.manifest.base
+    assert any(e["event"] == "pull_layer" for e in events)
+
+    # Again, with the registry gone: the recorded resolution is used offline; all cached.
+    registry.stop()
+    again, events = build(df, registry)
+    assert again.image_id == result.image_id and again.executed_steps == 0
+
+    # The tag moves. Without --pull nothing changes; with --pull the move is reported and the
+    # steps after FROM run again.
+    registry.start()
+    umoci_image(base, "v1", [{"opt/tool": b"v2\n"}])
+    skopeo_copy(f"oci:{base}:v1", f"docker://{registry.host}/base/img:v1",
+                *registry.skopeo_flags("dest"))  # fmt: skip
+    same, _ = build(df, registry)
+    assert same.image_id == result.image_id
+    moved, events = build(df, registry, pull=True, explain=True)
+    assert moved.executed_steps == 1 and moved.image_id != result.image_id
+    [why] = [e["reason"] for e in events if e["event"] == "explain" and "moved" in e["reason"]]
+    old, new = result.manifest.base.split("@")[1], moved.manifest.base.split("@")[1]
+    assert why == f"base {registry.host}/base/img:v1 moved: {old} -> {new}"
+
+
+def test_mirror_serves_docker_hub_names_and_copy_from_image(registry, base, tmp_path, monkeypatch):
+    skopeo_copy(f"oci:{base}:v1", f"docker://{registry.host}/library/debian:bookworm",
+                *registry.skopeo_flags("dest"))  # fmt: skip
+    monkeypatch.setenv("TLIMAGE_REGISTRY_MIRRORS", f"docker.io={registry.host}")
+    monkeypatch.setenv("TLIMAGE_INSECURE_REGISTRIES", registry.host)
+    df = dockerfile(tmp_path, "FROM debian:bookworm AS one\nRUN write /one 1\n"
+                    "FROM scratch\nCOPY --from=debian:bookworm /etc/os-release /copied\n"
+                    "COPY --from=one /one /one\n")
+    result, _ = build(df, registry, registry_config=RegistryConfig.from_env())
+    assert result.manifest.base == "scratch"
+    assert len(result.manifest.layers) == 2
+
+
+def test_unknown_tag_names_the_dockerfile_line(registry, base, tmp_path):
+    df = dockerfile(tmp_path, f"FROM busybox\nFROM {registry.host}/base/img:nope\n")
+    with pytest.raises(TlimageError) as e:
+        build(df, registry)
+    assert "Dockerfile:2" in str(e.value) and "unknown image or tag 'nope'" in str(e.value)
+
+
+def test_dsl_base_image_from_registry(registry, base, tmp_path):
+    (tmp_path / "image.py").write_text(
+        "from tlimage import Image\n"
+        f"image = Image('app', base_image='{registry.host}/base/img:v1').run('write /x 1')\n")
+    result, _ = build(tmp_path / "image.py", registry)
+    assert result.manifest.config["workdir"] == "/opt"
