@@ -359,6 +359,38 @@ def _layer(ctx: _Ctx, ep: cl.Endpoint, desc: dict[str, Any],
     raise AssertionError("unreachable")
 
 
+def ingest_layer(store: Any, chunks: Any, *, blob: str | None, size: int | None, media_type: str,
+                 diff_id: str | None, label: str) -> tuple[Any, PulledLayer]:  # fmt: skip
+    """Store a layer read from anywhere (an OCI layout, an archive): the compressed bytes in
+    `chunks` are checked against `blob` (sha256) and `size` when given, and the tar against
+    `diff_id`. Returns (LayerInfo, PulledLayer); nothing is stored when a check fails."""
+    from tlimage.cache.layer import LayerInfo
+
+    kind = _compression(media_type, label)
+    h = hashlib.sha256()
+    seen = 0
+    with store.writer() as w:
+        conv = Converter(kind, w, label=label, layer=blob or "(layer)")
+        for chunk in chunks:
+            seen += len(chunk)
+            if size is not None and seen > size:
+                raise OCIError(f"{label}: layer {blob} is larger than its declared {size} bytes",
+                               ref=label)  # fmt: skip
+            h.update(chunk)
+            conv.feed(chunk)
+        got_diff, usize, entries = conv.finish()
+        actual = "sha256:" + h.hexdigest()
+        if blob is not None and actual != blob:
+            raise OCIError(f"{label}: layer blob hashes to {actual}, not {blob}; nothing was "
+                           "stored", ref=label)  # fmt: skip
+        if diff_id is not None and got_diff != diff_id:
+            raise OCIError(f"{label}: layer {blob or ''} unpacks to {got_diff}, but the image "
+                           f"config says {diff_id}; nothing was stored", ref=label)  # fmt: skip
+        ref = w.commit()
+    info = LayerInfo(ref.digest, got_diff, ref.size, usize, entries)
+    return info, PulledLayer(ref.digest, got_diff, ref.size, blob or actual, media_type)
+
+
 class Converter:
     """Push-style: compressed layer bytes in (`feed`), a zstd layer blob out to `out`, the
     uncompressed tar hashed and its headers checked on the way."""
