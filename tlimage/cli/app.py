@@ -156,6 +156,10 @@ def create(
     platform: PlatformOpt = "linux/amd64",
     insecure_registry: InsecureRegistryOpt = None,
     registry_auth: RegistryAuthOpt = None,
+    push: Annotated[
+        str | None, typer.Option("--push", help="After the build, push the image to this "
+                                 "registry reference.")
+    ] = None,  # fmt: skip
 ) -> int:
     """Build an image from FILE and register it for sandboxes."""
     from tlimage._paths import project_name
@@ -171,7 +175,7 @@ def create(
         emit = StepPrinter()
     opts = _frontend_options(build_arg, target)
     try:
-        build_image(
+        result = build_image(
             file,
             image_name=image_name,
             frontend_options=opts,
@@ -191,6 +195,11 @@ def create(
             platform=platform,
             registry_config=registry_config(insecure_registry, registry_auth),
         )
+        if push:
+            if result.record is None:
+                raise TlimageError("--push needs the image registered")
+            push_record(result.record, push, compression="zstd", insecure=insecure_registry,
+                        auth=registry_auth, cache_dir=cache_dir, json_=json_)  # fmt: skip
     except TlimageError as e:
         if json_:
             emit(error_event(e))
@@ -256,6 +265,125 @@ def image_rm(refs: Annotated[list[str], typer.Argument(help="NAME[:TAG] ...")],
     for ref in refs:
         rec = reg.remove(proj, ref)
         print(f"removed {rec.ref}")
+
+
+class ExportFormat(StrEnum):
+    oci = "oci"
+    docker = "docker"
+
+
+class Compression(StrEnum):
+    zstd = "zstd"
+    gzip = "gzip"
+
+
+@image.command("export")
+def image_export(
+    ref: Annotated[str, typer.Argument(help="NAME[:TAG] of a registered image.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="A folder (OCI layout) or a "
+                                         "*.tar file.")],
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="oci: an OCI image layout; "
+                                              "docker: a docker-archive for docker/podman load.")
+                   ] = ExportFormat.oci,
+    compression: Annotated[Compression, typer.Option("--compression", help="Layer compression "
+                           "in an OCI layout (docker-archives hold plain tars).")
+                           ] = Compression.zstd,
+    project: ProjectOpt = None,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Write a registered image as an OCI image layout or a docker-archive (reproducible)."""
+    from tlimage._paths import project_name
+    from tlimage.builder.images import local_image
+    from tlimage.cache.store import BlobStore
+    from tlimage.oci.layout import export_image
+    from tlimage.registry import Registry
+
+    rec = Registry().get(project_name(project), ref)
+    if fmt is ExportFormat.docker and output.suffix != ".tar":
+        from tlimage.errors import TlimageError
+
+        raise TlimageError(f"{output}: a docker-archive is a tar file; name it *.tar")
+    digest = export_image(BlobStore(cache_dir), local_image(rec), output, fmt=fmt.value,
+                          ref_name=rec.tag, repo_tag=f"localhost/{rec.name}:{rec.tag}",
+                          compression=compression.value)  # fmt: skip
+    print(f"exported {rec.ref} to {output} ({fmt.value}, {digest})")
+
+
+def push_record(rec, dest: str, *, compression: str, insecure: list[str] | None,
+                auth: list[str] | None, cache_dir: Path | None, json_: bool = False) -> str:  # noqa: ANN001
+    """Push a registered image; prints what happened; returns the manifest digest."""
+    from tlimage.builder.images import local_image
+    from tlimage.cache.store import BlobStore
+    from tlimage.oci.push import push
+
+    def progress(ev: dict) -> None:
+        if json_:
+            from tlimage.cli.render import emit_json
+
+            emit_json(ev)
+        elif ev["event"] == "push_blob":
+            print(f"  {ev['status']:9} {ev['blob'][:19]}… {ev['size'] / 1e6:.1f} MB",
+                  file=sys.stderr)  # fmt: skip
+
+    stats = push(BlobStore(cache_dir), local_image(rec), dest, compression=compression,
+                 config=registry_config(insecure, auth), progress=progress)  # fmt: skip
+    if not json_:
+        print(f"pushed {rec.ref} to {dest}@{stats.digest} ({len(stats.uploaded)} uploaded, "
+              f"{len(stats.mounted)} mounted, {len(stats.existing)} already there, "
+              f"{stats.bytes / 1e6:.1f} MB in {stats.duration:.1f}s)")  # fmt: skip
+    return stats.digest
+
+
+@image.command("push")
+def image_push(
+    ref: Annotated[str, typer.Argument(help="NAME[:TAG] of a registered image.")],
+    dest: Annotated[str, typer.Argument(help="Registry reference, e.g. ghcr.io/org/app:1.0")],
+    compression: Annotated[Compression, typer.Option("--compression", help="Layer compression "
+                           "(gzip for clients that cannot read zstd).")] = Compression.zstd,
+    insecure_registry: InsecureRegistryOpt = None,
+    registry_auth: RegistryAuthOpt = None,
+    project: ProjectOpt = None,
+    cache_dir: CacheDirOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Upload a registered image to a registry (unchanged layers are not sent)."""
+    from tlimage._paths import project_name
+    from tlimage.registry import Registry
+
+    rec = Registry().get(project_name(project), ref)
+    push_record(rec, dest, compression=compression.value, insecure=insecure_registry,
+                auth=registry_auth, cache_dir=cache_dir, json_=json_)  # fmt: skip
+
+
+@image.command("import")
+def image_import(
+    path: Annotated[Path, typer.Argument(help="An OCI layout (folder or tar, PATH[:NAME] picks "
+                                         "an image), a docker-archive, or a rootfs tarball.")],
+    name: Annotated[str | None, typer.Option("--name", "-n", help="NAME[:TAG] to register it "
+                                             "under (default: the file's name).")] = None,
+    project: ProjectOpt = None,
+    cache_dir: CacheDirOpt = None,
+    platform: PlatformOpt = "linux/amd64",
+) -> None:
+    """Register an image from an OCI layout, a docker-archive or a plain rootfs tarball."""
+    import re
+
+    from tlimage._paths import project_name
+    from tlimage.builder.images import register_pulled
+    from tlimage.cache.cache import LayerCache
+    from tlimage.oci.layout import import_image
+    from tlimage.registry.db import parse_ref
+
+    pick = None
+    if not path.exists() and ":" in str(path):
+        head, _, pick = str(path).rpartition(":")
+        path = Path(head)
+    default = re.sub(r"[^A-Za-z0-9._-]+", "-", path.name.split(".")[0]).strip("-.") or "imported"
+    img_name, tag = parse_ref(name or (default + (f":{pick}" if pick else "")))
+    with LayerCache(cache_dir) as cache, cache.session(purpose="import"):
+        img = import_image(cache, path, ref_name=pick, platform=platform)
+        rec = register_pulled(img, project_name(project), img_name, tag, source=str(path))
+    print(f"imported {path} as {rec.ref} ({len(img.layers)} layers, image {rec.image_id[:12]})")
 
 
 @image.command("schema")
