@@ -20,6 +20,7 @@ IdArg = Annotated[str, typer.Argument(help="Sandbox id, unique id prefix, or nam
 EnvOpt = Annotated[
     list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE (repeatable).")
 ]
+PathArg = Annotated[str, typer.Argument(help="Absolute path in the sandbox.")]
 _ARGS_AFTER_ID = {"allow_interspersed_args": False, "ignore_unknown_options": True}
 
 
@@ -50,6 +51,7 @@ def register(sbx: typer.Typer) -> None:
     if getattr(sbx, "_tl_sandbox_commands", False):
         return
     sbx._tl_sandbox_commands = True  # type: ignore[attr-defined]
+    _fs_commands(sbx)
 
     @sbx.command("new")
     def new(
@@ -273,6 +275,96 @@ def register(sbx: typer.Typer) -> None:
         path = Path(_get(ref, project).info().dir) / "console.log"
         if path.exists():
             sys.stdout.buffer.write(path.read_bytes())
+
+
+def _fs_commands(sbx: typer.Typer) -> None:
+    """`tl sbx fs ls|cat|write|rm|mkdir|stat ID PATH`."""
+    fs = typer.Typer(help="Files inside a running sandbox (paths resolve inside its root).",
+                     no_args_is_help=True, rich_markup_mode=None)  # fmt: skip
+    sbx.add_typer(fs, name="fs")
+
+    def _row(e) -> list[str]:  # noqa: ANN001 - a FileInfo
+        import time
+
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
+        name = e.name + (f" -> {e.link_target}" if e.link_target is not None else "")
+        return [e.mode_str, str(e.uid), str(e.gid), str(e.size), when, name]
+
+    @fs.command("ls")
+    def fs_ls(ref: IdArg, path: PathArg = "/", project: ProjectOpt = None,
+              json_: JsonOpt = False) -> None:  # fmt: skip
+        """List a directory with mode, owner, size, mtime and link targets."""
+        entries = _get(ref, project).files.list(path)
+        if json_:
+            from tlimage.cli.render import emit_json
+
+            for e in entries:
+                emit_json(e.to_json())
+            return
+        for e in entries:
+            print(" ".join(_row(e)))
+
+    @fs.command("stat")
+    def fs_stat(ref: IdArg, path: PathArg, project: ProjectOpt = None,
+                json_: JsonOpt = False) -> None:  # fmt: skip
+        """Show one path's metadata (a link is described, not followed)."""
+        import json
+
+        e = _get(ref, project).files.stat(path)
+        if json_:
+            print(json.dumps(e.to_json()))
+        else:
+            print(" ".join(_row(e)[:-1] + [e.path]) + (f" -> {e.link_target}"
+                                                       if e.link_target is not None else ""))
+
+    @fs.command("cat")
+    def fs_cat(ref: IdArg, path: PathArg, project: ProjectOpt = None) -> None:
+        """Print a file's bytes."""
+        data = _get(ref, project).files.read(path)
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+    @fs.command("write")
+    def fs_write(
+        ref: IdArg,
+        path: PathArg,
+        source: Annotated[Path | None, typer.Option(
+            "--from", help="Host file to write (default: stdin).")] = None,
+        mode: Annotated[str, typer.Option("--mode", help="Permission bits (octal).")] = "644",
+        project: ProjectOpt = None,
+    ) -> None:
+        """Create or replace a file with stdin (or --from FILE)."""
+        from tlimage.errors import RuntimeError_
+
+        try:
+            bits = int(mode, 8)
+        except ValueError:
+            raise RuntimeError_(f"--mode {mode!r}: expected octal permission bits") from None
+        if source is not None:
+            try:
+                data = source.read_bytes()
+            except OSError as e:
+                raise RuntimeError_(f"{source}: {e.strerror}") from None
+        else:
+            data = sys.stdin.buffer.read()
+        _get(ref, project).files.write(path, data, mode=bits)
+
+    @fs.command("mkdir")
+    def fs_mkdir(ref: IdArg, path: PathArg,
+                 parents: Annotated[bool, typer.Option("--parents", "-p",
+                                                       help="Make parents too.")] = False,
+                 project: ProjectOpt = None) -> None:  # fmt: skip
+        """Make a directory."""
+        _get(ref, project).files.mkdir(path, parents=parents)
+
+    @fs.command("rm")
+    def fs_rm(ref: IdArg, path: PathArg,
+              recursive: Annotated[bool, typer.Option("--recursive", "-r",
+                                                      help="Remove a folder and its content.")
+                                   ] = False,
+              project: ProjectOpt = None) -> None:  # fmt: skip
+        """Remove a file, link or directory."""
+        _get(ref, project).files.remove(path, recursive=recursive)
 
 
 def _attach() -> None:

@@ -33,6 +33,7 @@ from tlimage.runtime._api import (
     reconcile,
 )
 from tlimage.runtime._errors import ExecStartError, ExecTimeout, SandboxNotFound
+from tlimage.runtime._files import FileInfo
 from tlimage.runtime._secrets import list_secrets, remove_secret, set_secret
 from tlimage.runtime._state import Status
 
@@ -41,6 +42,7 @@ __all__ = [
     "ExecResult",
     "ExecStartError",
     "ExecTimeout",
+    "FileInfo",
     "Sandbox",
     "SandboxInfo",
     "SandboxNotFound",

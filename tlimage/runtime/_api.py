@@ -400,6 +400,13 @@ class Sandbox:
         )  # fmt: skip
 
     @property
+    def files(self):  # noqa: ANN201 - SandboxFiles
+        """File operations: `sb.files.read/write/list/stat/mkdir/remove(path)`."""
+        from tlimage.runtime._files import SandboxFiles
+
+        return SandboxFiles(self)
+
+    @property
     def secret_names(self) -> list[str]:
         return list(self._rec.extra.get("secret_names") or [])
 

@@ -285,6 +285,31 @@ class NamespaceBackend:
                     with contextlib.suppress(OSError):
                         os.close(fd)
 
+    def fs(self, rec: SandboxRecord, op: str, path: str, **args: Any) -> Any:
+        """One file operation (`stat`, `list`, `mkdir`, `remove`) in the sandbox's root, as
+        root, links resolved inside the root; returns its JSON result."""
+        status_r, status_w = os.pipe()
+        spec_r = -1
+        try:
+            cmd, spec_r = self._enter(rec, {"mode": "fs", "op": op, "path": path, **args},
+                                      status_w)  # fmt: skip
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, pass_fds=(status_w, spec_r),
+                                    env={"PATH": TOOL_PATH})  # fmt: skip
+            os.close(status_w)
+            status_w = -1
+            out, err = proc.communicate()
+            failure = _read_all(status_r)
+            if failure or proc.returncode != 0:
+                raise RuntimeError_(f"{op} {rec.id}:{path} failed: "
+                                    f"{failure or _last_line(err)}")  # fmt: skip
+            return json.loads(out)
+        finally:
+            for fd in (status_r, status_w, spec_r):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
     def get(self, rec: SandboxRecord, src: str, dest: Path) -> Path:
         """Copies a file or directory out of the sandbox to `dest` (into it when it is a
         directory); returns the host path written."""

@@ -47,6 +47,8 @@ def main():
         put(spec, ns)
     elif mode == "get":
         get(spec, ns)
+    elif mode == "fs":
+        fs(spec, ns)
     else:
         ns.fail(f"unknown mode {mode!r}")
 
@@ -95,6 +97,70 @@ def get(spec, ns):
     os.close(ns.STATUS_FD)
     with tarfile.open(fileobj=sys.stdout.buffer, mode="w|", format=tarfile.PAX_FORMAT) as tf:
         tf.add(src, arcname="_", recursive=True)
+    sys.stdout.flush()
+
+
+
+def _entry(path, name=None, follow=False):
+    import stat as S
+
+    st = os.stat(path) if follow else os.lstat(path)
+    kind = ("dir" if S.S_ISDIR(st.st_mode) else "file" if S.S_ISREG(st.st_mode)
+            else "symlink" if S.S_ISLNK(st.st_mode) else "fifo" if S.S_ISFIFO(st.st_mode)
+            else "socket" if S.S_ISSOCK(st.st_mode) else "char" if S.S_ISCHR(st.st_mode)
+            else "block")  # fmt: skip
+    return {"name": name if name is not None else (os.path.basename(path) or "/"),
+            "path": path, "type": kind, "size": st.st_size, "mode": st.st_mode & 0o7777,
+            "uid": st.st_uid, "gid": st.st_gid, "mtime": st.st_mtime,
+            "link_target": os.readlink(path) if kind == "symlink" else None}  # fmt: skip
+
+
+def fs(spec, ns):
+    """One file operation in the sandbox's root (after the chroot: a link resolves inside
+    it, as for cp); the result is JSON on stdout, a failure goes to the status fd."""
+    import shutil
+
+    op, path = spec["op"], spec["path"]
+    try:
+        if op == "stat":
+            try:
+                out = _entry(path, follow=spec.get("follow", False))
+                if spec.get("follow"):
+                    out["path"] = os.path.realpath(path)  # inside the root: chroot
+            except FileNotFoundError:
+                if not spec.get("missing_ok"):
+                    raise
+                out = None
+        elif op == "list":
+            if not os.path.isdir(path):
+                ns.fail(f"{path}: not a directory")
+            out = []
+            for name in sorted(os.listdir(path)):
+                try:
+                    out.append(_entry(os.path.join(path, name), name))
+                except FileNotFoundError:
+                    continue  # removed while listing
+        elif op == "mkdir":
+            if spec.get("parents"):
+                os.makedirs(path, mode=spec.get("perm", 0o755), exist_ok=True)
+            else:
+                os.mkdir(path, spec.get("perm", 0o755))
+            out = _entry(path)
+        elif op == "remove":
+            if os.path.isdir(path) and not os.path.islink(path):
+                if spec.get("recursive"):
+                    shutil.rmtree(path)
+                else:
+                    os.rmdir(path)
+            else:
+                os.unlink(path)
+            out = {"path": path}
+        else:
+            ns.fail(f"unknown file operation {op!r}")
+    except OSError as e:
+        ns.fail(f"{path}: {e.strerror}")
+    os.close(ns.STATUS_FD)
+    sys.stdout.write(json.dumps(out))
     sys.stdout.flush()
 
 
