@@ -1,13 +1,26 @@
-"""The error tree. Every error a user can cause derives from `TlimageError`.
+"""The error tree. Every error a user can cause derives from `TlimageError`; this drawing is
+all of them (tests/style/test_error_tree.py checks it against the code). A class defined outside
+this module names its module in parentheses.
 
     TlimageError                 exit code 1 unless a subclass says otherwise
     ├── SourceError              bad input at a place in a file: file:line:col, the line, a caret
     │   ├── IRSyntaxError        the IR text form does not parse
-    │   └── DockerfileError      (frontends.dockerfile) parse, instruction and lowering errors
+    │   ├── DockerfileError      a Dockerfile is wrong
+    │   │   ├── DockerfileParseError        (frontends.dockerfile.parser) lines, directives
+    │   │   ├── DockerfileInstructionError  (frontends.dockerfile.instructions) flags, args
+    │   │   └── ShellError                  (frontends.dockerfile.shell) word expansion
+    │   └── IgnorePatternError   (cache.ignore) a bad pattern in a .dockerignore file
     ├── DSLError                 a Python DSL call was wrong; names the call site file:line
     ├── JSONFormError            a JSON image document is invalid; names the JSON path
+    │   └── JSONDocumentError    (frontends.jsonform) ... and the place in the file
     ├── DiscoveryError           no image / several images / unknown image name in a file
+    ├── BadPattern               (cache.ignore) a bad ignore pattern given directly
     ├── CacheError               the layer cache: lock time-outs, corrupt entries
+    │   ├── LockTimeout          (cache.lock) a cache lock was not granted in time
+    │   ├── ContextPathError     (cache.filehash) a context path cannot be hashed
+    │   ├── LayerError           (cache.layer) a layer cannot be made or applied
+    │   ├── CorruptBlob          (cache.store) a stored blob does not match its digest
+    │   └── BlobNotFound         (cache.store) a blob is not in the store
     ├── ExecutorError            a build step could not run
     │   ├── StepFailed           a step ran and exited non-zero; carries its source location
     │   ├── StepTimeout          (executor.base) a step ran past its time-out and was killed
@@ -15,10 +28,17 @@
     │   ├── BaseError            (executor.bases) a base root filesystem could not be built
     │   ├── BootError            (executor.microvm) the microVM did not come up
     │   └── ProtocolError        (executor.protocol) the guest agent spoke something else
+    ├── BuildError               the builder could not prepare a step
+    │   ├── ContextError         (builder.context) a COPY/ADD source is missing or outside
+    │   └── MountError           (builder.mounts) a RUN mount cannot be set up
     ├── RegistryError            image names: unknown, invalid, conflicts
     ├── OCIError                 (oci) a remote registry, image reference or OCI layout; names
-    │                            the image reference
+    │   │                        the image reference
+    │   └── BlobInterrupted      (oci.client) a blob transfer broke off; it can be retried
     └── RuntimeError_            sandboxes: unknown id, wrong state
+        ├── SandboxNotFound      (runtime) no sandbox of that id or name
+        ├── ExecStartError       (runtime) the command never ran (exit code 127)
+        └── ExecTimeout          (runtime) the command outlived its time-out (exit code 124)
 
 The CLI prints `str(error)` (plus `error.hint` when present) and exits with `error.exit_code`;
 it never prints a Python traceback for a `TlimageError`.
@@ -26,7 +46,7 @@ it never prints a Python traceback for a `TlimageError`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tlimage.source import Span
@@ -41,6 +61,14 @@ class TlimageError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+    def location_fields(self) -> dict[str, Any]:
+        """Where the error is, as the structured fields of a JSON `error` event: `file`,
+        `line`, `column` (1-based) and `json_path`, each None when not known."""
+        span = getattr(self, "span", None)
+        if span is not None:
+            return {"file": span.file, "line": span.line, "column": span.col, "json_path": None}
+        return {"file": None, "line": None, "column": None, "json_path": None}
 
     def render(self) -> str:
         """The full text shown to a person: the message, then the hint if any."""
@@ -87,9 +115,17 @@ class DSLError(TlimageError):
 
     exit_code = 2
 
-    def __init__(self, message: str, where: str | None = None, *, hint: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        where: str | None = None,
+        *,
+        hint: str | None = None,
+        span: Span | None = None,
+    ) -> None:
         super().__init__(message, hint=hint)
         self.where = where
+        self.span = span  # the call site, when known (`where` is its `file:line`)
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}" if self.where else self.message
@@ -106,6 +142,13 @@ class JSONFormError(TlimageError):
         super().__init__(message, hint=hint)
         self.path = path
         self.file = file
+
+    def location_fields(self) -> dict[str, Any]:
+        loc = super().location_fields()
+        if loc["file"] is None:
+            loc["file"] = self.file
+        loc["json_path"] = self.path or None
+        return loc
 
     def __str__(self) -> str:
         where = ":".join(p for p in (self.file, self.path) if p)
@@ -136,8 +179,10 @@ class StepFailed(ExecutorError):
         exit_code: int | None = None,
         log_tail: tuple[str, ...] = (),
         hint: str | None = None,
+        span: Span | None = None,
     ) -> None:
         super().__init__(message, hint=hint)
+        self.span = span  # the step's source location, when known
         self.location = location
         self.step_exit_code = exit_code
         self.log_tail = log_tail
@@ -147,6 +192,10 @@ class StepFailed(ExecutorError):
         if self.log_tail:
             head += "\n" + "\n".join("  | " + line for line in self.log_tail)
         return head
+
+
+class BuildError(TlimageError):
+    """The builder could not prepare a step (its sources, its mounts)."""
 
 
 class RegistryError(TlimageError):
@@ -167,6 +216,7 @@ class RuntimeError_(TlimageError):  # noqa: N801 - `RuntimeError` is a builtin
 
 
 __all__ = [
+    "BuildError",
     "CacheError",
     "DSLError",
     "DiscoveryError",

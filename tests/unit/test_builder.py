@@ -158,6 +158,32 @@ def test_events_generator_ends_with_error(tmp_path: Path) -> None:
     assert events[-1]["event"] == "error"
     assert events[-1]["at"].endswith("image.py:2")
     assert events[-1]["log_tail"] == ["boom"]
+    assert events[-1]["file"].endswith("image.py")
+    assert (events[-1]["line"], events[-1]["column"], events[-1]["json_path"]) == (2, 1, None)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "where"),
+    [
+        ("Dockerfile", "FROM busybox\nRUN --mount=type=nope true\n", (2, None)),
+        ("image.py", "from tlimage import Image\nimage = Image('b').run('x', {'mounts': [1]})\n",
+         (2, None)),
+        ("image.json", '{"type": "image", "name": "b", "operations": [\n'
+         '  {"op": "RUN", "args": ["x"], "options": {"mounts": ["type=nope"]}}]}\n',
+         (2, "operations[0].options.mounts[0]")),
+    ],
+)
+def test_error_events_carry_the_place_as_fields(tmp_path: Path, name: str, text: str,
+                                                where: tuple) -> None:  # fmt: skip
+    (tmp_path / name).write_text(text)
+    events = list(build(tmp_path / name, executor=FakeExecutor()))
+    err = events[-1]
+    assert err["event"] == "error"
+    assert err["file"].endswith(name)
+    assert err["line"] == where[0]
+    assert isinstance(err["column"], int) and err["column"] >= 1
+    assert err["json_path"] == where[1]
+    assert f":{where[0]}:" in err["message"]  # the message keeps the place too
 
 
 def test_unknown_base_lists_what_is_available(tmp_path: Path, monkeypatch) -> None:

@@ -76,7 +76,8 @@ def build(source: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
             if not cancel.is_set():
                 events.put(error_event(e))
         except BaseException as e:  # noqa: BLE001 - reported as an event, never lost
-            events.put({"event": "error", "message": f"{type(e).__name__}: {e}"})
+            events.put({"event": "error", "message": f"{type(e).__name__}: {e}", "file": None,
+                        "line": None, "column": None, "json_path": None})
         finally:
             events.put(None)
 
@@ -91,7 +92,9 @@ def build(source: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
 
 
 def error_event(e: TlimageError) -> dict[str, Any]:
-    event: dict[str, Any] = {"event": "error", "message": e.render()}
+    """The `error` event: the message as shown to a person, and where the error is as
+    structured fields (`file`, `line`, `column`, `json_path`; null when not known)."""
+    event: dict[str, Any] = {"event": "error", "message": e.render(), **e.location_fields()}
     if isinstance(e, StepFailed):
         event.update(message=e.message, at=e.location, exit_code=e.step_exit_code,
                      log_tail=list(e.log_tail))  # fmt: skip

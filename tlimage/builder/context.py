@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlimage import _fs
-from tlimage.errors import TlimageError
+from tlimage.errors import BuildError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
-class ContextError(TlimageError):
+class ContextError(BuildError):
     exit_code = 2
 
 

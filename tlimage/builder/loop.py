@@ -467,6 +467,7 @@ class Builder:
             raise StepFailed(
                 f"{describe(step, 60)} failed with exit code {result.exit_code}",
                 location=meta.span.short if meta.span else None,
+                span=meta.span,
                 exit_code=result.exit_code,
                 log_tail=tuple(tail),
             )

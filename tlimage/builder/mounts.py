@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from tlimage import ir
-from tlimage.errors import TlimageError
+from tlimage.errors import BuildError
 from tlimage.executor.base import HostMount
 
 CACHE_MOUNTS = Path("mounts") / "cache"  # below the store's versioned folder (layers-v1)
@@ -56,7 +56,7 @@ MAX_SECRET_SIZE = 500 * 1024  # BuildKit's limit for one secret
 MASK = b"****"
 MIN_MASKED = 4  # shorter secrets are not masked in logs: that would garble ordinary output
 
-class MountError(TlimageError):
+class MountError(BuildError):
     """A RUN mount cannot be set up (bad option, missing secret, missing source)."""
 
 

@@ -60,7 +60,7 @@ def _fail(message: str, site: Span | None, hint: str | None = None) -> DSLError:
         frame = frame.f_back  # type: ignore[assignment]
     if method is not None:
         message = f"{'Image' if method == '__init__' else method}(): {message}"
-    return DSLError(message, site.short if site else None, hint=hint)
+    return DSLError(message, site.short if site else None, hint=hint, span=site)
 
 
 @dataclass(frozen=True, slots=True)
