@@ -15,6 +15,7 @@ this module names its module in parentheses.
     │   └── JSONDocumentError    (frontends.jsonform) ... and the place in the file
     ├── DiscoveryError           no image / several images / unknown image name in a file
     ├── BadPattern               (cache.ignore) a bad ignore pattern given directly
+    ├── UnsafePathError          (_fs) an archive or tree would write outside its destination
     ├── CacheError               the layer cache: lock time-outs, corrupt entries
     │   ├── LockTimeout          (cache.lock) a cache lock was not granted in time
     │   ├── ContextPathError     (cache.filehash) a context path cannot be hashed
