@@ -71,6 +71,9 @@ class BuildOptions:
     # last resolution is reused offline); `registry_config` is a tlimage.oci RegistryConfig.
     pull: bool = False
     registry_config: Any = None
+    # A build cache in a registry (tlimage.oci.cache): read before, written after the build.
+    cache_from: tuple[str, ...] = ()
+    cache_to: tuple[str, ...] = ()
 
 
 @dataclass
@@ -123,6 +126,8 @@ class Builder:
         self.executed = 0
         self._previous = self.cache.last_build(self._build_name()) if opts.explain else None
         self._images: dict[str, ImageSource] = {}
+        self._oci_client: Any = None
+        self._remote: Any = None
         self._this_build: list[tuple[str, dict[str, Any]]] = []
 
     def _build_name(self) -> str:
@@ -148,6 +153,8 @@ class Builder:
             self._executor = None
         if self._hasher is not None:
             self._hasher.close()
+        if self._oci_client is not None:
+            self._oci_client.close()
         self.cache.close()
 
     # -- the walk ------------------------------------------------------------------------
@@ -159,8 +166,25 @@ class Builder:
             sweep_scratch(self.store)
             return self._run_locked()
 
+    @property
+    def oci_client(self) -> Any:
+        if self._oci_client is None:
+            from tlimage.oci.client import RegistryClient
+
+            self._oci_client = RegistryClient(self.opts.registry_config)
+        return self._oci_client
+
+    def _status(self, message: str) -> None:
+        self.emit({"event": "status", "message": message})
+
     def _run_locked(self) -> BuildResult:
         t0 = time.monotonic()
+        if self.opts.cache_from and not self.opts.no_cache:
+            from tlimage.oci.cache import RemoteCache
+
+            self._remote = RemoteCache(list(self.opts.cache_from), self.oci_client, self._status)
+            self._status(f"remote cache: {len(self._remote)} steps in "
+                         f"{', '.join(self.opts.cache_from)}")  # fmt: skip
         for stage in self.image.needed_stages():
             self._build_stage(stage)
         target = self.stages[self.image.target_stage.name]
@@ -184,6 +208,17 @@ class Builder:
                                             self.opts.source)  # fmt: skip
             self.emit({"event": "image_registered", "project": self.opts.project, "name": name,
                        "tag": tag, "image_id": image_id})  # fmt: skip
+        for ref in self.opts.cache_to:
+            from tlimage.oci.cache import export
+
+            try:
+                stats = export(self.cache, [k for k, _ in self._this_build], ref, self.oci_client)
+            except TlimageError as e:
+                e.message = f"--cache-to {ref}: {e.message}"
+                e.args = (e.message,)
+                raise
+            self._status(f"cache exported to {ref}: {len(stats.uploaded)} layers uploaded, "
+                         f"{len(stats.existing) + len(stats.mounted)} already there")
         duration = time.monotonic() - t0
         self.emit({"event": "done", "image_id": image_id, "duration": round(duration, 3),
                    "cached_steps": self.cached, "executed_steps": self.executed})  # fmt: skip
@@ -327,6 +362,11 @@ class Builder:
         key = comps.key()
         self._this_build.append((key, {"step": desc, **comps.to_json()}))
         hit = None if (self.opts.no_cache or meta.force) else self.cache.lookup(key)
+        if hit is None and self._remote is not None and not meta.force:
+            try:
+                hit = self._remote.fetch(self.cache, key)
+            except TlimageError as e:
+                self._status(f"remote cache layer for {desc} not used: {e}")
         if hit is not None:
             if not hit.meta.get("empty"):
                 state.layers.append(LayerRef(hit.digest, hit.diff_id, hit.size))

@@ -160,6 +160,16 @@ def create(
         str | None, typer.Option("--push", help="After the build, push the image to this "
                                  "registry reference.")
     ] = None,  # fmt: skip
+    cache_to: Annotated[
+        list[str] | None, typer.Option("--cache-to", envvar="TLIMAGE_CACHE_TO",
+                                       help="Push the build's layer cache to this registry "
+                                       "reference (repeatable).")
+    ] = None,  # fmt: skip
+    cache_from: Annotated[
+        list[str] | None, typer.Option("--cache-from", envvar="TLIMAGE_CACHE_FROM",
+                                       help="Reuse layers cached in this registry reference "
+                                       "(repeatable).")
+    ] = None,  # fmt: skip
 ) -> int:
     """Build an image from FILE and register it for sandboxes."""
     from tlimage._paths import project_name
@@ -194,6 +204,8 @@ def create(
             pull=pull,
             platform=platform,
             registry_config=registry_config(insecure_registry, registry_auth),
+            cache_to=tuple(cache_to or ()),
+            cache_from=tuple(cache_from or ()),
         )
         if push:
             if result.record is None:
