@@ -57,9 +57,9 @@ def pull_base(ref: str, cache: Any, emit: Callable[[dict[str, Any]], None], *,
         kind = ev["event"]
         if kind == "pull_started":
             emit({"event": "status", "message": f"pulling {ev['ref']} ({ev['digest'][:19]}…, "
-                  f"{ev['layers']} layers, {ev['size'] / 1e6:.1f} MB)"})  # fmt: skip
+                  f"{_n(ev['layers'], 'layer')}, {ev['size'] / 1e6:.1f} MB)"})  # fmt: skip
         elif kind == "pull_done":
-            emit({"event": "status", "message": f"pulled {ev['ref']}: {ev['downloaded']} layers, "
+            emit({"event": "status", "message": f"pulled {ev['ref']}: {_n(ev['downloaded'], 'layer')}, "
                   f"{ev['bytes'] / 1e6:.1f} MB in {ev['duration']:.1f}s"})  # fmt: skip
         emit(ev)
 
@@ -67,3 +67,7 @@ def pull_base(ref: str, cache: Any, emit: Callable[[dict[str, Any]], None], *,
                         progress=progress, label=label)  # fmt: skip
     layers = [LayerRef(la.digest, la.diff_id, la.size) for la in img.layers]
     return img, layers, config_from_oci(img.config)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"

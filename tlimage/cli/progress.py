@@ -53,9 +53,25 @@ class StepPrinter:
         elif kind == "image_registered":
             self._print(f"registered {ev['name']}:{ev['tag']} in project {ev['project']}",
                         "bold green")  # fmt: skip
+        elif kind == "pull_layer":
+            self._pull_layer(ev)
         elif kind == "done":
             self._print(f"built in {ev['duration']:.2f}s ({ev['cached_steps']} cached, "
                         f"{ev['executed_steps']} run)")  # fmt: skip
+
+    def _pull_layer(self, ev: dict[str, Any]) -> None:
+        """One line per layer of a pulled base once it is stored: size and rate."""
+        import time
+
+        starts = self.__dict__.setdefault("_pull_starts", {})
+        now = time.monotonic()
+        starts.setdefault(ev["layer"], now)
+        if ev["status"] == "done":
+            took = max(now - starts.pop(ev["layer"]), 1e-3)
+            self._print(f"  ↓ {ev['layer'][:19]}… {_size(ev['total'])} "
+                        f"({_size(ev['total'] / took)}/s)", "cyan")  # fmt: skip
+        elif ev["status"] == "exists":
+            self._print(f"  ✓ {ev['layer'][:19]}… already stored", "dim")
 
     def _log(self, ev: dict[str, Any]) -> None:
         key = (str(ev.get("index")), ev.get("stream", "stdout"))

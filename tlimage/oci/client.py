@@ -323,8 +323,9 @@ class RegistryClient:
     def _net_error(self, ep: Endpoint, ref: str, e: Exception) -> OCIError:
         if _unresolvable(e):
             return OCIError(f"{ref or ep}: cannot reach {ep.host}: its name does not resolve ({e})",
-                            ref=ref or None, hint="no network, or a registry mirror is needed "
-                            f"(${MIRRORS_ENV}=REGISTRY=MIRROR, or {CONFIG_ENV})")  # fmt: skip
+                            ref=ref or None, hint="no network here? name a mirror, e.g. "
+                            f"{MIRRORS_ENV}=docker.io=mirror.example:5000 (or in "
+                            f"${CONFIG_ENV})")  # fmt: skip
         return OCIError(
             f"{ref or ep}: cannot reach {ep.host} after {self.config.retries + 1} attempts: "
             f"{type(e).__name__}: {e}", ref=ref or None,
