@@ -10,6 +10,10 @@ APT_PACKAGES=(
   bubblewrap dpkg-dev gcc libc6-dev uidmap iproute2
   # OCI interop tests: a real registry (CNCF distribution), htpasswd, and peer tools.
   docker-registry apache2-utils openssl skopeo umoci podman buildah golang-github-containers-common
+  # a sandbox's private network: the user-mode stack and the rules written into its namespace
+  slirp4netns nftables
+  # the security suite's reference: its probes also run under `buildah run` (runc)
+  runc
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

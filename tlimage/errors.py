@@ -22,6 +22,7 @@ this module names its module in parentheses.
     │   ├── LayerError           (cache.layer) a layer cannot be made or applied
     │   ├── CorruptBlob          (cache.store) a stored blob does not match its digest
     │   └── BlobNotFound         (cache.store) a blob is not in the store
+    ├── NetworkError             a sandbox's private network: bad policy, missing helper, rules
     ├── ExecutorError            a build step could not run
     │   ├── StepFailed           a step ran and exited non-zero; carries its source location
     │   ├── StepTimeout          (executor.base) a step ran past its time-out and was killed
@@ -199,6 +200,10 @@ class BuildError(TlimageError):
     """The builder could not prepare a step (its sources, its mounts)."""
 
 
+class NetworkError(TlimageError):
+    pass
+
+
 class RegistryError(TlimageError):
     pass
 
@@ -225,6 +230,7 @@ __all__ = [
     "ExecutorError",
     "IRSyntaxError",
     "JSONFormError",
+    "NetworkError",
     "OCIError",
     "RegistryError",
     "RuntimeError_",
