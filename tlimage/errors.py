@@ -201,7 +201,8 @@ class BuildError(TlimageError):
 
 
 class NetworkError(TlimageError):
-    pass
+    """A sandbox's private network (sandbox.network): a bad policy entry, a missing helper or
+    rules the kernel refused."""
 
 
 class RegistryError(TlimageError):
