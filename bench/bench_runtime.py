@@ -124,8 +124,8 @@ def main() -> None:
 
     for backend in args.backends.split(","):
         if backend == "microvm":
-            from tlimage.executor.microvm import probe_kvm
-            from tlimage.executor.provision import provision
+            from tlimage.sandbox.qemu.kvm import probe_kvm
+            from tlimage.sandbox.qemu.provision import provision
 
             ok, why = probe_kvm(provision(None))
             print(f"\nmicrovm ({'KVM' if ok else 'TCG: ' + why.splitlines()[0][:70]})")

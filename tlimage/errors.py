@@ -26,10 +26,10 @@ this module names its module in parentheses.
     ├── ExecutorError            a build step could not run
     │   ├── StepFailed           a step ran and exited non-zero; carries its source location
     │   ├── StepTimeout          (executor.base) a step ran past its time-out and was killed
-    │   ├── ProvisionError       (executor.provision) no guest kernel/initramfs could be made
+    │   ├── ProvisionError       (sandbox.qemu.provision) no guest kernel/initramfs could be made
     │   ├── BaseError            (executor.bases) a base root filesystem could not be built
-    │   ├── BootError            (executor.microvm) the microVM did not come up
-    │   └── ProtocolError        (executor.protocol) the guest agent spoke something else
+    │   ├── BootError            (sandbox.qemu.process) the microVM did not come up
+    │   └── ProtocolError        (sandbox.qemu.protocol) the guest agent spoke something else
     ├── BuildError               the builder could not prepare a step
     │   ├── ContextError         (builder.context) a COPY/ADD source is missing or outside
     │   └── MountError           (builder.mounts) a RUN mount cannot be set up

@@ -14,16 +14,17 @@ import pytest
 
 from tlimage.errors import ExecutorError, TlimageError
 from tlimage.executor import ISOLATIONS, select_executor
-from tlimage.executor.base import DEFAULT_PATH, Executor, RunRequest, normalize_upper
+from tlimage.executor.base import DEFAULT_PATH, Executor, RunRequest
 from tlimage.executor.bases import BaseError, _is_static_elf, ensure_base
 from tlimage.executor.fake import FakeExecutor
-from tlimage.executor.provision import (
+from tlimage.sandbox.qemu.provision import (
     ProvisionError,
     _cpio_entry,
     build_initramfs,
     require_tool,
     resolve_modules,
 )
+from tlimage.sandbox.upper import normalize_upper
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, trusted xattrs)")
 
@@ -132,7 +133,7 @@ def _info(name, type_=tarfile.REGTYPE, **kw) -> tarfile.TarInfo:
 
 @root_only
 def test_unpack_export_restores_an_overlay_style_upper(tmp_path):
-    from tlimage.executor.microvm import unpack_export
+    from tlimage.sandbox.qemu.channel import unpack_export
 
     dest = tmp_path / "u"
     dest.mkdir()
@@ -157,7 +158,7 @@ def test_unpack_export_restores_an_overlay_style_upper(tmp_path):
     [(_info("./l", tarfile.SYMTYPE, linkname="/tmp"), None), (_info("./l/evil", size=1), b"x")],
 ])
 def test_unpack_export_refuses_escapes(tmp_path, members):
-    from tlimage.executor.microvm import unpack_export
+    from tlimage.sandbox.qemu.channel import unpack_export
 
     dest = tmp_path / "u"
     dest.mkdir()
@@ -170,7 +171,7 @@ def test_unpack_export_refuses_escapes(tmp_path, members):
 
 @root_only
 def test_flatten_layers_applies_whiteouts_and_opaque_dirs(tmp_path):
-    from tlimage.executor.microvm import flatten_layers
+    from tlimage.sandbox.qemu.disks import flatten_layers
 
     a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
     (a / "keep").mkdir(parents=True)
@@ -191,7 +192,7 @@ def test_flatten_layers_applies_whiteouts_and_opaque_dirs(tmp_path):
 
 
 def test_tree_key_tracks_metadata(tmp_path):
-    from tlimage.executor.microvm import tree_key
+    from tlimage.sandbox.qemu.disks import tree_key
 
     (tmp_path / "f").write_text("abc")
     k1 = tree_key(tmp_path)
@@ -259,7 +260,7 @@ def test_initramfs_is_a_deterministic_newc_archive():
 
 
 def test_runner_sources_are_found():
-    from tlimage.executor.provision import runner_source_dir
+    from tlimage.sandbox.qemu.provision import runner_source_dir
 
     src = runner_source_dir()
     assert (src / "agent.c").is_file() and (src / "PROTOCOL.md").is_file()

@@ -147,8 +147,8 @@ def test_mounts_sort_parents_first() -> None:
 
 
 def test_microvm_plan_turns_mounts_into_agent_requests(tmp_path: Path) -> None:
-    from tlimage.executor import protocol as P
     from tlimage.executor.microvm import _plan_mounts
+    from tlimage.sandbox.qemu import protocol as P
 
     mounts = (
         HostMount.bind(tmp_path / "cache", "/root/.cache"),
@@ -184,8 +184,7 @@ def test_microvm_plan_turns_mounts_into_agent_requests(tmp_path: Path) -> None:
 
 @needs_root
 def test_apply_upper_never_writes_through_links(tmp_path: Path) -> None:
-    from tlimage.executor.base import OPAQUE_XATTR
-    from tlimage.executor.microvm import apply_upper
+    from tlimage.sandbox.upper import OPAQUE_XATTR, apply_upper
 
     dest, upper, outside = tmp_path / "dest", tmp_path / "upper", tmp_path / "outside"
     for d in (dest / "keep", dest / "opq", outside):

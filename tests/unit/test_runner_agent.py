@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tlimage.executor import protocol as P
-from tlimage.executor.provision import runner_source_dir
+from tlimage.sandbox.qemu import protocol as P
+from tlimage.sandbox.qemu.provision import runner_source_dir
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed"),

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tlimage.executor import protocol as P
+from tlimage.sandbox.qemu import protocol as P
 
 text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=40)
 texts = st.lists(text, max_size=6).map(tuple)

@@ -18,6 +18,7 @@ from tlimage.errors import RuntimeError_
 from tlimage.runtime import _api
 from tlimage.runtime._state import SandboxRecord, StateDB, Status
 from tlimage.sandbox import proc as _proc
+from tlimage.sandbox.fake import FakeBackend
 
 
 def record(sid: str = "sb-0000000001", *, name: str | None = None, status: Status = Status.RUNNING,
@@ -83,44 +84,15 @@ def test_lookup_by_id_prefix_and_name(tmp_path: Path) -> None:
 # --- reconcile -------------------------------------------------------------------------------
 
 
-class FakeBackend:
-    """Records what reconcile asks of it; `live` decides which sandboxes look alive."""
-
-    live: set[str] = set()
-    frozen: set[str] = set()
-    calls: list[tuple[str, str]] = []
-
-    def alive(self, rec: SandboxRecord) -> bool:
-        return rec.id in self.live
-
-    def survives_reboot(self, rec: SandboxRecord) -> bool:
-        return rec.status is Status.SUSPENDED and rec.name == "vm"
-
-    def stop(self, rec: SandboxRecord) -> None:
-        self.calls.append(("stop", rec.id))
-
-    def exit_info(self, rec: SandboxRecord) -> dict | None:
-        return {"reason": "timeout", "exit_code": None, "at": 5.0} if rec.name == "t" else None
-
-    def cleanup(self, rec: SandboxRecord, keep_fs: bool) -> None:
-        self.calls.append(("cleanup-keep" if keep_fs else "cleanup", rec.id))
-
-    def thaw(self, rec: SandboxRecord) -> None:
-        self.calls.append(("thaw", rec.id))
-
-    def rollback_suspend(self, rec: SandboxRecord) -> Status:
-        return Status.SUSPENDED if rec.id in self.frozen else Status.RUNNING
-
-
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> type[FakeBackend]:
-    FakeBackend.live, FakeBackend.frozen, FakeBackend.calls = set(), set(), []
-    monkeypatch.setattr(_api, "backend_for", lambda name: FakeBackend())
-    return FakeBackend
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
+    fb = FakeBackend()
+    monkeypatch.setattr(_api, "backend_for", lambda name: fb)
+    return fb
 
 
 def test_reconcile_ends_dead_sandboxes_and_rolls_back_abandoned_operations(
-    fake: type[FakeBackend], tmp_path: Path
+    fake: FakeBackend, tmp_path: Path
 ) -> None:
     db = StateDB()
     db.insert(record("sb-dead000001", tmp=tmp_path))
@@ -132,6 +104,7 @@ def test_reconcile_ends_dead_sandboxes_and_rolls_back_abandoned_operations(
     db.insert(record("sb-live000001", tmp=tmp_path))
     fake.live = {"sb-snap000001", "sb-susp000001", "sb-pend000001", "sb-live000001"}
     fake.frozen = {"sb-susp000001"}
+    fake.exits = {"sb-dead000002": {"reason": "timeout", "exit_code": None, "at": 5.0}}
     _api.reconcile()
 
     def st(sid: str) -> SandboxRecord:
@@ -150,7 +123,7 @@ def test_reconcile_ends_dead_sandboxes_and_rolls_back_abandoned_operations(
     assert st("sb-live000001").status is Status.RUNNING
 
 
-def test_reconcile_skips_sandboxes_whose_lock_is_held(fake: type[FakeBackend],
+def test_reconcile_skips_sandboxes_whose_lock_is_held(fake: FakeBackend,
                                                       tmp_path: Path) -> None:  # fmt: skip
     db = StateDB()
     rec = record("sb-busy000001", status=Status.SNAPSHOTTING, prev_status="Running", tmp=tmp_path)
@@ -163,18 +136,19 @@ def test_reconcile_skips_sandboxes_whose_lock_is_held(fake: type[FakeBackend],
     assert db.get(rec.id).status is Status.RUNNING
 
 
-def test_reconcile_after_reboot(fake: type[FakeBackend], tmp_path: Path) -> None:
+def test_reconcile_after_reboot(fake: FakeBackend, tmp_path: Path) -> None:
     db = StateDB()
     db.insert(record("sb-boot000001", boot_id="old", tmp=tmp_path))
     db.insert(record("sb-boot000002", name="vm", status=Status.SUSPENDED, boot_id="old",
                      tmp=tmp_path))  # fmt: skip
+    fake.survivors = {"sb-boot000002"}
     _api.reconcile()
     assert db.get("sb-boot000001").reason == "the host rebooted"
     kept = db.get("sb-boot000002")
     assert kept.status is Status.SUSPENDED and kept.boot_id == _proc.boot_id() and kept.pids == {}
 
 
-def test_reconcile_terminates_a_sandbox_past_its_deadline(fake: type[FakeBackend],
+def test_reconcile_terminates_a_sandbox_past_its_deadline(fake: FakeBackend,
                                                           tmp_path: Path) -> None:  # fmt: skip
     db = StateDB()
     db.insert(record("sb-late000001", deadline=1.0, tmp=tmp_path))
@@ -326,15 +300,15 @@ def test_comm_with_parentheses_and_spaces_parses(tmp_path: Path) -> None:
 
 
 def test_auto_backend_follows_the_builds_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tlimage.executor
     import tlimage.sandbox
     import tlimage.sandbox.namespace
+    import tlimage.sandbox.qemu.kvm
 
     notes: list[str] = []
     monkeypatch.setattr(tlimage.sandbox, "_noticed", False)
-    monkeypatch.setattr(tlimage.executor, "kvm_usable", lambda _c, _p=None: (True, "booted"))
+    monkeypatch.setattr(tlimage.sandbox.qemu.kvm, "kvm_usable", lambda _c, _p=None: (True, "booted"))
     assert _api.select_backend("auto", None, notes.append) == ("microvm", "kvm")
-    monkeypatch.setattr(tlimage.executor, "kvm_usable",
+    monkeypatch.setattr(tlimage.sandbox.qemu.kvm, "kvm_usable",
                         lambda _c, _p=None: (False, "no /dev/kvm"))
     monkeypatch.setattr(tlimage.sandbox.namespace, "check_host", lambda: None)
     assert _api.select_backend("auto", None, notes.append) == ("namespace", None)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tlimage.executor import protocol as P
-from tlimage.runtime._vmshim import Relay
+from tlimage.sandbox.qemu import protocol as P
+from tlimage.sandbox.qemu.shim import Relay
 
 T = P.FrameType
 OK, EXIT0 = P.Frame(T.OK), P.encode_exit(P.Exit(0, 0))
@@ -79,8 +79,8 @@ def test_relay_thaws_a_guest_its_client_left_frozen() -> None:
 
 def test_qemu_command_line(tmp_path: Path) -> None:
     from tests.unit.test_runtime import record
-    from tlimage.executor.provision import GuestKit
     from tlimage.runtime.microvm import qemu_argv
+    from tlimage.sandbox.qemu.provision import GuestKit
 
     kit = GuestKit(tmp_path / "vmlinuz", tmp_path / "initrd.img", "linux-image-x", "1", "6.1",
                    "1.35", "k")  # fmt: skip
@@ -116,8 +116,9 @@ def test_placeholder_lookup_sees_the_merged_layers(tmp_path: Path) -> None:
 
 
 def test_tar_frames_round_trip_through_a_sink_and_a_stream(tmp_path: Path) -> None:
-    from tlimage.runtime.microvm import FRAME_CHUNK, _TarStream, _TarWriter
+    from tlimage.runtime.microvm import FRAME_CHUNK, _TarWriter
     from tlimage.runtime.namespace import read_tar, write_tar
+    from tlimage.sandbox.qemu.channel import TarFrames
 
     sent: list[P.Frame] = []
 
@@ -137,7 +138,7 @@ def test_tar_frames_round_trip_through_a_sink_and_a_stream(tmp_path: Path) -> No
     assert all(f.type is T.TAR and 0 < len(f.payload) <= FRAME_CHUNK for f in sent)
     sent.append(OK)
     first = sent.pop(0)
-    stream = _TarStream(Conn(), first)  # type: ignore[arg-type]
+    stream = TarFrames(Conn(), first=first)  # type: ignore[arg-type]
     read_tar(stream, tmp_path / "out", top="src")
     assert stream.finish() == OK
     assert (tmp_path / "out" / "big").read_bytes() == (src / "big").read_bytes()
@@ -161,7 +162,7 @@ def test_sweep_removes_only_old_unrecorded_folders(tmp_path: Path) -> None:
 
 
 def test_tar_stream_is_a_raw_stream() -> None:
-    from tlimage.runtime.microvm import _TarStream
+    from tlimage.sandbox.qemu.channel import TarFrames
 
     frames = [P.Frame(T.TAR, b"abc"), P.Frame(T.TAR, b"def"), OK]
 
@@ -169,5 +170,5 @@ def test_tar_stream_is_a_raw_stream() -> None:
         def recv(self, _d: float | None) -> P.Frame:
             return frames.pop(0)
 
-    s = _TarStream(Conn(), P.Frame(T.TAR, b"01"))  # type: ignore[arg-type]
+    s = TarFrames(Conn(), first=P.Frame(T.TAR, b"01"))  # type: ignore[arg-type]
     assert io.BufferedReader(s).read() == b"01abcdef" and s.finish() == OK

@@ -14,7 +14,6 @@ that can do neither namespaces nor KVM gets the microVM under TCG (slow but isol
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +56,7 @@ def select_executor(
 
     # auto
     from tlimage.sandbox import select_isolation
+    from tlimage.sandbox.qemu.kvm import kvm_usable
 
     backend, accel = select_isolation(
         "auto", kvm_probe=lambda: kvm_usable(cache_dir, progress), notice=notice)
@@ -67,26 +67,6 @@ def select_executor(
     return MicroVMExecutor(cache_dir=cache_dir, accel=accel, progress=progress)
 
 
-def kvm_usable(cache_dir: Path | None, progress=None) -> tuple[bool, str]:  # noqa: ANN001
-    """Cheap checks first; the boot probe (which provisions the guest kit) only when /dev/kvm
-    could work at all."""
-    forced = os.environ.get("TLIMAGE_KVM")
-    if forced == "0":
-        return False, "TLIMAGE_KVM=0"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False, "/dev/kvm is missing or not accessible"
-    from tlimage.errors import ExecutorError
-    from tlimage.executor.microvm import probe_kvm
-    from tlimage.executor.provision import provision
-
-    try:
-        kit = provision(cache_dir, progress=progress)
-    except ExecutorError as e:
-        return False, f"cannot provision the guest kernel: {e}"
-    usable, reason = probe_kvm(kit, cache_dir)
-    return usable, reason
-
-
 __all__ = [
     "ISOLATIONS",
     "Executor",
@@ -94,6 +74,5 @@ __all__ = [
     "RunRequest",
     "RunResult",
     "StepTimeout",
-    "kvm_usable",
     "select_executor",
 ]

@@ -23,8 +23,6 @@ the step put something beside it), as BuildKit does.
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +30,12 @@ from typing import Literal, Protocol, runtime_checkable
 
 from tlimage.errors import ExecutorError
 
+# Re-exported: the namespace executor and runtime import them from here.
+from tlimage.sandbox.upper import OPAQUE_XATTR as OPAQUE_XATTR
+from tlimage.sandbox.upper import normalize_upper as normalize_upper
+
 Stream = Literal["stdout", "stderr"]
 OutputCallback = Callable[[Stream, bytes], None]
-OPAQUE_XATTR = "trusted.overlay.opaque"
 
 # Build steps run with this PATH unless their env sets one (Docker's default).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -174,67 +175,3 @@ class Executor(Protocol):
     def close(self) -> None:
         """Releases anything kept between runs (a warm VM). Idempotent."""
         ...
-
-
-def normalize_upper(upper: Path, lowers: tuple[Path, ...] = ()) -> tuple[str, ...]:
-    """Puts an upper into the form every backend promises; returns its opaque directories
-    (relative paths, "." for the root), sorted.
-
-    - Whiteouts that share an inode (overlayfs links them to one) get one inode each.
-    - Empty directories that are only copy-up artefacts are removed: not opaque, and the same
-      mode, owner and xattrs as the directory the lowers show at that path. Such a directory
-      appears when a step (or the sandbox's own resolv.conf placeholder) creates and deletes
-      something inside it; only its mtime differs, and layers do not keep mtimes. BuildKit's
-      overlay differ skips the same directories.
-    """
-    opaque: list[str] = []
-    for dirpath, _dirnames, filenames in os.walk(upper, topdown=False):
-        rel = os.path.relpath(dirpath, upper)
-        is_opaque = False
-        try:
-            is_opaque = os.getxattr(dirpath, OPAQUE_XATTR, follow_symlinks=False) == b"y"
-        except OSError:
-            pass
-        if is_opaque:
-            opaque.append(rel)
-        for name in filenames:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 and st.st_nlink > 1:
-                os.unlink(p)
-                os.mknod(p, stat.S_IFCHR | 0o000, 0)
-        if rel != "." and not is_opaque and not os.listdir(dirpath):
-            below = _lower_dir(lowers, rel)
-            if below is not None and _same_dir_meta(dirpath, below):
-                os.rmdir(dirpath)
-    return tuple(sorted(opaque))
-
-
-def _lower_dir(lowers: tuple[Path, ...], rel: str) -> str | None:
-    """The directory the lowers show at `rel` (topmost wins), or None if they show none."""
-    for lower in reversed(lowers):
-        p = os.path.join(lower, rel)
-        try:
-            st = os.lstat(p)
-        except FileNotFoundError:
-            continue
-        except NotADirectoryError:
-            return None
-        return p if stat.S_ISDIR(st.st_mode) else None
-    return None
-
-
-def _same_dir_meta(a: str, b: str) -> bool:
-    sa, sb = os.lstat(a), os.lstat(b)
-    if (sa.st_mode, sa.st_uid, sa.st_gid) != (sb.st_mode, sb.st_uid, sb.st_gid):
-        return False
-    return _plain_xattrs(a) == _plain_xattrs(b)
-
-
-def _plain_xattrs(path: str) -> dict[str, bytes]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return {}
-    return {n: os.getxattr(path, n, follow_symlinks=False) for n in names
-            if not n.startswith("trusted.overlay.")}

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlimage.errors import ExecutorError
-from tlimage.executor.provision import executor_dir, require_tool
+from tlimage.sandbox.qemu.provision import executor_dir, require_tool
 
 BASES_FORMAT = "b1"
 BASES = ("busybox", "debian-minimal", "ubuntu-minimal")

@@ -6,14 +6,12 @@
     unix socket <---- virtio-serial "tl.ctl" ---> agent: MOUNT, RUN (streams), EXPORT (tar), ...
     QMP unix socket                             (quit, query-kvm)
 
-Acceleration: KVM only when a real boot probe reaches the agent within a short timeout (the
-result is cached per host, QEMU and guest kit); otherwise TCG. Some hosts expose a /dev/kvm that
-cannot run a stock guest kernel, so the presence of /dev/kvm proves nothing.
+The VM itself (QEMU's command line and process, QMP, the agent channel, the ext4 images, the
+KVM probe) is tlimage.sandbox.qemu; this module is the build-step side: which disks a step
+needs, the agent requests that run it, and the warm VM between steps.
 
-Lower images are cached in `<cache>/executor-v1/ext4/<tree key>.img`, keyed by the tree's
-metadata (paths, modes, owners, sizes, mtimes, link targets, xattrs): lowers are immutable by
-contract, so a changed file must change its size or mtime. More than MAX_LOWER_DISKS lowers are
-flattened, bottom ones first, into one image.
+Acceleration: KVM only when a real boot probe reaches the agent within a short timeout
+(sandbox/qemu/kvm.py); otherwise TCG.
 
 RUN mounts (`RunRequest.mounts`) travel as extra disks and agent requests (protocol v3, BIND):
 a host folder or file becomes an ext4 image made for the step; a view of layers becomes one
@@ -36,584 +34,42 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import io
 import json
 import os
 import shlex
 import shutil
-import signal
-import socket
 import stat
-import subprocess
 import tempfile
 import time
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlimage.errors import ExecutorError
-from tlimage.executor import protocol as P
 from tlimage.executor.base import (
-    OPAQUE_XATTR,
     HostMount,
     OutputCallback,
     RunRequest,
     RunResult,
     StepTimeout,
-    normalize_upper,
 )
-from tlimage.executor.provision import GuestKit, executor_dir, provision, require_tool
+from tlimage.sandbox.qemu import protocol as P
+from tlimage.sandbox.qemu.channel import TarFrames, apply_export_end, unpack_export
+from tlimage.sandbox.qemu.disks import (
+    MAX_DISKS,
+    MAX_LOWER_DISKS,
+    flatten_layers,
+    lower_images,
+    make_ext4,
+    tree_key,
+)
+from tlimage.sandbox.qemu.kvm import probe_kvm
+from tlimage.sandbox.qemu.process import DEFAULT_MEMORY_MB, VM, console_tail
+from tlimage.sandbox.qemu.provision import provision, require_tool
+from tlimage.sandbox.upper import OPAQUE_XATTR, apply_upper, normalize_upper, walk, xattrs
 
-# 24 virtio-mmio transports in QEMU's microvm; scratch, serial, net and rng take 4.
-MAX_DISKS = 20
-MAX_LOWER_DISKS = 16
-# Part of every cached image's name: bump when make_ext4's output changes for the same tree.
-IMAGE_FORMAT = "i2"
-DEFAULT_MEMORY_MB = 2048
-DEFAULT_SCRATCH = 64 << 30  # sparse: costs only what the steps write
 TCG_BOOT_TIMEOUT = 120.0
 KVM_BOOT_TIMEOUT = 30.0
-KVM_PROBE_TIMEOUT = 10.0
-PR_SET_PDEATHSIG = 1
-
-
-class BootError(ExecutorError):
-    """QEMU exited or the guest agent did not answer in time."""
-
-
-def _die_with_parent() -> None:  # child side of fork, before exec
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def host_tsc_khz() -> int | None:
-    """The host TSC frequency, passed as tsc_early_khz= so the guest skips (and under TCG
-    sometimes hangs in) TSC calibration."""
-    try:
-        return int(Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text())
-    except (OSError, ValueError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return int(float(line.split(":")[1]) * 1000)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-# --- lower images ----------------------------------------------------------------------------
-
-
-def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """Every entry below root (root itself as "."), parents before children, names sorted."""
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        path = os.path.join(root, rel) if rel else str(root)
-        st = os.lstat(path)
-        yield rel or ".", st
-        if stat.S_ISDIR(st.st_mode):
-            names = sorted(os.listdir(path), reverse=True)
-            stack.extend(os.path.join(rel, n) if rel else n for n in names)
-
-
-def _xattrs(path: str) -> list[tuple[str, bytes]]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return []
-    out = []
-    for n in sorted(names):
-        with contextlib.suppress(OSError):
-            out.append((n, os.getxattr(path, n, follow_symlinks=False)))
-    return out
-
-
-def tree_key(root: Path) -> tuple[str, int, int]:
-    """(metadata digest, bytes of file data, number of entries) of a directory tree."""
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    size = count = 0
-    for rel, st in _walk(root):
-        path = os.path.join(root, rel)
-        link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
-        rec = (rel, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_rdev,
-               link, [(n, v.hex()) for n, v in _xattrs(path)])
-        h.update(json.dumps(rec, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n")
-        if stat.S_ISREG(st.st_mode):
-            size += (st.st_size + 4095) // 4096 * 4096
-        count += 1
-    return h.hexdigest(), size, count
-
-
-def make_ext4(src: Path, dest: Path, data_bytes: int, entries: int, *,
-              root_owner: tuple[int, int] = (0, 0),
-              root_mode: int | None = None) -> None:  # fmt: skip
-    """mke2fs -d: copies modes, owners, times, hard links, devices (whiteouts) and xattrs
-    (the opaque marker). No journal: the image is only ever mounted read-only."""
-    mke2fs = require_tool("mke2fs", "to build the base disk images for the microVM")
-    size = max(64 << 20, data_bytes * 2 + entries * 8192 + (32 << 20))
-    for _attempt in range(3):
-        with contextlib.suppress(FileNotFoundError):
-            dest.unlink()
-        with open(dest, "wb") as f:
-            f.truncate(size)
-        p = subprocess.run(
-            [mke2fs, "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0",
-             "-N", str(entries + 256), "-O", "^has_journal,^resize_inode",
-             "-E", f"root_owner={root_owner[0]}:{root_owner[1]}", "-L", "tl-lower", "-d",
-             str(src), str(dest)],
-            capture_output=True, text=True, check=False,
-        )
-        if p.returncode == 0:
-            if not (src / "lost+found").exists():
-                _drop_lost_found(dest)
-            if root_mode is not None and root_mode != 0o755:  # mke2fs -d leaves the root 0755
-                _debugfs(dest, f"sif / mode 0{stat.S_IFDIR | root_mode:o}")
-            return
-        if "No space left" not in p.stderr and "Could not allocate" not in p.stderr:
-            break
-        size *= 2
-    raise ExecutorError(f"mke2fs -d {src} failed: {p.stderr.strip()[-500:]}")
-
-
-def _drop_lost_found(image: Path) -> None:
-    """mke2fs always makes /lost+found; a step must see the layers' root, nothing more."""
-    _debugfs(image, "rmdir /lost+found")
-
-
-def _debugfs(image: Path, request: str) -> None:
-    debugfs = require_tool("debugfs", "to edit the base disk images for the microVM")
-    p = subprocess.run([debugfs, "-w", "-R", request, str(image)],
-                       capture_output=True, text=True, check=False)
-    if p.returncode != 0:
-        raise ExecutorError(f"debugfs {request} {image} failed: {p.stderr.strip()}")
-
-
-def flatten_layers(lowers: list[Path], dest: Path) -> None:
-    """Applies overlay-style layers bottom to top onto `dest` (whiteouts delete, opaque dirs
-    replace). Regular files are hard-linked from the layers when possible: the result is read
-    by mke2fs only and then deleted, never modified."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for layer in lowers:
-        for rel, st in _walk(layer):
-            src = os.path.join(layer, rel)
-            dst = os.path.normpath(os.path.join(dest, rel))
-            mode = st.st_mode
-            if stat.S_ISCHR(mode) and st.st_rdev == 0:
-                _remove(dst)
-                continue
-            if stat.S_ISDIR(mode):
-                opaque = False
-                with contextlib.suppress(OSError):
-                    opaque = os.getxattr(src, OPAQUE_XATTR, follow_symlinks=False) == b"y"
-                if os.path.lexists(dst) and (opaque or not os.path.isdir(dst)
-                                             or os.path.islink(dst)):
-                    if rel != ".":
-                        _remove(dst)
-                    elif opaque:
-                        for n in os.listdir(dst):
-                            _remove(os.path.join(dst, n))
-                if not os.path.lexists(dst):
-                    os.mkdir(dst)
-                os.chown(dst, st.st_uid, st.st_gid)
-                os.chmod(dst, stat.S_IMODE(mode))
-                for n, v in _xattrs(src):
-                    if not n.startswith("trusted.overlay."):
-                        os.setxattr(dst, n, v, follow_symlinks=False)
-                continue
-            _remove(dst)
-            if stat.S_ISREG(mode):
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    shutil.copy2(src, dst)
-                    os.chown(dst, st.st_uid, st.st_gid)
-            elif stat.S_ISLNK(mode):
-                os.symlink(os.readlink(src), dst)
-                os.lchown(dst, st.st_uid, st.st_gid)
-            else:
-                os.mknod(dst, mode, st.st_rdev)
-                os.chown(dst, st.st_uid, st.st_gid)
-    # Directory times last: creating children changed them.
-    for layer in lowers:
-        for rel, st in _walk(layer):
-            dst = os.path.join(dest, rel)
-            if stat.S_ISDIR(st.st_mode) and os.path.isdir(dst):
-                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def lower_images(lowers: tuple[Path, ...], cache_dir: Path | None = None, *,
-                 max_disks: int = MAX_LOWER_DISKS) -> list[Path]:  # fmt: skip
-    """One cached ext4 image per lower (bottom first); excess bottom lowers are flattened."""
-    root = executor_dir(cache_dir) / "ext4"
-    root.mkdir(parents=True, exist_ok=True)
-    groups: list[list[Path]] = [[p] for p in lowers]
-    if len(groups) > max_disks:
-        cut = len(groups) - max_disks + 1
-        groups = [[p for g in groups[:cut] for p in g], *groups[cut:]]
-    images = []
-    for group in groups:
-        keys = [tree_key(p) for p in group]
-        name = keys[0][0] if len(group) == 1 else "flat-" + _digest([k[0] for k in keys])
-        name = f"{IMAGE_FORMAT}-{name}"
-        img = root / f"{name}.img"
-        if not img.exists():
-            tmp = root / f".{name}.{os.getpid()}.tmp"
-            with tempfile.TemporaryDirectory(prefix=".flat-", dir=root) as flat:
-                src = group[0]
-                if len(group) > 1:
-                    src = Path(flat) / "tree"
-                    flatten_layers(group, src)
-                make_ext4(src, tmp, sum(k[1] for k in keys), sum(k[2] for k in keys))
-            os.replace(tmp, img)
-        images.append(img)
-    return images
-
-
-def _digest(parts: list[str]) -> str:
-    import xxhash
-
-    return xxhash.xxh3_128("\n".join(parts).encode()).hexdigest()
-
-
-def make_scratch(path: Path, size: int = DEFAULT_SCRATCH) -> None:
-    mke2fs = require_tool("mke2fs", "to make the microVM's scratch disk")
-    with open(path, "wb") as f:
-        f.truncate(size)
-    subprocess.run(
-        [mke2fs, "-q", "-F", "-t", "ext4", "-m", "0", "-L", "tl-scratch",
-         "-E", "lazy_itable_init=1,lazy_journal_init=1", str(path)],
-        check=True, capture_output=True,
-    )
-
-
-# --- the VM ----------------------------------------------------------------------------------
-
-
-class _Channel:
-    """Frames over the virtio-serial unix socket, with deadlines."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = bytearray()
-
-    def send(self, frame: P.Frame) -> None:
-        self.sock.settimeout(30)
-        self.sock.sendall(P.encode_frame(frame))
-
-    def _fill(self, n: int, deadline: float | None) -> None:
-        while len(self.buf) < n:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError
-                self.sock.settimeout(left)
-            else:
-                self.sock.settimeout(None)
-            try:
-                chunk = self.sock.recv(max(65536, n - len(self.buf)))
-            except TimeoutError:
-                raise
-            except OSError as e:  # QEMU died: connection reset
-                raise EOFError(f"the guest channel failed: {e}") from None
-            if not chunk:
-                raise EOFError("the guest closed the channel")
-            self.buf += chunk
-
-    def recv(self, deadline: float | None = None) -> P.Frame:
-        self._fill(P.HEADER.size, deadline)
-        t, length = P.decode_header(bytes(self.buf[: P.HEADER.size]))
-        self._fill(P.HEADER.size + length, deadline)
-        payload = bytes(self.buf[P.HEADER.size : P.HEADER.size + length])
-        del self.buf[: P.HEADER.size + length]
-        return P.Frame(t, payload)
-
-
-class QMP:
-    """A QMP client that skips events. With a `deadline` (time.monotonic()) it waits for the
-    monitor socket to open and for each reply as long as the deadline allows; without one the
-    socket must be open now and replies get 5 s. Failures are raised as `error`."""
-
-    error: type[Exception] = ExecutorError
-
-    def __init__(self, path: str | Path, deadline: float | None = None) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        while True:
-            try:
-                self.sock.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if deadline is None:
-                    raise
-                if time.monotonic() > deadline:
-                    raise self.error(f"QEMU's monitor socket {path} did not open") from None
-                time.sleep(0.005)
-        self.sock.settimeout(5 if deadline is None else max(1.0, deadline - time.monotonic()))
-        self.file = self.sock.makefile("rwb")
-        self._read()  # greeting
-        self.command("qmp_capabilities")
-
-    def _read(self) -> dict:
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise EOFError("QEMU closed its monitor")
-            msg = json.loads(line)
-            if "event" not in msg:
-                return msg
-
-    def command(self, name: str, **args) -> dict:
-        self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        self.file.flush()
-        reply = self._read()
-        if "error" in reply:
-            raise self.error(f"QMP {name}: {reply['error'].get('desc')}")
-        return reply.get("return", {})
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.file.close()
-            self.sock.close()
-
-
-@dataclass
-class _VM:
-    kit: GuestKit
-    accel: str  # "kvm" | "tcg"
-    disks: list[Path]
-    network: bool
-    memory_mb: int = DEFAULT_MEMORY_MB
-    cpus: int = 0  # 0: min(2, host cores)
-    scratch_size: int = DEFAULT_SCRATCH
-    tmp: Path = field(init=False)
-    proc: subprocess.Popen | None = field(default=None, init=False)
-    chan: _Channel | None = field(default=None, init=False)
-    qmp: QMP | None = field(default=None, init=False)
-    boot_seconds: float = field(default=0.0, init=False)
-
-    def command_line(self) -> list[str]:
-        qemu = require_tool("qemu-system-x86_64", "to run build steps in a microVM")
-        cpus = self.cpus or min(2, os.cpu_count() or 1)
-        append = ["console=ttyS0", "quiet", "panic=-1", "reboot=t", "rdinit=/init",
-                  f"tl.epoch={int(time.time())}"]
-        khz = host_tsc_khz()
-        if khz and self.accel == "tcg":
-            append.append(f"tsc_early_khz={khz}")
-        if self.network:
-            append.append("tl.net=1")
-        cmd = [qemu, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
-               "-m", str(self.memory_mb), "-smp", str(cpus),
-               "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-               "-kernel", str(self.kit.kernel), "-initrd", str(self.kit.initrd),
-               "-append", " ".join(append),
-               "-chardev", f"file,id=con,path={self.tmp / 'console.log'}",
-               "-serial", "chardev:con",
-               "-qmp", f"unix:{self.tmp / 'qmp.sock'},server=on,wait=off",
-               "-device", "virtio-serial-device",
-               "-chardev", f"socket,id=ctl,path={self.tmp / 'ctl.sock'},server=on,wait=off",
-               "-device", "virtserialport,chardev=ctl,name=tl.ctl",
-               "-object", "rng-random,id=rng0,filename=/dev/urandom",
-               "-device", "virtio-rng-device,rng=rng0"]
-        if self.accel == "kvm":
-            cmd += ["-accel", "kvm", "-cpu", "host"]
-        else:
-            cmd += ["-accel", "tcg,thread=multi", "-cpu", "max"]
-        for i, disk in enumerate(self.disks):
-            cmd += ["-drive", f"id=l{i},file={disk},format=raw,if=none,readonly=on",
-                    "-device", f"virtio-blk-device,drive=l{i},serial=tl-l{i}"]
-        cmd += ["-drive", f"id=scratch,file={self.tmp / 'scratch.img'},format=raw,if=none,"
-                "cache=unsafe,discard=unmap",
-                "-device", "virtio-blk-device,drive=scratch,serial=tl-scratch"]
-        if self.network:
-            cmd += ["-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0"]
-        return cmd
-
-    def start(self, timeout: float) -> None:
-        t0 = time.monotonic()
-        self.tmp = Path(tempfile.mkdtemp(prefix="tl-vm-"))  # short: unix socket paths <108
-        try:
-            make_scratch(self.tmp / "scratch.img", self.scratch_size)
-            log = open(self.tmp / "qemu.log", "wb")
-            try:
-                self.proc = subprocess.Popen(
-                    self.command_line(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    start_new_session=True, preexec_fn=_die_with_parent,
-                )
-            finally:
-                log.close()
-            deadline = t0 + timeout
-            sock = socket.socket(socket.AF_UNIX)
-            while True:
-                if self.proc.poll() is not None:
-                    raise self._boot_error("QEMU exited during start-up")
-                try:
-                    sock.connect(str(self.tmp / "ctl.sock"))
-                    break
-                except (FileNotFoundError, ConnectionRefusedError):
-                    if time.monotonic() > deadline:
-                        raise self._boot_error("QEMU did not open its channel socket") from None
-                    time.sleep(0.005)
-            self.chan = _Channel(sock)
-            with contextlib.suppress(OSError, EOFError, ExecutorError):
-                self.qmp = QMP(self.tmp / "qmp.sock")
-            try:
-                hello = self.chan.recv(deadline)
-            except TimeoutError:
-                raise self._boot_error(f"the guest agent did not answer within {timeout:g} s") \
-                    from None
-            except EOFError:
-                raise self._boot_error("the guest closed the channel during boot") from None
-            P.decode_hello(hello)
-            self.boot_seconds = time.monotonic() - t0
-        except BaseException:
-            self.kill()
-            raise
-
-    def _boot_error(self, what: str) -> BootError:
-        tail = []
-        for name in ("qemu.log", "console.log"):
-            with contextlib.suppress(OSError):
-                tail += (self.tmp / name).read_text(errors="replace").strip().splitlines()[-12:]
-        detail = "\n".join("  | " + line for line in tail)
-        return BootError(f"microVM ({self.accel}) failed to boot: {what}"
-                         + (f"\n{detail}" if detail else ""))
-
-    def request(self, frame: P.Frame, deadline: float | None = None) -> P.Frame:
-        """Sends a request that answers with one OK/ERROR frame."""
-        assert self.chan is not None
-        self.chan.send(frame)
-        reply = self.chan.recv(deadline)
-        if reply.type is P.FrameType.ERROR:
-            raise ExecutorError(f"guest agent: {P.decode_error(reply)}")
-        if reply.type is not P.FrameType.OK:
-            raise P.ProtocolError(f"expected OK, got {reply.type.name}")
-        return reply
-
-    def shutdown(self) -> None:
-        """Graceful when possible (the agent syncs and resets), then QMP quit, then SIGKILL."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None and self.chan is not None:
-            with contextlib.suppress(Exception):
-                self.chan.send(P.encode_shutdown())
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(2)
-        self.kill()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            if self.qmp is not None:
-                with contextlib.suppress(Exception):
-                    self.qmp.command("quit")
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(1)
-            if self.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        for c in (self.chan and self.chan.sock, self.qmp):
-            if c is not None:
-                with contextlib.suppress(Exception):
-                    c.close()
-        self.chan = self.qmp = None
-        if getattr(self, "tmp", None) is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-# --- KVM probe -------------------------------------------------------------------------------
-
-
-def _qemu_version() -> str:
-    qemu = require_tool("qemu-system-x86_64", "to run build steps in a microVM")
-    out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False)
-    return out.stdout.splitlines()[0] if out.stdout else "unknown"
-
-
-def probe_kvm(kit: GuestKit, cache_dir: Path | None = None, *,
-              timeout: float = KVM_PROBE_TIMEOUT, refresh: bool = False) -> tuple[bool, str]:
-    """(usable, reason). Boots the real guest with -accel kvm; usable only if the agent answers
-    within `timeout` and QMP confirms KVM is on. Cached in executor-v1/kvm-probe.json keyed by
-    the host kernel, QEMU version and guest kit. `TLIMAGE_KVM=0|1` overrides without probing."""
-    forced = os.environ.get("TLIMAGE_KVM")
-    if forced in ("0", "1"):
-        return forced == "1", f"TLIMAGE_KVM={forced}"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False, "/dev/kvm is missing or not accessible"
-    key = f"{os.uname().release}|{_qemu_version()}|{kit.key}"
-    path = executor_dir(cache_dir) / "kvm-probe.json"
-    cache: dict = {}
-    with contextlib.suppress(OSError, ValueError):
-        cache = json.loads(path.read_text())
-    if not refresh and key in cache:
-        entry = cache[key]
-        return bool(entry["usable"]), entry["reason"] + " (cached)"
-    vm = _VM(kit, "kvm", [], network=False, memory_mb=256, cpus=1, scratch_size=64 << 20)
-    t0 = time.monotonic()
-    try:
-        vm.start(timeout)
-        enabled = vm.qmp.command("query-kvm").get("enabled", False) if vm.qmp else True
-        usable = bool(enabled)
-        reason = (f"booted with KVM in {time.monotonic() - t0:.2f} s" if usable
-                  else "QEMU reports KVM not enabled")
-    except BootError as e:
-        usable, reason = False, str(e).splitlines()[0] + "; " + " / ".join(
-            line.strip(" |") for line in str(e).splitlines()[1:3])
-    finally:
-        vm.shutdown()
-    cache[key] = {"usable": usable, "reason": reason, "at": int(time.time())}
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cache, indent=2) + "\n")
-    os.replace(tmp, path)
-    return usable, reason
-
-
-# --- upper export ----------------------------------------------------------------------------
-
-
-class _TarFrames(io.RawIOBase):
-    """A readable stream over TAR frames; stops at the first other frame, kept in `end`."""
-
-    def __init__(self, chan: _Channel, deadline: float | None) -> None:
-        self.chan, self.deadline = chan, deadline
-        self.pending = b""
-        self.end: P.Frame | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        while not self.pending and self.end is None:
-            f = self.chan.recv(self.deadline)
-            if f.type is P.FrameType.TAR:
-                self.pending = f.payload
-            else:
-                self.end = f
-        n = min(len(b), len(self.pending))
-        b[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
-        return n
-
-
-def unpack_export(stream: io.RawIOBase, dest: Path) -> None:
-    """Extracts the agent's tar into `dest` as an overlay-style upper: owners, modes, mtimes and
-    devices (whiteouts included) are kept; a hard link to a whiteout becomes a fresh 0:0 device.
-    The guest is untrusted: `tlimage._fs.Extractor` keeps every entry and link inside `dest`."""
-    from tlimage._fs import extract_tar
-
-    extract_tar(io.BufferedReader(stream, 1 << 20), dest, mode="r|", same_owner=True,
-                root_entry=True, follow_links=False, error=ExecutorError)  # fmt: skip
 
 
 # --- the executor ----------------------------------------------------------------------------
@@ -635,7 +91,7 @@ def content_key(root: Path) -> str:
     import xxhash
 
     h = xxhash.xxh3_128()
-    for rel, st in _walk(root):
+    for rel, st in walk(root):
         path = os.path.join(root, rel)
         mode = st.st_mode
         rec: list = [rel, stat.S_IFMT(mode), stat.S_IMODE(mode), st.st_uid, st.st_gid]
@@ -649,7 +105,7 @@ def content_key(root: Path) -> str:
                 while chunk := f.read(1 << 20):
                     fh.update(chunk)
             rec.append(fh.hexdigest())
-        rec.append([(n, v.hex()) for n, v in _xattrs(path)
+        rec.append([(n, v.hex()) for n, v in xattrs(path)
                     if n == OPAQUE_XATTR or n.startswith(("user.", "security.capability"))])
         h.update(json.dumps(rec, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n")
     return h.hexdigest()
@@ -660,7 +116,7 @@ class _Session:
     """A running VM and what it can serve as lowers without a reboot: its disks (by host path)
     and the uppers of the steps it ran (on the scratch disk, by content key)."""
 
-    vm: _VM
+    vm: VM
     disks: dict[Path, str]  # resolved host lower -> guest mount point
     network: bool
     uppers: dict[str, str] = field(default_factory=dict)  # content key -> guest upper
@@ -792,7 +248,7 @@ class MicroVMExecutor:
             raise ExecutorError(f"a step may mount at most {MAX_DISKS - 1} folders, files or "
                                 f"views in a microVM; this one mounts {len(extra)}")  # fmt: skip
         disks = lower_images(req.lowers, self.cache_dir, max_disks=budget)
-        vm = _VM(self.kit, self.accel, [*disks, *extra], req.network, self.memory_mb, self.cpus)
+        vm = VM(self.kit, self.accel, [*disks, *extra], req.network, self.memory_mb, self.cpus)
         vm.start(self.boot_timeout)
         self.boots += 1
         self.last_boot_seconds = vm.boot_seconds
@@ -808,7 +264,7 @@ class MicroVMExecutor:
         self._session = _Session(vm, mapping, req.network)
         return self._session, list(dict.fromkeys(guest)), len(disks)
 
-    def _run_step(self, vm: _VM, req: RunRequest, emit: OutputCallback,
+    def _run_step(self, vm: VM, req: RunRequest, emit: OutputCallback,
                   secret_env: tuple[bytes, ...] = ()) -> int:  # fmt: skip
         assert vm.chan is not None
         deadline = None if req.timeout is None else time.monotonic() + req.timeout
@@ -824,7 +280,7 @@ class MicroVMExecutor:
                 ) from None
             except EOFError:
                 raise ExecutorError(
-                    "the microVM died during the step" + _console_tail(vm)) from None
+                    "the microVM died during the step" + console_tail(vm)) from None
             if f.type is P.FrameType.STDOUT:
                 emit("stdout", f.payload)
             elif f.type is P.FrameType.STDERR:
@@ -836,34 +292,23 @@ class MicroVMExecutor:
             else:
                 raise P.ProtocolError(f"unexpected {f.type.name} frame during RUN")
 
-    def _export(self, vm: _VM, guest_upper: str, req: RunRequest) -> tuple[str, ...]:
+    def _export(self, vm: VM, guest_upper: str, req: RunRequest) -> tuple[str, ...]:
         self._export_to(vm, guest_upper, req.upper_dir)
         return normalize_upper(req.upper_dir, req.lowers)
 
-    def _export_to(self, vm: _VM, guest_upper: str, dest: Path) -> None:
+    def _export_to(self, vm: VM, guest_upper: str, dest: Path) -> None:
         assert vm.chan is not None
         vm.chan.send(P.encode_export(guest_upper))
-        stream = _TarFrames(vm.chan, time.monotonic() + 600)
+        stream = TarFrames(vm.chan, time.monotonic() + 600)
         unpack_export(stream, dest)
-        while stream.end is None:  # tar's end-of-archive padding may leave frames unread
-            stream.read(65536)
-        end = stream.end
+        end = stream.finish()  # tar's end-of-archive padding may leave frames unread
         if end.type is P.FrameType.ERROR:
             raise ExecutorError(f"exporting the step's changes failed: {P.decode_error(end)}")
         if end.type is not P.FrameType.EXPORT_END:
             raise P.ProtocolError(f"unexpected {end.type.name} frame during EXPORT")
-        meta = P.decode_export_end(end)
-        from tlimage._fs import UnsafePathError, setxattr_in_root
+        apply_export_end(dest, P.decode_export_end(end))
 
-        try:
-            for rel, name, value in meta.xattrs:
-                setxattr_in_root(dest, rel, name, value)
-            for rel in meta.opaque:
-                setxattr_in_root(dest, rel, OPAQUE_XATTR, b"y")
-        except (UnsafePathError, FileNotFoundError) as e:
-            raise ExecutorError(f"guest export: unsafe xattr path: {e}") from None
-
-    def _write_back(self, vm: _VM, guest_upper: str, dest: Path, scratch: Path) -> None:
+    def _write_back(self, vm: VM, guest_upper: str, dest: Path, scratch: Path) -> None:
         """A writable host folder's changes, made in the guest on an overlay over its image,
         applied to the folder itself."""
         scratch.mkdir()
@@ -987,55 +432,3 @@ def _plan_mounts(req: RunRequest, images: list, first: int, step_dir: str) -> _M
             raise ExecutorError(f"secret for ${m.env} holds a NUL byte; an environment "
                                 "variable cannot")  # fmt: skip
     return plan
-
-
-def apply_upper(upper: Path, dest: Path) -> None:
-    """Applies an overlay-style upper (whiteouts delete, opaque folders replace) onto the host
-    folder `dest`, moving its files in. Parents come before children and each is made a real
-    folder first, so nothing is ever written through a symlink found in `dest`."""
-    for rel, st in _walk(upper):
-        if rel == ".":
-            continue
-        src = os.path.join(upper, rel)
-        dst = os.path.join(dest, rel)
-        mode = st.st_mode
-        if stat.S_ISCHR(mode) and st.st_rdev == 0:
-            _remove(dst)
-            continue
-        try:
-            cur = os.lstat(dst)
-        except FileNotFoundError:
-            cur = None
-        if stat.S_ISDIR(mode):
-            opaque = False
-            with contextlib.suppress(OSError):
-                opaque = os.getxattr(src, OPAQUE_XATTR, follow_symlinks=False) == b"y"
-            if cur is not None and (opaque or not stat.S_ISDIR(cur.st_mode)):
-                _remove(dst)
-                cur = None
-            if cur is None:
-                os.mkdir(dst)
-            os.chown(dst, st.st_uid, st.st_gid)
-            os.chmod(dst, stat.S_IMODE(mode))
-            continue
-        if cur is not None:
-            _remove(dst)
-        if stat.S_ISREG(mode):
-            try:
-                os.replace(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-                os.chown(dst, st.st_uid, st.st_gid)
-        elif stat.S_ISLNK(mode):
-            os.symlink(os.readlink(src), dst)
-            os.lchown(dst, st.st_uid, st.st_gid)
-        else:
-            os.mknod(dst, mode, st.st_rdev)
-            os.chown(dst, st.st_uid, st.st_gid)
-
-
-def _console_tail(vm: _VM) -> str:
-    with contextlib.suppress(OSError):
-        lines = (vm.tmp / "console.log").read_text(errors="replace").strip().splitlines()[-10:]
-        return "\n" + "\n".join("  | " + line for line in lines)
-    return ""

@@ -33,6 +33,7 @@ from tlimage.runtime._state import (
     op_owner,
 )
 from tlimage.sandbox import proc as _proc
+from tlimage.sandbox.backend import Backend
 
 SANDBOXES = "sandboxes-v1"
 BACKENDS = ("auto", "microvm", "namespace")
@@ -127,7 +128,7 @@ def run_root() -> Path:
     return Path(xdg) / "tlimage" if xdg else Path(f"/tmp/tlimage-{os.getuid()}")
 
 
-def backend_for(name: str):  # noqa: ANN201 - NamespaceBackend | MicroVMBackend
+def backend_for(name: str) -> Backend:
     if name == "namespace":
         from tlimage.runtime.namespace import NamespaceBackend
 
@@ -145,8 +146,8 @@ def select_backend(backend: str, cache_dir: Path | None,
     KVM boots, else the namespace sandbox (said once per process), else the microVM under TCG."""
     if backend not in BACKENDS:
         raise RuntimeError_(f"unknown backend {backend!r}; expected one of: {', '.join(BACKENDS)}")
-    from tlimage.executor import kvm_usable
     from tlimage.sandbox import select_isolation
+    from tlimage.sandbox.qemu.kvm import kvm_usable
 
     return select_isolation(backend, kvm_probe=lambda: kvm_usable(cache_dir), notice=notice)
 
@@ -410,7 +411,7 @@ class Sandbox:
     def secret_names(self) -> list[str]:
         return list(self._rec.extra.get("secret_names") or [])
 
-    def _backend(self):  # noqa: ANN202
+    def _backend(self) -> Backend:
         return backend_for(self._rec.backend)
 
     def _running(self, what: str) -> SandboxRecord:
@@ -676,7 +677,7 @@ def _lowers(rec: SandboxRecord) -> list[Path]:
     return [unpacked_layer(store, la["digest"]) for la in rec.extra["layers"]]
 
 
-def _snapshot_layer(rec: SandboxRecord, be, n: int, *, running: bool):  # noqa: ANN001, ANN202
+def _snapshot_layer(rec: SandboxRecord, be: Backend, n: int, *, running: bool):  # noqa: ANN202
     """The LayerInfo of the sandbox's changes, or None when it changed nothing."""
     import tempfile
 
@@ -803,7 +804,7 @@ def _sweep(db: StateDB) -> None:
             os.rmdir(d)
 
 
-def _rollback(rec: SandboxRecord, be, db: StateDB) -> None:  # noqa: ANN001
+def _rollback(rec: SandboxRecord, be: Backend, db: StateDB) -> None:
     if rec.status is Status.SNAPSHOTTING:
         prev = Status(rec.prev_status or Status.RUNNING)
         if prev is Status.RUNNING:
@@ -811,6 +812,6 @@ def _rollback(rec: SandboxRecord, be, db: StateDB) -> None:  # noqa: ANN001
         db.transition(rec.id, [Status.SNAPSHOTTING], prev, prev_status=None, op_pid=None,
                       op_start=None)  # fmt: skip
     elif rec.status is Status.SUSPENDING:
-        to = be.rollback_suspend(rec)
+        to = Status(be.rollback_suspend(rec))
         db.transition(rec.id, [Status.SUSPENDING], to, op_pid=None, op_start=None,
                       suspended_at=now() if to is Status.SUSPENDED else None)  # fmt: skip

@@ -1,7 +1,7 @@
 """The microVM backend: a sandbox is a QEMU `-M microvm` guest (the build executor's kernel,
-initramfs and agent) supervised by its own shim process.
+initramfs and agent; tlimage.sandbox.qemu) supervised by its own shim process.
 
-    setsid -f python -m tlimage.runtime._vmshim spec.json      (`pids["shim"]`)
+    setsid -f python -m tlimage.sandbox.qemu.shim spec.json    (`pids["shim"]`)
       └─ qemu-system-x86_64 -M microvm ...                       (`pids["qemu"]`, dies with it)
            /dev/vdX  the image's layers as cached ext4 images, read-only (hard-linked into the
                      sandbox folder, so a suspended VM finds them byte-identical on resume)
@@ -24,7 +24,6 @@ continues. A suspended microVM survives a host reboot.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import os
@@ -42,10 +41,17 @@ from pathlib import Path
 from typing import Any
 
 from tlimage.errors import RuntimeError_
-from tlimage.executor.microvm import QMP as _ExecutorQMP
 from tlimage.runtime._errors import ExecStartError, ExecTimeout
 from tlimage.runtime._state import SandboxRecord, Status
 from tlimage.sandbox import proc as _proc
+from tlimage.sandbox.qemu import protocol as P
+from tlimage.sandbox.qemu import qmp as _qmp
+from tlimage.sandbox.qemu.channel import Channel, TarFrames, apply_export_end, unpack_export
+from tlimage.sandbox.qemu.disks import lower_images, make_scratch
+from tlimage.sandbox.qemu.kvm import probe_kvm
+from tlimage.sandbox.qemu.process import qemu_command
+from tlimage.sandbox.qemu.provision import GuestKit, provision, require_tool
+from tlimage.sandbox.upper import normalize_upper
 
 TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 KVM_BOOT_TIMEOUT = 60.0
@@ -62,27 +68,13 @@ Output = Callable[[str, bytes], None]
 # --- QMP -------------------------------------------------------------------------------------
 
 
-class QMP(_ExecutorQMP):
-    """The executor's QMP client, failing as a sandbox error."""
+class QMP(_qmp.QMP):
+    """The sandbox's QMP client, failing as a sandbox error."""
 
     error = RuntimeError_
 
 
-def wait_migration(qmp: QMP, deadline: float) -> None:
-    """Polls until a migration (either side) completed. The incoming side answers `{}` until the
-    stream starts, so no status is not an end."""
-    delay = 0.001
-    while True:
-        st = qmp.command("query-migrate")
-        status = st.get("status")
-        if status == "completed":
-            return
-        if status in ("failed", "cancelled"):
-            raise RuntimeError_(f"migration {status}: {st.get('error-desc', 'no detail')}")
-        if time.monotonic() > deadline:
-            raise RuntimeError_(f"migration did not finish in time (status {status})")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
+wait_migration = _qmp.wait_migration
 
 
 # --- the backend -----------------------------------------------------------------------------
@@ -144,9 +136,6 @@ class MicroVMBackend:
 
     def start(self, rec: SandboxRecord, lowers: list[Path],
               entrypoint: dict[str, Any] | None) -> tuple[dict, dict, Callable[[], None]]:  # fmt: skip
-        from tlimage.executor.microvm import lower_images, make_scratch, probe_kvm
-        from tlimage.executor.provision import require_tool
-
         require_tool("qemu-system-x86_64", "to run microVM sandboxes")
         cache = Path(rec.cache_dir) if rec.cache_dir else None
         kit = guest_kit(cache)
@@ -202,7 +191,7 @@ class MicroVMBackend:
             env = {"PATH": TOOL_PATH, "PYTHONPATH": _pythonpath()}
             with open(rec.path / "shim.log", "ab") as log:
                 subprocess.run([_tool("setsid"), "-f", sys.executable, "-m",
-                                "tlimage.runtime._vmshim", str(spec_path)],
+                                "tlimage.sandbox.qemu.shim", str(spec_path)],
                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                pass_fds=(child.fileno(),), env=env, check=True)  # fmt: skip
             child.close()
@@ -294,8 +283,6 @@ class MicroVMBackend:
         passthrough: bool = False,
         timeout: float | None = None,
     ) -> int:
-        from tlimage.executor import protocol as P
-
         emit = on_output or (lambda _s, _b: None)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._connect(rec) as c:
@@ -338,7 +325,6 @@ class MicroVMBackend:
                 raise
 
     def put(self, rec: SandboxRecord, src: Path, dest: str) -> str:
-        from tlimage.executor import protocol as P
         from tlimage.runtime.namespace import write_tar
 
         if not os.path.lexists(src):
@@ -359,7 +345,6 @@ class MicroVMBackend:
             return target
 
     def get(self, rec: SandboxRecord, src: str, dest: Path) -> Path:
-        from tlimage.executor import protocol as P
         from tlimage.runtime.namespace import host_target, read_tar
 
         with self._connect(rec) as c:
@@ -367,7 +352,7 @@ class MicroVMBackend:
             first = c.recv(None)
             if first.type is P.FrameType.ERROR:
                 raise RuntimeError_(f"cp from {rec.id}:{src} failed: {P.decode_error(first)}")
-            stream = _TarStream(c, first)
+            stream = TarFrames(c, first=first)
             base = os.path.basename(src.rstrip("/"))
             target = host_target(dest, base or "root")
             read_tar(stream, target, top=base or ".")
@@ -383,10 +368,6 @@ class MicroVMBackend:
                      running: bool) -> Iterator[None]:  # fmt: skip
         """The guest's upper, exported while every guest process is stopped (FREEZE), as an
         overlay-style folder at `dest`; placeholders the sandbox created are left out."""
-        from tlimage.executor import protocol as P
-        from tlimage.executor.base import OPAQUE_XATTR, normalize_upper
-        from tlimage.executor.microvm import _safe_join, unpack_export
-
         if not running:
             raise RuntimeError_(f"cannot snapshot sandbox {rec.id} while it is suspended: a "
                                 "suspended microVM has no running agent",
@@ -398,7 +379,7 @@ class MicroVMBackend:
             c.send(P.encode_export(GUEST_UPPER))
             dest.mkdir()
             first = c.recv(None)
-            stream = _TarStream(c, first)
+            stream = TarFrames(c, first=first)
             if first.type is P.FrameType.TAR:
                 unpack_export(stream, dest)
             end = stream.finish()
@@ -406,11 +387,7 @@ class MicroVMBackend:
         if end.type is P.FrameType.ERROR:
             raise RuntimeError_(f"exporting sandbox {rec.id}'s changes failed: "
                                 f"{P.decode_error(end)}")  # fmt: skip
-        meta = P.decode_export_end(end)
-        for rel, name, value in meta.xattrs:
-            os.setxattr(_safe_join(dest, rel), name, value, follow_symlinks=False)
-        for rel in meta.opaque:
-            os.setxattr(_safe_join(dest, rel), OPAQUE_XATTR, b"y", follow_symlinks=False)
+        apply_export_end(dest, P.decode_export_end(end))
         for rel in rec.extra.get("placeholders", []):
             p = dest / rel
             with contextlib.suppress(OSError):
@@ -420,8 +397,6 @@ class MicroVMBackend:
         yield
 
     def thaw(self, rec: SandboxRecord) -> None:
-        from tlimage.executor import protocol as P
-
         with contextlib.suppress(Exception), self._connect(rec) as c:
             _ok(c, P.encode_thaw(), "THAW")
 
@@ -485,59 +460,24 @@ class MicroVMBackend:
         return {"pids": pids}
 
 
-def guest_kit(cache: Path | None):  # noqa: ANN201 - a GuestKit
+def guest_kit(cache: Path | None) -> GuestKit:
     """The executor's provisioned kernel and initramfs (remembered across starts by
     `provision` itself)."""
-    from tlimage.executor.provision import provision
-
     return provision(cache)
 
 
-def qemu_argv(rec: SandboxRecord, kit, accel: str, disks: list[Path],
-              file_ram: bool) -> list[str]:  # noqa: ANN001 - a GuestKit  # fmt: skip
-    from tlimage.executor.microvm import host_tsc_khz
-    from tlimage.executor.provision import require_tool
-
-    qemu = require_tool("qemu-system-x86_64", "to run microVM sandboxes")
+def qemu_argv(rec: SandboxRecord, kit: GuestKit, accel: str, disks: list[Path],
+              file_ram: bool) -> list[str]:  # fmt: skip
+    """The sandbox's QEMU command line: its files in the sandbox folder (kept across a
+    suspend), its sockets in the run folder, and RAM in <sandbox>/ram when `file_ram`."""
     run = rec.run_path
-    cpus = max(1, min(math.ceil(rec.cpus), os.cpu_count() or 1))
-    append = ["console=ttyS0", "quiet", "panic=-1", "reboot=t", "rdinit=/init",
-              f"tl.epoch={int(time.time())}"]
-    khz = host_tsc_khz()
-    if khz and accel == "tcg":
-        append.append(f"tsc_early_khz={khz}")
-    if rec.network:
-        append.append("tl.net=1")
-    machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on"
-    cmd = [qemu]
-    if file_ram:
-        machine += ",memory-backend=mem"
-        cmd += ["-object", f"memory-backend-file,id=mem,size={rec.memory_mb}M,"
-                f"mem-path={rec.path / 'ram'},share=on"]
-    cmd += ["-M", machine, "-m", f"{rec.memory_mb}M", "-smp", str(cpus),
-            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-            "-kernel", str(kit.kernel), "-initrd", str(kit.initrd), "-append", " ".join(append),
-            "-chardev", f"file,id=con,path={rec.path / 'console.log'},append=on",
-            "-serial", "chardev:con",
-            "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
-            "-device", "virtio-serial-device",
-            "-chardev", f"socket,id=ctl,path={run / 'ctl.sock'},server=on,wait=off",
-            "-device", "virtserialport,chardev=ctl,name=tl.ctl",
-            "-object", "rng-random,id=rng0,filename=/dev/urandom",
-            "-device", "virtio-rng-device,rng=rng0"]  # fmt: skip
-    if accel == "kvm":
-        cmd += ["-accel", "kvm", "-cpu", "host"]
-    else:
-        cmd += ["-accel", "tcg,thread=multi", "-cpu", "max"]
-    for i, disk in enumerate(disks):
-        cmd += ["-drive", f"id=l{i},file={disk},format=raw,if=none,readonly=on",
-                "-device", f"virtio-blk-device,drive=l{i},serial=tl-l{i}"]
-    cmd += ["-drive", f"id=scratch,file={rec.path / 'scratch.img'},format=raw,if=none,"
-            "discard=unmap",
-            "-device", "virtio-blk-device,drive=scratch,serial=tl-scratch"]  # fmt: skip
-    if rec.network:
-        cmd += ["-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0"]
-    return cmd
+    return qemu_command(
+        kit, accel, memory_mb=rec.memory_mb,
+        cpus=max(1, min(math.ceil(rec.cpus), os.cpu_count() or 1)), disks=disks,
+        scratch=rec.path / "scratch.img", console=rec.path / "console.log",
+        qmp=run / "qmp.sock", ctl=run / "ctl.sock", network=rec.network,
+        ram_file=rec.path / "ram" if file_ram else None, why="to run microVM sandboxes",
+    )  # fmt: skip
 
 
 # --- client side of the shim -----------------------------------------------------------------
@@ -547,15 +487,13 @@ class _Conn:
     """Frames to and from the agent, through the shim (which serves one client at a time)."""
 
     def __init__(self, path: Path) -> None:
-        from tlimage.executor.microvm import _Channel
-
         sock = socket.socket(socket.AF_UNIX)
         try:
             sock.connect(str(path))
         except OSError as e:
             sock.close()
             raise RuntimeError_(f"cannot reach the sandbox's shim at {path}: {e.strerror}") from None
-        self.chan = _Channel(sock)
+        self.chan = Channel(sock)
         self.lock = threading.Lock()
 
     def send(self, frame) -> None:  # noqa: ANN001 - a protocol Frame
@@ -569,8 +507,6 @@ class _Conn:
 
     def wait_turn(self) -> None:
         """Returns once the shim serves this client (an ATTACH round trip)."""
-        from tlimage.executor import protocol as P
-
         self.send(P.encode_attach(time.time_ns()))
         f = self.recv(None)
         if f.type is not P.FrameType.HELLO:
@@ -582,8 +518,6 @@ class _Conn:
 
 
 def _ok(c: _Conn, frame, what: str) -> None:  # noqa: ANN001 - a protocol Frame
-    from tlimage.executor import protocol as P
-
     c.send(frame)
     f = c.recv(None)
     if f.type is P.FrameType.ERROR:
@@ -599,8 +533,6 @@ def _write_fd(fd: int, data: bytes) -> None:
 
 
 def _feed_stdin(c: _Conn, fd: int) -> None:
-    from tlimage.executor import protocol as P
-
     with contextlib.suppress(OSError):
         while True:
             data = os.read(fd, FRAME_CHUNK)
@@ -617,8 +549,6 @@ class _TarWriter:
         self.buf = bytearray()
 
     def write(self, data: bytes) -> int:
-        from tlimage.executor import protocol as P
-
         self.buf += data
         while len(self.buf) >= FRAME_CHUNK:
             self.c.send(P.encode_tar(bytes(self.buf[:FRAME_CHUNK])))
@@ -626,53 +556,12 @@ class _TarWriter:
         return len(data)
 
     def flush(self) -> None:
-        from tlimage.executor import protocol as P
-
         if self.buf:
             self.c.send(P.encode_tar(bytes(self.buf)))
             self.buf.clear()
 
     def close(self) -> None:
         self.flush()
-
-
-class _TarStream(io.RawIOBase):
-    """A readable stream over TAR frames, starting with `first`; the frame that ends it is
-    returned by `finish()`."""
-
-    def __init__(self, c: _Conn, first) -> None:  # noqa: ANN001 - a protocol Frame
-        from tlimage.executor import protocol as P
-
-        super().__init__()
-        self.c = c
-        self.pending = first.payload if first.type is P.FrameType.TAR else b""
-        self.end = None if first.type is P.FrameType.TAR else first
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:  # noqa: ANN001 - a writable buffer
-        from tlimage.executor import protocol as P
-
-        while not self.pending and self.end is None:
-            f = self.c.recv(None)
-            if f.type is P.FrameType.TAR:
-                self.pending = f.payload
-            else:
-                self.end = f
-        n = min(len(b), len(self.pending))
-        b[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
-        return n
-
-    def close(self) -> None:
-        pass  # readers (tarfile, BufferedReader) close it; the frames that remain are ours
-
-    def finish(self):  # noqa: ANN201 - a protocol Frame
-        while self.end is None:
-            self.pending = b""
-            self.readinto(bytearray(1 << 16))
-        return self.end
 
 
 def _log_tail(rec: SandboxRecord) -> str:

@@ -87,7 +87,7 @@ def require_tool(tool: str, why: str) -> str:
 
 def runner_source_dir() -> Path:
     """runner/ sources: inside the installed package (wheel) or at the repository root."""
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]  # tlimage/
     for candidate in (here / "_runner", here.parent / "runner"):
         if (candidate / "agent.c").is_file() and (candidate / "init").is_file():
             return candidate

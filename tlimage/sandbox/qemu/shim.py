@@ -1,7 +1,7 @@
-"""The supervisor of one microVM sandbox: `python -m tlimage.runtime._vmshim SPEC.json`.
+"""The supervisor of one microVM sandbox: `python -m tlimage.sandbox.qemu.shim SPEC.json`.
 
-One shim per VM, started detached (`setsid -f`) by runtime/microvm.py; QEMU is its child and
-dies with it (PR_SET_PDEATHSIG). The shim:
+One shim per VM, started detached (`setsid -f`) by tlimage/runtime/microvm.py; QEMU is its
+child and dies with it (PR_SET_PDEATHSIG). The shim:
 
 - boots the VM (or restores it from a suspend file with `-incoming defer`, connecting the
   agent's channel before the guest runs, so the guest never sees its host leave), mounts the
@@ -20,7 +20,6 @@ dies with it (PR_SET_PDEATHSIG). The shim:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -32,16 +31,13 @@ import sys
 import time
 from pathlib import Path
 
-from tlimage.executor import protocol as P
+from tlimage.sandbox.qemu import protocol as P
+from tlimage.sandbox.qemu.process import die_with_parent
+from tlimage.sandbox.qemu.qmp import QMP, wait_migration
 
-PR_SET_PDEATHSIG = 1
 T = P.FrameType
 TERMINAL = {T.OK, T.ERROR, T.EXIT, T.EXPORT_END, T.HELLO}
 ENTRY_EXIT = re.compile(rb"tl-agent: entrypoint exited with status (\d+)")
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def write_atomic(path: str, data: str) -> None:
@@ -182,7 +178,7 @@ class Shim:
         log = open(self.dir / "qemu.log", "ab")
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         preexec_fn=_die_with_parent)  # fmt: skip
+                                         preexec_fn=die_with_parent)  # fmt: skip
         finally:
             log.close()
         deadline = time.monotonic() + spec["boot_timeout"]
@@ -210,8 +206,6 @@ class Shim:
                                                         ep["user"], ep["workdir"])), deadline)
 
     def _restore(self, state: str, deadline: float) -> None:
-        from tlimage.runtime.microvm import QMP, wait_migration
-
         qmp = QMP(str(self.run / "qmp.sock"), deadline)
         try:
             qmp.command("migrate-set-capabilities", capabilities=[
