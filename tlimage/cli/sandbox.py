@@ -269,6 +269,29 @@ def register(sbx: typer.Typer) -> None:
             sb.remove()
             print(sb.id)
 
+    @sbx.command("serve")
+    def serve(
+        listen: Annotated[str, typer.Option(
+            "--listen", help="unix:PATH or 127.0.0.1:PORT (port 0 picks a free one).")
+        ] = "127.0.0.1:8765",
+        backend: Annotated[Backend, typer.Option(
+            "--backend", help="Backend of sandboxes created without one.")] = Backend.auto,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No request log.")] = False,
+        project: ProjectOpt = None,
+    ) -> None:
+        """Serve the sandbox HTTP API (OpenAPI at /openapi.json; bearer token in the
+        state folder's api-token file, made on first start)."""
+        from tlimage.runtime.http import address_of, make_server
+
+        srv = make_server(listen, project=project, backend=backend.value, quiet=quiet)
+        print(f"serving the sandbox API on {address_of(srv)}", flush=True)
+        try:
+            srv.serve_forever(poll_interval=0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            srv.server_close()
+
     @sbx.command("logs")
     def logs(ref: IdArg, project: ProjectOpt = None) -> None:
         """Print the sandbox's console: the entrypoint's output (or the VM's console)."""
