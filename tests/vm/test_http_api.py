@@ -186,3 +186,16 @@ def test_schemathesis_finds_no_server_error(server, image: str, tmp_path: Path) 
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "Server error" not in run.stdout
     assert "generated" in run.stdout
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_typescript_client_against_a_live_server(server, image: str) -> None:  # noqa: ANN001
+    from tlimage.frontends.typescript import sdk_dir
+
+    host, port, tok = server
+    env = {**os.environ, "TLIMAGE_API_URL": f"http://{host}:{port}", "TLIMAGE_API_TOKEN": tok,
+           "TLIMAGE_TEST_IMAGE": image}  # fmt: skip
+    proc = subprocess.run(["node", "--test", "test/sandbox.test.js"], cwd=sdk_dir(), env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "# pass 2" in proc.stdout and "# skipped 0" in proc.stdout, proc.stdout[-2000:]

@@ -36,3 +36,22 @@ base.shell([]);
 new Image("name");
 // @ts-expect-error: env values are strings or numbers
 base.env("K", true);
+
+// The sandbox API client.
+import { Sandbox, Client, ApiError } from "../../src/sandbox.js";
+async function sandboxUsage(): Promise<void> {
+  const sb = await Sandbox.create({ image: "x", secretNames: ["K"], memoryMb: 256 });
+  const r = await sb.exec(["true"], { env: { A: "1" } });
+  const code: number = r.exitCode;
+  for await (const ev of sb.stream(["ls"])) {
+    if (ev.event === "exit") { const c: number = ev.data.exit_code; void c; }
+  }
+  const f = await sb.files.stat("/");
+  const kind: "file" | "dir" | "symlink" | "fifo" | "socket" | "char" | "block" = f.type;
+  void code; void kind; void new Client({ url: "unix:/x", token: "t" }); void ApiError;
+  // @ts-expect-error - exec takes an argv array
+  await sb.exec("ls -la");
+  // @ts-expect-error - create needs an image
+  await Sandbox.create({ name: "n" });
+}
+void sandboxUsage;

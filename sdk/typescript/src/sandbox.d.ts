@@ -1,0 +1,120 @@
+// Types of @tlimage/sdk/sandbox (src/sandbox.js): a client for `tl sbx serve`.
+
+export interface ClientOptions {
+  /** http://127.0.0.1:PORT or unix:/path (default: $TLIMAGE_API_URL, else http://127.0.0.1:8765). */
+  url?: string;
+  socketPath?: string;
+  /** Bearer token (default: $TLIMAGE_API_TOKEN). */
+  token?: string;
+}
+
+export declare class ApiError extends Error {
+  readonly status: number;
+  readonly hint: string | undefined;
+}
+
+export declare class Client {
+  constructor(options?: ClientOptions);
+  request(method: string, path: string, options?: {
+    query?: Record<string, string | number | boolean | undefined>;
+    json?: unknown;
+    body?: Uint8Array | string;
+  }): Promise<any>;
+}
+
+export type Status = "Pending" | "Running" | "Snapshotting" | "Suspending" | "Suspended" | "Terminated";
+
+export interface SandboxInfo {
+  sandbox_id: string;
+  namespace: string;
+  status: Status;
+  image: string;
+  resources: { cpus: number; memory_mb: number };
+  secret_names: string[];
+  timeout_secs: number | null;
+  entrypoint: string[] | null;
+  created_at: string;
+  terminated_at: string | null;
+  name: string | null;
+  backend: string;
+  [more: string]: unknown;
+}
+
+export interface CreateOptions extends ClientOptions {
+  image: string;
+  name?: string;
+  backend?: "auto" | "microvm" | "namespace";
+  cpus?: number;
+  memoryMb?: number;
+  timeoutSecs?: number;
+  entrypoint?: string[];
+  env?: Record<string, string>;
+  workdir?: string;
+  user?: string;
+  network?: boolean;
+  secretNames?: string[];
+  client?: Client;
+}
+
+export interface ExecOptions {
+  env?: Record<string, string>;
+  workdir?: string;
+  user?: string;
+  timeoutSecs?: number;
+  stdin?: string;
+}
+
+export interface ExecResult {
+  exitCode: number;
+  stdout: string;
+  stderr: string;
+  durationSecs: number;
+}
+
+export type ExecEvent =
+  | { event: "stdout" | "stderr"; data: { data: string; base64?: string } }
+  | { event: "exit"; data: { exit_code: number; duration_secs: number } }
+  | { event: "error"; data: { error: string; status: number } };
+
+export interface FileInfo {
+  name: string;
+  path: string;
+  type: "file" | "dir" | "symlink" | "fifo" | "socket" | "char" | "block";
+  size: number;
+  /** Octal permission bits, e.g. "0644". */
+  mode: string;
+  uid: number;
+  gid: number;
+  mtime: number;
+  link_target: string | null;
+}
+
+export interface Files {
+  read(path: string): Promise<Uint8Array>;
+  readText(path: string): Promise<string>;
+  write(path: string, data: string | Uint8Array, options?: { mode?: number }): Promise<FileInfo>;
+  list(path?: string): Promise<FileInfo[]>;
+  stat(path: string): Promise<FileInfo>;
+  mkdir(path: string, options?: { parents?: boolean }): Promise<FileInfo>;
+  remove(path: string, options?: { recursive?: boolean }): Promise<{ path: string }>;
+}
+
+export declare class Sandbox {
+  readonly client: Client;
+  readonly id: string;
+  readonly files: Files;
+  /** The info of the last call that returned it. */
+  last: SandboxInfo;
+  static create(options: CreateOptions): Promise<Sandbox>;
+  static get(ref: string, options?: ClientOptions & { client?: Client }): Promise<Sandbox>;
+  static list(options?: ClientOptions & { client?: Client; all?: boolean }): Promise<Sandbox[]>;
+  static secretNames(options?: ClientOptions & { client?: Client }): Promise<string[]>;
+  info(): Promise<SandboxInfo>;
+  exec(cmd: string[], options?: ExecOptions): Promise<ExecResult>;
+  stream(cmd: string[], options?: ExecOptions): AsyncGenerator<ExecEvent>;
+  snapshot(options?: { register?: string }): Promise<{ image: string; image_id: string; layers: number; size: number }>;
+  clone(options?: { name?: string; register?: string }): Promise<Sandbox>;
+  suspend(): Promise<{ seconds: number; memory_snapshot: boolean; note: string | null }>;
+  resume(): Promise<{ seconds: number }>;
+  terminate(): Promise<SandboxInfo>;
+}
