@@ -248,9 +248,10 @@ class RegistryClient:
                                            content=content() if content else None)  # fmt: skip
                 resp = client.send(req, stream=True)
             except (httpx.ConnectError, ssl.SSLError) as e:
-                if (scheme == "https" and not verify and url is None
-                        and ep.host not in self._schemes):  # fmt: skip
-                    self._schemes[ep.host] = "http"  # an insecure host that speaks plain HTTP
+                if scheme == "https" and not verify and url is None and (
+                        isinstance(e, ssl.SSLError) or "SSL" in str(e)):  # fmt: skip
+                    # An insecure host that speaks plain HTTP (or another thread found so).
+                    self._schemes[ep.host] = "http"
                     continue
                 attempt += 1
                 if attempt > self.config.retries or _unresolvable(e):
