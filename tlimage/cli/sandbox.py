@@ -293,11 +293,116 @@ def register(sbx: typer.Typer) -> None:
             srv.server_close()
 
     @sbx.command("logs")
-    def logs(ref: IdArg, project: ProjectOpt = None) -> None:
-        """Print the sandbox's console: the entrypoint's output (or the VM's console)."""
-        path = Path(_get(ref, project).info().dir) / "console.log"
-        if path.exists():
-            sys.stdout.buffer.write(path.read_bytes())
+    def logs(
+        ref: IdArg,
+        pid: Annotated[str | None, typer.Argument(
+            help="A spawned process (id or name); without it, the sandbox's console.")] = None,
+        follow: Annotated[bool, typer.Option("--follow", "-f",
+                                             help="Keep printing until the process ends.")
+                          ] = False,
+        stream: Annotated[str | None, typer.Option(
+            "--stream", help="stdout or stderr (default: both, each to its own).")] = None,
+        project: ProjectOpt = None,
+    ) -> None:
+        """Print a spawned process's output (kept in a bounded ring per stream), or the
+        sandbox's console: the entrypoint's output (or the VM's console)."""
+        sb = _get(ref, project)
+        if pid is None:
+            path = Path(sb.info().dir) / "console.log"
+            if path.exists():
+                sys.stdout.buffer.write(path.read_bytes())
+            return
+        proc = sb.process(pid)
+        streams = [stream] if stream else ["stdout", "stderr"]
+        if not follow:
+            for s in streams:
+                out = sys.stdout if s == "stdout" else sys.stderr
+                out.buffer.write(proc.output(s))
+                out.flush()
+            return
+        import threading
+
+        def pump(s: str) -> None:
+            out = sys.stdout if s == "stdout" else sys.stderr
+            for chunk in proc.follow(s):
+                out.buffer.write(chunk)
+                out.flush()
+
+        threads = [threading.Thread(target=pump, args=(s,), daemon=True) for s in streams]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+
+    @sbx.command("spawn", context_settings=_ARGS_AFTER_ID)
+    def spawn(
+        ref: IdArg,
+        cmd: Annotated[list[str], typer.Argument(help="Command and its arguments.")],
+        name: Annotated[str | None, typer.Option("--name", help="A name for the process.")
+                        ] = None,
+        workdir: Annotated[str | None, typer.Option("--workdir", "-w", help="Working directory.")
+                           ] = None,
+        env: EnvOpt = None,
+        user: Annotated[str | None, typer.Option("--user", "-u", help="USER syntax.")] = None,
+        project: ProjectOpt = None,
+    ) -> None:
+        """Start a background process in a sandbox and print its process id:
+        tl sbx spawn [--name N] ID -- CMD..."""
+        if cmd and cmd[0] == "--":
+            cmd = cmd[1:]
+        p = _get(ref, project).spawn(*cmd, name=name, env=env, workdir=workdir, user=user)
+        print(p.id)
+
+    @sbx.command("ps")
+    def ps(ref: IdArg, project: ProjectOpt = None, json_: JsonOpt = False) -> None:
+        """List a sandbox's spawned processes (ended ones too)."""
+        sts = [p.status() for p in _get(ref, project).processes()]
+        if json_:
+            from tlimage.cli.render import emit_json
+
+            for st in sts:
+                emit_json(st.to_json())
+            return
+        import shlex
+
+        from tlimage.cli.render import table
+
+        rows = [[str(st.id), st.name or "-", "-" if st.pid is None else str(st.pid), st.state,
+                 "-" if st.exit_code is None else str(st.exit_code), _ago(st.started_at),
+                 shlex.join(st.cmd)[:60]] for st in sts]  # fmt: skip
+        table(["ID", "NAME", "PID", "STATE", "EXIT", "STARTED", "COMMAND"], rows,
+              empty="no processes (start one with tl sbx spawn ID -- CMD)")  # fmt: skip
+
+    @sbx.command("kill")
+    def kill(
+        ref: IdArg,
+        pid: Annotated[str, typer.Argument(help="Process id (as spawn and ps show it) or name.")],
+        sig: Annotated[str, typer.Option("--signal", "-s", help="Signal name or number.")
+                       ] = "TERM",
+        project: ProjectOpt = None,
+    ) -> None:
+        """Send a signal to a spawned process (default TERM)."""
+        _get(ref, project).process(pid).signal(sig)
+
+    @sbx.command("wait")
+    def wait(
+        ref: IdArg,
+        pid: Annotated[str, typer.Argument(help="Process id or name.")],
+        timeout: Annotated[float | None, typer.Option("--timeout", help="Give up after seconds.")
+                           ] = None,
+        project: ProjectOpt = None,
+    ) -> int:
+        """Wait for a spawned process to end; its exit code is ours (1 on a time-out or when
+        it could not start)."""
+        proc = _get(ref, project).process(pid)
+        code = proc.wait(timeout)
+        if code is None:
+            st = proc.status()
+            print(st.error or f"process {proc.id} is still {st.state}", file=sys.stderr)
+            return 1
+        print(code)
+        return code
 
 
 def _fs_commands(sbx: typer.Typer) -> None:

@@ -8,6 +8,7 @@
     img = sb.snapshot(register="dev-snap:v1")     # a registered image: image layers + changes
     sb.suspend(); sb.resume()                     # named sandboxes only
     twin = sb.clone()                             # a new sandbox from a snapshot
+    p = sb.spawn("python3", "-m", "http.server")  # background; p.status(), p.signal(), p.wait()
     set_secret("API_KEY", "…")                    # per project, 0600 in the state folder
     Sandbox.create("hello", secret_names=["API_KEY"])  # $API_KEY in every exec and spawn
     sb.terminate()
@@ -34,6 +35,7 @@ from tlimage.runtime._api import (
 )
 from tlimage.runtime._errors import ExecStartError, ExecTimeout, SandboxNotFound
 from tlimage.runtime._files import FileInfo
+from tlimage.runtime._procs import Process, ProcessStatus
 from tlimage.runtime._secrets import list_secrets, remove_secret, set_secret
 from tlimage.runtime._state import Status
 
@@ -43,6 +45,8 @@ __all__ = [
     "ExecStartError",
     "ExecTimeout",
     "FileInfo",
+    "Process",
+    "ProcessStatus",
     "Sandbox",
     "SandboxInfo",
     "SandboxNotFound",

@@ -475,6 +475,39 @@ class Sandbox:
                                     timeout=timeout)  # fmt: skip
         return ExecResult(code, b"".join(out), b"".join(err), time.monotonic() - t0)
 
+    def spawn(
+        self,
+        *cmd: str,
+        name: str | None = None,
+        env: Sequence[str] | dict[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+    ):  # noqa: ANN201 - Process
+        """Starts `cmd` in the background (image env, sandbox env and secrets as for exec)
+        and returns a `Process` once it runs: `.pid`, `.status()`, `.signal()`, `.wait()`,
+        `.stdout`/`.stderr` iterators. Its output is kept in a bounded ring per stream. A
+        program that cannot start raises ExecStartError."""
+        from tlimage.runtime._procs import spawn
+
+        return spawn(self, list(cmd), name=name, env=env, workdir=workdir, user=user)
+
+    def processes(self) -> list:
+        """The processes spawned in this sandbox, oldest first (ended ones included)."""
+        from tlimage.runtime._procs import list_processes
+
+        return list_processes(self)
+
+    def process(self, pid: int | str):  # noqa: ANN201 - Process
+        """A spawned process by its id (as `spawn` and `ps` show it) or its name."""
+        from tlimage.runtime._procs import Process, list_processes
+
+        if isinstance(pid, int) or str(pid).isdigit():
+            return Process(self, int(pid))
+        hits = [p for p in list_processes(self) if p.status().name == pid]
+        if not hits:
+            raise RuntimeError_(f"sandbox {self.id} has no process named {pid!r}")
+        return hits[-1]
+
     def cp_in(self, src: str | os.PathLike[str], dest: str) -> str:
         """Copies a host file or folder into the sandbox; `dest` an existing folder means
         into it. Returns the path written in the sandbox."""
