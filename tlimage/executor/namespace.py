@@ -61,7 +61,8 @@ class NamespaceExecutor:
             (scratch / "merged").mkdir()
             spec = {
                 **isolation.root_spec(req.lowers, upper, scratch / "work", scratch / "merged",
-                                      network=req.network, hostname=HOSTNAME),
+                                      network=req.network, hostname=HOSTNAME,
+                                      files_dir=scratch),
                 "argv": list(req.argv),
                 "env": req.env_list(),
                 "user": req.user,

@@ -3,12 +3,11 @@ namespaces (and network, when it has none) on an overlayfs root, with no daemon.
 itself (launch, PID 1, exec helper, cgroups) is tlimage.sandbox's; this module keeps sandboxes
 alive and records their state.
 
-    setsid -f unshare ... -- python3 -I -S sandbox/_init.py FD
-        unshare (host pid, `pids["unshare"]`)        waits for its child; SIGKILLs it if killed
-          └─ _init.py (PID 1 inside, `pids["init"]`)   mounts, entrypoint, watchdog, reaper
-    nsenter -t <init> ... -- python3 -I -S sandbox/_enter.py   exec, cp in, cp out
+    tlimage-init (sandbox/_init.py: new namespaces)    forks PID 1 and exits
+      └─ PID 1 (`pids["init"]`, child of the host's init)  mounts, entrypoint, watchdog, reaper
+    tlimage-enter (sandbox/_enter.py: setns into the sandbox)   exec, cp in, cp out
 
-`setsid -f` makes the tree nobody's child: it survives the CLI and a crash of it, and no tlimage
+The launcher's exit makes the tree nobody's child: it survives the CLI and a crash of it, and no tlimage
 process must reap it. Files: `<sandbox dir>/fs/{upper,work,merged}`; `merged` is mounted only
 inside the sandbox's mount namespace, so nothing is mounted on the host and nothing can be left
 mounted there: the kernel drops the mounts with the namespace's last process.
@@ -20,6 +19,7 @@ namespace sandbox does not survive a host reboot.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import selectors
@@ -41,9 +41,9 @@ from tlimage.sandbox import proc as _proc
 from tlimage.sandbox.cgroup import Cgroup
 
 START_TIMEOUT = 30.0
-TOOL_PATH = isolation.TOOL_PATH
 
 Output = Callable[[str, bytes], None]
+Launch = Callable[..., subprocess.Popen]  # Popen's keyword arguments -> the started helper
 
 
 def check_host() -> str | None:
@@ -74,12 +74,13 @@ class NamespaceBackend:
         extra: dict[str, Any] = {"cgroup": cg.to_json() if cg else None, "notes": notes}
         spec = {
             **isolation.root_spec(lowers, fs / "upper", fs / "work", fs / "merged",
-                           network=rec.network, hostname=rec.name or rec.id),
+                           network=rec.network, hostname=rec.name or rec.id,
+                                files_dir=rec.path),
             "id": rec.id,
             "entrypoint": entrypoint,
-            "deadline_file": str(rec.path / "deadline"),
-            "exit_file": str(rec.path / "exit.json"),
-            "placeholders_file": str(rec.path / "placeholders.json"),
+            # PID 1 keeps a descriptor of it and reads `deadline`, writes `exit.json` and
+            # `placeholders.json` there.
+            "state_dir": str(rec.path),
             "cgroup_procs": cg.procs_files() if cg else [],
         }
         try:
@@ -95,9 +96,7 @@ class NamespaceBackend:
                 cg.remove()
             raise
         init = _proc.ident(pid)
-        up = _proc.ppid(pid)
-        unshare = _proc.ident(up) if up else None
-        pids = {"init": init, "unshare": unshare} if unshare else {"init": init}
+        pids = {"init": init}
         extra["pidns"] = _proc.pid_ns(pid)
         return pids, extra, confirm
 
@@ -108,10 +107,11 @@ class NamespaceBackend:
 
     def stop(self, rec: SandboxRecord) -> None:
         """Kills every process of the sandbox and waits for them; idempotent."""
-        init, unshare = rec.pids.get("init"), rec.pids.get("unshare")
+        init = rec.pids.get("init")
+        unshare = rec.pids.get("unshare")  # recorded by versions that started it
         # SIGKILL to a PID namespace's init (delivered even from outside) takes down every
         # process in the namespace; the cgroup and the pid-namespace scan catch anything that
-        # was already on its way in (an nsenter'd helper between setns and fork).
+        # was already on its way in (an exec helper between setns and fork).
         _proc.signal_entry(init, signal.SIGKILL)
         _proc.signal_entry(unshare, signal.SIGKILL)
         cg = Cgroup.from_json(rec.extra.get("cgroup"))
@@ -208,21 +208,15 @@ class NamespaceBackend:
 
     # -- exec and copy --------------------------------------------------------------------
 
-    def _enter(self, rec: SandboxRecord, spec: dict, status_w: int) -> tuple[list[str], int]:
-        """(command, spec fd): the caller passes the fd to the command and closes it."""
+    def _enter(self, rec: SandboxRecord, spec: dict, status_w: int) -> Launch:
         init = rec.pids.get("init")
         if not _proc.alive(init):
             raise RuntimeError_(f"sandbox {rec.id} is not running (its init process is gone)")
         assert init is not None
         cg = Cgroup.from_json(rec.extra.get("cgroup"))
-        spec = {**spec, "merged": str(fs_dir(rec) / "merged"),
-                "cgroup_procs": cg.procs_files() if cg else [], "status_fd": status_w}  # fmt: skip
-        spec_r = isolation.spec_pipe(spec)
-        try:
-            return isolation.enter_command(init[0], rec.network, spec_r), spec_r
-        except isolation.SandboxError as e:
-            os.close(spec_r)
-            raise RuntimeError_(str(e)) from None
+        spec = {**spec, "cgroup_procs": cg.procs_files() if cg else [], "status_fd": status_w,
+                "seccomp": rec.extra.get("seccomp", "")}  # fmt: skip
+        return functools.partial(isolation.enter, init, spec, pass_fds=(status_w,))
 
     def exec(
         self,
@@ -241,29 +235,22 @@ class NamespaceBackend:
         `passthrough` the program writes straight to this process's stdout and stderr (and
         reads its stdin when `stdin` is an fd); otherwise chunks go to `on_output`."""
         status_r, status_w = os.pipe()
-        spec_r = -1
         try:
-            cmd, spec_r = self._enter(rec, {"mode": "exec", "argv": argv, "env": env,
-                                            "user": user, "workdir": workdir}, status_w)  # fmt: skip
-            return _spawn(cmd, status_r, status_w, stdin, on_output, passthrough, timeout, argv,
-                          spec_r)  # fmt: skip
+            cmd = self._enter(rec, {"mode": "exec", "argv": argv, "env": env, "user": user,
+                                    "workdir": workdir}, status_w)  # fmt: skip
+            return _spawn(cmd, status_r, status_w, stdin, on_output, passthrough, timeout, argv)
         finally:
-            for fd in (status_r, status_w, spec_r):
-                if fd >= 0:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+            for fd in (status_r, status_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def put(self, rec: SandboxRecord, src: Path, dest: str) -> str:
         """Copies a host file or directory into the sandbox (as `docker cp` does: into `dest`
         when it is a directory, else as `dest`); returns the path written."""
         status_r, status_w = os.pipe()
-        spec_r = -1
         try:
-            cmd, spec_r = self._enter(rec, {"mode": "put", "dest": dest, "name": src.name},
-                                      status_w)  # fmt: skip
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, pass_fds=(status_w, spec_r),
-                                    env={"PATH": TOOL_PATH})  # fmt: skip
+            cmd = self._enter(rec, {"mode": "put", "dest": dest, "name": src.name}, status_w)
+            proc = cmd(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             os.close(status_w)
             assert proc.stdin is not None
             try:
@@ -280,22 +267,17 @@ class NamespaceBackend:
                                     f"{failure or _last_line(err)}")  # fmt: skip
             return json.loads(out)["path"]
         finally:
-            for fd in (status_r, status_w, spec_r):
-                if fd >= 0:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+            for fd in (status_r, status_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def fs(self, rec: SandboxRecord, op: str, path: str, **args: Any) -> Any:
         """One file operation (`stat`, `list`, `mkdir`, `remove`) in the sandbox's root, as
         root, links resolved inside the root; returns its JSON result."""
         status_r, status_w = os.pipe()
-        spec_r = -1
         try:
-            cmd, spec_r = self._enter(rec, {"mode": "fs", "op": op, "path": path, **args},
-                                      status_w)  # fmt: skip
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, pass_fds=(status_w, spec_r),
-                                    env={"PATH": TOOL_PATH})  # fmt: skip
+            cmd = self._enter(rec, {"mode": "fs", "op": op, "path": path, **args}, status_w)
+            proc = cmd(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             os.close(status_w)
             status_w = -1
             out, err = proc.communicate()
@@ -305,7 +287,7 @@ class NamespaceBackend:
                                     f"{failure or _last_line(err)}")  # fmt: skip
             return json.loads(out)
         finally:
-            for fd in (status_r, status_w, spec_r):
+            for fd in (status_r, status_w):
                 if fd >= 0:
                     with contextlib.suppress(OSError):
                         os.close(fd)
@@ -314,12 +296,9 @@ class NamespaceBackend:
         """Copies a file or directory out of the sandbox to `dest` (into it when it is a
         directory); returns the host path written."""
         status_r, status_w = os.pipe()
-        spec_r = -1
         try:
-            cmd, spec_r = self._enter(rec, {"mode": "get", "src": src}, status_w)
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, pass_fds=(status_w, spec_r),
-                                    env={"PATH": TOOL_PATH})  # fmt: skip
+            cmd = self._enter(rec, {"mode": "get", "src": src}, status_w)
+            proc = cmd(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             os.close(status_w)
             assert proc.stdout is not None and proc.stderr is not None
             failure = _read_all(status_r)
@@ -335,10 +314,9 @@ class NamespaceBackend:
                 raise RuntimeError_(f"cp from {rec.id}:{src} failed: {_last_line(err)}")
             return target
         finally:
-            for fd in (status_r, status_w, spec_r):
-                if fd >= 0:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+            for fd in (status_r, status_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     # -- snapshot -------------------------------------------------------------------------
 
@@ -369,9 +347,9 @@ class NamespaceBackend:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _spawn(cmd: list[str], status_r: int, status_w: int, stdin: bytes | int | None,
+def _spawn(cmd: Launch, status_r: int, status_w: int, stdin: bytes | int | None,
            on_output: Output | None, passthrough: bool, timeout: float | None,
-           argv: list[str], spec_r: int) -> int:  # fmt: skip
+           argv: list[str]) -> int:  # fmt: skip
     emit = on_output or (lambda _s, _b: None)
     if isinstance(stdin, int):
         stdin_arg: Any = stdin
@@ -380,8 +358,7 @@ def _spawn(cmd: list[str], status_r: int, status_w: int, stdin: bytes | int | No
     else:
         stdin_arg = subprocess.PIPE
     out = None if passthrough else subprocess.PIPE
-    proc = subprocess.Popen(cmd, stdin=stdin_arg, stdout=out, stderr=out,
-                            pass_fds=(status_w, spec_r), env={"PATH": TOOL_PATH})  # fmt: skip
+    proc = cmd(stdin=stdin_arg, stdout=out, stderr=out)
     os.close(status_w)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:

@@ -1,63 +1,97 @@
-"""Runs inside a namespace sandbox, started as
-`nsenter -t <init> -m -u -i -p [-n] -- python3 -I -S _enter.py fd:N` (the spec on pipe N) (sandbox/namespace.py).
+"""Starts a process in a running namespace sandbox (sandbox/namespace.py `enter`): this
+module and `_init` are imported on the host, then it joins the sandbox's cgroups and
+namespaces with setns (PID 1's mount namespace has the sandbox's root as `/`, so no chroot and
+no host path) and forks, since only children join a PID namespace. The parent stays outside,
+waits, and exits with the child's code; the child dies with it.
 
 Modes:
-    exec  chroot into the sandbox root, become the user, cd, exec argv with exactly `env`
+    exec  become the user, cd, exec argv with exactly `env` (Docker's default capabilities,
+          no_new_privs, the seccomp filter: see _init.become)
+    fs    one file operation (stat, list, mkdir, remove), the result as JSON on stdout
     put   read a tar on stdin whose single top-level entry is `_`, and write it as `dest`
           (or `dest/<name>` when `dest` is a directory), owners as in the tar
     get   write `src` as a tar with the single top-level entry `_` on stdout (a symlink is
           copied as the link, as `docker cp` does)
 
 Everything that can fail before the program runs is written to `status_fd` (closed on exec)
-and ends with exit 127, so the host tells "could not start" from an exit code. Modules are
-imported before the chroot: the sandbox need not have a Python.
+and ends with exit 127, so the host tells "could not start" from an exit code.
 """
 
 import json
 import os
+import shutil
+import signal
+import stat as S
 import sys
 import tarfile
 
+import _init as ns
 
-def main():
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import _init as ns  # noqa: PLC0415 - this file's neighbour, not on sys.path under -I
+NAMESPACES = ("cgroup", "ipc", "uts", "net", "pid", "mnt")  # mnt last: it leaves the host
 
-    # `fd:N`: the spec is JSON on pipe N (never on the command line: it holds the env).
-    spec = ns.read_spec(int(sys.argv[1].removeprefix("fd:")))
 
+def join(init):
+    """Joins the namespaces of the process `init` ([host pid, start time])."""
+    pid, started = init
+    fds = []
+    try:
+        for name in NAMESPACES:
+            fds.append(os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC))
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+        if int(raw[raw.rfind(b")") + 2:].split()[19]) != started:
+            raise OSError(3, "the sandbox's init process is gone")
+    except OSError as e:
+        ns.fail(f"the sandbox is not running: {e.strerror or e}")
+    for name, fd in zip(NAMESPACES, fds, strict=True):
+        if ns.libc().setns(fd, 0) != 0:
+            err = ns.ctypes.get_errno()
+            ns.fail(f"cannot join the sandbox ({name}): {os.strerror(err)}")
+        os.close(fd)
+
+
+def main(spec):
     ns.STATUS_FD = spec["status_fd"]
-    ns.libc()  # ctypes, imported while the host's Python is still reachable
     os.set_inheritable(ns.STATUS_FD, False)
+    ns.start(spec)
     for procs in spec["cgroup_procs"]:
         try:
             with open(procs, "w") as f:
                 f.write("0")
         except OSError:
-            pass  # the sandbox is ending; the chroot below fails if it is gone
-    try:
-        os.chroot(spec["merged"])
-        os.chdir("/")
-    except OSError as e:
-        ns.fail(f"cannot enter the sandbox root: {e.strerror}")
+            pass  # the sandbox is ending; joining its namespaces fails if it is gone
+    join(spec["init"])
+    pid = os.fork()
+    if pid:
+        os.close(ns.STATUS_FD)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(128 - code if code < 0 else code)
+    ns.prctl(ns.PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.chdir("/")
     mode = spec["mode"]
     if mode == "exec":
-        run(spec, ns)
-    elif mode == "put":
-        put(spec, ns)
-    elif mode == "get":
-        get(spec, ns)
-    elif mode == "fs":
-        fs(spec, ns)
-    else:
+        run(spec)
+    if mode not in ("put", "get", "fs"):
         ns.fail(f"unknown mode {mode!r}")
+    try:  # the copy runs as root, but with no more privilege than a step's root
+        ns.drop_bounding()
+        ns.prctl(ns.PR_SET_NO_NEW_PRIVS, 1)
+        ns.set_caps(0)
+        ns.close_fds((ns.STATUS_FD,))
+        ns.load_seccomp(ns.SECCOMP)
+    except OSError as e:
+        ns.fail(f"drop privileges: {e.strerror or e}")
+    {"put": put, "get": get, "fs": fs}[mode](spec)
+    os._exit(0)
 
 
-def run(spec, ns):
+def run(spec):
     ns.become({**spec, "pdeathsig": True})
 
 
-def _target(ns, dest, name):
+def _target(dest, name):
     if os.path.isdir(dest):
         return os.path.join(dest, name)
     parent = os.path.dirname(dest.rstrip("/")) or "/"
@@ -68,8 +102,8 @@ def _target(ns, dest, name):
     return dest.rstrip("/")
 
 
-def put(spec, ns):
-    target = _target(ns, spec["dest"], spec["name"])
+def put(spec):
+    target = _target(spec["dest"], spec["name"])
     base = os.path.basename(target) or "."
     os.chdir(os.path.dirname(target) or "/")
     with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tf:
@@ -88,7 +122,7 @@ def put(spec, ns):
     os.close(ns.STATUS_FD)
 
 
-def get(spec, ns):
+def get(spec):
     src = spec["src"]
     try:
         os.lstat(src)
@@ -102,8 +136,6 @@ def get(spec, ns):
 
 
 def _entry(path, name=None, follow=False):
-    import stat as S
-
     st = os.stat(path) if follow else os.lstat(path)
     kind = ("dir" if S.S_ISDIR(st.st_mode) else "file" if S.S_ISREG(st.st_mode)
             else "symlink" if S.S_ISLNK(st.st_mode) else "fifo" if S.S_ISFIFO(st.st_mode)
@@ -115,18 +147,16 @@ def _entry(path, name=None, follow=False):
             "link_target": os.readlink(path) if kind == "symlink" else None}  # fmt: skip
 
 
-def fs(spec, ns):
-    """One file operation in the sandbox's root (after the chroot: a link resolves inside
-    it, as for cp); the result is JSON on stdout, a failure goes to the status fd."""
-    import shutil
-
+def fs(spec):
+    """One file operation in the sandbox's root (a link resolves inside it, as for cp); the
+    result is JSON on stdout, a failure goes to the status fd."""
     op, path = spec["op"], spec["path"]
     try:
         if op == "stat":
             try:
                 out = _entry(path, follow=spec.get("follow", False))
                 if spec.get("follow"):
-                    out["path"] = os.path.realpath(path)  # inside the root: chroot
+                    out["path"] = os.path.realpath(path)  # inside the root: pivot_root
             except FileNotFoundError:
                 if not spec.get("missing_ok"):
                     raise
@@ -163,6 +193,3 @@ def fs(spec, ns):
     sys.stdout.write(json.dumps(out))
     sys.stdout.flush()
 
-
-if __name__ == "__main__":
-    main()

@@ -24,6 +24,7 @@ overlay root and the pseudo filesystems inside its private mount namespace, then
   reason, exit_code, at). As PID 1, its exit takes every process of the sandbox with it.
 """
 
+import ctypes
 import json
 import os
 import signal
@@ -51,15 +52,11 @@ _libc = None
 def libc():
     global _libc
     if _libc is None:
-        import ctypes
-
         _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
 
 
 def mount(src, target, fstype=None, options="", flags=""):
-    import ctypes
-
     bits = 0
     names = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "remount": 32, "bind": 4096,
              "rec": 16384, "private": 1 << 18}
@@ -204,8 +201,9 @@ def setup_mounts(root, scratch, mounts, secrets_fd):
             else:
                 mount(src, dest, flags="bind")
             mounted[-1] = (dest, stubs)
-            if m["readonly"] and kind != "tmpfs":
-                mount(None, dest, flags="remount,bind,ro,nosuid,nodev")
+            if kind != "tmpfs":  # a device node in a mount can never be opened
+                ro = ",ro" if m["readonly"] else ""
+                mount(None, dest, flags="remount,bind,nosuid,nodev" + ro)
         except OSError as e:  # name the target in the step's root, not the host path
             raise OSError(e.errno, f"cannot mount {kind} at {target}: "
                           f"{os.strerror(e.errno or 5)}") from None
@@ -301,18 +299,151 @@ def bind_file(root, rel, src, created, mounted):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         created.append(path)
     mount(os.path.realpath(src), path, flags="bind")
+    mount(None, path, flags="remount,bind,nosuid,nodev,noexec")
     mounted.append(path)
 
 
-def read_spec(fd):
-    chunks = []
-    while True:
-        b = os.read(fd, 1 << 20)
-        if not b:
-            break
-        chunks.append(b)
-    os.close(fd)
-    return json.loads(b"".join(chunks))
+# --- hardening: capabilities, no_new_privs, seccomp, /proc masks ---------------------------
+
+# Docker's default capability set (moby oci/caps/defaults.go), by number.
+DEFAULT_CAPS = (0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31)
+# runc's defaults (libcontainer/specconv/example.go).
+MASKED_PATHS = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+                "/sys/devices/virtual/powercap")
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_CAPBSET_DROP = 1, 4, 22, 24
+PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
+SECCOMP_MODE_FILTER = 2
+MNT_DETACH = 2
+CAP_LAST = 40  # read from /proc at start-up
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def prctl(option, arg=0):
+    if libc().prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+
+
+def nondumpable():
+    """/proc/<pid>/{environ,exe,root,fd,mem} of this process are out of reach of every process
+    without CAP_SYS_PTRACE, which no process of the sandbox has."""
+    prctl(PR_SET_DUMPABLE, 0)
+
+
+def read_cap_last():
+    global CAP_LAST
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            CAP_LAST = int(f.read())
+    except (OSError, ValueError):
+        pass
+
+
+def drop_bounding():
+    """Docker's default set as the bounding set (needs CAP_SETPCAP, so before setuid)."""
+    for cap in range(CAP_LAST + 1):
+        if cap not in DEFAULT_CAPS:
+            prctl(PR_CAPBSET_DROP, cap)
+
+
+def set_caps(uid):
+    """Effective and permitted: the default set for root, none for another user (setuid has
+    cleared them); inheritable and ambient: none, so nothing is handed on across execve."""
+    mask = 0
+    if uid == 0:
+        for cap in DEFAULT_CAPS:
+            mask |= 1 << cap
+    hdr = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    data[0].effective = data[0].permitted = mask & 0xFFFFFFFF
+    data[1].effective = data[1].permitted = mask >> 32
+    if libc().capset(ctypes.byref(hdr), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+    try:
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    except OSError:
+        pass  # kernels before 4.3 have no ambient set
+
+
+def load_seccomp(bpf):
+    """Installs the filter (BPF bytes compiled on the host by libseccomp); the last thing
+    before execve. no_new_privs is set already."""
+    if not bpf:
+        return
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = _SockFprog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    if libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"seccomp: {os.strerror(err)}")
+
+
+def close_fds(keep=()):
+    """Every descriptor but 0-2 (and `keep`, which are close-on-exec) is closed."""
+    fd = 3
+    for k in sorted(k for k in keep if k >= 3):
+        os.closerange(fd, k)
+        fd = k + 1
+    os.closerange(fd, 1 << 16)
+
+
+def mask_paths(root):
+    """runc's masked and read-only paths, under `root`."""
+    for rel in MASKED_PATHS:
+        path = root + rel
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                mount("tmpfs", path, "tmpfs", "size=0", flags="ro,nosuid,nodev,noexec")
+            else:
+                mount("/dev/null", path, flags="bind")
+        except OSError:
+            pass  # e.g. a /proc file the kernel does not have
+    for rel in READONLY_PATHS:
+        path = root + rel
+        if os.path.lexists(path):
+            mount(path, path, flags="bind,rec")
+            mount(None, path, flags="remount,bind,ro,nosuid,nodev,noexec")
+
+
+def pivot(root):
+    """Makes `root` this mount namespace's `/` and detaches the old root: no host path is
+    reachable from here on (runc's pivot_root(".", ".") trick, no folder left in the root)."""
+    os.chdir(root)
+    if libc().syscall(155, b".", b".") != 0:  # SYS_pivot_root on x86_64
+        err = ctypes.get_errno()
+        raise OSError(err, f"pivot_root: {os.strerror(err)}")
+    if libc().umount2(b".", MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"detach the old root: {os.strerror(err)}")
+    os.chdir("/")
+
+
+def inside(root, path):
+    """A path made before pivot(root) as the sandbox sees it."""
+    rel = os.path.relpath(path, root)
+    return "/" if rel == "." else "/" + rel
+
+
+# --- start-up ------------------------------------------------------------------------------
 
 
 def loopback_up():
@@ -328,29 +459,33 @@ def loopback_up():
 
 
 def setup_root(spec):
-    """The sandbox's root at spec["merged"]: the overlay, /proc, /sys, /dev, the host's name
-    files when it shares the host's network, the loopback when it does not, the hostname.
-    Returns (created, mounted): placeholder files made in the upper and what was mounted on
-    them, to undo before the end."""
+    """The sandbox's root at spec["merged"]: the overlay (nodev), /proc with runc's masks, a
+    read-only /sys, a /dev with only the usual nodes, the name files, the loopback when it has
+    its own network, the hostname. Returns (created, mounted): placeholder files made in the
+    upper and what was mounted on them (host paths, before pivot)."""
     root = spec["merged"]
     mount(None, "/", flags="rec,private")
     lowers = ":".join(_escape(p) for p in reversed(spec["lowers"]))  # top layer first
     mount("overlay", root, "overlay",
           f"lowerdir={lowers},upperdir={_escape(spec['upper'])},workdir={_escape(spec['work'])},"
-          "redirect_dir=off,metacopy=off,index=off")
+          "redirect_dir=off,metacopy=off,index=off", flags="nodev")
     if os.path.isdir(root + "/proc"):
         mount("proc", root + "/proc", "proc", flags="nosuid,nodev,noexec")
     if os.path.isdir(root + "/sys"):
         try:
             mount("sysfs", root + "/sys", "sysfs", flags="nosuid,nodev,noexec,ro")
         except OSError:
-            pass
+            # sysfs belongs to a network namespace: one shared with the host cannot mount it
+            # from a new mount namespace on every kernel; nothing then is better than the host's.
+            mount("tmpfs", root + "/sys", "tmpfs", "size=0", flags="ro,nosuid,nodev,noexec")
     if os.path.isdir(root + "/dev"):
         dev = root + "/dev"
-        mount("tmpfs", dev, "tmpfs", "mode=755,size=65536k", flags="nosuid")
+        mount("tmpfs", dev, "tmpfs", "mode=755,size=65536k", flags="nosuid,noexec")
         for node in ("null", "zero", "full", "random", "urandom", "tty"):
             os.close(os.open(f"{dev}/{node}", os.O_CREAT | os.O_WRONLY, 0o666))
             mount(f"/dev/{node}", f"{dev}/{node}", flags="bind")
+        # Only the bind mounts above are devices: a node made in /dev cannot be opened.
+        mount(None, dev, flags="remount,nosuid,nodev,noexec", options="mode=755,size=65536k")
         for d in ("pts", "shm", "mqueue"):
             os.mkdir(f"{dev}/{d}")
         mount("devpts", f"{dev}/pts", "devpts", "newinstance,ptmxmode=0666,mode=620",
@@ -364,12 +499,11 @@ def setup_root(spec):
         for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                              ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
             os.symlink(target, f"{dev}/{name}")
+    mask_paths(root)
     created, mounted = [], []
-    if spec["network"]:
-        bind_file(root, "/etc/resolv.conf", "/etc/resolv.conf", created, mounted)
-        bind_file(root, "/etc/hosts", "/etc/hosts", created, mounted)
-    else:
-        loopback_up()
+    for rel, src in sorted(spec.get("etc_files", {}).items()):
+        bind_file(root, rel, src, created, mounted)
+    loopback_up()
     try:
         socket.sethostname(spec["hostname"])
     except OSError:
@@ -377,10 +511,11 @@ def setup_root(spec):
     return created, mounted
 
 
-def become(proc, extra_env=None):
-    """In the sandbox's root already: become `proc["user"]`, cd to its workdir and exec its
-    argv with exactly its env (plus HOME and `extra_env`). Never returns; failures go to the
-    status fd."""
+def become(proc, extra_env=None, keep=()):
+    """In the sandbox's root already: become `proc["user"]` with Docker's default
+    capabilities, no_new_privs and the seccomp filter, cd to its workdir and exec its argv
+    with exactly its env (plus HOME and `extra_env`). Never returns; failures go to the status
+    fd."""
     for s in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(s, signal.SIG_DFL)
     uid, gid, groups, home = resolve_user(proc["user"])
@@ -395,29 +530,60 @@ def become(proc, extra_env=None):
     if exe is None:
         fail(f'exec: "{argv[0]}": executable file not found in $PATH')
     try:
+        drop_bounding()
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+    except OSError as e:
+        fail(f"drop privileges: {e.strerror or e}")
+    try:
         os.setgroups(groups)
         os.setgid(gid)
         os.setuid(uid)
     except OSError as e:
         fail(f"set user {proc['user']}: {e.strerror}")
+    try:
+        set_caps(uid)
+    except OSError as e:
+        fail(f"drop privileges: {e.strerror or e}")
     envd = dict(e.split("=", 1) for e in env)
     envd.setdefault("HOME", home)
     envd.update(extra_env or {})
     if proc.get("pdeathsig"):
         # After setuid (which clears it): the program dies with the helper that started it.
-        libc().prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    close_fds((STATUS_FD, *keep))
+    try:
+        load_seccomp(SECCOMP)
+    except OSError as e:
+        fail(f"seccomp: {e.strerror or e}")
     try:
         os.execve(exe, argv, envd)
     except OSError as e:
         fail(f"exec {argv[0]}: {e.strerror}")
 
 
-def enter_root(root):
+SECCOMP = b""  # the filter's BPF bytes, from the spec
+
+
+def start(spec):
+    """What every sandbox process does first: keep its /proc entries private, learn the
+    filter, find libc while the host's files are still there."""
+    global SECCOMP
+    nondumpable()
+    read_cap_last()
+    SECCOMP = bytes.fromhex(spec.get("seccomp", ""))
+
+
+def handshake(sock, spec):
+    """Tells the host `ready` (the kernel adds our host pid) and waits for `go`: the host
+    attaches the network, or records the sandbox, in between."""
+    send(sock, "ready")
+    sock.settimeout(spec.get("go_timeout", 60))
     try:
-        os.chroot(root)
-        os.chdir("/")
-    except OSError as e:
-        fail(f"cannot enter the sandbox root: {e.strerror}")
+        go = sock.recv(16)
+    except OSError:
+        go = b""
+    sock.close()
+    return go == b"go"
 
 
 # --- one build step ------------------------------------------------------------------------
@@ -428,6 +594,7 @@ def main_step(spec):
     root = spec["merged"]
     STATUS_FD = spec["status_fd"]
     os.set_inheritable(STATUS_FD, False)
+    start(spec)
     try:
         created, mounted = setup_root(spec)
     except OSError as e:
@@ -437,10 +604,16 @@ def main_step(spec):
             root, spec.get("scratch", ""), spec.get("mounts", []), spec.get("secrets_fd", -1))
     except OSError as e:
         fail(f"RUN --mount: {e.strerror or e}")
+    try:
+        pivot(root)
+    except OSError as e:
+        fail(f"sandbox setup failed: {e}")
+    sock = socket.socket(fileno=spec["sock_fd"]) if spec.get("sock_fd", -1) >= 0 else None
+    if sock is not None and not handshake(sock, spec):
+        fail("the host did not confirm the start")
     pid = os.fork()
     if pid == 0:
         os.setsid()
-        enter_root(root)
         become(spec, secret_env)
     os.close(STATUS_FD)
     # PID 1: reap everything; the step's status decides our exit code.
@@ -459,12 +632,13 @@ def main_step(spec):
                 os.kill(-1, signal.SIGKILL)
             except OSError:
                 pass
-    undo_mounts(step_mounts)
+    undo_mounts([(None if d is None else inside(root, d), [inside(root, p) for p in stubs])
+                 for d, stubs in step_mounts])
     for p in reversed(mounted):
-        libc().umount2(p.encode(), 2)  # MNT_DETACH
+        libc().umount2(inside(root, p).encode(), MNT_DETACH)
     for p in created:
         try:
-            os.unlink(p)
+            os.unlink(inside(root, p))
         except OSError:
             pass
     sys.stdout.flush()
@@ -474,16 +648,23 @@ def main_step(spec):
 # --- a long-lived sandbox ------------------------------------------------------------------
 
 
-def write_atomic(path, data):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(data)
-    os.replace(tmp, path)
+STATE_DIR = -1  # an O_PATH descriptor of the sandbox's state folder on the host
+
+
+def write_state(name, data):
+    tmp = f"{name}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644,
+                 dir_fd=STATE_DIR)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, name, src_dir_fd=STATE_DIR, dst_dir_fd=STATE_DIR)
 
 
 def start_entrypoint(spec):
-    """Forks the entrypoint chrooted into the sandbox; returns its pid once it has exec'd, or
-    raises with the reason it could not start."""
+    """Forks the entrypoint in the sandbox; returns its pid once it has exec'd, or raises with
+    the reason it could not start."""
     global STATUS_FD
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
@@ -492,7 +673,6 @@ def start_entrypoint(spec):
         STATUS_FD = w
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         os.setsid()
-        enter_root(spec["merged"])
         become(spec["entrypoint"])
     os.close(w)
     chunks = []
@@ -515,18 +695,21 @@ def send(sock, text):
                  [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
 
 
-def read_deadline(path):
+def read_deadline():
     try:
-        with open(path) as f:
-            text = f.read().strip()
+        fd = os.open("deadline", os.O_RDONLY | os.O_CLOEXEC, dir_fd=STATE_DIR)
+        try:
+            text = os.read(fd, 256).decode().strip()
+        finally:
+            os.close(fd)
         return float(text) if text else None
     except (OSError, ValueError):
         return None
 
 
-def finish(spec, reason, code):
-    write_atomic(spec["exit_file"],
-                 json.dumps({"reason": reason, "exit_code": code, "at": time.time()}))
+def finish(reason, code):
+    write_state("exit.json",
+                json.dumps({"reason": reason, "exit_code": code, "at": time.time()}))
     try:
         os.kill(-1, signal.SIGKILL)
     except OSError:
@@ -543,34 +726,27 @@ def finish(spec, reason, code):
 
 
 def main_box(spec):
+    global STATE_DIR
     sock = socket.socket(fileno=spec["sock_fd"])
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
-        for procs in spec["cgroup_procs"]:
-            with open(procs, "w") as f:
-                f.write("0")
-        created, _mounted = setup_root(spec)
+        start(spec)
+        STATE_DIR = os.open(spec["state_dir"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         root = spec["merged"]
-        write_atomic(spec["placeholders_file"],
-                     json.dumps([os.path.relpath(p, root) for p in created]))
+        created, _mounted = setup_root(spec)
+        write_state("placeholders.json", json.dumps([os.path.relpath(p, root) for p in created]))
+        pivot(root)
         entry = start_entrypoint(spec) if spec["entrypoint"] else None
     except (OSError, RuntimeError, SystemExit) as e:
         send(sock, f"error: {e}")
         os._exit(1)
-    send(sock, "ready")
-    sock.settimeout(60)
-    try:
-        go = sock.recv(16)
-    except OSError:
-        go = b""
-    sock.close()
-    if go != b"go":
-        finish(spec, "the host did not confirm the start", None)
+    if not handshake(sock, spec):
+        finish("the host did not confirm the start", None)
 
     while True:
-        deadline = read_deadline(spec["deadline_file"])
+        deadline = read_deadline()
         if deadline is not None and time.time() >= deadline:
-            finish(spec, "timeout", None)
+            finish("timeout", None)
         wait = 3600.0 if deadline is None else min(3600.0, max(0.0, deadline - time.time()))
         info = signal.sigtimedwait(SIGNALS, wait)
         while True:
@@ -582,18 +758,25 @@ def main_box(spec):
                 break
             if pid == entry:
                 code = os.waitstatus_to_exitcode(status)
-                finish(spec, "entrypoint exited", 128 - code if code < 0 else code)
+                finish("entrypoint exited", 128 - code if code < 0 else code)
         if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
-            finish(spec, "terminated", None)
+            finish("terminated", None)
 
 
-def main():
-    spec = read_spec(int(sys.argv[1]))
+def main(spec):
+    """Called by the launcher's bootstrap in the new namespaces (all but the PID one, which
+    only this process's children join). Forks PID 1; this process, outside the sandbox's PID
+    namespace, waits for it (a build step) or leaves it to the host's init (a sandbox)."""
+    pid = os.fork()
+    if pid == 0:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL) if spec["mode"] == "step" else None
+        if spec["mode"] == "box":
+            main_box(spec)
+        else:
+            main_step(spec)
+        os._exit(127)
     if spec["mode"] == "box":
-        main_box(spec)
-    else:
-        main_step(spec)
-
-
-if __name__ == "__main__":
-    main()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    os._exit(128 - code if code < 0 else code)

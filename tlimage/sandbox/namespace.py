@@ -1,16 +1,23 @@
 """The host side of namespace isolation, shared by build steps and long-lived sandboxes.
 
-    unshare --mount --pid --fork --uts --ipc [--net] --kill-child=SIGKILL -- \\
-        python3 -I -S _init.py FD          PID 1 inside; its spec arrives on the pipe FD
-    nsenter -t <init> -m -u -i -p [-n] -- python3 -I -S _enter.py SPEC   exec, cp in, cp out
+    tlimage-init -I -S /dev/fd/B S      python, after unshare(mount, UTS, IPC, cgroup, PID and
+      └─ PID 1 (_init.main_step/box)    network namespaces) in the child before exec
+    tlimage-enter -I -S /dev/fd/B S     python on the host that setns()es into a running one
+      └─ exec / cp in / cp out          (_enter.py), after importing all it needs
+
+The program is a tiny bootstrap read from pipe B and the spec arrives as JSON on pipe S, so
+no host path or configuration is in any argv, environment or file the sandbox can reach;
+`_init.py` and `_enter.py` are imported from this folder by the bootstrap. PID 1 pivots into
+the sandbox's root (the old root detached) and marks itself non-dumpable, so /proc/1/root,
+/proc/1/exe and /proc/1/environ show nothing of the host.
 
 `run_step` runs one build step to its end (PID 1 exits with the step's code); `start_box`
-starts a sandbox that outlives this process (`setsid -f` makes it nobody's child) and returns
-once its PID 1 said it is ready; `enter_command` is how a process joins a running one.
+starts a sandbox that outlives this process (its PID 1 is left to the host's init) and returns
+once its PID 1 said it is ready; `enter` starts a process in a running one.
 
 All mounts live in the sandbox's private mount namespace, so they disappear with its last
-process; killing `unshare` (on timeout, Ctrl-C or a crash of this process) kills the sandbox's
-PID 1 and with it every process of the sandbox.
+process; killing the launcher (on timeout, Ctrl-C or a crash of this process) kills the
+sandbox's PID 1 and with it every process of the sandbox.
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ import ctypes
 import json
 import os
 import selectors
-import shutil
 import signal
 import socket
 import struct
@@ -31,10 +37,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-INIT = HERE / "_init.py"
-ENTER = HERE / "_enter.py"
 TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 PR_SET_PDEATHSIG = 1
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
+CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x20000000, 0x40000000
+BOOT = """import json, os, sys
+fd = int(sys.argv[1])
+chunks = []
+while True:
+    b = os.read(fd, 1 << 20)
+    if not b:
+        break
+    chunks.append(b)
+os.close(fd)
+spec = json.loads(b"".join(chunks))
+sys.path.insert(0, spec["lib"])
+import {module} as m
+m.main(spec)
+"""
 
 Output = Callable[[str, bytes], None]
 
@@ -48,22 +68,21 @@ def check_host() -> str | None:
     """None when this host can run namespace sandboxes, else the reason it cannot."""
     if os.geteuid() != 0:
         return "namespace isolation needs root (it mounts overlayfs and makes namespaces)"
-    for t in ("unshare", "nsenter", "setsid"):
-        if shutil.which(t, path=TOOL_PATH) is None:
-            return f"`{t}` is not installed (apt-get install util-linux)"
     return None
 
 
-def tool(name: str) -> str:
-    path = shutil.which(name, path=TOOL_PATH)
-    if path is None:
-        raise SandboxError(f"`{name}` is not installed (apt-get install -y util-linux)")
-    return path
-
-
 def root_spec(lowers: list[Path] | tuple[Path, ...], upper: Path, work: Path, merged: Path,
-              *, network: bool, hostname: str) -> dict:  # fmt: skip
-    """The part of an init spec that describes the sandbox's root and namespaces."""
+              *, network: bool, hostname: str, files_dir: Path) -> dict:  # fmt: skip
+    """The part of an init spec that describes the sandbox's root and namespaces. With the
+    host's network, the sandbox gets copies (in `files_dir`) of the host's resolv.conf and
+    hosts, bound over its own: writes to them stay in the sandbox."""
+    etc: dict[str, str] = {}
+    if network:
+        for name in ("resolv.conf", "hosts"):
+            with contextlib.suppress(OSError):
+                data = Path("/etc", name).read_bytes()
+                (files_dir / name).write_bytes(data)
+                etc[f"/etc/{name}"] = str((files_dir / name).resolve())
     return {
         "lowers": [str(p.resolve()) for p in lowers],
         "upper": str(upper.resolve()),
@@ -71,18 +90,56 @@ def root_spec(lowers: list[Path] | tuple[Path, ...], upper: Path, work: Path, me
         "merged": str(merged.resolve()),
         "network": network,
         "hostname": hostname,
+        "etc_files": etc,
     }
 
 
-def _unshare_argv(spec: dict, spec_fd: int) -> list[str]:
-    flags = ["--mount", "--pid", "--fork", "--uts", "--ipc", "--kill-child=SIGKILL"]
-    if not spec["network"]:
-        flags.append("--net")
-    return [tool("unshare"), *flags, "--", sys.executable, "-I", "-S", str(INIT), str(spec_fd)]
+def _launch(module: str, spec: dict, *, unshare: int = 0, cgroup_procs: list[str] = (),
+            die_with_parent: bool = False, pass_fds: tuple[int, ...] = (),
+            **popen: object) -> subprocess.Popen:  # fmt: skip
+    """Starts `module.main(spec)` in a fresh Python: in new namespaces (`unshare` flags, taken
+    in the child before exec, after joining the cgroups) or, without them, as it is."""
+    boot_r, boot_w = os.pipe()
+    spec_r, spec_w = os.pipe()
+    try:
+        os.write(boot_w, BOOT.format(module=module).encode())  # far below a pipe's buffer
+        os.close(boot_w)
+        boot_w = -1
+        libc = ctypes.CDLL(None, use_errno=True)
+        procs = [p.encode() for p in cgroup_procs]
+
+        def pre() -> None:  # in the child, between fork and exec
+            if die_with_parent:
+                libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            for f in procs:
+                fd = os.open(f, os.O_WRONLY)
+                try:
+                    os.write(fd, b"0")
+                finally:
+                    os.close(fd)
+            if unshare and libc.unshare(unshare) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare: {os.strerror(err)}")
+
+        proc = subprocess.Popen(
+            [f"tlimage-{module.strip('_')}", "-I", "-S", f"/dev/fd/{boot_r}", str(spec_r)],
+            executable=sys.executable, pass_fds=(boot_r, spec_r, *pass_fds),
+            preexec_fn=pre if (unshare or procs or die_with_parent) else None,
+            env={"PATH": TOOL_PATH}, **popen)  # type: ignore[arg-type]  # fmt: skip
+    except BaseException:
+        for fd in (boot_r, boot_w, spec_r, spec_w):
+            if fd >= 0:
+                os.close(fd)
+        raise
+    os.close(boot_r)
+    os.close(spec_r)
+    _write_all(spec_w, json.dumps({**spec, "lib": str(HERE)}).encode())
+    return proc
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _flags(spec: dict) -> int:
+    flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWCGROUP
+    return flags if spec["network"] else flags | CLONE_NEWNET
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -117,29 +174,21 @@ def run_step(spec: dict, *, secrets: bytes, emit: Output, timeout: float | None,
     for signal N). Output goes to `emit` as it comes; past `timeout` seconds the sandbox is
     killed and `on_timeout()` raised. A failure before the step's exec raises SandboxError."""
     status_r, status_w = os.pipe()
-    spec_r, spec_w = os.pipe()
     secrets_r, secrets_w = os.pipe() if spec.get("mounts") else (-1, -1)
     spec = {**spec, "mode": "step", "status_fd": status_w, "secrets_fd": secrets_r}
-    fds = [status_w, spec_r] + ([secrets_r] if secrets_r >= 0 else [])
+    fds = (status_w,) + ((secrets_r,) if secrets_r >= 0 else ())
     try:
-        proc = subprocess.Popen(
-            _unshare_argv(spec, spec_r),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=fds,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-            env={"PATH": TOOL_PATH},
-        )
+        proc = _launch("_init", spec, unshare=_flags(spec), die_with_parent=True,
+                       cgroup_procs=spec.get("cgroup_procs", []), pass_fds=fds,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     except BaseException:
-        for fd in (status_r, status_w, spec_r, spec_w, secrets_r, secrets_w):
+        for fd in (status_r, status_w, secrets_r, secrets_w):
             if fd >= 0:
                 os.close(fd)
         raise
     for fd in fds:
         os.close(fd)
-    _write_all(spec_w, json.dumps(spec).encode())
     if secrets_w >= 0:
         _write_all(secrets_w, secrets)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -180,8 +229,8 @@ def run_step(spec: dict, *, secrets: bytes, emit: Output, timeout: float | None,
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL to unshare's process group; --kill-child takes the sandbox's PID 1 (and with it
-    the whole PID namespace) down too."""
+    """SIGKILL to the launcher's process group, PID 1 included (which takes the whole PID
+    namespace down); PID 1 would also die with the launcher."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -198,23 +247,19 @@ def start_box(spec: dict, log: Path, timeout: float) -> tuple[int, Callable[[], 
     `confirm()` and ends itself without it, so a caller that dies between start and recording
     the pid leaks nothing. Raises SandboxError with the sandbox's reason when it failed."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    spec_r, spec_w = os.pipe()
     try:
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         spec = {**spec, "mode": "box", "sock_fd": child.fileno()}
-        cmd = [tool("setsid"), "-f", *_unshare_argv(spec, spec_r)]
         with open(log, "ab") as out:
-            subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                           pass_fds=(child.fileno(), spec_r), env={"PATH": TOOL_PATH},
-                           check=True)  # fmt: skip
-        os.close(spec_r)
-        spec_r = -1
+            proc = _launch("_init", spec, unshare=_flags(spec),
+                           cgroup_procs=spec.get("cgroup_procs", []), pass_fds=(child.fileno(),),
+                           stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                           start_new_session=True)  # fmt: skip
         child.close()
-        _write_all(spec_w, json.dumps(spec).encode())
-        spec_w = -1
+        proc.wait()  # it forks PID 1 and leaves it to the host's init
         parent.settimeout(timeout)
         try:
-            msg, anc, _flags, _addr = parent.recvmsg(4096, socket.CMSG_SPACE(12))
+            msg, anc, _fl, _addr = parent.recvmsg(4096, socket.CMSG_SPACE(12))
         except TimeoutError:
             msg, anc = b"", []
         pid = None
@@ -228,9 +273,6 @@ def start_box(spec: dict, log: Path, timeout: float) -> tuple[int, Callable[[], 
                     os.kill(pid, signal.SIGKILL)
             raise SandboxError(text.removeprefix("error: ") if text else _log_tail(log))
     except BaseException:
-        for fd in (spec_r, spec_w):
-            if fd >= 0:
-                os.close(fd)
         with contextlib.suppress(OSError):
             child.close()
         parent.close()
@@ -253,30 +295,9 @@ def _log_tail(log: Path) -> str:
     return "the sandbox process exited without saying why"
 
 
-def enter_command(init_pid: int, network: bool, spec_fd: int) -> list[str]:
-    """The command that runs `_enter.py` inside the sandbox whose PID 1 is `init_pid`; it
-    reads its spec (see _enter.main) from the pipe `spec_fd` (made by `spec_pipe`, passed to
-    the command), so nothing of it — an exec's environment and secrets included — is on a
-    command line."""
-    ns_flags = ["-m", "-u", "-i", "-p"] + ([] if network else ["-n"])
-    return [tool("nsenter"), "-t", str(init_pid), *ns_flags, "--",
-            sys.executable, "-I", "-S", str(ENTER), f"fd:{spec_fd}"]  # fmt: skip
-
-
-def spec_pipe(spec: dict) -> int:
-    """The read end of a pipe that holds `spec` as JSON and then EOF (a writer thread feeds
-    what does not fit in the pipe's buffer). The caller passes it on and closes it."""
-    import threading
-
-    data = json.dumps(spec).encode()
-    r, w = os.pipe()
-    if len(data) <= 60000:
-        _write_all(w, data)
-        return r
-
-    def feed() -> None:
-        with contextlib.suppress(OSError):
-            _write_all(w, data)
-
-    threading.Thread(target=feed, daemon=True).start()
-    return r
+def enter(init: list[int], spec: dict, *, pass_fds: tuple[int, ...] = (),
+          **popen: object) -> subprocess.Popen:  # fmt: skip
+    """Starts `_enter.py` with `spec` in the running sandbox whose PID 1 is `init` ([host pid,
+    start time]; see _enter.main): it imports what it needs, then joins the sandbox's
+    namespaces and cgroups."""
+    return _launch("_enter", {**spec, "init": list(init)}, pass_fds=pass_fds, **popen)
