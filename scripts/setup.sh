@@ -14,6 +14,8 @@ APT_PACKAGES=(
   slirp4netns nftables
   # the security suite's reference: its probes also run under `buildah run` (runc)
   runc
+  # Namespace sandboxes: the default seccomp profile (containers-common) and libseccomp.
+  containers-common libseccomp2
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

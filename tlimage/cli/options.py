@@ -15,6 +15,7 @@ class Isolation(StrEnum):
     auto = "auto"
     microvm = "microvm"
     namespace = "namespace"
+    namespace_unsafe = "namespace-unsafe"  # runs where a layer of isolation is missing
 
 
 ProjectOpt = Annotated[

@@ -1,6 +1,6 @@
 """Executors run one build step on a stack of layers and return what it changed.
 
-    select_executor("auto" | "microvm" | "namespace" | "fake") -> Executor
+    select_executor("auto" | "microvm" | "namespace" | "namespace-unsafe" | "fake") -> Executor
 
 Backends (imported lazily; importing this package starts nothing):
     microvm    QEMU -M microvm; KVM when a boot probe passes, TCG otherwise   (microvm.py)
@@ -25,7 +25,7 @@ from tlimage.executor.base import (
     StepTimeout,
 )
 
-ISOLATIONS = ("auto", "microvm", "namespace", "fake")
+ISOLATIONS = ("auto", "microvm", "namespace", "namespace-unsafe", "fake")
 
 
 def select_executor(
@@ -45,10 +45,12 @@ def select_executor(
         from tlimage.executor.fake import FakeExecutor
 
         return FakeExecutor()
-    if isolation == "namespace":
+    if isolation in ("namespace", "namespace-unsafe"):
         from tlimage.executor.namespace import NamespaceExecutor
+        from tlimage.sandbox import select_isolation
 
-        return NamespaceExecutor()
+        select_isolation(isolation, kvm_probe=lambda: (False, ""), notice=notice)
+        return NamespaceExecutor(unsafe=isolation == "namespace-unsafe")
     from tlimage.executor.microvm import MicroVMExecutor
 
     if isolation == "microvm":

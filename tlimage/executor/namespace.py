@@ -26,6 +26,7 @@ from tlimage.executor.base import (
     normalize_upper,
 )
 from tlimage.sandbox import namespace as isolation
+from tlimage.sandbox.cgroup import DEFAULT_PIDS
 
 HOSTNAME = "tlimage-build"
 
@@ -38,10 +39,23 @@ def check_host() -> str | None:
 class NamespaceExecutor:
     name = "namespace"
 
-    def __init__(self) -> None:
+    def __init__(self, *, unsafe: bool = False, memory_mb: int | None = None,
+                 pids: int | None = None) -> None:  # fmt: skip
+        """`unsafe`: run even where the host lacks a layer of isolation (the caller said
+        which). Limits per step: `memory_mb` (default $TLIMAGE_STEP_MEMORY_MB, else none) and
+        `pids` (default $TLIMAGE_STEP_PIDS, else 4096)."""
         reason = check_host()
         if reason:
             raise ExecutorError(reason)
+        self.unsafe = unsafe
+        if not unsafe:
+            lack = isolation.missing_layers()
+            if lack:
+                raise ExecutorError("this host cannot isolate build steps in namespaces fully: "
+                                    + "; ".join(lack)
+                                    + " (use --isolation namespace-unsafe to run anyway)")  # fmt: skip
+        self.memory_mb = memory_mb or _env_int("TLIMAGE_STEP_MEMORY_MB")
+        self.pids = pids or _env_int("TLIMAGE_STEP_PIDS") or DEFAULT_PIDS
 
     def run(self, req: RunRequest, on_output: OutputCallback | None = None) -> RunResult:
         start = time.monotonic()
@@ -75,7 +89,8 @@ class NamespaceExecutor:
                 code = isolation.run_step(
                     spec, secrets=secrets, emit=emit, timeout=req.timeout,
                     on_timeout=lambda: StepTimeout(
-                        f"step timed out after {req.timeout:g} s: {shlex.join(req.argv)}"))
+                        f"step timed out after {req.timeout:g} s: {shlex.join(req.argv)}"),
+                    unsafe=self.unsafe, memory_mb=self.memory_mb, pids=self.pids)
             except isolation.SandboxError as e:
                 raise ExecutorError(f"step could not start: {e}") from None
             opaque = normalize_upper(upper, req.lowers)
@@ -88,6 +103,17 @@ class NamespaceExecutor:
 
     def close(self) -> None:
         pass
+
+
+def _env_int(name: str) -> int | None:
+    import os
+
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) <= 0:
+        raise ExecutorError(f"${name} must be a positive whole number, got {value!r}")
+    return int(value)
 
 
 def _ordered(req: RunRequest) -> list[HostMount]:

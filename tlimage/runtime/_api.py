@@ -36,7 +36,7 @@ from tlimage.sandbox import proc as _proc
 from tlimage.sandbox.backend import Backend
 
 SANDBOXES = "sandboxes-v1"
-BACKENDS = ("auto", "microvm", "namespace")
+BACKENDS = ("auto", "microvm", "namespace", "namespace-unsafe")
 DEFAULT_CPUS = 1.0
 DEFAULT_MEMORY_MB = 512
 LOCK_TIMEOUT = 120.0
@@ -280,6 +280,8 @@ class Sandbox:
         cache = str(Path(cache_dir).resolve()) if cache_dir else os.environ.get(
             "TLIMAGE_CACHE_DIR")
         be_name, accel = select_backend(backend, Path(cache) if cache else None, notice)
+        unsafe = be_name == "namespace-unsafe"
+        be_name = "namespace" if unsafe else be_name
         if isinstance(env, dict):
             env = [f"{k}={v}" for k, v in env.items()]
         sandbox_env = list(env or [])
@@ -300,7 +302,7 @@ class Sandbox:
             started_at=None, terminated_at=None, deadline=None, suspended_at=None, reason=None,
             exit_code=None, pids={}, boot_id=_proc.boot_id(), dir=str(path),
             run_dir=str(run_dir), cache_dir=cache, source=_source,
-            extra={"config": config, "image_config": dict(cfg), "accel": accel,
+            extra={"config": config, "image_config": dict(cfg), "accel": accel, "unsafe": unsafe,
                    "layers": [vars(la) for la in img.manifest.layers],
                    "secret_names": secrets_},
             **op_owner(),

@@ -27,6 +27,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -84,7 +85,8 @@ class NamespaceBackend:
             "cgroup_procs": cg.procs_files() if cg else [],
         }
         try:
-            pid, confirm = isolation.start_box(spec, rec.path / "console.log", START_TIMEOUT)
+            pid, confirm = isolation.start_box(spec, rec.path / "console.log", START_TIMEOUT,
+                                               unsafe=bool(rec.extra.get("unsafe")))
         except (isolation.SandboxError, OSError, subprocess.CalledProcessError) as e:
             if cg:
                 cg.kill_all()
@@ -214,8 +216,7 @@ class NamespaceBackend:
             raise RuntimeError_(f"sandbox {rec.id} is not running (its init process is gone)")
         assert init is not None
         cg = Cgroup.from_json(rec.extra.get("cgroup"))
-        spec = {**spec, "cgroup_procs": cg.procs_files() if cg else [], "status_fd": status_w,
-                "seccomp": rec.extra.get("seccomp", "")}  # fmt: skip
+        spec = {**spec, "cgroup_procs": cg.procs_files() if cg else [], "status_fd": status_w}
         return functools.partial(isolation.enter, init, spec, pass_fds=(status_w,))
 
     def exec(
@@ -238,7 +239,17 @@ class NamespaceBackend:
         try:
             cmd = self._enter(rec, {"mode": "exec", "argv": argv, "env": env, "user": user,
                                     "workdir": workdir}, status_w)  # fmt: skip
-            return _spawn(cmd, status_r, status_w, stdin, on_output, passthrough, timeout, argv)
+            cg = Cgroup.from_json(rec.extra.get("cgroup"))
+            ooms = cg.oom_kills() if cg else 0
+            code = _spawn(cmd, status_r, status_w, stdin, on_output, passthrough, timeout, argv)
+            if code == isolation.OOM_CODE and cg and cg.oom_kills() > ooms:
+                msg = f"tlimage: {isolation.oom_message(rec.memory_mb)}\n"
+                if passthrough:
+                    sys.stderr.write(msg)
+                    sys.stderr.flush()
+                elif on_output:
+                    on_output("stderr", msg.encode())
+            return code
         finally:
             for fd in (status_r, status_w):
                 with contextlib.suppress(OSError):

@@ -2,12 +2,13 @@
 `qemu/`, the microVM machinery), below the executor and the runtime.
 
     select_isolation(requested, kvm_probe=...) -> ("microvm", "kvm" | "tcg" | None)
-                                                | ("namespace", None)
+                                                | ("namespace" | "namespace-unsafe", None)
     namespace.py   host side: start a build step or a long-lived sandbox, enter one
     _init.py       PID 1 inside (standalone, stdlib only)
     _enter.py      exec / cp helper that joins a running sandbox (standalone)
     cgroup.py      a sandbox's cgroup: limits, freezing, finding every process
     proc.py        processes tracked by (pid, start time, boot id)
+    harden.py      the capability set and the seccomp filter (libseccomp, containers-common)
 
 Importing this package starts nothing and imports nothing above it.
 """
@@ -27,20 +28,35 @@ def _default_notice(msg: str) -> None:
 
 def select_isolation(requested: str, *, kvm_probe: KvmProbe,
                      notice: Callable[[str], None] | None = None) -> tuple[str, str | None]:  # fmt: skip
-    """(backend, accel) for `requested` ("auto", "microvm" or "namespace"); accel is None
-    unless `auto` decided it. The rule for build steps and sandboxes alike: the microVM when
-    KVM boots (`kvm_probe()`), else the namespace sandbox, else the microVM under TCG; the
-    fallback is said once per process through `notice`."""
-    if requested != "auto":
-        return requested, None
+    """(backend, accel) for `requested` ("auto", "microvm", "namespace" or
+    "namespace-unsafe"); accel is None unless `auto` decided it. The rule for build steps and
+    sandboxes alike: the microVM when KVM boots (`kvm_probe()`), else the namespace sandbox
+    when this host gives it every layer of isolation, else the microVM under TCG. Fallbacks,
+    and the layers `namespace-unsafe` runs without, are said once per process."""
     global _noticed
     say = notice or _default_notice
+    if requested == "namespace-unsafe":
+        from tlimage.sandbox.namespace import missing_layers
+
+        lack = missing_layers()
+        if lack and not _noticed:
+            say("namespace-unsafe: build steps and sandboxes run without "
+                + "; ".join(lack))  # fmt: skip
+            _noticed = True
+        return requested, None
+    if requested != "auto":
+        return requested, None
     ok, reason = kvm_probe()
     if ok:
         return "microvm", "kvm"
-    from tlimage.sandbox.namespace import check_host
+    from tlimage.sandbox.namespace import check_host, missing_layers
 
     problem = check_host()
+    if problem is None:
+        lack = missing_layers()
+        if lack:
+            problem = ("namespace isolation would lack: " + "; ".join(lack)
+                       + " (--isolation namespace-unsafe runs there anyway)")  # fmt: skip
     if problem is None:
         if not _noticed:
             say(f"KVM is not usable here ({reason}); build steps and sandboxes run in a "

@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tlimage.sandbox import cgroup, harden
+
 HERE = Path(__file__).resolve().parent
 TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 PR_SET_PDEATHSIG = 1
@@ -57,6 +59,7 @@ m.main(spec)
 """
 
 Output = Callable[[str, bytes], None]
+OOM_CODE = 137  # 128 + SIGKILL
 
 
 class SandboxError(Exception):
@@ -69,6 +72,37 @@ def check_host() -> str | None:
     if os.geteuid() != 0:
         return "namespace isolation needs root (it mounts overlayfs and makes namespaces)"
     return None
+
+
+def missing_layers() -> list[str]:
+    """The layers of isolation this host cannot give a namespace sandbox, each with its
+    reason (empty: all of them)."""
+    out = []
+    try:
+        harden.seccomp_bpf()
+    except harden.Unavailable as e:
+        out.append(str(e))
+    return out + cgroup.missing()
+
+
+def _seccomp(unsafe: bool) -> str:
+    """The filter as hex for the spec; raises SandboxError naming every missing layer unless
+    `unsafe` (the caller has said so to the user)."""
+    if not unsafe:
+        lack = missing_layers()
+        if lack:
+            raise SandboxError("this host cannot isolate a namespace sandbox fully: "
+                               + "; ".join(lack)
+                               + " (use --isolation namespace-unsafe to run anyway)")  # fmt: skip
+    try:
+        return harden.seccomp_bpf().hex()
+    except harden.Unavailable:
+        return ""
+
+
+def oom_message(memory_mb: int | None) -> str:
+    limit = f" (limit {memory_mb} MiB)" if memory_mb else ""
+    return f"out of memory: the kernel killed the process{limit}; exit code {OOM_CODE}"
 
 
 def root_spec(lowers: list[Path] | tuple[Path, ...], upper: Path, work: Path, merged: Path,
@@ -169,10 +203,32 @@ def read_all(fd: int) -> str:
 
 
 def run_step(spec: dict, *, secrets: bytes, emit: Output, timeout: float | None,
-             on_timeout: Callable[[], BaseException]) -> int:  # fmt: skip
+             on_timeout: Callable[[], BaseException], unsafe: bool = False,
+             memory_mb: int | None = None, cpus: float | None = None,
+             pids: int | None = cgroup.DEFAULT_PIDS) -> int:  # fmt: skip
     """Runs the step `spec` describes (see _init.main_step) and returns its exit code (128+N
     for signal N). Output goes to `emit` as it comes; past `timeout` seconds the sandbox is
-    killed and `on_timeout()` raised. A failure before the step's exec raises SandboxError."""
+    killed and `on_timeout()` raised. A failure before the step's exec raises SandboxError.
+    The step runs in a cgroup of its own with the given limits; an out-of-memory kill is said
+    on stderr (the code stays 137)."""
+    seccomp = _seccomp(unsafe)
+    cg, _notes = cgroup.Cgroup.create(f"step-{os.getpid()}-{time.monotonic_ns()}", cpus,
+                                      memory_mb, pids)  # fmt: skip
+    try:
+        code = _run_step({**spec, "seccomp": seccomp,
+                          "cgroup_procs": cg.procs_files() if cg else []},
+                         secrets, emit, timeout, on_timeout)  # fmt: skip
+        if code == OOM_CODE and cg is not None and cg.oom_kills():
+            emit("stderr", f"tlimage: {oom_message(memory_mb)}\n".encode())
+        return code
+    finally:
+        if cg is not None:
+            cg.kill_all()
+            cg.remove()
+
+
+def _run_step(spec: dict, secrets: bytes, emit: Output, timeout: float | None,
+              on_timeout: Callable[[], BaseException]) -> int:  # fmt: skip
     status_r, status_w = os.pipe()
     secrets_r, secrets_w = os.pipe() if spec.get("mounts") else (-1, -1)
     spec = {**spec, "mode": "step", "status_fd": status_w, "secrets_fd": secrets_r}
@@ -241,7 +297,8 @@ def _kill(proc: subprocess.Popen) -> None:
 # --- a long-lived sandbox ------------------------------------------------------------------
 
 
-def start_box(spec: dict, log: Path, timeout: float) -> tuple[int, Callable[[], None]]:
+def start_box(spec: dict, log: Path, timeout: float,
+              unsafe: bool = False) -> tuple[int, Callable[[], None]]:  # fmt: skip
     """Starts the sandbox `spec` describes (see _init.main_box) detached from this process;
     returns (host pid of its PID 1, confirm). The sandbox waits (up to a minute) for
     `confirm()` and ends itself without it, so a caller that dies between start and recording
@@ -249,7 +306,7 @@ def start_box(spec: dict, log: Path, timeout: float) -> tuple[int, Callable[[], 
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        spec = {**spec, "mode": "box", "sock_fd": child.fileno()}
+        spec = {**spec, "mode": "box", "sock_fd": child.fileno(), "seccomp": _seccomp(unsafe)}
         with open(log, "ab") as out:
             proc = _launch("_init", spec, unshare=_flags(spec),
                            cgroup_procs=spec.get("cgroup_procs", []), pass_fds=(child.fileno(),),
@@ -300,4 +357,9 @@ def enter(init: list[int], spec: dict, *, pass_fds: tuple[int, ...] = (),
     """Starts `_enter.py` with `spec` in the running sandbox whose PID 1 is `init` ([host pid,
     start time]; see _enter.main): it imports what it needs, then joins the sandbox's
     namespaces and cgroups."""
-    return _launch("_enter", {**spec, "init": list(init)}, pass_fds=pass_fds, **popen)
+    try:
+        seccomp = harden.seccomp_bpf().hex()
+    except harden.Unavailable:
+        seccomp = ""  # the sandbox was started without it, by the user's choice
+    return _launch("_enter", {**spec, "init": list(init), "seccomp": seccomp},
+                   pass_fds=pass_fds, **popen)
