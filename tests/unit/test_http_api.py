@@ -52,7 +52,9 @@ def test_served_document_is_the_committed_one(server) -> None:  # noqa: ANN001
     assert body == OPENAPI_PATH.read_bytes()
     doc = json.loads(body)
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
-    served = {(m, re.sub(r"\(\?P<ref>\[\^/\]\+\)", "{id}", pat.pattern).replace("\\.", "."))
+    served = {(m, re.sub(r"\(\?P<(ref|pid)>\[\^/\]\+\)",
+                         lambda g: "{id}" if g[1] == "ref" else "{pid}", pat.pattern)
+               .replace("\\.", "."))
               for m, pat, name in ROUTES if name != "openapi"}  # fmt: skip
     assert documented == served
     info = doc["components"]["schemas"]["SandboxInfo"]["required"]

@@ -133,6 +133,25 @@ def test_every_operation(server, image: str) -> None:  # noqa: ANN001
     st, err = _call(server, "GET", f"/v1/sandboxes/{sid}/files/stat?path=/srv/d")
     assert st == 404 and "No such file" in err["error"]
 
+    st, p = _call(server, "POST", f"/v1/sandboxes/{sid}/processes",
+                  {"cmd": ["sh", "-c", "echo up; echo e >&2; sleep 30"], "name": "bg"})  # fmt: skip
+    assert st == 201 and p["state"] == "running" and p["name"] == "bg", p
+    base = f"/v1/sandboxes/{sid}/processes"
+    assert [x["id"] for x in _call(server, "GET", base)[1]] == [p["id"]]
+    assert _call(server, "GET", f"{base}/bg")[1]["pid"] == p["pid"]
+    assert _call(server, "POST", f"{base}/{p['id']}/wait?timeout_secs=0.2")[1]["state"] == "running"
+    assert _call(server, "GET", f"{base}/{p['id']}/logs?stream=stderr") == (200, b"e\n")
+    st, sent = _call(server, "POST", f"{base}/{p['id']}/signal", {"signal": "KILL"})
+    assert st == 200
+    st, raw = _call(server, "GET", f"{base}/{p['id']}/logs",
+                    headers={"Accept": "text/event-stream"})  # fmt: skip
+    events = _sse(raw)
+    assert ("stdout", {"data": "up\n"}) in events and ("stderr", {"data": "e\n"}) in events
+    assert events[-1] == ("exit", {"exit_code": 137, "state": "exited"})
+    assert _call(server, "GET", f"{base}/99")[0] == 404
+    st, err = _call(server, "POST", f"{base}/{p['id']}/signal", {"signal": "TERM"})
+    assert st == 409 and "is exited" in err["error"]
+
     st, snap = _call(server, "POST", f"/v1/sandboxes/{sid}/snapshot", {"register": "apisnap:v1"})
     assert st == 201 and snap["image"] == "apisnap:v1"
     st, twin = _call(server, "POST", f"/v1/sandboxes/{sid}/clone", {})

@@ -86,7 +86,8 @@ def _status_of(e: TlimageError) -> int:
     if isinstance(e, RuntimeError_) and ("No such file" in text or "no secret" in text):
         return 404
     if isinstance(e, RuntimeError_) and (re.search(r"\bis (Running|Suspended|Terminated|"
-                                                    r"Pending|Snapshotting|Suspending)\b", text)
+                                                    r"Pending|Snapshotting|Suspending|exited|"
+                                                    r"failed)\b|has ended", text)
                                          or "is busy" in text):  # fmt: skip
         return 409
     return 400
@@ -173,6 +174,12 @@ ROUTES: list[Route] = [
     ("POST", re.compile(rf"/v1/sandboxes/{_ID}/clone"), "clone"),
     ("POST", re.compile(rf"/v1/sandboxes/{_ID}/suspend"), "suspend"),
     ("POST", re.compile(rf"/v1/sandboxes/{_ID}/resume"), "resume"),
+    ("GET", re.compile(rf"/v1/sandboxes/{_ID}/processes"), "procs_list"),
+    ("POST", re.compile(rf"/v1/sandboxes/{_ID}/processes"), "procs_spawn"),
+    ("GET", re.compile(rf"/v1/sandboxes/{_ID}/processes/(?P<pid>[^/]+)"), "procs_get"),
+    ("POST", re.compile(rf"/v1/sandboxes/{_ID}/processes/(?P<pid>[^/]+)/signal"), "procs_signal"),
+    ("POST", re.compile(rf"/v1/sandboxes/{_ID}/processes/(?P<pid>[^/]+)/wait"), "procs_wait"),
+    ("GET", re.compile(rf"/v1/sandboxes/{_ID}/processes/(?P<pid>[^/]+)/logs"), "procs_logs"),
     ("GET", re.compile(r"/v1/secrets"), "secrets"),
 ]
 PUBLIC = {"health", "openapi"}
@@ -300,6 +307,51 @@ class Api:
 
     def resume(self, ref: str) -> dict:
         return {"seconds": self._sb(ref).resume()}
+
+    def _proc(self, ref: str, pid: str):  # noqa: ANN202 - Process
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,80}", pid):
+            raise ApiError(404, f"no process {pid!r}")
+        try:
+            return self._sb(ref).process(pid)
+        except RuntimeError_ as e:
+            if "has no process" in str(e):
+                raise ApiError(404, str(e)) from None
+            raise
+
+    def procs_list(self, ref: str) -> list[dict]:
+        return [p.status().to_json() for p in self._sb(ref).processes()]
+
+    def procs_spawn(self, ref: str, body: Any) -> dict:
+        b = _body_fields(body, {
+            "cmd": ("array", True), "name": ("string", False), "env": ("object", False),
+            "workdir": ("string", False), "user": ("string", False),
+        })  # fmt: skip
+        cmd = _strings(b["cmd"], "cmd")
+        if not cmd:
+            raise ApiError(400, "cmd must name a program")
+        p = self._sb(ref).spawn(*cmd, name=b.get("name"), env=_env(b.get("env")),
+                                workdir=b.get("workdir"), user=b.get("user"))  # fmt: skip
+        return p.status().to_json()
+
+    def procs_get(self, ref: str, pid: str) -> dict:
+        return self._proc(ref, pid).status().to_json()
+
+    def procs_signal(self, ref: str, pid: str, body: Any) -> dict:
+        b = _body_fields(body or {}, {"signal": ("string", False)})
+        p = self._proc(ref, pid)
+        p.signal(b.get("signal", "TERM"))
+        return p.status().to_json()
+
+    def procs_wait(self, ref: str, pid: str, q: dict[str, str]) -> dict:
+        try:
+            timeout = float(q.get("timeout_secs", "30"))
+        except ValueError:
+            raise ApiError(400, "timeout_secs must be a number") from None
+        if not 0 <= timeout <= 600:
+            raise ApiError(400, "timeout_secs must be between 0 and 600")
+        p = self._proc(ref, pid)
+        p.wait(timeout)
+        return p.status().to_json()
 
     def secrets(self) -> dict:
         from tlimage.runtime import list_secrets
@@ -498,6 +550,19 @@ class Handler(BaseHTTPRequestHandler):
         if name in ("suspend", "resume"):
             self._read_body()
             return self._json(200, getattr(api, name)(ref))
+        if name == "procs_list":
+            return self._json(200, api.procs_list(ref))
+        if name == "procs_spawn":
+            return self._json(201, api.procs_spawn(ref, self._json_body()))
+        if name == "procs_get":
+            return self._json(200, api.procs_get(ref, params["pid"]))
+        if name == "procs_signal":
+            return self._json(200, api.procs_signal(ref, params["pid"], self._json_body()))
+        if name == "procs_wait":
+            self._read_body()
+            return self._json(200, api.procs_wait(ref, params["pid"], q))
+        if name == "procs_logs":
+            return self._logs(ref, params["pid"], q)
         if name == "secrets":
             return self._json(200, api.secrets())
         raise ApiError(404, f"no endpoint {name}")
@@ -516,9 +581,33 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         self._streaming = False
 
-    def _exec_stream(self, ref: str, args: dict[str, Any]) -> None:
-        sb = self.api._sb(ref)  # a missing sandbox is a plain 404, before the stream starts
-        del sb
+    def _logs(self, ref: str, pid: str, q: dict[str, str]) -> None:
+        """A process's kept output: the bytes of one stream, or with `Accept:
+        text/event-stream` both streams as events until the process ends (`follow`)."""
+        p = self.api._proc(ref, pid)
+        stream = q.get("stream", "stdout")
+        if stream not in ("stdout", "stderr"):
+            raise ApiError(400, "stream must be stdout or stderr")
+        if "text/event-stream" not in self.headers.get("Accept", ""):
+            return self._send(200, p.output(stream), "application/octet-stream")
+        self._start_stream()
+        streams = [stream] if "stream" in q else ["stdout", "stderr"]
+
+        def pump(s: str) -> None:
+            with contextlib.suppress(OSError):
+                for chunk in p.follow(s):
+                    self._chunk_event(s, chunk)
+
+        threads = [threading.Thread(target=pump, args=(s,), daemon=True) for s in streams]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        st = p.status()
+        self._event("exit", {"exit_code": st.exit_code, "state": st.state})
+        self._end_stream()
+
+    def _start_stream(self) -> None:
         self._lock = threading.Lock()
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -529,14 +618,17 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self._streaming = True
 
-        def out(stream: str, data: bytes) -> None:
-            text = data.decode("utf-8", "replace")
-            ev = {"data": text}
-            if text.encode() != data:
-                ev["base64"] = base64.b64encode(data).decode()
-            self._event(stream, ev)
+    def _chunk_event(self, stream: str, data: bytes) -> None:
+        text = data.decode("utf-8", "replace")
+        ev = {"data": text}
+        if text.encode() != data:
+            ev["base64"] = base64.b64encode(data).decode()
+        self._event(stream, ev)
 
-        r = self.api.exec(ref, args, on_output=out)
+    def _exec_stream(self, ref: str, args: dict[str, Any]) -> None:
+        self.api._sb(ref)  # a missing sandbox is a plain 404, before the stream starts
+        self._start_stream()
+        r = self.api.exec(ref, args, on_output=self._chunk_event)
         self._event("exit", {"exit_code": r["exit_code"], "duration_secs": r["duration_secs"]})
         self._end_stream()
 

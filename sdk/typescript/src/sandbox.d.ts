@@ -99,6 +99,32 @@ export interface Files {
   remove(path: string, options?: { recursive?: boolean }): Promise<{ path: string }>;
 }
 
+export interface ProcessStatus {
+  id: number;
+  name: string | null;
+  cmd: string[];
+  state: "starting" | "running" | "exited" | "failed";
+  /** The process id inside the sandbox. */
+  pid: number | null;
+  exit_code: number | null;
+  error: string | null;
+  started_at: string;
+  ended_at: string | null;
+}
+
+export declare class Process {
+  readonly sandbox: Sandbox;
+  readonly id: number;
+  last: ProcessStatus;
+  readonly pid: number | null;
+  status(): Promise<ProcessStatus>;
+  signal(signal?: string): Promise<ProcessStatus>;
+  /** Waits at most timeoutSecs (default 30, at most 600) and returns the status. */
+  wait(options?: { timeoutSecs?: number }): Promise<ProcessStatus>;
+  output(stream?: "stdout" | "stderr"): Promise<string>;
+  follow(options?: { stream?: "stdout" | "stderr" }): AsyncGenerator<ExecEvent | { event: "exit"; data: { exit_code: number | null; state: string } }>;
+}
+
 export declare class Sandbox {
   readonly client: Client;
   readonly id: string;
@@ -112,6 +138,9 @@ export declare class Sandbox {
   info(): Promise<SandboxInfo>;
   exec(cmd: string[], options?: ExecOptions): Promise<ExecResult>;
   stream(cmd: string[], options?: ExecOptions): AsyncGenerator<ExecEvent>;
+  spawn(cmd: string[], options?: Omit<ExecOptions, "stdin" | "timeoutSecs"> & { name?: string }): Promise<Process>;
+  processes(): Promise<Process[]>;
+  process(pid: number | string): Promise<Process>;
   snapshot(options?: { register?: string }): Promise<{ image: string; image_id: string; layers: number; size: number }>;
   clone(options?: { name?: string; register?: string }): Promise<Sandbox>;
   suspend(): Promise<{ seconds: number; memory_snapshot: boolean; note: string | null }>;

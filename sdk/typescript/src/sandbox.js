@@ -144,6 +144,30 @@ class Files {
   }
 }
 
+export class Process {
+  constructor(sb, status) {
+    this.sandbox = sb;
+    this.id = status.id;
+    this.last = status;
+  }
+  #path(sub = "") { return `/v1/sandboxes/${encodeURIComponent(this.sandbox.id)}/processes/${this.id}${sub}`; }
+  get pid() { return this.last.pid; }
+  async status() { return (this.last = await this.sandbox.client.request("GET", this.#path())); }
+  async signal(signal = "TERM") {
+    return (this.last = await this.sandbox.client.request("POST", this.#path("/signal"), { json: { signal } }));
+  }
+  async wait({ timeoutSecs = 30 } = {}) {
+    return (this.last = await this.sandbox.client.request("POST", this.#path("/wait"),
+      { query: { timeout_secs: timeoutSecs } }));
+  }
+  async output(stream = "stdout") {
+    return (await this.sandbox.client.request("GET", this.#path("/logs"), { query: { stream } })).toString("utf8");
+  }
+  follow({ stream } = {}) {
+    return this.sandbox.client.events("GET", this.#path("/logs"), { query: { stream } });
+  }
+}
+
 export class Sandbox {
   constructor(client, info) {
     this.client = client;
@@ -190,6 +214,22 @@ export class Sandbox {
 
   stream(cmd, options) {
     return this.client.events("POST", this.#path("/exec"), { json: execBody(cmd, options) });
+  }
+
+  async spawn(cmd, options = {}) {
+    const body = { ...execBody(cmd, options), name: options.name };
+    delete body.stdin;
+    delete body.timeout_secs;
+    if (body.name === undefined) delete body.name;
+    return new Process(this, await this.client.request("POST", this.#path("/processes"), { json: body }));
+  }
+
+  async processes() {
+    return (await this.client.request("GET", this.#path("/processes"))).map((st) => new Process(this, st));
+  }
+
+  async process(pid) {
+    return new Process(this, await this.client.request("GET", this.#path(`/processes/${encodeURIComponent(pid)}`)));
   }
 
   snapshot({ register } = {}) {

@@ -45,6 +45,16 @@ test("Sandbox speaks the API of a live server", { skip }, async () => {
     await sb.files.remove("/tmp/d", { recursive: true });
     await assert.rejects(sb.files.stat("/tmp/d"), (e) => e.status === 404);
 
+    const p = await sb.spawn(["sh", "-c", "echo started; sleep 30"], { name: "bg" });
+    assert.equal(p.last.state, "running");
+    assert.ok(Number.isInteger(p.pid));
+    assert.equal((await sb.process("bg")).id, p.id);
+    await p.signal("KILL");
+    const end = await p.wait({ timeoutSecs: 10 });
+    assert.deepEqual([end.state, end.exit_code], ["exited", 137]);
+    assert.equal(await p.output(), "started\n");
+    assert.equal((await sb.processes()).length, 1);
+
     const listed = await Sandbox.list();
     assert.ok(listed.some((s) => s.id === sb.id));
     assert.equal((await Sandbox.get(sb.id)).id, sb.id);

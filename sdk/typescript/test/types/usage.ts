@@ -46,6 +46,9 @@ async function sandboxUsage(): Promise<void> {
   for await (const ev of sb.stream(["ls"])) {
     if (ev.event === "exit") { const c: number = ev.data.exit_code; void c; }
   }
+  const proc = await sb.spawn(["sleep", "9"], { name: "s" });
+  const st: "starting" | "running" | "exited" | "failed" = (await proc.wait({ timeoutSecs: 1 })).state;
+  void st;
   const f = await sb.files.stat("/");
   const kind: "file" | "dir" | "symlink" | "fifo" | "socket" | "char" | "block" = f.type;
   void code; void kind; void new Client({ url: "unix:/x", token: "t" }); void ApiError;
