@@ -197,7 +197,7 @@ def test_unknown_base_lists_what_is_available(tmp_path: Path, monkeypatch) -> No
     # or this nonexistent host named as its only endpoint) or lacks it.
     assert "image.py:2: python:3.11-slim: " in str(info.value)
     assert re.search(r"cannot reach|unknown image", str(info.value))
-    assert "available locally: busybox, debian-minimal, ubuntu-minimal" in info.value.render()
+    assert "available locally: debian-minimal, debian-systemd, debian-vnc, ubuntu-minimal" in info.value.render()
     assert "debian-minimal carries Python 3" in (info.value.hint or "")
 
 

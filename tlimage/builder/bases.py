@@ -1,4 +1,5 @@
-"""Seed base images as layers: `debian-minimal`, `ubuntu-minimal` and the tiny `busybox`.
+"""Seed base images as layers: the bases of the catalog (`tlimage.executor.catalog`:
+debian-minimal, debian-systemd, debian-vnc, their ubuntu-* twins) and the tiny `busybox`.
 
 The executor builds each base's root filesystem on the host (`tlimage.executor.bases`); here it
 becomes one layer in the cache, found again by a key that names the tree's own key (suite, mirror,
@@ -14,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from tlimage.builder.config import ImageConfig
-from tlimage.registry.db import LayerRef
+from tlimage.executor.catalog import NAMES as KNOWN_BASES  # noqa: F401 - re-exported
+from tlimage.executor.catalog import spec as _spec
+from tlimage.registry.db import ImageRecord, LayerRef, Manifest
 
-KNOWN_BASES = ("busybox", "debian-minimal", "ubuntu-minimal")
-_DEFAULT_CMD = {"busybox": ("/bin/sh",), "debian-minimal": ("/bin/bash",),
-                "ubuntu-minimal": ("/bin/bash",)}  # fmt: skip
+INIT_LABEL = "org.tlimage.init"  # "systemd" on bases whose init is systemd
 
 
 def ensure_base(
@@ -32,10 +33,10 @@ def ensure_base(
 
     t0 = time.monotonic()
     base = bases.ensure_base(name, cache_dir, progress=progress)
-    # PIP_BREAK_SYSTEM_PACKAGES is a build-time setting (see loop.BUILD_ENV_DEFAULTS), not part
-    # of the image a sandbox runs.
-    env = tuple((k, v) for k, v in base.env if k != "PIP_BREAK_SYSTEM_PACKAGES")
-    config = ImageConfig(env=env, cmd=_DEFAULT_CMD[name], cmd_from_base=True)
+    spec = _spec(name)
+    assert spec is not None
+    labels = ((INIT_LABEL, spec.init),) if spec.init != "none" else ()
+    config = ImageConfig(env=base.env, cmd=spec.cmd, cmd_from_base=True, labels=labels)
     key = f"base:{name}:{base.key}"
     rec = cache.lookup(key)
     if rec is None:
@@ -71,3 +72,16 @@ def pull_base(ref: str, cache: Any, emit: Callable[[dict[str, Any]], None], *,
 
 def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def base_image(name: str, cache_dir: Path | None = None,
+               emit: Callable[[dict[str, Any]], None] | None = None) -> ImageRecord:
+    """A catalog base as an (unregistered) image record a sandbox can boot: `tl sbx new`
+    without --image, or --image debian-minimal when no image of that name is registered."""
+    from tlimage.cache.cache import LayerCache
+
+    with LayerCache(cache_dir) as cache, cache.session(purpose="base"):
+        layer, config = ensure_base(name, cache, emit or (lambda _e: None), cache_dir)
+    manifest = Manifest((layer,), config.to_json(), base=f"{name}@{layer.digest}")
+    return ImageRecord("", name, "latest", manifest.image_id(), manifest, f"base:{name}",
+                       time.time())

@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+from tlimage.builder.rootfs import unpacked_root
 from tlimage.cache.cache import LayerCache, PruneResult
 from tlimage.cache.store import BlobStore, parse_digest, pid_alive
 from tlimage.registry import Registry
@@ -34,7 +35,7 @@ def pinned_digests() -> set[str]:
 
 def prune(cache_dir: Path | None, keep_storage: int) -> PruneResult:
     with LayerCache(cache_dir) as cache:
-        unpacked = Path(cache.store.path) / "unpacked"
+        unpacked = unpacked_root(cache.store)
 
         def drop_unpacked(digest: str) -> None:
             shutil.rmtree(unpacked / parse_digest(digest), ignore_errors=True)
@@ -55,7 +56,7 @@ def sweep_scratch(store: BlobStore) -> int:
     removed = 0
     now = time.time()
     for folder, prefix in ((Path(store.path) / "tmp", "tlimage-"),
-                           (Path(store.path) / "unpacked", ".tmp-")):  # fmt: skip
+                           (unpacked_root(store), ".tmp-")):  # fmt: skip
         if not folder.is_dir():
             continue
         for entry in folder.iterdir():

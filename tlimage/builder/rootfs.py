@@ -1,6 +1,6 @@
 """Layers as overlayfs lower directories.
 
-Each stored layer is unpacked once into `<cache>/layers-v1/unpacked/<hex>/` in overlayfs' own
+Each stored layer is unpacked once into `<cache>/layers-v1/unpacked-v2/<hex>/` in overlayfs' own
 format: an OCI whiteout `.wh.name` becomes a 0:0 character device `name`, an opaque marker
 `.wh..wh..opq` becomes the `trusted.overlay.opaque=y` xattr on its folder. A stack of such folders
 is a valid `lowerdir=` list, so a step's root filesystem costs no copying.
@@ -20,7 +20,9 @@ from tlimage.errors import CacheError
 
 
 def unpacked_root(store: BlobStore) -> Path:
-    return Path(store.path) / "unpacked"
+    # v2: modes kept exactly (v1 unpacked through tarfile's `tar` filter, which dropped the
+    # sticky, setuid and group/other write bits: /tmp came out 0755).
+    return Path(store.path) / "unpacked-v2"
 
 
 def unpacked_layer(store: BlobStore, digest: str) -> Path:

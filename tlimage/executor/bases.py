@@ -1,18 +1,23 @@
-"""Base root filesystems, built by this tool on the host as plain directory trees.
+"""Base root filesystems, built by this tool on the host as plain directory trees, from the
+table in `tlimage.executor.catalog`:
 
-    busybox          busybox-static and a passwd/group; ~2 MB, built in ~50 ms (tests)
-    debian-minimal   mmdebstrap --variant=minbase bookworm + python3, python3-pip,
-                     ca-certificates; no init system; ~40 s and ~180 MB
-    ubuntu-minimal   the same from an Ubuntu archive, only when one is configured
+    busybox                  busybox-static and a passwd/group; ~2 MB, built in ~50 ms (tests)
+    debian-minimal           mmdebstrap --variant=minbase trixie (Debian 13) + python3,
+                             python3-pip, python-is-python3, ca-certificates; no init; ~25 s
+    debian-systemd / -vnc    the same + systemd (+ XFCE, TigerVNC, Firefox ESR)
+    ubuntu-*                 the same recipes on an Ubuntu suite, only when a mirror is configured
 
 A built tree is kept at `<cache>/executor-v1/bases/<name>-<key>/`, where the key covers what
-selects its content (suite, mirror, packages, tool versions). The Debian archive moves on under
-the same key: a base is a snapshot taken once, pinned afterwards by the layer digest that the
-cache computes from the tree; `ensure_base(..., refresh=True)` takes a new snapshot.
+selects its content (recipe version, suite, mirror, packages, tool versions). The archive moves
+on under the same key: a base is a snapshot taken once, pinned afterwards by the layer digest
+that the cache computes from the tree; `ensure_base(..., refresh=True)` takes a new snapshot.
 
-PEP 668: Debian's python3 ships /usr/lib/python3.*/EXTERNALLY-MANAGED and it is kept; build
-steps get PIP_BREAK_SYSTEM_PACKAGES=1 from `Base.env` instead, so pip installs into the image's
-system Python as a Dockerfile's `pip install` expects.
+Modes are Debian's: mmdebstrap unpacks every package as dpkg does, so /tmp and /var/tmp are
+1777 and every path has the mode and owner its package declares (tested against `dpkg-deb -c`).
+
+PEP 668: Debian's python3 ships /usr/lib/python3.*/EXTERNALLY-MANAGED and it is kept; the
+bases' environment sets PIP_BREAK_SYSTEM_PACKAGES=1 for build steps and sandboxes alike, so pip
+installs into the image's system Python as a Dockerfile's `pip install` expects.
 """
 
 from __future__ import annotations
@@ -28,22 +33,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlimage.errors import ExecutorError
+from tlimage.executor import catalog
+from tlimage.executor.catalog import (
+    BASE_PATH,
+    DEBIAN_MIRROR_ENV,
+    DEFAULT_DEBIAN_MIRROR,
+    DEFAULT_UBUNTU_KEYRING,
+    UBUNTU_KEYRING_ENV,
+    UBUNTU_MIRROR_ENV,
+    UBUNTU_SUITE_ENV,
+)
 from tlimage.sandbox.qemu.provision import executor_dir, require_tool
 
 BASES_FORMAT = "b1"
-BASES = ("busybox", "debian-minimal", "ubuntu-minimal")
-DEBIAN_SUITE = "bookworm"
-DEBIAN_PACKAGES = ("python3", "python3-pip", "ca-certificates")
-DEBIAN_MIRROR_ENV = "TLIMAGE_DEBIAN_MIRROR"
-UBUNTU_MIRROR_ENV = "TLIMAGE_UBUNTU_MIRROR"
-UBUNTU_SUITE_ENV = "TLIMAGE_UBUNTU_SUITE"
-DEFAULT_DEBIAN_MIRROR = "http://deb.debian.org/debian"
-DEFAULT_UBUNTU_SUITE = "noble"
+BASES = catalog.NAMES
+DEBIAN_SUITE = catalog.BY_NAME["debian-minimal"].suite
+DEBIAN_PACKAGES = catalog.BY_NAME["debian-minimal"].packages
+DEFAULT_UBUNTU_SUITE = catalog.BY_NAME["ubuntu-minimal"].suite
 # Every file of a tool-built base gets this mtime unless SOURCE_DATE_EPOCH says otherwise, so a
 # rebuild yields the same tree key and the same layer digest.
 DEFAULT_EPOCH = 0
 
-BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+__all__ = ["BASE_PATH", "DEBIAN_MIRROR_ENV", "UBUNTU_MIRROR_ENV", "UBUNTU_SUITE_ENV"]
 
 
 class BaseError(ExecutorError):
@@ -59,33 +70,37 @@ class Base:
     info: dict  # what went in: suite, mirror, packages, versions
 
 
+def ubuntu_settings(name: str) -> tuple[str, str, str]:
+    """(mirror, suite, keyring) of the configured Ubuntu archive, or a clear error naming both
+    settings an Ubuntu base needs."""
+    mirror = os.environ.get(UBUNTU_MIRROR_ENV, "")
+    keyring = os.environ.get(UBUNTU_KEYRING_ENV, DEFAULT_UBUNTU_KEYRING)
+    if not mirror or not Path(keyring).is_file():
+        missing = []
+        if not mirror:
+            missing.append(f"{UBUNTU_MIRROR_ENV} (an Ubuntu archive URL) is not set")
+        if not Path(keyring).is_file():
+            missing.append(f"the keyring {keyring} ({UBUNTU_KEYRING_ENV}) does not exist")
+        raise BaseError(
+            f"{name} needs an Ubuntu archive: " + "; ".join(missing),
+            hint=f"set {UBUNTU_MIRROR_ENV}=http://archive.ubuntu.com/ubuntu and "
+            f"{UBUNTU_KEYRING_ENV}=<Ubuntu archive keyring .gpg> (apt-get install "
+            f"ubuntu-keyring gives {DEFAULT_UBUNTU_KEYRING}); optionally {UBUNTU_SUITE_ENV} "
+            f"(default {DEFAULT_UBUNTU_SUITE}). Without them the default base is debian-minimal",
+        )
+    suite = os.environ.get(UBUNTU_SUITE_ENV, catalog.BY_NAME[name].suite)
+    return mirror, suite, keyring
+
+
 def ensure_base(name: str, cache_dir: Path | None = None, *, refresh: bool = False,
                 progress=None) -> Base:
     """The base's tree, built on first use and cached."""
     say = progress or (lambda _m: None)
-    if name not in BASES:
+    spec = catalog.spec(name)
+    if spec is None:
         raise BaseError(f"unknown base {name!r}; available: {', '.join(BASES)}")
-    if name == "busybox":
-        info = {"busybox": _busybox_version(_static_busybox())}
-        env: tuple[tuple[str, str], ...] = (("PATH", BASE_PATH),)
-    elif name == "debian-minimal":
-        info = {"suite": DEBIAN_SUITE, "mirror": debian_mirror(), "packages": DEBIAN_PACKAGES}
-        env = (("PATH", BASE_PATH), ("LANG", "C.UTF-8"), ("PIP_BREAK_SYSTEM_PACKAGES", "1"))
-    else:
-        mirror = os.environ.get(UBUNTU_MIRROR_ENV)
-        if not mirror:
-            raise BaseError(
-                "ubuntu-minimal needs an Ubuntu archive, and none is configured",
-                hint=f"set {UBUNTU_MIRROR_ENV} to an Ubuntu mirror URL (and optionally "
-                f"{UBUNTU_SUITE_ENV}, default {DEFAULT_UBUNTU_SUITE}); the default base here "
-                "is debian-minimal",
-            )
-        info = {"suite": os.environ.get(UBUNTU_SUITE_ENV, DEFAULT_UBUNTU_SUITE),
-                "mirror": mirror, "packages": DEBIAN_PACKAGES}
-        env = (("PATH", BASE_PATH), ("LANG", "C.UTF-8"), ("PIP_BREAK_SYSTEM_PACKAGES", "1"))
-    info["epoch"] = _epoch()
-    key = hashlib.sha256(json.dumps([BASES_FORMAT, name, info], sort_keys=True).encode())
-    key_s = key.hexdigest()[:16]
+    info = base_info(spec)
+    key_s = base_key(spec, info)
     root = executor_dir(cache_dir) / "bases"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{name}-{key_s}"
@@ -95,23 +110,54 @@ def ensure_base(name: str, cache_dir: Path | None = None, *, refresh: bool = Fal
         with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=root) as tmp:
             tree = Path(tmp) / "tree"
             say(f"building base {name}")
-            if name == "busybox":
+            if spec.distribution == "busybox":
                 build_busybox_base(tree)
-            elif name == "debian-minimal":
-                build_debian_base(tree, suite=info["suite"], mirror=info["mirror"])
             else:
-                build_ubuntu_base(tree, suite=info["suite"], mirror=info["mirror"])
+                build_deb_base(tree, spec, info)
             out = Path(tmp) / "out"
             out.mkdir()
             os.rename(tree, out / "rootfs")
             (out / ".tlimage-base.json").write_text(json.dumps(
-                {"name": name, "key": key_s, "info": info, "env": env}, indent=2) + "\n")
+                {"name": name, "key": key_s, "info": info, "env": spec.env}, indent=2) + "\n")
             try:
                 os.replace(out, final)
             except OSError:
                 if not (final / ".tlimage-base.json").is_file():
                     raise
-    return Base(name, final / "rootfs", env, key_s, info)
+    return Base(name, final / "rootfs", spec.env, key_s, info)
+
+
+def base_info(spec: catalog.BaseSpec) -> dict:
+    """What selects a base's content (raises for an Ubuntu base without an archive)."""
+    if spec.distribution == "busybox":
+        info: dict = {"busybox": _busybox_version(_static_busybox())}
+    elif spec.distribution == "debian":
+        info = {"suite": spec.suite, "mirror": debian_mirror(), "packages": list(spec.packages),
+                "recipe": catalog.RECIPE_VERSION}
+    else:
+        mirror, suite, keyring = ubuntu_settings(spec.name)
+        info = {"suite": suite, "mirror": mirror, "keyring": keyring,
+                "packages": list(spec.packages), "recipe": catalog.RECIPE_VERSION}
+    info["epoch"] = _epoch()
+    return info
+
+
+def base_key(spec: catalog.BaseSpec, info: dict) -> str:
+    blob = json.dumps([BASES_FORMAT, spec.name, info], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def built_tree(name: str, cache_dir: Path | None = None) -> Path | None:
+    """The built tree of the base's current recipe, or None (never builds)."""
+    spec = catalog.spec(name)
+    if spec is None:
+        return None
+    try:
+        key = base_key(spec, base_info(spec))
+    except (BaseError, ExecutorError):
+        return None
+    final = executor_dir(cache_dir) / "bases" / f"{name}-{key}"
+    return final / "rootfs" if (final / ".tlimage-base.json").is_file() else None
 
 
 def _epoch() -> int:
@@ -196,14 +242,11 @@ def _normalize_tree(root: Path, mtime: int) -> None:
 # --- Debian / Ubuntu via mmdebstrap ----------------------------------------------------------
 
 
-def debian_mirror() -> str:
-    return os.environ.get(DEBIAN_MIRROR_ENV, DEFAULT_DEBIAN_MIRROR)
-
-
-def _mmdebstrap(dest: Path, suite: str, sources: list[str], extra: list[str]) -> None:
+def _mmdebstrap(dest: Path, suite: str, sources: list[str], packages: tuple[str, ...],
+                extra: list[str]) -> None:
     tool = require_tool("mmdebstrap", "to build Debian/Ubuntu base root filesystems")
     cmd = [tool, "--variant=minbase", "--mode=root", "--format=directory",
-           "--include=" + ",".join(DEBIAN_PACKAGES),
+           "--include=" + ",".join(packages),
            "--dpkgopt=path-exclude=/usr/share/doc/*",
            "--dpkgopt=path-include=/usr/share/doc/*/copyright",
            "--dpkgopt=path-exclude=/usr/share/man/*",
@@ -222,19 +265,79 @@ def _mmdebstrap(dest: Path, suite: str, sources: list[str], extra: list[str]) ->
         raise BaseError(f"mmdebstrap failed (exit {p.returncode}) building {suite}:\n{tail}")
 
 
+# systemd variants: an empty machine-id is filled at first boot; the VNC server runs on :1 as
+# root with no password, listening on the sandbox's own network only.
+_SYSTEMD_HOOKS = [
+    "--customize-hook=: > \"$1/etc/machine-id\"",
+    "--customize-hook=chroot \"$1\" systemctl set-default multi-user.target",
+    "--customize-hook=chroot \"$1\" systemctl mask systemd-networkd-wait-online.service "
+    "getty@tty1.service serial-getty@ttyS0.service",
+]
+_VNC_UNIT = """[Unit]
+Description=TigerVNC server on :1 (XFCE)
+After=network.target
+
+[Service]
+Type=simple
+Environment=HOME=/root
+ExecStart=/usr/bin/Xtigervnc :1 -geometry 1280x800 -depth 24 -SecurityTypes None -localhost no -rfbport 5901 -AlwaysShared
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target
+"""
+_XFCE_UNIT = """[Unit]
+Description=XFCE session on the VNC display :1
+After=tlimage-vnc.service
+Requires=tlimage-vnc.service
+
+[Service]
+Type=simple
+Environment=HOME=/root DISPLAY=:1
+ExecStartPre=/bin/sh -c 'for i in $(seq 50); do [ -S /tmp/.X11-unix/X1 ] && exit 0; sleep 0.2; done'
+ExecStart=/usr/bin/dbus-launch --exit-with-session /usr/bin/startxfce4
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _unit_hook(name: str, text: str) -> str:
+    quoted = text.replace("'", "'\\''")
+    return (f"--customize-hook=printf '%s' '{quoted}' > \"$1/etc/systemd/system/{name}\" && "
+            f"chroot \"$1\" systemctl enable {name}")
+
+
+def _variant_hooks(spec: catalog.BaseSpec) -> list[str]:
+    hooks: list[str] = []
+    if spec.init == "systemd":
+        hooks += _SYSTEMD_HOOKS
+    if spec.variant == "vnc":
+        hooks += [_unit_hook("tlimage-vnc.service", _VNC_UNIT),
+                  _unit_hook("tlimage-xfce.service", _XFCE_UNIT)]
+    return hooks
+
+
+def build_deb_base(dest: Path, spec: catalog.BaseSpec, info: dict) -> None:
+    comps = " ".join(spec.components)
+    if spec.distribution == "debian":
+        mirror, suite = info["mirror"], info["suite"]
+        security = mirror.rstrip("/").removesuffix("/debian") + "/debian-security"
+        sources = [f"deb {mirror} {suite} {comps}", f"deb {mirror} {suite}-updates {comps}",
+                   f"deb {security} {suite}-security {comps}"]
+        extra: list[str] = []
+    else:
+        mirror, suite = info["mirror"], info["suite"]
+        sources = [f"deb {mirror} {suite} {comps}", f"deb {mirror} {suite}-updates {comps}"]
+        extra = [f"--keyring={info['keyring']}"]
+    _mmdebstrap(dest, suite, sources, spec.packages, extra + _variant_hooks(spec))
+
+
+def debian_mirror() -> str:
+    return os.environ.get(DEBIAN_MIRROR_ENV, DEFAULT_DEBIAN_MIRROR)
+
+
 def build_debian_base(dest: Path, *, suite: str = DEBIAN_SUITE, mirror: str | None = None) -> None:
-    mirror = mirror or debian_mirror()
-    security = mirror.rstrip("/").removesuffix("/debian") + "/debian-security"
-    sources = [f"deb {mirror} {suite} main", f"deb {mirror} {suite}-updates main",
-               f"deb {security} {suite}-security main"]
-    _mmdebstrap(dest, suite, sources, [])
-
-
-def build_ubuntu_base(dest: Path, *, suite: str, mirror: str) -> None:
-    keyring = Path("/usr/share/keyrings/ubuntu-archive-keyring.gpg")
-    if not keyring.is_file():
-        raise BaseError("ubuntu-minimal needs Ubuntu's archive key",
-                        hint="apt-get install -y ubuntu-keyring")
-    sources = [f"deb {mirror} {suite} main universe",
-               f"deb {mirror} {suite}-updates main universe"]
-    _mmdebstrap(dest, suite, sources, [f"--keyring={keyring}"])
+    spec = catalog.BY_NAME["debian-minimal"]
+    build_deb_base(dest, spec, {"mirror": mirror or debian_mirror(), "suite": suite})

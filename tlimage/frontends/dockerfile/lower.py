@@ -79,12 +79,13 @@ class BaseImage:
     workdir: str = "/"
 
 
-# The seed bases' image config (see tlimage/executor/bases.py and builder/bases.py:
-# PIP_BREAK_SYSTEM_PACKAGES is a build-time setting there, not in the image config).
+# The seed bases' image config (tlimage/executor/catalog.py; a unit test keeps the two equal).
+_DEB = BaseImage(env=(("PATH", DEFAULT_PATH), ("LANG", "C.UTF-8"),
+                      ("PIP_BREAK_SYSTEM_PACKAGES", "1")))  # fmt: skip
 SEED_BASES: Mapping[str, BaseImage] = {
     "busybox": BaseImage(),
-    "debian-minimal": BaseImage(env=(("PATH", DEFAULT_PATH), ("LANG", "C.UTF-8"))),
-    "ubuntu-minimal": BaseImage(env=(("PATH", DEFAULT_PATH), ("LANG", "C.UTF-8"))),
+    **{f"{dist}-{variant}": _DEB for dist in ("debian", "ubuntu")
+       for variant in ("minimal", "systemd", "vnc")},
 }
 
 BaseResolver = Callable[[str], "BaseImage | None"]
