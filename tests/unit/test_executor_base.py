@@ -270,7 +270,7 @@ def test_runner_sources_are_found():
 
 
 def test_unknown_base_lists_the_choices(tmp_path):
-    with pytest.raises(BaseError, match="unknown base 'alpine'; available: busybox, debian-minimal"):
+    with pytest.raises(BaseError, match="unknown base 'alpine'; available: debian-minimal, debian-systemd"):
         ensure_base("alpine", tmp_path)
 
 
@@ -278,6 +278,15 @@ def test_ubuntu_without_an_archive_names_the_option(tmp_path, monkeypatch):
     monkeypatch.delenv("TLIMAGE_UBUNTU_MIRROR", raising=False)
     with pytest.raises(BaseError, match="ubuntu-minimal needs an Ubuntu archive") as e:
         ensure_base("ubuntu-minimal", tmp_path)
+    assert "TLIMAGE_UBUNTU_MIRROR" in e.value.hint and "TLIMAGE_UBUNTU_KEYRING" in e.value.hint
+
+
+def test_ubuntu_with_a_mirror_but_no_keyring_names_both_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLIMAGE_UBUNTU_MIRROR", "http://archive.ubuntu.com/ubuntu")
+    monkeypatch.setenv("TLIMAGE_UBUNTU_KEYRING", str(tmp_path / "missing.gpg"))
+    with pytest.raises(BaseError, match="ubuntu-systemd needs an Ubuntu archive: the keyring") as e:
+        ensure_base("ubuntu-systemd", tmp_path)
+    assert "TLIMAGE_UBUNTU_KEYRING" in str(e.value)
     assert "TLIMAGE_UBUNTU_MIRROR" in e.value.hint
 
 
@@ -291,6 +300,7 @@ def test_static_elf_detection(tmp_path):
 
 @root_only
 def test_auto_falls_back_to_namespace_with_one_notice(monkeypatch):
+    import tlimage.executor
     import tlimage.sandbox
 
     monkeypatch.setenv("TLIMAGE_KVM", "0")
@@ -300,5 +310,45 @@ def test_auto_falls_back_to_namespace_with_one_notice(monkeypatch):
     second = select_executor("auto", notice=notices.append)
     assert first.name == second.name == "namespace"
     assert len(notices) == 1
-    assert "KVM is not usable here (TLIMAGE_KVM=0)" in notices[0]
+    assert "KVM is not usable (TLIMAGE_KVM=0)" in notices[0]
     assert "namespace sandbox" in notices[0]
+    # A new process on the same machine state says nothing; a changed state says it again.
+    monkeypatch.setattr(tlimage.sandbox, "_noticed", False)
+    select_executor("auto", notice=notices.append)
+    assert len(notices) == 1
+    monkeypatch.setattr(tlimage.sandbox, "_noticed", False)
+    monkeypatch.setattr(tlimage.executor, "kvm_usable", lambda *_a: (False, "microVM (kvm) "
+                        "failed to boot: qemu: kvm.c:3183: Assertion `ret == n' failed."))
+    select_executor("auto", notice=notices.append)
+    assert notices[1] == ("KVM is not usable (microVM (kvm) failed to boot); build steps and "
+                          "sandboxes run in a namespace sandbox (details: tl sbx doctor)")
+
+
+def test_catalog_rows_are_consistent():
+    from tlimage.executor import catalog
+    from tlimage.frontends.dockerfile.lower import SEED_BASES
+
+    assert catalog.NAMES[0] == "debian-minimal"
+    for spec in catalog.CATALOG:
+        assert spec.variant in ("minimal", "systemd", "vnc", "tiny")
+        assert (spec.init == "systemd") == (spec.variant in ("systemd", "vnc"))
+        # The Dockerfile front end expands ENV words against the same environment.
+        assert SEED_BASES[spec.name].env == spec.env, spec.name
+        if spec.distribution != "busybox":
+            assert {"python3", "python3-pip", "python-is-python3"} <= set(spec.packages)
+            assert ("PIP_BREAK_SYSTEM_PACKAGES", "1") in spec.env
+    assert catalog.default_base({}) == "debian-minimal"
+    assert catalog.default_base({"TLIMAGE_UBUNTU_MIRROR": "http://m/ubuntu"}) == "ubuntu-minimal"
+
+
+def test_notices_are_said_once_per_state(tmp_path, monkeypatch):
+    from tlimage import notices
+
+    monkeypatch.setenv("TLIMAGE_STATE_DIR", str(tmp_path))
+    said: list[str] = []
+    assert notices.once("k", "a", "first", said.append)
+    assert not notices.once("k", "a", "again", said.append)
+    assert notices.once("k", "b", "changed", said.append)
+    assert said == ["first", "changed"]
+    assert notices.short_reason("microVM (kvm) failed to boot: qemu: Assertion failed (cached)") \
+        == "microVM (kvm) failed to boot"

@@ -46,11 +46,11 @@ def build_image(
     image, path = _resolve(source, image_name, frontend_options or {})
     opts = BuildOptions(**options)
     if path is not None:
-        if "context_dir" not in options:
-            opts.context_dir = path.resolve().parent
+        if "context_dir" not in options:  # a folder is the context; a file's folder is
+            opts.context_dir = path.resolve() if path.is_dir() else path.resolve().parent
         opts.source = opts.source or str(path)
         if not opts.ignore:
-            opts.ignore = _ignore_patterns(path)
+            opts.ignore = _ignore_patterns(path, opts.context_dir)
     builder = Builder(image, opts, emit or (lambda _e: None))
     try:
         return builder.run()
@@ -101,9 +101,9 @@ def error_event(e: TlimageError) -> dict[str, Any]:
     return event
 
 
-def _ignore_patterns(path: Path) -> tuple[str, ...]:
-    """`<file>.dockerignore`, else `.dockerignore`, beside the image file (the context root)."""
+def _ignore_patterns(path: Path, context: Path) -> tuple[str, ...]:
+    """`<file>.dockerignore` beside the image file, else `.dockerignore` at the context root."""
     from tlimage.cache.ignore import IgnoreMatcher, find_ignore_file
 
-    found = find_ignore_file(path.resolve().parent, path.resolve())
+    found = find_ignore_file(Path(context).resolve(), path.resolve())
     return tuple(IgnoreMatcher.from_file(found).patterns) if found else ()

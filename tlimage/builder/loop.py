@@ -50,7 +50,7 @@ BUILD_ENV_DEFAULTS = (("PIP_BREAK_SYSTEM_PACKAGES", "1"), ("DEBIAN_FRONTEND", "n
 class BuildOptions:
     context_dir: Path = Path(".")
     project: str = "default"
-    registered_name: str | None = None  # default: the image's name
+    registered_name: str | None = None  # NAME or NAME:TAG; default: the image's name
     tag: str | None = None  # default: the image's tag
     cache_dir: Path | None = None
     no_cache: bool = False
@@ -63,6 +63,7 @@ class BuildOptions:
     ignore: tuple[str, ...] = ()  # .dockerignore-style patterns for the context
     host_ca: str = "auto"  # "auto" | "on" | "off": trust the host's CA bundle in RUN steps
     source: str | None = None  # the file the image came from, recorded in the registry
+    also_register: tuple[tuple[str, str], ...] = ()  # more (name, tag) pairs for the image
     # Values for RUN --mount=type=secret, by id: the bytes, or a file to read them from. They
     # never enter a key, a layer, the image or the logs (see builder.mounts).
     secrets: dict[str, Path | bytes] = field(default_factory=dict, repr=False)
@@ -131,7 +132,8 @@ class Builder:
         self._this_build: list[tuple[str, dict[str, Any]]] = []
 
     def _build_name(self) -> str:
-        return f"{self.opts.project}/{self.opts.registered_name or self.image.name}"
+        name = (self.opts.registered_name or self.image.name).partition(":")[0]
+        return f"{self.opts.project}/{name}"
 
     # -- executor ------------------------------------------------------------------------
 
@@ -159,9 +161,22 @@ class Builder:
 
     # -- the walk ------------------------------------------------------------------------
 
+    def _refs(self) -> list[tuple[str, str]]:
+        """Where the image gets registered, checked before any step runs."""
+        from tlimage.registry.db import parse_ref
+
+        name = self.opts.registered_name or self.image.name
+        if ":" in name and self.opts.tag is None:
+            name, tag = parse_ref(name)
+        else:
+            name, tag = parse_ref(f"{name}:{self.opts.tag or self.image.tag}")
+        return [(name, tag), *(parse_ref(f"{n}:{t}") for n, t in self.opts.also_register)]
+
     def run(self) -> BuildResult:
         from tlimage.builder.gc import sweep_scratch
 
+        if self.opts.register:
+            self._refs()
         with self.cache.session():
             sweep_scratch(self.store)
             return self._run_locked()
@@ -202,12 +217,12 @@ class Builder:
         self.cache.record_build(self._build_name(), self._this_build)
         record = None
         if self.opts.register:
-            name = self.opts.registered_name or self.image.name
-            tag = self.opts.tag or self.image.tag
-            record = self.registry.register(self.opts.project, name, tag, manifest,
-                                            self.opts.source)  # fmt: skip
-            self.emit({"event": "image_registered", "project": self.opts.project, "name": name,
-                       "tag": tag, "image_id": image_id})  # fmt: skip
+            for i, (name, tag) in enumerate(self._refs()):
+                rec = self.registry.register(self.opts.project, name, tag, manifest,
+                                             self.opts.source)  # fmt: skip
+                record = record if i else rec
+                self.emit({"event": "image_registered", "project": self.opts.project,
+                           "name": name, "tag": tag, "image_id": image_id})  # fmt: skip
         for ref in self.opts.cache_to:
             from tlimage.oci.cache import export
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -23,8 +24,8 @@ app = typer.Typer(
     name="tl",
     help="Build sandbox images from Python, TypeScript/JSON or Dockerfiles, and run sandboxes.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     # Plain help text: rendering help through rich costs ~150 ms of imports on every `--help`.
     rich_markup_mode=None,
 )
@@ -32,6 +33,29 @@ sbx = typer.Typer(help="Sandboxes and their images.", no_args_is_help=True, rich
 image = typer.Typer(
     help="Compile, build and manage images.", no_args_is_help=True, rich_markup_mode=None
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version as v
+
+        print(f"tl {v('tlimage')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    _version: Annotated[bool | None, typer.Option(
+        "--version", "-V", is_eager=True, callback=_print_version,
+        help="Print the version and exit.")] = None,
+) -> None:
+    """Build sandbox images from Python, TypeScript/JSON or Dockerfiles, and run sandboxes.
+
+    Conventions: `--isolation auto|microvm|namespace` for builds and sandboxes; `--json` prints
+    one JSON object for a single result and NDJSON (one object a line) for streams and lists;
+    times are ISO-8601 in UTC."""
+
+
 app.add_typer(sbx, name="sbx")
 sbx.add_typer(image, name="image")
 
@@ -39,6 +63,17 @@ sbx.add_typer(image, name="image")
 class Emit(StrEnum):
     ir = "ir"
     json = "json"
+
+
+IsolationOpt = Annotated[
+    Isolation, typer.Option("--isolation", help="Where steps run: auto (the microVM when KVM "
+                            "works, else namespaces), microvm or namespace.")]
+HiddenBackendOpt = Annotated[
+    Isolation | None, typer.Option("--backend", hidden=True, help="Old name of --isolation.")]
+
+
+def _isolation(isolation: Isolation, backend: Isolation | None) -> Isolation:
+    return backend if backend is not None and isolation is Isolation.auto else isolation
 
 
 FileArg = Annotated[
@@ -115,24 +150,44 @@ class HostCA(StrEnum):
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print NDJSON events on stdout.")]
 
 
+class Progress(StrEnum):
+    auto = "auto"
+    plain = "plain"
+    tty = "tty"
+    json = "json"
+
+
 @image.command("create")
 def create(
-    file: FileArg,
+    path: Annotated[Path | None, typer.Argument(
+        help="An image file (image.py, image.json, image.ts, a Dockerfile) or a context folder "
+             "(its Dockerfile, image.py, image.json or image.ts). Default: the current folder.",
+        show_default=False)] = None,
+    file: Annotated[str | None, typer.Option(
+        "--file", "-f", help="The image file (any name; '-' reads a Dockerfile from stdin). "
+                             "The context is PATH when given, else the file's folder.")] = None,
     image_name: ImageNameOpt = None,
     registered_name: Annotated[
         str | None,
-        typer.Option("--registered-name", "-n",
-                     help="Name to register the image under (default: the image's name)."),
+        typer.Option("--registered-name", "--name", "-n", metavar="NAME[:TAG]",
+                     help="Register the image under NAME[:TAG] (default: the image's name)."),
     ] = None,  # fmt: skip
-    tag: Annotated[str | None, typer.Option("--tag", "-t", help="Tag (default: the image's).")] = None,
-    json_: JsonOpt = False,
+    tag: Annotated[
+        list[str] | None,
+        typer.Option("--tag", "-t", metavar="NAME[:TAG]",
+                     help="Register the image (also) as NAME[:TAG], as `docker build -t` does; "
+                          "repeatable."),
+    ] = None,  # fmt: skip
+    progress: Annotated[Progress, typer.Option(
+        "--progress", help="auto: colour on a terminal; plain; tty; json: NDJSON events.")
+    ] = Progress.auto,
+    json_: Annotated[bool, typer.Option("--json", help="Same as --progress json.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Run every step.")] = False,
     explain: Annotated[
         bool, typer.Option("--explain", help="For each cache miss, say which input changed.")
     ] = False,
-    isolation: Annotated[
-        Isolation, typer.Option("--isolation", help="Where steps run.")
-    ] = Isolation.auto,
+    isolation: IsolationOpt = Isolation.auto,
+    backend: HiddenBackendOpt = None,
     timeout: Annotated[
         float | None, typer.Option("--step-timeout", help="Seconds a step may run.")
     ] = None,
@@ -171,53 +226,128 @@ def create(
                                        "(repeatable).")
     ] = None,  # fmt: skip
 ) -> int:
-    """Build an image from FILE and register it for sandboxes."""
+    """Build an image and register it for sandboxes.
+
+    Docker's habits: `tl sbx image create .`, `-f build.Dockerfile .`, `-f - . < Dockerfile`,
+    `-t name:v1`. Names and tags are checked before any step runs (exit 2)."""
     from tlimage._paths import project_name
     from tlimage.builder import build_image, error_event
     from tlimage.builder.mounts import parse_secrets
     from tlimage.errors import TlimageError
+    from tlimage.registry.db import parse_ref
 
-    if json_:
+    named = [("--registered-name", registered_name)] if registered_name else []
+    for opt, value in [*named, *(("--tag", t) for t in tag or ())]:
+        try:
+            parse_ref(value)
+        except TlimageError as e:
+            raise typer.BadParameter(str(e).removeprefix("invalid image reference "),
+                                     param_hint=f"'{opt}'") from None  # fmt: skip
+    # The first name given is where the image goes (its tag: the image's own unless given);
+    # the others are registered too.
+    names = [v for _, v in [*named, *(("--tag", t) for t in tag or ())]]
+    also = tuple(parse_ref(v) for v in names[1:])
+    isolation = _isolation(isolation, backend)
+    mode = Progress.json if json_ else progress
+    if mode is Progress.json:
         from tlimage.cli.render import emit_json as emit
     else:
         from tlimage.cli.progress import StepPrinter
 
-        emit = StepPrinter()
+        emit = StepPrinter(color={Progress.plain: False, Progress.tty: True}.get(mode))
     opts = _frontend_options(build_arg, target)
     try:
-        result = build_image(
-            file,
-            image_name=image_name,
-            frontend_options=opts,
-            emit=emit,
-            project=project_name(project),
-            registered_name=registered_name,
-            tag=tag,
-            cache_dir=cache_dir,
-            no_cache=no_cache,
-            explain=explain,
-            isolation=isolation.value,
-            step_timeout=timeout,
-            host_ca=host_ca.value,
-            build_args=(opts.get("build_args") or {}),  # type: ignore[arg-type]
-            secrets=parse_secrets(secret or ()),
-            pull=pull,
-            platform=platform,
-            registry_config=registry_config(insecure_registry, registry_auth),
-            cache_to=tuple(cache_to or ()),
-            cache_from=tuple(cache_from or ()),
-        )
+        with _image_source(path, file, opts) as (source, context, extra):
+            result = build_image(
+                source,
+                image_name=image_name,
+                frontend_options=opts,
+                emit=emit,
+                project=project_name(project),
+                registered_name=names[0] if names else None,
+                also_register=also,
+                cache_dir=cache_dir,
+                no_cache=no_cache,
+                explain=explain,
+                isolation=isolation.value,
+                step_timeout=timeout,
+                host_ca=host_ca.value,
+                build_args=(opts.get("build_args") or {}),  # type: ignore[arg-type]
+                secrets=parse_secrets(secret or ()),
+                context_dir=context,
+                pull=pull,
+                platform=platform,
+                registry_config=registry_config(insecure_registry, registry_auth),
+                cache_to=tuple(cache_to or ()),
+                cache_from=tuple(cache_from or ()),
+                **extra,
+            )
         if push:
             if result.record is None:
                 raise TlimageError("--push needs the image registered")
             push_record(result.record, push, compression="zstd", insecure=insecure_registry,
-                        auth=registry_auth, cache_dir=cache_dir, json_=json_)  # fmt: skip
+                        auth=registry_auth, cache_dir=cache_dir,
+                        json_=mode is Progress.json)  # fmt: skip
     except TlimageError as e:
-        if json_:
+        if mode is Progress.json:
             emit(error_event(e))
             return e.exit_code
         raise
     return 0
+
+
+IMAGE_FILES = ("Dockerfile", "image.py", "image.json", "image.ts")
+
+
+@contextmanager
+def _image_source(path: Path | None, file: str | None, opts: dict[str, object]):  # noqa: ANN202
+    """(image file, context folder, extra build options) from Docker-style PATH and -f: the
+    context is PATH when it is a folder, else the image file's folder — never its parent."""
+    from tlimage.errors import DiscoveryError
+    from tlimage.frontends import kind_of
+
+    if path is not None and not path.exists():
+        raise DiscoveryError(f"{path}: no such file or folder")
+    if path is not None and path.is_file():
+        if file is not None:
+            raise DiscoveryError(f"{path} is a file and -f {file} names another",
+                                 hint="give PATH as the context folder when using -f")  # fmt: skip
+        yield path, path.resolve().parent, {}
+        return
+    context = (path or Path(".")).resolve()
+    if file == "-":
+        import tempfile
+
+        from tlimage.cache.ignore import IgnoreMatcher, find_ignore_file
+        from tlimage.frontends.dockerfile.lower import default_image_name
+
+        with tempfile.TemporaryDirectory(prefix="tlimage-stdin-") as tmp:
+            df = Path(tmp) / "Dockerfile"
+            df.write_bytes(sys.stdin.buffer.read())
+            opts.setdefault("name", default_image_name(context / "Dockerfile"))
+            found = find_ignore_file(context, context / "Dockerfile")
+            ignore = tuple(IgnoreMatcher.from_file(found).patterns) if found else ()
+            extra: dict[str, object] = {"source": "<stdin>"}
+            if ignore:
+                extra["ignore"] = ignore
+            yield df, context, extra
+        return
+    if file is not None:
+        f = Path(file)
+        if not f.is_file():
+            raise DiscoveryError(f"-f {file}: no such file")
+        try:
+            kind_of(f)
+        except DiscoveryError:
+            opts["kind"] = "dockerfile"  # -f names a Dockerfile whatever its name, as in Docker
+        yield f, (context if path is not None else f.resolve().parent), {}
+        return
+    for name in IMAGE_FILES:
+        if (context / name).is_file():
+            yield context / name, context, {}
+            return
+    raise DiscoveryError(f"{path or '.'}: no image file in this folder (looked for "
+                         f"{', '.join(IMAGE_FILES)})", hint="name one with -f FILE")  # fmt: skip
 
 
 @image.command("ls")
@@ -396,6 +526,59 @@ def image_import(
         img = import_image(cache, path, ref_name=pick, platform=platform)
         rec = register_pulled(img, project_name(project), img_name, tag, source=str(path))
     print(f"imported {path} as {rec.ref} ({len(img.layers)} layers, image {rec.image_id[:12]})")
+
+
+@image.command("bases")
+def image_bases(cache_dir: CacheDirOpt = None, json_: JsonOpt = False) -> None:
+    """List the base images tlimage builds itself: what each holds, built or not, its size and
+    layer digest (`FROM NAME@DIGEST` pins it)."""
+    from tlimage.cli.render import emit_json, size, table
+    from tlimage.errors import TlimageError
+    from tlimage.executor import bases, catalog
+
+    default = catalog.default_base()
+    rows = []
+    for spec in catalog.CATALOG:
+        row: dict[str, object] = {
+            "name": spec.name, "distribution": spec.distribution, "suite": spec.suite,
+            "variant": spec.variant, "init": spec.init, "packages": list(spec.packages),
+            "holds": spec.summary, "default": spec.name == default, "available": True,
+            "built": False, "size": None, "digest": None, "note": None,
+        }  # fmt: skip
+        try:
+            info = bases.base_info(spec)
+            row["suite"] = info.get("suite", spec.suite)
+            key = bases.base_key(spec, info)
+        except TlimageError as e:
+            row["available"], row["note"] = False, e.message
+            rows.append(row)
+            continue
+        tree = bases.built_tree(spec.name, cache_dir)
+        row["built"] = tree is not None
+        if tree is not None:
+            from tlimage.cache.cache import LayerCache
+
+            with LayerCache(cache_dir) as c:
+                rec = c.lookup(f"base:{spec.name}:{key}")
+            if rec is not None:
+                row["size"], row["digest"] = rec.size, rec.digest
+        rows.append(row)
+    if json_:
+        for row in rows:
+            emit_json(row)
+        return
+    table(["NAME", "DISTRIBUTION", "SUITE", "VARIANT", "INIT", "BUILT", "SIZE", "HOLDS"],
+          [[r["name"] + (" (default)" if r["default"] else ""), r["distribution"],
+            r["suite"] or "-", r["variant"], r["init"],
+            "yes" if r["built"] else ("no" if r["available"] else "unavailable"),
+            size(r["size"]) if r["size"] else "-", r["holds"]] for r in rows])  # fmt: skip
+    notes: dict[str, list[str]] = {}
+    for r in rows:
+        if r["note"]:
+            note = str(r["note"]).splitlines()[0].removeprefix(f"{r['name']} ")
+            notes.setdefault(note, []).append(str(r["name"]))
+    for note, names in notes.items():
+        print(f"{', '.join(names)}: {note}", file=sys.stderr)
 
 
 @image.command("schema")

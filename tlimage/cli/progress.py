@@ -11,9 +11,9 @@ from tlimage.cli.render import size as _size
 
 
 class StepPrinter:
-    def __init__(self, stream: Any = None) -> None:
+    def __init__(self, stream: Any = None, *, color: bool | None = None) -> None:
         self.stream = stream or sys.stderr
-        self.color = is_tty(self.stream)
+        self.color = is_tty(self.stream) if color is None else color
         self._console = None
         if self.color:
             from rich.console import Console

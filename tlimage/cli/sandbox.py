@@ -14,7 +14,6 @@ import typer
 
 from tlimage.cli.options import CacheDirOpt, Isolation, ProjectOpt
 
-Backend = Isolation  # the same choices; `--backend` reads better for sandboxes
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON).")]
 IdArg = Annotated[str, typer.Argument(help="Sandbox id, unique id prefix, or name.")]
 EnvOpt = Annotated[
@@ -58,8 +57,9 @@ def register(sbx: typer.Typer) -> None:
         name: Annotated[str | None, typer.Argument(
             help="Name: named sandboxes persist (filesystem kept, can be suspended); "
                  "unnamed ones are ephemeral.")] = None,
-        image: Annotated[str, typer.Option("--image", "-i", help="Registered image NAME[:TAG].")
-                         ] = "",
+        image: Annotated[str, typer.Option(
+            "--image", "-i", help="Registered image NAME[:TAG] or a base of `tl sbx image bases` "
+                                  "(default: the default base).")] = "",
         cpus: Annotated[float, typer.Option("--cpus", help="CPU cores (fractions allowed).")] = 1.0,
         memory: Annotated[int, typer.Option("--memory", help="Memory in MiB.")] = 512,
         timeout: Annotated[float | None, typer.Option(
@@ -72,9 +72,11 @@ def register(sbx: typer.Typer) -> None:
                                                     help="Default working directory.")] = None,
         user: Annotated[str | None, typer.Option("--user", "-u",
                                                  help="Default user (USER syntax).")] = None,
-        backend: Annotated[Backend, typer.Option(
-            "--backend", help="auto: the microVM when KVM works, else namespaces.")
-        ] = Backend.auto,
+        isolation: Annotated[Isolation, typer.Option(
+            "--isolation", help="auto: the microVM when KVM works, else namespaces.")
+        ] = Isolation.auto,
+        backend: Annotated[Isolation | None, typer.Option(
+            "--backend", hidden=True, help="Old name of --isolation.")] = None,
         no_network: Annotated[bool, typer.Option("--no-network",
                                                  help="Only a loopback interface.")] = False,
         secret: Annotated[list[str] | None, typer.Option(
@@ -85,16 +87,16 @@ def register(sbx: typer.Typer) -> None:
         cache_dir: CacheDirOpt = None,
         json_: JsonOpt = False,
     ) -> None:
-        """Boot a sandbox from a registered image and print its id."""
+        """Boot a sandbox from a registered image (default: the default base) and print its id."""
         import shlex
 
-        from tlimage.errors import RuntimeError_
         from tlimage.runtime import Sandbox
 
-        if not image:
-            raise RuntimeError_("tl sbx new needs --image NAME[:TAG]")
+        if backend is not None and isolation is Isolation.auto:
+            isolation = backend
         sb = Sandbox.create(
-            image, name=name, project=project, backend=backend.value, cpus=cpus, memory=memory,
+            image or None, name=name, project=project, backend=isolation.value, cpus=cpus,
+            memory=memory,
             timeout=timeout, entrypoint=shlex.split(entrypoint) if entrypoint else None,
             env=env, workdir=workdir, user=user, network=not no_network, cache_dir=cache_dir,
             secret_names=secret or None,

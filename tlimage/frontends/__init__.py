@@ -39,7 +39,9 @@ def kind_of(path: Path) -> str:
 
 def load(path: str | Path, **options: object) -> list[ImageDef]:
     """All images defined in `path`. Options go to the front end (Dockerfiles: build_args,
-    target, name)."""
+    target, name). `kind` overrides what the file name says (`tl sbx image create -f NAME`
+    reads a Dockerfile whatever its name)."""
+    kind = options.pop("kind", None)
     p = Path(path)
     if not p.exists():
         raise DiscoveryError(f"{p}: no such file")
@@ -48,7 +50,7 @@ def load(path: str | Path, **options: object) -> list[ImageDef]:
             p = p / "Dockerfile"
         else:
             raise DiscoveryError(f"{p}: is a folder; name an image file in it")
-    kind = kind_of(p)
+    kind = kind or kind_of(p)
     if kind == "python":
         from tlimage.frontends.pyfile import load_python_images
 

@@ -232,7 +232,7 @@ class Sandbox:
     @classmethod
     def create(
         cls,
-        image: str,
+        image: str | None = None,
         *,
         name: str | None = None,
         project: str | None = None,
@@ -250,8 +250,9 @@ class Sandbox:
         notice: Callable[[str], None] | None = None,
         _source: str | None = None,
     ) -> Sandbox:
-        """Boots a sandbox from the registered image `image` (NAME[:TAG]) and returns once
-        it runs. Without `entrypoint` it idles until terminated or timed out; with one, it
+        """Boots a sandbox from the registered image `image` (NAME[:TAG]; a base of the
+        catalog when no image of that name is registered; None: the default base) and returns
+        once it runs. Without `entrypoint` it idles until terminated or timed out; with one, it
         ends when the entrypoint exits. `timeout` (seconds of running time) terminates it.
         Unnamed sandboxes are ephemeral: their filesystem goes when they end.
         `secret_names` (stored with `tl secrets set`) become environment variables of every
@@ -274,7 +275,7 @@ class Sandbox:
         if isinstance(secret_names, str):
             secret_names = [secret_names]
         secrets_ = check_secrets_exist(secret_names or [], project=proj)
-        img = Registry().get(proj, image)
+        img = _image_or_base(Registry(), proj, image, cache_dir, notice)
         if not img.manifest.layers:
             raise RuntimeError_(f"image {img.ref} has no layers; nothing to boot")
         cache = str(Path(cache_dir).resolve()) if cache_dir else os.environ.get(
@@ -282,6 +283,11 @@ class Sandbox:
         be_name, accel = select_backend(backend, Path(cache) if cache else None, notice)
         unsafe = be_name == "namespace-unsafe"
         be_name = "namespace" if unsafe else be_name
+        if img.manifest.config.get("labels", {}).get("org.tlimage.init") == "systemd" \
+                and be_name == "namespace":
+            raise RuntimeError_(
+                f"{img.ref} boots systemd as init, which the namespace backend does not run",
+                hint="use --isolation microvm, or a minimal base (debian-minimal)")
         if isinstance(env, dict):
             env = [f"{k}={v}" for k, v in env.items()]
         sandbox_env = list(env or [])
@@ -680,6 +686,28 @@ def live_layer_digests() -> set[str]:
 def new_id() -> str:
     alphabet = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lowercase
     return "sb-" + "".join(secrets.choice(alphabet) for _ in range(10))
+
+
+def _image_or_base(reg, proj: str, image: str | None, cache_dir: Path | None,  # noqa: ANN001
+                   notice: Callable[[str], None] | None):  # noqa: ANN202 - ImageRecord
+    """The registered image, else a base of the catalog of that name (built on first use),
+    else the default base when `image` is None (the choice said once per machine)."""
+    from tlimage.executor import catalog
+
+    if image is None:
+        from tlimage.notices import once
+
+        image = catalog.default_base()
+        once("default-base", image, catalog.default_base_reason(), notice)
+    rec = reg.find(proj, image)
+    if rec is not None:
+        return rec
+    name, _, tag = image.partition(":")
+    if catalog.spec(name) is not None and tag in ("", "latest"):
+        from tlimage.builder.bases import base_image
+
+        return base_image(name, Path(cache_dir) if cache_dir else None)
+    return reg.get(proj, image)  # raises, naming what is registered
 
 
 def _check_name(name: str) -> None:

@@ -58,15 +58,17 @@ def select_isolation(requested: str, *, kvm_probe: KvmProbe,
             problem = ("namespace isolation would lack: " + "; ".join(lack)
                        + " (--isolation namespace-unsafe runs there anyway)")  # fmt: skip
     if problem is None:
-        if not _noticed:
-            say(f"KVM is not usable here ({reason}); build steps and sandboxes run in a "
-                "namespace sandbox instead of a microVM (use --isolation microvm to force the "
-                "VM under TCG)")  # fmt: skip
+        if not _noticed:  # once per process, and once per machine state (tlimage.notices)
+            from tlimage.notices import kvm_fallback
+
+            kvm_fallback(reason, "build steps and sandboxes", "a namespace sandbox", say)
             _noticed = True
         return "namespace", None
     if not _noticed:
-        say(f"KVM is not usable here ({reason}) and {problem}; build steps and sandboxes run "
-            "in a microVM under TCG emulation, which is much slower")  # fmt: skip
+        from tlimage.notices import kvm_fallback
+
+        kvm_fallback(f"{reason}; {problem}", "build steps and sandboxes",
+                     "a microVM under TCG (slow)", say)  # fmt: skip
         _noticed = True
     return "microvm", "tcg"
 
