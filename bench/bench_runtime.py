@@ -2,10 +2,13 @@
 backend, each against a peer measured in the same run.
 
     sudo python bench/bench_runtime.py [--backends namespace,microvm] [--runs 3]
+                                       [--bases debian-minimal,ubuntu-minimal]
 
 Peers: the build executor running the same command once on the same layers (a throwaway
 namespace sandbox, or a cold microVM) — what a sandbox costs over a one-shot run; and, for
-resume, the sandbox's own cold boot. The image is the busybox test base plus one RUN, built in
+resume, the sandbox's own cold boot; for each minimal base of the catalog (built on first use,
+skipped when it cannot be: ubuntu-minimal without a configured mirror), boot-to-first-exec of
+`python -c pass` against the busybox image's boot-to-first-exec. The image is the busybox test base plus one RUN, built in
 a temporary state folder; the layer cache (and the microVM's guest kit) is $TLIMAGE_CACHE_DIR
 or a temporary one.
 """
@@ -53,10 +56,11 @@ def bench_backend(backend: str, runs: int, lowers: tuple[Path, ...]) -> list[tup
         assert r.stdout == b"hi\n", r
         sb.terminate()
     boot = median(boots)
+    rows.append(("boot to first exec", boot, ""))
 
     peer = executor_one_shot(backend, lowers, runs)
-    rows.append(("boot to first exec", boot, f"{boot / peer:.2f}x a one-shot executor run "
-                                             f"({peer:.3f} s)"))
+    rows[-1] = ("boot to first exec", boot, f"{boot / peer:.2f}x a one-shot executor run "
+                                            f"({peer:.3f} s)")
 
     sb = Sandbox.create("bench", name=f"bench-{backend}", backend=backend)
     try:
@@ -82,6 +86,33 @@ def bench_backend(backend: str, runs: int, lowers: tuple[Path, ...]) -> list[tup
     return rows
 
 
+def bench_bases(backend: str, runs: int, bases: list[str], busybox_boot: float
+                ) -> list[tuple[str, float, str]]:  # fmt: skip
+    """Boot-to-first-exec (`python -c pass`) of each minimal base, against the busybox image."""
+    from tlimage.errors import TlimageError
+    from tlimage.runtime import Sandbox
+
+    rows: list[tuple[str, float, str]] = []
+    for base in bases:
+        try:
+            Sandbox.create(base, backend=backend).terminate()  # builds the base on first use
+        except TlimageError as e:
+            print(f"  {base}: skipped ({e.message.splitlines()[0][:90]})")
+            continue
+        boots = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            sb = Sandbox.create(base, backend=backend)
+            r = sb.exec("python", "-c", "pass")
+            boots.append(time.perf_counter() - t0)
+            assert r.exit_code == 0, r
+            sb.terminate()
+        b = median(boots)
+        rows.append((f"{base}: boot+python", b, f"{b / busybox_boot:.2f}x the busybox image's "
+                     f"boot-to-first-exec ({busybox_boot:.3f} s)"))  # fmt: skip
+    return rows
+
+
 def executor_one_shot(backend: str, lowers: tuple[Path, ...], runs: int) -> float:
     from tlimage.executor import RunRequest, select_executor
 
@@ -104,6 +135,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", default="namespace,microvm")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--bases", default="debian-minimal,ubuntu-minimal",
+                    help="minimal bases to time boot-to-first-exec of ('' for none)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_runtime needs root (namespaces, overlayfs)")
@@ -136,7 +169,11 @@ def main() -> None:
         else:
             print(f"\n{backend}")
         print(f"  {'':24} {'median':>9}")
-        for name, seconds, note in bench_backend(backend, args.runs, lowers):
+        rows = bench_backend(backend, args.runs, lowers)
+        for name, seconds, note in rows:
+            print(f"  {name:24} {seconds:8.3f}s  {note}")
+        bases = [b for b in args.bases.split(",") if b]
+        for name, seconds, note in bench_bases(backend, args.runs, bases, rows[0][1]):
             print(f"  {name:24} {seconds:8.3f}s  {note}")
 
 

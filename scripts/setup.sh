@@ -34,6 +34,14 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# debian-minimal is Debian 13 (trixie): mmdebstrap verifies it with the trixie archive keys, which
+# bookworm's debian-archive-keyring carries from 2023.3+deb12u2 on.
+if [ ! -f /usr/share/keyrings/debian-archive-trixie-automatic.gpg ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq debian-archive-keyring >/dev/null
+fi
+
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
 
 # The TypeScript SDK's own dependencies (only `typescript`, for .ts image files).

@@ -86,3 +86,13 @@ def test_bases_lists_the_catalog(tmp_path: Path) -> None:
     assert rows[3]["available"] is False and "TLIMAGE_UBUNTU_MIRROR" in rows[3]["note"]
     plain = tl("sbx", "image", "bases", env={"TLIMAGE_CACHE_DIR": str(tmp_path)})
     assert plain.stdout.splitlines()[0].split()[:4] == ["NAME", "DISTRIBUTION", "SUITE", "VARIANT"]
+
+
+def test_doctor_reports_every_check(tmp_path: Path) -> None:
+    out = tl("sbx", "doctor", "--json", env={"TLIMAGE_CACHE_DIR": str(tmp_path), "TLIMAGE_KVM": "0"})
+    assert out.returncode in (0, 1), out.stderr
+    checks = {c["check"]: c for c in json.loads(out.stdout)["checks"]}
+    assert list(checks) == ["kvm", "cgroups", "user namespaces", "seccomp", "network helper",
+                            "namespace backend", "base images", "cache"]  # fmt: skip
+    assert all(c["status"] in ("ok", "warn", "missing") and c["detail"] for c in checks.values())
+    assert "default debian-minimal" in checks["base images"]["detail"]

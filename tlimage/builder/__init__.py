@@ -36,6 +36,7 @@ def _resolve(source: Any, image_name: str | None, frontend_options: dict[str, An
 
 def build_image(
     source: Any,
+    /,
     *,
     image_name: str | None = None,
     emit: Emit | None = None,
@@ -58,7 +59,7 @@ def build_image(
         builder.close()
 
 
-def build(source: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+def build(source: Any, /, **kwargs: Any) -> Iterator[dict[str, Any]]:
     """Build in a background thread, yielding events as they happen. Closing the generator
     early lets the current step finish and registers nothing."""
     events: queue.Queue[dict[str, Any] | None] = queue.Queue()

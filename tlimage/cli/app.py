@@ -659,6 +659,27 @@ def version() -> None:
     print(v("tlimage"))
 
 
+@sbx.command("doctor")
+def doctor(cache_dir: CacheDirOpt = None,
+           json_: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+           ) -> int:  # fmt: skip
+    """Report what this machine can do: KVM, cgroups, user namespaces, seccomp, the network
+    helper, base images and the cache size (exit 1 when something needed is missing)."""
+    from tlimage.cli import doctor as d
+
+    checks = d.run(cache_dir)
+    if json_:
+        import json
+
+        print(json.dumps({"checks": checks}))
+    else:
+        from tlimage.cli.render import table
+
+        table(["CHECK", "STATUS", "DETAIL"], [[c["check"], c["status"], c["detail"]]
+                                              for c in checks])  # fmt: skip
+    return 1 if any(c["status"] == d.FAIL for c in checks) else 0
+
+
 def _sandbox_commands() -> None:
     """`tl sbx new/ls/exec/cp/snapshot/clone/suspend/resume/terminate` (tlimage/cli/sandbox.py)."""
     from tlimage.cli.sandbox import register

@@ -275,19 +275,16 @@ class Sandbox:
         if isinstance(secret_names, str):
             secret_names = [secret_names]
         secrets_ = check_secrets_exist(secret_names or [], project=proj)
-        img = _image_or_base(Registry(), proj, image, cache_dir, notice)
-        if not img.manifest.layers:
-            raise RuntimeError_(f"image {img.ref} has no layers; nothing to boot")
         cache = str(Path(cache_dir).resolve()) if cache_dir else os.environ.get(
             "TLIMAGE_CACHE_DIR")
         be_name, accel = select_backend(backend, Path(cache) if cache else None, notice)
         unsafe = be_name == "namespace-unsafe"
         be_name = "namespace" if unsafe else be_name
-        if img.manifest.config.get("labels", {}).get("org.tlimage.init") == "systemd" \
-                and be_name == "namespace":
-            raise RuntimeError_(
-                f"{img.ref} boots systemd as init, which the namespace backend does not run",
-                hint="use --isolation microvm, or a minimal base (debian-minimal)")
+        img = _image_or_base(Registry(), proj, image, cache_dir, notice, be_name)
+        if not img.manifest.layers:
+            raise RuntimeError_(f"image {img.ref} has no layers; nothing to boot")
+        if img.manifest.config.get("labels", {}).get("org.tlimage.init") == "systemd":
+            _systemd_check(img.ref, be_name)
         if isinstance(env, dict):
             env = [f"{k}={v}" for k, v in env.items()]
         sandbox_env = list(env or [])
@@ -688,8 +685,16 @@ def new_id() -> str:
     return "sb-" + "".join(secrets.choice(alphabet) for _ in range(10))
 
 
+def _systemd_check(ref: str, be_name: str) -> None:
+    if be_name == "namespace":
+        raise RuntimeError_(
+            f"{ref} boots systemd as init, which the namespace backend does not run",
+            hint="use --isolation microvm, or a minimal base (debian-minimal)")
+
+
 def _image_or_base(reg, proj: str, image: str | None, cache_dir: Path | None,  # noqa: ANN001
-                   notice: Callable[[str], None] | None):  # noqa: ANN202 - ImageRecord
+                   notice: Callable[[str], None] | None,
+                   be_name: str):  # noqa: ANN202 - ImageRecord
     """The registered image, else a base of the catalog of that name (built on first use),
     else the default base when `image` is None (the choice said once per machine)."""
     from tlimage.executor import catalog
@@ -703,8 +708,12 @@ def _image_or_base(reg, proj: str, image: str | None, cache_dir: Path | None,  #
     if rec is not None:
         return rec
     name, _, tag = image.partition(":")
-    if catalog.spec(name) is not None and tag in ("", "latest"):
+    spec = catalog.spec(name)
+    if spec is not None and tag in ("", "latest"):
         from tlimage.builder.bases import base_image
+
+        if spec.init == "systemd":
+            _systemd_check(image, be_name)
 
         return base_image(name, Path(cache_dir) if cache_dir else None)
     return reg.get(proj, image)  # raises, naming what is registered

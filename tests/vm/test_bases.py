@@ -1,0 +1,128 @@
+"""The catalog's Debian bases, built for real with mmdebstrap from the Debian archive: modes and
+owners exactly as the packages declare them (as a sandbox sees the base), `apt_install` works,
+`python` is python3, pip behaves the same in build steps and sandboxes, and the systemd variants
+get a clear error on the namespace backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tlimage.errors import RuntimeError_
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the namespace backend needs root"),
+]
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def shared_cache() -> Path:
+    """The user's cache (computed before conftest gives each test its own): bases take a minute
+    or more each to build, so they are made once."""
+    from tlimage.cache.store import default_cache_root
+
+    return Path(os.environ.get("TLIMAGE_EXECUTOR_TEST_CACHE") or default_cache_root())
+
+
+def _reachable(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=10).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def archive() -> None:
+    from tlimage.executor.bases import debian_mirror
+
+    if shutil.which("mmdebstrap") is None:
+        pytest.skip("mmdebstrap is not installed (scripts/setup.sh installs it)")
+    if not _reachable(debian_mirror().rstrip("/") + "/dists/trixie/InRelease"):
+        pytest.skip(f"the Debian archive {debian_mirror()} is not reachable")
+
+
+def debian_bases() -> list[str]:
+    from tlimage.executor import catalog
+
+    names = [s.name for s in catalog.CATALOG if s.distribution == "debian" and s.variant != "vnc"]
+    if os.environ.get("TLIMAGE_TEST_VNC") == "1":
+        names.append("debian-vnc")
+    return names
+
+
+def sandbox(base: str, cache: Path, **kw):  # noqa: ANN201
+    from tlimage.runtime import Sandbox
+
+    return Sandbox.create(base, backend="namespace", cache_dir=cache, timeout=900, **kw)
+
+
+def host_ca_env(sb) -> list[str]:  # noqa: ANN001
+    """Behind a TLS-intercepting proxy (the host trusts extra CAs), the sandbox gets the host's
+    bundle for pip, as build steps do with --host-ca auto."""
+    from tlimage.builder import hostca
+
+    bundle = hostca.host_bundle()
+    if not hostca.wanted("auto") or bundle is None:
+        return []
+    sb.cp_in(bundle, "/etc/ssl/host-ca.pem")
+    return ["PIP_CERT=/etc/ssl/host-ca.pem"]
+
+
+def test_debian_minimal_modes_and_owners_are_the_packages(archive, shared_cache: Path) -> None:
+    with sandbox("debian-minimal", shared_cache) as sb:
+        sb.cp_in(HERE / "data" / "check_modes.py", "/root/")
+        r = sb.exec("python3", "/root/check_modes.py", timeout=600)
+        assert r.exit_code == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["packages"] > 50 and report["checked"] > 3000, report
+        assert report["bad"] == [], "\n".join(report["bad"][:40])
+        modes = sb.exec("stat", "-c", "%a %U %G %n", "/tmp", "/var/tmp", "/root").stdout.decode()
+        assert modes.split("\n")[:3] == ["1777 root root /tmp", "1777 root root /var/tmp",
+                                         "700 root root /root"]  # fmt: skip
+
+
+@pytest.mark.parametrize("base", debian_bases())
+def test_apt_install_works_on_the_base(base: str, archive, shared_cache: Path) -> None:
+    from tlimage import Image
+    from tlimage.builder import build_image
+
+    events: list[dict] = []
+    img = Image(f"apt-{base}", base_image=base).apt_install("jq").run("jq --version")
+    result = build_image(img, emit=events.append, cache_dir=shared_cache,
+                         isolation="namespace", register=False, no_cache=True)  # fmt: skip
+    logs = "".join(e.get("data", "") for e in events if e["event"] == "build_log")
+    assert "jq-1." in logs, logs[-2000:]
+    assert len(result.manifest.layers) == 2  # the base, apt-get install (jq --version: none)
+
+
+def test_python_is_python3_and_pip_works_in_a_sandbox(archive, shared_cache: Path) -> None:
+    with sandbox("debian-minimal", shared_cache) as sb:
+        r = sb.exec("python", "-c", "import sys, os; print(sys.version_info[:2], "
+                    "os.environ['PIP_BREAK_SYSTEM_PACKAGES'])")  # fmt: skip
+        assert r.exit_code == 0 and r.stdout.decode().strip() == "(3, 13) 1", r.stderr
+        os_release = sb.exec("cat", "/etc/os-release").stdout.decode()
+        assert 'VERSION_ID="13"' in os_release and "trixie" in os_release
+        # The PEP 668 marker is kept: the environment, not a deleted file, lets pip install.
+        marker = sb.exec("sh", "-c", "ls /usr/lib/python3*/EXTERNALLY-MANAGED").exit_code
+        assert marker == 0
+        if _reachable("https://pypi.org/simple/six/"):
+            pip = sb.exec("pip", "install", "--quiet", "--no-deps", "six==1.16.0", timeout=300,
+                          env=host_ca_env(sb))  # fmt: skip
+            assert pip.exit_code == 0, pip.stderr
+            assert sb.exec("python", "-c", "import six").exit_code == 0
+
+
+def test_systemd_variant_on_the_namespace_backend_is_a_clear_error(archive,
+                                                                   shared_cache: Path) -> None:
+    with pytest.raises(RuntimeError_, match="boots systemd as init, which the namespace"):
+        sandbox("debian-systemd", shared_cache)
