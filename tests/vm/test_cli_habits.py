@@ -77,3 +77,18 @@ def test_json_alias_and_plain_progress(ctx: Path) -> None:
     plain = tl("sbx", "image", "create", ".", "--backend", "namespace", "--progress", "plain",
                cwd=ctx)  # fmt: skip
     assert plain.returncode == 0 and "CACHED" in plain.stderr and "\x1b[" not in plain.stderr
+
+
+def test_a_name_from_another_source_needs_replace(ctx: Path, tmp_path: Path) -> None:
+    (ctx / "Dockerfile").write_text(DOCKERFILE)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "hello.txt").write_text("from the context\n")
+    (other / "Dockerfile").write_text(DOCKERFILE + "RUN true\n")
+    build(".", "-n", "shared:v1", cwd=ctx)
+    build(".", "-n", "shared:v1", cwd=ctx)  # the same file again: updates it
+    taken = tl("sbx", "image", "create", ".", "--isolation", "namespace", "-n", "shared:v1",
+               cwd=other)  # fmt: skip
+    assert taken.returncode == 2 and "--replace" in taken.stderr, taken.stderr
+    assert "holds an image from" in taken.stderr and "Traceback" not in taken.stderr
+    build(".", "-n", "shared:v1", "--replace", cwd=other)

@@ -121,6 +121,10 @@ def test_lifecycle_exec_cp_snapshot_clone_suspend_terminate(image: str, tmp_path
     # Clone boots from a new snapshot: sees the copied files and the deletion.
     twin = sb.clone()
     assert twin.record.source == sb.id and twin.record.image_ref.startswith(sb.id + ":snap-")
+    # ... which is not registered: only snapshots given a name show in `tl sbx image ls`.
+    from tlimage.registry import Registry
+
+    assert not any(r.name == sb.id for r in Registry().list())
     r = twin.exec("sh", "-c", "cat /tmp/in.txt; test -e greeting.txt || echo gone; echo $APP_ENV")
     assert r.stdout == b"copied in\ngone\nprod\n"
 

@@ -49,7 +49,7 @@ def build_image(
     if path is not None:
         if "context_dir" not in options:  # a folder is the context; a file's folder is
             opts.context_dir = path.resolve() if path.is_dir() else path.resolve().parent
-        opts.source = opts.source or str(path)
+        opts.source = opts.source or str(path.resolve())
         if not opts.ignore:
             opts.ignore = _ignore_patterns(path, opts.context_dir)
     builder = Builder(image, opts, emit or (lambda _e: None))

@@ -64,6 +64,7 @@ class BuildOptions:
     host_ca: str = "auto"  # "auto" | "on" | "off": trust the host's CA bundle in RUN steps
     source: str | None = None  # the file the image came from, recorded in the registry
     also_register: tuple[tuple[str, str], ...] = ()  # more (name, tag) pairs for the image
+    replace: bool = False  # take over a name that holds an image from another source
     # Values for RUN --mount=type=secret, by id: the bytes, or a file to read them from. They
     # never enter a key, a layer, the image or the logs (see builder.mounts).
     secrets: dict[str, Path | bytes] = field(default_factory=dict, repr=False)
@@ -172,11 +173,28 @@ class Builder:
             name, tag = parse_ref(f"{name}:{self.opts.tag or self.image.tag}")
         return [(name, tag), *(parse_ref(f"{n}:{t}") for n, t in self.opts.also_register)]
 
+    def _check_names(self, refs: list[tuple[str, str]]) -> None:
+        """A registered name belongs to the source it was built from: rebuilding the same image
+        file updates it; another source (a different file, a sandbox snapshot) needs
+        `replace`. Checked before any step runs."""
+        if self.opts.replace:
+            return
+        for name, tag in refs:
+            rec = self.registry.find(self.opts.project, f"{name}:{tag}")
+            if rec is None or _same_source(rec.source, self.opts.source):
+                continue
+            raise NameTaken(
+                f"{name}:{tag} in project {self.opts.project!r} holds an image from "
+                f"{rec.source or 'the Python API'}, not from {self.opts.source or 'the Python API'}",
+                hint="pass --replace to register this image under that name anyway, or choose "
+                "another name with -t/--name",
+            )
+
     def run(self) -> BuildResult:
         from tlimage.builder.gc import sweep_scratch
 
         if self.opts.register:
-            self._refs()
+            self._check_names(self._refs())
         with self.cache.session():
             sweep_scratch(self.store)
             return self._run_locked()
@@ -599,6 +617,20 @@ class Builder:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+class NameTaken(TlimageError):
+    """A build would take a registered name from an image of another source."""
+
+    exit_code = 2
+
+
+def _same_source(old: str | None, new: str | None) -> bool:
+    if old == new:
+        return True
+    if old is None or new is None or old.startswith("sandbox "):
+        return False
+    return Path(old).resolve() == Path(new).resolve()
 
 
 def _at(meta: ir.StepMeta, err: TlimageError) -> TlimageError:

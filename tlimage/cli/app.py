@@ -178,6 +178,9 @@ def create(
                      help="Register the image (also) as NAME[:TAG], as `docker build -t` does; "
                           "repeatable."),
     ] = None,  # fmt: skip
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="Register under a name that holds an image built from another "
+                          "source (a different file, a snapshot).")] = False,
     progress: Annotated[Progress, typer.Option(
         "--progress", help="auto: colour on a terminal; plain; tty; json: NDJSON events.")
     ] = Progress.auto,
@@ -266,6 +269,7 @@ def create(
                 project=project_name(project),
                 registered_name=names[0] if names else None,
                 also_register=also,
+                replace=replace,
                 cache_dir=cache_dir,
                 no_cache=no_cache,
                 explain=explain,
@@ -351,19 +355,26 @@ def _image_source(path: Path | None, file: str | None, opts: dict[str, object]):
 
 
 @image.command("ls")
-def image_ls(project: ProjectOpt = None, json_: JsonOpt = False) -> None:
-    """List the images registered in the project."""
+def image_ls(
+    project: ProjectOpt = None,
+    json_: JsonOpt = False,
+    all_: Annotated[bool, typer.Option(
+        "--all", "-a", help="Include the automatic snapshot names (<sandbox id>:snap-N).")
+    ] = False,
+) -> None:
+    """List the images registered in the project (snapshots only under the name they were
+    registered with, unless --all)."""
     from tlimage._paths import project_name
     from tlimage.registry import Registry
 
     proj = project_name(project)
-    records = Registry().list(proj)
+    records = [r for r in Registry().list(proj) if all_ or not _auto_snapshot(r)]
     if json_:
-        from tlimage.cli.render import emit_json
+        from tlimage.cli.render import emit_json, iso
 
         for r in records:
             emit_json({"name": r.name, "tag": r.tag, "image_id": r.image_id, "size": r.size,
-                       "layers": len(r.manifest.layers), "created_at": r.created_at,
+                       "layers": len(r.manifest.layers), "created_at": iso(r.created_at),
                        "source": r.source})  # fmt: skip
         return
     from tlimage.cli.render import size as _size
@@ -377,6 +388,12 @@ def image_ls(project: ProjectOpt = None, json_: JsonOpt = False) -> None:
     )
 
 
+def _auto_snapshot(r) -> bool:  # noqa: ANN001 - an ImageRecord
+    """`tl sbx snapshot` without --register names the image `<sandbox id>:snap-<n>`."""
+    return (r.source or "").startswith("sandbox ") and r.tag.startswith("snap-") \
+        and r.name.startswith("sb-")
+
+
 @image.command("describe")
 def image_describe(ref: Annotated[str, typer.Argument(help="NAME[:TAG]")],
                    project: ProjectOpt = None) -> None:  # fmt: skip
@@ -384,12 +401,13 @@ def image_describe(ref: Annotated[str, typer.Argument(help="NAME[:TAG]")],
     import json
 
     from tlimage._paths import project_name
+    from tlimage.cli.render import iso
     from tlimage.registry import Registry
 
     r = Registry().get(project_name(project), ref)
     doc = {
         "project": r.project, "name": r.name, "tag": r.tag, "image_id": r.image_id,
-        "source": r.source, "created_at": r.created_at, "base": r.manifest.base,
+        "source": r.source, "created_at": iso(r.created_at), "base": r.manifest.base,
         "ir_digest": r.manifest.ir_digest, "size": r.size,
         "layers": [vars(layer) for layer in r.manifest.layers], "config": r.manifest.config,
     }  # fmt: skip
@@ -614,14 +632,14 @@ image.add_typer(cache, name="cache")
 def cache_ls(cache_dir: CacheDirOpt = None, json_: JsonOpt = False) -> None:
     """List cached layers, most recently used first."""
     from tlimage.cache.cache import LayerCache
-    from tlimage.cli.render import emit_json, size, table
+    from tlimage.cli.render import emit_json, iso, size, table
 
     with LayerCache(cache_dir) as c:
         entries = c.ls()
     if json_:
         for e in entries:
             emit_json({"key": e.key, "digest": e.digest, "size": e.size, "step": e.description,
-                       "last_used": e.last_used})  # fmt: skip
+                       "last_used": iso(e.last_used)})  # fmt: skip
         return
     table(["KEY", "LAYER", "SIZE", "LAST USED", "STEP"],
           [[e.key[:12], e.digest.split(":")[-1][:12], size(e.size), _ago(e.last_used),

@@ -63,3 +63,12 @@ def size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"
+
+
+def iso(ts: float | None) -> str | None:
+    """A Unix time as ISO-8601 UTC (`2026-12-05T00:12:00Z`), the one time format of --json."""
+    if ts is None:
+        return None
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -533,7 +533,7 @@ class Sandbox:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def snapshot(self, register: str | None = None):  # noqa: ANN201 - ImageRecord
+    def snapshot(self, register: str | None = None, *, _keep: bool = True):  # noqa: ANN201
         """The sandbox's filesystem as a registered image: the image's layers plus one layer
         of what changed (none when nothing did). Registered as `register` (NAME[:TAG]) or as
         `<sandbox id>:snap-<n>`. A running sandbox is frozen while its changes are read."""
@@ -555,7 +555,8 @@ class Sandbox:
             finally:
                 self._rec = self._db.transition(rec.id, [Status.SNAPSHOTTING], prev,
                                                 prev_status=None, op_pid=None, op_start=None)
-            return _register_snapshot(self._rec, layer, register or f"{rec.id}:snap-{n}")
+            return _register_snapshot(self._rec, layer, register or f"{rec.id}:snap-{n}",
+                                      keep=_keep)
 
     def suspend(self) -> SuspendResult:
         """Pauses a named sandbox. The microVM saves its memory to a file and exits (it then
@@ -604,11 +605,11 @@ class Sandbox:
 
     def clone(self, name: str | None = None, *, register: str | None = None) -> Sandbox:
         """A new sandbox (same backend, resources, timeout, entrypoint, env) booted from a
-        snapshot of this one's filesystem."""
+        snapshot of this one's filesystem. The snapshot is registered only as `register`."""
         rec = self.refresh()
-        img = self.snapshot(register)
+        img = self.snapshot(register, _keep=register is not None)
         return Sandbox.create(
-            img.ref, name=name, project=rec.project, backend=rec.backend, cpus=rec.cpus,
+            img, name=name, project=rec.project, backend=rec.backend, cpus=rec.cpus,
             memory=rec.memory_mb, timeout=rec.timeout, entrypoint=rec.entrypoint, env=rec.env,
             workdir=rec.workdir, user=rec.user, network=rec.network,
             cache_dir=Path(rec.cache_dir) if rec.cache_dir else None,
@@ -699,6 +700,8 @@ def _image_or_base(reg, proj: str, image: str | None, cache_dir: Path | None,  #
     else the default base when `image` is None (the choice said once per machine)."""
     from tlimage.executor import catalog
 
+    if image is not None and not isinstance(image, str):
+        return image  # an ImageRecord already (a clone's unregistered snapshot)
     if image is None:
         from tlimage.notices import once
 
@@ -772,11 +775,13 @@ def _snapshot_layer(rec: SandboxRecord, be: Backend, n: int, *, running: bool): 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _register_snapshot(rec: SandboxRecord, info, ref: str):  # noqa: ANN001, ANN202
-    """Registers the image the sandbox booted plus `info` (a LayerInfo or None) as `ref`."""
+def _register_snapshot(rec: SandboxRecord, info, ref: str, *,  # noqa: ANN001, ANN202
+                       keep: bool = True):
+    """Registers the image the sandbox booted plus `info` (a LayerInfo or None) as `ref`
+    (`keep=False`: the same image record, unregistered — what a clone boots from)."""
     from tlimage.cache.store import BlobStore
     from tlimage.registry import Registry
-    from tlimage.registry.db import LayerRef, Manifest, parse_ref
+    from tlimage.registry.db import ImageRecord, LayerRef, Manifest, parse_ref
 
     layers = [LayerRef(**la) for la in rec.extra["layers"]]
     if info is not None:
@@ -785,6 +790,9 @@ def _register_snapshot(rec: SandboxRecord, info, ref: str):  # noqa: ANN001, ANN
                         base=f"{rec.image_ref}@{rec.image_id}")  # fmt: skip
     BlobStore(rec.cache_dir).put_bytes(manifest.to_bytes())
     name, tag = parse_ref(ref)
+    if not keep:
+        return ImageRecord(rec.project, name, tag, manifest.image_id(), manifest,
+                           f"sandbox {rec.id}", time.time())  # fmt: skip
     return Registry().register(rec.project, name, tag, manifest, source=f"sandbox {rec.id}")
 
 
