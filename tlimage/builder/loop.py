@@ -342,11 +342,14 @@ class Builder:
                 e.message = f"{ref}: {e.message}"
                 e.args = (e.message,)
             if e.hint is None or "unknown image" in e.message or "does not resolve" in e.message:
-                known = ", ".join(r.ref for r in self.registry.list(self.opts.project))
+                from tlimage.builder.bases import KNOWN_BASES
+
+                known = ", ".join([*KNOWN_BASES, *(r.ref for r in
+                                                   self.registry.list(self.opts.project))])
                 e.hint = ((e.hint + "; ") if e.hint else "") + (
-                    "not a registry image? available locally: busybox, debian-minimal, "
-                    f"ubuntu-minimal{', ' + known if known else ''} (`tl sbx image ls`); for a Python "
-                    "image, debian-minimal carries Python 3 with pip")
+                    f"not a registry image? available locally: {known} (`tl sbx image bases`, "
+                    "`tl sbx image ls`); for a Python image, debian-minimal carries Python 3 "
+                    "with pip")
             raise _at(meta, e) if meta else e from None
         if img.moved_from:
             reason = f"base {ref} moved: {img.moved_from} -> {img.digest}"
