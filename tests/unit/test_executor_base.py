@@ -300,8 +300,8 @@ def test_static_elf_detection(tmp_path):
 
 @root_only
 def test_auto_falls_back_to_namespace_with_one_notice(monkeypatch):
-    import tlimage.executor
     import tlimage.sandbox
+    import tlimage.sandbox.qemu.kvm
 
     monkeypatch.setenv("TLIMAGE_KVM", "0")
     monkeypatch.setattr(tlimage.sandbox, "_noticed", False)
@@ -317,7 +317,7 @@ def test_auto_falls_back_to_namespace_with_one_notice(monkeypatch):
     select_executor("auto", notice=notices.append)
     assert len(notices) == 1
     monkeypatch.setattr(tlimage.sandbox, "_noticed", False)
-    monkeypatch.setattr(tlimage.executor, "kvm_usable", lambda *_a: (False, "microVM (kvm) "
+    monkeypatch.setattr(tlimage.sandbox.qemu.kvm, "kvm_usable", lambda *_a: (False, "microVM (kvm) "
                         "failed to boot: qemu: kvm.c:3183: Assertion `ret == n' failed."))
     select_executor("auto", notice=notices.append)
     assert notices[1] == ("KVM is not usable (microVM (kvm) failed to boot); build steps and "

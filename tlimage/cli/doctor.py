@@ -19,7 +19,7 @@ def kvm(cache_dir: Path | None) -> dict[str, str]:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return _check("kvm", FAIL, "/dev/kvm is missing or not accessible: microVMs run under "
                       "TCG emulation (slow); `auto` uses the namespace backend")  # fmt: skip
-    from tlimage.executor import kvm_usable  # the probe result is cached per machine state
+    from tlimage.sandbox.qemu.kvm import kvm_usable  # the probe result is cached per machine state
 
     ok, reason = kvm_usable(cache_dir, None)
     if ok:
