@@ -276,8 +276,9 @@ def register(sbx: typer.Typer) -> None:
         listen: Annotated[str, typer.Option(
             "--listen", help="unix:PATH or 127.0.0.1:PORT (port 0 picks a free one).")
         ] = "127.0.0.1:8765",
-        backend: Annotated[Backend, typer.Option(
-            "--backend", help="Backend of sandboxes created without one.")] = Backend.auto,
+        backend: Annotated[Isolation, typer.Option(
+            "--isolation", "--backend",
+            help="Isolation of sandboxes created without one.")] = Isolation.auto,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No request log.")] = False,
         project: ProjectOpt = None,
     ) -> None:
