@@ -167,6 +167,9 @@ def register(sbx: typer.Typer) -> None:
         user: Annotated[str | None, typer.Option("--user", "-u", help="USER syntax.")] = None,
         interactive: Annotated[bool, typer.Option("--interactive", "-i",
                                                   help="Pass stdin through.")] = False,
+        tty: Annotated[bool, typer.Option("--tty", "-t",
+                                          help="A terminal (with -i: an interactive one).")
+                       ] = False,
         timeout: Annotated[float | None, typer.Option("--timeout",
                                                       help="Kill it after this many seconds.")
                            ] = None,
@@ -176,9 +179,29 @@ def register(sbx: typer.Typer) -> None:
         Options go before the sandbox id: tl sbx exec -w /srv ID ls -la."""
         sb = _get(ref, project)
         sys.stdout.flush()
+        if tty:
+            return sb.exec_tty(*cmd, env=env, workdir=workdir, user=user,
+                               in_fd=sys.stdin.fileno() if interactive else _devnull())
         r = sb.exec(*cmd, env=env, workdir=workdir, user=user, timeout=timeout,
                     stdin=sys.stdin.fileno() if interactive else None, passthrough=True)
         return r.exit_code
+
+    @sbx.command("shell")
+    def shell(
+        ref: IdArg,
+        user: Annotated[str | None, typer.Option("--user", "-u", help="USER syntax.")] = None,
+        workdir: Annotated[str | None, typer.Option("--workdir", "-w", help="Working directory.")
+                           ] = None,
+        env: EnvOpt = None,
+        project: ProjectOpt = None,
+    ) -> int:
+        """An interactive shell in a sandbox (bash when it has one, else sh) on a real
+        terminal; its exit code is ours."""
+        sb = _get(ref, project)
+        sys.stdout.flush()
+        script = "command -v bash >/dev/null 2>&1 && exec bash || exec sh"
+        return sb.exec_tty("/bin/sh", "-c", script, env=env, workdir=workdir, user=user,
+                           in_fd=sys.stdin.fileno())  # fmt: skip
 
     @sbx.command("cp")
     def cp(
@@ -496,6 +519,12 @@ def _fs_commands(sbx: typer.Typer) -> None:
               project: ProjectOpt = None) -> None:  # fmt: skip
         """Remove a file, link or directory."""
         _get(ref, project).files.remove(path, recursive=recursive)
+
+
+def _devnull() -> int:
+    import os
+
+    return os.open(os.devnull, os.O_RDONLY)
 
 
 def _attach() -> None:

@@ -480,6 +480,40 @@ class Sandbox:
                                     timeout=timeout)  # fmt: skip
         return ExecResult(code, b"".join(out), b"".join(err), time.monotonic() - t0)
 
+    def exec_tty(
+        self,
+        *cmd: str,
+        env: Sequence[str] | dict[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        in_fd: int = 0,
+        out_fd: int = 1,
+    ) -> int:
+        """Runs `cmd` on a pseudo-terminal of the sandbox relayed to the terminal on `in_fd`
+        and `out_fd` (raw mode while it runs; window size and SIGWINCH forwarded; `TERM` from
+        this process unless `env` sets it). Returns the exit code."""
+        from tlimage.runtime._tty import relay, window_size
+
+        if not cmd:
+            raise RuntimeError_("exec needs a command")
+        rec = self._running("exec")
+        be = self._backend()
+        if not hasattr(be, "exec_tty"):
+            raise RuntimeError_(f"a terminal (-t) is not available on the {rec.backend} backend "
+                                "yet; use exec -i")  # fmt: skip
+        if isinstance(env, dict):
+            env = [f"{k}={v}" for k, v in env.items()]
+        term = [f"TERM={os.environ.get('TERM') or 'xterm'}"]
+        full_env = self._env(rec, term + list(env or []))
+        cfg = rec.extra.get("config", {})
+        wd = workdir or rec.workdir or cfg.get("workdir") or "/"
+        if not wd.startswith("/"):
+            raise RuntimeError_(f"workdir must be absolute, got {wd!r}")
+        who = user or rec.user or cfg.get("user") or "root"
+        size = window_size(in_fd if os.isatty(in_fd) else out_fd)
+        master, finish = be.exec_tty(rec, list(cmd), full_env, who, wd, size)
+        return relay(master, finish, in_fd, out_fd)
+
     def spawn(
         self,
         *cmd: str,

@@ -25,6 +25,7 @@ import os
 import selectors
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -254,6 +255,51 @@ class NamespaceBackend:
             for fd in (status_r, status_w):
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+    def exec_tty(self, rec: SandboxRecord, argv: list[str], env: list[str], user: str,
+                 workdir: str, winsize: tuple[int, int]) -> tuple[int, Callable[[], int]]:  # fmt: skip
+        """Starts argv on a pseudo-terminal of the sandbox; returns (the terminal's master
+        fd, a function that waits for the program and returns its exit code or raises
+        ExecStartError). The caller relays the master and closes it."""
+        status_r, status_w = os.pipe()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            spec = {"mode": "exec", "argv": argv, "env": env, "user": user, "workdir": workdir,
+                    "tty": True, "tty_sock_fd": child.fileno(), "winsize": list(winsize)}
+            launch = self._enter(rec, spec, status_w)
+            proc = launch(pass_fds=(status_w, child.fileno()), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+            os.close(status_w)
+            status_w = -1
+            child.close()
+            parent.settimeout(60)
+            try:
+                _msg, fds, _flags, _addr = socket.recv_fds(parent, 16, 1)
+            except (TimeoutError, OSError):
+                fds = []
+        finally:
+            parent.close()
+            child.close()
+            if status_w >= 0:
+                os.close(status_w)
+
+        def finish() -> int:
+            try:
+                _, err = proc.communicate()
+                failure = _read_all(status_r)
+            finally:
+                os.close(status_r)
+            if failure:
+                raise ExecStartError(failure)
+            code = proc.returncode
+            if not fds and code:
+                raise ExecStartError(_last_line(err) or "no terminal came back from the sandbox")
+            return code if code >= 0 else 128 - code
+
+        if not fds:
+            finish()
+            raise ExecStartError("no terminal came back from the sandbox")
+        return fds[0], finish
 
     def put(self, rec: SandboxRecord, src: Path, dest: str) -> str:
         """Copies a host file or directory into the sandbox (as `docker cp` does: into `dest`

@@ -17,13 +17,17 @@ Everything that can fail before the program runs is written to `status_fd` (clos
 and ends with exit 127, so the host tells "could not start" from an exit code.
 """
 
+import fcntl
 import json
 import os
 import shutil
 import signal
+import socket
 import stat as S
+import struct
 import sys
 import tarfile
+import termios
 
 import _init as ns
 
@@ -88,7 +92,37 @@ def main(spec):
 
 
 def run(spec):
+    if spec.get("tty"):
+        _tty(spec)
     ns.become({**spec, "pdeathsig": True})
+
+
+def _tty(spec):
+    """A pseudo-terminal of the sandbox's own devpts becomes the program's controlling
+    terminal and its stdin, stdout and stderr; the master goes to the host over the socket
+    `tty_sock_fd` (SCM_RIGHTS), which relays it to the user's terminal."""
+    tiocsptlck, tiocgptn = 0x40045431, 0x80045430  # <asm-generic/ioctls.h>
+    try:
+        master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY)
+        fcntl.ioctl(master, tiocsptlck, struct.pack("i", 0))
+        n = struct.unpack("I", fcntl.ioctl(master, tiocgptn, b"\0" * 4))[0]
+        slave = os.open(f"/dev/pts/{n}", os.O_RDWR | os.O_NOCTTY)
+        rows, cols = spec.get("winsize") or (24, 80)
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        uid = ns.resolve_user(spec["user"])[0]
+        os.fchown(slave, uid, -1)
+        sock = socket.socket(fileno=spec["tty_sock_fd"])
+        socket.send_fds(sock, [b"pty"], [master])
+        sock.close()
+        os.close(master)
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+        for fd in (0, 1, 2):
+            os.dup2(slave, fd)
+        if slave > 2:
+            os.close(slave)
+    except OSError as e:
+        ns.fail(f"cannot set up a terminal in the sandbox: {e.strerror or e}")
 
 
 def _target(dest, name):
