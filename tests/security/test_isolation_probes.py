@@ -73,9 +73,12 @@ def at_least_as_strict(probe: str, value: str, ref: str) -> bool:
     return not _open(value) or _open(ref)
 
 
-# Floors of their own (the isolation issue's "must"), whatever runc does.
+# Floors of their own (the isolation issue's "must"), whatever runc does: runc's bridge lets a
+# container reach the host's own address and private ranges; a tlimage sandbox must not.
 FLOORS = {
     "host_loopback_tcp": lambda v: v.startswith("blocked"),
+    "host_address_tcp": lambda v: v.startswith("blocked"),
+    "private_range_tcp": lambda v: v.startswith("blocked"),
     "proc1_root_escape": lambda v: v.startswith("contained"),
     "host_process": lambda v: v == "hidden",
     "fork_bomb": lambda v: v.startswith("held"),
