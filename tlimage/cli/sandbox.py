@@ -251,8 +251,11 @@ def register(sbx: typer.Typer) -> None:
             "--register", help="Register the snapshot as NAME[:TAG].")] = None,
         project: ProjectOpt = None,
     ) -> None:
-        """Start a new sandbox from a snapshot of this one; prints the new id."""
-        print(_get(ref, project).clone(name, register=register).id)
+        """Start a new sandbox from a snapshot of this one's filesystem; prints the new id."""
+        twin = _get(ref, project).clone(name, register=register)
+        print("note: the clone starts from a copy of the filesystem only; running processes "
+              "and memory are not carried over", file=sys.stderr)  # fmt: skip
+        print(twin.id)
 
     @sbx.command("suspend")
     def suspend(ref: IdArg, project: ProjectOpt = None) -> None:
