@@ -677,6 +677,16 @@ def version() -> None:
     print(v("tlimage"))
 
 
+@sbx.command("start")
+def start(refs: Annotated[list[str], typer.Argument(help="Names of terminated sandboxes.")],
+          project: ProjectOpt = None) -> None:  # fmt: skip
+    """Start terminated named sandboxes again from their kept files; prints each id."""
+    from tlimage.runtime import Sandbox
+
+    for ref in refs:
+        print(Sandbox.get(ref, project=project).start().id)
+
+
 @sbx.command("doctor")
 def doctor(cache_dir: CacheDirOpt = None,
            json_: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,

@@ -663,6 +663,58 @@ class Sandbox:
             _finish(rec, self._db, "terminated")
             self.refresh()
 
+    def start(self) -> Sandbox:
+        """Starts a terminated named sandbox again, on its kept filesystem (same image, backend,
+        resources, entrypoint, env; the timeout counts afresh). Returns once it runs."""
+        rec = self.refresh()
+        if not rec.persistent:
+            raise RuntimeError_(f"sandbox {_label(rec)} is not named, so its files are gone",
+                                hint="only named sandboxes (tl sbx new NAME) can be started again")
+        if rec.status is not Status.TERMINATED:
+            raise RuntimeError_(f"sandbox {_label(rec)} is {rec.status}",
+                                hint="`tl sbx start` restarts terminated sandboxes")
+        if rec.name is not None:
+            other = self._db.find_name(rec.project, rec.name)
+            if other is not None and other.id != rec.id and other.status in LIVE:
+                raise RuntimeError_(f"the name {rec.name!r} is taken by sandbox {other.id}")
+        with _lock(rec, what="start it"):
+            rec = self._db.transition(
+                rec.id, [Status.TERMINATED], Status.PENDING, terminated_at=None, reason=None,
+                exit_code=None, started_at=None, deadline=None, suspended_at=None, pids={},
+                boot_id=_proc.boot_id(), **op_owner())  # fmt: skip
+            be = backend_for(rec.backend)
+            try:
+                lowers = _lowers(rec)
+                config = rec.extra.get("config") or {}
+                ep = None
+                if rec.entrypoint:
+                    ep = {"argv": list(rec.entrypoint),
+                          "env": merge_env(config.get("env", []), rec.env),
+                          "user": rec.user or config.get("user", "root"),
+                          "workdir": rec.workdir or config.get("workdir", "/")}  # fmt: skip
+                be.set_deadline(rec, None)
+                pids, extra, confirm = be.start(rec, lowers, ep)
+                deadline = None if rec.timeout is None else time.time() + rec.timeout
+                be.set_deadline(rec, deadline)
+                rec = self._db.transition(rec.id, [Status.PENDING], Status.RUNNING, pids=pids,
+                                          extra={**rec.extra, **extra}, started_at=now(),
+                                          deadline=deadline, op_pid=None,
+                                          op_start=None)  # fmt: skip
+                confirm()
+            except BaseException as e:
+                failed = self._db.get(rec.id) or rec
+                with contextlib.suppress(Exception):
+                    be.stop(failed)
+                with contextlib.suppress(Exception):
+                    be.cleanup(failed, keep_fs=True)
+                with contextlib.suppress(Exception):
+                    self._db.transition(rec.id, LIVE, Status.TERMINATED, terminated_at=now(),
+                                        reason=f"failed to start again: {_first_line(e)}",
+                                        op_pid=None, op_start=None)  # fmt: skip
+                raise
+        self._rec = rec
+        return self
+
     def remove(self) -> None:
         """Terminates if needed, then deletes the sandbox's files and its record."""
         self.terminate()
