@@ -12,6 +12,8 @@ APT_PACKAGES=(
   docker-registry apache2-utils openssl skopeo umoci podman buildah golang-github-containers-common
   # a sandbox's private network: the user-mode stack and the rules written into its namespace
   slirp4netns nftables
+  # the HTTP API's tests reach a unix socket with curl
+  curl
   # the security suite's reference: its probes also run under `buildah run` (runc)
   runc
   # Namespace sandboxes: the default seccomp profile (containers-common) and libseccomp.

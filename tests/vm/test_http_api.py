@@ -168,6 +168,7 @@ def test_every_operation(server, image: str) -> None:  # noqa: ANN001
         assert st == 200 and end["status"] == "Terminated" and end["terminated_at"].endswith("Z")
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_unix_socket(image: str, tmp_path: Path) -> None:
     from tlimage.runtime.http import api_token
 
@@ -178,8 +179,6 @@ def test_unix_socket(image: str, tmp_path: Path) -> None:
         out = subprocess.run(["curl", "-sS", "--unix-socket", str(sock), "-H",
                               f"Authorization: Bearer {api_token()}", "http://x/v1/sandboxes"],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
-        if shutil.which("curl") is None:
-            pytest.skip("curl is not installed")
         assert out.returncode == 0 and json.loads(out.stdout) == [], out.stderr
     finally:
         _stop(proc)
