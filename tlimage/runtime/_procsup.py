@@ -83,9 +83,10 @@ def main() -> None:
                 os.write(ready, text.encode())
                 os.close(ready)
 
-    from tlimage.runtime._api import Sandbox, backend_for
+    from tlimage.runtime._api import backend_for
     from tlimage.runtime._errors import ExecStartError
     from tlimage.runtime._procs import RingWriter
+    from tlimage.runtime._state import StateDB
     from tlimage.sandbox import proc as _proc
 
     d = Path(spec["dir"])
@@ -111,8 +112,9 @@ def main() -> None:
                 answer("ok")
 
     try:
-        sb = Sandbox.get(spec["sandbox"])
-        rec = sb.record
+        rec = StateDB().get(spec["sandbox"])  # no reconcile: the caller just did it
+        if rec is None:
+            raise RuntimeError(f"sandbox {spec['sandbox']} was removed")
         threading.Thread(target=watch, daemon=True).start()
         code = backend_for(rec.backend).exec(rec, spec["cmd"], spec["env"], spec["user"],
                                              spec["workdir"], on_output=out)  # fmt: skip
