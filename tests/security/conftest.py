@@ -35,7 +35,14 @@ import pytest
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 COLUMNS = ("namespace RUN", "namespace exec", "microVM", "runc")
-TABLE: dict[str, dict[str, str]] = {}  # column -> probe -> value (filled by `security_runs`)
+class _Runs(dict):
+    """column -> probe -> value; a short repr, so a failing test does not print all of it."""
+
+    def __repr__(self) -> str:
+        return f"<isolation probe runs: {', '.join(self)}>"
+
+
+TABLE: dict[str, dict[str, str]] = _Runs()  # filled by `security_runs`
 ERRORS: dict[str, str] = {}  # column -> why it has no values
 GREETING = b"tl-sec-ok\n"
 MEMORY_MB = 128  # the memory limit of the memory run; it allocates ALLOC_MB
@@ -248,7 +255,6 @@ def run_namespace_step(host: Host, probe: Path, work: Path) -> dict[str, str]:
     out = mem.stdout + mem.stderr
     code = 137 if ("137" in out and mem.returncode != 0) else mem.returncode
     values["memory_limit"] = memory_verdict(code, out)
-    values["cp_planted_symlink"] = "n/a (no cp in a build)"
     return values
 
 
@@ -272,6 +278,8 @@ def run_sandbox(host: Host, image: str, backend: str, column: str, work: Path) -
         proc = tl("sbx", "exec", sid, *host.argv(column), check=False, timeout=1800)
         values = finish(parse_probe(proc.stdout + proc.stderr), host, column)
         values["cp_planted_symlink"] = cp_symlink(sid, host, work / f"cp-{backend}")
+        if not vm:  # (the guest has no host path to race towards)
+            values["cp_symlink_race"] = cp_race(sid, host, work / "race")
         if vm:
             values["memory_limit"] = memory_run(sid, 1024)
     finally:
@@ -322,6 +330,42 @@ def cp_symlink(sid: str, host: Host, work: Path) -> str:
     finally:
         shutil.rmtree(host_dir, ignore_errors=True)
         host_secret.unlink(missing_ok=True)
+
+
+def cp_race(sid: str, host: Host, work: Path) -> str:
+    """`tl sbx cp` into a path whose link the sandbox flips between a folder of its own and a
+    host folder while the copies run: no copy may land on the host."""
+    work.mkdir()
+    host_dir = Path(f"/tmp/tl-sec-cprace-{host.token}")
+    host_dir.mkdir(exist_ok=True)
+    src = work / "payload"
+    src.write_text("payload\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                    os.environ.get("PYTHONPATH")]))}
+    flip = f"mkdir -p /safe; while [ ! -e /stop ]; do ln -sfn {host_dir} /race; ln -sfn /safe /race; done"
+    flipper = subprocess.Popen([sys.executable, "-m", "tlimage", "sbx", "exec", sid, "sh", "-c",
+                                flip], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        time.sleep(0.5)
+        landed = 0
+        for i in range(12):
+            if tl("sbx", "cp", str(src), f"{sid}:/race/p{i}", check=False).returncode == 0:
+                landed += 1
+    finally:
+        tl("sbx", "exec", sid, "touch", "/stop", check=False)
+        try:
+            flipper.wait(60)
+        except subprocess.TimeoutExpired:
+            flipper.kill()
+            flipper.wait()
+    try:
+        on_host = sorted(p.name for p in host_dir.iterdir())
+    finally:
+        shutil.rmtree(host_dir, ignore_errors=True)
+    if on_host:
+        return f"escaped: {len(on_host)} of 12 copies landed on the host"
+    return f"contained ({landed} of 12 copies landed in the sandbox)"
 
 
 def run_runc(host: Host, probe: Path, work: Path) -> dict[str, str]:
