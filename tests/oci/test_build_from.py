@@ -106,3 +106,29 @@ def test_dsl_base_image_from_registry(registry, base, tmp_path):
         f"image = Image('app', base_image='{registry.host}/base/img:v1').run('write /x 1')\n")
     result, _ = build(tmp_path / "image.py", registry)
     assert result.manifest.config["workdir"] == "/opt"
+
+
+def test_pulled_base_env_workdir_and_onbuild_reach_the_dockerfile(registry, tmp_path):
+    """A base pushed with ONBUILD triggers and its own PATH/WORKDIR: the child Dockerfile's word
+    expansion sees them, the triggers run at its FROM, and are not carried on."""
+    from tlimage.builder.images import local_image
+    from tlimage.cache.cache import LayerCache
+    from tlimage.oci.push import push
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "Dockerfile").write_text(
+        "FROM busybox\nENV PATH=/opt/bin:$PATH\nWORKDIR /srv\nONBUILD RUN write /srv/trig yes\n")
+    cfg = RegistryConfig(insecure=(registry.host,), certs_dirs=(), backoff=0.05)
+    parent = build_image(tmp_path / "b" / "Dockerfile", executor=FakeExecutor(),
+                         registered_name="parent")
+    assert parent.manifest.config["onbuild"] == ["RUN write /srv/trig yes"]
+    with LayerCache() as cache:
+        push(cache.store, local_image(parent.record), f"{registry.host}/p/parent:1", config=cfg)
+    df = dockerfile(tmp_path, f"FROM {registry.host}/p/parent:1\nENV PATH=/x:$PATH\n"
+                    "WORKDIR app\n")
+    result, _ = build(df, registry)
+    env = dict(e.split("=", 1) for e in result.manifest.config["env"])
+    assert env["PATH"].startswith("/x:/opt/bin:")
+    assert result.manifest.config["workdir"] == "/srv/app"
+    assert "onbuild" not in result.manifest.config
+    assert result.executed_steps == 2  # the trigger's RUN, and WORKDIR

@@ -44,8 +44,11 @@ def build_image(
     **options: Any,
 ) -> BuildResult:
     """Build `source` (a file path, an `Image`, or an `ImageDef`) and register it."""
-    image, path = _resolve(source, image_name, frontend_options or {})
     opts = BuildOptions(**options)
+    frontend_options = dict(frontend_options or {})
+    if _is_dockerfile(source):
+        frontend_options.setdefault("resolve_base", _base_resolver(opts, emit))
+    image, path = _resolve(source, image_name, frontend_options)
     if path is not None:
         if "context_dir" not in options:  # a folder is the context; a file's folder is
             opts.context_dir = path.resolve() if path.is_dir() else path.resolve().parent
@@ -100,6 +103,59 @@ def error_event(e: TlimageError) -> dict[str, Any]:
         event.update(message=e.message, at=e.location, exit_code=e.step_exit_code,
                      log_tail=list(e.log_tail))  # fmt: skip
     return event
+
+
+def _is_dockerfile(source: Any) -> bool:
+    if not isinstance(source, str | Path):
+        return False
+    from tlimage import frontends
+
+    p = Path(source)
+    if p.is_dir():
+        p = p / "Dockerfile"
+    try:
+        return p.is_file() and frontends.kind_of(p) == "dockerfile"
+    except TlimageError:
+        return False
+
+
+def _base_resolver(opts: BuildOptions, emit: Emit | None) -> Any:
+    """What a Dockerfile's lowering learns of a base image before the build: its ENV and
+    WORKDIR (for word expansion) and its ONBUILD triggers. Registered images answer from the
+    registry; registry images are pulled (the build reuses that resolution). Seed bases and
+    failures answer None: the lowering's defaults, and the build reports the error at FROM."""
+    from tlimage.builder.bases import KNOWN_BASES
+    from tlimage.frontends.dockerfile.lower import BaseImage
+
+    def to_base(config: Any) -> BaseImage:
+        return BaseImage(env=tuple(config.env), workdir=config.workdir or "/",
+                         onbuild=tuple(config.onbuild))  # fmt: skip
+
+    def resolve(ref: str) -> BaseImage | None:
+        name, _, pin = ref.partition("@")
+        if not pin and name in KNOWN_BASES:
+            return None
+        try:
+            from tlimage.builder.config import ImageConfig
+            from tlimage.registry import Registry
+
+            if not pin and "/" not in name:
+                rec = Registry().find(opts.project, name)
+                if rec is not None:
+                    return to_base(ImageConfig.from_json(rec.manifest.config))
+            from tlimage.builder.bases import pull_base
+            from tlimage.cache.cache import LayerCache
+
+            with LayerCache(opts.cache_dir) as cache:
+                img, _, config = pull_base(ref, cache, emit or (lambda _e: None),
+                                           platform=opts.platform, refresh=opts.pull,
+                                           registry_config=opts.registry_config)  # fmt: skip
+            opts.resolved[ref] = img
+            return to_base(config)
+        except TlimageError:
+            return None
+
+    return resolve
 
 
 def _ignore_patterns(path: Path, context: Path) -> tuple[str, ...]:

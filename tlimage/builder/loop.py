@@ -76,6 +76,8 @@ class BuildOptions:
     # A build cache in a registry (tlimage.oci.cache): read before, written after the build.
     cache_from: tuple[str, ...] = ()
     cache_to: tuple[str, ...] = ()
+    # Registry images the front end already resolved (reference -> PulledImage), reused here.
+    resolved: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -293,7 +295,9 @@ class Builder:
                                 .key(), "scratch")  # fmt: skip
         else:
             src = self.image_source(name, meta, pin=base.pin, stage=stage.name)
-            state = _StageState(list(src.layers), src.config,
+            # The base's ONBUILD triggers ran at the start of this stage (front end); as in
+            # Docker they are not carried into the new image.
+            state = _StageState(list(src.layers), dataclasses.replace(src.config, onbuild=()),
                                 keys.step_components("", {"base": src.identity}).key(),
                                 src.desc)  # fmt: skip
         self.emit({"event": "step_cached", "stage": stage.name, "index": 0,
@@ -331,12 +335,18 @@ class Builder:
 
     def _pull(self, ref: str, meta: ir.StepMeta | None, stage: str | None) -> ImageSource:
         from tlimage.builder.bases import pull_base
+        from tlimage.builder.config import config_from_oci
         from tlimage.errors import OCIError
 
         try:
-            img, layers, config = pull_base(
-                ref, self.cache, self.emit, platform=self.opts.platform, refresh=self.opts.pull,
-                registry_config=self.opts.registry_config)  # fmt: skip
+            if (img := self.opts.resolved.get(ref)) is not None and all(
+                    self.store.size(la.digest) == la.size for la in img.layers):  # fmt: skip
+                layers = [LayerRef(la.digest, la.diff_id, la.size) for la in img.layers]
+                config = config_from_oci(img.config)
+            else:
+                img, layers, config = pull_base(
+                    ref, self.cache, self.emit, platform=self.opts.platform,
+                    refresh=self.opts.pull, registry_config=self.opts.registry_config)
         except OCIError as e:
             if not str(e).startswith(ref):
                 e.message = f"{ref}: {e.message}"

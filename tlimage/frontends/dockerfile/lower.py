@@ -77,6 +77,7 @@ class BaseImage:
 
     env: ir.steps.Pairs = (("PATH", DEFAULT_PATH),)
     workdir: str = "/"
+    onbuild: tuple[str, ...] = ()  # the image's ONBUILD triggers, run at the start of the stage
 
 
 # The seed bases' image config (tlimage/executor/catalog.py; a unit test keeps the two equal).
@@ -364,9 +365,11 @@ class _Lowering:
             first: ir.From = ir.From(stage=parent.ir_name, platform=platform)
         else:
             image, _, pin = base.partition("@")
-            known = (self.resolve_base(image) if self.resolve_base else None) or SEED_BASES.get(
+            # The resolver gets the whole reference (a digest pins a registry image).
+            known = (self.resolve_base(base) if self.resolve_base else None) or SEED_BASES.get(
                 image, BaseImage()
             )
+            triggers = list(known.onbuild)
             env = dict(known.env)
             env.setdefault("PATH", DEFAULT_PATH)  # BuildKit makes sure PATH is always set
             scope = _Scope(info, env, known.workdir or "/")
