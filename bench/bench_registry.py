@@ -89,12 +89,57 @@ def median(xs: list[float]) -> float:
     return xs[len(xs) // 2]
 
 
+CACHE_DOCKERFILE = """\
+FROM busybox
+RUN dd if=/dev/urandom of=/a.bin bs=1M count=24 2>/dev/null && sleep 1
+RUN for i in $(seq 1 2000); do echo "line $i" >> /lines.txt; done
+COPY data.txt /data.txt
+RUN dd if=/dev/urandom of=/b.bin bs=1M count=24 2>/dev/null && sleep 1
+"""
+
+
+def cache_bench(work: Path, host: str) -> None:
+    """A cold build (namespace backend) vs the same build on a fresh machine (new cache and
+    state folders) with --cache-from the registry the first one wrote with --cache-to."""
+    from tlimage.builder import build_image
+
+    ctx = work / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(CACHE_DOCKERFILE)
+    (ctx / "data.txt").write_text("data\n" * 1000)
+    conf = RegistryConfig(insecure=(host,), certs_dirs=())
+    ref = f"{host}/bench/cache:main"
+
+    def on(machine: str) -> None:
+        os.environ["TLIMAGE_CACHE_DIR"] = str(work / machine / "cache")
+        os.environ["TLIMAGE_STATE_DIR"] = str(work / machine / "state")
+
+    on("cold")
+    t_cold = timed(lambda: build_image(ctx / "Dockerfile", isolation="namespace",
+                                       registry_config=conf))  # fmt: skip
+    t_export = timed(lambda: build_image(ctx / "Dockerfile", isolation="namespace",
+                                         registry_config=conf, cache_to=(ref,)))  # fmt: skip
+    on("fresh")
+    res = None
+
+    def warm() -> None:
+        nonlocal res
+        res = build_image(ctx / "Dockerfile", isolation="namespace", registry_config=conf,
+                          cache_from=(ref,))  # fmt: skip
+
+    t_warm = timed(warm)
+    assert res is not None and res.executed_steps == 0
+    print(f"build cold {t_cold:6.2f}s  fresh machine --cache-from {t_warm:6.2f}s  "
+          f"ratio {t_cold / t_warm:.2f}  (cached rebuild + --cache-to {t_export:.2f}s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--mib", type=int, default=24)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-podman", action="store_true")
+    ap.add_argument("--no-cache-bench", action="store_true")
     args = ap.parse_args()
     for tool in ("docker-registry", "skopeo", "umoci"):
         if shutil.which(tool) is None:
@@ -118,7 +163,7 @@ def main() -> None:
         for r in range(args.repeat):
             cache_dir = work / f"cache{r}"
 
-            def ours() -> None:
+            def ours(cache_dir: Path = cache_dir) -> None:
                 nonlocal img
                 with LayerCache(cache_dir) as cache:
                     img = oci_pull.pull(ref, cache, config=conf)
@@ -153,7 +198,7 @@ def main() -> None:
             procs.append(proc2)
             conf2 = RegistryConfig(insecure=(host2,), certs_dirs=())
             with LayerCache(work / "cache0") as cache:
-                p_ours.append(timed(lambda cache=cache, conf2=conf2, host2=host2: push(
+                p_ours.append(timed(lambda cache=cache, conf2=conf2, host2=host2, r=r: push(
                     cache.store, local, f"{host2}/ours/img:v1", config=conf2,
                     cache_root=work / f"hints{r}")))  # fmt: skip
             p_skopeo.append(timed(lambda host2=host2: subprocess.run(
@@ -163,6 +208,8 @@ def main() -> None:
         o = median(p_ours)
         print(f"push  tlimage {o:6.2f}s  skopeo copy {median(p_skopeo):6.2f}s  "
               f"ratio {median(p_skopeo) / o:.2f}")  # fmt: skip
+        if os.geteuid() == 0 and not args.no_cache_bench:
+            cache_bench(work, host)
     finally:
         for p in procs:
             if p.poll() is None:

@@ -77,6 +77,16 @@ def test_build_from_mirrored_registry_image_and_run_sandbox(registry, tmp_path):
     finally:
         tl("sbx", "terminate", sid, cwd=ctx, env=b)
 
+    # A sandbox straight from a registry image (no registered name matches): pulled, run.
+    new = tl("sbx", "new", "--image", "debian:bookworm", cwd=ctx, env=b)
+    assert new.returncode == 0, new.stderr
+    sid = new.stdout.strip().split()[-1]
+    try:
+        got = tl("sbx", "exec", sid, "cat", "/etc/os-release", cwd=ctx, env=b)
+        assert got.stdout == 'PRETTY_NAME="seed from tlimage"\n', got.stderr
+    finally:
+        tl("sbx", "terminate", sid, cwd=ctx, env=b)
+
     # Export / import through the CLI: a third machine gets the same image from the archive.
     out = tl("sbx", "image", "export", "app", "-o", str(tmp_path / "app.tar"), "--format",
              "docker", cwd=ctx, env=b)  # fmt: skip

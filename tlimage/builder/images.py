@@ -26,3 +26,41 @@ def register_pulled(img: Any, project: str, name: str, tag: str, *,
         base=f"{img.name}@{img.digest}",
     )
     return Registry().register(project, name, tag, manifest, source)
+
+
+def registered_or_pulled(project: str, ref: str, *, cache_dir: Any = None,
+                         platform: str = "linux/amd64", emit: Any = None) -> str:  # fmt: skip
+    """`ref` when it names an image registered in the project; otherwise a registry image,
+    pulled and registered (as its last path component and tag, e.g. `debian:bookworm`) — the
+    NAME:TAG to launch."""
+    import re
+
+    from tlimage.builder.bases import KNOWN_BASES
+    from tlimage.errors import RegistryError
+
+    if ref in KNOWN_BASES:
+        return ref
+    if "/" not in ref and "@" not in ref:
+        try:
+            if Registry().find(project, ref) is not None:
+                return ref
+        except RegistryError:
+            pass
+    from tlimage.builder.bases import pull_base
+    from tlimage.cache.cache import LayerCache
+    from tlimage.errors import OCIError
+    from tlimage.oci.client import RegistryConfig
+    from tlimage.oci.reference import parse
+
+    try:
+        parsed = parse(ref)
+    except OCIError:
+        Registry().get(project, ref)  # not a registry reference either: "no image NAME…"
+        raise
+    with LayerCache(cache_dir) as cache, cache.session(purpose="pull"):
+        img, _, _ = pull_base(ref, cache, emit or (lambda _e: None), platform=platform,
+                              refresh=False, registry_config=RegistryConfig.from_env())
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", parsed.repository.rsplit("/", 1)[-1])
+        tag = parsed.tag or img.digest.split(":")[1][:12]
+        rec = register_pulled(img, project, name, tag, source=ref)
+    return rec.ref

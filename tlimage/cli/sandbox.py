@@ -58,8 +58,9 @@ def register(sbx: typer.Typer) -> None:
             help="Name: named sandboxes persist (filesystem kept, can be suspended); "
                  "unnamed ones are ephemeral.")] = None,
         image: Annotated[str, typer.Option(
-            "--image", "-i", help="Registered image NAME[:TAG] or a base of `tl sbx image bases` "
-                                  "(default: the default base).")] = "",
+            "--image", "-i", help="Registered image NAME[:TAG], a base of `tl sbx image bases` "
+                                  "(default: the default base), or a registry image (pulled).")
+                         ] = "",
         cpus: Annotated[float, typer.Option("--cpus", help="CPU cores (fractions allowed).")] = 1.0,
         memory: Annotated[int, typer.Option("--memory", help="Memory in MiB.")] = 512,
         timeout: Annotated[float | None, typer.Option(
@@ -94,6 +95,12 @@ def register(sbx: typer.Typer) -> None:
 
         if backend is not None and isolation is Isolation.auto:
             isolation = backend
+        if image:
+            from tlimage._paths import project_name
+            from tlimage.builder.images import registered_or_pulled
+
+            # Not registered in the project nor a seed base: a registry image, pulled first.
+            image = registered_or_pulled(project_name(project), image, cache_dir=cache_dir)
         sb = Sandbox.create(
             image or None, name=name, project=project, backend=isolation.value, cpus=cpus,
             memory=memory,
