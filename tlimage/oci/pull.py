@@ -9,7 +9,7 @@ network at all. A resolution that differs from the last one is reported (`moved_
 
 Layers: each is streamed once — sha256 of the compressed bytes checked against the manifest as
 they arrive (a blob longer than declared is cut off at once), decompressed (gzip, zstd or none),
-its tar headers checked (no `..` names or hard links, no device nodes), the diff_id checked
+its tar headers checked (no `..` names or hard links, no device nodes outside /dev), the diff_id checked
 against the image config, and the result stored as a zstd layer blob (a zstd source is kept
 byte for byte; others are compressed). Nothing is stored when any check fails. Layers download
 in parallel; a download that breaks off is restarted a bounded number of times.
@@ -454,7 +454,7 @@ class Converter:
 
 class TarChecker:
     """Reads tar headers from a byte stream pushed in pieces and refuses what a layer may not
-    hold: names or hard-link targets with `..`, and device nodes."""
+    hold: names or hard-link targets with `..`, and device nodes outside `dev/`."""
 
     def __init__(self, where: str, label: str) -> None:
         self.where = where
@@ -526,8 +526,10 @@ class TarChecker:
             self._fail(f"entry {name!r} leaves the tree ('..' is not allowed)")
         if typ == "1" and ".." in link.split("/"):
             self._fail(f"hard link {name!r} -> {link!r} leaves the tree")
-        if typ in "34":
-            self._fail(f"entry {name!r} is a device node; layers may not create devices")
+        if typ in "34" and not name.lstrip("./").startswith("dev/"):
+            # Root filesystems made by debootstrap/mmdebstrap carry /dev/console, /dev/null...;
+            # a device node anywhere else is refused.
+            self._fail(f"entry {name!r} is a device node outside /dev; refused")
         if typ in "0\x007":
             self._skip = (size + 511) // 512 * 512
         elif typ not in "1256":
