@@ -256,12 +256,17 @@ def register(sbx: typer.Typer) -> None:
         name: Annotated[str | None, typer.Argument(help="Name of the new sandbox.")] = None,
         register: Annotated[str | None, typer.Option(
             "--register", help="Register the snapshot as NAME[:TAG].")] = None,
+        memory: Annotated[bool, typer.Option(
+            "--memory", help="Clone memory and device state too (microVM, named sandboxes).")
+        ] = False,
         project: ProjectOpt = None,
     ) -> None:
-        """Start a new sandbox from a snapshot of this one's filesystem; prints the new id."""
-        twin = _get(ref, project).clone(name, register=register)
-        print("note: the clone starts from a copy of the filesystem only; running processes "
-              "and memory are not carried over", file=sys.stderr)  # fmt: skip
+        """Start a new sandbox from a snapshot of this one's filesystem (with --memory: from
+        its memory and device state too, so its processes continue in both); prints the id."""
+        twin = _get(ref, project).clone(name, register=register, memory=memory)
+        if not memory:
+            print("note: the clone starts from a copy of the filesystem only; running processes "
+                  "and memory are not carried over (microVM: --memory)", file=sys.stderr)  # fmt: skip
         print(twin.id)
 
     @sbx.command("suspend")

@@ -637,9 +637,16 @@ class Sandbox:
                                             **changes)  # fmt: skip
             return time.monotonic() - t0
 
-    def clone(self, name: str | None = None, *, register: str | None = None) -> Sandbox:
+    def clone(self, name: str | None = None, *, register: str | None = None,
+              memory: bool = False) -> Sandbox:  # fmt: skip
         """A new sandbox (same backend, resources, timeout, entrypoint, env) booted from a
-        snapshot of this one's filesystem. The snapshot is registered only as `register`."""
+        snapshot of this one's filesystem. The snapshot is registered only as `register`.
+        With `memory` (microVM, named sandboxes) the clone starts from this one's memory and
+        device state too, so its processes continue in both."""
+        if memory:
+            if register is not None:
+                raise RuntimeError_("a memory clone registers no image; snapshot it separately")
+            return self._clone_memory(name)
         rec = self.refresh()
         img = self.snapshot(register, _keep=register is not None)
         return Sandbox.create(
@@ -649,6 +656,57 @@ class Sandbox:
             cache_dir=Path(rec.cache_dir) if rec.cache_dir else None,
             secret_names=rec.extra.get("secret_names") or None, _source=rec.id,
         )  # fmt: skip
+
+    def _clone_memory(self, name: str | None) -> Sandbox:
+        import dataclasses
+
+        src = self.refresh()
+        be = self._backend()
+        if not hasattr(be, "clone_memory"):
+            raise RuntimeError_(f"memory clones are not available on the {src.backend} backend "
+                                "(the namespace backend clones the filesystem only: CRIU is "
+                                "not used); clone without --memory")  # fmt: skip
+        if name is not None:
+            _check_name(name)
+        sid = new_id()
+        path = sandboxes_root() / sid
+        path.mkdir(parents=True)
+        rec = dataclasses.replace(
+            src, id=sid, name=name, status=Status.PENDING, created_at=now(), started_at=None,
+            terminated_at=None, deadline=None, suspended_at=None, reason=None, exit_code=None,
+            pids={}, dir=str(path), run_dir=str(run_root() / sid), source=src.id, snapshots=0,
+            prev_status=None, extra=dict(src.extra), boot_id=_proc.boot_id(), **op_owner(),
+        )  # fmt: skip
+        db = self._db
+        with _lock(rec):
+            try:
+                db.insert(rec)
+            except BaseException:
+                shutil.rmtree(path, ignore_errors=True)
+                raise
+            try:
+                with _lock(src, what="clone it"):
+                    src = self._running("clone with memory")
+                    be.set_deadline(rec, None)
+                    pids, extra, confirm = be.clone_memory(src, rec)
+                deadline = None if rec.timeout is None else time.time() + rec.timeout
+                be.set_deadline(rec, deadline)
+                rec = db.transition(sid, [Status.PENDING], Status.RUNNING, pids=pids,
+                                    extra={**rec.extra, **extra}, started_at=now(),
+                                    deadline=deadline, op_pid=None, op_start=None)  # fmt: skip
+                confirm()
+            except BaseException as e:
+                failed = db.get(sid) or rec
+                with contextlib.suppress(Exception):
+                    be.stop(failed)
+                with contextlib.suppress(Exception):
+                    be.cleanup(failed, keep_fs=False)
+                with contextlib.suppress(Exception):
+                    db.transition(sid, LIVE, Status.TERMINATED, terminated_at=now(),
+                                  reason=f"failed to start: {_first_line(e)}",
+                                  op_pid=None, op_start=None)  # fmt: skip
+                raise
+        return Sandbox(rec, db)
 
     def terminate(self) -> None:
         """Ends the sandbox: every process (and VM) is killed, nothing stays mounted; an
