@@ -43,9 +43,13 @@ class Proxy:
                         continue
                     if (fault[0] == "status") != (size is None):
                         continue
+                    if fault[0] == "body" and "/manifests/" not in self.path:
+                        continue
                     if fault[0] == "cut" and size <= fault[1]:
                         continue  # only a body larger than the cut (the big layer)
                     if fault[0] == "corrupt" and size < 1 << 20:
+                        continue
+                    if fault[0] == "append" and size < 1 << 20:
                         continue
                     del proxy.faults[i]
                     return fault
@@ -72,10 +76,18 @@ class Proxy:
                     fault = self._fault(len(data))
                 if fault and fault[0] == "corrupt" and data:
                     data = bytes([data[0] ^ 0xFF]) + data[1:]
+                if fault and fault[0] == "append":
+                    data = data + b"\0" * fault[1]
+                if fault and fault[0] == "body":
+                    data = fault[1]
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection"):
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
+                if self.command == "HEAD":
+                    self.send_header("Content-Length", resp.getheader("Content-Length", "0"))
+                else:
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if fault and fault[0] == "cut":
                     self.wfile.write(data[: fault[1]])
@@ -161,3 +173,14 @@ def test_interrupted_download_is_restarted(proxied, tmp_path):
     with LayerCache(tmp_path / "cache") as cache:
         img = oci_pull.pull(f"{proxied.host}/f/img:v1", cache, config=_cfg(proxied))
         assert img.downloaded == 1
+
+
+def test_oversized_manifest_and_layer_are_refused(proxied, tmp_path):
+    with LayerCache(tmp_path / "cache") as cache:
+        proxied.faults = [("/manifests/", ("body", b"{" + b" " * (5 << 20) + b"}"))]
+        with pytest.raises(OCIError, match="over the 4 MiB limit"):
+            oci_pull.pull(f"{proxied.host}/f/img:v1", cache, config=_cfg(proxied))
+        proxied.faults = [("/blobs/sha256", ("append", 4096))]
+        with pytest.raises(OCIError, match="larger than its declared"):
+            oci_pull.pull(f"{proxied.host}/f/img:v1", cache, config=_cfg(proxied))
+        assert _stored(cache) == []
