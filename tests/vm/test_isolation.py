@@ -6,6 +6,7 @@ such."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -76,14 +77,15 @@ def base(tmp_path: Path) -> Path:
     return ensure_base("busybox").tree
 
 
-def step(tmp_path: Path, base: Path, script: str, **kw) -> tuple[int, bytes]:
+def step(tmp_path: Path, base: Path, script: str, network: bool = False,
+         **kw) -> tuple[int, bytes]:  # fmt: skip
     from tlimage.executor.namespace import NamespaceExecutor
 
     out: list[bytes] = []
     ex = NamespaceExecutor(**kw)
     upper = tmp_path / f"upper{len(list(tmp_path.iterdir()))}"
     r = ex.run(RunRequest(lowers=(base,), argv=("/bin/sh", "-c", script), upper_dir=upper,
-                          network=False), lambda _s, b: out.append(b))  # fmt: skip
+                          network=network), lambda _s, b: out.append(b))  # fmt: skip
     shutil.rmtree(upper, ignore_errors=True)
     return r.exit_code, b"".join(out)
 
@@ -92,6 +94,58 @@ def test_a_run_step_is_isolated_like_runc(tmp_path: Path, base: Path) -> None:
     code, out = step(tmp_path, base, PROBE)
     assert code == 0, out
     check(parse(out))
+
+
+@pytest.fixture
+def host_server():  # noqa: ANN201
+    """A TCP server on the host's 127.0.0.1 and on its first non-loopback address."""
+    import socket
+    import threading
+
+    servers = []
+    addrs = ["127.0.0.1"]
+    with contextlib.suppress(OSError):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the route's source
+        addrs.append(s.getsockname()[0])
+        s.close()
+    for a in addrs:
+        srv = socket.create_server((a, 0))
+        servers.append(srv)
+
+        def serve(srv=srv) -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    c, _ = srv.accept()
+                    c.sendall(b"HOST-SECRET\n")
+                    c.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+    yield [(a, srv.getsockname()[1]) for a, srv in zip(addrs, servers, strict=True)]
+    for srv in servers:
+        srv.close()
+
+
+def net_probe(servers) -> str:  # noqa: ANN001
+    tries = " ".join(f"{a}:{p}" for a, p in servers) + " " + " ".join(
+        f"10.0.2.2:{p}" for _a, p in servers)
+    return (f"for t in {tries}; do nc -w 2 ${{t%:*}} ${{t#*:}} </dev/null; done; "
+            "cat /etc/resolv.conf; ip -o link 2>/dev/null | cut -d: -f2; echo done=1")
+
+
+def test_a_run_step_with_network_cannot_reach_the_host(tmp_path: Path, base: Path,
+                                                        host_server) -> None:  # fmt: skip
+    code, out = step(tmp_path, base, net_probe(host_server), network=True)
+    assert code == 0 and b"done=1" in out, out
+    assert b"HOST-SECRET" not in out
+    assert b"nameserver 10.0.2.3" in out and b"tap0" in out
+
+
+def test_a_run_step_without_network_has_only_loopback(tmp_path: Path, base: Path,
+                                                      host_server) -> None:  # fmt: skip
+    code, out = step(tmp_path, base, net_probe(host_server), network=False)
+    assert code == 0 and b"HOST-SECRET" not in out and b"tap0" not in out, out
+    assert b" lo" in out
 
 
 def test_a_run_step_fork_bomb_is_held_by_the_pids_limit(tmp_path: Path, base: Path) -> None:
@@ -135,6 +189,13 @@ def test_sandbox_exec_is_isolated_like_runc(sandbox) -> None:  # noqa: ANN001
     pids_max = [Path(d, "pids.max") for d in cg["dirs"].values()
                 if Path(d, "pids.max").exists()]  # fmt: skip
     assert pids_max and pids_max[0].read_text().strip() == "4096"
+
+
+def test_sandbox_exec_cannot_reach_the_host(sandbox, host_server) -> None:  # noqa: ANN001
+    r = sandbox.exec("sh", "-c", net_probe(host_server))
+    assert r.exit_code == 0 and b"done=1" in r.stdout, r
+    assert b"HOST-SECRET" not in r.stdout
+    assert b"nameserver 10.0.2.3" in r.stdout and b"tap0" in r.stdout
 
 
 def test_sandbox_exec_out_of_memory_is_said(sandbox) -> None:  # noqa: ANN001

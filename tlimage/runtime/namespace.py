@@ -86,8 +86,9 @@ class NamespaceBackend:
             "cgroup_procs": cg.procs_files() if cg else [],
         }
         try:
-            pid, confirm = isolation.start_box(spec, rec.path / "console.log", START_TIMEOUT,
-                                               unsafe=bool(rec.extra.get("unsafe")))
+            pid, confirm, net = isolation.start_box(
+                spec, rec.path / "console.log", START_TIMEOUT,
+                unsafe=bool(rec.extra.get("unsafe")))
         except (isolation.SandboxError, OSError, subprocess.CalledProcessError) as e:
             if cg:
                 cg.kill_all()
@@ -101,6 +102,7 @@ class NamespaceBackend:
         init = _proc.ident(pid)
         pids = {"init": init}
         extra["pidns"] = _proc.pid_ns(pid)
+        extra["net"] = net
         return pids, extra, confirm
 
     # -- liveness and teardown ------------------------------------------------------------
@@ -125,6 +127,11 @@ class NamespaceBackend:
             _proc.kill_tree_ns(ns, signal.SIGKILL)
             _proc.kill_tree_ns(ns, signal.SIGCONT)
         _proc.wait_dead([init, unshare], 10)
+        if rec.extra.get("net"):  # it ends with PID 1; this makes sure and waits for it
+            from tlimage.sandbox.network import NetHandle
+
+            with contextlib.suppress(Exception):
+                NetHandle.adopt(rec.extra["net"]).close()
 
     def cleanup(self, rec: SandboxRecord, keep_fs: bool) -> None:
         cg = Cgroup.from_json(rec.extra.get("cgroup"))

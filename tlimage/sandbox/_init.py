@@ -573,6 +573,23 @@ def start(spec):
     SECCOMP = bytes.fromhex(spec.get("seccomp", ""))
 
 
+def attach_network(sock, spec):
+    """Asks the host to give this (fresh) network namespace its network (`attach`, with our
+    host pid from the kernel) and waits until it has (`net`); a no-op unless the spec asks.
+    The sandbox's processes start only after."""
+    if not spec.get("attach"):
+        return
+    send(sock, "attach")
+    sock.settimeout(spec.get("go_timeout", 60))
+    try:
+        answer = sock.recv(4096)
+    except OSError:
+        answer = b""
+    if answer != b"net":
+        raise RuntimeError(answer.decode("utf-8", "replace").removeprefix("error: ")
+                           or "the host did not attach the network")
+
+
 def handshake(sock, spec):
     """Tells the host `ready` (the kernel adds our host pid) and waits for `go`: the host
     attaches the network, or records the sandbox, in between."""
@@ -608,9 +625,13 @@ def main_step(spec):
         pivot(root)
     except OSError as e:
         fail(f"sandbox setup failed: {e}")
-    sock = socket.socket(fileno=spec["sock_fd"]) if spec.get("sock_fd", -1) >= 0 else None
-    if sock is not None and not handshake(sock, spec):
-        fail("the host did not confirm the start")
+    if spec.get("sock_fd", -1) >= 0:
+        sock = socket.socket(fileno=spec["sock_fd"])
+        try:
+            attach_network(sock, spec)
+        except (OSError, RuntimeError) as e:
+            fail(str(e))
+        sock.close()
     pid = os.fork()
     if pid == 0:
         os.setsid()
@@ -736,6 +757,7 @@ def main_box(spec):
         created, _mounted = setup_root(spec)
         write_state("placeholders.json", json.dumps([os.path.relpath(p, root) for p in created]))
         pivot(root)
+        attach_network(sock, spec)
         entry = start_entrypoint(spec) if spec["entrypoint"] else None
     except (OSError, RuntimeError, SystemExit) as e:
         send(sock, f"error: {e}")

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tlimage.sandbox import cgroup, harden
+from tlimage.sandbox import cgroup, harden, network
 
 HERE = Path(__file__).resolve().parent
 TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -82,6 +82,9 @@ def missing_layers() -> list[str]:
         harden.seccomp_bpf()
     except harden.Unavailable as e:
         out.append(str(e))
+    problem = network.check_host("allow")
+    if problem:
+        out.append(f"no private network for steps and sandboxes with network: {problem}")
     return out + cgroup.missing()
 
 
@@ -105,27 +108,82 @@ def oom_message(memory_mb: int | None) -> str:
     return f"out of memory: the kernel killed the process{limit}; exit code {OOM_CODE}"
 
 
+HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{name}\n"
+
+
 def root_spec(lowers: list[Path] | tuple[Path, ...], upper: Path, work: Path, merged: Path,
               *, network: bool, hostname: str, files_dir: Path) -> dict:  # fmt: skip
-    """The part of an init spec that describes the sandbox's root and namespaces. With the
-    host's network, the sandbox gets copies (in `files_dir`) of the host's resolv.conf and
-    hosts, bound over its own: writes to them stay in the sandbox."""
+    """The part of an init spec that describes the sandbox's root and namespaces. The sandbox
+    always gets a fresh network namespace; with `network` the host attaches a user-mode
+    network to it (sandbox/network.py) and the sandbox's /etc/resolv.conf and /etc/hosts are
+    files in `files_dir` bound over its own (writes to them stay there). Only on a host
+    without the network helper (the user accepted `namespace-unsafe`) does a sandbox with
+    network share the host's namespace, with copies of the host's two files."""
     etc: dict[str, str] = {}
+    shared = network and bool(network_helper_missing())
     if network:
         for name in ("resolv.conf", "hosts"):
-            with contextlib.suppress(OSError):
-                data = Path("/etc", name).read_bytes()
-                (files_dir / name).write_bytes(data)
-                etc[f"/etc/{name}"] = str((files_dir / name).resolve())
+            path = files_dir / name
+            if shared:
+                with contextlib.suppress(OSError):
+                    path.write_bytes(Path("/etc", name).read_bytes())
+            else:  # resolv.conf is written once the network is attached
+                path.write_text(HOSTS.format(name=hostname) if name == "hosts" else "")
+            if path.exists():
+                etc[f"/etc/{name}"] = str(path.resolve())
     return {
         "lowers": [str(p.resolve()) for p in lowers],
         "upper": str(upper.resolve()),
         "work": str(work.resolve()),
         "merged": str(merged.resolve()),
         "network": network,
+        "host_network": shared,
+        "attach": network and not shared,
         "hostname": hostname,
         "etc_files": etc,
     }
+
+
+def network_helper_missing() -> str | None:
+    return network.check_host("allow")
+
+
+def _recv(sock: socket.socket, timeout: float) -> tuple[str, int | None]:
+    """One message of PID 1 and its host pid (from the kernel's credentials); ("", None) when
+    it ended first."""
+    sock.settimeout(timeout)
+    try:
+        msg, anc, _fl, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+    except (TimeoutError, OSError):
+        return "", None
+    pid = None
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            pid = struct.unpack("3i", data[:12])[0]
+    return msg.decode("utf-8", "replace"), pid
+
+
+def _give_network(sock: socket.socket, pid: int, spec: dict,
+                  exit_fd: int | None = None) -> network.NetHandle:  # fmt: skip
+    """Attaches the user-mode network to the namespace of `pid`, writes the sandbox's
+    resolv.conf (in place: it is bound into the sandbox) and lets PID 1 go on."""
+    try:
+        handle = network.attach(pid, network.NetworkPolicy("allow"), exit_fd=exit_fd)
+    except Exception as e:
+        with contextlib.suppress(OSError):
+            sock.send(f"error: {e}".encode())
+        raise SandboxError(f"the sandbox's network: {e}") from None
+    try:
+        resolv = spec["etc_files"].get("/etc/resolv.conf")
+        if resolv:
+            with open(resolv, "r+b") as f:
+                f.truncate(0)
+                f.write(handle.resolv_conf.encode())
+        sock.send(b"net")
+    except BaseException:
+        handle.close()
+        raise
+    return handle
 
 
 def _launch(module: str, spec: dict, *, unshare: int = 0, cgroup_procs: list[str] = (),
@@ -173,7 +231,7 @@ def _launch(module: str, spec: dict, *, unshare: int = 0, cgroup_procs: list[str
 
 def _flags(spec: dict) -> int:
     flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWCGROUP
-    return flags if spec["network"] else flags | CLONE_NEWNET
+    return flags if spec.get("host_network") else flags | CLONE_NEWNET
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -231,9 +289,15 @@ def _run_step(spec: dict, secrets: bytes, emit: Output, timeout: float | None,
               on_timeout: Callable[[], BaseException]) -> int:  # fmt: skip
     status_r, status_w = os.pipe()
     secrets_r, secrets_w = os.pipe() if spec.get("mounts") else (-1, -1)
-    spec = {**spec, "mode": "step", "status_fd": status_w, "secrets_fd": secrets_r}
-    fds = (status_w,) + ((secrets_r,) if secrets_r >= 0 else ())
+    parent, child = (socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                     if spec.get("attach") else (None, None))  # fmt: skip
+    spec = {**spec, "mode": "step", "status_fd": status_w, "secrets_fd": secrets_r,
+            "sock_fd": child.fileno() if child else -1}  # fmt: skip
+    fds = ((status_w,) + ((secrets_r,) if secrets_r >= 0 else ())
+           + ((child.fileno(),) if child else ()))  # fmt: skip
     try:
+        if parent:
+            parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         proc = _launch("_init", spec, unshare=_flags(spec), die_with_parent=True,
                        cgroup_procs=spec.get("cgroup_procs", []), pass_fds=fds,
                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -242,14 +306,29 @@ def _run_step(spec: dict, secrets: bytes, emit: Output, timeout: float | None,
         for fd in (status_r, status_w, secrets_r, secrets_w):
             if fd >= 0:
                 os.close(fd)
+        for sk in (parent, child):
+            if sk:
+                sk.close()
         raise
-    for fd in fds:
-        os.close(fd)
+    for fd in (status_w, secrets_r):
+        if fd >= 0:
+            os.close(fd)
+    if child:
+        child.close()
     if secrets_w >= 0:
         _write_all(secrets_w, secrets)
     deadline = None if timeout is None else time.monotonic() + timeout
     sel = selectors.DefaultSelector()
+    net = None
     try:
+        if parent:
+            wait = 30.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            text, pid = _recv(parent, wait)
+            if text == "attach" and pid is not None:
+                net = _give_network(parent, pid, spec)
+            elif deadline is not None and time.monotonic() >= deadline:
+                raise on_timeout()
+            # else PID 1 failed before: its status pipe says why
         assert proc.stdout is not None and proc.stderr is not None
         sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
         sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
@@ -274,6 +353,10 @@ def _run_step(spec: dict, secrets: bytes, emit: Output, timeout: float | None,
         _kill(proc)
         raise
     finally:
+        if net is not None:
+            net.close()
+        if parent:
+            parent.close()
         sel.close()
         os.close(status_r)
         for f in (proc.stdout, proc.stderr):
@@ -298,42 +381,51 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def start_box(spec: dict, log: Path, timeout: float,
-              unsafe: bool = False) -> tuple[int, Callable[[], None]]:  # fmt: skip
+              unsafe: bool = False) -> tuple[int, Callable[[], None], dict | None]:  # fmt: skip
     """Starts the sandbox `spec` describes (see _init.main_box) detached from this process;
-    returns (host pid of its PID 1, confirm). The sandbox waits (up to a minute) for
-    `confirm()` and ends itself without it, so a caller that dies between start and recording
-    the pid leaks nothing. Raises SandboxError with the sandbox's reason when it failed."""
+    returns (host pid of its PID 1, confirm, the network helper's record or None). The
+    sandbox waits (up to a minute) for `confirm()` and ends itself without it, so a caller
+    that dies between start and recording the pid leaks nothing; its network helper ends with
+    its PID 1. Raises SandboxError with the sandbox's reason when it failed."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # The helper ends when this pipe's write end, held by PID 1 only, closes.
+    exit_r, exit_w = os.pipe2(os.O_CLOEXEC) if spec.get("attach") else (-1, -1)
+    pid = None
+    net = None
     try:
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         spec = {**spec, "mode": "box", "sock_fd": child.fileno(), "seccomp": _seccomp(unsafe)}
+        fds = (child.fileno(),) + ((exit_w,) if exit_w >= 0 else ())
         with open(log, "ab") as out:
             proc = _launch("_init", spec, unshare=_flags(spec),
-                           cgroup_procs=spec.get("cgroup_procs", []), pass_fds=(child.fileno(),),
+                           cgroup_procs=spec.get("cgroup_procs", []), pass_fds=fds,
                            stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                            start_new_session=True)  # fmt: skip
         child.close()
+        if exit_w >= 0:
+            os.close(exit_w)
+            exit_w = -1
         proc.wait()  # it forks PID 1 and leaves it to the host's init
-        parent.settimeout(timeout)
-        try:
-            msg, anc, _fl, _addr = parent.recvmsg(4096, socket.CMSG_SPACE(12))
-        except TimeoutError:
-            msg, anc = b"", []
-        pid = None
-        for level, kind, data in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid = struct.unpack("3i", data[:12])[0]
-        text = msg.decode("utf-8", "replace")
+        text, pid = _recv(parent, timeout)
+        if text == "attach" and pid is not None:
+            net = _give_network(parent, pid, spec, exit_fd=exit_r)
+            text, pid = _recv(parent, timeout)
         if text != "ready" or pid is None:
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
             raise SandboxError(text.removeprefix("error: ") if text else _log_tail(log))
     except BaseException:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if net is not None:
+            net.close()
         with contextlib.suppress(OSError):
             child.close()
         parent.close()
         raise
+    finally:
+        for fd in (exit_r, exit_w):
+            if fd >= 0:
+                os.close(fd)
 
     def confirm() -> None:
         try:
@@ -341,7 +433,7 @@ def start_box(spec: dict, log: Path, timeout: float,
         finally:
             parent.close()
 
-    return pid, confirm
+    return pid, confirm, (net.record() if net is not None else None)
 
 
 def _log_tail(log: Path) -> str:
