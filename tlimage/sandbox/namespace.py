@@ -44,6 +44,7 @@ PR_SET_PDEATHSIG = 1
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
 CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x20000000, 0x40000000
 BOOT = """import json, os, sys
+os.close(int(sys.argv[0].rpartition("/")[2]))  # this program's pipe: read already
 fd = int(sys.argv[1])
 chunks = []
 while True:
