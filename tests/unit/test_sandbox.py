@@ -95,6 +95,7 @@ def test_the_real_profile_compiles() -> None:
 
 def test_one_rule_for_auto(monkeypatch) -> None:
     ns = tlimage.sandbox.namespace
+    monkeypatch.setenv("TLIMAGE_NOTICES", "always")
     notes: list[str] = []
     monkeypatch.setattr(tlimage.sandbox, "_noticed", False)
     monkeypatch.setattr(ns, "check_host", lambda: None)
@@ -105,6 +106,9 @@ def test_one_rule_for_auto(monkeypatch) -> None:
     assert select_isolation("auto", kvm_probe=lambda: (False, "no kvm"),
                             notice=notes.append) == ("namespace", None)  # fmt: skip
     assert len(notes) == 1 and "no kvm" in notes[0]
+    assert select_isolation("auto", kvm_probe=lambda: (False, "no kvm"),
+                            notice=notes.append) == ("namespace", None)  # fmt: skip
+    assert len(notes) == 1  # said once per process
     # A missing layer: auto keeps isolation (the microVM), and says which layer.
     monkeypatch.setattr(tlimage.sandbox, "_noticed", False)
     monkeypatch.setattr(ns, "missing_layers", lambda: ["no seccomp library"])

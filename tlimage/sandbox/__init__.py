@@ -52,12 +52,16 @@ def select_isolation(requested: str, *, kvm_probe: KvmProbe,
     from tlimage.sandbox.namespace import check_host, missing_layers
 
     problem = check_host()
-    if problem is None:
-        lack = missing_layers()
-        if lack:
-            problem = ("namespace isolation would lack: " + "; ".join(lack)
-                       + " (--isolation namespace-unsafe runs there anyway)")  # fmt: skip
-    if problem is None:
+    lack = missing_layers() if problem is None else []
+    if lack and not _noticed:  # never silently weaker: the missing layers are named
+        from tlimage.notices import once, short_reason
+
+        once("namespace-layers", "; ".join(lack),
+             f"KVM is not usable ({short_reason(reason)}) and namespace isolation here would "
+             f"lack: {'; '.join(lack)}; build steps and sandboxes run in a microVM under TCG "
+             "(slow; --isolation namespace-unsafe runs them in namespaces anyway)", say)  # fmt: skip
+        _noticed = True
+    if problem is None and not lack:
         if not _noticed:  # once per process, and once per machine state (tlimage.notices)
             from tlimage.notices import kvm_fallback
 
