@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 
 import pytest
 
@@ -151,3 +152,23 @@ def test_tar_checker(chunk):
     ]:
         with pytest.raises(OCIError, match=msg):
             run(bad)
+
+
+def test_credential_helpers(tmp_path, monkeypatch):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    helper = bindir / "docker-credential-fake"
+    helper.write_text("#!/bin/sh\nread server\n"
+                      "if [ \"$server\" = reg.example ]; then "
+                      "echo '{\"Username\":\"u\",\"Secret\":\"s\"}'; "
+                      "else echo 'credentials not found in native keychain'; exit 1; fi\n")
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"credHelpers": {"reg.example": "fake"}, "credsStore": "fake"}))
+    c = auth.lookup_credentials("reg.example", (str(cfg),))
+    assert (c.username, c.password, c.source) == ("u", "s", "docker-credential-fake")
+    assert auth.lookup_credentials("other.example", (str(cfg),)) is None
+    cfg.write_text(json.dumps({"credHelpers": {"reg.example": "missing"}}))
+    with pytest.raises(OCIError, match="docker-credential-missing .* is not installed"):
+        auth.lookup_credentials("reg.example", (str(cfg),))
