@@ -99,3 +99,52 @@ def test_build_from_mirrored_registry_image_and_run_sandbox(registry, tmp_path):
     copy = json.loads(tl("sbx", "image", "describe", "app:copy", cwd=ctx, env=c).stdout)
     assert [la["diff_id"] for la in copy["layers"]] == [la["diff_id"] for la in desc["layers"]]
     assert copy["config"]["cmd"] == ["cat", "/built.txt"]
+
+
+MULTI = """\
+# syntax=docker/dockerfile:1
+FROM golang:1.22 AS build
+WORKDIR /src
+COPY main.txt .
+RUN mkdir -p /out && cp main.txt /out/app && echo built >> /out/app
+FROM alpine:3.19
+COPY --from=build /out/app /usr/local/bin/app
+RUN --mount=type=bind,from=golang:1.22,source=/etc/os-release,target=/mnt/os cat /mnt/os > /base-os
+CMD ["cat", "/usr/local/bin/app"]
+"""
+
+
+def test_multi_stage_dockerfile_with_registry_images(registry, tmp_path, monkeypatch):
+    """A multi-stage Dockerfile as real projects write it: two Docker Hub names (through the
+    mirror), COPY --from a stage, RUN --mount from an image; steps run in namespace sandboxes."""
+    from tlimage.builder import build_image
+    from tlimage.builder.images import local_image
+    from tlimage.cache.store import BlobStore
+    from tlimage.oci.client import RegistryConfig
+    from tlimage.oci.push import push
+
+    (tmp_path / "seed.py").write_text(SEED)
+    seed = build_image(tmp_path / "seed.py", isolation="namespace")
+    conf = RegistryConfig(insecure=(registry.host,), certs_dirs=())
+    for name in ("library/golang:1.22", "library/alpine:3.19"):
+        push(BlobStore(), local_image(seed.record), f"{registry.host}/{name}", config=conf)
+
+    monkeypatch.setenv("TLIMAGE_CACHE_DIR", str(tmp_path / "fresh" / "cache"))
+    monkeypatch.setenv("TLIMAGE_STATE_DIR", str(tmp_path / "fresh" / "state"))
+    monkeypatch.setenv("TLIMAGE_REGISTRY_MIRRORS", f"docker.io={registry.host}")
+    monkeypatch.setenv("TLIMAGE_INSECURE_REGISTRIES", registry.host)
+    ctx = tmp_path / "proj"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(MULTI)
+    (ctx / "main.txt").write_text("hello\n")
+    result = build_image(ctx / "Dockerfile", isolation="namespace", registered_name="multi",
+                         registry_config=RegistryConfig.from_env())  # fmt: skip
+    from tlimage.runtime import Sandbox
+
+    sb = Sandbox.create("multi", backend="namespace")
+    try:
+        assert sb.exec("cat", "/usr/local/bin/app").stdout == b"hello\nbuilt\n"
+        assert b"seed from tlimage" in sb.exec("cat", "/base-os").stdout
+    finally:
+        sb.terminate()
+    assert result.manifest.config["cmd"] == ["cat", "/usr/local/bin/app"]
