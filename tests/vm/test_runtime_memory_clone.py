@@ -81,3 +81,36 @@ def test_namespace_memory_clone_is_refused_clearly(image: str) -> None:
         with pytest.raises(RuntimeError_, match="filesystem only"):
             sb.clone(memory=True)
         assert sb.status == "Running"
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                    reason="qemu-system-x86 is not installed (scripts/setup.sh installs it)")  # fmt: skip
+def test_microvm_memory_checkpoint_and_restore(image: str) -> None:
+    from tlimage.runtime import list_checkpoints, remove_checkpoint
+
+    sb = Sandbox.create(image, name="ckpt", backend="microvm", timeout=900)
+    restored = None
+    try:
+        sb.exec("sh", "-c", COUNTER)
+        deadline = time.monotonic() + 60
+        while sb.exec("sh", "-c", "test -s /tmp/c").exit_code != 0 or _count(sb) < 3:
+            assert time.monotonic() < deadline, "the counter never started"
+            time.sleep(0.2)
+        name = sb.save_memory("ckpt-1")
+        at = _count(sb)
+        assert name == "ckpt-1" and list_checkpoints() == ["ckpt-1"]
+        sb.terminate()  # the checkpoint does not need its sandbox
+        restored = Sandbox.from_checkpoint("ckpt-1", name="back")
+        first = _count(restored)
+        assert 3 <= first <= at + 10  # it continues from the checkpoint, not from zero
+        time.sleep(2)
+        assert _count(restored) > first
+        assert restored.info().source == "checkpoint ckpt-1"
+        with pytest.raises(RuntimeError_, match="no checkpoint 'nope'"):
+            Sandbox.from_checkpoint("nope")
+    finally:
+        if restored is not None:
+            restored.terminate()
+        sb.terminate()
+    remove_checkpoint("ckpt-1")
+    assert list_checkpoints() == []

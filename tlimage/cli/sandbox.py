@@ -84,15 +84,23 @@ def register(sbx: typer.Typer) -> None:
             "--secret", help="NAME of a stored secret (tl secrets set) to pass as an "
                              "environment variable to every exec and spawn (repeatable).")
         ] = None,
+        from_snapshot: Annotated[str | None, typer.Option(
+            "--from-snapshot", help="Start from a memory checkpoint (tl sbx snapshot --memory) "
+                                    "instead of an image.")] = None,
         project: ProjectOpt = None,
         cache_dir: CacheDirOpt = None,
         json_: JsonOpt = False,
     ) -> None:
         """Boot a sandbox from a registered image (default: the default base) and print its id."""
+        import json
         import shlex
 
         from tlimage.runtime import Sandbox
 
+        if from_snapshot is not None:
+            sb = Sandbox.from_checkpoint(from_snapshot, name=name, project=project)
+            print(json.dumps(_info_json(sb)) if json_ else sb.id)
+            return
         if backend is not None and isolation is Isolation.auto:
             isolation = backend
         if image:
@@ -109,8 +117,6 @@ def register(sbx: typer.Typer) -> None:
             secret_names=secret or None,
         )  # fmt: skip
         if json_:
-            import json
-
             print(json.dumps(_info_json(sb)))
         else:
             print(sb.id)
@@ -237,10 +243,17 @@ def register(sbx: typer.Typer) -> None:
         ref: IdArg,
         register: Annotated[str | None, typer.Option(
             "--register", help="Register as NAME[:TAG] (default: <id>:snap-<n>).")] = None,
+        memory: Annotated[bool, typer.Option(
+            "--memory", help="A memory checkpoint (microVM, named sandboxes): restore it with "
+                             "tl sbx new --from-snapshot NAME.")] = False,
         project: ProjectOpt = None,
         json_: JsonOpt = False,
     ) -> None:
-        """Snapshot a sandbox's filesystem as a registered image (its layers plus one)."""
+        """Snapshot a sandbox's filesystem as a registered image (its layers plus one), or
+        with --memory its memory, devices and filesystem as a checkpoint."""
+        if memory:
+            print(_get(ref, project).save_memory(register))
+            return
         img = _get(ref, project).snapshot(register)
         if json_:
             import json
@@ -249,6 +262,23 @@ def register(sbx: typer.Typer) -> None:
                               "layers": len(img.manifest.layers), "size": img.size}))
         else:
             print(img.ref)
+
+    @sbx.command("checkpoints")
+    def checkpoints(
+        rm: Annotated[list[str] | None, typer.Option("--rm", help="Delete this checkpoint.")
+                      ] = None,
+        project: ProjectOpt = None,
+    ) -> None:
+        """List memory checkpoints (tl sbx snapshot --memory), or delete some with --rm."""
+        from tlimage.runtime import list_checkpoints, remove_checkpoint
+
+        if rm:
+            for n in rm:
+                remove_checkpoint(n, project)
+                print(n)
+            return
+        for n in list_checkpoints(project):
+            print(n)
 
     @sbx.command("clone")
     def clone(

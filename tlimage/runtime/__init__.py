@@ -29,9 +29,11 @@ from tlimage.runtime._api import (
     Sandbox,
     SandboxInfo,
     SuspendResult,
+    list_checkpoints,
     list_sandboxes,
     live_layer_digests,
     reconcile,
+    remove_checkpoint,
 )
 from tlimage.runtime._errors import ExecStartError, ExecTimeout, SandboxNotFound
 from tlimage.runtime._files import FileInfo
@@ -52,10 +54,12 @@ __all__ = [
     "SandboxNotFound",
     "Status",
     "SuspendResult",
+    "list_checkpoints",
     "list_sandboxes",
     "list_secrets",
     "live_layer_digests",
     "reconcile",
+    "remove_checkpoint",
     "remove_secret",
     "set_secret",
 ]

@@ -9,6 +9,7 @@ treats a transitional status whose lock it can take as abandoned and rolls it ba
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import secrets
@@ -658,55 +659,79 @@ class Sandbox:
         )  # fmt: skip
 
     def _clone_memory(self, name: str | None) -> Sandbox:
-        import dataclasses
-
         src = self.refresh()
         be = self._backend()
         if not hasattr(be, "clone_memory"):
             raise RuntimeError_(f"memory clones are not available on the {src.backend} backend "
                                 "(the namespace backend clones the filesystem only: CRIU is "
                                 "not used); clone without --memory")  # fmt: skip
-        if name is not None:
-            _check_name(name)
-        sid = new_id()
-        path = sandboxes_root() / sid
-        path.mkdir(parents=True)
-        rec = dataclasses.replace(
-            src, id=sid, name=name, status=Status.PENDING, created_at=now(), started_at=None,
-            terminated_at=None, deadline=None, suspended_at=None, reason=None, exit_code=None,
-            pids={}, dir=str(path), run_dir=str(run_root() / sid), source=src.id, snapshots=0,
-            prev_status=None, extra=dict(src.extra), boot_id=_proc.boot_id(), **op_owner(),
-        )  # fmt: skip
-        db = self._db
-        with _lock(rec):
-            try:
-                db.insert(rec)
-            except BaseException:
-                shutil.rmtree(path, ignore_errors=True)
-                raise
-            try:
-                with _lock(src, what="clone it"):
-                    src = self._running("clone with memory")
-                    be.set_deadline(rec, None)
-                    pids, extra, confirm = be.clone_memory(src, rec)
-                deadline = None if rec.timeout is None else time.time() + rec.timeout
-                be.set_deadline(rec, deadline)
-                rec = db.transition(sid, [Status.PENDING], Status.RUNNING, pids=pids,
-                                    extra={**rec.extra, **extra}, started_at=now(),
-                                    deadline=deadline, op_pid=None, op_start=None)  # fmt: skip
-                confirm()
-            except BaseException as e:
-                failed = db.get(sid) or rec
-                with contextlib.suppress(Exception):
-                    be.stop(failed)
-                with contextlib.suppress(Exception):
-                    be.cleanup(failed, keep_fs=False)
-                with contextlib.suppress(Exception):
-                    db.transition(sid, LIVE, Status.TERMINATED, terminated_at=now(),
-                                  reason=f"failed to start: {_first_line(e)}",
-                                  op_pid=None, op_start=None)  # fmt: skip
-                raise
-        return Sandbox(rec, db)
+
+        def start(rec: SandboxRecord):  # noqa: ANN202
+            with _lock(src, what="clone it"):
+                live = self._running("clone with memory")
+                return be.clone_memory(live, rec)
+
+        return _start_copy(src, name, start, self._db)
+
+    def save_memory(self, name: str | None = None) -> str:
+        """A restorable memory checkpoint of this running sandbox (microVM, named sandboxes):
+        device state, RAM and filesystem, kept in the state folder as `name` (default
+        `<id>-mem-<n>`); `Sandbox.from_checkpoint(name)` starts a sandbox from it. Returns
+        the checkpoint's name."""
+        import json
+
+        rec = self.refresh()
+        be = self._backend()
+        if not hasattr(be, "save_memory"):
+            raise RuntimeError_(f"memory snapshots are not available on the {rec.backend} "
+                                "backend (filesystem only: CRIU is not used); snapshot "
+                                "without --memory")  # fmt: skip
+        if name is None:
+            name = f"{rec.id}-mem-{self._db.next_snapshot(rec.id)}"
+        _check_checkpoint_name(name)
+        dest = checkpoints_root(rec.project) / name
+        if dest.exists():
+            raise RuntimeError_(f"checkpoint {name!r} exists in project {rec.project!r}")
+        tmp = dest.with_name(f".{name}.{os.getpid()}.tmp")
+        tmp.mkdir(parents=True)
+        try:
+            with _lock(rec, what="snapshot its memory"):
+                live = self._running("snapshot its memory")
+                be.save_memory(live, tmp)
+            saved = {k: v for k, v in live.__dict__.items() if k not in _VOLATILE}
+            (tmp / "record.json").write_text(json.dumps(saved, indent=1, default=str))
+            os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return name
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str, *, name: str | None = None,
+                        project: str | None = None) -> Sandbox:  # fmt: skip
+        """A new sandbox started from a memory checkpoint (`save_memory`): its processes
+        continue where they were when it was taken."""
+        import json
+
+        reconcile()
+        _check_checkpoint_name(checkpoint)
+        saved = checkpoints_root(project_name(project)) / checkpoint
+        try:
+            d = json.loads((saved / "record.json").read_text())
+        except FileNotFoundError:
+            raise RuntimeError_(f"no checkpoint {checkpoint!r} in project "
+                                f"{project_name(project)!r}",
+                                hint="make one with: tl sbx snapshot NAME --memory") from None
+        fields_ = {f.name for f in dataclasses.fields(SandboxRecord)}
+        src = SandboxRecord(**{k: v for k, v in d.items() if k in fields_},
+                            **{k: None for k in _VOLATILE if k not in ("status", "pids")},
+                            status=Status.RUNNING, pids={})  # fmt: skip
+        be = backend_for(src.backend)
+
+        def start(rec: SandboxRecord):  # noqa: ANN202
+            return be.start_from_memory(rec, saved)
+
+        return _start_copy(src, name, start, StateDB(), source=f"checkpoint {checkpoint}")
 
     def terminate(self) -> None:
         """Ends the sandbox: every process (and VM) is killed, nothing stays mounted; an
@@ -823,6 +848,85 @@ def live_layer_digests() -> set[str]:
 
 
 # --- internals -------------------------------------------------------------------------------
+
+_VOLATILE = ("status", "created_at", "started_at", "terminated_at", "deadline", "suspended_at",
+             "reason", "exit_code", "pids", "op_pid", "op_start", "prev_status")  # fmt: skip
+CHECKPOINTS = "checkpoints-v1"
+
+
+def checkpoints_root(project: str) -> Path:
+    return state_dir() / CHECKPOINTS / project
+
+
+def _check_checkpoint_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,79}", name):
+        raise RuntimeError_(f"invalid checkpoint name {name!r}: use lowercase letters, digits, "
+                            "'.', '_' and '-'")  # fmt: skip
+
+
+def list_checkpoints(project: str | None = None) -> list[str]:
+    root = checkpoints_root(project_name(project))
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "record.json").exists())
+
+
+def remove_checkpoint(name: str, project: str | None = None) -> None:
+    _check_checkpoint_name(name)
+    path = checkpoints_root(project_name(project)) / name
+    if not (path / "record.json").exists():
+        raise RuntimeError_(f"no checkpoint {name!r} in project {project_name(project)!r}")
+    shutil.rmtree(path)
+
+
+def _start_copy(src: SandboxRecord, name: str | None, start, db: StateDB,  # noqa: ANN001
+                source: str | None = None) -> Sandbox:  # fmt: skip
+    """A new sandbox like `src` (resources, image, env, timeout) started by `start(rec)`
+    (which returns (pids, extra, confirm) as a backend's `start` does)."""
+    import dataclasses
+
+    if name is not None:
+        _check_name(name)
+    sid = new_id()
+    path = sandboxes_root() / sid
+    path.mkdir(parents=True)
+    rec = dataclasses.replace(
+        src, id=sid, name=name, status=Status.PENDING, created_at=now(), started_at=None,
+        terminated_at=None, deadline=None, suspended_at=None, reason=None, exit_code=None,
+        pids={}, dir=str(path), run_dir=str(run_root() / sid), source=source or src.id,
+        snapshots=0, prev_status=None, extra=dict(src.extra), boot_id=_proc.boot_id(),
+        **op_owner(),
+    )  # fmt: skip
+    be = backend_for(rec.backend)
+    with _lock(rec):
+        try:
+            db.insert(rec)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        try:
+            be.set_deadline(rec, None)
+            pids, extra, confirm = start(rec)
+            deadline = None if rec.timeout is None else time.time() + rec.timeout
+            be.set_deadline(rec, deadline)
+            rec = db.transition(sid, [Status.PENDING], Status.RUNNING, pids=pids,
+                                extra={**rec.extra, **extra}, started_at=now(),
+                                deadline=deadline, op_pid=None, op_start=None)  # fmt: skip
+            confirm()
+        except BaseException as e:
+            failed = db.get(sid) or rec
+            with contextlib.suppress(Exception):
+                be.stop(failed)
+            with contextlib.suppress(Exception):
+                be.cleanup(failed, keep_fs=False)
+            with contextlib.suppress(Exception):
+                db.transition(sid, LIVE, Status.TERMINATED, terminated_at=now(),
+                              reason=f"failed to start: {_first_line(e)}",
+                              op_pid=None, op_start=None)  # fmt: skip
+            raise
+    return Sandbox(rec, db)
 
 
 def new_id() -> str:

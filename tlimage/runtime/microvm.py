@@ -427,18 +427,16 @@ class MicroVMBackend:
         shutil.rmtree(rec.run_path, ignore_errors=True)
         return {"memory_snapshot": True, "note": None, "changes": {"pids": {}}}
 
-    def clone_memory(self, src: SandboxRecord, dst: SandboxRecord) -> tuple[dict, dict, Callable[[], None]]:  # fmt: skip
-        """Starts `dst` as a copy of the running `src`, memory and devices included: `src` is
-        paused, its device state migrated to a file (RAM stays in its file-backed memory,
-        which is copied, copy-on-write where the filesystem can), its upper disk copied and
-        its image disks linked; then `src` continues and `dst` is restored from the copy.
-        Returns (pids, extra, confirm) as `start` does."""
+    def save_memory(self, src: SandboxRecord, dest: Path) -> None:
+        """Writes a restorable copy of the running `src` to the folder `dest`: its device
+        state (`vmstate`), its file-backed RAM (`ram`) and upper disk (`scratch.img`), both
+        copied copy-on-write where the filesystem can, and links to its image disks
+        (`disks/`). `src` is paused meanwhile and continues after, whatever happened."""
         if not src.extra.get("file_ram"):
             raise RuntimeError_(f"sandbox {src.id} has no file-backed memory (unnamed sandboxes "
-                                "have none); clone it without --memory or give it a name")  # fmt: skip
+                                "have none); give it a name, or copy its filesystem only")  # fmt: skip
         deadline = time.monotonic() + 300
-        (dst.path / "disks").mkdir(parents=True, exist_ok=True)
-        disks = sorted((src.path / "disks").glob("l*.img"), key=lambda p: int(p.stem[1:]))
+        (dest / "disks").mkdir(parents=True, exist_ok=True)
         with self._connect(src) as exclusive:  # no request of another client is in flight
             exclusive.wait_turn()
             qmp = QMP(str(src.run_path / "qmp.sock"), deadline)
@@ -447,25 +445,36 @@ class MicroVMBackend:
                 try:
                     qmp.command("migrate-set-capabilities", capabilities=[
                         {"capability": "x-ignore-shared", "state": True}])
-                    tmp = dst.path / "vmstate.tmp"
+                    tmp = dest / "vmstate.tmp"
                     qmp.command("migrate", uri=f"exec:cat > {shlex.quote(str(tmp))}")
                     wait_migration(qmp, deadline)
-                    os.replace(tmp, dst.path / "vmstate")
+                    os.replace(tmp, dest / "vmstate")
                     for name in ("ram", "scratch.img"):
                         subprocess.run(["cp", "--reflink=auto", "--sparse=always",
-                                        str(src.path / name), str(dst.path / name)],
+                                        str(src.path / name), str(dest / name)],
                                        check=True, env={"PATH": TOOL_PATH})  # fmt: skip
                 finally:
-                    qmp.command("cont")  # the original runs on, whatever happened
+                    qmp.command("cont")  # the original runs on
             finally:
                 qmp.close()
-        new_disks = []
-        for d in disks:
-            _pin(d, dst.path / "disks" / d.name)
-            new_disks.append(dst.path / "disks" / d.name)
-        accel = src.extra.get("accel") or "tcg"
-        kit = guest_kit(Path(src.cache_dir) if src.cache_dir else None)
-        argv = qemu_argv(dst, kit, accel, new_disks, True)
+        for d in (src.path / "disks").glob("l*.img"):
+            _pin(d, dest / "disks" / d.name)
+
+    def start_from_memory(self, dst: SandboxRecord, saved: Path | None = None
+                          ) -> tuple[dict, dict, Callable[[], None]]:  # fmt: skip
+        """Starts `dst` from a copy `save_memory` wrote (`saved`, copied into `dst`'s folder
+        first; None: it is there already). Returns (pids, extra, confirm) as `start` does."""
+        if saved is not None:
+            (dst.path / "disks").mkdir(parents=True, exist_ok=True)
+            for name in ("vmstate", "ram", "scratch.img"):
+                subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(saved / name),
+                                str(dst.path / name)], check=True, env={"PATH": TOOL_PATH})
+            for d in (saved / "disks").glob("l*.img"):
+                _pin(d, dst.path / "disks" / d.name)
+        disks = sorted((dst.path / "disks").glob("l*.img"), key=lambda p: int(p.stem[1:]))
+        accel = dst.extra.get("accel") or "tcg"
+        kit = guest_kit(Path(dst.cache_dir) if dst.cache_dir else None)
+        argv = qemu_argv(dst, kit, accel, disks, True)
         (dst.path / "qemu-argv.json").write_text(json.dumps(argv, indent=1))
         pids, confirm = self._spawn_shim(dst, argv, None, dst.path / "vmstate", accel)
 
@@ -474,7 +483,15 @@ class MicroVMBackend:
             with contextlib.suppress(FileNotFoundError):
                 (dst.path / "vmstate").unlink()
 
-        return pids, {"file_ram": True, "memory_clone_of": src.id}, done
+        return pids, {"file_ram": True}, done
+
+    def clone_memory(self, src: SandboxRecord, dst: SandboxRecord
+                     ) -> tuple[dict, dict, Callable[[], None]]:  # fmt: skip
+        """Starts `dst` as a copy of the running `src`, memory and devices included (see
+        `save_memory`); both continue."""
+        self.save_memory(src, dst.path)
+        pids, extra, confirm = self.start_from_memory(dst)
+        return pids, {**extra, "memory_clone_of": src.id}, confirm
 
     def abort_suspend(self, rec: SandboxRecord) -> None:
         """A failed suspend: the VM continues where it stopped (if QEMU still runs)."""
