@@ -412,7 +412,9 @@ class Converter:
             self._d = None
         self._c = None
         if kind != "zstd":
-            cctx = zstandard.ZstdCompressor(level=3, threads=1, write_checksum=True)
+            # Level 1: on binaries ~2.5x the speed of level 3 for ~10% more bytes; a pull is
+            # bound by this step (gzip layers are decompressed and recompressed once).
+            cctx = zstandard.ZstdCompressor(level=1, threads=1, write_checksum=True)
             self._c = cctx.compressobj()
 
     def feed(self, chunk: bytes) -> None:
