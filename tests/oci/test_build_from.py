@@ -132,3 +132,40 @@ def test_pulled_base_env_workdir_and_onbuild_reach_the_dockerfile(registry, tmp_
     assert result.manifest.config["workdir"] == "/srv/app"
     assert "onbuild" not in result.manifest.config
     assert result.executed_steps == 2  # the trigger's RUN, and WORKDIR
+
+
+def test_scratch_and_seed_bases_never_reach_a_registry(tmp_path, monkeypatch):
+    """FROM scratch / a seed base: no registry is asked (a mirror here records any request)."""
+    import http.server
+    import threading
+
+    from tests.oci.conftest import free_port
+
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):  # noqa: ANN002
+            pass
+
+        def do_GET(self):  # noqa: N802
+            seen.append(self.path)
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET  # noqa: N815
+
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("TLIMAGE_REGISTRY_MIRRORS", f"docker.io=127.0.0.1:{port}")
+        monkeypatch.setenv("TLIMAGE_INSECURE_REGISTRIES", f"127.0.0.1:{port}")
+        df = dockerfile(tmp_path, "FROM scratch AS a\nCOPY x /x\nFROM busybox\n"
+                        "COPY --from=a /x /y\n")
+        (tmp_path / "ctx" / "x").write_text("x")
+        build_image(df, executor=FakeExecutor(), registry_config=RegistryConfig.from_env())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == []

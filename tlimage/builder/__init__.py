@@ -133,7 +133,7 @@ def _base_resolver(opts: BuildOptions, emit: Emit | None) -> Any:
 
     def resolve(ref: str) -> BaseImage | None:
         name, _, pin = ref.partition("@")
-        if not pin and name in KNOWN_BASES:
+        if not pin and (name in KNOWN_BASES or name == "scratch"):
             return None
         try:
             from tlimage.builder.config import ImageConfig
