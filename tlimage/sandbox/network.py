@@ -368,8 +368,17 @@ class NetHandle:
             os.close(self._exit_w)
             self._exit_w = -1
         if self._proc is not None:
+            # Popen.wait(timeout) polls with sleeps (tens of ms per step); a pidfd wakes at once.
+            with contextlib.suppress(OSError):
+                import select
+
+                pidfd = os.pidfd_open(self._proc.pid)
+                try:
+                    select.select([pidfd], [], [], 5)
+                finally:
+                    os.close(pidfd)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(5)
+                self._proc.wait(0 if self._proc.poll() is None else None)
 
     def refresh(self) -> list[str]:
         """Resolve the policy's host names again and swap the block and allow sets at once
