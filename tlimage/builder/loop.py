@@ -395,6 +395,12 @@ class Builder:
                                              ignored=self._ignore(step.excludes).matches)
             except TlimageError as e:
                 raise _at(meta, e) from None
+        if isinstance(step, ir.Add):
+            # The key covers what each URL serves now (revalidated, see builder.fetch).
+            for d in self._downloads(step, meta):
+                files[f"url:{d.url}"] = d.digest
+                sources.append(ctx.Source(d.path.parent, d.path.name, d.name, d.name,
+                                          archive=False, mode=0o600))  # fmt: skip
         env = state.config.run_env() if isinstance(step, ir.Run) else {}
         extra: dict[str, str] = {}
         if isinstance(step, ir.Run) and step.mounts:
@@ -581,8 +587,6 @@ class Builder:
             chmod = ctx.parse_chmod(step.chmod)
             if _from_other(step) and isinstance(step, ir.Copy):
                 sources = self._sources_from(step, meta, tmp)
-            if isinstance(step, ir.Add):
-                sources = [*sources, *self._fetch_urls(step, meta, tmp)]
             dest_dir = _is_dir_in(lowers, dest.rstrip("/") or "/")
             if sources:
                 ctx.lay_out(upper, sources, dest, dest_is_dir_in_image=dest_dir,
@@ -612,20 +616,16 @@ class Builder:
                 apply_layer(f, root)
         return ctx.select_sources(root, step.sources, ignored=self._ignore(step.excludes).matches)
 
-    def _fetch_urls(self, step: ir.Add, meta: ir.StepMeta, tmp: Path) -> list[ctx.Source]:
-        out = []
-        for i, url in enumerate(s for s in step.sources if _is_url(s)):
-            from tlimage.builder.fetch import fetch_url
+    def _downloads(self, step: ir.Add, meta: ir.StepMeta) -> list[Any]:
+        from tlimage.builder.fetch import fetch
 
-            folder = tmp / f"url{i}"
-            folder.mkdir()
+        out = []
+        for url in (s for s in step.sources if _is_url(s)):
             try:
-                path = fetch_url(url, folder, step.checksum)
+                d = fetch(url, Path(self.store.path), step.checksum)
             except TlimageError as e:
                 raise _at(meta, e) from None
-            # Downloads stay files (mode 0600), archives included, as Docker keeps them.
-            out.append(ctx.Source(path.parent, path.name, path.name, path.name, archive=False,
-                                  mode=0o600))
+            out.append(dataclasses.replace(d, url=url))
         return out
 
 
