@@ -11,6 +11,7 @@ later in the build — point at.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -94,6 +95,9 @@ class Image:
                 )
         if not isinstance(base_image, str) or not base_image.strip():
             raise _fail(f"base_image must be a non-empty string, got {base_image!r}", site)
+        if ir.codec.find_surrogate(base_image) is not None:
+            raise _fail(f"base_image {base_image!r} holds a lone surrogate, which is not text",
+                        site)  # fmt: skip
         self._name = name
         self._tag = tag
         self._base_image = base_image.strip()
@@ -129,6 +133,10 @@ class Image:
     # -- building ---------------------------------------------------------------------------
 
     def _with(self, step: ir.Step, site: Span | None, force: bool = False) -> Image:
+        bad = ir.codec.find_surrogate(ir.step_to_obj(step))
+        if bad is not None:
+            raise _fail(f"the string {bad[1]!r} holds a lone surrogate (\\ud800-\\udfff), which "
+                        "is not text", site)  # fmt: skip
         new = object.__new__(Image)
         new._name, new._tag, new._base_image, new._site = (
             self._name, self._tag, self._base_image, self._site,
@@ -290,7 +298,8 @@ class Image:
         def ns(v: float | None, what: str) -> int | None:
             if v is None:
                 return None
-            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            if (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+                    or v < 0 or v > 1e9):  # fmt: skip
                 raise _fail(f"{what} must be a number of seconds >= 0, got {v!r}", site)
             return int(round(v * 1_000_000_000))
 
@@ -326,10 +335,10 @@ class Image:
         argv = ["python3", "-m", "pip", "install", "--no-cache-dir"]
         if pre:
             argv.append("--pre")
-        if index_url:
-            argv += ["--index-url", index_url]
-        if extra_index_url:
-            argv += ["--extra-index-url", extra_index_url]
+        if index_url is not None:
+            argv += ["--index-url", _nonempty(index_url, "index_url", site)]
+        if extra_index_url is not None:
+            argv += ["--extra-index-url", _nonempty(extra_index_url, "extra_index_url", site)]
         argv += pkgs
         return self._with(ir.Run(command=(shlex.join(argv),)), site, force)
 

@@ -732,6 +732,10 @@ def load_json_text(text: str, file: str, *, in_text: bool = True) -> list[ir.Ima
     errors then point at the `source` of the operation they are in, not into the text."""
     doc = parse(text, file)
     ctx = _Context(doc, in_text)
+    bad = ir.codec.find_surrogate(doc.value)
+    if bad is not None:
+        raise ctx.fail(f"the string {bad[1]!r} holds a lone surrogate (\\ud800-\\udfff), which is "
+                       "not text", bad[0])  # fmt: skip
     try:
         validator().validate(doc.value)
     except Invalid as e:

@@ -161,10 +161,34 @@ def _from_tagged(members: list[Any], value: Any, path: str) -> Any:
 
 
 def canonical(obj: Any) -> bytes:
-    """The deterministic byte encoding that digests are computed over."""
+    """The deterministic byte encoding that digests are computed over. Text read from a file
+    that is not UTF-8 carries its bytes as surrogate escapes (a Dockerfile is read that way, as
+    Buildah takes its bytes) and encodes back to those bytes. Front ends refuse other lone
+    surrogates (`find_surrogate`)."""
     return json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    ).encode("utf-8", "surrogateescape")
+
+
+def find_surrogate(value: Any, path: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], str] | None:
+    """(path, string) of the first string in a plain value (dicts, lists, tuples) that holds a
+    lone surrogate code point, which is not text and has no UTF-8 encoding; None if none."""
+    if isinstance(value, str):
+        for ch in value:
+            if "\ud800" <= ch <= "\udfff":
+                return path, value
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            hit = find_surrogate(k, path) or find_surrogate(v, (*path, k))
+            if hit:
+                return hit
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            hit = find_surrogate(v, (*path, i))
+            if hit:
+                return hit
+    return None
 
 
 def _join(path: str, name: str) -> str:

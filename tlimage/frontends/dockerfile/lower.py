@@ -303,6 +303,12 @@ class _Lowering:
         )
 
     def _target(self, target: str | None) -> StageInfo:
+        if not self.table.stages:
+            from tlimage.source import Span
+
+            raise DockerfileError("this Dockerfile has no FROM instruction: it defines no stage "
+                                  "to build", Span(self.file, 1, 1),
+                                  hint="start a stage with `FROM <image>`")  # fmt: skip
         if target is None:
             return self.table.stages[-1]
         found = self.table.by_name(target)

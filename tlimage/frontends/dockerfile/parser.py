@@ -223,7 +223,18 @@ def parse(source: bytes | str, file: str = "Dockerfile") -> Dockerfile:
         text = source.decode("utf-8", "surrogateescape")
     else:
         text = source
+        bad = _LONE_SURROGATE.search(text)
+        if bad is not None:  # not a byte escape: not text at all
+            line = text.count("\n", 0, bad.start()) + 1
+            col = bad.start() - (text.rfind("\n", 0, bad.start()) + 1) + 1
+            raise DockerfileParseError(
+                f"the text holds a lone surrogate ({bad.group()!r}), which is not text",
+                Span(file, line, col), text=text.encode("utf-8", "replace").decode())
     return _Parser(text, file).run()
+
+
+# Surrogates other than the escapes of undecodable bytes (U+DC80..U+DCFF).
+_LONE_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
 
 
 @dataclass(slots=True)

@@ -71,7 +71,7 @@ def _u32(n: int) -> bytes:
 
 
 def _str(s: str | bytes) -> bytes:
-    b = s.encode() if isinstance(s, str) else s
+    b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else s
     if b"\0" in b:
         raise ProtocolError(f"strings on the channel cannot contain NUL: {b!r}")
     return _u32(len(b)) + b
