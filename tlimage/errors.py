@@ -33,6 +33,7 @@ this module names its module in parentheses.
     ├── BuildError               the builder could not prepare a step
     │   ├── ContextError         (builder.context) a COPY/ADD source is missing or outside
     │   └── MountError           (builder.mounts) a RUN mount cannot be set up
+    ├── DiskFullError            a build ran out of disk space (names the step and the folder)
     ├── RegistryError            image names: unknown, invalid, conflicts
     ├── OCIError                 (oci) a remote registry, image reference or OCI layout; names
     │   │                        the image reference
@@ -209,6 +210,10 @@ class RegistryError(TlimageError):
     pass
 
 
+class DiskFullError(TlimageError):
+    """A build ran out of disk space; names the step and the folder that is full."""
+
+
 class OCIError(TlimageError):
     """Talking to a container registry or reading an OCI layout failed. `ref` is the image
     reference that asked for it, when known."""
@@ -227,6 +232,7 @@ __all__ = [
     "CacheError",
     "DSLError",
     "DiscoveryError",
+    "DiskFullError",
     "DockerfileError",
     "ExecutorError",
     "IRSyntaxError",

@@ -18,7 +18,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import os
+import sqlite3
 import stat
 import tempfile
 import time
@@ -34,7 +36,7 @@ from tlimage.builder.mounts import Redactor, StepMounts
 from tlimage.builder.mounts import key_inputs as mount_key_inputs
 from tlimage.builder.rootfs import adopt_upper, unpacked_layer
 from tlimage.cache import keys
-from tlimage.errors import ExecutorError, StepFailed, TlimageError
+from tlimage.errors import DiskFullError, ExecutorError, StepFailed, TlimageError
 from tlimage.ir.describe import describe
 from tlimage.registry.db import ImageRecord, LayerRef, Manifest, Registry
 
@@ -133,6 +135,7 @@ class Builder:
         self._oci_client: Any = None
         self._remote: Any = None
         self._this_build: list[tuple[str, dict[str, Any]]] = []
+        self._current: tuple[str | None, str | None] = (None, None)  # (where, step) for errors
 
     def _build_name(self) -> str:
         name = (self.opts.registered_name or self.image.name).partition(":")[0]
@@ -197,9 +200,35 @@ class Builder:
 
         if self.opts.register:
             self._check_names(self._refs())
-        with self.cache.session():
-            sweep_scratch(self.store)
-            return self._run_locked()
+        try:
+            with self.cache.session():
+                sweep_scratch(self.store)
+                return self._run_locked()
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise self._disk_full(e) from None
+        except sqlite3.OperationalError as e:
+            if "full" not in str(e):
+                raise
+            raise self._disk_full(OSError(errno.ENOSPC, str(e), self.cache.root)) from None
+
+    def _disk_full(self, e: OSError) -> TlimageError:
+        """One clear error for a full disk: the step it happened in and the folder that is
+        full. Whatever the step had written is gone (scratch folders, uncommitted blobs)."""
+        from tlimage.builder.gc import full_folder
+
+        folder = full_folder([e.filename, self._scratch_dir(), self.store.path,
+                              tempfile.gettempdir()])  # fmt: skip
+        where, desc = self._current
+        what = f"step {desc!r}" if desc else "the build"
+        err = DiskFullError(
+            f"{where + ': ' if where else ''}no space left on the device while running {what}: "
+            f"{folder} is full",
+            hint="free some space there (`tl sbx image prune` drops unused cache entries), or "
+            "point --cache-dir / TLIMAGE_CACHE_DIR at a bigger disk; the cache is intact",
+        )
+        return err
 
     @property
     def oci_client(self) -> Any:
@@ -270,11 +299,14 @@ class Builder:
             if isinstance(step, ir.Copy) and step.from_ and step.from_ not in self.stages \
                     and step.from_ not in refs:  # fmt: skip
                 refs[step.from_] = self.image_source(step.from_, meta).identity
+        self._current = (stage.meta[0].span.short if stage.meta and stage.meta[0].span else None,
+                         describe(stage.base, 60))
         state = self._base(stage, stage.base, stage.meta[0])
         n = len(stage.steps)
         for i, (step, meta) in enumerate(stage.items()):
             if i == 0:
                 continue
+            self._current = (meta.span.short if meta.span else None, describe(step, 60))
             self._step(stage, i, n, step, meta, state, refs)
         self.stages[stage.name] = state
 
@@ -556,12 +588,18 @@ class Builder:
             for rest in partial.values():
                 if rest:
                     tail.append(rest.decode("utf-8", "replace"))
+            from tlimage.builder.gc import nearly_full
+
+            full = nearly_full(tmp)
             raise StepFailed(
-                f"{describe(step, 60)} failed with exit code {result.exit_code}",
+                f"{describe(step, 60)} failed with exit code {result.exit_code}"
+                + (f" ({full} is full: no space left on the device)" if full else ""),
                 location=meta.span.short if meta.span else None,
                 span=meta.span,
                 exit_code=result.exit_code,
                 log_tail=tuple(tail),
+                hint="free some space there, or point --cache-dir / TLIMAGE_CACHE_DIR at a "
+                "bigger disk" if full else None,
             )
         return result.upper, tuple(result.opaque)
 

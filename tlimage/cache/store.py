@@ -345,6 +345,8 @@ class BlobWriter:
         self._done = True
         try:
             self._file.close()
+        except OSError:
+            pass  # flushing what is being thrown away failed (a full disk): nothing to keep
         finally:
             _unlink_quiet(self._tmp)
 

@@ -259,6 +259,7 @@ def create(
 
         emit = StepPrinter(color={Progress.plain: False, Progress.tty: True}.get(mode))
     opts = _frontend_options(build_arg, target)
+    _sigterm_as_interrupt()
     try:
         with _image_source(path, file, opts) as (source, context, extra):
             result = build_image(
@@ -296,6 +297,10 @@ def create(
         if mode is Progress.json:
             emit(error_event(e))
             return e.exit_code
+        raise
+    except KeyboardInterrupt:
+        if json_:
+            emit(error_event(TlimageError("interrupted; nothing was registered")))
         raise
     return 0
 
@@ -352,6 +357,19 @@ def _image_source(path: Path | None, file: str | None, opts: dict[str, object]):
             return
     raise DiscoveryError(f"{path or '.'}: no image file in this folder (looked for "
                          f"{', '.join(IMAGE_FILES)})", hint="name one with -f FILE")  # fmt: skip
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM stops a build the way Ctrl-C does: the current step is stopped, its scratch
+    removed, nothing registered (KeyboardInterrupt unwinds through every cleanup)."""
+    import signal
+    import threading
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 @image.command("ls")
@@ -614,7 +632,8 @@ def image_prune(
     ] = "0",
     cache_dir: CacheDirOpt = None,
 ) -> None:
-    """Remove cached layers, least recently used first; registered images keep theirs."""
+    """Remove cached layers, least recently used first; registered images keep theirs. Also
+    sweeps what crashed builds left (scratch folders, microVM scratch disks, lock notes)."""
     from tlimage.builder.gc import prune
     from tlimage.cache.cache import parse_size
     from tlimage.cli.render import size
@@ -626,6 +645,7 @@ def image_prune(
 
 cache = typer.Typer(help="Inspect the layer cache.", no_args_is_help=True, rich_markup_mode=None)
 image.add_typer(cache, name="cache")
+cache.command("prune", help="Same as `tl sbx image prune`.")(image_prune)
 
 
 @cache.command("ls")

@@ -231,6 +231,10 @@ def register(sbx: typer.Typer) -> None:
             raise RuntimeError_("tl sbx cp copies between the host and a sandbox: exactly one "
                                 "of SRC and DEST must be ID:/path")  # fmt: skip
         if d_ref is not None:
+            import os
+
+            if not os.path.lexists(s_path):
+                raise RuntimeError_(f"{s_path}: no such file or folder on the host")
             where = _get(d_ref, project).cp_in(s_path, d_path)
             print(f"{d_ref}:{where}", file=sys.stderr)
         else:
