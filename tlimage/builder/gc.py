@@ -154,6 +154,18 @@ def _cmdline_mentions(paths: list[str]) -> set[str]:
     return found
 
 
+def nearly_full(path: object) -> str | None:
+    """The mount point holding `path` when its filesystem is (nearly) full, else None."""
+    try:
+        p = os.fspath(path)  # type: ignore[arg-type]
+        st = os.statvfs(p)
+    except (OSError, TypeError):
+        return None
+    if st.f_bavail * st.f_frsize < max(8 << 20, st.f_blocks * st.f_frsize // 100):
+        return _mount_point(p)
+    return None
+
+
 def full_folder(candidates: list[object]) -> str:
     """The mount point of the first candidate folder whose filesystem is (nearly) full, else of
     the first candidate: what a disk-full error names."""
