@@ -132,9 +132,9 @@ SERVE = (r"import socket,sys;s=socket.create_server((sys.argv[1],0));"
 
 
 @contextlib.contextmanager
-def server_netns(host_addr: str, ns_addr: str, prefix: int) -> Iterator[tuple[str, int]]:
+def server_netns(host_addr: str, ns_addr: str, prefix: int) -> Iterator[tuple[str, int, str]]:
     """A network namespace of the test's own, joined to the host by a veth pair, with a TCP
-    server on `ns_addr`: (address, port)."""
+    server on `ns_addr`: (address, port, the namespace's name)."""
     n = next(_seq)
     name = f"tlnet{os.getpid()}-{n}"
     veth = f"tlv{os.getpid() % 100000}{n}"
@@ -154,7 +154,7 @@ def server_netns(host_addr: str, ns_addr: str, prefix: int) -> Iterator[tuple[st
         # the host itself reaches it: whatever the sandbox does not reach is the rules' doing
         with socket.create_connection((ns_addr, port), timeout=3) as c:
             assert c.recv(16) == b"hello"
-        yield ns_addr, port
+        yield ns_addr, port, name
     finally:
         if server is not None:
             server.kill()
@@ -224,7 +224,7 @@ def test_dns_works_and_the_hosts_own_services_do_not_answer():
 
 
 def test_a_private_range_server_needs_the_allow_list_and_block_wins():
-    with server_netns("10.213.7.1", "10.213.7.2", 30) as (addr, port):
+    with server_netns("10.213.7.1", "10.213.7.2", 30) as (addr, port, _ns):
         cases = [(NetworkPolicy(), False),
                  (NetworkPolicy(allow=(addr,)), True),
                  (NetworkPolicy(allow=("10.213.0.0/16",), block=(f"{addr}/32",)), False),
@@ -236,7 +236,7 @@ def test_a_private_range_server_needs_the_allow_list_and_block_wins():
 
 
 def test_allow_and_deny_modes_and_the_block_list_on_a_public_address():
-    with server_netns("198.51.100.1", "198.51.100.2", 30) as (addr, port):
+    with server_netns("198.51.100.1", "198.51.100.2", 30) as (addr, port, _ns):
         cases = [(NetworkPolicy(), True),
                  (NetworkPolicy(block=("198.51.100.0/24",)), False),
                  (NetworkPolicy("deny"), False),
@@ -250,7 +250,7 @@ def test_allow_and_deny_modes_and_the_block_list_on_a_public_address():
 
 
 def test_rules_hold_against_a_process_without_net_admin_and_bind_it_with():
-    with server_netns("198.51.100.5", "198.51.100.6", 30) as (addr, port):
+    with server_netns("198.51.100.5", "198.51.100.6", 30) as (addr, port, _ns):
         with sandbox_ns() as p, attach(p.pid, NetworkPolicy("deny")) as h:
             lift = subprocess.run(["nsenter", f"--net=/proc/{p.pid}/ns/net", "setpriv",
                                    "--bounding-set=-net_admin", "--inh-caps=-net_admin", "--",
@@ -264,7 +264,7 @@ def test_rules_hold_against_a_process_without_net_admin_and_bind_it_with():
 
 
 def test_refresh_swaps_what_names_resolve_to(monkeypatch):
-    with server_netns("198.51.100.9", "198.51.100.10", 30) as (addr, port):
+    with server_netns("198.51.100.9", "198.51.100.10", 30) as (addr, port, _ns):
         answers = {"svc.example": "192.0.2.200"}
         real = socket.getaddrinfo
 
@@ -349,3 +349,86 @@ def test_attach_latency():
     times.sort()
     print(f"attach median {times[5] * 1000:.1f} ms, min {times[0] * 1000:.1f} ms")
     assert times[5] < 1.0
+
+
+RAW_SEND = r"""
+import socket, struct, sys
+dst, port = sys.argv[1], int(sys.argv[2])
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff)
+    return ~(s + (s >> 16)) & 0xffff
+payload = b"raw-frame"
+udp = struct.pack("!HHHH", 40000, port, 8 + len(payload), 0) + payload  # no UDP checksum
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                 socket.inet_aton("10.0.2.100"), socket.inet_aton(dst))
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+frame = bytes.fromhex("52550a000202" "020000000001" "0800") + ip + udp  # to slirp's gateway MAC
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("tap0", 0))
+out = []
+for bypass in (0, 1):  # through the queueing layer, and PACKET_QDISC_BYPASS straight to the driver
+    s.setsockopt(263, 20, bypass)
+    try:
+        s.send(frame)
+        out.append("sent")
+    except OSError as e:
+        out.append(e.strerror)
+print(",".join(out))
+"""
+
+UDP_SERVE = (r"import socket,sys;u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+             r"u.bind((sys.argv[1],0));u.settimeout(3);print(u.getsockname()[1],flush=True)" "\n"
+             r"n=0" "\n" r"try:" "\n" r" while True: u.recv(64); n+=1" "\n"
+             r"except OSError: print(n,flush=True)")  # fmt: skip
+
+
+def udp_listener(netns: str | None, addr: str) -> tuple[subprocess.Popen, int]:
+    pre = ["ip", "netns", "exec", netns] if netns else []
+    srv = subprocess.Popen([*pre, sys.executable, "-c", UDP_SERVE, addr], stdout=subprocess.PIPE,
+                           text=True)  # fmt: skip
+    return srv, int(srv.stdout.readline())
+
+
+def test_raw_frames_of_a_process_with_net_raw_meet_the_same_rules():
+    """CAP_NET_RAW (in Docker's default set) lets a process write frames to the tap device with
+    an AF_PACKET socket, past every inet hook: the device's egress rules must stop them too."""
+    me = host_address()
+    with server_netns("198.51.100.13", "198.51.100.14", 30) as (public, _port, name):
+        for policy in (NetworkPolicy(), NetworkPolicy(block=(public,))):
+            with sandbox_ns() as p, attach(p.pid, policy):
+                host_srv, host_port = udp_listener(None, me)
+                far_srv, far_port = udp_listener(name, public)
+                sends = []
+                for dst, port in ((me, host_port), (public, far_port)):
+                    r = subprocess.run(["nsenter", f"--net=/proc/{p.pid}/ns/net", "setpriv",
+                                        "--bounding-set=-net_admin", "--inh-caps=-net_admin",
+                                        "--", sys.executable, "-c", RAW_SEND, dst, str(port)],
+                                       capture_output=True, text=True)  # fmt: skip
+                    assert r.returncode == 0, r.stderr
+                    sends.append(r.stdout.strip())
+                host_got = int(host_srv.communicate(timeout=10)[0].strip())
+                far_got = int(far_srv.communicate(timeout=10)[0].strip())
+                assert host_got == 0, f"the host's address got {host_got} raw frames ({sends})"
+                # the control: the same frames reach a destination the policy allows
+                assert far_got == (0 if policy.block else 2), (policy, far_got, sends)
+
+
+def test_attach_leaves_the_hosts_mounts_alone():
+    """slirp4netns --enable-sandbox detaches its old root; that must not propagate to the host's
+    shared mounts (each `ip netns` name is one: they would be unmounted)."""
+
+    def mounts() -> set[str]:
+        return {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+
+    name = f"tlnet{os.getpid()}-keep"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        before = mounts()
+        assert f"/run/netns/{name}" in before
+        with sandbox_ns() as p, attach(p.pid, NetworkPolicy()):
+            pass
+        assert mounts() >= before
+        subprocess.run(["ip", "netns", "exec", name, "true"], check=True)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)

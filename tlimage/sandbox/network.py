@@ -19,8 +19,11 @@ them. They drop, in this order:
    169.254/16, fc00::/7, fe80::/10, ...);
 5. the rest: accepted in mode "allow", dropped in mode "deny".
 
-Forwarding through the namespace is dropped. A dropped packet of the sandbox's own fails its
-send at once (EPERM), so nothing waits for a time-out.
+Forwarding through the namespace is dropped. A refused packet of the sandbox's own fails its
+connect or send at once (ICMP admin-prohibited: EHOSTUNREACH), so nothing waits for a time-out.
+The same sets guard the tap device's egress hook (a netdev table): a process with CAP_NET_RAW
+can write frames straight to the device with an AF_PACKET socket, which no inet hook sees. The
+tap device is made (persistent) before the rules and the helper, so it is never unguarded.
 
 slirp4netns, not pasta (passt), because in Debian 12 it starts faster here (median 3.5 ms to
 ready vs 14 ms, `bench` in the commit) and works as root against a root-owned namespace as is
@@ -65,6 +68,7 @@ READY_TIMEOUT = 10.0
 TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+TUNSETIFF, TUNSETPERSIST, IFF_TAP, IFF_NO_PI = 0x400454CA, 0x400454CB, 0x0002, 0x1000
 
 # Never reachable unless the allow list names them: private, shared, link-local, multicast,
 # reserved and documentation-free special ranges (IANA special-purpose registries).
@@ -191,39 +195,53 @@ def _set(name: str, kind: str, elements: list[str]) -> str:
 
 def ruleset(policy: NetworkPolicy, host4: list[str], host6: list[str],
             block: tuple[list[str], list[str]], allow: tuple[list[str], list[str]]) -> str:  # fmt: skip
-    """The nft script for a sandbox's fresh namespace (one transaction: all or nothing)."""
+    """The nft script for a sandbox's fresh namespace (one transaction: all or nothing): the
+    inet table refuses what sockets send, the netdev table's egress hook on the tap device drops
+    the same frames when a process writes them to the device itself (an AF_PACKET socket, which
+    CAP_NET_RAW allows, never passes the inet hooks)."""
     final = "accept" if policy.mode == "allow" else "drop"
+    sets = (_set("host4", "ipv4_addr", host4) + _set("host6", "ipv6_addr", host6)
+            + _set("block4", "ipv4_addr", block[0]) + _set("block6", "ipv6_addr", block[1])
+            + _set("allow4", "ipv4_addr", allow[0]) + _set("allow6", "ipv6_addr", allow[1])
+            + _set("private4", "ipv4_addr", list(PRIVATE4))
+            + _set("private6", "ipv6_addr", list(PRIVATE6)))  # fmt: skip
+    dns = (f"    ip daddr {SLIRP_DNS} udp dport 53 accept\n"
+           f"    ip daddr {SLIRP_DNS} tcp dport 53 accept\n")  # fmt: skip
+
+    def checks(refuse: str) -> str:
+        return (f"    ip daddr @host4 {refuse}\n    ip6 daddr @host6 {refuse}\n"
+                f"    ip daddr @block4 {refuse}\n    ip6 daddr @block6 {refuse}\n"
+                "    ip daddr @allow4 accept\n    ip6 daddr @allow6 accept\n"
+                f"    ip daddr @private4 {refuse}\n    ip6 daddr @private6 {refuse}\n")
+
     return (
-        f"table inet {TABLE} {{\n"
-        + _set("host4", "ipv4_addr", host4) + _set("host6", "ipv6_addr", host6)
-        + _set("block4", "ipv4_addr", block[0]) + _set("block6", "ipv6_addr", block[1])
-        + _set("allow4", "ipv4_addr", allow[0]) + _set("allow6", "ipv6_addr", allow[1])
-        + _set("private4", "ipv4_addr", list(PRIVATE4))
-        + _set("private6", "ipv6_addr", list(PRIVATE6))
+        f"table inet {TABLE} {{\n" + sets
         + "  chain output {\n"
         f"    type filter hook output priority 0; policy {final};\n"
-        '    oifname "lo" accept\n'
-        f"    ip daddr {SLIRP_DNS} udp dport 53 accept\n"
-        f"    ip daddr {SLIRP_DNS} tcp dport 53 accept\n"
-        "    ip daddr @host4 goto refuse\n    ip6 daddr @host6 goto refuse\n"
-        "    ip daddr @block4 goto refuse\n    ip6 daddr @block6 goto refuse\n"
-        "    ip daddr @allow4 accept\n    ip6 daddr @allow6 accept\n"
-        "    ip daddr @private4 goto refuse\n    ip6 daddr @private6 goto refuse\n"
+        '    oifname "lo" accept\n' + dns + checks("goto refuse")
         + ("" if policy.mode == "allow" else "    goto refuse\n")
         + "  }\n"
         "  chain refuse {\n    reject with icmpx type admin-prohibited\n  }\n"
         "  chain forward {\n    type filter hook forward priority 0; policy drop;\n  }\n"
+        "}\n"
+        f"table netdev {TABLE} {{\n" + sets
+        + "  chain egress {\n"
+        f'    type filter hook egress device "{TAP}" priority 0; policy drop;\n'
+        "    ether type arp accept\n" + dns + checks("drop")
+        + f"    ether type ip {final}\n"
+        "  }\n"
         "}\n"
     )
 
 
 def _set_update(block: tuple[list[str], list[str]], allow: tuple[list[str], list[str]]) -> str:
     out = []
-    for name, elems in (("block4", block[0]), ("block6", block[1]), ("allow4", allow[0]),
-                        ("allow6", allow[1])):  # fmt: skip
-        out.append(f"flush set inet {TABLE} {name}\n")
-        if elems:
-            out.append(f"add element inet {TABLE} {name} {{ {', '.join(elems)} }}\n")
+    for family in ("inet", "netdev"):
+        for name, elems in (("block4", block[0]), ("block6", block[1]), ("allow4", allow[0]),
+                            ("allow6", allow[1])):  # fmt: skip
+            out.append(f"flush set {family} {TABLE} {name}\n")
+            if elems:
+                out.append(f"add element {family} {TABLE} {name} {{ {', '.join(elems)} }}\n")
     return "".join(out)
 
 
@@ -302,6 +320,16 @@ def _loopback_up() -> None:
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
     finally:
         s.close()
+
+
+def _make_tap() -> None:
+    """A persistent tap device TAP (slirp4netns attaches to it), so the egress rules can be on
+    it before the helper starts: no moment where the device exists unguarded."""
+    import fcntl
+
+    with open("/dev/net/tun", "r+b", buffering=0) as tun:
+        fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH22x", TAP.encode(), IFF_TAP | IFF_NO_PI))
+        fcntl.ioctl(tun, TUNSETPERSIST, 1)
 
 
 def _nft(fd: int, script: str) -> None:
@@ -438,6 +466,11 @@ def attach(pid: int, policy: NetworkPolicy | None = None, *, exit_fd: int | None
         if policy.mode == "none":
             return NetHandle(None, pid, ino, policy, "# no network (loopback only)\n")
         slirp = _tool("slirp4netns", "slirp4netns")
+        try:
+            _in_netns(fd, _make_tap)
+        except OSError as e:
+            raise NetworkError(f"cannot make the sandbox's tap device: {e.strerror or e}",
+                               hint="the kernel needs tun (modprobe tun)") from None
         host4, host6 = host_addresses()
         b4, b6, bm = _resolve(policy.block, "block")
         a4, a6, am = _resolve(policy.allow, "allow")
@@ -457,7 +490,11 @@ def _start_slirp(slirp: str, fd: int, pid: int, ino: int, policy: NetworkPolicy,
     else:
         close_exit_r = False
     log = open(log_path, "ab") if log_path else tempfile.TemporaryFile()  # noqa: SIM115
-    cmd = [slirp, "--configure", "--disable-host-loopback", "--enable-seccomp",
+    # --enable-sandbox pivots slirp4netns into an empty root and detaches the old one; 1.2.0
+    # makes only "/" private first, so the detach would propagate to the host's shared mounts
+    # (it unmounts every /run/netns/NAME): it runs in a mount namespace of its own, all private.
+    cmd = [_tool("unshare", "util-linux"), "--mount", "--propagation", "private", "--", slirp,
+           "--configure", "--disable-host-loopback", "--enable-seccomp",
            "--enable-sandbox", "--mtu=65520", f"--ready-fd={ready_w}", f"--exit-fd={exit_fd}",
            "--netns-type=path", f"/proc/self/fd/{fd}", TAP]  # fmt: skip
     try:
