@@ -47,11 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlimage import ir
+from tlimage import _layout, ir
 from tlimage.errors import BuildError
 from tlimage.executor.base import HostMount
 
-CACHE_MOUNTS = Path("mounts") / "cache"  # below the store's versioned folder (layers-v1)
+CACHE_MOUNTS = Path(_layout.CACHE_MOUNTS.path).relative_to(_layout.LAYERS.path)  # below the store
 MAX_SECRET_SIZE = 500 * 1024  # BuildKit's limit for one secret
 MASK = b"****"
 MIN_MASKED = 4  # shorter secrets are not masked in logs: that would garble ordinary output

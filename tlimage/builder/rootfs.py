@@ -15,14 +15,13 @@ import os
 import shutil
 from pathlib import Path
 
+from tlimage import _layout
 from tlimage.cache.store import BlobStore, parse_digest
 from tlimage.errors import CacheError
 
 
 def unpacked_root(store: BlobStore) -> Path:
-    # v2: modes kept exactly (v1 unpacked through tarfile's `tar` filter, which dropped the
-    # sticky, setuid and group/other write bits: /tmp came out 0755).
-    return Path(store.path) / "unpacked-v2"
+    return _layout.UNPACKED.under(store.root)
 
 
 def unpacked_layer(store: BlobStore, digest: str) -> Path:

@@ -35,10 +35,11 @@ from pathlib import Path
 
 import xxhash
 
+from tlimage import _layout
 from tlimage.cache.ignore import IgnoreMatcher, glob_matcher, go_clean, has_glob
 from tlimage.errors import CacheError
 
-STAT_DB = Path("filehash-v1") / "stat.db"
+STAT_DB = Path(_layout.FILEHASH.path) / "stat.db"
 TREE_FORMAT = b"tlimage-tree-v1\0"
 DEFAULT_RACY_WINDOW_NS = 1_000_000_000  # above any local filesystem's timestamp granularity
 

@@ -34,10 +34,11 @@ from typing import BinaryIO
 
 import xxhash
 
+from tlimage import _layout
 from tlimage.errors import CacheError
 
 CACHE_DIR_ENV = "TLIMAGE_CACHE_DIR"
-LAYOUT = "layers-v1"
+LAYOUT = _layout.LAYERS.path
 ALGO = "xxh3"
 _HEX_LEN = 32
 

@@ -632,15 +632,20 @@ def image_prune(
     ] = "0",
     cache_dir: CacheDirOpt = None,
 ) -> None:
-    """Remove cached layers, least recently used first; registered images keep theirs. Also
-    sweeps what crashed builds left (scratch folders, microVM scratch disks, lock notes)."""
+    """Remove cached layers, least recently used first, then microVM disk images, base trees and
+    guest kits; registered images and live sandboxes keep what they use. Also sweeps what
+    crashed builds left (scratch folders, microVM scratch disks, lock notes)."""
     from tlimage.builder.gc import prune
     from tlimage.cache.cache import parse_size
     from tlimage.cli.render import size
+    from tlimage.runtime import live_cache_paths, live_layer_digests
 
-    r = prune(cache_dir, parse_size(keep_storage))
+    r, ev = prune(cache_dir, parse_size(keep_storage), keep_digests=live_layer_digests(),
+                  keep_paths=live_cache_paths())  # fmt: skip
     print(f"removed {r.removed_entries} cache entries, {r.removed_blobs} layers, "
-          f"freed {size(r.freed_bytes)}; {size(r.remaining_bytes)} remain")  # fmt: skip
+          f"{ev.entries} executor images, trees and kits, "
+          f"freed {size(r.freed_bytes + ev.freed_bytes)}; "
+          f"{size(r.remaining_bytes + ev.remaining_bytes)} remain")  # fmt: skip
 
 
 cache = typer.Typer(help="Inspect the layer cache.", no_args_is_help=True, rich_markup_mode=None)
@@ -649,11 +654,19 @@ cache.command("prune", help="Same as `tl sbx image prune`.")(image_prune)
 
 
 @cache.command("ls")
-def cache_ls(cache_dir: CacheDirOpt = None, json_: JsonOpt = False) -> None:
+def cache_ls(
+    cache_dir: CacheDirOpt = None,
+    json_: JsonOpt = False,
+    folders: Annotated[bool, typer.Option("--folders", help="List the folders and databases "
+                                          "tlimage keeps, with their sizes, instead.")] = False,
+) -> None:
     """List cached layers, most recently used first."""
     from tlimage.cache.cache import LayerCache
     from tlimage.cli.render import emit_json, iso, size, table
 
+    if folders:
+        _cache_folders(cache_dir, json_)
+        return
     with LayerCache(cache_dir) as c:
         entries = c.ls()
     if json_:
@@ -664,6 +677,45 @@ def cache_ls(cache_dir: CacheDirOpt = None, json_: JsonOpt = False) -> None:
     table(["KEY", "LAYER", "SIZE", "LAST USED", "STEP"],
           [[e.key[:12], e.digest.split(":")[-1][:12], size(e.size), _ago(e.last_used),
             e.description[:60]] for e in entries], empty="the cache is empty")  # fmt: skip
+
+
+def _cache_folders(cache_dir: Path | None, json_: bool) -> None:
+    """Each `_layout` bucket: where it is and how much it takes."""
+    from tlimage import _layout
+    from tlimage._paths import state_dir
+    from tlimage.cache.store import resolve_cache_root
+    from tlimage.cli.render import emit_json, size, table
+
+    roots = {"cache": resolve_cache_root(cache_dir), "state": state_dir()}
+    rows = []
+    for b in _layout.BUCKETS:
+        path = b.under(roots[b.root])
+        used, items = _du(path)
+        if json_:
+            emit_json({"bucket": b.name, "path": str(path), "size": used, "entries": items,
+                       "evictable": b.evictable, "what": b.what})  # fmt: skip
+        rows.append([b.name, size(used) if path.exists() else "-", str(items), str(path), b.what])
+    if not json_:
+        table(["BUCKET", "SIZE", "ENTRIES", "PATH", "WHAT"], rows, empty="")
+
+
+def _du(path: Path) -> tuple[int, int]:
+    """(bytes on disk, entries directly inside) of a file or folder; nested buckets count in
+    their parent too."""
+    import os
+
+    if not path.exists():
+        return 0, 0
+    if not path.is_dir():
+        return path.stat().st_blocks * 512, 1
+    used = 0
+    for d, _ds, fs in os.walk(path):
+        for f in fs:
+            try:
+                used += os.lstat(os.path.join(d, f)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return used, sum(1 for _ in path.iterdir())
 
 
 @image.command("parse")

@@ -28,12 +28,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tlimage import _layout
 from tlimage.errors import OCIError
 from tlimage.oci import client as cl
 from tlimage.oci.reference import Reference, parse
 
 Progress = Callable[[dict[str, Any]], None]
-LAYOUT = "oci-v1"
+LAYOUT = _layout.OCI.path
 DEFAULT_PLATFORM = "linux/amd64"
 
 FOREIGN_TYPES = (

@@ -14,6 +14,7 @@ from typing import Any
 
 import xxhash
 
+from tlimage import _layout
 from tlimage._paths import state_dir
 from tlimage.errors import RegistryError
 
@@ -105,7 +106,7 @@ class ImageRecord:
 
 class Registry:
     def __init__(self, path: Path | None = None) -> None:
-        self.path = path or state_dir() / "registry-v1.db"
+        self.path = path or _layout.REGISTRY_DB.under(state_dir())
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import json
 import os
 import secrets
 import shutil
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tlimage import _layout
 from tlimage._paths import project_name, state_dir
 from tlimage.errors import RuntimeError_
 from tlimage.runtime._errors import SandboxNotFound
@@ -36,7 +38,7 @@ from tlimage.runtime._state import (
 from tlimage.sandbox import proc as _proc
 from tlimage.sandbox.backend import Backend
 
-SANDBOXES = "sandboxes-v1"
+SANDBOXES = _layout.SANDBOXES.path
 BACKENDS = ("auto", "microvm", "namespace", "namespace-unsafe")
 DEFAULT_CPUS = 1.0
 DEFAULT_MEMORY_MB = 512
@@ -844,6 +846,20 @@ def live_layer_digests() -> set[str]:
     out: set[str] = set()
     for rec in StateDB().list(None, LIVE):
         out.update(la["digest"] for la in rec.extra.get("layers", []))
+    return out
+
+
+def live_cache_paths() -> set[Path]:
+    """Files below the cache that live sandboxes will read again (a microVM sandbox's guest
+    kernel and initramfs, named in its QEMU command line, are needed to resume it), so
+    pruning the cache must keep them."""
+    out: set[Path] = set()
+    for rec in StateDB().list(None, LIVE):
+        try:
+            argv = json.loads((rec.path / "qemu-argv.json").read_text())
+        except (OSError, ValueError):
+            continue
+        out.update(Path(a) for a in argv if isinstance(a, str) and a.startswith("/"))
     return out
 
 

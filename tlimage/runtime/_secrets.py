@@ -17,10 +17,11 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from tlimage import _layout
 from tlimage._paths import project_name, state_dir
 from tlimage.errors import RuntimeError_
 
-SECRETS_DIR = "secrets"
+SECRETS_DIR = _layout.SECRETS.path
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 MAX_VALUE = 64 * 1024
 

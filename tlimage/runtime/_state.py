@@ -24,10 +24,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from tlimage import _layout
 from tlimage._paths import state_dir
 from tlimage.errors import RuntimeError_
 
-DB_NAME = "runtime-v1.db"
+DB_NAME = _layout.RUNTIME_DB.path
 
 
 class Status(StrEnum):
