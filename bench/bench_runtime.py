@@ -176,8 +176,8 @@ def main() -> None:
         os.environ["TLIMAGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="tl-bench-cache-")
     sys.path.insert(0, str(ROOT))
     from tlimage.builder import build_image
-    from tlimage.builder.rootfs import unpacked_layer
     from tlimage.cache.store import BlobStore
+    from tlimage.cache.unpacked import unpacked_layer
 
     src = Path(state) / "image.py"
     src.write_text(IMAGE)

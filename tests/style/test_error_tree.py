@@ -45,7 +45,7 @@ def drawn_tree() -> dict[str, str]:
     root_col = lines[start].index(ROOT)
     stack: list[tuple[int, str]] = [(root_col, ROOT)]
     out: dict[str, str] = {}
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if not line.strip():
             break
         m = re.match(r"([ │]*)[├└]── (\w+)", line)

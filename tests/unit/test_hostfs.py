@@ -151,7 +151,7 @@ def test_extractors_keep_hostile_tars_inside(tmp_path: Path, bait: Path, case: s
         elif mode == "overlay":
             import zstandard
 
-            from tlimage.builder.rootfs import unpack_for_overlay
+            from tlimage.cache.unpacked import unpack_for_overlay
 
             dest.mkdir()
             unpack_for_overlay(io.BytesIO(zstandard.ZstdCompressor().compress(data)), dest)

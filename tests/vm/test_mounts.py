@@ -18,8 +18,8 @@ import pytest
 
 from tlimage.builder import build_image
 from tlimage.builder.mounts import cache_mount_dir
-from tlimage.builder.rootfs import unpacked_layer
 from tlimage.cache.store import BlobStore
+from tlimage.cache.unpacked import unpacked_layer
 from tlimage.errors import StepFailed, TlimageError
 
 pytestmark = [

@@ -34,8 +34,8 @@ from tlimage.builder import context as ctx
 from tlimage.builder.config import ImageConfig
 from tlimage.builder.mounts import Redactor, StepMounts
 from tlimage.builder.mounts import key_inputs as mount_key_inputs
-from tlimage.builder.rootfs import adopt_upper, unpacked_layer
 from tlimage.cache import keys
+from tlimage.cache.unpacked import adopt_upper, unpacked_layer
 from tlimage.errors import DiskFullError, ExecutorError, StepFailed, TlimageError
 from tlimage.ir.describe import describe
 from tlimage.registry.db import ImageRecord, LayerRef, Manifest, Registry

@@ -102,7 +102,7 @@ class _Source:
 
     def layers(self, builder: Any) -> tuple[Path, ...]:
         """The layers as overlay-style folders, unpacked on first use."""
-        from tlimage.builder.rootfs import unpacked_layer
+        from tlimage.cache.unpacked import unpacked_layer
 
         return tuple(unpacked_layer(builder.store, d) for d in self.digests)
 

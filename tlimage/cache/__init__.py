@@ -6,6 +6,7 @@
     ignore.py    .dockerignore rules (moby patternmatcher semantics)
     index.py     SQLite (WAL) index: key -> layer, each image's last build for --explain
     lock.py      shared (build) / exclusive (prune) flock that says what it waits for
+    unpacked.py  stored layers unpacked once as overlayfs lower folders
     cache.py     LayerCache: the above as the builder uses them; LRU prune; ls
     keys.py      what goes into a cache key
 

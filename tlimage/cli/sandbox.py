@@ -46,10 +46,8 @@ def _info_json(sb) -> dict:  # noqa: ANN001
 
 
 def register(sbx: typer.Typer) -> None:
-    """Adds the sandbox commands to the `sbx` group (once; later calls do nothing)."""
-    if getattr(sbx, "_tl_sandbox_commands", False):
-        return
-    sbx._tl_sandbox_commands = True  # type: ignore[attr-defined]
+    """Adds the sandbox commands to the `sbx` group. Called once, by tlimage/cli/app.py, which
+    owns the group: this module never imports app (the import runs one way)."""
     _fs_commands(sbx)
 
     @sbx.command("new")
@@ -576,13 +574,6 @@ def _devnull() -> int:
     return os.open(os.devnull, os.O_RDONLY)
 
 
-def _attach() -> None:
-    """Importing this module from tlimage/cli/app.py adds the commands to its `sbx` group."""
-    from tlimage.cli.app import sbx
-
-    register(sbx)
-
-
 def _split(arg: str) -> tuple[str | None, str]:
     """`ID:/path` -> (ID, /path); a host path -> (None, path). Host paths with a colon can be
     written ./a:b."""
@@ -592,4 +583,3 @@ def _split(arg: str) -> tuple[str | None, str]:
     return None, arg
 
 
-_attach()

@@ -1010,7 +1010,7 @@ def _store(rec: SandboxRecord):  # noqa: ANN202
 
 
 def _lowers(rec: SandboxRecord) -> list[Path]:
-    from tlimage.builder.rootfs import unpacked_layer
+    from tlimage.cache.unpacked import unpacked_layer
 
     store = _store(rec)
     return [unpacked_layer(store, la["digest"]) for la in rec.extra["layers"]]
