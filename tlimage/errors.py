@@ -30,9 +30,10 @@ this module names its module in parentheses.
     │   ├── BaseError            (executor.bases) a base root filesystem could not be built
     │   ├── BootError            (sandbox.qemu.process) the microVM did not come up
     │   └── ProtocolError        (sandbox.qemu.protocol) the guest agent spoke something else
-    ├── BuildError               the builder could not prepare a step
+    ├── BuildError               the builder could not prepare a step or keep its result
     │   ├── ContextError         (builder.context) a COPY/ADD source is missing or outside
-    │   └── MountError           (builder.mounts) a RUN mount cannot be set up
+    │   ├── MountError           (builder.mounts) a RUN mount cannot be set up
+    │   └── NameTaken            (builder.loop) the name belongs to an image of another source
     ├── DiskFullError            a build ran out of disk space (names the step and the folder)
     ├── RegistryError            image names: unknown, invalid, conflicts
     ├── OCIError                 (oci) a remote registry, image reference or OCI layout; names

@@ -36,7 +36,7 @@ from tlimage.builder.mounts import Redactor, StepMounts
 from tlimage.builder.mounts import key_inputs as mount_key_inputs
 from tlimage.cache import keys
 from tlimage.cache.unpacked import adopt_upper, unpacked_layer
-from tlimage.errors import DiskFullError, ExecutorError, StepFailed, TlimageError
+from tlimage.errors import BuildError, DiskFullError, ExecutorError, StepFailed, TlimageError
 from tlimage.ir.describe import describe
 from tlimage.registry.db import ImageRecord, LayerRef, Manifest, Registry
 
@@ -670,7 +670,7 @@ class Builder:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-class NameTaken(TlimageError):
+class NameTaken(BuildError):
     """A build would take a registered name from an image of another source."""
 
     exit_code = 2
