@@ -29,14 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlimage._fs import write_atomic
-from tlimage.errors import TlimageError
+from tlimage.errors import BuildError
 
 TIMEOUT_S = 60
 _CHUNK = 1 << 20
 
 
-class FetchError(TlimageError):
-    pass
+class FetchError(BuildError):
+    """An ADD URL could not be fetched (or did not match its checksum)."""
 
 
 @dataclass(frozen=True)
