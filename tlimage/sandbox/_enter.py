@@ -5,7 +5,7 @@ no host path) and forks, since only children join a PID namespace. The parent st
 waits, and exits with the child's code; the child dies with it.
 
 Modes:
-    exec  become the user, cd, exec argv with exactly `env` (Docker's default capabilities,
+    exec  become the user, cd, exec argv with exactly `env` (podman's default capabilities,
           no_new_privs, the seccomp filter: see _init.become)
     fs    one file operation (stat, list, mkdir, remove), the result as JSON on stdout
     put   read a tar on stdin whose single top-level entry is `_`, and write it as `dest`

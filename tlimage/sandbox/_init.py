@@ -305,8 +305,11 @@ def bind_file(root, rel, src, created, mounted):
 
 # --- hardening: capabilities, no_new_privs, seccomp, /proc masks ---------------------------
 
-# Docker's default capability set (moby oci/caps/defaults.go), by number.
-DEFAULT_CAPS = (0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31)
+# The default capability set of podman and buildah (containers-common's containers.conf
+# `default_capabilities`), by number: Docker's default set without NET_RAW, MKNOD and
+# AUDIT_WRITE. Ping works without NET_RAW: ping_group_range is opened in the sandbox's own
+# network namespace, as podman does.
+DEFAULT_CAPS = (0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 31)
 # runc's defaults (libcontainer/specconv/example.go).
 MASKED_PATHS = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
                 "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
@@ -355,7 +358,7 @@ def read_cap_last():
 
 
 def drop_bounding():
-    """Docker's default set as the bounding set (needs CAP_SETPCAP, so before setuid)."""
+    """The default set as the bounding set (needs CAP_SETPCAP, so before setuid)."""
     for cap in range(CAP_LAST + 1):
         if cap not in DEFAULT_CAPS:
             prctl(PR_CAPBSET_DROP, cap)
@@ -504,6 +507,12 @@ def setup_root(spec):
     for rel, src in sorted(spec.get("etc_files", {}).items()):
         bind_file(root, rel, src, created, mounted)
     loopback_up()
+    if not spec.get("host_network"):
+        try:  # unprivileged ICMP echo sockets (ping without CAP_NET_RAW), this netns only
+            with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+                f.write("0 2147483647")
+        except OSError:
+            pass
     try:
         socket.sethostname(spec["hostname"])
     except OSError:

@@ -10,7 +10,7 @@ and a minimum kernel. The exported BPF is cached on disk, keyed by the profile's
 architecture, the kernel release and libseccomp's version; PID 1 and the exec helper install
 it with prctl(PR_SET_SECCOMP) as their last step before execve (see _init.load_seccomp).
 
-`missing()` names each layer this host cannot provide; callers refuse to run without it
+`missing_layers()` in namespace.py names each layer this host cannot provide; callers refuse to run without it
 unless the user opted in to weaker isolation.
 """
 
@@ -27,11 +27,11 @@ from pathlib import Path
 
 PROFILE = Path("/usr/share/containers/seccomp.json")
 PROFILE_ENV = "TLIMAGE_SECCOMP_PROFILE"  # another profile in the same format (tests, distros)
-# Docker's default capability set (moby oci/caps/defaults.go); _init.DEFAULT_CAPS by number.
+# podman's and buildah's default capability set (containers-common's containers.conf), which
+# is Docker's default set without NET_RAW, MKNOD and AUDIT_WRITE; _init.DEFAULT_CAPS by number.
 DEFAULT_CAPS = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
                 "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-                "CAP_NET_RAW", "CAP_SYS_CHROOT", "CAP_MKNOD", "CAP_AUDIT_WRITE",
-                "CAP_SETFCAP")  # fmt: skip
+                "CAP_SYS_CHROOT", "CAP_SETFCAP")  # fmt: skip
 # The OCI profile's architecture names, as Go spells them, for platform.machine().
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "i686": "386", "armv7l": "arm",
            "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}  # fmt: skip
