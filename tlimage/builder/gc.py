@@ -222,7 +222,7 @@ def sweep_vm_scratch(tmp_root: str | None = None) -> int:
     in_use = _cmdline_mentions([str(e) for e in entries])
     removed = 0
     for entry in entries:
-        pid = _pid_of(entry.name[len("tl-vm-"):].split("-")[0])
+        pid = _pid_of(entry.name[len("tl-vm-") :].split("-")[0])
         if pid is not None and pid_alive(pid):
             continue
         if str(entry) in in_use:

@@ -56,6 +56,7 @@ MAX_SECRET_SIZE = 500 * 1024  # BuildKit's limit for one secret
 MASK = b"****"
 MIN_MASKED = 4  # shorter secrets are not masked in logs: that would garble ordinary output
 
+
 class MountError(BuildError):
     """A RUN mount cannot be set up (bad option, missing secret, missing source)."""
 
