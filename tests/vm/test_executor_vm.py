@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.vm.netcheck import check_probe, host_servers, probe_script
 from tlimage.errors import ExecutorError
 from tlimage.executor.base import RunRequest, StepTimeout
 
@@ -195,3 +196,14 @@ def test_interrupt_reaps_the_vm(microvm, base, tmp_path):
     assert not (qemu_pids() - before)
     assert not (tmp_path / "u").exists()
     assert set(Path("/tmp").glob("tl-vm-*")) <= tmp_before  # the VM's temp folder is gone
+
+
+def test_a_step_with_network_reaches_out_but_not_the_host(microvm, base, tmp_path):
+    """QEMU's user-mode network would take the guest to the host's 127.0.0.1 (as 10.0.2.2) and
+    to every address of the host; the step's VM runs in a network namespace of its own whose
+    only way out (slirp4netns + nft, sandbox/network.py) refuses both."""
+    with host_servers() as (lo_port, me, my_port):
+        r, out, err = run(microvm, (base,), ("/bin/sh", "-c", probe_script(lo_port, me, my_port)),
+                          tmp_path / "u", network=True)  # fmt: skip
+    assert r.exit_code == 0, err
+    check_probe(out.decode(), lo_port, me, my_port)

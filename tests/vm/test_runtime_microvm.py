@@ -5,6 +5,7 @@ or ephemeral file may be left. Three VM boots in all; CI has two cores."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.vm.netcheck import check_probe, host_servers, probe_script
 from tlimage.runtime import ExecStartError, ExecTimeout, Sandbox, Status, reconcile
 
 pytestmark = [
@@ -66,6 +68,17 @@ def leftovers(rec) -> list[str]:  # noqa: ANN001 - a SandboxRecord
     return found
 
 
+def slirp_helpers(parent: int) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if (int(fields[1]) == parent and fields[0] != "Z"
+                    and Path(f"/proc/{pid}/comm").read_text().strip() == "slirp4netns"):
+                found.append(int(pid))
+    return found
+
+
 def test_microvm_lifecycle(tmp_path: Path) -> None:
     from tlimage.builder import build_image
 
@@ -77,6 +90,11 @@ def test_microvm_lifecycle(tmp_path: Path) -> None:
 
     r = sb.exec("sh", "-c", "cat greeting.txt; echo $APP_ENV; pwd; hostname")
     assert (r.exit_code, r.stdout) == (0, b"from the image\nprod\n/srv/app\nvm\n")
+    with host_servers() as (lo_port, me, my_port):  # the host stays out of the guest's reach
+        check_probe(sb.exec("sh", "-c", probe_script(lo_port, me, my_port)).stdout.decode(),
+                    lo_port, me, my_port)  # fmt: skip
+    helpers = slirp_helpers(sb.record.pids["shim"][0])
+    assert len(helpers) == 1, helpers  # its network's helper, which ends with the shim
     r = sb.exec("sh", "-c", "id -u; tr a-z A-Z; exit 3", user="nobody", stdin=b"shout\n")
     assert (r.exit_code, r.stdout) == (3, b"65534\nSHOUT\n")
     with pytest.raises(ExecStartError, match="executable file not found"):
@@ -107,6 +125,7 @@ def test_microvm_lifecycle(tmp_path: Path) -> None:
     res = sb.suspend()
     assert res.memory_snapshot and sb.status is Status.SUSPENDED
     assert not any(_alive(e) for e in before.values()) and processes_mentioning(sb.id) == []
+    assert not [p for p in helpers if Path(f"/proc/{p}").exists()]  # the network's helper too
     assert (Path(sb.info().dir) / "vmstate").exists() and (Path(sb.info().dir) / "ram").exists()
     sb.resume()
     assert sb.status is Status.RUNNING
@@ -114,6 +133,9 @@ def test_microvm_lifecycle(tmp_path: Path) -> None:
     lines = r.stdout.decode().split()
     assert lines[:2] == ["copied", "in"] and lines[2] == "1"
     assert abs(int(lines[3]) - time.time()) < 30
+    with host_servers() as (lo_port, me, my_port):  # a resumed VM gets a fresh, fenced network
+        check_probe(sb.exec("sh", "-c", probe_script(lo_port, me, my_port)).stdout.decode(),
+                    lo_port, me, my_port)  # fmt: skip
 
     img = sb.snapshot(register="vmrt-snap")
     assert img.ref == "vmrt-snap:latest" and sb.status is Status.RUNNING

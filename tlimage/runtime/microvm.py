@@ -182,7 +182,8 @@ class MicroVMBackend:
                 "dir": str(rec.path), "deadline_file": str(rec.path / "deadline"),
                 "exit_file": str(rec.path / "exit.json"), "boot_timeout": boot_timeout,
                 "incoming": str(incoming) if incoming else None, "setup": setup,
-                "sock_fd": child.fileno(),
+                "sock_fd": child.fileno(), "network": rec.network,
+                "network_policy": rec.extra.get("network_policy"),
             }  # fmt: skip
             spec_path = rec.path / "shim.json"
             spec_path.write_text(json.dumps(spec, indent=1))

@@ -24,6 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tlimage.errors import ExecutorError
 from tlimage.sandbox.qemu import protocol as P
@@ -31,6 +32,9 @@ from tlimage.sandbox.qemu.channel import Channel
 from tlimage.sandbox.qemu.disks import DEFAULT_SCRATCH, make_scratch
 from tlimage.sandbox.qemu.provision import GuestKit, require_tool
 from tlimage.sandbox.qemu.qmp import QMP
+
+if TYPE_CHECKING:
+    from tlimage.sandbox.network import NetHandle, NetworkPolicy
 
 DEFAULT_MEMORY_MB = 2048
 PR_SET_PDEATHSIG = 1
@@ -44,6 +48,72 @@ class BootError(ExecutorError):
 def die_with_parent() -> None:
     """For `preexec_fn` (the child side of fork, before exec): SIGKILL when the parent dies."""
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
+MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
+# What QEMU's own DNS forwarder reads in its private mount namespace: slirp4netns's forwarder.
+QEMU_RESOLV_CONF = "nameserver 10.0.2.3\n"
+
+
+def _private_network(resolv_conf: bytes) -> None:
+    """Child side of fork: fresh network and mount namespaces, /etc/resolv.conf replaced."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET | CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare")
+    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+    libc.mount(resolv_conf, b"/etc/resolv.conf", None, MS_BIND, None)  # none there: no DNS
+
+
+def start_qemu(argv: list[str], log: Path, *, network_dir: Path | None,
+               new_session: bool = False,
+               policy: NetworkPolicy | None = None) -> tuple[subprocess.Popen, NetHandle | None]:  # fmt: skip
+    """Starts QEMU (dying with this process) and returns it with its network's handle.
+
+    Without `network_dir` the guest has no NIC (the command line has none), so QEMU shares
+    the host's namespaces. With it, QEMU starts in a network namespace of its own whose only
+    way out is `sandbox.network.attach` (slirp4netns and nft rules written from the host,
+    `policy`, default: the internet but none of the host's addresses, 127.0.0.1 included, nor
+    private ranges). QEMU's user-mode network then only relays: the guest's 10.0.2.2 is the
+    namespace's empty loopback. A private mount namespace gives QEMU's DNS forwarder
+    slirp4netns's resolver (`network_dir`/resolv.conf). The handle's helper ends when the
+    handle is closed or this process exits."""
+    from tlimage.sandbox import network as net
+
+    preexec = die_with_parent
+    if network_dir is not None:
+        problem = net.check_host()
+        if problem is None and os.geteuid() != 0:
+            problem = "it needs root (a network namespace of its own)"
+        if problem is not None:
+            raise ExecutorError(f"a microVM with network cannot be isolated from the host: "
+                                f"{problem}")  # fmt: skip
+        resolv = network_dir / "resolv.conf"
+        resolv.write_text(QEMU_RESOLV_CONF)
+        path = os.fsencode(resolv)
+
+        def preexec() -> None:
+            die_with_parent()
+            _private_network(path)
+
+    with open(log, "ab") as out:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    start_new_session=new_session, preexec_fn=preexec)  # fmt: skip
+        except subprocess.SubprocessError as e:  # raised in preexec_fn
+            raise ExecutorError(f"QEMU could not start in a network namespace of its own: "
+                                f"{e}") from None  # fmt: skip
+    if network_dir is None:
+        return proc, None
+    try:
+        handle = net.attach(proc.pid, policy or net.NetworkPolicy(),
+                            log_path=str(network_dir / "net.log"))  # fmt: skip
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, handle
 
 
 def host_tsc_khz() -> int | None:
@@ -126,6 +196,7 @@ class VM:
     proc: subprocess.Popen | None = field(default=None, init=False)
     chan: Channel | None = field(default=None, init=False)
     qmp: QMP | None = field(default=None, init=False)
+    net: NetHandle | None = field(default=None, init=False)
     boot_seconds: float = field(default=0.0, init=False)
 
     def command_line(self) -> list[str]:
@@ -142,14 +213,9 @@ class VM:
         self.tmp = Path(tempfile.mkdtemp(prefix="tl-vm-"))  # short: unix socket paths <108
         try:
             make_scratch(self.tmp / "scratch.img", self.scratch_size)
-            log = open(self.tmp / "qemu.log", "wb")
-            try:
-                self.proc = subprocess.Popen(
-                    self.command_line(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    start_new_session=True, preexec_fn=die_with_parent,
-                )
-            finally:
-                log.close()
+            self.proc, self.net = start_qemu(
+                self.command_line(), self.tmp / "qemu.log", new_session=True,
+                network_dir=self.tmp if self.network else None)  # fmt: skip
             deadline = t0 + timeout
             sock = socket.socket(socket.AF_UNIX)
             while True:
@@ -225,6 +291,9 @@ class VM:
                 with contextlib.suppress(Exception):
                     c.close()
         self.chan = self.qmp = None
+        if self.net is not None:
+            self.net.close()
+            self.net = None
         if getattr(self, "tmp", None) is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
 

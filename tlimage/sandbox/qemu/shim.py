@@ -12,6 +12,9 @@ child and dies with it (PR_SET_PDEATHSIG). The shim:
   `<run dir>/shim.sock`, forwarding frames verbatim. It follows each request to its terminal
   frame, so a client that disconnects mid-request is cleaned up after: a running EXEC is
   killed, a half-sent PUT is ended, a FREEZE is undone, the rest of a reply is discarded;
+- starts QEMU, when the sandbox has network, in a network namespace of its own attached through
+  sandbox/network.py (slirp4netns + nft: the guest reaches neither the host's loopback nor its
+  addresses nor private ranges), and holds the helper, which ends with the shim;
 - ends the VM on SIGTERM or when the deadline in `deadline_file` passes, and writes
   `exit_file` (reason, exit code) when the VM ends for any reason other than a suspend (the
   suspending client writes `suspended` in the sandbox folder before it quits QEMU).
@@ -31,8 +34,9 @@ import sys
 import time
 from pathlib import Path
 
+from tlimage.sandbox.network import NetHandle, NetworkPolicy
 from tlimage.sandbox.qemu import protocol as P
-from tlimage.sandbox.qemu.process import die_with_parent
+from tlimage.sandbox.qemu.process import start_qemu
 from tlimage.sandbox.qemu.qmp import QMP, wait_migration
 
 T = P.FrameType
@@ -167,6 +171,7 @@ class Shim:
         self.client: socket.socket | None = None
         self.cbuf = b""
         self.relay = Relay()
+        self.net: NetHandle | None = None
 
     # -- start ----------------------------------------------------------------------------
 
@@ -175,12 +180,10 @@ class Shim:
         argv = list(spec["qemu_argv"])
         if spec.get("incoming"):
             argv += ["-incoming", "defer"]
-        log = open(self.dir / "qemu.log", "ab")
-        try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         preexec_fn=die_with_parent)  # fmt: skip
-        finally:
-            log.close()
+        policy = spec.get("network_policy")
+        self.proc, self.net = start_qemu(
+            argv, self.dir / "qemu.log", network_dir=self.run if spec.get("network") else None,
+            policy=NetworkPolicy.from_json(policy) if policy else None)  # fmt: skip
         deadline = time.monotonic() + spec["boot_timeout"]
         self.agent = Agent(str(self.run / "ctl.sock"), deadline, self.proc)
         if spec.get("incoming"):
@@ -353,7 +356,9 @@ class Shim:
         if info is not None:
             write_atomic(self.spec["exit_file"], json.dumps({**info, "at": time.time()}))
         self.kill_vm()
-        for name in ("shim.sock", "ctl.sock", "qmp.sock"):
+        if self.net is not None:
+            self.net.close()
+        for name in ("shim.sock", "ctl.sock", "qmp.sock", "resolv.conf"):
             with contextlib.suppress(OSError):
                 (self.run / name).unlink()
         os._exit(0)
