@@ -8,6 +8,11 @@
     _enter.py      exec / cp helper that joins a running sandbox (standalone)
     cgroup.py      a sandbox's cgroup: limits, freezing, finding every process
     proc.py        processes tracked by (pid, start time, boot id)
+    network.py     a sandbox's network: slirp4netns + nft rules in its own network namespace
+    backend.py     the Backend protocol of the runtime's sandboxes; fake.py, one for unit tests
+    upper.py       overlay-style uppers: normalize_upper, apply_upper
+    qemu/          the microVM: guest kit, disk images, QEMU process, QMP, agent channel,
+                   KVM probe, the sandbox shim (qemu/__init__.py lists them)
     harden.py      the capability set and the seccomp filter (libseccomp, containers-common)
 
 Importing this package starts nothing and imports nothing above it.
