@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tlimage.errors import RuntimeError_
-from tlimage.sandbox.backend import BACKEND_METHODS, Backend
+from tlimage.sandbox.backend import BACKEND_METHODS, OPTIONAL_METHODS, Backend, TtyBackend
 from tlimage.sandbox.fake import FakeBackend
 
 
@@ -38,7 +38,21 @@ def test_runtime_calls_only_protocol_methods() -> None:
 
     src = Path(api.__file__).read_text()
     called = set(re.findall(r"\b(?:be|self\._backend\(\))\.([a-z_]+)\(", src))
-    assert called and called <= set(BACKEND_METHODS), called - set(BACKEND_METHODS)
+    known = set(BACKEND_METHODS) | set(OPTIONAL_METHODS)
+    assert called and called <= known, called - known
+
+
+def test_optional_methods_match_their_protocol() -> None:
+    from tlimage.runtime.namespace import NamespaceBackend
+
+    for name in OPTIONAL_METHODS:
+        want = inspect.signature(getattr(TtyBackend, name))
+        for cls in backends():
+            if hasattr(cls, name):
+                got = inspect.signature(getattr(cls, name))
+                assert [p.name for p in got.parameters.values()] == [
+                    p.name for p in want.parameters.values()], f"{cls.__name__}.{name}"
+    assert isinstance(NamespaceBackend(), TtyBackend)
 
 
 class Rec:

@@ -129,6 +129,20 @@ class Backend(Protocol):
         ...
 
 
+class TtyBackend(Backend, Protocol):
+    """A backend that can also run a command on a pseudo-terminal (the API checks with
+    `hasattr`; the namespace backend can, the microVM not yet)."""
+
+    def exec_tty(self, rec: SandboxState, argv: list[str], env: list[str], user: str,
+                 workdir: str, winsize: tuple[int, int]) -> tuple[int, Callable[[], int]]:  # fmt: skip
+        """Starts argv on a pseudo-terminal; returns (the terminal's master fd, a function that
+        waits for the program and returns its exit code). The caller relays and closes it."""
+        ...
+
+
+# Methods a backend may lack; the API asks `hasattr` first.
+OPTIONAL_METHODS = ("exec_tty",)
+
 BACKEND_METHODS = tuple(sorted(
     n for n in Backend.__dict__ if not n.startswith("_") and callable(getattr(Backend, n))
 ))  # fmt: skip
