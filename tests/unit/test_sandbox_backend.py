@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from tlimage.errors import RuntimeError_
-from tlimage.sandbox.backend import BACKEND_METHODS, OPTIONAL_METHODS, Backend, TtyBackend
+from tlimage.sandbox.backend import (
+    BACKEND_METHODS,
+    OPTIONAL_METHODS,
+    Backend,
+    MemoryCloneBackend,
+    TtyBackend,
+)
 from tlimage.sandbox.fake import FakeBackend
 
 
@@ -43,16 +49,18 @@ def test_runtime_calls_only_protocol_methods() -> None:
 
 
 def test_optional_methods_match_their_protocol() -> None:
+    from tlimage.runtime.microvm import MicroVMBackend
     from tlimage.runtime.namespace import NamespaceBackend
 
-    for name in OPTIONAL_METHODS:
-        want = inspect.signature(getattr(TtyBackend, name))
+    for name, proto in OPTIONAL_METHODS.items():
+        want = inspect.signature(getattr(proto, name))
         for cls in backends():
             if hasattr(cls, name):
                 got = inspect.signature(getattr(cls, name))
                 assert [p.name for p in got.parameters.values()] == [
                     p.name for p in want.parameters.values()], f"{cls.__name__}.{name}"
     assert isinstance(NamespaceBackend(), TtyBackend)
+    assert isinstance(MicroVMBackend(), MemoryCloneBackend)
 
 
 class Rec:

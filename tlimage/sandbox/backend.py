@@ -140,8 +140,18 @@ class TtyBackend(Backend, Protocol):
         ...
 
 
-# Methods a backend may lack; the API asks `hasattr` first.
-OPTIONAL_METHODS = ("exec_tty",)
+class MemoryCloneBackend(Backend, Protocol):
+    """A backend that can copy a running sandbox with its memory (the microVM)."""
+
+    def clone_memory(self, src: SandboxState, dst: SandboxState
+                     ) -> tuple[dict, dict, Callable[[], None]]:  # fmt: skip
+        """Starts `dst` as a copy of the running `src`, processes included; returns (pids,
+        extra, confirm) as `start` does."""
+        ...
+
+
+# Methods a backend may lack (the API asks `hasattr` first), and the protocol naming each.
+OPTIONAL_METHODS = {"exec_tty": TtyBackend, "clone_memory": MemoryCloneBackend}
 
 BACKEND_METHODS = tuple(sorted(
     n for n in Backend.__dict__ if not n.startswith("_") and callable(getattr(Backend, n))
