@@ -12,7 +12,7 @@ from tlimage.sandbox.backend import (
     BACKEND_METHODS,
     OPTIONAL_METHODS,
     Backend,
-    MemoryCloneBackend,
+    MemoryBackend,
     TtyBackend,
 )
 from tlimage.sandbox.fake import FakeBackend
@@ -60,7 +60,7 @@ def test_optional_methods_match_their_protocol() -> None:
                 assert [p.name for p in got.parameters.values()] == [
                     p.name for p in want.parameters.values()], f"{cls.__name__}.{name}"
     assert isinstance(NamespaceBackend(), TtyBackend)
-    assert isinstance(MicroVMBackend(), MemoryCloneBackend)
+    assert isinstance(MicroVMBackend(), MemoryBackend)
 
 
 class Rec:

@@ -140,7 +140,7 @@ class TtyBackend(Backend, Protocol):
         ...
 
 
-class MemoryCloneBackend(Backend, Protocol):
+class MemoryBackend(Backend, Protocol):
     """A backend that can copy a running sandbox with its memory (the microVM)."""
 
     def clone_memory(self, src: SandboxState, dst: SandboxState
@@ -149,9 +149,19 @@ class MemoryCloneBackend(Backend, Protocol):
         extra, confirm) as `start` does."""
         ...
 
+    def save_memory(self, src: SandboxState, dest: Path) -> None:
+        """Writes a restorable copy of the running `src` (devices, memory, disks) to `dest`."""
+        ...
+
+    def start_from_memory(self, dst: SandboxState, saved: Path | None = None
+                          ) -> tuple[dict, dict, Callable[[], None]]:  # fmt: skip
+        """Starts `dst` from what `save_memory` wrote; returns what `start` does."""
+        ...
+
 
 # Methods a backend may lack (the API asks `hasattr` first), and the protocol naming each.
-OPTIONAL_METHODS = {"exec_tty": TtyBackend, "clone_memory": MemoryCloneBackend}
+OPTIONAL_METHODS = {"exec_tty": TtyBackend, "clone_memory": MemoryBackend,
+                    "save_memory": MemoryBackend, "start_from_memory": MemoryBackend}
 
 BACKEND_METHODS = tuple(sorted(
     n for n in Backend.__dict__ if not n.startswith("_") and callable(getattr(Backend, n))
