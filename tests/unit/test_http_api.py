@@ -21,7 +21,7 @@ from tlimage.runtime.http import OPENAPI_PATH, ROUTES, api_token, make_server
 
 @pytest.fixture
 def server() -> Iterator[tuple[str, int, str]]:
-    srv = make_server("127.0.0.1:0", quiet=True)
+    srv = make_server("127.0.0.1:0", quiet=True, backend="namespace")  # no KVM probe
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     try:
@@ -52,8 +52,9 @@ def test_served_document_is_the_committed_one(server) -> None:  # noqa: ANN001
     assert body == OPENAPI_PATH.read_bytes()
     doc = json.loads(body)
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
-    served = {(m, re.sub(r"\(\?P<(ref|pid)>\[\^/\]\+\)",
-                         lambda g: "{id}" if g[1] == "ref" else "{pid}", pat.pattern)
+    names = {"ref": "{id}", "pid": "{pid}", "ckpt": "{name}"}
+    served = {(m, re.sub(r"\(\?P<(ref|pid|ckpt)>\[\^/\]\+\)", lambda g: names[g[1]],
+                         pat.pattern)
                .replace("\\.", "."))
               for m, pat, name in ROUTES if name != "openapi"}  # fmt: skip
     assert documented == served

@@ -83,7 +83,8 @@ def _status_of(e: TlimageError) -> int:
         return 404
     if isinstance(e, RegistryError) and ("unknown" in text or "no image" in text):
         return 404
-    if isinstance(e, RuntimeError_) and ("No such file" in text or "no secret" in text):
+    if isinstance(e, RuntimeError_) and ("No such file" in text or "no secret" in text
+                                         or "no checkpoint" in text):
         return 404
     if isinstance(e, RuntimeError_) and (re.search(r"\bis (Running|Suspended|Terminated|"
                                                     r"Pending|Snapshotting|Suspending|exited|"
@@ -180,6 +181,8 @@ ROUTES: list[Route] = [
     ("POST", re.compile(rf"/v1/sandboxes/{_ID}/processes/(?P<pid>[^/]+)/signal"), "procs_signal"),
     ("POST", re.compile(rf"/v1/sandboxes/{_ID}/processes/(?P<pid>[^/]+)/wait"), "procs_wait"),
     ("GET", re.compile(rf"/v1/sandboxes/{_ID}/processes/(?P<pid>[^/]+)/logs"), "procs_logs"),
+    ("POST", re.compile(rf"/v1/sandboxes/{_ID}/checkpoint"), "checkpoint"),
+    ("POST", re.compile(r"/v1/checkpoints/(?P<ckpt>[^/]+)/start"), "checkpoint_start"),
     ("GET", re.compile(r"/v1/secrets"), "secrets"),
 ]
 PUBLIC = {"health", "openapi"}
@@ -298,8 +301,22 @@ class Api:
                 "layers": len(img.manifest.layers), "size": img.size}  # fmt: skip
 
     def clone(self, ref: str, body: Any) -> dict:
-        b = _body_fields(body or {}, {"name": ("string", False), "register": ("string", False)})
-        return self._sb(ref).clone(b.get("name"), register=b.get("register")).info().to_json()
+        b = _body_fields(body or {}, {"name": ("string", False), "register": ("string", False),
+                                      "memory": ("boolean", False)})  # fmt: skip
+        twin = self._sb(ref).clone(b.get("name"), register=b.get("register"),
+                                   memory=b.get("memory", False))  # fmt: skip
+        return twin.info().to_json()
+
+    def checkpoint(self, ref: str, body: Any) -> dict:
+        b = _body_fields(body or {}, {"name": ("string", False)})
+        return {"checkpoint": self._sb(ref).save_memory(b.get("name"))}
+
+    def checkpoint_start(self, ckpt: str, body: Any) -> dict:
+        from tlimage.runtime import Sandbox
+
+        b = _body_fields(body or {}, {"name": ("string", False)})
+        sb = Sandbox.from_checkpoint(ckpt, name=b.get("name"), project=self.project)
+        return sb.info().to_json()
 
     def suspend(self, ref: str) -> dict:
         r = self._sb(ref).suspend()
@@ -563,6 +580,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, api.procs_wait(ref, params["pid"], q))
         if name == "procs_logs":
             return self._logs(ref, params["pid"], q)
+        if name == "checkpoint":
+            return self._json(201, api.checkpoint(ref, self._json_body()))
+        if name == "checkpoint_start":
+            return self._json(201, api.checkpoint_start(params["ckpt"], self._json_body()))
         if name == "secrets":
             return self._json(200, api.secrets())
         raise ApiError(404, f"no endpoint {name}")

@@ -142,7 +142,8 @@ export declare class Sandbox {
   processes(): Promise<Process[]>;
   process(pid: number | string): Promise<Process>;
   snapshot(options?: { register?: string }): Promise<{ image: string; image_id: string; layers: number; size: number }>;
-  clone(options?: { name?: string; register?: string }): Promise<Sandbox>;
+  /** With memory (microVM, named sandboxes) the clone's processes continue from this one's. */
+  clone(options?: { name?: string; register?: string; memory?: boolean }): Promise<Sandbox>;
   suspend(): Promise<{ seconds: number; memory_snapshot: boolean; note: string | null }>;
   resume(): Promise<{ seconds: number }>;
   terminate(): Promise<SandboxInfo>;
