@@ -17,7 +17,7 @@ APT_PACKAGES=(
   # the security suite's reference: its probes also run under `buildah run` (runc)
   runc
   # Namespace sandboxes: the default seccomp profile (containers-common) and libseccomp.
-  containers-common libseccomp2
+  golang-github-containers-common libseccomp2
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
