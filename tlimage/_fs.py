@@ -124,15 +124,22 @@ def glob_in_root(
 
 
 def open_file_in_root(root: str | os.PathLike[str], real: str) -> int:
-    """A read-only descriptor for the real relative path `real` (from `resolve_in_root`), opened
-    without following links on the way."""
+    """A read-only descriptor for the regular file at the real relative path `real` (from
+    `resolve_in_root`), opened without following links on the way. Anything but a regular file
+    (a fifo, a device an image planted) is refused before it is opened for reading."""
     with Root(root) as r:
         pfd = r.open_dir(posix_dirname(real), create=False, follow=False)
         try:
-            return os.open(posix_basename(real), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                           dir_fd=pfd)  # fmt: skip
+            fd = os.open(posix_basename(real), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=pfd)  # fmt: skip
         finally:
             os.close(pfd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafePathError(f"{real} is not a regular file")
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(fd)
 
 
 def setxattr_in_root(root: str | os.PathLike[str], rel: str, name: str, value: bytes) -> None:

@@ -309,3 +309,19 @@ def test_copy_of_a_link_and_a_folder_through_it_stays_inside(tmp_path: Path, bai
     (ctx / "two" / "d" / "bait.txt").write_text("PWNED")
     (ctx / "Dockerfile").write_text("FROM scratch\nCOPY one/ two/ /\n")
     build_image(ctx / "Dockerfile", executor=FakeExecutor(), register=False)
+
+
+def test_chown_names_are_read_inside_the_image(tmp_path: Path, bait: Path) -> None:
+    """`COPY --chown=NAME` looks NAME up in the image's /etc/passwd; an /etc the image links to a
+    host folder is not followed there."""
+    (bait / "etc").mkdir()
+    (bait / "etc" / "passwd").write_text("hostonly:x:4242:4242::/:/bin/sh\n")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "f").write_text("f")
+    (ctx / "plant.tar").write_bytes(tar_bytes(entry("etc", "sym", target=str(bait / "etc"))))
+    (ctx / "Dockerfile").write_text("FROM scratch\nADD plant.tar /\nCOPY --chown=hostonly f /f\n")
+    with pytest.raises(TlimageError, match="no user 'hostonly'"):
+        build_image(ctx / "Dockerfile", executor=FakeExecutor(), register=False)
+    (bait / "etc" / "passwd").unlink()
+    (bait / "etc").rmdir()

@@ -751,14 +751,23 @@ def _owner(chown: str | None, lowers: tuple[Path, ...], meta: ir.StepMeta) -> tu
     def resolve(name: str, db: str) -> int:
         if name.isdigit():
             return int(name)
+        from tlimage import _fs
+
         for layer in reversed(lowers):
-            f = layer / "etc" / db
-            if f.is_file():
-                for line in f.read_text(errors="replace").splitlines():
-                    fields = line.split(":")
-                    if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
-                        return int(fields[2])
-                break
+            # Read inside the layer only: a link the image planted is never followed on the host.
+            try:
+                fd = _fs.open_file_in_root(layer, f"etc/{db}")
+            except (OSError, _fs.UnsafePathError):
+                continue
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    continue
+                text = f.read(16 << 20).decode("utf-8", "replace")
+            for line in text.splitlines():
+                fields = line.split(":")
+                if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
+                    return int(fields[2])
+            break
         raise _at(meta, TlimageError(f"chown {chown!r}: no {'user' if db == 'passwd' else 'group'}"
                                      f" {name!r} in the image's /etc/{db}"))  # fmt: skip
 
