@@ -1,11 +1,13 @@
 """Generated Dockerfile, JSON and DSL inputs: accepted (and then digested and printed as IR), or
 rejected with a located error from the error tree. Bounded: a fixed number of examples each, no
-deadline, no shrinking database."""
+deadline, no shrinking database. Each hypothesis example is also mutated a few times with its
+own seeded random (VARIANTS inputs per example), which costs far less than generating anew."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +19,9 @@ from tlimage.errors import DSLError, JSONFormError, SourceError, TlimageError
 
 pytestmark = pytest.mark.fuzz
 
-FUZZ = settings(max_examples=3400, deadline=None, database=None, derandomize=False,
+EXAMPLES = 1200
+VARIANTS = 3  # inputs per example: the generated one, then mutations of it
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
                 suppress_health_check=list(HealthCheck))  # fmt: skip
 
 
@@ -63,9 +67,30 @@ _dockerfile = st.one_of(
 )
 
 
+def _mutate_text(text: str, rng: random.Random) -> str:
+    lines = text.split("\n")
+    op = rng.randrange(4)
+    if op == 0 and lines:
+        rng.shuffle(lines)
+    elif op == 1:
+        lines.insert(rng.randrange(len(lines) + 1), rng.choice(_KEYWORDS) + " "
+                     + " ".join(rng.choices(_WORDS, k=rng.randrange(4))))  # fmt: skip
+    elif op == 2 and text:
+        i = rng.randrange(len(text))
+        return text[:i] + rng.choice(_WORDS) + text[i + 1:]
+    else:
+        return text[: rng.randrange(len(text) + 1)]
+    return "\n".join(lines)
+
+
 @FUZZ
-@given(_dockerfile, st.booleans())
-def test_dockerfiles(text: str, as_bytes: bool) -> None:
+@given(_dockerfile, st.booleans(), st.randoms(use_true_random=False))
+def test_dockerfiles(text: str, as_bytes: bool, rng: random.Random) -> None:
+    for i in range(VARIANTS):
+        one_dockerfile(text if i == 0 else _mutate_text(text, rng), as_bytes)
+
+
+def one_dockerfile(text: str, as_bytes: bool) -> None:
     from tlimage.frontends.dockerfile.lower import compile_dockerfile
 
     source: str | bytes = text
@@ -91,11 +116,11 @@ _scalar = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
                                      "sha256:00", "none", "default", "u+x"]),
                     st.text(max_size=12))  # fmt: skip
 _value = st.recursive(_scalar, lambda inner: st.one_of(
-    st.lists(inner, max_size=4),
+    st.lists(inner, max_size=3),
     st.dictionaries(st.sampled_from(["type", "target", "source", "id", "from", "env", "user",
                                      "mounts", "network", "chown", "chmod", "x", "readonly",
-                                     "size", "mode", "uid"]), inner, max_size=4)),
-    max_leaves=12)  # fmt: skip
+                                     "size", "mode", "uid"]), inner, max_size=3)),
+    max_leaves=5)  # fmt: skip
 _OPS = ["RUN", "ENV", "COPY", "ADD", "WORKDIR", "USER", "CMD", "ENTRYPOINT", "LABEL", "EXPOSE",
         "VOLUME", "ARG", "SHELL", "STOPSIGNAL", "HEALTHCHECK", "run", "PIP_INSTALL", "BOGUS"]
 _str = st.one_of(st.sampled_from(["x", "/a", "a.txt", "echo hi", "A", "1", "1000", "/d/"]),
@@ -117,9 +142,45 @@ _doc = st.one_of(
     _image, _value)
 
 
+_POOL = [None, True, 0, -1, 1.5, "", "x", "\ud800", "cache,target=/x", [], {}, ["a"], {"k": 1},
+         "type=bind,target=/m", "RUN", 2**70]  # fmt: skip
+
+
+def _mutate_json(value: object, rng: random.Random) -> object:
+    """A copy of `value` with one node replaced, removed or duplicated."""
+    if isinstance(value, dict) and value and rng.random() < 0.7:
+        out = dict(value)
+        key = rng.choice(list(out))
+        op = rng.randrange(3)
+        if op == 0:
+            del out[key]
+        elif op == 1:
+            out[key] = rng.choice(_POOL)
+        else:
+            out[key] = _mutate_json(out[key], rng)
+        return out
+    if isinstance(value, list) and value and rng.random() < 0.7:
+        out_l = list(value)
+        i = rng.randrange(len(out_l))
+        op = rng.randrange(3)
+        if op == 0:
+            out_l.insert(i, out_l[i])
+        elif op == 1:
+            out_l[i] = rng.choice(_POOL)
+        else:
+            out_l[i] = _mutate_json(out_l[i], rng)
+        return out_l
+    return rng.choice(_POOL)
+
+
 @FUZZ
-@given(_doc, st.sampled_from([0, 0, 0, 1, 2]))
-def test_json_documents(doc: object, mangle: int) -> None:
+@given(_doc, st.sampled_from([0, 0, 0, 1, 2]), st.randoms(use_true_random=False))
+def test_json_documents(doc: object, mangle: int, rng: random.Random) -> None:
+    for i in range(VARIANTS):
+        one_json(doc if i == 0 else _mutate_json(doc, rng), mangle if i == 0 else 0)
+
+
+def one_json(doc: object, mangle: int) -> None:
     from tlimage.frontends.jsonform import load_json_text
 
     text = json.dumps(doc)
@@ -172,8 +233,18 @@ def _call(draw: st.DrawFn) -> tuple[str, list, dict]:
 
 
 @FUZZ
-@given(st.one_of(_scalar, st.sampled_from(["busybox", "scratch"])), st.lists(_call(), max_size=5))
-def test_dsl_calls(base: object, calls: list[tuple[str, list, dict]]) -> None:
+@given(st.one_of(_scalar, st.sampled_from(["busybox", "scratch"])), st.lists(_call(), max_size=5),
+       st.randoms(use_true_random=False))
+def test_dsl_calls(base: object, calls: list[tuple[str, list, dict]], rng: random.Random) -> None:
+    for i in range(VARIANTS):
+        if i:
+            calls = [(m, [rng.choice(_POOL) if rng.random() < 0.3 else a for a in args], kw)
+                     for m, args, kw in calls]  # fmt: skip
+            rng.shuffle(calls)
+        one_dsl(base, calls)
+
+
+def one_dsl(base: object, calls: list[tuple[str, list, dict]]) -> None:
     from tlimage import Image
 
     try:
