@@ -183,3 +183,53 @@ def test_platform_selection_from_an_index(registry, tmp_path):
         with pytest.raises(OCIError, match="no image for platform linux/s390x; the index has: "
                            "linux/amd64, linux/arm64"):
             oci_pull.pull(f"{ref}:multi", cache, config=cfg(registry), platform="linux/s390x")
+
+
+def test_multi_frame_zstd_layer_unpacks_whole(registry, tmp_path):
+    """A zstd layer of several frames (as zstd:chunked writers make) is kept byte for byte and
+    unpacks completely, also as an overlay lower."""
+    import hashlib
+    import io
+    import tarfile
+
+    import zstandard
+
+    from tlimage.cache.unpacked import unpacked_layer
+    from tlimage.oci.client import OCI_CONFIG, OCI_LAYER_ZSTD, RegistryClient
+    from tlimage.oci.reference import parse
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(3):
+            data = os.urandom(300_000)
+            ti = tarfile.TarInfo(f"f{i}.bin")
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    tar = buf.getvalue()
+    cctx = zstandard.ZstdCompressor()
+    third = len(tar) // 3
+    blob = b"".join(cctx.compress(tar[i : i + third]) for i in range(0, len(tar), third))
+    diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+
+    def sha(b: bytes) -> str:
+        return "sha256:" + hashlib.sha256(b).hexdigest()
+
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": OCI_CONFIG, "digest": sha(config),
+                                      "size": len(config)},
+                           "layers": [{"mediaType": OCI_LAYER_ZSTD, "digest": sha(blob),
+                                       "size": len(blob)}]}).encode()
+    ref = f"{registry.host}/frames/img:v1"
+    with RegistryClient(cfg(registry)) as c:
+        ep = c.endpoints(parse(ref), write=True)[0]
+        for b in (blob, config):
+            c.upload_blob(ep, sha(b), len(b), lambda b=b: iter([b]), label=ref)
+        c.put_manifest(ep, "v1", manifest, OCI_MANIFEST, label=ref)
+    with LayerCache(tmp_path / "cache") as cache:
+        img = oci_pull.pull(ref, cache, config=cfg(registry))
+        assert cache.store.read_bytes(img.layers[0].digest) == blob  # kept as sent
+        lower = unpacked_layer(cache.store, img.layers[0].digest)
+        assert sorted(p.name for p in lower.iterdir()) == ["f0.bin", "f1.bin", "f2.bin"]
+        assert (lower / "f2.bin").stat().st_size == 300_000
