@@ -32,6 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlimage import _layout
 from tlimage.errors import ExecutorError
 from tlimage.executor import catalog
 from tlimage.executor.catalog import (
@@ -43,7 +44,7 @@ from tlimage.executor.catalog import (
     UBUNTU_MIRROR_ENV,
     UBUNTU_SUITE_ENV,
 )
-from tlimage.sandbox.qemu.provision import executor_dir, require_tool
+from tlimage.sandbox.qemu.provision import bucket_dir, require_tool
 
 BASES_FORMAT = "b1"
 BASES = catalog.NAMES
@@ -101,7 +102,7 @@ def ensure_base(name: str, cache_dir: Path | None = None, *, refresh: bool = Fal
         raise BaseError(f"unknown base {name!r}; available: {', '.join(BASES)}")
     info = base_info(spec)
     key_s = base_key(spec, info)
-    root = executor_dir(cache_dir) / "bases"
+    root = bucket_dir(_layout.BASES, cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{name}-{key_s}"
     if refresh and final.exists():
@@ -156,7 +157,7 @@ def built_tree(name: str, cache_dir: Path | None = None) -> Path | None:
         key = base_key(spec, base_info(spec))
     except (BaseError, ExecutorError):
         return None
-    final = executor_dir(cache_dir) / "bases" / f"{name}-{key}"
+    final = bucket_dir(_layout.BASES, cache_dir) / f"{name}-{key}"
     return final / "rootfs" if (final / ".tlimage-base.json").is_file() else None
 
 

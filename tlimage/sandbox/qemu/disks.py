@@ -18,8 +18,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from tlimage import _layout
 from tlimage.errors import ExecutorError
-from tlimage.sandbox.qemu.provision import executor_dir, require_tool
+from tlimage.sandbox.qemu.provision import bucket_dir, require_tool
 from tlimage.sandbox.upper import OPAQUE_XATTR, remove, walk, xattrs
 
 # 24 virtio-mmio transports in QEMU's microvm; scratch, serial, net and rng take 4.
@@ -148,7 +149,7 @@ def flatten_layers(lowers: list[Path], dest: Path) -> None:
 def lower_images(lowers: tuple[Path, ...], cache_dir: Path | None = None, *,
                  max_disks: int = MAX_LOWER_DISKS) -> list[Path]:  # fmt: skip
     """One cached ext4 image per lower (bottom first); excess bottom lowers are flattened."""
-    root = executor_dir(cache_dir) / "ext4"
+    root = bucket_dir(_layout.EXT4, cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     groups: list[list[Path]] = [[p] for p in lowers]
     if len(groups) > max_disks:

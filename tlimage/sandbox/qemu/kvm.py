@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tlimage import _layout
 from tlimage.errors import ExecutorError
 from tlimage.sandbox.qemu.process import VM, BootError
-from tlimage.sandbox.qemu.provision import GuestKit, executor_dir, provision, require_tool
+from tlimage.sandbox.qemu.provision import GuestKit, bucket_dir, provision, require_tool
 
 KVM_PROBE_TIMEOUT = 10.0
 
@@ -37,7 +38,7 @@ def probe_kvm(kit: GuestKit, cache_dir: Path | None = None, *,
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is missing or not accessible"
     key = f"{os.uname().release}|{_qemu_version()}|{kit.key}"
-    path = executor_dir(cache_dir) / "kvm-probe.json"
+    path = bucket_dir(_layout.KVM_PROBE, cache_dir)
     cache: dict = {}
     with contextlib.suppress(OSError, ValueError):
         cache = json.loads(path.read_text())

@@ -26,10 +26,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlimage import _layout
 from tlimage.errors import ExecutorError
 
 # Bump when the layout of the guest folder or the initramfs changes; the name carries it.
-PROVISION_FORMAT = "executor-v1"
+PROVISION_FORMAT = _layout.EXECUTOR.path
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 # What the guest needs beyond the built-in drivers: virtio-mmio transport (microvm has no PCI),
@@ -53,10 +54,11 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "tlimage"
 
 
-def executor_dir(cache_dir: Path | None = None) -> Path:
-    d = (cache_dir or cache_root()) / PROVISION_FORMAT
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+def bucket_dir(bucket: _layout.Bucket, cache_dir: Path | None = None) -> Path:
+    """Where a cache bucket of `tlimage._layout` is (its parent folder made)."""
+    path = bucket.under(cache_dir or cache_root())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 # Tool -> the Debian package that provides it, for error messages.
@@ -190,7 +192,7 @@ def provision(
 
 
 def _memo_path(cache_dir: Path | None) -> Path:
-    return executor_dir(cache_dir) / "guest" / "current.json"
+    return bucket_dir(_layout.GUEST, cache_dir) / "current.json"
 
 
 def _memo_key(cache_dir: Path | None) -> str:
@@ -234,7 +236,7 @@ def _provision(cache_dir: Path | None, say: Callable[[str], None]) -> GuestKit:
     ).encode()
     key = hashlib.sha256(key_material).hexdigest()[:16]
     release = kpkg.removeprefix("linux-image-")
-    guest_root = executor_dir(cache_dir) / "guest"
+    guest_root = bucket_dir(_layout.GUEST, cache_dir)
     final = guest_root / f"{release}-{key}"
     manifest = final / "manifest.json"
     if manifest.is_file():
