@@ -391,7 +391,7 @@ class NamespaceBackend:
         without the placeholders the sandbox mounted host files on. Its files are hard links
         into the live upper, so a running sandbox stays frozen until the block ends (the
         caller writes the layer inside it)."""
-        from tlimage.executor.base import normalize_upper
+        from tlimage.sandbox.upper import normalize_upper
 
         upper = fs_dir(rec) / "upper"
         skip: set[str] = set()
