@@ -125,21 +125,23 @@ _OPS = ["RUN", "ENV", "COPY", "ADD", "WORKDIR", "USER", "CMD", "ENTRYPOINT", "LA
         "VOLUME", "ARG", "SHELL", "STOPSIGNAL", "HEALTHCHECK", "run", "PIP_INSTALL", "BOGUS"]
 _str = st.one_of(st.sampled_from(["x", "/a", "a.txt", "echo hi", "A", "1", "1000", "/d/"]),
                  _scalar.filter(lambda v: isinstance(v, str)))
+_args = st.lists(_str, min_size=1, max_size=3)
 _op = st.fixed_dictionaries(
-    {"op": st.sampled_from(_OPS)},
-    optional={"args": st.one_of(st.lists(_str, min_size=1, max_size=3), _value), "options": st.one_of(_value, st.dictionaries(
+    {"op": st.sampled_from(_OPS), "args": st.one_of(_args, _args, _args, _value)},
+    optional={"options": st.one_of(_value, st.dictionaries(
         st.sampled_from(["env", "user", "workdir", "mounts", "network", "force", "from",
                          "chown", "chmod", "checksum", "exclude", "link", "parents"]),
         _value, max_size=3))})  # fmt: skip
+# Mostly well-formed around the hostile parts, so that accepted documents are exercised too.
 _image = st.fixed_dictionaries(
-    {"name": st.one_of(st.sampled_from(["a", "b"]), _scalar),
-     "base_image": st.one_of(st.just("busybox"), _scalar),
+    {"name": st.one_of(st.just("a"), st.just("b"), st.just("c"), _scalar),
+     "base_image": st.one_of(st.just("busybox"), st.just("busybox"), st.just("scratch"), _scalar),
      "operations": st.lists(_op, max_size=4)},
-    optional={"tag": _scalar})
-_doc = st.one_of(
-    st.builds(lambda imgs, v: {"schema_version": v, "images": imgs},
-              st.lists(_image, min_size=1, max_size=2), st.sampled_from([1, 1, 1, 2, "1"])),
-    _image, _value)
+    optional={"tag": _scalar})  # fmt: skip
+_versioned = st.builds(lambda imgs, v: {"schema_version": v, "images": imgs},
+                       st.lists(_image, min_size=1, max_size=2),
+                       st.sampled_from([1, 1, 1, 1, 1, 1, 1, 1, 2, "1"]))  # fmt: skip
+_doc = st.integers(0, 9).flatmap(lambda k: _versioned if k < 8 else _image if k == 8 else _value)
 
 
 _POOL = [None, True, 0, -1, 1.5, "", "x", "\ud800", "cache,target=/x", [], {}, ["a"], {"k": 1},
