@@ -172,3 +172,12 @@ def test_local_archive_keeps_setid_bits(tmp_path: Path) -> None:
     tree = image_tree(result, tmp_path / "img")
     assert stat.S_IMODE(os.lstat(tree / "bin" / "su").st_mode) == 0o4755
     assert stat.S_IMODE(os.lstat(tree / "bin" / "wall").st_mode) == 0o2755
+
+
+def test_a_non_utf8_dockerfile_builds(tmp_path: Path) -> None:
+    """Buildah takes a Dockerfile's bytes as they are; so does tlimage (a Latin-1 é here)."""
+    (tmp_path / "Dockerfile").write_bytes(b"FROM busybox\nRUN echo caf\xe9\nLABEL x=caf\xe9\n")
+    ex = FakeExecutor()
+    result = build_image(tmp_path / "Dockerfile", executor=ex)
+    assert [os.fsencode(a) for a in ex.runs[0].argv][-1].endswith(b"echo caf\xe9")
+    assert result.record is not None

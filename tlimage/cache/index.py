@@ -231,7 +231,8 @@ def _row(rec: LayerRecord) -> tuple:
         rec.uncompressed_size,
         rec.created_at,
         rec.last_used,
-        rec.description,
+        # Display text: bytes of a non-UTF-8 Dockerfile (surrogate escapes) shown replaced.
+        rec.description.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
         json.dumps(rec.meta, sort_keys=True, separators=(",", ":")),
     )
 

@@ -92,7 +92,7 @@ def default_handler(req: RunRequest, upper: Path, emit: OutputCallback) -> int:
     for cmd in commands:
         op, args = cmd[0], cmd[1:]
         if op == "echo":
-            emit("stdout", (" ".join(args) + "\n").encode())
+            emit("stdout", (" ".join(args) + "\n").encode("utf-8", "surrogateescape"))
         elif op == "exit":
             return int(args[0]) if args else 0
         elif op == "fail":
