@@ -18,6 +18,7 @@ from tlimage.builder.gc import evict
 
 PACKAGE = Path(tlimage.__file__).parent
 
+
 def test_versioned_folder_names_are_spelled_only_in_the_layout() -> None:
     names = {b.path.split("/")[0] for b in _layout.BUCKETS} | {
         b.path.rsplit("/", 1)[-1] for b in _layout.BUCKETS
