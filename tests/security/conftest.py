@@ -453,7 +453,12 @@ def security_runs(probe_binary: Path, tmp_path_factory: pytest.TempPathFactory
     work = tmp_path_factory.mktemp("security")
     # Session fixtures start before conftest's per-test folders: give the runs their own.
     saved = {k: os.environ.get(k) for k in ("TLIMAGE_CACHE_DIR", "TLIMAGE_STATE_DIR")}
-    os.environ["TLIMAGE_CACHE_DIR"] = os.environ.get("TLIMAGE_SECURITY_CACHE") or str(work / "cache")
+    # The user's layer cache, like tests/vm's session fixtures: the microVM's guest kit is made
+    # once per machine, not once per run; the registry (state) is the run's own.
+    from tlimage.cache.store import default_cache_root
+
+    os.environ["TLIMAGE_CACHE_DIR"] = (os.environ.get("TLIMAGE_SECURITY_CACHE")
+                                       or str(default_cache_root()))
     os.environ["TLIMAGE_STATE_DIR"] = str(work / "state")
     token = uuid.uuid4().hex[:12]
     marker = subprocess.Popen(["bash", "-c", f"exec -a tl-sec-host-{token} sleep 3600"])
