@@ -78,6 +78,16 @@ def register(sbx: typer.Typer) -> None:
             "--backend", hidden=True, help="Old name of --isolation.")] = None,
         no_network: Annotated[bool, typer.Option("--no-network",
                                                  help="Only a loopback interface.")] = False,
+        network: Annotated[str, typer.Option(
+            "--network", help="allow: internet access (default); deny: none but DNS and "
+                              "--allow entries. Host loopback and private ranges are never "
+                              "reachable.")] = "allow",
+        block: Annotated[list[str] | None, typer.Option(
+            "--block", help="CIDR, address or host name the sandbox may not reach "
+                            "(repeatable; wins over --allow).")] = None,
+        allow: Annotated[list[str] | None, typer.Option(
+            "--allow", help="CIDR, address or host name the sandbox may reach even when "
+                            "denied or private (repeatable).")] = None,
         secret: Annotated[list[str] | None, typer.Option(
             "--secret", help="NAME of a stored secret (tl secrets set) to pass as an "
                              "environment variable to every exec and spawn (repeatable).")
@@ -107,12 +117,17 @@ def register(sbx: typer.Typer) -> None:
 
             # Not registered in the project nor a seed base: a registry image, pulled first.
             image = registered_or_pulled(project_name(project), image, cache_dir=cache_dir)
+        policy = None
+        if network != "allow" or block or allow:
+            from tlimage.sandbox.network import NetworkPolicy
+
+            policy = NetworkPolicy(network, tuple(block or ()), tuple(allow or ()))
         sb = Sandbox.create(
             image or None, name=name, project=project, backend=isolation.value, cpus=cpus,
             memory=memory,
             timeout=timeout, entrypoint=shlex.split(entrypoint) if entrypoint else None,
             env=env, workdir=workdir, user=user, network=not no_network, cache_dir=cache_dir,
-            secret_names=secret or None,
+            secret_names=secret or None, network_policy=policy,
         )  # fmt: skip
         if json_:
             print(json.dumps(_info_json(sb)))

@@ -248,6 +248,7 @@ class Sandbox:
         workdir: str | None = None,
         user: str | None = None,
         network: bool = True,
+        network_policy: Any = None,
         cache_dir: Path | None = None,
         secret_names: Sequence[str] | None = None,
         notice: Callable[[str], None] | None = None,
@@ -259,7 +260,10 @@ class Sandbox:
         ends when the entrypoint exits. `timeout` (seconds of running time) terminates it.
         Unnamed sandboxes are ephemeral: their filesystem goes when they end.
         `secret_names` (stored with `tl secrets set`) become environment variables of every
-        exec and spawn; their values are read at each exec and never stored with the sandbox."""
+        exec and spawn; their values are read at each exec and never stored with the sandbox.
+        `network_policy` (a `tlimage.sandbox.network.NetworkPolicy` or its JSON form) says what
+        the sandbox may reach when it has network: mode allow|deny and block/allow lists,
+        enforced outside it."""
         from tlimage.registry import Registry
         from tlimage.runtime._secrets import check_secrets_exist
 
@@ -278,6 +282,7 @@ class Sandbox:
         if isinstance(secret_names, str):
             secret_names = [secret_names]
         secrets_ = check_secrets_exist(secret_names or [], project=proj)
+        policy = _network_policy(network, network_policy)
         cache = str(Path(cache_dir).resolve()) if cache_dir else os.environ.get(
             "TLIMAGE_CACHE_DIR")
         be_name, accel = select_backend(backend, Path(cache) if cache else None, notice)
@@ -310,7 +315,7 @@ class Sandbox:
             run_dir=str(run_dir), cache_dir=cache, source=_source,
             extra={"config": config, "image_config": dict(cfg), "accel": accel, "unsafe": unsafe,
                    "layers": [vars(la) for la in img.manifest.layers],
-                   "secret_names": secrets_},
+                   "secret_names": secrets_, "network_policy": policy},
             **op_owner(),
         )  # fmt: skip
         db = StateDB()
@@ -943,6 +948,23 @@ def _start_copy(src: SandboxRecord, name: str | None, start, db: StateDB,  # noq
                               op_pid=None, op_start=None)  # fmt: skip
             raise
     return Sandbox(rec, db)
+
+
+def _network_policy(network: bool, policy: Any) -> dict[str, Any] | None:
+    """The JSON form of a sandbox's network policy, checked; None without network."""
+    from tlimage.sandbox.network import NetworkPolicy
+
+    if policy is None:
+        return None if not network else NetworkPolicy().to_json()
+    if not network:
+        raise RuntimeError_("a network policy was given for a sandbox without network "
+                            "(--no-network): drop one of them")  # fmt: skip
+    if isinstance(policy, dict):
+        policy = NetworkPolicy.from_json(policy)
+    if not isinstance(policy, NetworkPolicy):
+        raise RuntimeError_(f"network_policy must be a NetworkPolicy or its JSON form, not "
+                            f"{type(policy).__name__}")  # fmt: skip
+    return policy.to_json()
 
 
 def new_id() -> str:

@@ -79,6 +79,7 @@ class NamespaceBackend:
                            network=rec.network, hostname=rec.name or rec.id,
                                 files_dir=rec.path),
             "id": rec.id,
+            "network_policy": rec.extra.get("network_policy"),
             "entrypoint": entrypoint,
             # PID 1 keeps a descriptor of it and reads `deadline`, writes `exit.json` and
             # `placeholders.json` there.

@@ -169,7 +169,8 @@ def _give_network(sock: socket.socket, pid: int, spec: dict,
     """Attaches the user-mode network to the namespace of `pid`, writes the sandbox's
     resolv.conf (in place: it is bound into the sandbox) and lets PID 1 go on."""
     try:
-        handle = network.attach(pid, network.NetworkPolicy("allow"), exit_fd=exit_fd)
+        policy = network.NetworkPolicy.from_json(spec.get("network_policy") or {})
+        handle = network.attach(pid, policy, exit_fd=exit_fd)
     except Exception as e:
         with contextlib.suppress(OSError):
             sock.send(f"error: {e}".encode())
