@@ -1,33 +1,46 @@
-"""Dockerfile parsing, stage two: the untyped tree to typed instructions (BuildKit's
-`instructions` package).
-
-Each instruction's flags are checked against the flags it accepts (an unknown, repeated or
-valueless flag is an error, with a suggestion when one is close), its arguments are counted
-and shaped (`FROM base AS name`, `COPY src... dest`, ENV pairs, HEALTHCHECK options), and
-`RUN --mount` specs are parsed. Errors name file:line:col and show the line with a caret.
-
-String fields hold the text as written: variables are not expanded and quotes in ENV/LABEL/ARG
-values are still there. Expansion needs the build-time environment, so it belongs to lowering,
-which calls `command.expand(expander)` (the fields BuildKit expands, per instruction) with
-`shell.process_word` bound to the stage's variables. Values that contain `$` are validated
-after expansion (`RunCommand.expand` re-parses its mounts); the rest are validated here.
-
-Deliberately as BuildKit: ONBUILD keeps its trigger as text (it runs in a later build);
-ARG, STOPSIGNAL and HEALTHCHECK NONE ignore flags (a `Program` warning says so); MAINTAINER is
-accepted.
-"""
+"""The untyped tree to typed instructions: each instruction's flags and arguments are checked
+and shaped, and errors point at file:line:col with the line and a caret."""
 
 from __future__ import annotations
 
-import difflib
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from tlimage.errors import DockerfileError
 from tlimage.frontends.dockerfile import _values
 from tlimage.frontends.dockerfile._gostr import go_lower, go_quote, go_trim_space, go_upper
+from tlimage.frontends.dockerfile.instructions.commands import (
+    NETWORK_MODES,
+    SECURITY_MODES,
+    AddCommand,
+    ArgCommand,
+    ArgDef,
+    CmdCommand,
+    Command,
+    CopyCommand,
+    DockerfileInstructionError,
+    EntrypointCommand,
+    EnvCommand,
+    ExposeCommand,
+    FromCommand,
+    HealthcheckCommand,
+    KeyValuePair,
+    LabelCommand,
+    MaintainerCommand,
+    OnbuildCommand,
+    Program,
+    RunCommand,
+    ShellCommand,
+    ShellInlineFile,
+    SourceContent,
+    Stage,
+    StopSignalCommand,
+    UserCommand,
+    VolumeCommand,
+    WorkdirCommand,
+    check_chmod,
+)
+from tlimage.frontends.dockerfile.instructions.flags import Flags, suggest
 from tlimage.frontends.dockerfile.parser import (
     Dockerfile,
     Heredoc,
@@ -35,403 +48,9 @@ from tlimage.frontends.dockerfile.parser import (
     ParseWarning,
     parse_heredoc,
 )
-from tlimage.frontends.mounts import MountSpec as Mount
 from tlimage.frontends.mounts import parse_mount
 from tlimage.frontends.problem import Problem
 from tlimage.source import Span
-
-__all__ = [
-    "AddCommand",
-    "ArgCommand",
-    "ArgDef",
-    "CmdCommand",
-    "Command",
-    "CopyCommand",
-    "DockerfileInstructionError",
-    "EntrypointCommand",
-    "EnvCommand",
-    "ExposeCommand",
-    "FromCommand",
-    "HealthcheckCommand",
-    "KeyValuePair",
-    "LabelCommand",
-    "MaintainerCommand",
-    "Mount",
-    "OnbuildCommand",
-    "Program",
-    "RunCommand",
-    "ShellCommand",
-    "ShellInlineFile",
-    "SourceContent",
-    "Stage",
-    "StopSignalCommand",
-    "UserCommand",
-    "VolumeCommand",
-    "WorkdirCommand",
-    "parse_instruction",
-    "parse_program",
-]
-
-Expander = Callable[[str], str]
-
-
-class DockerfileInstructionError(DockerfileError):
-    """An instruction is not valid: unknown instruction or flag, wrong arguments, bad value."""
-
-
-# ------------------------------------------------------------------------------ value types
-
-
-@dataclass(frozen=True, slots=True)
-class KeyValuePair:
-    """One ENV/LABEL pair. `no_delim` marks the legacy `ENV key value` form."""
-
-    key: str
-    value: str
-    no_delim: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ArgDef:
-    """One ARG name with its default (None when it has none, "" for `ARG x=`)."""
-
-    key: str
-    value: str | None = None
-    comment: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class SourceContent:
-    """A COPY/ADD source given inline by a heredoc. `data` is chomped already for `<<-`;
-    `expand` says whether variables in it are to be expanded (unquoted delimiter)."""
-
-    path: str
-    data: str
-    expand: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ShellInlineFile:
-    """A RUN heredoc: the script (or stdin) the command reads. `data` is not chomped; `chomp`
-    says `<<-` was used."""
-
-    name: str
-    data: str
-    chomp: bool
-
-
-NETWORK_MODES = ("default", "none", "host")
-SECURITY_MODES = ("sandbox", "insecure")
-
-
-# --------------------------------------------------------------------------------- commands
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Command:
-    """What every instruction carries: the keyword as written, where it is (start line and
-    column; `span.end_line` is its last line, heredoc bodies included) and its logical line."""
-
-    NAME: ClassVar[str] = ""
-    keyword: str
-    span: Span
-    original: str
-
-    @property
-    def name(self) -> str:
-        return self.NAME
-
-    def expand(self, expander: Expander) -> Command:
-        """A copy with the fields BuildKit expands replaced by `expander(field)`."""
-        return self
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FromCommand(Command):
-    """`FROM [--platform=p] base [AS name]`. `stage_name` is lower-cased (stage names are
-    case-insensitive); "" when there is none. `base` and `platform` expand with the global
-    (pre-FROM) ARGs only, so they are expanded by the caller, not by `expand`."""
-
-    NAME: ClassVar[str] = "from"
-    base: str
-    stage_name: str = ""
-    platform: str = ""
-    comment: str = ""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RunCommand(Command):
-    """`RUN`. Shell form (`prepend_shell`): `cmd` is one string for the stage's SHELL; exec
-    form: `cmd` is the argv. `files` are its heredocs. `mount_specs` are the raw `--mount`
-    values and `mounts` their parse (values with `$` in them unexpanded until `expand`)."""
-
-    NAME: ClassVar[str] = "run"
-    cmd: tuple[str, ...]
-    prepend_shell: bool
-    files: tuple[ShellInlineFile, ...] = ()
-    mounts: tuple[Mount, ...] = ()
-    mount_specs: tuple[str, ...] = ()
-    network: str = "default"
-    security: str = "sandbox"
-    flags_used: tuple[str, ...] = ()
-
-    def expand(self, expander: Expander) -> RunCommand:
-        if not self.mount_specs:
-            return self
-        try:
-            mounts = tuple(parse_mount(spec, expander) for spec in self.mount_specs)
-        except Problem as e:
-            raise DockerfileInstructionError(e.message, self.span, hint=e.hint) from None
-        return replace(self, mounts=mounts)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CmdCommand(Command):
-    NAME: ClassVar[str] = "cmd"
-    cmd: tuple[str, ...]
-    prepend_shell: bool
-    files: tuple[ShellInlineFile, ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EntrypointCommand(Command):
-    """`ENTRYPOINT`; `cmd` is None for `ENTRYPOINT []` (which clears it)."""
-
-    NAME: ClassVar[str] = "entrypoint"
-    cmd: tuple[str, ...] | None
-    prepend_shell: bool
-    files: tuple[ShellInlineFile, ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ShellCommand(Command):
-    NAME: ClassVar[str] = "shell"
-    shell: tuple[str, ...]
-
-
-def _expand_all(expander: Expander, values: Iterable[str]) -> tuple[str, ...]:
-    return tuple(expander(v) for v in values)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CopyCommand(Command):
-    """`COPY [--from=] [--chown=] [--chmod=] [--link] [--parents] [--exclude=]... src... dest`.
-    `sources` are paths; heredoc sources are in `contents`, in their own order."""
-
-    NAME: ClassVar[str] = "copy"
-    sources: tuple[str, ...]
-    contents: tuple[SourceContent, ...]
-    dest: str
-    from_: str = ""
-    chown: str = ""
-    chmod: str = ""
-    link: bool = False
-    parents: bool = False
-    excludes: tuple[str, ...] = ()
-
-    def expand(self, expander: Expander) -> CopyCommand:
-        chmod = expander(self.chmod)
-        _check_chmod(chmod, self)
-        return replace(
-            self,
-            sources=_expand_all(expander, self.sources),
-            dest=expander(self.dest),
-            chown=expander(self.chown),
-            chmod=chmod,
-            excludes=_expand_all(expander, self.excludes),
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AddCommand(Command):
-    """`ADD` (sources may be URLs or git repositories, and local archives are unpacked).
-    `unpack` is None unless `--unpack` was given."""
-
-    NAME: ClassVar[str] = "add"
-    sources: tuple[str, ...]
-    contents: tuple[SourceContent, ...]
-    dest: str
-    chown: str = ""
-    chmod: str = ""
-    link: bool = False
-    keep_git_dir: bool = False
-    checksum: str = ""
-    excludes: tuple[str, ...] = ()
-    unpack: bool | None = None
-
-    def expand(self, expander: Expander) -> AddCommand:
-        chmod = expander(self.chmod)
-        _check_chmod(chmod, self)
-        return replace(
-            self,
-            sources=_expand_all(expander, self.sources),
-            dest=expander(self.dest),
-            chown=expander(self.chown),
-            chmod=chmod,
-            checksum=expander(self.checksum),
-            excludes=_expand_all(expander, self.excludes),
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EnvCommand(Command):
-    NAME: ClassVar[str] = "env"
-    env: tuple[KeyValuePair, ...]
-
-    def expand(self, expander: Expander) -> EnvCommand:
-        return replace(self, env=_expand_pairs(expander, self.env))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LabelCommand(Command):
-    NAME: ClassVar[str] = "label"
-    labels: tuple[KeyValuePair, ...]
-
-    def expand(self, expander: Expander) -> LabelCommand:
-        return replace(self, labels=_expand_pairs(expander, self.labels))
-
-
-def _expand_pairs(expander: Expander, pairs: tuple[KeyValuePair, ...]) -> tuple[KeyValuePair, ...]:
-    return tuple(KeyValuePair(expander(p.key), expander(p.value), p.no_delim) for p in pairs)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ArgCommand(Command):
-    NAME: ClassVar[str] = "arg"
-    args: tuple[ArgDef, ...]
-
-    def expand(self, expander: Expander) -> ArgCommand:
-        return replace(
-            self,
-            args=tuple(
-                ArgDef(expander(a.key), None if a.value is None else expander(a.value), a.comment)
-                for a in self.args
-            ),
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WorkdirCommand(Command):
-    NAME: ClassVar[str] = "workdir"
-    path: str
-
-    def expand(self, expander: Expander) -> WorkdirCommand:
-        return replace(self, path=expander(self.path))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UserCommand(Command):
-    NAME: ClassVar[str] = "user"
-    user: str
-
-    def expand(self, expander: Expander) -> UserCommand:
-        return replace(self, user=expander(self.user))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ExposeCommand(Command):
-    """`EXPOSE`; `ports` sorted as BuildKit sorts them. Expansion may split one word into
-    several (`EXPOSE $PORTS`)."""
-
-    NAME: ClassVar[str] = "expose"
-    ports: tuple[str, ...]
-
-    def expand(self, expander: Expander) -> ExposeCommand:
-        ports: list[str] = []
-        for p in self.ports:
-            ports.extend(expander(p).split())
-        return replace(self, ports=tuple(ports))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VolumeCommand(Command):
-    NAME: ClassVar[str] = "volume"
-    volumes: tuple[str, ...]
-
-    def expand(self, expander: Expander) -> VolumeCommand:
-        return replace(self, volumes=_expand_all(expander, self.volumes))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StopSignalCommand(Command):
-    NAME: ClassVar[str] = "stopsignal"
-    signal: str
-
-    def expand(self, expander: Expander) -> StopSignalCommand:
-        return replace(self, signal=expander(self.signal))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HealthcheckCommand(Command):
-    """`HEALTHCHECK NONE` (`test == ("NONE",)`) or `HEALTHCHECK [options] CMD ...`
-    (`test` is `("CMD", argv...)` in exec form, `("CMD-SHELL", script)` in shell form).
-    Durations are nanoseconds, 0 when not given (the runtime's default then applies)."""
-
-    NAME: ClassVar[str] = "healthcheck"
-    test: tuple[str, ...]
-    interval: int = 0
-    timeout: int = 0
-    start_period: int = 0
-    start_interval: int = 0
-    retries: int = 0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class OnbuildCommand(Command):
-    """`ONBUILD <instruction>`: `expression` is the trigger's text (heredoc bodies appended),
-    stored in the image for builds that use it as a base."""
-
-    NAME: ClassVar[str] = "onbuild"
-    expression: str
-    trigger: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MaintainerCommand(Command):
-    NAME: ClassVar[str] = "maintainer"
-    maintainer: str
-
-
-@dataclass(frozen=True, slots=True)
-class Stage:
-    """A build stage: its FROM and the commands after it, in order."""
-
-    index: int
-    from_: FromCommand
-    commands: tuple[Command, ...]
-
-    @property
-    def name(self) -> str:
-        """The stage's name (lower case), or "" for an unnamed stage."""
-        return self.from_.stage_name
-
-    @property
-    def base(self) -> str:
-        return self.from_.base
-
-
-@dataclass(frozen=True, slots=True)
-class Program:
-    """A whole Dockerfile as typed instructions: the ARGs before the first FROM (the only
-    variables FROM lines can use) and the stages. `warnings` are the parser's plus flags that
-    were ignored."""
-
-    file: str
-    meta_args: tuple[ArgCommand, ...]
-    stages: tuple[Stage, ...]
-    escape: str = "\\"
-    syntax: str | None = None
-    warnings: tuple[ParseWarning, ...] = ()
-
-    def stage(self, name_or_index: str | int) -> Stage:
-        if isinstance(name_or_index, int):
-            return self.stages[name_or_index]
-        key = go_lower(name_or_index)
-        for st in self.stages:
-            if st.name == key:
-                return st
-        raise KeyError(name_or_index)
-
 
 # ------------------------------------------------------------------------------ locations
 
@@ -476,73 +95,6 @@ class _Loc:
         return DockerfileInstructionError(message, span, text=self.text, hint=hint)
 
 
-def _suggest(value: str, options: Iterable[str]) -> str:
-    match = difflib.get_close_matches(go_lower(value), list(options), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]}?)" if match else ""
-
-
-# ---------------------------------------------------------------------------------- flags
-
-
-class _Flags:
-    """BuildKit's BFlags: declare what an instruction accepts, then `parse()` the raw flags.
-    Boolean flags take no value or true/false; string flags need `=value`; `strings` flags
-    may repeat."""
-
-    def __init__(self, raw: tuple[str, ...]) -> None:
-        self.raw = raw
-        self.kinds: dict[str, str] = {}
-        self.values: dict[str, object] = {}
-        self.used: list[str] = []
-
-    def bool(self, name: str, default: bool = False) -> None:
-        self.kinds[name] = "bool"
-        self.values[name] = default
-
-    def string(self, name: str, default: str = "") -> None:
-        self.kinds[name] = "string"
-        self.values[name] = default
-
-    def strings(self, name: str) -> None:
-        self.kinds[name] = "strings"
-        self.values[name] = []
-
-    def parse(self) -> _Flags:
-        for arg in self.raw:
-            if not arg.startswith("--"):
-                raise Problem(f"arg should start with -- : {arg}", arg)
-            if arg == "--":
-                break
-            name, eq, value = arg[2:].partition("=")
-            kind = self.kinds.get(name)
-            needle = "--" + name
-            if kind is None:
-                raise Problem(f"unknown flag: {name}{_suggest(name, self.kinds)}", needle)
-            if name in self.used and kind != "strings":
-                raise Problem(f"duplicate flag specified: {name}", needle)
-            self.used.append(name)
-            if kind == "bool":
-                if eq and value == "":
-                    raise Problem(f"missing a value on flag: {name}", needle)
-                lower = go_lower(value)
-                if lower in ("", "true"):
-                    self.values[name] = True
-                elif lower == "false":
-                    self.values[name] = False
-                else:
-                    raise Problem(f"expecting boolean value for flag {name}, not: {value}", needle)
-            elif not eq:
-                raise Problem(f"missing a value on flag: {name}", needle)
-            elif kind == "string":
-                self.values[name] = value
-            else:
-                self.values[name].append(value)  # type: ignore[attr-defined]
-        return self
-
-    def __getitem__(self, name: str):  # str, bool or list, as declared
-        return self.values[name]
-
-
 # ------------------------------------------------------------------------------ per command
 
 
@@ -551,7 +103,7 @@ def _common(ins: Instruction, loc: _Loc) -> dict[str, object]:
 
 
 def _no_flags(ins: Instruction) -> None:
-    _Flags(ins.flags).parse()
+    Flags(ins.flags).parse()
 
 
 def _exactly_one(ins: Instruction, name: str) -> str:
@@ -604,7 +156,7 @@ def _parse_from(ins: Instruction, loc: _Loc) -> FromCommand:
             )
     elif len(args) != 1:
         raise Problem("FROM requires either one or three arguments", args[1] if args[1:] else None)
-    flags = _Flags(ins.flags)
+    flags = Flags(ins.flags)
     flags.string("platform")
     flags.parse()
     return FromCommand(
@@ -617,7 +169,7 @@ def _parse_from(ins: Instruction, loc: _Loc) -> FromCommand:
 
 
 def _parse_run(ins: Instruction, loc: _Loc) -> RunCommand:
-    flags = _Flags(ins.flags)
+    flags = Flags(ins.flags)
     flags.strings("mount")
     flags.string("network", "default")
     flags.string("security", "sandbox")
@@ -706,33 +258,39 @@ def _sources_and_dest(
     return tuple(paths), tuple(contents), dest
 
 
-def _check_chmod(chmod: str, cmd: Command | None = None) -> None:
-    if not chmod or "$" in chmod:
-        return
-    error = f"invalid chmod parameter: '{chmod}'. it should be octal string and between 0 and 07777"
-    try:
-        mode = _values.parse_uint(chmod, 8, 32)
-    except ValueError:
-        mode = -1
-    if not 0 <= mode <= 0o7777:
-        if cmd is None:
-            raise Problem(error, "--chmod")
-        raise DockerfileInstructionError(error, cmd.span)
+def _copy_flags(
+    ins: Instruction, name: str, extra: Callable[[Flags], None]
+) -> tuple[Flags, tuple[str, ...], tuple[SourceContent, ...], str]:
+    """What COPY and ADD share: the argument count, the flags both take (`--exclude`,
+    `--chown`, `--chmod`, `--link`) plus those `extra` declares, the sources and the
+    destination, and the `--chmod` check."""
+    if len(ins.args) < 2:
+        _sources_and_dest(ins, name)
+    flags = Flags(ins.flags)
+    flags.strings("exclude")
+    flags.string("chown")
+    flags.string("chmod")
+    flags.bool("link")
+    extra(flags)
+    flags.parse()
+    sources, contents, dest = _sources_and_dest(ins, name)
+    check_chmod(flags["chmod"])
+    return flags, sources, contents, dest
+
+
+def _copy_only_flags(flags: Flags) -> None:
+    flags.bool("parents")
+    flags.string("from")
+
+
+def _add_only_flags(flags: Flags) -> None:
+    flags.bool("keep-git-dir")
+    flags.string("checksum")
+    flags.bool("unpack")
 
 
 def _parse_copy(ins: Instruction, loc: _Loc) -> CopyCommand:
-    if len(ins.args) < 2:
-        _sources_and_dest(ins, "COPY")
-    flags = _Flags(ins.flags)
-    flags.strings("exclude")
-    flags.bool("parents")
-    flags.string("chown")
-    flags.string("from")
-    flags.string("chmod")
-    flags.bool("link")
-    flags.parse()
-    sources, contents, dest = _sources_and_dest(ins, "COPY")
-    _check_chmod(flags["chmod"])
+    flags, sources, contents, dest = _copy_flags(ins, "COPY", _copy_only_flags)
     return CopyCommand(
         **_common(ins, loc),  # type: ignore[arg-type]
         sources=sources,
@@ -748,19 +306,7 @@ def _parse_copy(ins: Instruction, loc: _Loc) -> CopyCommand:
 
 
 def _parse_add(ins: Instruction, loc: _Loc) -> AddCommand:
-    if len(ins.args) < 2:
-        _sources_and_dest(ins, "ADD")
-    flags = _Flags(ins.flags)
-    flags.strings("exclude")
-    flags.string("chown")
-    flags.string("chmod")
-    flags.bool("link")
-    flags.bool("keep-git-dir")
-    flags.string("checksum")
-    flags.bool("unpack")
-    flags.parse()
-    sources, contents, dest = _sources_and_dest(ins, "ADD")
-    _check_chmod(flags["chmod"])
+    flags, sources, contents, dest = _copy_flags(ins, "ADD", _add_only_flags)
     checksum = flags["checksum"]
     if checksum and len(sources) + len(contents) != 1:
         raise Problem("checksum can't be specified for multiple sources", "--checksum")
@@ -860,7 +406,7 @@ def _parse_maintainer(ins: Instruction, loc: _Loc) -> MaintainerCommand:
     return MaintainerCommand(**_common(ins, loc), maintainer=who)  # type: ignore[arg-type]
 
 
-def _opt_interval(flags: _Flags, name: str) -> int:
+def _opt_interval(flags: Flags, name: str) -> int:
     text = flags[name]
     if text == "":
         return 0
@@ -885,7 +431,7 @@ def _parse_healthcheck(ins: Instruction, loc: _Loc) -> HealthcheckCommand:
         if rest:
             raise Problem("HEALTHCHECK NONE takes no arguments", rest[0][:20])
         return HealthcheckCommand(**common, test=("NONE",))  # type: ignore[arg-type]
-    flags = _Flags(ins.flags)
+    flags = Flags(ins.flags)
     flags.string("interval")
     flags.string("timeout")
     flags.string("start-period")
@@ -957,7 +503,6 @@ _PARSERS: dict[str, Callable[[Instruction, _Loc], Command]] = {
 }
 INSTRUCTIONS = tuple(sorted(_PARSERS))
 
-
 # ---------------------------------------------------------------------------------- entry
 
 
@@ -972,7 +517,7 @@ def _parse_one(ins: Instruction, loc: _Loc) -> Command:
     if parser is None:
         raise loc.error(
             ins,
-            f"unknown instruction: {ins.keyword}{_suggest(ins.keyword, INSTRUCTIONS)}",
+            f"unknown instruction: {ins.keyword}{suggest(ins.keyword, INSTRUCTIONS)}",
             ins.keyword,
         )
     try:
