@@ -4,7 +4,8 @@
 
 Prints, for the microVM (KVM when the probe passes, else TCG): cold boot-to-first-output (a
 fresh VM per step) and the per-step time in a warm VM; for the namespace sandbox: per-step time;
-then ratios against the namespace run. Needs root and qemu-system-x86.
+then ratios against the namespace run. Needs root and qemu-system-x86. The hardened namespace
+step against `buildah run` (+ commit) and the sandbox create rate: bench_isolation.py.
 """
 
 from __future__ import annotations
