@@ -35,6 +35,12 @@ SEEDS = {
     "library/python:3.12-slim": "FROM debian-minimal\nENV PYTHON_VERSION=3.12 LANG=C.UTF-8\n"
                                 'CMD ["python3"]\n',
     "library/busybox:1.36": 'FROM busybox\nCMD ["sh"]\n',
+    # As the retired python:<ver>-onbuild images: triggers run in the child's build.
+    "library/python:3.12-onbuild": "FROM debian-minimal\nRUN mkdir -p /usr/src/app\n"
+                                   "WORKDIR /usr/src/app\n"
+                                   "ONBUILD COPY requirements.txt /usr/src/app/\n"
+                                   "ONBUILD RUN pip install --no-cache-dir -r requirements.txt\n"
+                                   "ONBUILD COPY . /usr/src/app\n",
 }  # fmt: skip
 
 
