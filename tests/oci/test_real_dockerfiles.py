@@ -66,6 +66,7 @@ def mirror(tmp_path_factory):
     reg.start()
     try:
         conf = RegistryConfig(insecure=(reg.host,), certs_dirs=())
+        digests = {}
         for i, (name, dockerfile) in enumerate(SEEDS.items()):
             d = tmp / f"seed{i}"
             d.mkdir()
@@ -73,15 +74,22 @@ def mirror(tmp_path_factory):
             with pytest.MonkeyPatch.context() as mp:
                 mp.setenv("TLIMAGE_STATE_DIR", str(tmp / "seed-state"))
                 seed = build_image(d / "Dockerfile", cache_dir=shared, isolation="namespace")
-                push(BlobStore(shared), local_image(seed.record), f"{reg.host}/{name}",
-                     config=conf, cache_root=tmp / "hints")  # fmt: skip
+                stats = push(BlobStore(shared), local_image(seed.record), f"{reg.host}/{name}",
+                             config=conf, cache_root=tmp / "hints")  # fmt: skip
+                digests[name] = stats.digest
         env = {"TLIMAGE_CACHE_DIR": str(tmp / "fresh" / "cache"),
                "TLIMAGE_STATE_DIR": str(tmp / "fresh" / "state"),
                "TLIMAGE_REGISTRY_MIRRORS": f"docker.io={reg.host}",
-               "TLIMAGE_INSECURE_REGISTRIES": reg.host}  # fmt: skip
+               "TLIMAGE_INSECURE_REGISTRIES": reg.host, "SEED_DIGESTS": digests}  # fmt: skip
         yield reg, env
     finally:
         reg.stop()
+
+
+def _machine(env: dict, monkeypatch) -> None:
+    for k, v in env.items():
+        if isinstance(v, str):
+            monkeypatch.setenv(k, v)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -91,8 +99,7 @@ def test_real_dockerfile_builds_and_runs(case, mirror, tmp_path, monkeypatch):
     from tlimage.runtime import Sandbox
 
     reg, env = mirror
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    _machine(env, monkeypatch)
     ctx = tmp_path / case
     shutil.copytree(REAL / case, ctx, symlinks=True)
     events: list[dict] = []
@@ -112,3 +119,32 @@ def test_real_dockerfile_builds_and_runs(case, mirror, tmp_path, monkeypatch):
     logs = "".join(e.get("data", "") for e in events if e["event"] == "build_log")
     assert got.exit_code == 0, (got.stdout + got.stderr).decode(errors="replace") + logs[-3000:]
     assert got.stdout.decode() == (ctx / "expected.txt").read_text(), got.stderr.decode()
+
+
+def test_tag_and_digest_pinned_base(mirror, tmp_path, monkeypatch):
+    """`FROM python:3.12-slim@sha256:…` as Renovate pins bases: the digest wins over the tag and
+    is what the image records; a digest the registry does not hold is a clear error naming
+    the reference and the Dockerfile line."""
+    from tlimage.builder import build_image
+    from tlimage.errors import TlimageError
+    from tlimage.oci.client import RegistryConfig
+
+    reg, env = mirror
+    _machine(env, monkeypatch)
+    digest = env["SEED_DIGESTS"]["library/python:3.12-slim"]
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM python:3.12-slim@{digest}\nRUN python3 -c 'print(6 * 7)' > /answer\n"
+        'CMD ["cat", "/answer"]\n')  # fmt: skip
+    result = build_image(tmp_path / "Dockerfile", isolation="namespace",
+                         registry_config=RegistryConfig.from_env())  # fmt: skip
+    assert result.manifest.base.endswith(f"library/python@{digest}"), result.manifest.base
+    assert "PYTHON_VERSION=3.12" in result.manifest.config["env"]
+
+    missing = "sha256:" + "0" * 64
+    (tmp_path / "Dockerfile").write_text(f"FROM scratch AS x\n\nFROM debian:bookworm@{missing}\n")
+    with pytest.raises(TlimageError) as err:
+        build_image(tmp_path / "Dockerfile", isolation="namespace",
+                    registry_config=RegistryConfig.from_env())  # fmt: skip
+    text = str(err.value)
+    assert "debian" in text and missing[:19] in text, text
+    assert "Dockerfile:3" in text, text
