@@ -120,6 +120,16 @@ def test_real_dockerfile_builds_and_runs(case, mirror, tmp_path, monkeypatch):
     assert got.exit_code == 0, (got.stdout + got.stderr).decode(errors="replace") + logs[-3000:]
     assert got.stdout.decode() == (ctx / "expected.txt").read_text(), got.stderr.decode()
 
+    # The same build again (no --pull): the pinned base resolution and every step come from
+    # the cache; nothing runs and the image is the same.
+    again: list[dict] = []
+    second = build_image(ctx / "Dockerfile", isolation="namespace", registered_name=name,
+                         emit=again.append, registry_config=RegistryConfig.from_env())  # fmt: skip
+    ran = [e["step"] for e in again if e["event"] == "step_done" and not e.get("config_only")]
+    assert ran == [], ran
+    assert [la.diff_id for la in second.manifest.layers] == \
+        [la.diff_id for la in result.manifest.layers]  # fmt: skip
+
 
 def test_tag_and_digest_pinned_base(mirror, tmp_path, monkeypatch):
     """`FROM python:3.12-slim@sha256:…` as Renovate pins bases: the digest wins over the tag and

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import shutil
 import sqlite3
 import stat
 import tempfile
@@ -641,6 +642,7 @@ class Builder:
     def _sources_from(self, step: ir.Copy, meta: ir.StepMeta, tmp: Path) -> list[ctx.Source]:
         """COPY --from: the sources come from another stage's or image's filesystem."""
         from tlimage.cache.layer import apply_layer
+        from tlimage.cache.unpacked import merge_lowers
 
         assert step.from_ is not None
         if step.from_ in self.stages:
@@ -649,9 +651,14 @@ class Builder:
             layers = self.image_source(step.from_, meta).layers
         root = tmp / "from"
         root.mkdir()
-        for la in layers:
-            with self.store.open(la.digest, verify=True) as f:
-                apply_layer(f, root)
+        try:  # the source's unpacked layers, linked into one tree: no decompression
+            merge_lowers([unpacked_layer(self.store, la.digest) for la in layers], root)
+        except OSError:  # links refused (another filesystem, protected_hardlinks): extract
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            for la in layers:
+                with self.store.open(la.digest, verify=True) as f:
+                    apply_layer(f, root)
         return ctx.select_sources(root, step.sources, ignored=self._ignore(step.excludes).matches)
 
     def _downloads(self, step: ir.Add, meta: ir.StepMeta) -> list[Any]:
