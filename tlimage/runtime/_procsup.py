@@ -123,11 +123,13 @@ def main() -> None:
     except ExecStartError as e:
         with lock:
             status.update(state="failed", error=str(e), ended_at=time.time())
+            _write_status(d, status)  # before the answer: the caller may list it at once
         answer(f"error: {e}")
     except Exception as e:  # noqa: BLE001 - recorded for `ps`, then this process ends
         with lock:
             status.update(state="failed" if status["state"] == "starting" else "exited",
                           error=str(e) or type(e).__name__, ended_at=time.time())  # fmt: skip
+            _write_status(d, status)
         answer(f"error: {e}")
     finally:
         with lock:
