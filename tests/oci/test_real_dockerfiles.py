@@ -158,3 +158,41 @@ def test_tag_and_digest_pinned_base(mirror, tmp_path, monkeypatch):
     text = str(err.value)
     assert "debian" in text and missing[:19] in text, text
     assert "Dockerfile:3" in text, text
+
+
+def test_cli_target_stage_with_build_arg(mirror, tmp_path):
+    """Through the CLI as a user would: `--target builder --build-arg PYTHON_TAG=…` builds only
+    the wheel-house stage of fixtures/real/python-wheels, on the base the argument names (the
+    onbuild variant, whose triggers show it was used)."""
+    import json
+    import subprocess
+    import sys
+
+    reg, env = mirror
+    full = {**os.environ, **{k: v for k, v in env.items() if isinstance(v, str)}}
+    ctx = tmp_path / "python-wheels"
+    shutil.copytree(REAL / "python-wheels", ctx)
+
+    def tl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tlimage", *args], cwd=ctx, env=full,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    out = tl("sbx", "image", "create", "Dockerfile", "-n", "wheels:builder", "--target",
+             "builder", "--build-arg", "PYTHON_TAG=3.12-onbuild", "--isolation", "namespace")  # fmt: skip
+    assert out.returncode == 0, out.stderr + out.stdout
+    desc = json.loads(tl("sbx", "image", "describe", "wheels:builder").stdout)
+    assert "library/python@sha256:" in desc["base"], desc["base"]
+    assert desc["config"]["workdir"] == "/src"
+    new = tl("sbx", "new", "--image", "wheels:builder")
+    assert new.returncode == 0, new.stderr
+    sid = new.stdout.strip().split()[-1]
+    try:
+        got = tl("sbx", "exec", sid, "cat", "/wheels/INDEX")
+        assert got.returncode == 0, got.stderr
+        assert [w.split("-")[0] for w in got.stdout.split()] == ["INDEX", "greeter", "six"]
+        # The argument picked the onbuild base: its triggers copied the project in.
+        assert tl("sbx", "exec", sid, "test", "-f", "/usr/src/app/pyproject.toml").returncode == 0
+        # The runtime stage was not built: no greeter installed in this image.
+        assert tl("sbx", "exec", sid, "sh", "-c", "command -v greeter").returncode != 0
+    finally:
+        tl("sbx", "terminate", sid)
