@@ -12,7 +12,7 @@ this module names its module in parentheses.
     │   └── IgnorePatternError   (cache.ignore) a bad pattern in a .dockerignore file
     ├── DSLError                 a Python DSL call was wrong; names the call site file:line
     ├── JSONFormError            a JSON image document is invalid; names the JSON path
-    │   └── JSONDocumentError    (frontends.jsonform) ... and the place in the file
+    │   └── JSONDocumentError    (frontends.jsonform.jsonparse) ... and the place in the file
     ├── DiscoveryError           no image / several images / unknown image name in a file
     ├── BadPattern               (cache.ignore) a bad ignore pattern given directly
     ├── UnsafePathError          (_fs) an archive or tree would write outside its destination

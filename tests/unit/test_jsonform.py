@@ -10,6 +10,7 @@ from tlimage import Image
 from tlimage.errors import DSLError, JSONFormError
 from tlimage.frontends import jsonform
 from tlimage.frontends.jsonform import JSONDocumentError, load_json_text, parse
+from tlimage.frontends.jsonform import lower as jsonform_lower
 
 
 def test_schema_text_is_the_published_file() -> None:
@@ -176,7 +177,7 @@ def test_a_dsl_refusal_past_the_schema_is_still_a_json_path_error() -> None:
                 "f.json")  # fmt: skip
     doc.value["operations"][0]["options"] = {"network": "bridge"}  # not validated
     with pytest.raises(JSONDocumentError) as info:
-        jsonform._lower(doc.value, jsonform._Context(doc, True))
+        jsonform_lower._lower(doc.value, jsonform_lower._Context(doc, True))
     assert info.value.path == "operations[0]"
     assert info.value.message.startswith("options['network'] is 'bridge'; allowed")
     assert str(info.value).startswith("f.json:1:47:")
