@@ -9,7 +9,7 @@ to what is stored bumps the version (a new folder) instead of migrating the old 
     <cache>/
       layers-v1/             the layer store (cache.store): blobs/, index.db, tmp/
         unpacked-v2/         layers unpacked for overlayfs (cache.unpacked)
-        mounts/cache/        RUN --mount=type=cache folders (builder.mounts)
+        mounts/cache/        RUN --mount=type=cache folders (builder.mounts.cachemounts)
       filehash-v1/stat.db    stat cache of context file hashes (cache.filehash)
       oci-v1/                remote resolutions and push hints (oci)
       executor-v1/           what build steps run on:

@@ -33,7 +33,7 @@ this module names its module in parentheses.
     ├── BuildError               the builder could not prepare a step or keep its result
     │   ├── ContextError         (builder.context) a COPY/ADD source is missing or outside
     │   ├── FetchError           (builder.fetch) an ADD URL could not be fetched
-    │   ├── MountError           (builder.mounts) a RUN mount cannot be set up
+    │   ├── MountError           (builder.mounts.spec) a RUN mount cannot be set up
     │   └── NameTaken            (builder.loop) the name belongs to an image of another source
     ├── DiskFullError            a build ran out of disk space (names the step and the folder)
     ├── RegistryError            image names: unknown, invalid, conflicts

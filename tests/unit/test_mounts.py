@@ -21,7 +21,6 @@ from tlimage.builder import build_image
 from tlimage.builder.mounts import (
     MountError,
     Redactor,
-    _cache_instance,
     cache_mount_dir,
     clear_cache_mounts,
     ignored_below,
@@ -29,6 +28,7 @@ from tlimage.builder.mounts import (
     parse_secret,
     resolve_in,
 )
+from tlimage.builder.mounts.cachemounts import cache_instance as _cache_instance
 from tlimage.cache.store import BlobStore
 from tlimage.errors import ExecutorError, TlimageError
 from tlimage.executor.base import HostMount, RunRequest

@@ -564,7 +564,10 @@ class Builder:
         # Mounts (caches locked, secrets read, context views prepared) last only for this step.
         with contextlib.ExitStack() as stack:
             try:
-                mounts = stack.enter_context(StepMounts(self, step, tmp)) if step.mounts else None
+                mounts = None
+                if step.mounts:
+                    step_mounts = StepMounts(self, step, tmp, lambda: self._ignore(()))
+                    mounts = stack.enter_context(step_mounts)
             except TlimageError as e:
                 raise _at(meta, e) from None
             if mounts is not None:
