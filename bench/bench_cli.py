@@ -37,8 +37,15 @@ def main() -> None:
         "python -c pass": [py, "-c", "pass"],
         "tl --help": [py, "-m", "tlimage", "--help"],
         "tl sbx image --help": [py, "-m", "tlimage", "sbx", "image", "--help"],
-        "tl sbx image compile (DSL)": [py, "-m", "tlimage", "sbx", "image", "compile",
-                                       "examples/data_tools/image.py"],  # fmt: skip
+        "tl sbx image compile (DSL)": [
+            py,
+            "-m",
+            "tlimage",
+            "sbx",
+            "image",
+            "compile",
+            "examples/data_tools/image.py",
+        ],  # fmt: skip
     }
     base = None
     print(f"{'command':32} {'median':>9} {'vs python':>10}")
@@ -48,9 +55,14 @@ def main() -> None:
         print(f"{name:32} {t * 1000:7.1f}ms {t / base:9.2f}x")
     out = subprocess.run([py, "-X", "importtime", "-m", "tlimage", "--help"], cwd=ROOT,
                          capture_output=True, text=True).stderr  # fmt: skip
-    heavy = [line.split("|")[-1].strip() for line in out.splitlines()
-             if line.startswith("import time:") and line.split("|")[-1].strip().startswith(
-                 ("tlimage.ir", "tlimage.cache", "tlimage.executor", "lark", "zstandard"))]
+    heavy = [
+        line.split("|")[-1].strip()
+        for line in out.splitlines()
+        if line.startswith("import time:")
+        and line.split("|")[-1]
+        .strip()
+        .startswith(("tlimage.ir", "tlimage.cache", "tlimage.executor", "lark", "zstandard"))
+    ]
     print("heavy modules imported by `tl --help`:", ", ".join(heavy) or "none")
 
 

@@ -30,8 +30,10 @@ def timed_step(ex, lowers, upper: Path) -> tuple[float, float]:
     """(seconds to the first output byte, seconds to the result)."""
     first: list[float] = []
     t0 = time.perf_counter()
-    ex.run(RunRequest(lowers=lowers, argv=STEP, upper_dir=upper),
-           lambda s, b: first or first.append(time.perf_counter() - t0))
+    ex.run(
+        RunRequest(lowers=lowers, argv=STEP, upper_dir=upper),
+        lambda s, b: first or first.append(time.perf_counter() - t0),
+    )
     total = time.perf_counter() - t0
     shutil.rmtree(upper)
     return (first[0] if first else total), total
@@ -77,8 +79,10 @@ def main() -> None:
     print(f"namespace   per step              {ns_med * 1000:8.1f} ms  (median of {args.steps})")
     print(f"microvm     boot to first output  {first_med * 1000:8.1f} ms  (median of {args.cold})")
     print(f"microvm     cold step total       {cold_med * 1000:8.1f} ms")
-    print(f"microvm     warm step             {warm_med * 1000:8.1f} ms  "
-          f"(median of {args.steps}, {boots} boot)")
+    print(
+        f"microvm     warm step             {warm_med * 1000:8.1f} ms  "
+        f"(median of {args.steps}, {boots} boot)"
+    )
     print(f"ratio  microvm cold / namespace   {cold_med / ns_med:8.1f}x")
     print(f"ratio  microvm warm / namespace   {warm_med / ns_med:8.1f}x")
 

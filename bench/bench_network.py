@@ -56,6 +56,7 @@ def case_attach(mode: str) -> Callable[[subprocess.Popen], Callable[[], None]]:
     def run(p: subprocess.Popen) -> Callable[[], None]:
         h = attach(p.pid, NetworkPolicy(mode))
         return h.close
+
     return run
 
 

@@ -129,8 +129,10 @@ def cache_bench(work: Path, host: str) -> None:
 
     t_warm = timed(warm)
     assert res is not None and res.executed_steps == 0
-    print(f"build cold {t_cold:6.2f}s  fresh machine --cache-from {t_warm:6.2f}s  "
-          f"ratio {t_cold / t_warm:.2f}  (cached rebuild + --cache-to {t_export:.2f}s)")
+    print(
+        f"build cold {t_cold:6.2f}s  fresh machine --cache-from {t_warm:6.2f}s  "
+        f"ratio {t_cold / t_warm:.2f}  (cached rebuild + --cache-to {t_export:.2f}s)"
+    )
 
 
 def main() -> None:

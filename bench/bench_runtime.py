@@ -41,7 +41,9 @@ def timed(fn) -> float:  # noqa: ANN001
     return time.perf_counter() - t0
 
 
-def bench_backend(backend: str, runs: int, lowers: tuple[Path, ...]) -> list[tuple[str, float, str]]:
+def bench_backend(
+    backend: str, runs: int, lowers: tuple[Path, ...]
+) -> list[tuple[str, float, str]]:
     from tlimage.runtime import Sandbox
 
     rows: list[tuple[str, float, str]] = []
@@ -59,8 +61,11 @@ def bench_backend(backend: str, runs: int, lowers: tuple[Path, ...]) -> list[tup
     rows.append(("boot to first exec", boot, ""))
 
     peer = executor_one_shot(backend, lowers, runs)
-    rows[-1] = ("boot to first exec", boot, f"{boot / peer:.2f}x a one-shot executor run "
-                                            f"({peer:.3f} s)")
+    rows[-1] = (
+        "boot to first exec",
+        boot,
+        f"{boot / peer:.2f}x a one-shot executor run ({peer:.3f} s)",
+    )
 
     sb = Sandbox.create("bench", name=f"bench-{backend}", backend=backend)
     try:
@@ -69,6 +74,7 @@ def bench_backend(backend: str, runs: int, lowers: tuple[Path, ...]) -> list[tup
         ex = median(execs)
         rows.append(("exec `true`", ex, f"{ex / boot:.3f}x boot-to-first-exec"))
         if backend == "namespace":  # background processes: the namespace backend only
+
             def spawn_wait() -> None:
                 p = sb.spawn("true")
                 assert p.wait(30) == 0
@@ -96,8 +102,9 @@ def bench_backend(backend: str, runs: int, lowers: tuple[Path, ...]) -> list[tup
                 mem.append(time.perf_counter() - t0)
                 twin.terminate()
             mc = median(mem)
-            rows.append(("clone (memory) to exec", mc, f"{boot / mc:.1f}x faster than "
-                                                        "boot-to-first-exec"))
+            rows.append(
+                ("clone (memory) to exec", mc, f"{boot / mc:.1f}x faster than boot-to-first-exec")
+            )
         sb.exec("sh", "-c", "head -c 1000000 /dev/urandom > /blob")
         snap = median([timed(lambda: sb.snapshot(register=f"bench-snap-{backend}"))
                        for _ in range(runs)])  # fmt: skip
@@ -165,8 +172,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", default="namespace,microvm")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--bases", default="debian-minimal,ubuntu-minimal",
-                    help="minimal bases to time boot-to-first-exec of ('' for none)")
+    ap.add_argument(
+        "--bases",
+        default="debian-minimal,ubuntu-minimal",
+        help="minimal bases to time boot-to-first-exec of ('' for none)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_runtime needs root (namespaces, overlayfs)")

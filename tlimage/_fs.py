@@ -93,9 +93,7 @@ def resolve_in_root(root: str | os.PathLike[str], path: str, *, follow_last: boo
 Matcher = Callable[[str], bool]
 
 
-def glob_in_root(
-    root: str | os.PathLike[str], parts: list[str | Matcher]
-) -> list[tuple[str, str]]:
+def glob_in_root(root: str | os.PathLike[str], parts: list[str | Matcher]) -> list[tuple[str, str]]:
     """Wildcard matching inside `root` with links resolved as if `root` were `/`. `parts` are the
     pattern's components: a literal name, or a predicate on a name. Returns sorted
     (matched path as written, real relative path) pairs; dangling matches are left out."""
@@ -526,7 +524,7 @@ class Extractor:
             return
         if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
             return  # other `.wh..wh.*` names are aufs bookkeeping
-        name = base[len(WHITEOUT_PREFIX):]
+        name = base[len(WHITEOUT_PREFIX) :]
         if not name or "/" in name:
             return
         real = f"{prefix}/{name}".lstrip("/")
@@ -600,7 +598,7 @@ class Extractor:
 def _pax_xattrs(m: tarfile.TarInfo) -> Iterator[tuple[str, bytes]]:
     for key, value in sorted(m.pax_headers.items()):
         if key.startswith(PAX_XATTR):
-            yield key[len(PAX_XATTR):], value.encode("utf-8", "surrogateescape")
+            yield key[len(PAX_XATTR) :], value.encode("utf-8", "surrogateescape")
 
 
 def _ns(mtime: float) -> int:
@@ -730,7 +728,7 @@ class TreeWriter:
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fchown(fd, uid, gid)
                 os.fchmod(fd, mode)
             finally:
@@ -819,7 +817,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

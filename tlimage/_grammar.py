@@ -25,6 +25,11 @@ def load(name: str, **options: object) -> Lark:
     lark, keyed by the grammar's text)."""
     from lark import Lark
 
-    opts = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": True, "cache": True}
+    opts = {
+        "parser": "lalr",
+        "propagate_positions": True,
+        "maybe_placeholders": True,
+        "cache": True,
+    }
     opts.update(options)
     return Lark.open(str(grammar_dir() / f"{name}.lark"), **opts)

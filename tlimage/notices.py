@@ -68,6 +68,9 @@ def kvm_fallback(reason: str, what: str, fallback: str,
                  say: Callable[[str], None] | None = None) -> bool:  # fmt: skip
     """The KVM fall-back notice, once per machine state (what was chosen and why)."""
     short = short_reason(reason)
-    return once(f"kvm-fallback:{what}", f"{fallback}|{short}",
-                f"KVM is not usable ({short}); {what} run in {fallback} "
-                "(details: tl sbx doctor)", say)
+    return once(
+        f"kvm-fallback:{what}",
+        f"{fallback}|{short}",
+        f"KVM is not usable ({short}); {what} run in {fallback} (details: tl sbx doctor)",
+        say,
+    )

@@ -77,7 +77,7 @@ def _mutate_text(text: str, rng: random.Random) -> str:
                      + " ".join(rng.choices(_WORDS, k=rng.randrange(4))))  # fmt: skip
     elif op == 2 and text:
         i = rng.randrange(len(text))
-        return text[:i] + rng.choice(_WORDS) + text[i + 1:]
+        return text[:i] + rng.choice(_WORDS) + text[i + 1 :]
     else:
         return text[: rng.randrange(len(text) + 1)]
     return "\n".join(lines)
@@ -121,10 +121,30 @@ _value = st.recursive(_scalar, lambda inner: st.one_of(
                                      "mounts", "network", "chown", "chmod", "x", "readonly",
                                      "size", "mode", "uid"]), inner, max_size=3)),
     max_leaves=5)  # fmt: skip
-_OPS = ["RUN", "ENV", "COPY", "ADD", "WORKDIR", "USER", "CMD", "ENTRYPOINT", "LABEL", "EXPOSE",
-        "VOLUME", "ARG", "SHELL", "STOPSIGNAL", "HEALTHCHECK", "run", "PIP_INSTALL", "BOGUS"]
-_str = st.one_of(st.sampled_from(["x", "/a", "a.txt", "echo hi", "A", "1", "1000", "/d/"]),
-                 _scalar.filter(lambda v: isinstance(v, str)))
+_OPS = [
+    "RUN",
+    "ENV",
+    "COPY",
+    "ADD",
+    "WORKDIR",
+    "USER",
+    "CMD",
+    "ENTRYPOINT",
+    "LABEL",
+    "EXPOSE",
+    "VOLUME",
+    "ARG",
+    "SHELL",
+    "STOPSIGNAL",
+    "HEALTHCHECK",
+    "run",
+    "PIP_INSTALL",
+    "BOGUS",
+]
+_str = st.one_of(
+    st.sampled_from(["x", "/a", "a.txt", "echo hi", "A", "1", "1000", "/d/"]),
+    _scalar.filter(lambda v: isinstance(v, str)),
+)
 _args = st.lists(_str, min_size=1, max_size=3)
 _op = st.fixed_dictionaries(
     {"op": st.sampled_from(_OPS), "args": st.one_of(_args, _args, _args, _value)},
@@ -235,8 +255,11 @@ def _call(draw: st.DrawFn) -> tuple[str, list, dict]:
 
 
 @FUZZ
-@given(st.one_of(_scalar, st.sampled_from(["busybox", "scratch"])), st.lists(_call(), max_size=5),
-       st.randoms(use_true_random=False))
+@given(
+    st.one_of(_scalar, st.sampled_from(["busybox", "scratch"])),
+    st.lists(_call(), max_size=5),
+    st.randoms(use_true_random=False),
+)
 def test_dsl_calls(base: object, calls: list[tuple[str, list, dict]], rng: random.Random) -> None:
     for i in range(VARIANTS):
         if i:
@@ -255,8 +278,10 @@ def one_dsl(base: object, calls: list[tuple[str, list, dict]]) -> None:
             try:
                 image = getattr(image, method)(*args, **kw)
             except TypeError as e:  # a wrong *number* of arguments is Python's to report
-                if "argument" in str(e) and any(w in str(e) for w in (
-                        "positional", "missing", "unexpected keyword", "multiple values")):
+                if "argument" in str(e) and any(
+                    w in str(e)
+                    for w in ("positional", "missing", "unexpected keyword", "multiple values")
+                ):
                     continue
                 raise
         images = [image.to_ir()]

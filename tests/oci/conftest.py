@@ -98,7 +98,7 @@ log:
     disabled: true
 storage:
   filesystem:
-    rootdirectory: {root / 'data'}
+    rootdirectory: {root / "data"}
   delete:
     enabled: true
 http:
@@ -120,13 +120,51 @@ def make_ca(d: Path) -> tuple[Path, Path, Path]:
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
-        "-keyout", "ca.key", "-out", "ca.pem")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout",
-        "server.key", "-out", "server.csr")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    )
     (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.pem")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.pem",
+    )
     return d / "ca.pem", d / "server.pem", d / "server.key"
 
 
@@ -161,10 +199,21 @@ def tls_registry(tmp_path: Path):
     (certs / host).mkdir(parents=True)
     shutil.copy(ca, certs / host / "ca.crt")
     auth_file = root / "auth.json"
-    auth_file.write_text(json.dumps({"auths": {host: {
-        "auth": base64.b64encode(b"alice:s3cret").decode()}}}))
-    reg = Reg(host, root, None, _config(root, port, tls=(cert, key), auth=auth), scheme="https",
-              ca=ca, certs_dir=certs, user="alice", password="s3cret", auth_file=auth_file)
+    auth_file.write_text(
+        json.dumps({"auths": {host: {"auth": base64.b64encode(b"alice:s3cret").decode()}}})
+    )
+    reg = Reg(
+        host,
+        root,
+        None,
+        _config(root, port, tls=(cert, key), auth=auth),
+        scheme="https",
+        ca=ca,
+        certs_dir=certs,
+        user="alice",
+        password="s3cret",
+        auth_file=auth_file,
+    )
     reg.start()
     yield reg
     reg.stop()
@@ -215,16 +264,21 @@ class _TokenIssuer:
                         return
                     user = u
                 scopes = q.get("scope", [])
-                issuer.requests.append({"user": user, "scope": scopes,
-                                        "service": q.get("service", [""])[0]})
+                issuer.requests.append(
+                    {"user": user, "scope": scopes, "service": q.get("service", [""])[0]}
+                )
                 access = []
                 for sc in scopes:
                     typ, name, actions = sc.split(":")
-                    allowed = [a for a in actions.split(",")
-                               if user or (a == "pull" and name.startswith("public/"))]
+                    allowed = [
+                        a
+                        for a in actions.split(",")
+                        if user or (a == "pull" and name.startswith("public/"))
+                    ]
                     access.append({"type": typ, "name": name, "actions": allowed})
-                body = json.dumps({"token": issuer.sign(user or "", access),
-                                   "expires_in": 300}).encode()
+                body = json.dumps(
+                    {"token": issuer.sign(user or "", access), "expires_in": 300}
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -242,11 +296,18 @@ class _TokenIssuer:
         def b64(data: bytes) -> str:
             return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
-        header = {"alg": "RS256", "typ": "JWT",
-                  "x5c": [base64.b64encode(self.cert_der).decode()]}
+        header = {"alg": "RS256", "typ": "JWT", "x5c": [base64.b64encode(self.cert_der).decode()]}
         now = int(time.time())
-        claims = {"iss": "test-issuer", "sub": sub, "aud": "test-registry", "exp": now + 300,
-                  "nbf": now - 10, "iat": now, "jti": os.urandom(8).hex(), "access": access}
+        claims = {
+            "iss": "test-issuer",
+            "sub": sub,
+            "aud": "test-registry",
+            "exp": now + 300,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": os.urandom(8).hex(),
+            "access": access,
+        }
         signing = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
         sig = self.key.sign(signing.encode(), padding.PKCS1v15(), hashes.SHA256())
         return f"{signing}.{b64(sig)}"
@@ -270,10 +331,19 @@ def token_registry(tmp_path: Path):
             f"    rootcertbundle: {issuer.bundle}\n")  # fmt: skip
     host = f"127.0.0.1:{port}"
     auth_file = root / "auth.json"
-    auth_file.write_text(json.dumps({"auths": {host: {
-        "auth": base64.b64encode(b"bob:pw").decode()}}}))
-    reg = Reg(host, root, None, _config(root, port, auth=auth), user="bob", password="pw",
-              auth_file=auth_file, extra={"issuer": issuer})
+    auth_file.write_text(
+        json.dumps({"auths": {host: {"auth": base64.b64encode(b"bob:pw").decode()}}})
+    )
+    reg = Reg(
+        host,
+        root,
+        None,
+        _config(root, port, auth=auth),
+        user="bob",
+        password="pw",
+        auth_file=auth_file,
+        extra={"issuer": issuer},
+    )
     reg.start()
     yield reg
     reg.stop()

@@ -16,8 +16,10 @@ from tlimage.errors import TlimageError
 from tlimage.executor.fake import FakeExecutor
 from tlimage.oci.client import RegistryConfig
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.geteuid() != 0, reason="unpacking layers needs root")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="unpacking layers needs root"),
+]
 
 BASE = [{"etc/": "", "etc/os-release": b"ID=base\n", "opt/": "", "opt/tool": b"v1\n"}]
 CONFIG = ["--config.env=FOO=bar", "--config.workingdir=/opt", "--config.cmd=/opt/tool",
@@ -85,9 +87,12 @@ def test_mirror_serves_docker_hub_names_and_copy_from_image(registry, base, tmp_
                 *registry.skopeo_flags("dest"))  # fmt: skip
     monkeypatch.setenv("TLIMAGE_REGISTRY_MIRRORS", f"docker.io={registry.host}")
     monkeypatch.setenv("TLIMAGE_INSECURE_REGISTRIES", registry.host)
-    df = dockerfile(tmp_path, "FROM debian:bookworm AS one\nRUN write /one 1\n"
-                    "FROM scratch\nCOPY --from=debian:bookworm /etc/os-release /copied\n"
-                    "COPY --from=one /one /one\n")
+    df = dockerfile(
+        tmp_path,
+        "FROM debian:bookworm AS one\nRUN write /one 1\n"
+        "FROM scratch\nCOPY --from=debian:bookworm /etc/os-release /copied\n"
+        "COPY --from=one /one /one\n",
+    )
     result, _ = build(df, registry, registry_config=RegistryConfig.from_env())
     assert result.manifest.base == "scratch"
     assert len(result.manifest.layers) == 2
@@ -103,7 +108,8 @@ def test_unknown_tag_names_the_dockerfile_line(registry, base, tmp_path):
 def test_dsl_base_image_from_registry(registry, base, tmp_path):
     (tmp_path / "image.py").write_text(
         "from tlimage import Image\n"
-        f"image = Image('app', base_image='{registry.host}/base/img:v1').run('write /x 1')\n")
+        f"image = Image('app', base_image='{registry.host}/base/img:v1').run('write /x 1')\n"
+    )
     result, _ = build(tmp_path / "image.py", registry)
     assert result.manifest.config["workdir"] == "/opt"
 
@@ -117,15 +123,16 @@ def test_pulled_base_env_workdir_and_onbuild_reach_the_dockerfile(registry, tmp_
 
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "Dockerfile").write_text(
-        "FROM busybox\nENV PATH=/opt/bin:$PATH\nWORKDIR /srv\nONBUILD RUN write /srv/trig yes\n")
+        "FROM busybox\nENV PATH=/opt/bin:$PATH\nWORKDIR /srv\nONBUILD RUN write /srv/trig yes\n"
+    )
     cfg = RegistryConfig(insecure=(registry.host,), certs_dirs=(), backoff=0.05)
-    parent = build_image(tmp_path / "b" / "Dockerfile", executor=FakeExecutor(),
-                         registered_name="parent")
+    parent = build_image(
+        tmp_path / "b" / "Dockerfile", executor=FakeExecutor(), registered_name="parent"
+    )
     assert parent.manifest.config["onbuild"] == ["RUN write /srv/trig yes"]
     with LayerCache() as cache:
         push(cache.store, local_image(parent.record), f"{registry.host}/p/parent:1", config=cfg)
-    df = dockerfile(tmp_path, f"FROM {registry.host}/p/parent:1\nENV PATH=/x:$PATH\n"
-                    "WORKDIR app\n")
+    df = dockerfile(tmp_path, f"FROM {registry.host}/p/parent:1\nENV PATH=/x:$PATH\nWORKDIR app\n")
     result, _ = build(df, registry)
     env = dict(e.split("=", 1) for e in result.manifest.config["env"])
     assert env["PATH"].startswith("/x:/opt/bin:")
@@ -161,8 +168,9 @@ def test_scratch_and_seed_bases_never_reach_a_registry(tmp_path, monkeypatch):
     try:
         monkeypatch.setenv("TLIMAGE_REGISTRY_MIRRORS", f"docker.io=127.0.0.1:{port}")
         monkeypatch.setenv("TLIMAGE_INSECURE_REGISTRIES", f"127.0.0.1:{port}")
-        df = dockerfile(tmp_path, "FROM scratch AS a\nCOPY x /x\nFROM busybox\n"
-                        "COPY --from=a /x /y\n")
+        df = dockerfile(
+            tmp_path, "FROM scratch AS a\nCOPY x /x\nFROM busybox\nCOPY --from=a /x /y\n"
+        )
         (tmp_path / "ctx" / "x").write_text("x")
         build_image(df, executor=FakeExecutor(), registry_config=RegistryConfig.from_env())
     finally:

@@ -52,10 +52,15 @@ def test_from_python_slim_via_mirror_runs_python(registry, shared_cache, tmp_pat
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "Dockerfile").write_text(
         "FROM python:3.11-slim\nWORKDIR /app\n"
-        "RUN python3 -c 'import sys; open(\"/app/v\", \"w\").write(sys.version)' && cat /app/v\n")
+        'RUN python3 -c \'import sys; open("/app/v", "w").write(sys.version)\' && cat /app/v\n'
+    )
     events: list[dict] = []
-    result = build_image(tmp_path / "app" / "Dockerfile", isolation="namespace",
-                         emit=events.append, registry_config=RegistryConfig.from_env())
+    result = build_image(
+        tmp_path / "app" / "Dockerfile",
+        isolation="namespace",
+        emit=events.append,
+        registry_config=RegistryConfig.from_env(),
+    )
     logs = "".join(e["data"] for e in events if e["event"] == "build_log")
     assert logs.startswith("3.")
     assert "SEEDED=1" in result.manifest.config["env"]

@@ -114,8 +114,9 @@ class Proxy:
 @pytest.fixture
 def proxied(registry, tmp_path):
     big = os.urandom(3 << 20)
-    layout = umoci_image(tmp_path / "layout", "v1", [{"big.bin": big, "etc/": "",
-                                                       "etc/hostname": b"x\n"}])
+    layout = umoci_image(
+        tmp_path / "layout", "v1", [{"big.bin": big, "etc/": "", "etc/hostname": b"x\n"}]
+    )
     skopeo_copy(f"oci:{layout}:v1", f"docker://{registry.host}/f/img:v1",
                 *registry.skopeo_flags("dest"))  # fmt: skip
     proxy = Proxy(registry.host)

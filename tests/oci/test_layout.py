@@ -25,8 +25,10 @@ from tlimage.executor.fake import FakeExecutor
 from tlimage.oci.layout import export_image, import_image
 from tlimage.registry import Registry
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.geteuid() != 0, reason="unpacking layers needs root")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="unpacking layers needs root"),
+]
 
 IMAGE = """\
 from tlimage import Image
@@ -59,11 +61,23 @@ def test_oci_layout_read_by_skopeo_and_umoci(built, tmp_path):
         again = export_image(cache.store, img, tmp_path / "gz2", ref_name="v1",
                              compression="gzip")  # fmt: skip
     assert digest == again  # reproducible
-    info = json.loads(subprocess.run(["skopeo", "inspect", f"oci:{tmp_path / 'zst'}:v1"],
-                                     capture_output=True, check=True, text=True).stdout)
+    info = json.loads(
+        subprocess.run(
+            ["skopeo", "inspect", f"oci:{tmp_path / 'zst'}:v1"],
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+    )
     assert "MODE=prod" in info["Env"] and len(info["Layers"]) == len(built.manifest.layers)
-    cfg = json.loads(subprocess.run(["skopeo", "inspect", "--config", f"oci:{tmp_path / 'gz'}:v1"],
-                                    capture_output=True, check=True, text=True).stdout)
+    cfg = json.loads(
+        subprocess.run(
+            ["skopeo", "inspect", "--config", f"oci:{tmp_path / 'gz'}:v1"],
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+    )
     assert cfg["config"]["WorkingDir"] == "/data"
     assert cfg["config"]["Entrypoint"] == ["/bin/sh", "-c"] and cfg["config"]["Cmd"] == ["echo hi"]
     theirs = umoci_rootfs(tmp_path / "gz", "v1", tmp_path / "umoci")
@@ -92,8 +106,14 @@ def test_docker_archive_loads_in_podman(built, tmp_path):
     proc = subprocess.run([*base, "load", "-i", str(tmp_path / "d.tar")], capture_output=True,
                           text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(subprocess.run([*base, "image", "inspect", "localhost/exp:test"],
-                                    capture_output=True, text=True, check=True).stdout)
+    out = json.loads(
+        subprocess.run(
+            [*base, "image", "inspect", "localhost/exp:test"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert "MODE=prod" in out[0]["Config"]["Env"]
     assert len(out[0]["RootFS"]["Layers"]) == len(built.manifest.layers)
     subprocess.run([*base, "rmi", "-a", "-f"], capture_output=True)
@@ -108,8 +128,7 @@ def test_import_round_trips_and_rootfs_tarball(built, tmp_path):
     with LayerCache(tmp_path / "fresh") as cache:  # a second machine
         for src in ("o.tar", "d.tar"):
             img = import_image(cache, tmp_path / src)
-            assert [la.diff_id for la in img.layers] == [la.diff_id
-                                                         for la in built.manifest.layers]
+            assert [la.diff_id for la in img.layers] == [la.diff_id for la in built.manifest.layers]
             rec = register_pulled(img, "default", "back", src.split(".")[0])
             assert rec.manifest.config["env"] == built.manifest.config["env"]
             assert rec.manifest.config["cmd"] == built.manifest.config["cmd"]

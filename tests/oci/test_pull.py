@@ -21,10 +21,23 @@ from tlimage.oci.client import OCI_MANIFEST, RegistryConfig
 pytestmark = pytest.mark.slow
 
 LAYERS = [
-    {"etc/": "", "etc/os-release": b"ID=test\n", "bin/": "", "bin/tool": b"#!/bin/sh\necho hi\n",
-     "usr/lib/": "", "usr/lib/gone.txt": b"x", "opt/": "", "opt/a/": "", "opt/a/f": b"1"},
-    {"usr/lib/gone.txt": None, "etc/motd": b"hello\n", "link": ("symlink", "/etc/motd"),
-     "opt/a/": None},
+    {
+        "etc/": "",
+        "etc/os-release": b"ID=test\n",
+        "bin/": "",
+        "bin/tool": b"#!/bin/sh\necho hi\n",
+        "usr/lib/": "",
+        "usr/lib/gone.txt": b"x",
+        "opt/": "",
+        "opt/a/": "",
+        "opt/a/f": b"1",
+    },
+    {
+        "usr/lib/gone.txt": None,
+        "etc/motd": b"hello\n",
+        "link": ("symlink", "/etc/motd"),
+        "opt/a/": None,
+    },
 ]
 
 
@@ -127,10 +140,18 @@ def test_tls_and_basic_auth(tls_registry, tmp_path):
             oci_pull.pull(ref, cache, config=RegistryConfig(certs_dirs=(), retries=0))
         # Trusted, but no credentials: says which were tried.
         with pytest.raises(OCIError, match="user name and password"):
-            oci_pull.pull(ref, cache, config=RegistryConfig(
-                certs_dirs=(str(tls_registry.certs_dir),), retries=0))
-        img = oci_pull.pull(ref, cache, config=RegistryConfig(
-            certs_dirs=(str(tls_registry.certs_dir),), auth_files=(str(tls_registry.auth_file),)))
+            oci_pull.pull(
+                ref,
+                cache,
+                config=RegistryConfig(certs_dirs=(str(tls_registry.certs_dir),), retries=0),
+            )
+        img = oci_pull.pull(
+            ref,
+            cache,
+            config=RegistryConfig(
+                certs_dirs=(str(tls_registry.certs_dir),), auth_files=(str(tls_registry.auth_file),)
+            ),
+        )
         assert len(img.layers) == 1
 
 
@@ -145,8 +166,11 @@ def test_bearer_token_flow(token_registry, tmp_path):
     with LayerCache(tmp_path / "cache") as cache:
         img = oci_pull.pull(f"{token_registry.host}/public/img:v1", cache, config=anon)
         assert len(img.layers) == 1
-        assert issuer.requests[0] == {"user": None, "scope": ["repository:public/img:pull"],
-                                      "service": "test-registry"}
+        assert issuer.requests[0] == {
+            "user": None,
+            "scope": ["repository:public/img:pull"],
+            "service": "test-registry",
+        }
         with pytest.raises(OCIError, match=r"denied.*credentials tried: none \(anonymous\)"):
             oci_pull.pull(f"{token_registry.host}/private/img:v1", cache, config=anon)
         creds = RegistryConfig(insecure=(token_registry.host,), certs_dirs=(),
@@ -163,25 +187,42 @@ def test_platform_selection_from_an_index(registry, tmp_path):
     with LayerCache(tmp_path / "cache") as cache:
         single = oci_pull.pull(f"{ref}:amd", cache, config=cfg(registry))
         # An index naming this manifest for linux/amd64 and linux/arm64/v8 (same content).
-        mbytes = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
-                                 f"docker://{ref}:amd"], capture_output=True, check=True).stdout
-        entry = {"mediaType": json.loads(mbytes).get("mediaType", OCI_MANIFEST), "digest": single.digest,
-                 "size": len(mbytes)}
-        index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                 "manifests": [{**entry, "platform": {"os": "linux", "architecture": "amd64"}},
-                               {**entry, "platform": {"os": "linux", "architecture": "arm64",
-                                                      "variant": "v8"}}]}
+        mbytes = subprocess.run(
+            ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}:amd"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        entry = {
+            "mediaType": json.loads(mbytes).get("mediaType", OCI_MANIFEST),
+            "digest": single.digest,
+            "size": len(mbytes),
+        }
+        index = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [
+                {**entry, "platform": {"os": "linux", "architecture": "amd64"}},
+                {**entry, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+            ],
+        }
         from tlimage.oci.client import RegistryClient
         from tlimage.oci.reference import parse
 
         with RegistryClient(cfg(registry)) as c:
             ep = c.endpoints(parse(f"{ref}:multi"))[0]
-            c.put_manifest(ep, "multi", json.dumps(index).encode(),
-                           "application/vnd.oci.image.index.v1+json", label="test")
+            c.put_manifest(
+                ep,
+                "multi",
+                json.dumps(index).encode(),
+                "application/vnd.oci.image.index.v1+json",
+                label="test",
+            )
         img = oci_pull.pull(f"{ref}:multi", cache, config=cfg(registry), platform="linux/arm64")
         assert img.digest == single.digest and img.index_digest
-        with pytest.raises(OCIError, match="no image for platform linux/s390x; the index has: "
-                           "linux/amd64, linux/arm64"):
+        with pytest.raises(
+            OCIError,
+            match="no image for platform linux/s390x; the index has: linux/amd64, linux/arm64",
+        ):
             oci_pull.pull(f"{ref}:multi", cache, config=cfg(registry), platform="linux/s390x")
 
 
@@ -210,17 +251,26 @@ def test_multi_frame_zstd_layer_unpacks_whole(registry, tmp_path):
     third = len(tar) // 3
     blob = b"".join(cctx.compress(tar[i : i + third]) for i in range(0, len(tar), third))
     diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }
+    ).encode()
 
     def sha(b: bytes) -> str:
         return "sha256:" + hashlib.sha256(b).hexdigest()
 
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                           "config": {"mediaType": OCI_CONFIG, "digest": sha(config),
-                                      "size": len(config)},
-                           "layers": [{"mediaType": OCI_LAYER_ZSTD, "digest": sha(blob),
-                                       "size": len(blob)}]}).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": sha(config), "size": len(config)},
+            "layers": [{"mediaType": OCI_LAYER_ZSTD, "digest": sha(blob), "size": len(blob)}],
+        }
+    ).encode()
     ref = f"{registry.host}/frames/img:v1"
     with RegistryClient(cfg(registry)) as c:
         ep = c.endpoints(parse(ref), write=True)[0]

@@ -25,8 +25,10 @@ from tlimage.oci import pull as oci_pull
 from tlimage.oci.client import RegistryConfig
 from tlimage.oci.push import push
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.geteuid() != 0, reason="unpacking layers needs root")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="unpacking layers needs root"),
+]
 
 
 @pytest.fixture
@@ -54,8 +56,12 @@ def test_push_read_back_by_skopeo_umoci_and_pulled_again(registry, built, tmp_pa
         gz = push(cache.store, local_image(built), f"{registry.host}/app/exp:gz",
                   config=cfg(registry), compression="gzip", chunk_size=64 << 10)  # fmt: skip
         assert gz.digest != stats.digest
-    raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
-                         capture_output=True, check=True, text=True).stdout
+    raw = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
+        capture_output=True,
+        check=True,
+        text=True,
+    ).stdout
     assert json.loads(raw)["layers"][0]["mediaType"].endswith("+zstd")
     info = json.loads(subprocess.run(["skopeo", "inspect", "--tls-verify=false",
                                       f"docker://{ref}"], capture_output=True, check=True,
@@ -125,6 +131,8 @@ def test_failed_push_leaves_no_tag(registry, built, tmp_path):
     finally:
         proxy.close()
     assert not any("/manifests/" in s and s.startswith("PUT") for s in proxy.seen)
-    proc = subprocess.run(["skopeo", "inspect", "--tls-verify=false",
-                           f"docker://{registry.host}/app/half:1"], capture_output=True)
+    proc = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", f"docker://{registry.host}/app/half:1"],
+        capture_output=True,
+    )
     assert proc.returncode != 0

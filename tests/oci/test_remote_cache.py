@@ -14,8 +14,10 @@ from tlimage.builder import build_image
 from tlimage.executor.fake import FakeExecutor
 from tlimage.oci.client import RegistryConfig
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.geteuid() != 0, reason="unpacking layers needs root")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="unpacking layers needs root"),
+]
 
 DOCKERFILE = """\
 FROM {base}

@@ -55,7 +55,7 @@ def build_tar(entries, prefix: str = "") -> bytes:  # noqa: ANN001
             ti = tarfile.TarInfo(prefix + "/" + name.lstrip("/") if prefix else name)
             ti.type = TYPES[kind]
             ti.mode, ti.uid, ti.gid = mode, 4242, 4242
-            ti.linkname = (prefix + "/" + target if prefix and kind == "hard" else target)
+            ti.linkname = prefix + "/" + target if prefix and kind == "hard" else target
             ti.devmajor, ti.devminor = 1, 3
             ti.size = len(data) if kind == "file" else 0
             tf.addfile(ti, io.BytesIO(data) if kind == "file" else None)

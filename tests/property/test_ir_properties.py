@@ -23,7 +23,8 @@ TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
 # A mount's target is a normalized absolute path and its id is not empty (checked by the IR).
 MOUNT_FIELDS = {
     "target": st.from_regex(r"/[a-z.]{1,8}(/[a-z]{1,8}){0,2}", fullmatch=True).filter(
-        lambda p: ".." not in p.split("/") and "." not in p.split("/")),
+        lambda p: ".." not in p.split("/") and "." not in p.split("/")
+    ),
     "id": TEXT.filter(bool),
 }
 
@@ -54,9 +55,7 @@ def strategy_for(hint: Any) -> st.SearchStrategy[Any]:
     raise TypeError(hint)
 
 
-STEPS = st.one_of(
-    *(strategy_for(cls) for name, cls in ir.STEP_TYPES.items() if name != "from")
-)
+STEPS = st.one_of(*(strategy_for(cls) for name, cls in ir.STEP_TYPES.items() if name != "from"))
 FROMS = st.one_of(
     st.builds(ir.From, image=TEXT, pin=st.none() | TEXT, platform=st.none() | TEXT),
 )

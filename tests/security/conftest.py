@@ -35,6 +35,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 COLUMNS = ("namespace RUN", "namespace exec", "microVM", "runc")
+
+
 class _Runs(dict):
     """column -> probe -> value; a short repr, so a failing test does not print all of it."""
 
@@ -211,8 +213,9 @@ def finish(values: dict[str, str], host: Host, column: str) -> dict[str, str]:
     """Probes the host decides: did the /proc/1/root write land on the host?"""
     f = host.escape_file(column)
     wrote = values.pop("proc1_root_write", "not probed")
-    values["proc1_root_escape"] = ("escaped: wrote the host's " + str(f)) if f.exists() \
-        else f"contained ({wrote})"
+    values["proc1_root_escape"] = (
+        ("escaped: wrote the host's " + str(f)) if f.exists() else f"contained ({wrote})"
+    )
     with contextlib.suppress(OSError):
         f.unlink()
     return values
@@ -325,8 +328,11 @@ def cp_symlink(sid: str, host: Host, work: Path) -> str:
         got = work / "got"  # a link copied as a link is no leak; its target's bytes are
         if got.is_file() and not got.is_symlink() and "host secret" in got.read_text():
             leaked.append("cp out read a host file")
-        return "escaped: " + "; ".join(leaked) if leaked else \
-            f"contained (cp out: {'refused' if out.returncode else 'the sandbox side'})"
+        return (
+            "escaped: " + "; ".join(leaked)
+            if leaked
+            else f"contained (cp out: {'refused' if out.returncode else 'the sandbox side'})"
+        )
     finally:
         shutil.rmtree(host_dir, ignore_errors=True)
         host_secret.unlink(missing_ok=True)
@@ -340,8 +346,10 @@ def cp_race(sid: str, host: Host, work: Path) -> str:
     host_dir.mkdir(exist_ok=True)
     src = work / "payload"
     src.write_text("payload\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                                    os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     flip = f"mkdir -p /safe; while [ ! -e /stop ]; do ln -sfn {host_dir} /race; ln -sfn /safe /race; done"
     flipper = subprocess.Popen([sys.executable, "-m", "tlimage", "sbx", "exec", sid, "sh", "-c",
                                 flip], env=env, stdout=subprocess.DEVNULL,
@@ -396,8 +404,11 @@ def run_runc(host: Host, probe: Path, work: Path) -> dict[str, str]:
         mem = bh("run", "--runtime", runtime, container("--memory", f"{MEMORY_MB}m"), "--",
                  "/probe", "--alloc-mb", str(ALLOC_MB), check=False)  # fmt: skip
         out = mem.stdout + mem.stderr
-        values["memory_limit"] = "killed: SIGKILL, not said" if "exited on killed" in out \
+        values["memory_limit"] = (
+            "killed: SIGKILL, not said"
+            if "exited on killed" in out
             else memory_verdict(mem.returncode, out)
+        )
         values["cp_planted_symlink"] = runc_cp(bh, ctr, host, work)
         return values
     finally:
@@ -457,8 +468,9 @@ def security_runs(probe_binary: Path, tmp_path_factory: pytest.TempPathFactory
     # once per machine, not once per run; the registry (state) is the run's own.
     from tlimage.cache.store import default_cache_root
 
-    os.environ["TLIMAGE_CACHE_DIR"] = (os.environ.get("TLIMAGE_SECURITY_CACHE")
-                                       or str(default_cache_root()))
+    os.environ["TLIMAGE_CACHE_DIR"] = os.environ.get("TLIMAGE_SECURITY_CACHE") or str(
+        default_cache_root()
+    )
     os.environ["TLIMAGE_STATE_DIR"] = str(work / "state")
     token = uuid.uuid4().hex[:12]
     marker = subprocess.Popen(["bash", "-c", f"exec -a tl-sec-host-{token} sleep 3600"])
@@ -469,8 +481,10 @@ def security_runs(probe_binary: Path, tmp_path_factory: pytest.TempPathFactory
         with private_server(token) as private:
             host = Host(token, marker.pid, lo.port, f"{addr_ip}:{addr.port}" if addr else None,
                         private)  # fmt: skip
-            steps = [("runc", lambda: run_runc(host, probe_binary, work)),
-                     ("namespace RUN", lambda: run_namespace_step(host, probe_binary, work))]
+            steps = [
+                ("runc", lambda: run_runc(host, probe_binary, work)),
+                ("namespace RUN", lambda: run_namespace_step(host, probe_binary, work)),
+            ]
             image: list[str] = []
 
             def sandbox(backend: str, col: str):  # noqa: ANN202
@@ -478,10 +492,13 @@ def security_runs(probe_binary: Path, tmp_path_factory: pytest.TempPathFactory
                     if not image:
                         image.append(image_with_probe(host, probe_binary, work))
                     return run_sandbox(host, image[0], backend, col, work)
+
                 return go
 
-            steps += [("namespace exec", sandbox("namespace", "namespace exec")),
-                      ("microVM", sandbox("microvm", "microVM"))]
+            steps += [
+                ("namespace exec", sandbox("namespace", "namespace exec")),
+                ("microVM", sandbox("microvm", "microVM")),
+            ]
             if shutil.which("buildah") is None:
                 ERRORS["runc"] = "buildah is not installed (scripts/setup.sh installs it)"
                 steps = steps[1:]

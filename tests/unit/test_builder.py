@@ -131,7 +131,8 @@ def test_no_cache_and_force_rerun_steps(tmp_path: Path) -> None:
 
 
 def test_failing_step_reports_its_line_and_registers_nothing(tmp_path: Path) -> None:
-    (tmp_path / "image.py").write_text(textwrap.dedent("""\
+    (tmp_path / "image.py").write_text(
+        textwrap.dedent("""\
         from tlimage import Image
 
         image = (
@@ -139,7 +140,8 @@ def test_failing_step_reports_its_line_and_registers_nothing(tmp_path: Path) -> 
             .run("echo one; echo two")
             .run("echo about to fail; fail no such package")
         )
-    """))
+    """)
+    )
     with pytest.raises(StepFailed) as info:
         run(tmp_path / "image.py")
     err = info.value
@@ -166,11 +168,17 @@ def test_events_generator_ends_with_error(tmp_path: Path) -> None:
     ("name", "text", "where"),
     [
         ("Dockerfile", "FROM busybox\nRUN --mount=type=nope true\n", (2, None)),
-        ("image.py", "from tlimage import Image\nimage = Image('b').run('x', {'mounts': [1]})\n",
-         (2, None)),
-        ("image.json", '{"type": "image", "name": "b", "operations": [\n'
-         '  {"op": "RUN", "args": ["x"], "options": {"mounts": ["type=nope"]}}]}\n',
-         (2, "operations[0].options.mounts[0]")),
+        (
+            "image.py",
+            "from tlimage import Image\nimage = Image('b').run('x', {'mounts': [1]})\n",
+            (2, None),
+        ),
+        (
+            "image.json",
+            '{"type": "image", "name": "b", "operations": [\n'
+            '  {"op": "RUN", "args": ["x"], "options": {"mounts": ["type=nope"]}}]}\n',
+            (2, "operations[0].options.mounts[0]"),
+        ),
     ],
 )
 def test_error_events_carry_the_place_as_fields(tmp_path: Path, name: str, text: str,
@@ -197,7 +205,10 @@ def test_unknown_base_lists_what_is_available(tmp_path: Path, monkeypatch) -> No
     # or this nonexistent host named as its only endpoint) or lacks it.
     assert "image.py:2: python:3.11-slim: " in str(info.value)
     assert re.search(r"cannot reach|unknown image", str(info.value))
-    assert "available locally: debian-minimal, debian-systemd, debian-vnc, ubuntu-minimal" in info.value.render()
+    assert (
+        "available locally: debian-minimal, debian-systemd, debian-vnc, ubuntu-minimal"
+        in info.value.render()
+    )
     assert "debian-minimal carries Python 3" in (info.value.hint or "")
 
 
@@ -259,8 +270,9 @@ def test_prune_keeps_what_registered_images_need(tmp_path: Path) -> None:
 
     result, _, _ = run(project(tmp_path))
     store = BlobStore()
-    (tmp_path / "image.py").write_text(IMAGE.format(mode="x").replace("write /etc/first one",
-                                                                      "write /etc/first two"))
+    (tmp_path / "image.py").write_text(
+        IMAGE.format(mode="x").replace("write /etc/first one", "write /etc/first two")
+    )
     run(tmp_path / "image.py", registered_name="other")
     Registry().remove("default", "other")
     prune(None, keep_storage=0)

@@ -12,7 +12,10 @@ from tests.conftest import FIXTURES, ROOT
 
 def tl(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tlimage", *args], cwd=cwd, capture_output=True, text=True,
+        [sys.executable, "-m", "tlimage", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
         timeout=60,
     )
 
@@ -26,7 +29,7 @@ def test_help_lists_the_image_commands() -> None:
 def test_compile_prints_ir_and_json() -> None:
     text = tl("sbx", "image", "compile", "examples/data_tools/image.py")
     assert text.returncode == 0, text.stderr
-    assert text.stdout.startswith("tlimage-ir 2\nimage name=\"data-tools\"")
+    assert text.stdout.startswith('tlimage-ir 2\nimage name="data-tools"')
     js = tl("sbx", "image", "compile", "examples/data_tools/image.py", "--emit", "json")
     doc = json.loads(js.stdout)
     assert doc["name"] == "data-tools"

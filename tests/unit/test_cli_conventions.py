@@ -43,8 +43,14 @@ def test_version_and_short_help() -> None:
 
 def test_create_help_shows_docker_habits() -> None:
     text = tl("sbx", "image", "create", "-h").stdout
-    for opt in ("-f, --file", "-t, --tag NAME[:TAG]", "--name", "--progress",
-                "[auto|plain|tty|json]", "--isolation"):
+    for opt in (
+        "-f, --file",
+        "-t, --tag NAME[:TAG]",
+        "--name",
+        "--progress",
+        "[auto|plain|tty|json]",
+        "--isolation",
+    ):
         assert opt in text, opt
     assert "--backend" not in text  # the old spelling still works, unlisted
 
@@ -72,8 +78,13 @@ def test_missing_image_file_in_a_folder_is_a_clear_error(tmp_path: Path) -> None
 
 
 def test_bases_lists_the_catalog(tmp_path: Path) -> None:
-    out = tl("sbx", "image", "bases", "--json", env={"TLIMAGE_CACHE_DIR": str(tmp_path),
-                                                     "TLIMAGE_UBUNTU_MIRROR": ""})
+    out = tl(
+        "sbx",
+        "image",
+        "bases",
+        "--json",
+        env={"TLIMAGE_CACHE_DIR": str(tmp_path), "TLIMAGE_UBUNTU_MIRROR": ""},
+    )
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     names = [r["name"] for r in rows]
@@ -89,7 +100,9 @@ def test_bases_lists_the_catalog(tmp_path: Path) -> None:
 
 
 def test_doctor_reports_every_check(tmp_path: Path) -> None:
-    out = tl("sbx", "doctor", "--json", env={"TLIMAGE_CACHE_DIR": str(tmp_path), "TLIMAGE_KVM": "0"})
+    out = tl(
+        "sbx", "doctor", "--json", env={"TLIMAGE_CACHE_DIR": str(tmp_path), "TLIMAGE_KVM": "0"}
+    )
     assert out.returncode in (0, 1), out.stderr
     checks = {c["check"]: c for c in json.loads(out.stdout)["checks"]}
     assert list(checks) == ["kvm", "cgroups", "user namespaces", "seccomp", "network helper",

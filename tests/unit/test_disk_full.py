@@ -87,8 +87,11 @@ def test_a_full_disk_is_one_clear_error_and_the_cache_survives(
     (ctx / "big.bin").unlink(missing_ok=True)
     evs: list[dict] = []
     build_image(ctx / "Dockerfile", executor=FakeExecutor(), register=False, emit=evs.append)
-    assert [e["event"] for e in evs if e.get("index") in (1, 2)
-            and e["event"] in ("step_cached", "step_done")] == ["step_cached", "step_done"]
+    assert [
+        e["event"]
+        for e in evs
+        if e.get("index") in (1, 2) and e["event"] in ("step_cached", "step_done")
+    ] == ["step_cached", "step_done"]
     check_nothing_half_stored(small_cache)
 
 
@@ -99,8 +102,9 @@ def test_stale_vm_scratch_and_lock_notes_are_swept(tmp_path: Path) -> None:
     dead.wait()
     (tmp_path / f"tl-vm-{dead.pid}-abc").mkdir()
     (tmp_path / f"tl-vm-{os.getpid()}-abc").mkdir()  # ours: alive
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
-                               str(tmp_path / "tl-vm-old")])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)", str(tmp_path / "tl-vm-old")]
+    )
     try:
         (tmp_path / "tl-vm-old").mkdir()  # no pid in the name, but a process names it
         while b"tl-vm-old" not in Path(f"/proc/{holder.pid}/cmdline").read_bytes():

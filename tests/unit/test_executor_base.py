@@ -57,8 +57,10 @@ def test_fake_executor_records_and_writes_upper(tmp_path):
     ex = FakeExecutor()
     assert isinstance(ex, Executor)
     out = []
-    r = ex.run(req(tmp_path, "sh", "-c", "echo hi; mkdir /x; write /etc/f data; exit 3"),
-               lambda s, b: out.append((s, b)))
+    r = ex.run(
+        req(tmp_path, "sh", "-c", "echo hi; mkdir /x; write /etc/f data; exit 3"),
+        lambda s, b: out.append((s, b)),
+    )
     assert r.exit_code == 3
     assert out == [("stdout", b"hi\n")]
     assert (r.upper / "x").is_dir() and (r.upper / "etc/f").read_text() == "data"
@@ -137,26 +139,35 @@ def test_unpack_export_restores_an_overlay_style_upper(tmp_path):
 
     dest = tmp_path / "u"
     dest.mkdir()
-    stream = _tar([
-        (_info("./", tarfile.DIRTYPE, mode=0o755), None),
-        (_info("./etc", tarfile.DIRTYPE, mode=0o750, uid=5, gid=6), None),
-        (_info("./etc/gone", tarfile.CHRTYPE, mode=0), None),
-        (_info("./etc/gone2", tarfile.LNKTYPE, linkname="./etc/gone"), None),
-        (_info("./f", size=3, mode=0o4755), b"abc"),
-        (_info("./l", tarfile.SYMTYPE, linkname="/etc/passwd"), None),
-    ])
+    stream = _tar(
+        [
+            (_info("./", tarfile.DIRTYPE, mode=0o755), None),
+            (_info("./etc", tarfile.DIRTYPE, mode=0o750, uid=5, gid=6), None),
+            (_info("./etc/gone", tarfile.CHRTYPE, mode=0), None),
+            (_info("./etc/gone2", tarfile.LNKTYPE, linkname="./etc/gone"), None),
+            (_info("./f", size=3, mode=0o4755), b"abc"),
+            (_info("./l", tarfile.SYMTYPE, linkname="/etc/passwd"), None),
+        ]
+    )
     unpack_export(stream, dest)
-    assert os.lstat(dest / "etc").st_uid == 5 and stat.S_IMODE(os.lstat(dest / "etc").st_mode) == 0o750
+    assert (
+        os.lstat(dest / "etc").st_uid == 5 and stat.S_IMODE(os.lstat(dest / "etc").st_mode) == 0o750
+    )
     g1, g2 = os.lstat(dest / "etc/gone"), os.lstat(dest / "etc/gone2")
     assert stat.S_ISCHR(g2.st_mode) and g2.st_rdev == 0 and g1.st_ino != g2.st_ino
-    assert (dest / "f").read_bytes() == b"abc" and stat.S_IMODE(os.lstat(dest / "f").st_mode) == 0o4755
+    assert (dest / "f").read_bytes() == b"abc" and stat.S_IMODE(
+        os.lstat(dest / "f").st_mode
+    ) == 0o4755
     assert os.readlink(dest / "l") == "/etc/passwd"
 
 
-@pytest.mark.parametrize("members", [
-    [(_info("../evil", size=1), b"x")],
-    [(_info("./l", tarfile.SYMTYPE, linkname="/tmp"), None), (_info("./l/evil", size=1), b"x")],
-])
+@pytest.mark.parametrize(
+    "members",
+    [
+        [(_info("../evil", size=1), b"x")],
+        [(_info("./l", tarfile.SYMTYPE, linkname="/tmp"), None), (_info("./l/evil", size=1), b"x")],
+    ],
+)
 def test_unpack_export_refuses_escapes(tmp_path, members):
     from tlimage.sandbox.qemu.channel import unpack_export
 
@@ -232,14 +243,14 @@ def test_resolve_modules_orders_dependencies_and_skips_builtins(tmp_path):
 def _read_newc(data: bytes) -> dict[str, tuple[int, bytes]]:
     out, off = {}, 0
     while True:
-        assert data[off:off + 6] == b"070701"
-        fields = [int(data[off + 6 + 8 * i: off + 14 + 8 * i], 16) for i in range(13)]
+        assert data[off : off + 6] == b"070701"
+        fields = [int(data[off + 6 + 8 * i : off + 14 + 8 * i], 16) for i in range(13)]
         mode, size, namesize = fields[1], fields[6], fields[11]
         name_start = off + 110
-        name = data[name_start:name_start + namesize - 1].decode()
+        name = data[name_start : name_start + namesize - 1].decode()
         off = name_start + namesize
         off += -off % 4
-        body = data[off:off + size]
+        body = data[off : off + size]
         off += size + (-size % 4)
         if name == "TRAILER!!!":
             return out
@@ -270,7 +281,9 @@ def test_runner_sources_are_found():
 
 
 def test_unknown_base_lists_the_choices(tmp_path):
-    with pytest.raises(BaseError, match="unknown base 'alpine'; available: debian-minimal, debian-systemd"):
+    with pytest.raises(
+        BaseError, match="unknown base 'alpine'; available: debian-minimal, debian-systemd"
+    ):
         ensure_base("alpine", tmp_path)
 
 
@@ -317,11 +330,19 @@ def test_auto_falls_back_to_namespace_with_one_notice(monkeypatch):
     select_executor("auto", notice=notices.append)
     assert len(notices) == 1
     monkeypatch.setattr(tlimage.sandbox, "_noticed", False)
-    monkeypatch.setattr(tlimage.sandbox.qemu.kvm, "kvm_usable", lambda *_a: (False, "microVM (kvm) "
-                        "failed to boot: qemu: kvm.c:3183: Assertion `ret == n' failed."))
+    monkeypatch.setattr(
+        tlimage.sandbox.qemu.kvm,
+        "kvm_usable",
+        lambda *_a: (
+            False,
+            "microVM (kvm) failed to boot: qemu: kvm.c:3183: Assertion `ret == n' failed.",
+        ),
+    )
     select_executor("auto", notice=notices.append)
-    assert notices[1] == ("KVM is not usable (microVM (kvm) failed to boot); build steps and "
-                          "sandboxes run in a namespace sandbox (details: tl sbx doctor)")
+    assert notices[1] == (
+        "KVM is not usable (microVM (kvm) failed to boot); build steps and "
+        "sandboxes run in a namespace sandbox (details: tl sbx doctor)"
+    )
 
 
 def test_catalog_rows_are_consistent():
@@ -350,5 +371,7 @@ def test_notices_are_said_once_per_state(tmp_path, monkeypatch):
     assert not notices.once("k", "a", "again", said.append)
     assert notices.once("k", "b", "changed", said.append)
     assert said == ["first", "changed"]
-    assert notices.short_reason("microVM (kvm) failed to boot: qemu: Assertion failed (cached)") \
+    assert (
+        notices.short_reason("microVM (kvm) failed to boot: qemu: Assertion failed (cached)")
         == "microVM (kvm) failed to boot"
+    )

@@ -108,17 +108,25 @@ def hostile_archives(bait: Path) -> dict[str, bytes]:
         "hardlink": tar_bytes(entry("hl", "hard", target=b)),
         "hardlink-relative": tar_bytes(entry("hl", "hard", target="../../../../../../" + b)),
         "symlink-then-hardlink": tar_bytes(
-            entry("s", "sym", target=b), entry("hl", "hard", target="s"),
-            entry("hl2", "hard", target="s/"), entry("s", "file", data=b"x")),
+            entry("s", "sym", target=b),
+            entry("hl", "hard", target="s"),
+            entry("hl2", "hard", target="s/"),
+            entry("s", "file", data=b"x"),
+        ),
         "symlink-dir-then-file": tar_bytes(
-            entry("d", "sym", target=str(bait)), entry("d/bait.txt", "file", data=b"PWNED"),
-            entry("d/sub/inner", "file", data=b"PWNED")),
+            entry("d", "sym", target=str(bait)),
+            entry("d/bait.txt", "file", data=b"PWNED"),
+            entry("d/sub/inner", "file", data=b"PWNED"),
+        ),
         "symlink-dir-then-hardlink": tar_bytes(
-            entry("d", "sym", target=str(bait)), entry("h", "hard", target="d/bait.txt")),
+            entry("d", "sym", target=str(bait)), entry("h", "hard", target="d/bait.txt")
+        ),
         "dotdot": tar_bytes(entry("a/../../bait.txt", "file", data=b"PWNED")),
         "symlink-chain": tar_bytes(
-            entry("a", "sym", target="b"), entry("b", "sym", target="../../../" + str(bait)),
-            entry("a/bait.txt", "file", data=b"PWNED")),
+            entry("a", "sym", target="b"),
+            entry("b", "sym", target="../../../" + str(bait)),
+            entry("a/bait.txt", "file", data=b"PWNED"),
+        ),
     }
 
 
@@ -161,8 +169,10 @@ def test_extractors_keep_hostile_tars_inside(tmp_path: Path, bait: Path, case: s
             from tlimage.runtime.namespace import read_tar
 
             renamed = io.BytesIO()
-            with tarfile.open(fileobj=io.BytesIO(data)) as src, \
-                    tarfile.open(fileobj=renamed, mode="w", format=tarfile.PAX_FORMAT) as out:
+            with (
+                tarfile.open(fileobj=io.BytesIO(data)) as src,
+                tarfile.open(fileobj=renamed, mode="w", format=tarfile.PAX_FORMAT) as out,
+            ):
                 out.addfile(entry("_", "dir")[0])
                 for m in src:
                     m.name = "_/" + m.name
@@ -182,8 +192,12 @@ def test_extractors_keep_hostile_tars_inside(tmp_path: Path, bait: Path, case: s
 
 
 def test_hard_links_inside_the_archive_still_work(tmp_path: Path) -> None:
-    data = tar_bytes(entry("d", "dir"), entry("d/f", "file", data=b"one", mode=0o4755),
-                     entry("g", "hard", target="d/f"), entry("l", "sym", target="/d"))
+    data = tar_bytes(
+        entry("d", "dir"),
+        entry("d/f", "file", data=b"one", mode=0o4755),
+        entry("g", "hard", target="d/f"),
+        entry("l", "sym", target="/d"),
+    )
     dest = tmp_path / "dest"
     _fs.extract_tar(io.BytesIO(data), dest)
     assert os.lstat(dest / "g").st_ino == os.lstat(dest / "d" / "f").st_ino
@@ -253,18 +267,24 @@ def test_copy_from_a_stage_with_a_planted_symlink_and_a_wildcard(tmp_path: Path,
     inside the stage's root, never on the host."""
     ctx = tmp_path / "ctx"
     ctx.mkdir()
-    (ctx / "plant.tar").write_bytes(tar_bytes(entry("data", "sym", target=str(bait)),
-                                              entry("d2", "sym", target="../../" + str(bait))))
+    (ctx / "plant.tar").write_bytes(
+        tar_bytes(
+            entry("data", "sym", target=str(bait)), entry("d2", "sym", target="../../" + str(bait))
+        )
+    )
     (ctx / "Dockerfile").write_text(
-        "FROM scratch AS a\nADD plant.tar /\n\nFROM scratch\nCOPY --from=a /data/* /x/\n")
+        "FROM scratch AS a\nADD plant.tar /\n\nFROM scratch\nCOPY --from=a /data/* /x/\n"
+    )
     with pytest.raises(TlimageError, match="matches no file"):
         build_image(ctx / "Dockerfile", executor=FakeExecutor(), register=False)
     (ctx / "Dockerfile").write_text(
-        "FROM scratch AS a\nADD plant.tar /\n\nFROM scratch\nCOPY --from=a /d2/sub/* /x/\n")
+        "FROM scratch AS a\nADD plant.tar /\n\nFROM scratch\nCOPY --from=a /d2/sub/* /x/\n"
+    )
     with pytest.raises(TlimageError, match="matches no file"):
         build_image(ctx / "Dockerfile", executor=FakeExecutor(), register=False)
     (ctx / "Dockerfile").write_text(
-        "FROM scratch AS a\nADD plant.tar /\n\nFROM scratch\nCOPY --from=a /data /x/\n")
+        "FROM scratch AS a\nADD plant.tar /\n\nFROM scratch\nCOPY --from=a /data /x/\n"
+    )
     with pytest.raises(TlimageError, match="not found"):
         build_image(ctx / "Dockerfile", executor=FakeExecutor(), register=False)
 
@@ -275,11 +295,16 @@ def test_copy_from_follows_links_inside_the_stage(tmp_path: Path, bait: Path) ->
     ctx = tmp_path / "ctx"
     ctx.mkdir()
     inner = str(bait).lstrip("/")
-    (ctx / "plant.tar").write_bytes(tar_bytes(
-        entry(inner, "dir"), entry(f"{inner}/mine.txt", "file", data=b"stage's own"),
-        entry("data", "sym", target=str(bait))))
+    (ctx / "plant.tar").write_bytes(
+        tar_bytes(
+            entry(inner, "dir"),
+            entry(f"{inner}/mine.txt", "file", data=b"stage's own"),
+            entry("data", "sym", target=str(bait)),
+        )
+    )
     (ctx / "Dockerfile").write_text(
-        "FROM scratch AS a\nADD plant.tar /\n\nFROM scratch\nCOPY --from=a /data/* /x/\n")
+        "FROM scratch AS a\nADD plant.tar /\n\nFROM scratch\nCOPY --from=a /data/* /x/\n"
+    )
     result = build_image(ctx / "Dockerfile", executor=FakeExecutor(), register=False)
     tree = image_tree(result, tmp_path / "img")
     assert sorted(os.listdir(tree / "x")) == ["mine.txt"]

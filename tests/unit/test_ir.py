@@ -14,8 +14,10 @@ def two_stage(build_name: str = "build") -> ir.ImageDef:
             ir.Stage("unused", (ir.From(image="debian-minimal"), ir.Run(command=("true",)))),
             ir.Stage(
                 "final",
-                (ir.From(image="debian-minimal"),
-                 ir.Copy(sources=("/out",), dest="/app", from_=build_name)),
+                (
+                    ir.From(image="debian-minimal"),
+                    ir.Copy(sources=("/out",), dest="/app", from_=build_name),
+                ),
             ),  # fmt: skip
         ),
     )

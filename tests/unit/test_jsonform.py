@@ -60,7 +60,9 @@ def test_syntax_errors_are_located(text: str, message: str, where: str) -> None:
 
 
 def test_byte_order_mark_and_crlf() -> None:
-    text = '\ufeff{"type": "image",\r\n "name": "a",\r\n "operations": [{"op": "RUN", "args": ["x"]}]}'
+    text = (
+        '\ufeff{"type": "image",\r\n "name": "a",\r\n "operations": [{"op": "RUN", "args": ["x"]}]}'
+    )
     [img] = load_json_text(text, "f.json")
     assert str(img.target_stage.meta[1].span) == "f.json:3:17"
 
@@ -125,8 +127,11 @@ def test_lowering_is_the_dsl() -> None:
     ],
 )
 def test_json_and_dsl_read_mounts_alike(mount: object) -> None:
-    doc = {"type": "image", "name": "x",
-           "operations": [{"op": "RUN", "args": ["make"], "options": {"mounts": [mount]}}]}
+    doc = {
+        "type": "image",
+        "name": "x",
+        "operations": [{"op": "RUN", "args": ["make"], "options": {"mounts": [mount]}}],
+    }
     [got] = load_json_text(json.dumps(doc), "f.json")
     want = Image("x").run(["make"], options={"mounts": [mount]}).to_ir()
     assert got.target_stage.steps == want.target_stage.steps
@@ -141,8 +146,11 @@ def test_json_and_dsl_read_mounts_alike(mount: object) -> None:
     ],
 )
 def test_json_and_dsl_refuse_mounts_alike(mount: str, message: str) -> None:
-    doc = {"type": "image", "name": "x",
-           "operations": [{"op": "RUN", "args": ["make"], "options": {"mounts": [mount]}}]}
+    doc = {
+        "type": "image",
+        "name": "x",
+        "operations": [{"op": "RUN", "args": ["make"], "options": {"mounts": [mount]}}],
+    }
     with pytest.raises(JSONDocumentError) as info:
         load_json_text(json.dumps(doc), "f.json")
     assert info.value.path == "operations[0].options.mounts[0]"
@@ -166,7 +174,9 @@ def test_exported_json_points_errors_at_the_sdk_source(tmp_path: Path,
     with pytest.raises(JSONDocumentError) as info:
         load_json_text(json.dumps(doc), "image.ts", in_text=False)
     text = str(info.value)
-    assert text.startswith("image.ts:3:4: images[0].operations[0].args[0]: \"BAD KEY\" is not allowed")
+    assert text.startswith(
+        'image.ts:3:4: images[0].operations[0].args[0]: "BAD KEY" is not allowed'
+    )
     assert "  .env('BAD KEY', 'v');" in text  # the TypeScript line, not the JSON
 
 

@@ -57,8 +57,7 @@ def layer_bytes(result) -> bytes:  # noqa: ANN001
     store = BlobStore()
     out = b""
     for la in result.manifest.layers[1:]:
-        out += zstandard.ZstdDecompressor().decompressobj().decompress(
-            store.read_bytes(la.digest))
+        out += zstandard.ZstdDecompressor().decompressobj().decompress(store.read_bytes(la.digest))
     return out
 
 
@@ -160,18 +159,29 @@ def test_microvm_plan_turns_mounts_into_agent_requests(tmp_path: Path) -> None:
     )
     req = RunRequest(lowers=(tmp_path,), argv=("true",), upper_dir=tmp_path / "u", mounts=mounts)
     files = req.sorted_mounts()
-    images = [(m, None if m.kind in ("tmpfs", "secret") else tmp_path / f"{k}.img",
-               m.subpath if m.kind == "view" else "/") for k, m in enumerate(files)]
+    images = [
+        (
+            m,
+            None if m.kind in ("tmpfs", "secret") else tmp_path / f"{k}.img",
+            m.subpath if m.kind == "view" else "/",
+        )
+        for k, m in enumerate(files)
+    ]
     plan = _plan_mounts(req, images, 3, "/tl/scratch/0")
     by_target = {b.target: b for b in plan.binds}
     assert [b.target for b in plan.binds] == [m.target for m in files]  # parents first
     cache = by_target["/root/.cache"]
     assert (cache.kind, cache.source_root, cache.readonly) == (
-        P.BindKind.PATH, f"/tl/scratch/0/m{files.index(mounts[0])}/root", False)
+        P.BindKind.PATH,
+        f"/tl/scratch/0/m{files.index(mounts[0])}/root",
+        False,
+    )
     ctx = by_target["/src"]
     assert (ctx.source_root, ctx.source, ctx.readonly) == (
         f"/tl/lower/{3 + [m for m in files if m.kind in ('bind', 'view')].index(mounts[1])}",
-        "/", True)
+        "/",
+        True,
+    )
     assert by_target["/o"].source == "/out" and by_target["/o"].readonly
     assert by_target["/t"].kind == P.BindKind.TMPFS and by_target["/t"].size_kib == 1024
     sec = by_target["/run/secrets/s"]
@@ -219,9 +229,13 @@ def test_parse_secret_like_buildx(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert parse_secret("type=env,id=tok,src=MY_TOKEN") == ("tok", b"from-env")
     assert parse_secret("id=MY_TOKEN") == ("MY_TOKEN", b"from-env")  # env var of that name
     assert parse_secret("id=npmrc") == ("npmrc", Path("npmrc"))  # else a file of that name
-    for bad, msg in [("src=", "an id is required"), ("id=x,color=red", "unexpected key 'color'"),
-                     ("id=x,env=NOPE_NOT_SET", "NOPE_NOT_SET is not set"),
-                     ("id=x,type=ssh", "unsupported type"), ("idx", "must be key=value")]:
+    for bad, msg in [
+        ("src=", "an id is required"),
+        ("id=x,color=red", "unexpected key 'color'"),
+        ("id=x,env=NOPE_NOT_SET", "NOPE_NOT_SET is not set"),
+        ("id=x,type=ssh", "unsupported type"),
+        ("idx", "must be key=value"),
+    ]:
         with pytest.raises(MountError, match=msg):
             parse_secret(bad)
 
@@ -244,17 +258,23 @@ def test_redactor_masks_values_split_across_chunks() -> None:
 def test_cache_mount_persists_between_builds_and_stays_out_of_layers(tmp_path: Path) -> None:
     img = tmp_path / "image.py"
     mount = "options={'mounts': ['type=cache,target=/root/.cache/pip']}"
-    img.write_text("from tlimage import Image\n"
-                   "image = Image('c', base_image='busybox').run(\n"
-                   f"    'write /root/.cache/pip/wheel downloaded; write /out 1', {mount})\n")
+    img.write_text(
+        "from tlimage import Image\n"
+        "image = Image('c', base_image='busybox').run(\n"
+        f"    'write /root/.cache/pip/wheel downloaded; write /out 1', {mount})\n"
+    )
     data = cache_mount_dir(BlobStore().path, "/root/.cache/pip") / "0" / "wheel"
     assert not data.exists()
     first, _, ex1 = build(img)
     assert ex1.runs[0].mounts == (HostMount.bind(data.parent, "/root/.cache/pip"),)
     assert data.read_text() == "downloaded"
     assert b"downloaded" not in layer_bytes(first) and b"out" in layer_bytes(first)
-    img.write_text(img.read_text().replace("write /root/.cache/pip/wheel downloaded; write /out 1",
-                                           "cat /root/.cache/pip/wheel; write /out 2"))
+    img.write_text(
+        img.read_text().replace(
+            "write /root/.cache/pip/wheel downloaded; write /out 1",
+            "cat /root/.cache/pip/wheel; write /out 2",
+        )
+    )
     second, ev2, ex2 = build(img)
     assert len(ex2.runs) == 1  # the step changed, so it ran again ...
     assert logs(ev2) == "downloaded"  # ... and found what the first build left in the cache
@@ -365,9 +385,12 @@ def test_bind_rw_writes_are_discarded(tmp_path: Path) -> None:
 @needs_root
 def test_bind_from_another_stage_keys_on_that_stage(tmp_path: Path) -> None:
     (tmp_path / "v.txt").write_text("1\n")
-    path = dockerfile(tmp_path, "FROM busybox AS build\nCOPY v.txt /out/v.txt\n"
-                      "FROM busybox\n"
-                      "RUN --mount=type=bind,from=build,source=/out,target=/o cat /o/v.txt\n")
+    path = dockerfile(
+        tmp_path,
+        "FROM busybox AS build\nCOPY v.txt /out/v.txt\n"
+        "FROM busybox\n"
+        "RUN --mount=type=bind,from=build,source=/out,target=/o cat /o/v.txt\n",
+    )
     _, events, ex = build(path)
     assert logs(events) == "1\n"
     (m,) = ex.runs[0].mounts
@@ -383,8 +406,10 @@ def test_bind_from_another_stage_keys_on_that_stage(tmp_path: Path) -> None:
 
 @needs_root
 def test_tmpfs_writes_vanish(tmp_path: Path) -> None:
-    path = dockerfile(tmp_path, "FROM busybox\n"
-                      "RUN --mount=type=tmpfs,target=/scratch,size=1m write /scratch/big x\n")
+    path = dockerfile(
+        tmp_path,
+        "FROM busybox\nRUN --mount=type=tmpfs,target=/scratch,size=1m write /scratch/big x\n",
+    )
     result, _, ex = build(path)
     assert ex.runs[0].mounts[0] == HostMount.tmpfs("/scratch", 1 << 20)
     assert result.manifest.layers == build(path)[0].manifest.layers  # no layer from the step
@@ -399,8 +424,11 @@ def test_ssh_mounts(tmp_path: Path) -> None:
     path.write_text("FROM busybox\nRUN --mount=type=ssh echo without\n")
     _, events, ex = build(path)
     assert ex.runs[0].mounts == ()
-    assert any("optional ssh mount at /run/buildkit/ssh_agent.0 is left out" in e["message"]
-               for e in events if e["event"] == "status")
+    assert any(
+        "optional ssh mount at /run/buildkit/ssh_agent.0 is left out" in e["message"]
+        for e in events
+        if e["event"] == "status"
+    )
 
 
 @needs_root

@@ -36,8 +36,11 @@ def test_policy_errors_name_the_entry(kwargs, needle):
 
 
 def test_policy_accepts_cidrs_addresses_and_names():
-    p = NetworkPolicy("deny", block=["192.0.2.7"], allow=("10.1.0.0/16", "2001:db8::/32",
-                                                          "deb.debian.org", "localhost."))
+    p = NetworkPolicy(
+        "deny",
+        block=["192.0.2.7"],
+        allow=("10.1.0.0/16", "2001:db8::/32", "deb.debian.org", "localhost."),
+    )
     assert p.block == ("192.0.2.7",)  # lists become tuples: the policy stays hashable
     hash(p)
 
@@ -67,8 +70,10 @@ def test_ruleset_orders_host_block_allow_private():
     assert "chain forward {\n    type filter hook forward priority 0; policy drop;" in allow
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft", path=network.TOOL_PATH) is None,
-                    reason="checking the script needs root and nft (apt-get install nftables)")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("nft", path=network.TOOL_PATH) is None,
+    reason="checking the script needs root and nft (apt-get install nftables)",
+)
 def test_nft_accepts_the_ruleset():
     h4, h6 = network.host_addresses()
     for mode in ("allow", "deny"):

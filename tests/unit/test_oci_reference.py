@@ -60,13 +60,17 @@ def test_bad_references_say_what_is_wrong(text, msg):
 
 
 def test_challenge_parsing():
-    [ch] = auth.parse_challenges('Bearer realm="https://auth.docker.io/token",'
-                                 'service="registry.docker.io",'
-                                 'scope="repository:library/debian:pull,push"')
+    [ch] = auth.parse_challenges(
+        'Bearer realm="https://auth.docker.io/token",'
+        'service="registry.docker.io",'
+        'scope="repository:library/debian:pull,push"'
+    )
     assert ch.scheme == "bearer"
-    assert ch.params == {"realm": "https://auth.docker.io/token",
-                         "service": "registry.docker.io",
-                         "scope": "repository:library/debian:pull,push"}
+    assert ch.params == {
+        "realm": "https://auth.docker.io/token",
+        "service": "registry.docker.io",
+        "scope": "repository:library/debian:pull,push",
+    }
     chs = auth.parse_challenges('Basic realm="x y", Bearer realm=http://t/token,error=bad')
     assert [c.scheme for c in chs] == ["basic", "bearer"]
     assert chs[1].params == {"realm": "http://t/token", "error": "bad"}
@@ -79,17 +83,25 @@ def test_credentials_from_auth_files(tmp_path, monkeypatch):
     monkeypatch.delenv("DOCKER_CONFIG", raising=False)
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     (tmp_path / ".docker").mkdir()
-    (tmp_path / ".docker/config.json").write_text(json.dumps({"auths": {
-        "https://index.docker.io/v1/": {"auth": base64.b64encode(b"hub:pw").decode()},
-        "reg.example:5000": {"auth": base64.b64encode(b"u:p:with:colons").decode()}}}))
+    (tmp_path / ".docker/config.json").write_text(
+        json.dumps(
+            {
+                "auths": {
+                    "https://index.docker.io/v1/": {"auth": base64.b64encode(b"hub:pw").decode()},
+                    "reg.example:5000": {"auth": base64.b64encode(b"u:p:with:colons").decode()},
+                }
+            }
+        )
+    )
     c = auth.lookup_credentials("registry-1.docker.io")
     assert (c.username, c.password) == ("hub", "pw")
     c = auth.lookup_credentials("reg.example:5000")
     assert (c.username, c.password) == ("u", "p:with:colons")
     assert auth.lookup_credentials("other.example") is None
     extra = tmp_path / "extra.json"
-    extra.write_text(json.dumps({"auths": {"reg.example:5000": {"username": "x",
-                                                                 "password": "y"}}}))
+    extra.write_text(
+        json.dumps({"auths": {"reg.example:5000": {"username": "x", "password": "y"}}})
+    )
     assert auth.lookup_credentials("reg.example:5000", (str(extra),)).username == "x"
     extra.write_text("{not json")
     with pytest.raises(OCIError, match="extra.json: cannot read"):
@@ -100,11 +112,20 @@ def test_platforms():
     assert normalize_platform("linux/x86_64") == "linux/amd64"
     assert normalize_platform("arm64") == "linux/arm64"
     assert normalize_platform("linux/arm64/v8") == "linux/arm64"
-    idx = {"manifests": [
-        {"digest": "sha256:a", "platform": {"os": "linux", "architecture": "amd64"}},
-        {"digest": "sha256:b", "platform": {"os": "linux", "architecture": "arm", "variant": "v7"}},
-        {"digest": "sha256:c", "platform": {"os": "unknown", "architecture": "unknown"},
-         "annotations": {"vnd.docker.reference.type": "attestation-manifest"}}]}
+    idx = {
+        "manifests": [
+            {"digest": "sha256:a", "platform": {"os": "linux", "architecture": "amd64"}},
+            {
+                "digest": "sha256:b",
+                "platform": {"os": "linux", "architecture": "arm", "variant": "v7"},
+            },
+            {
+                "digest": "sha256:c",
+                "platform": {"os": "unknown", "architecture": "unknown"},
+                "annotations": {"vnd.docker.reference.type": "attestation-manifest"},
+            },
+        ]
+    }
     assert select_platform(idx, "linux/amd64", "x") == "sha256:a"
     assert select_platform(idx, "linux/arm", "x") == "sha256:b"
     with pytest.raises(OCIError, match="the index has: linux/amd64, linux/arm/v7$"):
@@ -158,10 +179,12 @@ def test_credential_helpers(tmp_path, monkeypatch):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     helper = bindir / "docker-credential-fake"
-    helper.write_text("#!/bin/sh\nread server\n"
-                      "if [ \"$server\" = reg.example ]; then "
-                      "echo '{\"Username\":\"u\",\"Secret\":\"s\"}'; "
-                      "else echo 'credentials not found in native keychain'; exit 1; fi\n")
+    helper.write_text(
+        "#!/bin/sh\nread server\n"
+        'if [ "$server" = reg.example ]; then '
+        'echo \'{"Username":"u","Secret":"s"}\'; '
+        "else echo 'credentials not found in native keychain'; exit 1; fi\n"
+    )
     helper.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
     cfg = tmp_path / "config.json"

@@ -30,9 +30,20 @@ pytestmark = [
 def agent_bin(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("agent") / "agent"
     p = subprocess.run(
-        ["gcc", "-static", "-Os", "-Wall", "-Wextra", "-Werror", "-o", str(out),
-         str(runner_source_dir() / "agent.c")],
-        capture_output=True, text=True, check=False,
+        [
+            "gcc",
+            "-static",
+            "-Os",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-o",
+            str(out),
+            str(runner_source_dir() / "agent.c"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if p.returncode != 0 and "cannot find -lc" in p.stderr:
         pytest.skip("static libc is missing (apt-get install libc6-dev)")
@@ -42,8 +53,9 @@ def agent_bin(tmp_path_factory) -> Path:
 
 class Agent:
     def __init__(self, path: Path, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen([str(path), "--stdio"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env or {})
+        self.proc = subprocess.Popen(
+            [str(path), "--stdio"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env or {}
+        )
         self.reader = P.FrameReader(self.proc.stdout)
 
     def send(self, frame: P.Frame) -> None:
@@ -55,8 +67,12 @@ class Agent:
         while True:
             f = self.reader.read()
             frames.append(f)
-            if f.type in (P.FrameType.OK, P.FrameType.ERROR, P.FrameType.EXIT,
-                          P.FrameType.EXPORT_END):
+            if f.type in (
+                P.FrameType.OK,
+                P.FrameType.ERROR,
+                P.FrameType.EXIT,
+                P.FrameType.EXPORT_END,
+            ):
                 return frames
 
     def close(self) -> int:
@@ -91,8 +107,12 @@ def test_run_streams_stdout_stderr_and_exit_code(agent):
 
 
 def test_env_is_exact_and_home_follows_the_user(agent):
-    frames = run(agent, ["sh", "-c", 'echo "$FOO|$HOME|$(pwd)|$(id -u)"'],
-                 env=("PATH=/usr/bin:/bin", "FOO=bar"), workdir="/tmp")
+    frames = run(
+        agent,
+        ["sh", "-c", 'echo "$FOO|$HOME|$(pwd)|$(id -u)"'],
+        env=("PATH=/usr/bin:/bin", "FOO=bar"),
+        workdir="/tmp",
+    )
     out = b"".join(f.payload for f in frames if f.type is P.FrameType.STDOUT)
     assert out == b"bar|/root|/tmp|0\n"
 
@@ -111,7 +131,7 @@ def test_signal_exit_is_128_plus_signal(agent):
 @pytest.mark.parametrize(
     "argv, kwargs, match",
     [
-        (["no-such-program-xyz"], {}, 'executable file not found in \\$PATH'),
+        (["no-such-program-xyz"], {}, "executable file not found in \\$PATH"),
         (["true"], {"user": "no-such-user-xyz"}, "unable to find user no-such-user-xyz"),
         (["true"], {"user": "root:no-such-group-xyz"}, "unable to find group"),
         (["true"], {"workdir": "/no/such/dir"}, "workdir /no/such/dir"),
@@ -139,8 +159,13 @@ def test_unknown_request_and_idle_kill(agent):
 
 
 def test_kill_during_a_step(agent):
-    agent.send(P.encode_run(P.RunRequestMsg(("sh", "-c", "echo started; sleep 30"),
-                                            ("PATH=/usr/bin:/bin",), "root", "/", False)))
+    agent.send(
+        P.encode_run(
+            P.RunRequestMsg(
+                ("sh", "-c", "echo started; sleep 30"), ("PATH=/usr/bin:/bin",), "root", "/", False
+            )
+        )
+    )
     first = agent.reader.read()
     assert first.payload == b"started\n"
     agent.send(P.encode_kill(9))

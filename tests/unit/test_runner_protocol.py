@@ -57,11 +57,14 @@ def test_v2_golden_bytes():
         "01".replace(" ", "")
     )
     assert P.encode_frame(P.encode_attach(0x0102030405060708)) == bytes.fromhex(
-        "8d000000 00000008 0102030405060708")
+        "8d000000 00000008 0102030405060708"
+    )
     assert P.encode_frame(P.encode_put("/tmp", "f")) == bytes.fromhex(
-        "88000000 0000000d 00000004 2f746d70 00000001 66".replace(" ", ""))
+        "88000000 0000000d 00000004 2f746d70 00000001 66".replace(" ", "")
+    )
     assert P.encode_frame(P.encode_sandbox(P.SandboxMsg("/tl/root", True, "h"))) == bytes.fromhex(
-        "8f000000 00000012 00000008 2f746c2f726f6f74 01 00000001 68".replace(" ", ""))
+        "8f000000 00000012 00000008 2f746c2f726f6f74 01 00000001 68".replace(" ", "")
+    )
     assert P.encode_frame(P.encode_stdin(b"")) == bytes.fromhex("8a000000 00000000")
 
 
@@ -82,8 +85,9 @@ def test_exec_and_spawn_round_trip(argv, env, user, workdir, stdin):
 
 @given(text, st.booleans(), text, text, text, st.integers(0, 2**64 - 1))
 def test_v2_round_trips(root, network, hostname, dest, name, ns):
-    assert P.decode_sandbox(P.encode_sandbox(P.SandboxMsg(root, network, hostname))) == \
-        P.SandboxMsg(root, network, hostname)
+    assert P.decode_sandbox(
+        P.encode_sandbox(P.SandboxMsg(root, network, hostname))
+    ) == P.SandboxMsg(root, network, hostname)
     assert P.decode_put(P.encode_put(dest, name)) == (dest, name)
     assert P.decode_path(P.encode_path(dest)) == dest
     assert P.decode_attach(P.encode_attach(ns)) == ns
@@ -105,8 +109,16 @@ def test_v3_golden_bytes():
     assert "data" not in repr(bind).replace("data=", "") and "b's'" not in repr(bind)
 
 
-@given(text, text, st.sampled_from(list(P.BindKind)), text, text, st.booleans(),
-       st.integers(0, 2**32 - 1), st.binary(max_size=64))
+@given(
+    text,
+    text,
+    st.sampled_from(list(P.BindKind)),
+    text,
+    text,
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+    st.binary(max_size=64),
+)
 def test_bind_round_trip(root, target, kind, source_root, source, readonly, n, data):
     m = P.BindMsg(root, target, kind, source_root, source, readonly, n, n, n, n, data)
     assert P.decode_bind(P.encode_bind(m)) == m
@@ -143,8 +155,10 @@ def test_export_end_round_trip(opaque, xattrs):
     assert P.decode_export_end(P.encode_export_end(e)) == e
 
 
-@given(st.lists(st.tuples(st.sampled_from(list(P.FrameType)), st.binary(max_size=64)),
-                max_size=8), st.integers(0, 200))
+@given(
+    st.lists(st.tuples(st.sampled_from(list(P.FrameType)), st.binary(max_size=64)), max_size=8),
+    st.integers(0, 200),
+)
 def test_decode_frames_handles_any_split(frames, cut):
     wire = b"".join(P.encode_frame(P.Frame(t, p)) for t, p in frames)
     cut = min(cut, len(wire))
@@ -206,16 +220,21 @@ def agent_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("gcc is not installed (apt-get install gcc libc6-dev)")
     out = tmp_path_factory.mktemp("agent") / "agent"
     src = Path(__file__).resolve().parents[2] / "runner" / "agent.c"
-    subprocess.run([gcc, "-static", "-Os", "-o", str(out), str(src)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [gcc, "-static", "-Os", "-o", str(out), str(src)], check=True, capture_output=True
+    )
     return out
 
 
 class Agent:
     def __init__(self, binary: Path, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen([str(binary), "--stdio"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env={"PATH": "/usr/bin:/bin", **(env or {})})
+        self.proc = subprocess.Popen(
+            [str(binary), "--stdio"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={"PATH": "/usr/bin:/bin", **(env or {})},
+        )
         self.reader = P.FrameReader(self.proc.stdout)
         self.err = bytearray()
         self.drain = threading.Thread(target=self._drain, daemon=True)
@@ -253,8 +272,17 @@ def _out(frames: list[P.Frame], t: P.FrameType) -> bytes:
 
 def test_agent_exec_streams_takes_stdin_and_does_not_wait_for_background_writers(agent_bin):
     a = Agent(agent_bin)
-    a.send(P.encode_exec(P.ExecMsg(("sh", "-c", "echo out; echo err >&2; tr a-z A-Z; exit 3"),
-                                   ("PATH=/usr/bin:/bin",), "root", "/", stdin=True)))
+    a.send(
+        P.encode_exec(
+            P.ExecMsg(
+                ("sh", "-c", "echo out; echo err >&2; tr a-z A-Z; exit 3"),
+                ("PATH=/usr/bin:/bin",),
+                "root",
+                "/",
+                stdin=True,
+            )
+        )
+    )
     a.send(P.encode_stdin(b"piped "))
     a.send(P.encode_stdin(b"input\n"))
     a.send(P.encode_stdin(b""))
@@ -263,8 +291,11 @@ def test_agent_exec_streams_takes_stdin_and_does_not_wait_for_background_writers
     assert _out(frames, P.FrameType.STDOUT) == b"out\nPIPED INPUT\n"
     assert _out(frames, P.FrameType.STDERR) == b"err\n"
     # A background process keeps stdout open: EXIT still follows the program's own exit.
-    a.send(P.encode_exec(P.ExecMsg(("sh", "-c", "sleep 30 & echo started"), ("PATH=/usr/bin:/bin",),
-                                   "root", "/")))
+    a.send(
+        P.encode_exec(
+            P.ExecMsg(("sh", "-c", "sleep 30 & echo started"), ("PATH=/usr/bin:/bin",), "root", "/")
+        )
+    )
     frames = a.until(P.FrameType.EXIT, P.FrameType.ERROR)
     assert P.decode_exit(frames[-1]).code == 0 and _out(frames, P.FrameType.STDOUT) == b"started\n"
     a.send(P.encode_exec(P.ExecMsg(("no-such-program",), ("PATH=/usr/bin:/bin",), "root", "/")))
@@ -329,8 +360,11 @@ def test_agent_spawn_reports_the_entrypoint_exit(agent_bin):
     a.send(P.encode_spawn(P.ExecMsg(("nope",), ("PATH=/usr/bin:/bin",), "root", "/")))
     err = a.until(P.FrameType.OK, P.FrameType.ERROR)[-1]
     assert "executable file not found" in P.decode_error(err)
-    a.send(P.encode_spawn(P.ExecMsg(("sh", "-c", "echo entry; exit 4"), ("PATH=/usr/bin:/bin",),
-                                    "root", "/")))
+    a.send(
+        P.encode_spawn(
+            P.ExecMsg(("sh", "-c", "echo entry; exit 4"), ("PATH=/usr/bin:/bin",), "root", "/")
+        )
+    )
     assert a.until(P.FrameType.OK, P.FrameType.ERROR)[-1].type is P.FrameType.OK
     # The agent notices the exit between requests (on a host it only reports it).
     deadline = time.monotonic() + 10
@@ -360,9 +394,13 @@ def test_agent_bind_and_unbind(agent_bin, tmp_path):
     (src / "sub").mkdir(parents=True)
     (src / "sub" / "f").write_text("from-source\n")
     a = Agent.__new__(Agent)
-    a.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", str(agent_bin),
-                               "--stdio"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"})
+    a.proc = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", str(agent_bin), "--stdio"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     a.reader = P.FrameReader(a.proc.stdout)
     a.err = bytearray()
     a.drain = threading.Thread(target=a._drain, daemon=True)
@@ -375,17 +413,27 @@ def test_agent_bind_and_unbind(agent_bin, tmp_path):
         return a.until(P.FrameType.OK, P.FrameType.ERROR)[-1]
 
     assert bind(P.BindMsg(r, "/mnt/src", P.BindKind.PATH, str(src), "/sub")).type is P.FrameType.OK
-    assert bind(P.BindMsg(r, "/tmp/t", P.BindKind.TMPFS, size_kib=1024,
-                          readonly=False)).type is P.FrameType.OK
-    assert bind(P.BindMsg(r, "/lnk/secret", P.BindKind.DATA, uid=1000, gid=1000, mode=0o440,
-                          data=b"s3cret")).type is P.FrameType.OK
+    assert (
+        bind(P.BindMsg(r, "/tmp/t", P.BindKind.TMPFS, size_kib=1024, readonly=False)).type
+        is P.FrameType.OK
+    )
+    assert (
+        bind(
+            P.BindMsg(
+                r, "/lnk/secret", P.BindKind.DATA, uid=1000, gid=1000, mode=0o440, data=b"s3cret"
+            )
+        ).type
+        is P.FrameType.OK
+    )
     bad = bind(P.BindMsg(r, "/etc/hostname/x", P.BindKind.TMPFS))
     assert "BIND: mount target /etc/hostname/x: Not a directory" in P.decode_error(bad)
     missing = bind(P.BindMsg(r, "/x", P.BindKind.PATH, str(src), "/missing"))
     assert P.decode_error(missing) == "BIND: source /missing: No such file or directory"
-    script = (f"cat {r}/mnt/src/f; stat -c '%a %u' {r}/etc/secret; cat {r}/etc/secret; echo; "
-              f"touch {r}/mnt/src/new 2>/dev/null || echo read-only; "
-              f"df -k {r}/tmp/t | tail -1 | awk '{{print $2}}'; touch {r}/tmp/t/x")
+    script = (
+        f"cat {r}/mnt/src/f; stat -c '%a %u' {r}/etc/secret; cat {r}/etc/secret; echo; "
+        f"touch {r}/mnt/src/new 2>/dev/null || echo read-only; "
+        f"df -k {r}/tmp/t | tail -1 | awk '{{print $2}}'; touch {r}/tmp/t/x"
+    )
     a.send(P.encode_run(P.RunRequestMsg(("sh", "-c", script), ("PATH=/usr/bin:/bin",), "root",
                                         "/", False)))  # fmt: skip
     frames = a.until(P.FrameType.EXIT, P.FrameType.ERROR)

@@ -306,10 +306,13 @@ def test_auto_backend_follows_the_builds_rule(monkeypatch: pytest.MonkeyPatch) -
 
     notes: list[str] = []
     monkeypatch.setattr(tlimage.sandbox, "_noticed", False)
-    monkeypatch.setattr(tlimage.sandbox.qemu.kvm, "kvm_usable", lambda _c, _p=None: (True, "booted"))
+    monkeypatch.setattr(
+        tlimage.sandbox.qemu.kvm, "kvm_usable", lambda _c, _p=None: (True, "booted")
+    )
     assert _api.select_backend("auto", None, notes.append) == ("microvm", "kvm")
-    monkeypatch.setattr(tlimage.sandbox.qemu.kvm, "kvm_usable",
-                        lambda _c, _p=None: (False, "no /dev/kvm"))
+    monkeypatch.setattr(
+        tlimage.sandbox.qemu.kvm, "kvm_usable", lambda _c, _p=None: (False, "no /dev/kvm")
+    )
     monkeypatch.setattr(tlimage.sandbox.namespace, "check_host", lambda: None)
     assert _api.select_backend("auto", None, notes.append) == ("namespace", None)
     assert _api.select_backend("auto", None, notes.append) == ("namespace", None)
@@ -341,6 +344,11 @@ def test_live_layer_digests_are_those_of_sandboxes_that_have_not_ended() -> None
     db = StateDB()
     lay = [{"digest": "xxh3:" + "a" * 32, "diff_id": "sha256:x", "size": 1}]
     db.insert(record("sb-layr000001", extra={"layers": lay}))
-    db.insert(record("sb-layr000002", status=Status.TERMINATED,
-                     extra={"layers": [{**lay[0], "digest": "xxh3:" + "b" * 32}]}))
+    db.insert(
+        record(
+            "sb-layr000002",
+            status=Status.TERMINATED,
+            extra={"layers": [{**lay[0], "digest": "xxh3:" + "b" * 32}]},
+        )
+    )
     assert live_layer_digests() == {"xxh3:" + "a" * 32}

@@ -89,7 +89,8 @@ def test_qemu_command_line(tmp_path: Path) -> None:
     joined = " ".join(argv)
     assert f"memory-backend-file,id=mem,size=768M,mem-path={named.dir}/ram,share=on" in joined
     assert "memory-backend=mem" in joined and argv[argv.index("-smp") + 1] == str(
-        min(2, os.cpu_count() or 1))
+        min(2, os.cpu_count() or 1)
+    )
     assert "serial=tl-l0" in joined and "serial=tl-l1" in joined and "serial=tl-scratch" in joined
     assert "tl.net=1" in joined and "append=on" in joined  # the console survives a resume
     eph = qemu_argv(record(tmp=tmp_path, network=False), kit, "kvm", [], False)

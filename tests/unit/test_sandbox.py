@@ -28,7 +28,7 @@ def test_the_kept_capabilities_are_podmans_default_set_by_name_and_number() -> N
     conf = Path("/usr/share/containers/containers.conf")
     if conf.exists():  # the set containers-common ships
         text = conf.read_text()
-        listed = text[text.index("default_capabilities"):].split("]")[0]
+        listed = text[text.index("default_capabilities") :].split("]")[0]
         assert {f"CAP_{n}" for n in re.findall(r'"([A-Z_]+)"', listed)} == set(CAP_NUMBERS)
 
 
@@ -106,7 +106,9 @@ def test_one_rule_for_auto(monkeypatch) -> None:
     monkeypatch.setattr(ns, "check_host", lambda: None)
     monkeypatch.setattr(ns, "missing_layers", lambda: [])
     assert select_isolation("auto", kvm_probe=lambda: (True, "ok"), notice=notes.append) == (
-        "microvm", "kvm")
+        "microvm",
+        "kvm",
+    )
     assert notes == []
     assert select_isolation("auto", kvm_probe=lambda: (False, "no kvm"),
                             notice=notes.append) == ("namespace", None)  # fmt: skip

@@ -33,7 +33,8 @@ def test_backend_implements_the_protocol(cls: type) -> None:
         want = inspect.signature(getattr(Backend, name))
         got = inspect.signature(getattr(cls, name))
         assert [(p.name, p.kind) for p in got.parameters.values()] == [
-            (p.name, p.kind) for p in want.parameters.values()], f"{cls.__name__}.{name}"
+            (p.name, p.kind) for p in want.parameters.values()
+        ], f"{cls.__name__}.{name}"
 
 
 def test_runtime_calls_only_protocol_methods() -> None:
@@ -58,7 +59,8 @@ def test_optional_methods_match_their_protocol() -> None:
             if hasattr(cls, name):
                 got = inspect.signature(getattr(cls, name))
                 assert [p.name for p in got.parameters.values()] == [
-                    p.name for p in want.parameters.values()], f"{cls.__name__}.{name}"
+                    p.name for p in want.parameters.values()
+                ], f"{cls.__name__}.{name}"
     assert isinstance(NamespaceBackend(), TtyBackend)
     assert isinstance(MicroVMBackend(), MemoryBackend)
 

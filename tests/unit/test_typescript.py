@@ -20,7 +20,9 @@ from tlimage.frontends import load
 from tlimage.frontends.typescript import export_json, sdk_dir
 
 NODE = shutil.which("node")
-needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed (apt-get install nodejs)")
+needs_node = pytest.mark.skipif(
+    NODE is None, reason="node is not installed (apt-get install nodejs)"
+)
 
 
 def _typescript_available() -> bool:
@@ -58,7 +60,10 @@ def _write(folder: Path, name: str, text: str) -> Path:
 @needs_node
 def test_mjs_image_is_the_dsl_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    _write(tmp_path, "image.mjs", """import { Image } from "@tlimage/sdk";
+    _write(
+        tmp_path,
+        "image.mjs",
+        """import { Image } from "@tlimage/sdk";
 
 export default new Image({ name: "svc", baseImage: "ubuntu-minimal" })
   .aptInstall("curl", "git")
@@ -68,7 +73,8 @@ export default new Image({ name: "svc", baseImage: "ubuntu-minimal" })
   .expose(8080, "53/udp")
   .healthcheck("curl -f localhost", { interval: 30, retries: 3 })
   .cmd(["python3", "-m", "svc"]);
-""")
+""",
+    )
     [got] = load("image.mjs")
     want = (
         Image("svc", base_image="ubuntu-minimal")
@@ -93,17 +99,25 @@ export default new Image({ name: "svc", baseImage: "ubuntu-minimal" })
 def test_ts_image_with_types_and_a_local_import(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    _write(tmp_path, "base.ts", """import { Image } from "@tlimage/sdk";
+    _write(
+        tmp_path,
+        "base.ts",
+        """import { Image } from "@tlimage/sdk";
 export interface Options { port: number }
 export const base = (o: Options): Image =>
   new Image({ name: "api" }).expose(o.port);
-""")
-    _write(tmp_path, "image.ts", """import { base } from "./base.js";
+""",
+    )
+    _write(
+        tmp_path,
+        "image.ts",
+        """import { base } from "./base.js";
 const port: number = 8080;
 
 export const api = base({ port })
   .cmd(["node", "server.js"]);
-""")
+""",
+    )
     [img] = load("image.ts")
     assert img.name == "api"
     assert img.target_stage.steps[1:] == (ir.Expose(ports=("8080/tcp",)),
@@ -116,16 +130,20 @@ export const api = base({ port })
 def test_schema_errors_point_at_the_typescript_line(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    _write(tmp_path, "image.mjs", """import { Image } from "@tlimage/sdk";
+    _write(
+        tmp_path,
+        "image.mjs",
+        """import { Image } from "@tlimage/sdk";
 
 export default new Image({ name: "x" })
   .run("make")
   .env("APP ENV", "prod");
-""")
+""",
+    )
     with pytest.raises(JSONFormError) as info:
         load("image.mjs")
     assert info.value.render() == (
-        "image.mjs:5:4: images[0].operations[1].args[0]: \"APP ENV\" is not allowed: a variable "
+        'image.mjs:5:4: images[0].operations[1].args[0]: "APP ENV" is not allowed: a variable '
         "name: no '=' or whitespace\n"
         '   5 |   .env("APP ENV", "prod");\n'
         "          ^"
@@ -137,12 +155,16 @@ export default new Image({ name: "x" })
     ("source", "expected"),
     [
         ("export const n = 1;\n", "image.mjs: exports no image; export one"),
-        ('import { Image } from "@tlimage/sdk";\nconst s = {};\n'
-         'export default new Image().env("K", s.k.trim());\n',
-         "image.mjs:3:41: loading the file raised TypeError: Cannot read properties of undefined"),
-        ('import { Image } from "@tlimage/sdk";\nexport default new Image()\n'
-         '  .copy("a", "/b", { keepGitDir: true });\n',
-         'image.mjs:3:4: copy(): unknown option "keepGitDir"; allowed: chmod, chown, exclude'),
+        (
+            'import { Image } from "@tlimage/sdk";\nconst s = {};\n'
+            'export default new Image().env("K", s.k.trim());\n',
+            "image.mjs:3:41: loading the file raised TypeError: Cannot read properties of undefined",
+        ),
+        (
+            'import { Image } from "@tlimage/sdk";\nexport default new Image()\n'
+            '  .copy("a", "/b", { keepGitDir: true });\n',
+            'image.mjs:3:4: copy(): unknown option "keepGitDir"; allowed: chmod, chown, exclude',
+        ),
         ("export default [1,;\n", "image.mjs:1:19: invalid JavaScript: Unexpected token"),
     ],
     ids=["no-image", "throws", "wrong-call", "syntax"],
@@ -168,7 +190,9 @@ def test_missing_node_names_the_package(tmp_path: Path, monkeypatch: pytest.Monk
 @needs_node
 @needs_typescript
 def test_exported_documents_are_valid_for_jsonschema() -> None:
-    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema (test extra) is not installed")
+    jsonschema = pytest.importorskip(
+        "jsonschema", reason="jsonschema (test extra) is not installed"
+    )
     from tlimage.frontends import jsonform
 
     check = jsonschema.Draft202012Validator(jsonform.schema())

@@ -124,16 +124,20 @@ def test_python_is_python3_and_pip_works_in_a_sandbox(archive, shared_cache: Pat
             assert sb.exec("python", "-c", "import six").exit_code == 0
 
 
-def test_systemd_variant_on_the_namespace_backend_is_a_clear_error(archive,
-                                                                   shared_cache: Path) -> None:
+def test_systemd_variant_on_the_namespace_backend_is_a_clear_error(
+    archive, shared_cache: Path
+) -> None:
     with pytest.raises(RuntimeError_, match="boots systemd as init, which the namespace"):
         sandbox("debian-systemd", shared_cache)
 
 
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
-                    reason="qemu-system-x86 is not installed (scripts/setup.sh installs it)")
-def test_debian_minimal_in_the_microvm_keeps_modes_and_runs_python(archive,
-                                                                   shared_cache: Path) -> None:
+@pytest.mark.skipif(
+    shutil.which("qemu-system-x86_64") is None,
+    reason="qemu-system-x86 is not installed (scripts/setup.sh installs it)",
+)
+def test_debian_minimal_in_the_microvm_keeps_modes_and_runs_python(
+    archive, shared_cache: Path
+) -> None:
     # The microVM gets its root filesystem from ext4 disks made of the layers: the same modes
     # (sticky /tmp, set-uid su) must reach it. One TCG boot.
     with microvm_sandbox("debian-minimal", shared_cache) as sb:
@@ -141,7 +145,11 @@ def test_debian_minimal_in_the_microvm_keeps_modes_and_runs_python(archive,
                     "python -c 'import sys; print(sys.version_info[0])'")  # fmt: skip
         assert r.exit_code == 0, r.stderr
         assert r.stdout.decode().split("\n")[:4] == [
-            "1777 root /tmp", "1777 root /var/tmp", "4755 root /usr/bin/su", "3"]
+            "1777 root /tmp",
+            "1777 root /var/tmp",
+            "4755 root /usr/bin/su",
+            "3",
+        ]
 
 
 def microvm_sandbox(base: str, cache: Path):  # noqa: ANN201
@@ -168,8 +176,10 @@ python3 -c "import os; print('screenshot bytes:', os.path.getsize('/tmp/desktop.
 """
 
 
-@pytest.mark.skipif(os.environ.get("TLIMAGE_TEST_VNC") == "0",
-                    reason="TLIMAGE_TEST_VNC=0: debian-vnc (~900 MB, ~5 min to build) not tested")
+@pytest.mark.skipif(
+    os.environ.get("TLIMAGE_TEST_VNC") == "0",
+    reason="TLIMAGE_TEST_VNC=0: debian-vnc (~900 MB, ~5 min to build) not tested",
+)
 def test_debian_vnc_serves_rfb_and_takes_a_screenshot(archive, shared_cache: Path) -> None:
     from tlimage import Image
     from tlimage.builder import build_image

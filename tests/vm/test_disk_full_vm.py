@@ -59,7 +59,8 @@ def test_run_filling_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         last = json.loads(out.splitlines()[-1])
         assert last["event"] == "error", last
         assert str(mnt) in last["message"] and "image.py:6" in (
-            last["message"] + str(last.get("at") or "")), last
+            last["message"] + str(last.get("at") or "")
+        ), last
         monkeypatch.setenv("TLIMAGE_CACHE_DIR", str(mnt / "cache"))
         check_nothing_half_stored(mnt)
         (tmp_path / "image.py").write_text(IMAGE.format(cmd="echo fine > /fine"))

@@ -22,7 +22,7 @@ pytestmark = [
                        reason="mmdebstrap is not installed (scripts/setup.sh installs it)"),
 ]  # fmt: skip
 
-IMAGE_PY = '''\
+IMAGE_PY = """\
 from tensorlake.applications import Image
 
 image = (
@@ -31,10 +31,10 @@ image = (
     .run("mkdir -p /workspace/cache")
     .env("APP_ENV", "prod")
 )
-'''
+"""
 
 # Each line as the documentation prints it; `tl` is this checkout's command.
-SCRIPT = r'''
+SCRIPT = r"""
 set -euo pipefail
 tl() { "$PYTHON" -m tlimage "$@"; }
 
@@ -48,7 +48,7 @@ tl sbx terminate "$SANDBOX_ID"
 SANDBOX_ID=$(tl sbx new --image data-tools-image --cpus 1.0 --memory 512 --timeout 300)
 tl sbx exec "$SANDBOX_ID" python -c "import pandas, pyarrow; print('ready')"
 tl sbx terminate "$SANDBOX_ID"
-'''
+"""
 
 
 def _reachable(url: str) -> bool:

@@ -103,16 +103,22 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 def run(ex, lowers, argv, upper, **kw):
     chunks: list[tuple[str, bytes]] = []
-    r = ex.run(RunRequest(lowers=tuple(lowers), argv=argv, upper_dir=upper, **kw),
-               lambda s, b: chunks.append((s, b)))
+    r = ex.run(
+        RunRequest(lowers=tuple(lowers), argv=argv, upper_dir=upper, **kw),
+        lambda s, b: chunks.append((s, b)),
+    )
     out = b"".join(b for s, b in chunks if s == "stdout")
     err = b"".join(b for s, b in chunks if s == "stderr")
     return r, out, err
 
 
 def qemu_pids() -> set[int]:
-    p = subprocess.run(["pgrep", "-f", "qemu-system-x86_64 -M microvm"], capture_output=True,
-                       text=True, check=False)
+    p = subprocess.run(
+        ["pgrep", "-f", "qemu-system-x86_64 -M microvm"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return {int(x) for x in p.stdout.split()}
 
 
@@ -124,8 +130,9 @@ def check_step_upper(upper: Path) -> None:
     assert os.listdir(upper / "etc") == ["some-file"]
 
 
-def test_step_on_both_backends_gives_the_same_upper(microvm, namespace, base, extra_layer,
-                                                    tmp_path):
+def test_step_on_both_backends_gives_the_same_upper(
+    microvm, namespace, base, extra_layer, tmp_path
+):
     lowers = (base, extra_layer)
     r_vm, out_vm, err_vm = run(microvm, lowers, STEP, tmp_path / "vm")
     r_ns, out_ns, err_ns = run(namespace, lowers, STEP, tmp_path / "ns")
@@ -175,8 +182,13 @@ def test_timeouts_kill_everything(microvm, namespace, base, tmp_path):
     for ex in (namespace, microvm):
         t0 = time.monotonic()
         with pytest.raises(StepTimeout, match="timed out after 1 s"):
-            run(ex, (base,), ("/bin/sh", "-c", "echo start; sleep 600"), tmp_path / ex.name,
-                timeout=1)
+            run(
+                ex,
+                (base,),
+                ("/bin/sh", "-c", "echo start; sleep 600"),
+                tmp_path / ex.name,
+                timeout=1,
+            )
         assert time.monotonic() - t0 < 60
         assert not (tmp_path / ex.name).exists()
     assert not (qemu_pids() - before), "the timed-out VM is still running"
@@ -191,8 +203,14 @@ def test_interrupt_reaps_the_vm(microvm, base, tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        microvm.run(RunRequest(lowers=(base,), argv=("/bin/sh", "-c", "echo x; sleep 600"),
-                               upper_dir=tmp_path / "u"), interrupt)
+        microvm.run(
+            RunRequest(
+                lowers=(base,),
+                argv=("/bin/sh", "-c", "echo x; sleep 600"),
+                upper_dir=tmp_path / "u",
+            ),
+            interrupt,
+        )
     assert not (qemu_pids() - before)
     assert not (tmp_path / "u").exists()
     assert set(Path("/tmp").glob("tl-vm-*")) <= tmp_before  # the VM's temp folder is gone

@@ -100,7 +100,9 @@ def test_every_operation(server, image: str) -> None:  # noqa: ANN001
                     "secret_names": ["TOKEN"]})  # fmt: skip
     assert st == 201, sb
     sid = sb["sandbox_id"]
-    assert sb["status"] == "Running" and sb["secret_names"] == ["TOKEN"] and sb["timeout_secs"] == 300
+    assert (
+        sb["status"] == "Running" and sb["secret_names"] == ["TOKEN"] and sb["timeout_secs"] == 300
+    )
     assert _call(server, "GET", "/v1/secrets") == (200, {"names": ["TOKEN"]})
     assert [s["sandbox_id"] for s in _call(server, "GET", "/v1/sandboxes")[1]] == [sid]
     assert _call(server, "GET", "/v1/sandboxes/apibox")[1]["sandbox_id"] == sid
@@ -108,7 +110,11 @@ def test_every_operation(server, image: str) -> None:  # noqa: ANN001
     st, r = _call(server, "POST", f"/v1/sandboxes/{sid}/exec",
                   {"cmd": ["sh", "-c", "echo $APP_ENV $X $TOKEN; cat; echo err >&2; exit 4"],
                    "stdin": "in\n", "workdir": "/srv"})  # fmt: skip
-    assert st == 200 and (r["exit_code"], r["stdout"], r["stderr"]) == (4, "prod 1 t0k3n\nin\n", "err\n")
+    assert st == 200 and (r["exit_code"], r["stdout"], r["stderr"]) == (
+        4,
+        "prod 1 t0k3n\nin\n",
+        "err\n",
+    )
     st, raw = _call(server, "POST", f"/v1/sandboxes/{sid}/exec",
                     {"cmd": ["sh", "-c", "echo one; sleep 0.3; echo two >&2; printf '\\377'"]},
                     headers={"Accept": "text/event-stream"})  # fmt: skip
@@ -126,10 +132,14 @@ def test_every_operation(server, image: str) -> None:  # noqa: ANN001
     assert _call(server, "GET", f"/v1/sandboxes/{sid}/files?path=/srv/a.txt") == (200, b"data")
     assert _call(server, "POST", f"/v1/sandboxes/{sid}/files/mkdir",
                  {"path": "/srv/d/e", "parents": True})[0] == 201  # fmt: skip
-    names = [e["name"] for e in _call(server, "GET", f"/v1/sandboxes/{sid}/files/list?path=/srv")[1]]
+    names = [
+        e["name"] for e in _call(server, "GET", f"/v1/sandboxes/{sid}/files/list?path=/srv")[1]
+    ]
     assert names == ["a.txt", "d"]
     assert _call(server, "GET", f"/v1/sandboxes/{sid}/files/stat?path=/srv/d")[1]["type"] == "dir"
-    assert _call(server, "DELETE", f"/v1/sandboxes/{sid}/files?path=/srv/d&recursive=true")[0] == 200
+    assert (
+        _call(server, "DELETE", f"/v1/sandboxes/{sid}/files?path=/srv/d&recursive=true")[0] == 200
+    )
     st, err = _call(server, "GET", f"/v1/sandboxes/{sid}/files/stat?path=/srv/d")
     assert st == 404 and "No such file" in err["error"]
 
@@ -191,7 +201,8 @@ def test_schemathesis_finds_no_server_error(server, image: str, tmp_path: Path) 
     host, port, tok = server
     sb = Sandbox.create(image, backend="namespace", timeout=600)
     (tmp_path / "schemathesis.toml").write_text(
-        f'[parameters]\n"path.id" = "{sb.id}"\n[generation]\nallow-x00 = false\n')
+        f'[parameters]\n"path.id" = "{sb.id}"\n[generation]\nallow-x00 = false\n'
+    )
     t0 = time.monotonic()
     run = subprocess.run(
         ["schemathesis", "--config-file", str(tmp_path / "schemathesis.toml"), "run",

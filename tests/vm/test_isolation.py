@@ -48,7 +48,7 @@ echo done=1
 def parse(out: bytes) -> dict[str, str]:
     kv: dict[str, str] = {}
     for line in out.decode(errors="replace").splitlines():
-        for part in (line.split(" ") if not line.startswith("init_cmdline=") else [line]):
+        for part in line.split(" ") if not line.startswith("init_cmdline=") else [line]:
             k, sep, v = part.partition("=")
             if sep:
                 kv[k] = v
@@ -129,10 +129,15 @@ def host_server():  # noqa: ANN201
 
 
 def net_probe(servers) -> str:  # noqa: ANN001
-    tries = " ".join(f"{a}:{p}" for a, p in servers) + " " + " ".join(
-        f"10.0.2.2:{p}" for _a, p in servers)
-    return (f"for t in {tries}; do nc -w 2 ${{t%:*}} ${{t#*:}} </dev/null; done; "
-            "cat /etc/resolv.conf; ip -o link 2>/dev/null | cut -d: -f2; echo done=1")
+    tries = (
+        " ".join(f"{a}:{p}" for a, p in servers)
+        + " "
+        + " ".join(f"10.0.2.2:{p}" for _a, p in servers)
+    )
+    return (
+        f"for t in {tries}; do nc -w 2 ${{t%:*}} ${{t#*:}} </dev/null; done; "
+        "cat /etc/resolv.conf; ip -o link 2>/dev/null | cut -d: -f2; echo done=1"
+    )
 
 
 def test_a_run_step_with_network_cannot_reach_the_host(tmp_path: Path, base: Path,
@@ -201,5 +206,5 @@ def test_sandbox_exec_cannot_reach_the_host(sandbox, host_server) -> None:  # no
 
 
 def test_sandbox_exec_out_of_memory_is_said(sandbox) -> None:  # noqa: ANN001
-    r = sandbox.exec("awk", "BEGIN { s = \"x\"; while (1) s = s s }")
+    r = sandbox.exec("awk", 'BEGIN { s = "x"; while (1) s = s s }')
     assert r.exit_code == 137 and b"out of memory" in r.stderr, r

@@ -106,11 +106,15 @@ def dockerfile(tmp_path: Path, text: str) -> Path:
     return p
 
 
-def test_cache_mount_speeds_the_second_install_and_stays_out_of_the_layer(tmp_path: Path, build) -> None:  # noqa: ANN001
-    step = ("RUN --mount=type=cache,target=/var/cache/pkgs "
-            "if [ -f /var/cache/pkgs/pkg.whl ]; then echo using cached pkg.whl; "
-            "else echo downloading; head -c 65536 /dev/urandom > /var/cache/pkgs/pkg.whl; fi; "
-            "mkdir -p /opt && cp /var/cache/pkgs/pkg.whl /opt/ && echo {n} > /opt/n\n")
+def test_cache_mount_speeds_the_second_install_and_stays_out_of_the_layer(
+    tmp_path: Path, build
+) -> None:  # noqa: ANN001
+    step = (
+        "RUN --mount=type=cache,target=/var/cache/pkgs "
+        "if [ -f /var/cache/pkgs/pkg.whl ]; then echo using cached pkg.whl; "
+        "else echo downloading; head -c 65536 /dev/urandom > /var/cache/pkgs/pkg.whl; fi; "
+        "mkdir -p /opt && cp /var/cache/pkgs/pkg.whl /opt/ && echo {n} > /opt/n\n"
+    )
     path = dockerfile(tmp_path, "FROM busybox\n" + step.format(n=1))
     first, ev1 = build(path)
     assert logs(ev1) == "downloading\n"
@@ -128,13 +132,16 @@ def test_cache_mount_speeds_the_second_install_and_stays_out_of_the_layer(tmp_pa
 def test_secret_file_and_env_reach_the_step_only(tmp_path: Path, build) -> None:  # noqa: ANN001
     f = tmp_path / "token.txt"
     f.write_bytes(SECRET)
-    path = dockerfile(tmp_path, "FROM busybox\n"
-                      "RUN --mount=type=secret,id=tok,uid=1000,mode=0440 "
-                      "stat -c '%a %u' /run/secrets/tok && cat /run/secrets/tok && echo && "
-                      "test \"$(cat /run/secrets/tok)\" = hunter2-very-secret && "
-                      "echo built > /built && ! ls /run/secrets/tok.stub 2>/dev/null\n"
-                      "RUN --mount=type=secret,id=tok,env=TOKEN,target=/etc/tok "
-                      "echo \"$TOKEN\" && cat /etc/tok > /dev/null && echo again > /again\n")
+    path = dockerfile(
+        tmp_path,
+        "FROM busybox\n"
+        "RUN --mount=type=secret,id=tok,uid=1000,mode=0440 "
+        "stat -c '%a %u' /run/secrets/tok && cat /run/secrets/tok && echo && "
+        'test "$(cat /run/secrets/tok)" = hunter2-very-secret && '
+        "echo built > /built && ! ls /run/secrets/tok.stub 2>/dev/null\n"
+        "RUN --mount=type=secret,id=tok,env=TOKEN,target=/etc/tok "
+        'echo "$TOKEN" && cat /etc/tok > /dev/null && echo again > /again\n',
+    )
     result, events = build(path, secrets={"tok": f})
     assert logs(events, 1) == "440 1000\n****\n"
     assert logs(events, 2) == "****\n"
@@ -149,8 +156,10 @@ def test_secret_file_and_env_reach_the_step_only(tmp_path: Path, build) -> None:
 
 
 def test_missing_required_secret_names_the_line(tmp_path: Path) -> None:
-    path = dockerfile(tmp_path, "FROM busybox\n"
-                      "RUN --mount=type=secret,id=tok,required=true cat /run/secrets/tok\n")
+    path = dockerfile(
+        tmp_path,
+        "FROM busybox\nRUN --mount=type=secret,id=tok,required=true cat /run/secrets/tok\n",
+    )
     with pytest.raises(TlimageError, match=rf"^{path}:2: secret 'tok' is required"):
         ns_build(path)
 
@@ -163,12 +172,15 @@ def test_bind_from_context_hides_ignored_files_and_discards_writes(tmp_path: Pat
     (tmp_path / "src" / "node_modules").mkdir()
     (tmp_path / "src" / "node_modules" / "big").write_text("x\n")
     (tmp_path / ".dockerignore").write_text("**/*.log\nsrc/node_modules\n")
-    path = dockerfile(tmp_path, "FROM busybox\n"
-                      "RUN --mount=type=bind,source=src,target=/src "
-                      "cd /src && find . | sort && cat a.txt && "
-                      "(touch /src/new 2>/dev/null && echo writable || echo read-only)\n"
-                      "RUN --mount=type=bind,source=src/a.txt,target=/one.txt,rw "
-                      "echo changed > /one.txt && cat /one.txt && mkdir -p /o && cp /one.txt /o/\n")
+    path = dockerfile(
+        tmp_path,
+        "FROM busybox\n"
+        "RUN --mount=type=bind,source=src,target=/src "
+        "cd /src && find . | sort && cat a.txt && "
+        "(touch /src/new 2>/dev/null && echo writable || echo read-only)\n"
+        "RUN --mount=type=bind,source=src/a.txt,target=/one.txt,rw "
+        "echo changed > /one.txt && cat /one.txt && mkdir -p /o && cp /one.txt /o/\n",
+    )
     result, events = build(path)
     assert logs(events, 1) == ".\n./a.txt\n./sub\n./sub/keep.txt\nalpha\nread-only\n"
     assert logs(events, 2) == "changed\n"
@@ -177,17 +189,21 @@ def test_bind_from_context_hides_ignored_files_and_discards_writes(tmp_path: Pat
 
 
 def test_bind_from_another_stage_resolves_links_inside_that_stage(
-        tmp_path: Path, build, request: pytest.FixtureRequest) -> None:  # noqa: ANN001
+    tmp_path: Path, build, request: pytest.FixtureRequest
+) -> None:  # noqa: ANN001
     vm = (request.getfixturevalue("microvm")
           if request.node.callspec.params["build"] == "microvm" else None)  # fmt: skip
     boots = vm.boots if vm is not None else 0
     marker = f"/etc/stage-only-{uuid.uuid4().hex}"
-    path = dockerfile(tmp_path, "FROM busybox AS build\n"
-                      f"RUN echo from-the-stage > {marker} && ln -s /etc /s\n"
-                      "FROM busybox\n"
-                      f"RUN --mount=type=bind,from=build,source=/s,target=/o cat /o{marker[4:]}\n"
-                      "RUN --mount=type=tmpfs,target=/scratch,size=1m "
-                      "df -k /scratch | tail -1 | awk '{print $2}' && echo x > /scratch/x\n")
+    path = dockerfile(
+        tmp_path,
+        "FROM busybox AS build\n"
+        f"RUN echo from-the-stage > {marker} && ln -s /etc /s\n"
+        "FROM busybox\n"
+        f"RUN --mount=type=bind,from=build,source=/s,target=/o cat /o{marker[4:]}\n"
+        "RUN --mount=type=tmpfs,target=/scratch,size=1m "
+        "df -k /scratch | tail -1 | awk '{print $2}' && echo x > /scratch/x\n",
+    )
     result, events = build(path)
     assert not Path(marker).exists()  # resolved inside the stage, not on this host
     assert logs(events, 1) == "from-the-stage\n"
@@ -199,7 +215,9 @@ def test_bind_from_another_stage_resolves_links_inside_that_stage(
 
 def test_mount_errors_name_the_line(tmp_path: Path, build) -> None:  # noqa: ANN001
     (tmp_path / "d").mkdir()
-    path = dockerfile(tmp_path, "FROM busybox\nRUN --mount=type=bind,source=d,target=/bin/sh true\n")
+    path = dockerfile(
+        tmp_path, "FROM busybox\nRUN --mount=type=bind,source=d,target=/bin/sh true\n"
+    )
     with pytest.raises(TlimageError, match=rf"^{path}:2: step could not start: RUN --mount: "
                        r"cannot mount bind at /bin/sh: Not a directory$"):  # fmt: skip
         build(path)
@@ -254,10 +272,12 @@ def test_real_pip_step_reuses_its_cache_mount(tmp_path: Path, debian_cache: Path
     # A wheelhouse on the cache mount: the first build downloads into it, the second finds the
     # file there (pip's HTTP cache would do, but proxies that strip caching headers defeat it).
     cid = f"tlimage-test-pip-{uuid.uuid4().hex[:8]}"
-    step = (f"RUN --mount=type=cache,id={cid},target=/root/.cache/pip "
-            "pip download --no-deps -d /root/.cache/pip/wheels six==1.16.0 && "
-            "pip install --no-index --no-deps --find-links /root/.cache/pip/wheels six==1.16.0 "
-            "&& echo {n}\n")
+    step = (
+        f"RUN --mount=type=cache,id={cid},target=/root/.cache/pip "
+        "pip download --no-deps -d /root/.cache/pip/wheels six==1.16.0 && "
+        "pip install --no-index --no-deps --find-links /root/.cache/pip/wheels six==1.16.0 "
+        "&& echo {n}\n"
+    )
     path = dockerfile(tmp_path, "FROM debian-minimal\n" + step.replace("{n}", "1"))
     store = BlobStore(debian_cache)
     try:
@@ -275,8 +295,9 @@ def test_real_pip_step_reuses_its_cache_mount(tmp_path: Path, debian_cache: Path
 
 
 def test_step_failure_inside_a_mount_step_keeps_the_log_redacted(tmp_path: Path, build) -> None:  # noqa: ANN001
-    path = dockerfile(tmp_path, "FROM busybox\n"
-                      "RUN --mount=type=secret,id=tok,env=T echo \"leak: $T\" && exit 3\n")
+    path = dockerfile(
+        tmp_path, 'FROM busybox\nRUN --mount=type=secret,id=tok,env=T echo "leak: $T" && exit 3\n'
+    )
     with pytest.raises(StepFailed) as err:
         build(path, secrets={"tok": SECRET})
     assert err.value.log_tail == ("leak: ****",)

@@ -178,8 +178,11 @@ def helpers() -> list[int]:
         if d.isdigit():
             with contextlib.suppress(OSError):
                 argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
-                if argv and argv[0].endswith(b"slirp4netns") and \
-                        Path(f"/proc/{d}/stat").read_text().split(") ")[1][0] != "Z":
+                if (
+                    argv
+                    and argv[0].endswith(b"slirp4netns")
+                    and Path(f"/proc/{d}/stat").read_text().split(") ")[1][0] != "Z"
+                ):
                     found.append(int(d))
     return found
 
@@ -213,8 +216,10 @@ def test_dns_works_and_the_hosts_own_services_do_not_answer():
                                     stderr=subprocess.DEVNULL)  # fmt: skip
             try:
                 deadline = time.monotonic() + 10
-                while not any(line.split()[1:2] == ["00000000"] for line in
-                              Path(f"/proc/{q.pid}/net/route").read_text().splitlines()[1:]):
+                while not any(
+                    line.split()[1:2] == ["00000000"]
+                    for line in Path(f"/proc/{q.pid}/net/route").read_text().splitlines()[1:]
+                ):
                     assert time.monotonic() < deadline
                     time.sleep(0.01)
                 assert reached(probe(q, "", ("tcp", me, port)), me, port)
@@ -274,7 +279,10 @@ def test_refresh_swaps_what_names_resolve_to(monkeypatch):
             return real(host, *a, **kw)
 
         monkeypatch.setattr(socket, "getaddrinfo", fake)
-        with sandbox_ns() as p, attach(p.pid, NetworkPolicy(block=("svc.example", "x.invalid"))) as h:
+        with (
+            sandbox_ns() as p,
+            attach(p.pid, NetworkPolicy(block=("svc.example", "x.invalid"))) as h,
+        ):
             assert h.unresolved == ["x.invalid"]
             assert reached(probe(p, h.resolv_conf, ("tcp", addr, port)), addr, port)
             answers["svc.example"] = addr

@@ -15,8 +15,10 @@ from tests.vm.test_network import server_netns
 
 pytestmark = [
     pytest.mark.vm,
-    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("slirp4netns") is None,
-                       reason="needs root and slirp4netns"),  # fmt: skip
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("slirp4netns") is None,
+        reason="needs root and slirp4netns",
+    ),  # fmt: skip
 ]
 
 IMAGE = """\
@@ -55,8 +57,9 @@ def test_the_policy_given_at_creation_is_enforced(image: str) -> None:
         assert reaches(image, addr, port)  # the default: internet allowed
         assert not reaches(image, addr, port, network_policy=NetworkPolicy("deny"))
         assert reaches(image, addr, port, network_policy={"mode": "deny", "allow": [addr]})
-        assert not reaches(image, addr, port,
-                           network_policy=NetworkPolicy(block=("198.51.100.4/30",)))
+        assert not reaches(
+            image, addr, port, network_policy=NetworkPolicy(block=("198.51.100.4/30",))
+        )
 
 
 def test_a_policy_needs_network_and_a_known_mode(image: str) -> None:

@@ -91,7 +91,9 @@ def test_cli_fs(sandbox, tmp_path: Path) -> None:  # noqa: ANN001
                               input=stdin, timeout=120)  # fmt: skip
 
     sid = sandbox.id
-    assert tl("sbx", "fs", "write", sid, "/srv/w.txt", "--mode", "640", stdin=b"hi\n").returncode == 0
+    assert (
+        tl("sbx", "fs", "write", sid, "/srv/w.txt", "--mode", "640", stdin=b"hi\n").returncode == 0
+    )
     assert tl("sbx", "fs", "cat", sid, "/srv/w.txt").stdout == b"hi\n"
     assert tl("sbx", "fs", "mkdir", "-p", sid, "/srv/p/q").returncode == 0
     st = json.loads(tl("sbx", "fs", "stat", "--json", sid, "/srv/w.txt").stdout)

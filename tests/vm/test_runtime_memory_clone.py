@@ -29,7 +29,8 @@ def image(tmp_path: Path) -> str:
     from tlimage.builder import build_image
 
     (tmp_path / "image.py").write_text(
-        'from tlimage import Image\nimage = Image("memclone", base_image="busybox").run("true")\n')
+        'from tlimage import Image\nimage = Image("memclone", base_image="busybox").run("true")\n'
+    )
     build_image(tmp_path / "image.py", isolation="namespace")
     return "memclone"
 

@@ -73,8 +73,11 @@ def slirp_helpers(parent: int) -> list[int]:
     for pid in os.listdir("/proc"):
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            if (int(fields[1]) == parent and fields[0] != "Z"
-                    and Path(f"/proc/{pid}/comm").read_text().strip() == "slirp4netns"):
+            if (
+                int(fields[1]) == parent
+                and fields[0] != "Z"
+                and Path(f"/proc/{pid}/comm").read_text().strip() == "slirp4netns"
+            ):
                 found.append(int(pid))
     return found
 
@@ -147,8 +150,12 @@ def test_microvm_lifecycle(tmp_path: Path) -> None:
 
     # The entrypoint runs in the background with its output on the console; the timeout
     # (running time, counted from the end of the boot) ends the sandbox.
-    ep = Sandbox.create("vmrt", backend="microvm", timeout=3,
-                        entrypoint=["sh", "-c", "echo entry started; cat greeting.txt; sleep 600"])
+    ep = Sandbox.create(
+        "vmrt",
+        backend="microvm",
+        timeout=3,
+        entrypoint=["sh", "-c", "echo entry started; cat greeting.txt; sleep 600"],
+    )
     assert ep.wait(120) is Status.TERMINATED
     info = ep.info()
     assert info.reason == "timeout"

@@ -67,7 +67,10 @@ def leftovers(rec) -> list[str]:  # noqa: ANN001 - a SandboxRecord
             continue
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if rec.id.encode() in cmd and Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":
+            if (
+                rec.id.encode() in cmd
+                and Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+            ):
                 found.append(f"process {pid}: {cmd[:80]!r}")
             mounts = Path(f"/proc/{pid}/mounts").read_text()
         except OSError:
@@ -160,8 +163,11 @@ def test_lifecycle_exec_cp_snapshot_clone_suspend_terminate(image: str, tmp_path
 
 def test_timeout_and_entrypoint_end_the_sandbox(image: str) -> None:
     sb = Sandbox.create(image, backend="namespace", timeout=1)
-    ep = Sandbox.create(image, backend="namespace",
-                        entrypoint=["sh", "-c", "echo started; cat greeting.txt; exit 7"])
+    ep = Sandbox.create(
+        image,
+        backend="namespace",
+        entrypoint=["sh", "-c", "echo started; cat greeting.txt; exit 7"],
+    )
     assert sb.wait(30) is Status.TERMINATED and ep.wait(30) is Status.TERMINATED
     info = sb.info()
     assert info.reason == "timeout" and info.terminated_at is not None
@@ -252,7 +258,9 @@ def test_cli_new_exec_cp_ls_terminate(image: str, tmp_path: Path) -> None:
     assert new.returncode == 0, new.stderr
     sid = new.stdout.strip()
     assert sid.startswith("sb-")
-    r = tl("sbx", "exec", "-w", "/tmp", "-e", "X=1", sid, "sh", "-c", "pwd; echo $X $GREETING; exit 5")
+    r = tl(
+        "sbx", "exec", "-w", "/tmp", "-e", "X=1", sid, "sh", "-c", "pwd; echo $X $GREETING; exit 5"
+    )
     assert (r.returncode, r.stdout) == (5, "/tmp\n1 hi\n")
     r = tl("sbx", "exec", "--user", "app", "web", "id", "-un")
     assert (r.returncode, r.stdout) == (0, "app\n")

@@ -32,7 +32,8 @@ def sandbox(tmp_path: Path):  # noqa: ANN201
     from tlimage.runtime import Sandbox
 
     (tmp_path / "image.py").write_text(
-        'from tlimage import Image\nimage = Image("procs", base_image="busybox").run("true")\n')
+        'from tlimage import Image\nimage = Image("procs", base_image="busybox").run("true")\n'
+    )
     build_image(tmp_path / "image.py", isolation="namespace")
     set_secret("TOKEN", "from-the-store")
     with Sandbox.create("procs", backend="namespace", secret_names=["TOKEN"]) as sb:

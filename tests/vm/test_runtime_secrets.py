@@ -62,7 +62,8 @@ def test_secret_reaches_exec_and_nothing_else(tmp_path: Path) -> None:
     from tlimage.builder import build_image
 
     (tmp_path / "image.py").write_text(
-        'from tlimage import Image\nimage = Image("sec", base_image="busybox").run("true")\n')
+        'from tlimage import Image\nimage = Image("sec", base_image="busybox").run("true")\n'
+    )
     build_image(tmp_path / "image.py", isolation="namespace")
     tl = lambda *a, **k: _tl(tmp_path, *a, **k)  # noqa: E731
 
@@ -123,7 +124,8 @@ def test_secret_never_in_argv(tmp_path: Path) -> None:
     from tlimage.runtime import Sandbox, set_secret
 
     (tmp_path / "image.py").write_text(
-        'from tlimage import Image\nimage = Image("sec3", base_image="busybox").run("true")\n')
+        'from tlimage import Image\nimage = Image("sec3", base_image="busybox").run("true")\n'
+    )
     build_image(tmp_path / "image.py", isolation="namespace")
     set_secret("API_KEY", VALUE)
     with Sandbox.create("sec3", backend="namespace", secret_names=["API_KEY"]) as sb:
@@ -143,7 +145,8 @@ def test_python_api_secret_names_and_removal(tmp_path: Path) -> None:
     from tlimage.runtime import Sandbox, list_secrets, remove_secret, set_secret
 
     (tmp_path / "image.py").write_text(
-        'from tlimage import Image\nimage = Image("sec2", base_image="busybox").run("true")\n')
+        'from tlimage import Image\nimage = Image("sec2", base_image="busybox").run("true")\n'
+    )
     build_image(tmp_path / "image.py", isolation="namespace")
     set_secret("TOKEN", "abc def")
     assert list_secrets() == ["TOKEN"]

@@ -80,8 +80,16 @@ def build(source: Any, /, **kwargs: Any) -> Iterator[dict[str, Any]]:
             if not cancel.is_set():
                 events.put(error_event(e))
         except BaseException as e:  # noqa: BLE001 - reported as an event, never lost
-            events.put({"event": "error", "message": f"{type(e).__name__}: {e}", "file": None,
-                        "line": None, "column": None, "json_path": None})
+            events.put(
+                {
+                    "event": "error",
+                    "message": f"{type(e).__name__}: {e}",
+                    "file": None,
+                    "line": None,
+                    "column": None,
+                    "json_path": None,
+                }
+            )
         finally:
             events.put(None)
 

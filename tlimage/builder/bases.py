@@ -74,8 +74,9 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def base_image(name: str, cache_dir: Path | None = None,
-               emit: Callable[[dict[str, Any]], None] | None = None) -> ImageRecord:
+def base_image(
+    name: str, cache_dir: Path | None = None, emit: Callable[[dict[str, Any]], None] | None = None
+) -> ImageRecord:
     """A catalog base as an (unregistered) image record a sandbox can boot: `tl sbx new`
     without --image, or --image debian-minimal when no image of that name is registered."""
     from tlimage.cache.cache import LayerCache
@@ -83,5 +84,6 @@ def base_image(name: str, cache_dir: Path | None = None,
     with LayerCache(cache_dir) as cache, cache.session(purpose="base"):
         layer, config = ensure_base(name, cache, emit or (lambda _e: None), cache_dir)
     manifest = Manifest((layer,), config.to_json(), base=f"{name}@{layer.digest}")
-    return ImageRecord("", name, "latest", manifest.image_id(), manifest, f"base:{name}",
-                       time.time())
+    return ImageRecord(
+        "", name, "latest", manifest.image_id(), manifest, f"base:{name}", time.time()
+    )

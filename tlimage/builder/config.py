@@ -157,8 +157,12 @@ def config_from_oci(doc: dict[str, Any]) -> ImageConfig:
     health = None
     if isinstance(hc, dict) and hc.get("Test"):
         health = {"test": list(hc["Test"])}
-        for k, ours in (("Interval", "interval"), ("Timeout", "timeout"),
-                        ("StartPeriod", "start_period"), ("StartInterval", "start_interval")):
+        for k, ours in (
+            ("Interval", "interval"),
+            ("Timeout", "timeout"),
+            ("StartPeriod", "start_period"),
+            ("StartInterval", "start_interval"),
+        ):
             if (v := _ns(hc.get(k))) is not None:
                 health[ours] = v
         if hc.get("Retries"):

@@ -148,7 +148,9 @@ def lay_out(
                 else:
                     dst = _join(target, src.name) if as_dir else target
                     fixed = src.mode
-                    fm = file_mode if fixed is None or chmod is not None else (lambda _m, f=fixed: f)
+                    fm = (
+                        file_mode if fixed is None or chmod is not None else (lambda _m, f=fixed: f)
+                    )
                     _fs.copy_entry(str(src.path), w, dst, uid=uid, gid=gid, file_mode=fm)
     except _fs.UnsafePathError as e:
         raise ContextError(e.message) from None

@@ -58,8 +58,14 @@ def registered_or_pulled(project: str, ref: str, *, cache_dir: Any = None,
         Registry().get(project, ref)  # not a registry reference either: "no image NAME…"
         raise
     with LayerCache(cache_dir) as cache, cache.session(purpose="pull"):
-        img, _, _ = pull_base(ref, cache, emit or (lambda _e: None), platform=platform,
-                              refresh=False, registry_config=RegistryConfig.from_env())
+        img, _, _ = pull_base(
+            ref,
+            cache,
+            emit or (lambda _e: None),
+            platform=platform,
+            refresh=False,
+            registry_config=RegistryConfig.from_env(),
+        )
         name = re.sub(r"[^A-Za-z0-9._-]", "-", parsed.repository.rsplit("/", 1)[-1])
         tag = parsed.tag or img.digest.split(":")[1][:12]
         rec = register_pulled(img, project, name, tag, source=ref)

@@ -282,8 +282,10 @@ class Builder:
                 e.message = f"--cache-to {ref}: {e.message}"
                 e.args = (e.message,)
                 raise
-            self._status(f"cache exported to {ref}: {len(stats.uploaded)} layers uploaded, "
-                         f"{len(stats.existing) + len(stats.mounted)} already there")
+            self._status(
+                f"cache exported to {ref}: {len(stats.uploaded)} layers uploaded, "
+                f"{len(stats.existing) + len(stats.mounted)} already there"
+            )
         duration = time.monotonic() - t0
         self.emit({"event": "done", "image_id": image_id, "duration": round(duration, 3),
                    "cached_steps": self.cached, "executed_steps": self.executed})  # fmt: skip
@@ -300,8 +302,10 @@ class Builder:
             if isinstance(step, ir.Copy) and step.from_ and step.from_ not in self.stages \
                     and step.from_ not in refs:  # fmt: skip
                 refs[step.from_] = self.image_source(step.from_, meta).identity
-        self._current = (stage.meta[0].span.short if stage.meta and stage.meta[0].span else None,
-                         describe(stage.base, 60))
+        self._current = (
+            stage.meta[0].span.short if stage.meta and stage.meta[0].span else None,
+            describe(stage.base, 60),
+        )
         state = self._base(stage, stage.base, stage.meta[0])
         n = len(stage.steps)
         for i, (step, meta) in enumerate(stage.items()):
@@ -378,8 +382,13 @@ class Builder:
                 config = config_from_oci(img.config)
             else:
                 img, layers, config = pull_base(
-                    ref, self.cache, self.emit, platform=self.opts.platform,
-                    refresh=self.opts.pull, registry_config=self.opts.registry_config)
+                    ref,
+                    self.cache,
+                    self.emit,
+                    platform=self.opts.platform,
+                    refresh=self.opts.pull,
+                    registry_config=self.opts.registry_config,
+                )
         except OCIError as e:
             if not str(e).startswith(ref):
                 e.message = f"{ref}: {e.message}"
@@ -387,12 +396,14 @@ class Builder:
             if e.hint is None or "unknown image" in e.message or "does not resolve" in e.message:
                 from tlimage.builder.bases import KNOWN_BASES
 
-                known = ", ".join([*KNOWN_BASES, *(r.ref for r in
-                                                   self.registry.list(self.opts.project))])
+                known = ", ".join(
+                    [*KNOWN_BASES, *(r.ref for r in self.registry.list(self.opts.project))]
+                )
                 e.hint = ((e.hint + "; ") if e.hint else "") + (
                     f"not a registry image? available locally: {known} (`tl sbx image bases`, "
                     "`tl sbx image ls`); for a Python image, debian-minimal carries Python 3 "
-                    "with pip")
+                    "with pip"
+                )
             raise _at(meta, e) if meta else e from None
         if img.moved_from:
             reason = f"base {ref} moved: {img.moved_from} -> {img.digest}"
@@ -424,8 +435,9 @@ class Builder:
             local = [s for s in step.sources if not _is_url(s)]
             try:
                 files = self._file_digests(local, step.excludes)
-                sources = ctx.select_sources(self.opts.context_dir, local,
-                                             ignored=self._ignore(step.excludes).matches)
+                sources = ctx.select_sources(
+                    self.opts.context_dir, local, ignored=self._ignore(step.excludes).matches
+                )
             except TlimageError as e:
                 raise _at(meta, e) from None
         if isinstance(step, ir.Add):
@@ -573,9 +585,14 @@ class Builder:
             if mounts is not None:
                 redactor = mounts.redactor
             req = RunRequest(
-                lowers=lowers, argv=tuple(argv), upper_dir=tmp / "upper",
-                env=tuple(env.items()), user=step.user or config.user, workdir=workdir,
-                timeout=self.opts.step_timeout, network=step.network != "none",
+                lowers=lowers,
+                argv=tuple(argv),
+                upper_dir=tmp / "upper",
+                env=tuple(env.items()),
+                user=step.user or config.user,
+                workdir=workdir,
+                timeout=self.opts.step_timeout,
+                network=step.network != "none",
                 mounts=mounts.host if mounts is not None else (),
             )
             try:
@@ -603,7 +620,9 @@ class Builder:
                 exit_code=result.exit_code,
                 log_tail=tuple(tail),
                 hint="free some space there, or point --cache-dir / TLIMAGE_CACHE_DIR at a "
-                "bigger disk" if full else None,
+                "bigger disk"
+                if full
+                else None,
             )
         return result.upper, tuple(result.opaque)
 
@@ -636,8 +655,16 @@ class Builder:
                             unpack_archives=isinstance(step, ir.Add),
                             parents=isinstance(step, ir.Copy) and step.parents)  # fmt: skip
             for f in step.inline:
-                ctx.write_inline(upper, dest, f.name, f.content, f.mode, uid, gid,
-                                 dest.endswith("/") or len(step.inline) > 1 or dest_dir)
+                ctx.write_inline(
+                    upper,
+                    dest,
+                    f.name,
+                    f.content,
+                    f.mode,
+                    uid,
+                    gid,
+                    dest.endswith("/") or len(step.inline) > 1 or dest_dir,
+                )
         except ctx.ContextError as e:
             raise _at(meta, e) from None
         return upper
@@ -752,7 +779,6 @@ def _is_dir_in(lowers: tuple[Path, ...], path: str) -> bool:
     return st is not None and stat.S_ISDIR(st.st_mode)
 
 
-
 def _owner(chown: str | None, lowers: tuple[Path, ...], meta: ir.StepMeta) -> tuple[int, int]:
     if not chown:
         return 0, 0
@@ -784,4 +810,3 @@ def _owner(chown: str | None, lowers: tuple[Path, ...], meta: ir.StepMeta) -> tu
     uid = resolve(user, "passwd")
     gid = resolve(group, "group") if group else uid
     return uid, gid
-

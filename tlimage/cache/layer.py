@@ -408,14 +408,16 @@ def apply_layer(
             if compressed
             else raw
         )
-        with Extractor(dest, whiteouts="apply", same_owner=same_owner,
-                       error=LayerError) as ex, tarfile.open(  # fmt: skip
-            fileobj=stream,
-            mode="r|",
-            bufsize=_CHUNK,
-            encoding="utf-8",
-            errors="surrogateescape",
-        ) as tf:
+        with (
+            Extractor(dest, whiteouts="apply", same_owner=same_owner, error=LayerError) as ex,
+            tarfile.open(  # fmt: skip
+                fileobj=stream,
+                mode="r|",
+                bufsize=_CHUNK,
+                encoding="utf-8",
+                errors="surrogateescape",
+            ) as tf,
+        ):
             for member in tf:
                 ex.add(tf, member)
             # Drain to EOF so a verifying reader gets to check the blob's digest.

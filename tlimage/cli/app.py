@@ -45,9 +45,16 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    _version: Annotated[bool | None, typer.Option(
-        "--version", "-V", is_eager=True, callback=_print_version,
-        help="Print the version and exit.")] = None,
+    _version: Annotated[
+        bool | None,
+        typer.Option(
+            "--version",
+            "-V",
+            is_eager=True,
+            callback=_print_version,
+            help="Print the version and exit.",
+        ),
+    ] = None,
 ) -> None:
     """Build sandbox images from Python, TypeScript/JSON or Dockerfiles, and run sandboxes.
 
@@ -66,10 +73,16 @@ class Emit(StrEnum):
 
 
 IsolationOpt = Annotated[
-    Isolation, typer.Option("--isolation", help="Where steps run: auto (the microVM when KVM "
-                            "works, else namespaces), microvm or namespace.")]
+    Isolation,
+    typer.Option(
+        "--isolation",
+        help="Where steps run: auto (the microVM when KVM "
+        "works, else namespaces), microvm or namespace.",
+    ),
+]
 HiddenBackendOpt = Annotated[
-    Isolation | None, typer.Option("--backend", hidden=True, help="Old name of --isolation.")]
+    Isolation | None, typer.Option("--backend", hidden=True, help="Old name of --isolation.")
+]
 
 
 def _isolation(isolation: Isolation, backend: Isolation | None) -> Isolation:
@@ -123,7 +136,9 @@ def _load_one(file: Path, name: str | None, options: dict[str, object]):  # noqa
 @image.command("compile")
 def compile_(
     file: FileArg,
-    emit: Annotated[Emit, typer.Option("--emit", help="ir: the IR text form; json: JSON.")] = Emit.ir,
+    emit: Annotated[
+        Emit, typer.Option("--emit", help="ir: the IR text form; json: JSON.")
+    ] = Emit.ir,
     image_name: ImageNameOpt = None,
     digests: Annotated[bool, typer.Option(help="Print each step's digest as a comment.")] = True,
     build_arg: BuildArgOpt = None,
@@ -159,30 +174,56 @@ class Progress(StrEnum):
 
 @image.command("create")
 def create(
-    path: Annotated[Path | None, typer.Argument(
-        help="An image file (image.py, image.json, image.ts, a Dockerfile) or a context folder "
-             "(its Dockerfile, image.py, image.json or image.ts). Default: the current folder.",
-        show_default=False)] = None,
-    file: Annotated[str | None, typer.Option(
-        "--file", "-f", help="The image file (any name; '-' reads a Dockerfile from stdin). "
-                             "The context is PATH when given, else the file's folder.")] = None,
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            help="An image file (image.py, image.json, image.ts, a Dockerfile) or a context folder "
+            "(its Dockerfile, image.py, image.json or image.ts). Default: the current folder.",
+            show_default=False,
+        ),
+    ] = None,
+    file: Annotated[
+        str | None,
+        typer.Option(
+            "--file",
+            "-f",
+            help="The image file (any name; '-' reads a Dockerfile from stdin). "
+            "The context is PATH when given, else the file's folder.",
+        ),
+    ] = None,
     image_name: ImageNameOpt = None,
     registered_name: Annotated[
         str | None,
-        typer.Option("--registered-name", "--name", "-n", metavar="NAME[:TAG]",
-                     help="Register the image under NAME[:TAG] (default: the image's name)."),
+        typer.Option(
+            "--registered-name",
+            "--name",
+            "-n",
+            metavar="NAME[:TAG]",
+            help="Register the image under NAME[:TAG] (default: the image's name).",
+        ),
     ] = None,  # fmt: skip
     tag: Annotated[
         list[str] | None,
-        typer.Option("--tag", "-t", metavar="NAME[:TAG]",
-                     help="Register the image (also) as NAME[:TAG], as `docker build -t` does; "
-                          "repeatable."),
+        typer.Option(
+            "--tag",
+            "-t",
+            metavar="NAME[:TAG]",
+            help="Register the image (also) as NAME[:TAG], as `docker build -t` does; repeatable.",
+        ),
     ] = None,  # fmt: skip
-    replace: Annotated[bool, typer.Option(
-        "--replace", help="Register under a name that holds an image built from another "
-                          "source (a different file, a snapshot).")] = False,
-    progress: Annotated[Progress, typer.Option(
-        "--progress", help="auto: colour on a terminal; plain; tty; json: NDJSON events.")
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Register under a name that holds an image built from another "
+            "source (a different file, a snapshot).",
+        ),
+    ] = False,
+    progress: Annotated[
+        Progress,
+        typer.Option(
+            "--progress", help="auto: colour on a terminal; plain; tty; json: NDJSON events."
+        ),
     ] = Progress.auto,
     json_: Annotated[bool, typer.Option("--json", help="Same as --progress json.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Run every step.")] = False,
@@ -195,8 +236,12 @@ def create(
         float | None, typer.Option("--step-timeout", help="Seconds a step may run.")
     ] = None,
     host_ca: Annotated[
-        HostCA, typer.Option("--host-ca", help="Trust the host's CA bundle in RUN steps "
-                             "(auto: when the host uses extra CAs, e.g. a TLS proxy).")
+        HostCA,
+        typer.Option(
+            "--host-ca",
+            help="Trust the host's CA bundle in RUN steps "
+            "(auto: when the host uses extra CAs, e.g. a TLS proxy).",
+        ),
     ] = HostCA.auto,  # fmt: skip
     project: ProjectOpt = None,
     cache_dir: CacheDirOpt = None,
@@ -204,29 +249,42 @@ def create(
     target: TargetOpt = None,
     secret: Annotated[
         list[str] | None,
-        typer.Option("--secret", help="A secret for RUN --mount=type=secret, as BuildKit takes "
-                     "it: id=NAME,src=PATH or id=NAME,env=VAR. Repeatable."),
+        typer.Option(
+            "--secret",
+            help="A secret for RUN --mount=type=secret, as BuildKit takes "
+            "it: id=NAME,src=PATH or id=NAME,env=VAR. Repeatable.",
+        ),
     ] = None,  # fmt: skip
     pull: Annotated[
-        bool, typer.Option("--pull", help="Re-resolve registry base images (a moved tag is "
-                           "pulled); without it, the last resolution is reused offline.")
+        bool,
+        typer.Option(
+            "--pull",
+            help="Re-resolve registry base images (a moved tag is "
+            "pulled); without it, the last resolution is reused offline.",
+        ),
     ] = False,  # fmt: skip
     platform: PlatformOpt = "linux/amd64",
     insecure_registry: InsecureRegistryOpt = None,
     registry_auth: RegistryAuthOpt = None,
     push: Annotated[
-        str | None, typer.Option("--push", help="After the build, push the image to this "
-                                 "registry reference.")
+        str | None,
+        typer.Option("--push", help="After the build, push the image to this registry reference."),
     ] = None,  # fmt: skip
     cache_to: Annotated[
-        list[str] | None, typer.Option("--cache-to", envvar="TLIMAGE_CACHE_TO",
-                                       help="Push the build's layer cache to this registry "
-                                       "reference (repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--cache-to",
+            envvar="TLIMAGE_CACHE_TO",
+            help="Push the build's layer cache to this registry reference (repeatable).",
+        ),
     ] = None,  # fmt: skip
     cache_from: Annotated[
-        list[str] | None, typer.Option("--cache-from", envvar="TLIMAGE_CACHE_FROM",
-                                       help="Reuse layers cached in this registry reference "
-                                       "(repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--cache-from",
+            envvar="TLIMAGE_CACHE_FROM",
+            help="Reuse layers cached in this registry reference (repeatable).",
+        ),
     ] = None,  # fmt: skip
 ) -> int:
     """Build an image and register it for sandboxes.
@@ -376,8 +434,11 @@ def _sigterm_as_interrupt() -> None:
 def image_ls(
     project: ProjectOpt = None,
     json_: JsonOpt = False,
-    all_: Annotated[bool, typer.Option(
-        "--all", "-a", help="Include the automatic snapshot names (<sandbox id>:snap-N).")
+    all_: Annotated[
+        bool,
+        typer.Option(
+            "--all", "-a", help="Include the automatic snapshot names (<sandbox id>:snap-N)."
+        ),
     ] = False,
 ) -> None:
     """List the images registered in the project (snapshots only under the name they were
@@ -400,16 +461,28 @@ def image_ls(
 
     table(
         ["NAME", "TAG", "IMAGE ID", "LAYERS", "SIZE", "CREATED"],
-        [[r.name, r.tag, r.image_id[:12], str(len(r.manifest.layers)), _size(r.size),
-          _ago(r.created_at)] for r in records],  # fmt: skip
+        [
+            [
+                r.name,
+                r.tag,
+                r.image_id[:12],
+                str(len(r.manifest.layers)),
+                _size(r.size),
+                _ago(r.created_at),
+            ]
+            for r in records
+        ],  # fmt: skip
         empty=f"no images in project {proj!r}",
     )
 
 
 def _auto_snapshot(r) -> bool:  # noqa: ANN001 - an ImageRecord
     """`tl sbx snapshot` without --register names the image `<sandbox id>:snap-<n>`."""
-    return (r.source or "").startswith("sandbox ") and r.tag.startswith("snap-") \
+    return (
+        (r.source or "").startswith("sandbox ")
+        and r.tag.startswith("snap-")
         and r.name.startswith("sb-")
+    )
 
 
 @image.command("describe")
@@ -458,14 +531,23 @@ class Compression(StrEnum):
 @image.command("export")
 def image_export(
     ref: Annotated[str, typer.Argument(help="NAME[:TAG] of a registered image.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="A folder (OCI layout) or a "
-                                         "*.tar file.")],
-    fmt: Annotated[ExportFormat, typer.Option("--format", help="oci: an OCI image layout; "
-                                              "docker: a docker-archive for docker/podman load.")
-                   ] = ExportFormat.oci,
-    compression: Annotated[Compression, typer.Option("--compression", help="Layer compression "
-                           "in an OCI layout (docker-archives hold plain tars).")
-                           ] = Compression.zstd,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="A folder (OCI layout) or a *.tar file.")
+    ],
+    fmt: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format",
+            help="oci: an OCI image layout; docker: a docker-archive for docker/podman load.",
+        ),
+    ] = ExportFormat.oci,
+    compression: Annotated[
+        Compression,
+        typer.Option(
+            "--compression",
+            help="Layer compression in an OCI layout (docker-archives hold plain tars).",
+        ),
+    ] = Compression.zstd,
     project: ProjectOpt = None,
     cache_dir: CacheDirOpt = None,
 ) -> None:
@@ -487,8 +569,16 @@ def image_export(
     print(f"exported {rec.ref} to {output} ({fmt.value}, {digest})")
 
 
-def push_record(rec, dest: str, *, compression: str, insecure: list[str] | None,
-                auth: list[str] | None, cache_dir: Path | None, json_: bool = False) -> str:  # noqa: ANN001
+def push_record(
+    rec,
+    dest: str,
+    *,
+    compression: str,
+    insecure: list[str] | None,
+    auth: list[str] | None,
+    cache_dir: Path | None,
+    json_: bool = False,
+) -> str:  # noqa: ANN001
     """Push a registered image; prints what happened; returns the manifest digest."""
     from tlimage.builder.images import local_image
     from tlimage.cache.store import BlobStore
@@ -516,8 +606,12 @@ def push_record(rec, dest: str, *, compression: str, insecure: list[str] | None,
 def image_push(
     ref: Annotated[str, typer.Argument(help="NAME[:TAG] of a registered image.")],
     dest: Annotated[str, typer.Argument(help="Registry reference, e.g. ghcr.io/org/app:1.0")],
-    compression: Annotated[Compression, typer.Option("--compression", help="Layer compression "
-                           "(gzip for clients that cannot read zstd).")] = Compression.zstd,
+    compression: Annotated[
+        Compression,
+        typer.Option(
+            "--compression", help="Layer compression (gzip for clients that cannot read zstd)."
+        ),
+    ] = Compression.zstd,
     insecure_registry: InsecureRegistryOpt = None,
     registry_auth: RegistryAuthOpt = None,
     project: ProjectOpt = None,
@@ -535,10 +629,19 @@ def image_push(
 
 @image.command("import")
 def image_import(
-    path: Annotated[Path, typer.Argument(help="An OCI layout (folder or tar, PATH[:NAME] picks "
-                                         "an image), a docker-archive, or a rootfs tarball.")],
-    name: Annotated[str | None, typer.Option("--name", "-n", help="NAME[:TAG] to register it "
-                                             "under (default: the file's name).")] = None,
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="An OCI layout (folder or tar, PATH[:NAME] picks "
+            "an image), a docker-archive, or a rootfs tarball."
+        ),
+    ],
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name", "-n", help="NAME[:TAG] to register it under (default: the file's name)."
+        ),
+    ] = None,
     project: ProjectOpt = None,
     cache_dir: CacheDirOpt = None,
     platform: PlatformOpt = "linux/amd64",
@@ -657,8 +760,13 @@ cache.command("prune", help="Same as `tl sbx image prune`.")(image_prune)
 def cache_ls(
     cache_dir: CacheDirOpt = None,
     json_: JsonOpt = False,
-    folders: Annotated[bool, typer.Option("--folders", help="List the folders and databases "
-                                          "tlimage keeps, with their sizes, instead.")] = False,
+    folders: Annotated[
+        bool,
+        typer.Option(
+            "--folders",
+            help="List the folders and databases tlimage keeps, with their sizes, instead.",
+        ),
+    ] = False,
 ) -> None:
     """List cached layers, most recently used first."""
     from tlimage.cache.cache import LayerCache

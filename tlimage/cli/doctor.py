@@ -55,8 +55,9 @@ def user_namespaces() -> dict[str, str]:
                        text=True, check=False)  # fmt: skip
     if p.returncode == 0:
         return _check("user namespaces", OK, f"available (max {limit})")
-    return _check("user namespaces", WARN,
-                  f"unshare --user failed: {p.stderr.strip()[:120]} (max {limit})")
+    return _check(
+        "user namespaces", WARN, f"unshare --user failed: {p.stderr.strip()[:120]} (max {limit})"
+    )
 
 
 def seccomp() -> dict[str, str]:
@@ -71,6 +72,7 @@ def seccomp() -> dict[str, str]:
         return _check("seccomp", FAIL, "the kernel does not report seccomp support")
     try:
         import pyseccomp as _  # noqa: F401
+
         lib = "libseccomp Python binding present"
     except ImportError:
         lib = "no libseccomp Python binding (pip install pyseccomp)"

@@ -86,4 +86,3 @@ class StepPrinter:
             if rest:
                 self._print(f"  │ {rest}", "dim")
         self._open_line.clear()
-

@@ -16,9 +16,7 @@ from tlimage.cli.options import CacheDirOpt, Isolation, ProjectOpt
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON).")]
 IdArg = Annotated[str, typer.Argument(help="Sandbox id, unique id prefix, or name.")]
-EnvOpt = Annotated[
-    list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE (repeatable).")
-]
+EnvOpt = Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE (repeatable).")]
 PathArg = Annotated[str, typer.Argument(help="Absolute path in the sandbox.")]
 _ARGS_AFTER_ID = {"allow_interspersed_args": False, "ignore_unknown_options": True}
 
@@ -52,49 +50,95 @@ def register(sbx: typer.Typer) -> None:
 
     @sbx.command("new")
     def new(
-        name: Annotated[str | None, typer.Argument(
-            help="Name: named sandboxes persist (filesystem kept, can be suspended); "
-                 "unnamed ones are ephemeral.")] = None,
-        image: Annotated[str, typer.Option(
-            "--image", "-i", help="Registered image NAME[:TAG], a base of `tl sbx image bases` "
-                                  "(default: the default base), or a registry image (pulled).")
-                         ] = "",
+        name: Annotated[
+            str | None,
+            typer.Argument(
+                help="Name: named sandboxes persist (filesystem kept, can be suspended); "
+                "unnamed ones are ephemeral."
+            ),
+        ] = None,
+        image: Annotated[
+            str,
+            typer.Option(
+                "--image",
+                "-i",
+                help="Registered image NAME[:TAG], a base of `tl sbx image bases` "
+                "(default: the default base), or a registry image (pulled).",
+            ),
+        ] = "",
         cpus: Annotated[float, typer.Option("--cpus", help="CPU cores (fractions allowed).")] = 1.0,
         memory: Annotated[int, typer.Option("--memory", help="Memory in MiB.")] = 512,
-        timeout: Annotated[float | None, typer.Option(
-            "--timeout", help="Seconds of running time before it is terminated.")] = None,
-        entrypoint: Annotated[str | None, typer.Option(
-            "--entrypoint", help="Command to run as the main process (shell words); the "
-                                 "sandbox ends when it exits. Default: idle.")] = None,
-        env: EnvOpt = None,
-        workdir: Annotated[str | None, typer.Option("--workdir", "-w",
-                                                    help="Default working directory.")] = None,
-        user: Annotated[str | None, typer.Option("--user", "-u",
-                                                 help="Default user (USER syntax).")] = None,
-        isolation: Annotated[Isolation, typer.Option(
-            "--isolation", help="auto: the microVM when KVM works, else namespaces.")
-        ] = Isolation.auto,
-        backend: Annotated[Isolation | None, typer.Option(
-            "--backend", hidden=True, help="Old name of --isolation.")] = None,
-        no_network: Annotated[bool, typer.Option("--no-network",
-                                                 help="Only a loopback interface.")] = False,
-        network: Annotated[str, typer.Option(
-            "--network", help="allow: internet access (default); deny: none but DNS and "
-                              "--allow entries. Host loopback and private ranges are never "
-                              "reachable.")] = "allow",
-        block: Annotated[list[str] | None, typer.Option(
-            "--block", help="CIDR, address or host name the sandbox may not reach "
-                            "(repeatable; wins over --allow).")] = None,
-        allow: Annotated[list[str] | None, typer.Option(
-            "--allow", help="CIDR, address or host name the sandbox may reach even when "
-                            "denied or private (repeatable).")] = None,
-        secret: Annotated[list[str] | None, typer.Option(
-            "--secret", help="NAME of a stored secret (tl secrets set) to pass as an "
-                             "environment variable to every exec and spawn (repeatable).")
+        timeout: Annotated[
+            float | None,
+            typer.Option("--timeout", help="Seconds of running time before it is terminated."),
         ] = None,
-        from_snapshot: Annotated[str | None, typer.Option(
-            "--from-snapshot", help="Start from a memory checkpoint (tl sbx snapshot --memory) "
-                                    "instead of an image.")] = None,
+        entrypoint: Annotated[
+            str | None,
+            typer.Option(
+                "--entrypoint",
+                help="Command to run as the main process (shell words); the "
+                "sandbox ends when it exits. Default: idle.",
+            ),
+        ] = None,
+        env: EnvOpt = None,
+        workdir: Annotated[
+            str | None, typer.Option("--workdir", "-w", help="Default working directory.")
+        ] = None,
+        user: Annotated[
+            str | None, typer.Option("--user", "-u", help="Default user (USER syntax).")
+        ] = None,
+        isolation: Annotated[
+            Isolation,
+            typer.Option("--isolation", help="auto: the microVM when KVM works, else namespaces."),
+        ] = Isolation.auto,
+        backend: Annotated[
+            Isolation | None,
+            typer.Option("--backend", hidden=True, help="Old name of --isolation."),
+        ] = None,
+        no_network: Annotated[
+            bool, typer.Option("--no-network", help="Only a loopback interface.")
+        ] = False,
+        network: Annotated[
+            str,
+            typer.Option(
+                "--network",
+                help="allow: internet access (default); deny: none but DNS and "
+                "--allow entries. Host loopback and private ranges are never "
+                "reachable.",
+            ),
+        ] = "allow",
+        block: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--block",
+                help="CIDR, address or host name the sandbox may not reach "
+                "(repeatable; wins over --allow).",
+            ),
+        ] = None,
+        allow: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--allow",
+                help="CIDR, address or host name the sandbox may reach even when "
+                "denied or private (repeatable).",
+            ),
+        ] = None,
+        secret: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--secret",
+                help="NAME of a stored secret (tl secrets set) to pass as an "
+                "environment variable to every exec and spawn (repeatable).",
+            ),
+        ] = None,
+        from_snapshot: Annotated[
+            str | None,
+            typer.Option(
+                "--from-snapshot",
+                help="Start from a memory checkpoint (tl sbx snapshot --memory) "
+                "instead of an image.",
+            ),
+        ] = None,
         project: ProjectOpt = None,
         cache_dir: CacheDirOpt = None,
         json_: JsonOpt = False,
@@ -162,8 +206,11 @@ def register(sbx: typer.Typer) -> None:
                          f"{r.cpus:g}", f"{r.memory_mb} MiB",
                          "-" if r.timeout is None else f"{r.timeout:g}s",
                          _ago(r.created_at)])  # fmt: skip
-        table(["ID", "NAME", "STATUS", "IMAGE", "BACKEND", "CPUS", "MEMORY", "TIMEOUT", "CREATED"],
-              rows, empty="no sandboxes" + ("" if all_ else " (--all shows ended ones)"))
+        table(
+            ["ID", "NAME", "STATUS", "IMAGE", "BACKEND", "CPUS", "MEMORY", "TIMEOUT", "CREATED"],
+            rows,
+            empty="no sandboxes" + ("" if all_ else " (--all shows ended ones)"),
+        )
 
     @sbx.command("info")
     def info(ref: IdArg, project: ProjectOpt = None, json_: JsonOpt = False) -> None:
@@ -187,18 +234,20 @@ def register(sbx: typer.Typer) -> None:
     def exec_(
         ref: IdArg,
         cmd: Annotated[list[str], typer.Argument(help="Command and its arguments.")],
-        workdir: Annotated[str | None, typer.Option("--workdir", "-w", help="Working directory.")
-                           ] = None,
+        workdir: Annotated[
+            str | None, typer.Option("--workdir", "-w", help="Working directory.")
+        ] = None,
         env: EnvOpt = None,
         user: Annotated[str | None, typer.Option("--user", "-u", help="USER syntax.")] = None,
-        interactive: Annotated[bool, typer.Option("--interactive", "-i",
-                                                  help="Pass stdin through.")] = False,
-        tty: Annotated[bool, typer.Option("--tty", "-t",
-                                          help="A terminal (with -i: an interactive one).")
-                       ] = False,
-        timeout: Annotated[float | None, typer.Option("--timeout",
-                                                      help="Kill it after this many seconds.")
-                           ] = None,
+        interactive: Annotated[
+            bool, typer.Option("--interactive", "-i", help="Pass stdin through.")
+        ] = False,
+        tty: Annotated[
+            bool, typer.Option("--tty", "-t", help="A terminal (with -i: an interactive one).")
+        ] = False,
+        timeout: Annotated[
+            float | None, typer.Option("--timeout", help="Kill it after this many seconds.")
+        ] = None,
         project: ProjectOpt = None,
     ) -> int:
         """Run a command in a sandbox; its output streams through and its exit code is ours.
@@ -206,18 +255,31 @@ def register(sbx: typer.Typer) -> None:
         sb = _get(ref, project)
         sys.stdout.flush()
         if tty:
-            return sb.exec_tty(*cmd, env=env, workdir=workdir, user=user,
-                               in_fd=sys.stdin.fileno() if interactive else _devnull())
-        r = sb.exec(*cmd, env=env, workdir=workdir, user=user, timeout=timeout,
-                    stdin=sys.stdin.fileno() if interactive else None, passthrough=True)
+            return sb.exec_tty(
+                *cmd,
+                env=env,
+                workdir=workdir,
+                user=user,
+                in_fd=sys.stdin.fileno() if interactive else _devnull(),
+            )
+        r = sb.exec(
+            *cmd,
+            env=env,
+            workdir=workdir,
+            user=user,
+            timeout=timeout,
+            stdin=sys.stdin.fileno() if interactive else None,
+            passthrough=True,
+        )
         return r.exit_code
 
     @sbx.command("shell")
     def shell(
         ref: IdArg,
         user: Annotated[str | None, typer.Option("--user", "-u", help="USER syntax.")] = None,
-        workdir: Annotated[str | None, typer.Option("--workdir", "-w", help="Working directory.")
-                           ] = None,
+        workdir: Annotated[
+            str | None, typer.Option("--workdir", "-w", help="Working directory.")
+        ] = None,
         env: EnvOpt = None,
         project: ProjectOpt = None,
     ) -> int:
@@ -258,11 +320,18 @@ def register(sbx: typer.Typer) -> None:
     @sbx.command("snapshot")
     def snapshot(
         ref: IdArg,
-        register: Annotated[str | None, typer.Option(
-            "--register", help="Register as NAME[:TAG] (default: <id>:snap-<n>).")] = None,
-        memory: Annotated[bool, typer.Option(
-            "--memory", help="A memory checkpoint (microVM, named sandboxes): restore it with "
-                             "tl sbx new --from-snapshot NAME.")] = False,
+        register: Annotated[
+            str | None,
+            typer.Option("--register", help="Register as NAME[:TAG] (default: <id>:snap-<n>)."),
+        ] = None,
+        memory: Annotated[
+            bool,
+            typer.Option(
+                "--memory",
+                help="A memory checkpoint (microVM, named sandboxes): restore it with "
+                "tl sbx new --from-snapshot NAME.",
+            ),
+        ] = False,
         project: ProjectOpt = None,
         json_: JsonOpt = False,
     ) -> None:
@@ -275,15 +344,24 @@ def register(sbx: typer.Typer) -> None:
         if json_:
             import json
 
-            print(json.dumps({"image": img.ref, "image_id": img.image_id,
-                              "layers": len(img.manifest.layers), "size": img.size}))
+            print(
+                json.dumps(
+                    {
+                        "image": img.ref,
+                        "image_id": img.image_id,
+                        "layers": len(img.manifest.layers),
+                        "size": img.size,
+                    }
+                )
+            )
         else:
             print(img.ref)
 
     @sbx.command("checkpoints")
     def checkpoints(
-        rm: Annotated[list[str] | None, typer.Option("--rm", help="Delete this checkpoint.")
-                      ] = None,
+        rm: Annotated[
+            list[str] | None, typer.Option("--rm", help="Delete this checkpoint.")
+        ] = None,
         project: ProjectOpt = None,
     ) -> None:
         """List memory checkpoints (tl sbx snapshot --memory), or delete some with --rm."""
@@ -301,10 +379,14 @@ def register(sbx: typer.Typer) -> None:
     def clone(
         ref: IdArg,
         name: Annotated[str | None, typer.Argument(help="Name of the new sandbox.")] = None,
-        register: Annotated[str | None, typer.Option(
-            "--register", help="Register the snapshot as NAME[:TAG].")] = None,
-        memory: Annotated[bool, typer.Option(
-            "--memory", help="Clone memory and device state too (microVM, named sandboxes).")
+        register: Annotated[
+            str | None, typer.Option("--register", help="Register the snapshot as NAME[:TAG].")
+        ] = None,
+        memory: Annotated[
+            bool,
+            typer.Option(
+                "--memory", help="Clone memory and device state too (microVM, named sandboxes)."
+            ),
         ] = False,
         project: ProjectOpt = None,
     ) -> None:
@@ -358,12 +440,16 @@ def register(sbx: typer.Typer) -> None:
 
     @sbx.command("serve")
     def serve(
-        listen: Annotated[str, typer.Option(
-            "--listen", help="unix:PATH or 127.0.0.1:PORT (port 0 picks a free one).")
+        listen: Annotated[
+            str,
+            typer.Option("--listen", help="unix:PATH or 127.0.0.1:PORT (port 0 picks a free one)."),
         ] = "127.0.0.1:8765",
-        backend: Annotated[Isolation, typer.Option(
-            "--isolation", "--backend",
-            help="Isolation of sandboxes created without one.")] = Isolation.auto,
+        backend: Annotated[
+            Isolation,
+            typer.Option(
+                "--isolation", "--backend", help="Isolation of sandboxes created without one."
+            ),
+        ] = Isolation.auto,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No request log.")] = False,
         project: ProjectOpt = None,
     ) -> None:
@@ -383,13 +469,19 @@ def register(sbx: typer.Typer) -> None:
     @sbx.command("logs")
     def logs(
         ref: IdArg,
-        pid: Annotated[str | None, typer.Argument(
-            help="A spawned process (id or name); without it, the sandbox's console.")] = None,
-        follow: Annotated[bool, typer.Option("--follow", "-f",
-                                             help="Keep printing until the process ends.")
-                          ] = False,
-        stream: Annotated[str | None, typer.Option(
-            "--stream", help="stdout or stderr (default: both, each to its own).")] = None,
+        pid: Annotated[
+            str | None,
+            typer.Argument(
+                help="A spawned process (id or name); without it, the sandbox's console."
+            ),
+        ] = None,
+        follow: Annotated[
+            bool, typer.Option("--follow", "-f", help="Keep printing until the process ends.")
+        ] = False,
+        stream: Annotated[
+            str | None,
+            typer.Option("--stream", help="stdout or stderr (default: both, each to its own)."),
+        ] = None,
         project: ProjectOpt = None,
     ) -> None:
         """Print a spawned process's output (kept in a bounded ring per stream), or the
@@ -427,10 +519,10 @@ def register(sbx: typer.Typer) -> None:
     def spawn(
         ref: IdArg,
         cmd: Annotated[list[str], typer.Argument(help="Command and its arguments.")],
-        name: Annotated[str | None, typer.Option("--name", help="A name for the process.")
-                        ] = None,
-        workdir: Annotated[str | None, typer.Option("--workdir", "-w", help="Working directory.")
-                           ] = None,
+        name: Annotated[str | None, typer.Option("--name", help="A name for the process.")] = None,
+        workdir: Annotated[
+            str | None, typer.Option("--workdir", "-w", help="Working directory.")
+        ] = None,
         env: EnvOpt = None,
         user: Annotated[str | None, typer.Option("--user", "-u", help="USER syntax.")] = None,
         project: ProjectOpt = None,
@@ -466,8 +558,7 @@ def register(sbx: typer.Typer) -> None:
     def kill(
         ref: IdArg,
         pid: Annotated[str, typer.Argument(help="Process id (as spawn and ps show it) or name.")],
-        sig: Annotated[str, typer.Option("--signal", "-s", help="Signal name or number.")
-                       ] = "TERM",
+        sig: Annotated[str, typer.Option("--signal", "-s", help="Signal name or number.")] = "TERM",
         project: ProjectOpt = None,
     ) -> None:
         """Send a signal to a spawned process (default TERM)."""
@@ -477,8 +568,9 @@ def register(sbx: typer.Typer) -> None:
     def wait(
         ref: IdArg,
         pid: Annotated[str, typer.Argument(help="Process id or name.")],
-        timeout: Annotated[float | None, typer.Option("--timeout", help="Give up after seconds.")
-                           ] = None,
+        timeout: Annotated[
+            float | None, typer.Option("--timeout", help="Give up after seconds.")
+        ] = None,
         project: ProjectOpt = None,
     ) -> int:
         """Wait for a spawned process to end; its exit code is ours (1 on a time-out or when
@@ -530,8 +622,10 @@ def _fs_commands(sbx: typer.Typer) -> None:
         if json_:
             print(json.dumps(e.to_json()))
         else:
-            print(" ".join(_row(e)[:-1] + [e.path]) + (f" -> {e.link_target}"
-                                                       if e.link_target is not None else ""))
+            print(
+                " ".join(_row(e)[:-1] + [e.path])
+                + (f" -> {e.link_target}" if e.link_target is not None else "")
+            )
 
     @fs.command("cat")
     def fs_cat(ref: IdArg, path: PathArg, project: ProjectOpt = None) -> None:
@@ -544,8 +638,9 @@ def _fs_commands(sbx: typer.Typer) -> None:
     def fs_write(
         ref: IdArg,
         path: PathArg,
-        source: Annotated[Path | None, typer.Option(
-            "--from", help="Host file to write (default: stdin).")] = None,
+        source: Annotated[
+            Path | None, typer.Option("--from", help="Host file to write (default: stdin).")
+        ] = None,
         mode: Annotated[str, typer.Option("--mode", help="Permission bits (octal).")] = "644",
         project: ProjectOpt = None,
     ) -> None:
@@ -596,5 +691,3 @@ def _split(arg: str) -> tuple[str | None, str]:
     if sep and ref and "/" not in ref and path.startswith("/"):
         return ref, path
     return None, arg
-
-

@@ -61,7 +61,8 @@ def select_executor(
     from tlimage.sandbox.qemu.kvm import kvm_usable
 
     backend, accel = select_isolation(
-        "auto", kvm_probe=lambda: kvm_usable(cache_dir, progress), notice=notice)
+        "auto", kvm_probe=lambda: kvm_usable(cache_dir, progress), notice=notice
+    )
     if backend == "namespace":
         from tlimage.executor.namespace import NamespaceExecutor
 

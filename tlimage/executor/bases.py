@@ -93,8 +93,9 @@ def ubuntu_settings(name: str) -> tuple[str, str, str]:
     return mirror, suite, keyring
 
 
-def ensure_base(name: str, cache_dir: Path | None = None, *, refresh: bool = False,
-                progress=None) -> Base:
+def ensure_base(
+    name: str, cache_dir: Path | None = None, *, refresh: bool = False, progress=None
+) -> Base:
     """The base's tree, built on first use and cached."""
     say = progress or (lambda _m: None)
     spec = catalog.spec(name)
@@ -118,8 +119,10 @@ def ensure_base(name: str, cache_dir: Path | None = None, *, refresh: bool = Fal
             out = Path(tmp) / "out"
             out.mkdir()
             os.rename(tree, out / "rootfs")
-            (out / ".tlimage-base.json").write_text(json.dumps(
-                {"name": name, "key": key_s, "info": info, "env": spec.env}, indent=2) + "\n")
+            (out / ".tlimage-base.json").write_text(
+                json.dumps({"name": name, "key": key_s, "info": info, "env": spec.env}, indent=2)
+                + "\n"
+            )
             try:
                 os.replace(out, final)
             except OSError:
@@ -133,12 +136,21 @@ def base_info(spec: catalog.BaseSpec) -> dict:
     if spec.distribution == "busybox":
         info: dict = {"busybox": _busybox_version(_static_busybox())}
     elif spec.distribution == "debian":
-        info = {"suite": spec.suite, "mirror": debian_mirror(), "packages": list(spec.packages),
-                "recipe": catalog.RECIPE_VERSION}
+        info = {
+            "suite": spec.suite,
+            "mirror": debian_mirror(),
+            "packages": list(spec.packages),
+            "recipe": catalog.RECIPE_VERSION,
+        }
     else:
         mirror, suite, keyring = ubuntu_settings(spec.name)
-        info = {"suite": suite, "mirror": mirror, "keyring": keyring,
-                "packages": list(spec.packages), "recipe": catalog.RECIPE_VERSION}
+        info = {
+            "suite": suite,
+            "mirror": mirror,
+            "keyring": keyring,
+            "packages": list(spec.packages),
+            "recipe": catalog.RECIPE_VERSION,
+        }
     info["epoch"] = _epoch()
     return info
 
@@ -177,7 +189,7 @@ def _is_static_elf(path: Path) -> bool:
         head = f.read(64)
         if head[:4] != b"\x7fELF" or head[4] != 2:
             return False
-        phoff, = struct.unpack_from("<Q", head, 32)
+        (phoff,) = struct.unpack_from("<Q", head, 32)
         phentsize, phnum = struct.unpack_from("<HH", head, 54)
         f.seek(phoff)
         table = f.read(phentsize * phnum)
@@ -205,11 +217,25 @@ def build_busybox_base(dest: Path) -> None:
     """A minimal rootfs: /bin/busybox with every applet linked where busybox installs it, root
     and nobody accounts, the usual top-level directories; all owned by root, mtime = epoch."""
     busybox = _static_busybox()
-    applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True,
-                             check=True).stdout.split()
+    applets = subprocess.run(
+        [str(busybox), "--list-full"], capture_output=True, text=True, check=True
+    ).stdout.split()
     dest.mkdir(parents=True)
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "dev", "proc", "sys", "tmp", "root",
-              "home", "var/tmp", "run"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "root",
+        "home",
+        "var/tmp",
+        "run",
+    ):
         (dest / d).mkdir(parents=True, exist_ok=True)
     os.chmod(dest / "tmp", 0o1777)
     os.chmod(dest / "var/tmp", 0o1777)
@@ -223,7 +249,8 @@ def build_busybox_base(dest: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(os.path.relpath(dest / "bin/busybox", target.parent), target)
     (dest / "etc/passwd").write_text(
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+    )
     (dest / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
     (dest / "etc/hostname").write_text("tlimage\n")
     _normalize_tree(dest, _epoch())
@@ -243,24 +270,34 @@ def _normalize_tree(root: Path, mtime: int) -> None:
 # --- Debian / Ubuntu via mmdebstrap ----------------------------------------------------------
 
 
-def _mmdebstrap(dest: Path, suite: str, sources: list[str], packages: tuple[str, ...],
-                extra: list[str]) -> None:
+def _mmdebstrap(
+    dest: Path, suite: str, sources: list[str], packages: tuple[str, ...], extra: list[str]
+) -> None:
     tool = require_tool("mmdebstrap", "to build Debian/Ubuntu base root filesystems")
-    cmd = [tool, "--variant=minbase", "--mode=root", "--format=directory",
-           "--include=" + ",".join(packages),
-           "--dpkgopt=path-exclude=/usr/share/doc/*",
-           "--dpkgopt=path-include=/usr/share/doc/*/copyright",
-           "--dpkgopt=path-exclude=/usr/share/man/*",
-           "--dpkgopt=path-exclude=/usr/share/locale/*",
-           # The sandbox binds the host's resolv.conf/hosts over these while a step runs; empty
-           # files keep the mount points inside the base instead of in every step's layer.
-           "--customize-hook=: > \"$1/etc/resolv.conf\" && chmod 644 \"$1/etc/resolv.conf\"",
-           "--customize-hook=printf '127.0.0.1 localhost\\n::1 localhost\\n' > \"$1/etc/hosts\"",
-           "--customize-hook=rm -f \"$1/etc/hostname\" \"$1/etc/machine-id\"",
-           *extra, suite, str(dest), *sources]
+    cmd = [
+        tool,
+        "--variant=minbase",
+        "--mode=root",
+        "--format=directory",
+        "--include=" + ",".join(packages),
+        "--dpkgopt=path-exclude=/usr/share/doc/*",
+        "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        "--dpkgopt=path-exclude=/usr/share/man/*",
+        "--dpkgopt=path-exclude=/usr/share/locale/*",
+        # The sandbox binds the host's resolv.conf/hosts over these while a step runs; empty
+        # files keep the mount points inside the base instead of in every step's layer.
+        '--customize-hook=: > "$1/etc/resolv.conf" && chmod 644 "$1/etc/resolv.conf"',
+        "--customize-hook=printf '127.0.0.1 localhost\\n::1 localhost\\n' > \"$1/etc/hosts\"",
+        '--customize-hook=rm -f "$1/etc/hostname" "$1/etc/machine-id"',
+        *extra,
+        suite,
+        str(dest),
+        *sources,
+    ]
     env = {**os.environ, "SOURCE_DATE_EPOCH": str(_epoch())}
-    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                       env=env, check=False)
+    p = subprocess.run(
+        cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, check=False
+    )
     if p.returncode != 0:
         tail = "\n".join(p.stderr.strip().splitlines()[-15:])
         raise BaseError(f"mmdebstrap failed (exit {p.returncode}) building {suite}:\n{tail}")
@@ -269,9 +306,9 @@ def _mmdebstrap(dest: Path, suite: str, sources: list[str], packages: tuple[str,
 # systemd variants: an empty machine-id is filled at first boot; the VNC server runs on :1 as
 # root with no password, listening on the sandbox's own network only.
 _SYSTEMD_HOOKS = [
-    "--customize-hook=: > \"$1/etc/machine-id\"",
-    "--customize-hook=chroot \"$1\" systemctl set-default multi-user.target",
-    "--customize-hook=chroot \"$1\" systemctl mask systemd-networkd-wait-online.service "
+    '--customize-hook=: > "$1/etc/machine-id"',
+    '--customize-hook=chroot "$1" systemctl set-default multi-user.target',
+    '--customize-hook=chroot "$1" systemctl mask systemd-networkd-wait-online.service '
     "getty@tty1.service serial-getty@ttyS0.service",
 ]
 _VNC_UNIT = """[Unit]
@@ -306,8 +343,10 @@ WantedBy=multi-user.target
 
 def _unit_hook(name: str, text: str) -> str:
     quoted = text.replace("'", "'\\''")
-    return (f"--customize-hook=printf '%s' '{quoted}' > \"$1/etc/systemd/system/{name}\" && "
-            f"chroot \"$1\" systemctl enable {name}")
+    return (
+        f"--customize-hook=printf '%s' '{quoted}' > \"$1/etc/systemd/system/{name}\" && "
+        f'chroot "$1" systemctl enable {name}'
+    )
 
 
 def _variant_hooks(spec: catalog.BaseSpec) -> list[str]:
@@ -315,8 +354,10 @@ def _variant_hooks(spec: catalog.BaseSpec) -> list[str]:
     if spec.init == "systemd":
         hooks += _SYSTEMD_HOOKS
     if spec.variant == "vnc":
-        hooks += [_unit_hook("tlimage-vnc.service", _VNC_UNIT),
-                  _unit_hook("tlimage-xfce.service", _XFCE_UNIT)]
+        hooks += [
+            _unit_hook("tlimage-vnc.service", _VNC_UNIT),
+            _unit_hook("tlimage-xfce.service", _XFCE_UNIT),
+        ]
     return hooks
 
 
@@ -325,8 +366,11 @@ def build_deb_base(dest: Path, spec: catalog.BaseSpec, info: dict) -> None:
     if spec.distribution == "debian":
         mirror, suite = info["mirror"], info["suite"]
         security = mirror.rstrip("/").removesuffix("/debian") + "/debian-security"
-        sources = [f"deb {mirror} {suite} {comps}", f"deb {mirror} {suite}-updates {comps}",
-                   f"deb {security} {suite}-security {comps}"]
+        sources = [
+            f"deb {mirror} {suite} {comps}",
+            f"deb {mirror} {suite}-updates {comps}",
+            f"deb {security} {suite}-security {comps}",
+        ]
         extra: list[str] = []
     else:
         mirror, suite = info["mirror"], info["suite"]

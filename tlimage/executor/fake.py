@@ -52,7 +52,7 @@ def _mount_at(req: RunRequest, path: str) -> tuple[HostMount, str] | None:
     for m in reversed(req.sorted_mounts()):
         t = m.target.rstrip("/")
         if norm == t or norm.startswith(t + "/"):
-            return m, norm[len(t):].lstrip("/")
+            return m, norm[len(t) :].lstrip("/")
     return None
 
 

@@ -105,8 +105,13 @@ def content_key(root: Path) -> str:
                 while chunk := f.read(1 << 20):
                     fh.update(chunk)
             rec.append(fh.hexdigest())
-        rec.append([(n, v.hex()) for n, v in xattrs(path)
-                    if n == OPAQUE_XATTR or n.startswith(("user.", "security.capability"))])
+        rec.append(
+            [
+                (n, v.hex())
+                for n, v in xattrs(path)
+                if n == OPAQUE_XATTR or n.startswith(("user.", "security.capability"))
+            ]
+        )
         h.update(json.dumps(rec, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n")
     return h.hexdigest()
 
@@ -168,8 +173,9 @@ class MicroVMExecutor:
             self.accel_reason = "requested"
         self.accel = accel
         self.memory_mb, self.cpus, self.keep_warm = memory_mb, cpus, keep_warm
-        self.boot_timeout = boot_timeout or (KVM_BOOT_TIMEOUT if accel == "kvm"
-                                             else TCG_BOOT_TIMEOUT)
+        self.boot_timeout = boot_timeout or (
+            KVM_BOOT_TIMEOUT if accel == "kvm" else TCG_BOOT_TIMEOUT
+        )
         self._session: _Session | None = None
         self.last_boot_seconds: float | None = None
         self.boots = 0  # VMs started by this executor (the warm VM saves boots)
@@ -191,7 +197,8 @@ class MicroVMExecutor:
             if work is not None:
                 images = self._warm_mounts(req) or self._mount_images(req, work)  # type: ignore[assignment]
             session, guest_lowers, first = self._session_for(
-                req, [img for _, img, _ in images if isinstance(img, Path)])
+                req, [img for _, img, _ in images if isinstance(img, Path)]
+            )
             vm = session.vm
             i = session.steps
             session.steps += 1
@@ -199,14 +206,19 @@ class MicroVMExecutor:
             plan = _plan_mounts(req, images, first, f"/tl/scratch/{i}")
             for overlay in plan.overlays:  # before the root: RUN runs in the last MOUNT's target
                 vm.request(P.encode_mount(overlay))
-            vm.request(P.encode_mount(P.MountRequest(
-                tuple(guest_lowers), upper, f"/tl/scratch/{i}/work", "/tl/root")))
+            vm.request(
+                P.encode_mount(
+                    P.MountRequest(tuple(guest_lowers), upper, f"/tl/scratch/{i}/work", "/tl/root")
+                )
+            )
             try:
                 for bind in plan.binds:
                     vm.request(P.encode_bind(bind))
             except ExecutorError as e:
-                raise ExecutorError(f"step could not start: RUN --mount: "
-                                    f"{str(e).removeprefix('guest agent: BIND: ')}") from None
+                raise ExecutorError(
+                    f"step could not start: RUN --mount: "
+                    f"{str(e).removeprefix('guest agent: BIND: ')}"
+                ) from None
             code = self._run_step(vm, req, emit, plan.env)
             if req.mounts:
                 vm.request(P.encode_unbind())
@@ -236,8 +248,13 @@ class MicroVMExecutor:
         """The session to run `req` in, the guest paths of its lowers, and the index of the
         first of the `extra` disks (mount images), which always need a fresh VM."""
         s = self._session
-        if (not extra and s is not None and s.vm.proc is not None and s.vm.proc.poll() is None
-                and s.network == req.network):
+        if (
+            not extra
+            and s is not None
+            and s.vm.proc is not None
+            and s.vm.proc.poll() is None
+            and s.network == req.network
+        ):
             guest = s.guest_lowers(req.lowers)
             if guest is not None:
                 return s, guest, -1
@@ -269,8 +286,9 @@ class MicroVMExecutor:
         assert vm.chan is not None
         deadline = None if req.timeout is None else time.monotonic() + req.timeout
         env = (*req.env_list(), *secret_env)  # the channel is private: no log, no argv
-        vm.chan.send(P.encode_run(P.RunRequestMsg(
-            req.argv, env, req.user, req.workdir, req.network)))  # type: ignore[arg-type]
+        vm.chan.send(
+            P.encode_run(P.RunRequestMsg(req.argv, env, req.user, req.workdir, req.network))
+        )  # type: ignore[arg-type]
         while True:
             try:
                 f = vm.chan.recv(deadline)
@@ -279,8 +297,7 @@ class MicroVMExecutor:
                     f"step timed out after {req.timeout:g} s: {shlex.join(req.argv)}"
                 ) from None
             except EOFError:
-                raise ExecutorError(
-                    "the microVM died during the step" + console_tail(vm)) from None
+                raise ExecutorError("the microVM died during the step" + console_tail(vm)) from None
             if f.type is P.FrameType.STDOUT:
                 emit("stdout", f.payload)
             elif f.type is P.FrameType.STDERR:
@@ -320,8 +337,13 @@ class MicroVMExecutor:
         of its mounts: tmpfs, secrets, and views of layers the VM already has (a stage built
         earlier in the same VM: its lowers are disks, its uppers on the scratch disk)."""
         s = self._session
-        if (s is None or s.vm.proc is None or s.vm.proc.poll() is not None
-                or s.network != req.network or s.guest_lowers(req.lowers) is None):
+        if (
+            s is None
+            or s.vm.proc is None
+            or s.vm.proc.poll() is not None
+            or s.network != req.network
+            or s.guest_lowers(req.lowers) is None
+        ):
             return None
         out: list[tuple[HostMount, tuple[str, ...] | None, str]] = []
         for m in req.sorted_mounts():

@@ -74,9 +74,15 @@ class NamespaceExecutor:
             (scratch / "work").mkdir()
             (scratch / "merged").mkdir()
             spec = {
-                **isolation.root_spec(req.lowers, upper, scratch / "work", scratch / "merged",
-                                      network=req.network, hostname=HOSTNAME,
-                                      files_dir=scratch),
+                **isolation.root_spec(
+                    req.lowers,
+                    upper,
+                    scratch / "work",
+                    scratch / "merged",
+                    network=req.network,
+                    hostname=HOSTNAME,
+                    files_dir=scratch,
+                ),
                 "argv": list(req.argv),
                 "env": req.env_list(),
                 "user": req.user,
@@ -87,10 +93,17 @@ class NamespaceExecutor:
             secrets = b"".join(m.data for m in _ordered(req) if m.kind == "secret")
             try:
                 code = isolation.run_step(
-                    spec, secrets=secrets, emit=emit, timeout=req.timeout,
+                    spec,
+                    secrets=secrets,
+                    emit=emit,
+                    timeout=req.timeout,
                     on_timeout=lambda: StepTimeout(
-                        f"step timed out after {req.timeout:g} s: {shlex.join(req.argv)}"),
-                    unsafe=self.unsafe, memory_mb=self.memory_mb, pids=self.pids)
+                        f"step timed out after {req.timeout:g} s: {shlex.join(req.argv)}"
+                    ),
+                    unsafe=self.unsafe,
+                    memory_mb=self.memory_mb,
+                    pids=self.pids,
+                )
             except isolation.SandboxError as e:
                 raise ExecutorError(f"step could not start: {e}") from None
             opaque = normalize_upper(upper, req.lowers)

@@ -161,8 +161,9 @@ class Image:
             user=_opt_str(opts, "user", site),
             workdir=_opt_str(opts, "workdir", site),
             mounts=tuple(_mount(m, site) for m in _list(opts.get("mounts", []), "mounts", site)),
-            network=_choice(opts.get("network", "default"), ("default", "none", "host"),
-                            "network", site),  # fmt: skip
+            network=_choice(
+                opts.get("network", "default"), ("default", "none", "host"), "network", site
+            ),  # fmt: skip
         )
         return self._with(step, site, _bool(opts.get("force", False), "force", site))
 
@@ -273,9 +274,7 @@ class Image:
         site = call_site()
         if not paths:
             return self
-        return self._with(
-            ir.Volume(paths=tuple(_nonempty(p, "path", site) for p in paths)), site
-        )
+        return self._with(ir.Volume(paths=tuple(_nonempty(p, "path", site) for p in paths)), site)
 
     def healthcheck(
         self,
@@ -361,9 +360,7 @@ class Image:
         start = ir.StepMeta(span=self._site)
         steps = (ir.From(image=base, pin=pin or None), *(op.step for op in self._ops))
         metas = (start, *(op.meta for op in self._ops))
-        return ir.ImageDef(
-            name=self._name, tag=self._tag, stages=(ir.Stage("main", steps, metas),)
-        )
+        return ir.ImageDef(name=self._name, tag=self._tag, stages=(ir.Stage("main", steps, metas),))
 
 
 _PUBLIC_METHODS = frozenset(
@@ -487,7 +484,9 @@ def _chmod(value: Any, site: Span | None) -> str | None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         return format(value, "o")
-    if isinstance(value, str) and re.fullmatch(r"[0-7]{3,4}|[ugoa]*[-+=][rwxXst]*(,[ugoa]*[-+=][rwxXst]*)*", value):  # noqa: E501
+    if isinstance(value, str) and re.fullmatch(
+        r"[0-7]{3,4}|[ugoa]*[-+=][rwxXst]*(,[ugoa]*[-+=][rwxXst]*)*", value
+    ):  # noqa: E501
         return value
     raise _fail(f"invalid chmod {value!r}: use an octal mode like '755' or a symbolic one "
                 "like 'u+x'", site)  # fmt: skip

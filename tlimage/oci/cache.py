@@ -121,5 +121,11 @@ def export(cache: Any, keys: list[str], ref_text: str, client: cl.RegistryClient
         }  # fmt: skip
         mb = canonical_json(manifest)
         mblob = Blob("sha256:" + hashlib.sha256(mb).hexdigest(), len(mb), cl.OCI_MANIFEST, data=mb)
-        return push(store, None, ref_text, client=client, manifest=mblob,  # type: ignore[arg-type]
-                    extra_blobs=[*blobs.values(), config])
+        return push(
+            store,
+            None,
+            ref_text,
+            client=client,
+            manifest=mblob,  # type: ignore[arg-type]
+            extra_blobs=[*blobs.values(), config],
+        )

@@ -514,8 +514,11 @@ class RegistryClient:
                         on_bytes(len(chunk))
                     yield chunk
             except (self._httpx.TransportError, OSError) as e:
-                raise BlobInterrupted(f"{label}: download of {digest} from {ep.host} broke off "
-                                      f"after {seen} of {size} bytes: {e}", ref=label) from None
+                raise BlobInterrupted(
+                    f"{label}: download of {digest} from {ep.host} broke off "
+                    f"after {seen} of {size} bytes: {e}",
+                    ref=label,
+                ) from None
         finally:
             resp.close()
         if seen != size:
@@ -640,7 +643,8 @@ class RegistryClient:
             raise OCIError(f"{label}: {ep.host} refused the manifest (404){_error_text(resp.content)}",
                            ref=label)  # fmt: skip
         return resp.headers.get("docker-content-digest") or (
-            "sha256:" + hashlib.sha256(data).hexdigest())
+            "sha256:" + hashlib.sha256(data).hexdigest()
+        )
 
 
 class BlobInterrupted(OCIError):

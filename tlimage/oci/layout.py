@@ -241,8 +241,16 @@ def _write_docker_archive(store: Any, image: LocalImage, path: Path, repo_tag: s
              (f"{cfg_hex}.json", _data(cfg))]  # fmt: skip
     repo, _, tag = repo_tag.rpartition(":")
     if repo and "/" not in tag:
-        files.append(("repositories", _data(canonical_json(
-            {repo: {tag: blobs[-1].digest.split(":")[1] if blobs else cfg_hex}}))))
+        files.append(
+            (
+                "repositories",
+                _data(
+                    canonical_json(
+                        {repo: {tag: blobs[-1].digest.split(":")[1] if blobs else cfg_hex}}
+                    )
+                ),
+            )
+        )
     seen = set()
     for name, b in zip(layer_names, blobs, strict=True):
         if name not in seen:  # the same layer twice in an image is stored once

@@ -174,8 +174,15 @@ def _pull(ctx: _Ctx, ref: Reference, ref_text: str, platform: str, jobs: int) ->
             )  # fmt: skip
         _compression(mt, ctx.label)
     if ctx.progress:
-        ctx.progress({"event": "pull_started", "ref": ctx.label, "digest": fetched.digest,
-                      "layers": len(descs), "size": sum(int(d["size"]) for d in descs)})
+        ctx.progress(
+            {
+                "event": "pull_started",
+                "ref": ctx.label,
+                "digest": fetched.digest,
+                "layers": len(descs),
+                "size": sum(int(d["size"]) for d in descs),
+            }
+        )
     t0 = time.monotonic()
     # The cache index is used from this thread only; workers download and store blobs.
     results: list[tuple[PulledLayer, int] | None] = [None] * len(descs)
@@ -198,9 +205,12 @@ def _pull(ctx: _Ctx, ref: Reference, ref_text: str, platform: str, jobs: int) ->
             try:
                 for fut in as_completed(futures):
                     info, layer = fut.result()
-                    ctx.cache.put(layer_key(layer.blob), info,
-                                  description=f"pulled {ctx.label} {layer.blob[:19]}",
-                                  meta={"blob": layer.blob, "media_type": layer.media_type})
+                    ctx.cache.put(
+                        layer_key(layer.blob),
+                        info,
+                        description=f"pulled {ctx.label} {layer.blob[:19]}",
+                        meta={"blob": layer.blob, "media_type": layer.media_type},
+                    )
                     results[futures[fut]] = (layer, int(descs[futures[fut]]["size"]))
             except BaseException:
                 for f in futures:
@@ -332,8 +342,16 @@ def _layer(ctx: _Ctx, ep: cl.Endpoint, desc: dict[str, Any],
             now = time.monotonic()
             if ctx.progress and (now - last > 0.2 or done == size):
                 last = now
-                ctx.progress({"event": "pull_layer", "ref": ctx.label, "layer": digest,
-                              "status": "downloading", "bytes": done, "total": size})
+                ctx.progress(
+                    {
+                        "event": "pull_layer",
+                        "ref": ctx.label,
+                        "layer": digest,
+                        "status": "downloading",
+                        "bytes": done,
+                        "total": size,
+                    }
+                )
 
         try:
             with ctx.cache.store.writer() as w:
@@ -555,8 +573,7 @@ class TarChecker:
                 self._fail("a pax header is malformed")
             rec = data[sp + 1 : i + length - 1]
             k, _, v = rec.partition(b"=")
-            self._pax[k.decode("utf-8", "surrogateescape")] = v.decode("utf-8",
-                                                                        "surrogateescape")
+            self._pax[k.decode("utf-8", "surrogateescape")] = v.decode("utf-8", "surrogateescape")
             if length <= 0:
                 self._fail("a pax header is malformed")
             i += length

@@ -283,8 +283,7 @@ class Sandbox:
             secret_names = [secret_names]
         secrets_ = check_secrets_exist(secret_names or [], project=proj)
         policy = _network_policy(network, network_policy)
-        cache = str(Path(cache_dir).resolve()) if cache_dir else os.environ.get(
-            "TLIMAGE_CACHE_DIR")
+        cache = str(Path(cache_dir).resolve()) if cache_dir else os.environ.get("TLIMAGE_CACHE_DIR")
         be_name, accel = select_backend(backend, Path(cache) if cache else None, notice)
         unsafe = be_name == "namespace-unsafe"
         be_name = "namespace" if unsafe else be_name
@@ -595,19 +594,27 @@ class Sandbox:
             try:
                 layer = _snapshot_layer(rec, self._backend(), n, running=prev is Status.RUNNING)
             finally:
-                self._rec = self._db.transition(rec.id, [Status.SNAPSHOTTING], prev,
-                                                prev_status=None, op_pid=None, op_start=None)
-            return _register_snapshot(self._rec, layer, register or f"{rec.id}:snap-{n}",
-                                      keep=_keep)
+                self._rec = self._db.transition(
+                    rec.id,
+                    [Status.SNAPSHOTTING],
+                    prev,
+                    prev_status=None,
+                    op_pid=None,
+                    op_start=None,
+                )
+            return _register_snapshot(
+                self._rec, layer, register or f"{rec.id}:snap-{n}", keep=_keep
+            )
 
     def suspend(self) -> SuspendResult:
         """Pauses a named sandbox. The microVM saves its memory to a file and exits (it then
         survives a host reboot); the namespace backend freezes its processes in RAM."""
         rec = self.refresh()
         if not rec.persistent:
-            raise RuntimeError_(f"sandbox {rec.id} is ephemeral (unnamed); only named sandboxes "
-                                "can be suspended",
-                                hint="create it with a name: tl sbx new NAME --image ...")
+            raise RuntimeError_(
+                f"sandbox {rec.id} is ephemeral (unnamed); only named sandboxes can be suspended",
+                hint="create it with a name: tl sbx new NAME --image ...",
+            )
         with _lock(rec, what="suspend it"):
             rec = self._db.transition(rec.id, [Status.RUNNING], Status.SUSPENDING, **op_owner())
             t0 = time.monotonic()
@@ -726,9 +733,10 @@ class Sandbox:
         try:
             d = json.loads((saved / "record.json").read_text())
         except FileNotFoundError:
-            raise RuntimeError_(f"no checkpoint {checkpoint!r} in project "
-                                f"{project_name(project)!r}",
-                                hint="make one with: tl sbx snapshot NAME --memory") from None
+            raise RuntimeError_(
+                f"no checkpoint {checkpoint!r} in project {project_name(project)!r}",
+                hint="make one with: tl sbx snapshot NAME --memory",
+            ) from None
         fields_ = {f.name for f in dataclasses.fields(SandboxRecord)}
         src = SandboxRecord(**{k: v for k, v in d.items() if k in fields_},
                             **{k: None for k in _VOLATILE if k not in ("status", "pids")},
@@ -758,11 +766,15 @@ class Sandbox:
         resources, entrypoint, env; the timeout counts afresh). Returns once it runs."""
         rec = self.refresh()
         if not rec.persistent:
-            raise RuntimeError_(f"sandbox {_label(rec)} is not named, so its files are gone",
-                                hint="only named sandboxes (tl sbx new NAME) can be started again")
+            raise RuntimeError_(
+                f"sandbox {_label(rec)} is not named, so its files are gone",
+                hint="only named sandboxes (tl sbx new NAME) can be started again",
+            )
         if rec.status is not Status.TERMINATED:
-            raise RuntimeError_(f"sandbox {_label(rec)} is {rec.status}",
-                                hint="`tl sbx start` restarts terminated sandboxes")
+            raise RuntimeError_(
+                f"sandbox {_label(rec)} is {rec.status}",
+                hint="`tl sbx start` restarts terminated sandboxes",
+            )
         if rec.name is not None:
             other = self._db.find_name(rec.project, rec.name)
             if other is not None and other.id != rec.id and other.status in LIVE:
@@ -976,12 +988,18 @@ def _systemd_check(ref: str, be_name: str) -> None:
     if be_name == "namespace":
         raise RuntimeError_(
             f"{ref} boots systemd as init, which the namespace backend does not run",
-            hint="use --isolation microvm, or a minimal base (debian-minimal)")
+            hint="use --isolation microvm, or a minimal base (debian-minimal)",
+        )
 
 
-def _image_or_base(reg, proj: str, image: str | None, cache_dir: Path | None,  # noqa: ANN001
-                   notice: Callable[[str], None] | None,
-                   be_name: str):  # noqa: ANN202 - ImageRecord
+def _image_or_base(
+    reg,
+    proj: str,
+    image: str | None,
+    cache_dir: Path | None,  # noqa: ANN001
+    notice: Callable[[str], None] | None,
+    be_name: str,
+):  # noqa: ANN202 - ImageRecord
     """The registered image, else a base of the catalog of that name (built on first use),
     else the default base when `image` is None (the choice said once per machine)."""
     from tlimage.executor import catalog
@@ -1061,8 +1079,13 @@ def _snapshot_layer(rec: SandboxRecord, be: Backend, n: int, *, running: bool): 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _register_snapshot(rec: SandboxRecord, info, ref: str, *,  # noqa: ANN001, ANN202
-                       keep: bool = True):
+def _register_snapshot(
+    rec: SandboxRecord,
+    info,
+    ref: str,
+    *,  # noqa: ANN001, ANN202
+    keep: bool = True,
+):
     """Registers the image the sandbox booted plus `info` (a LayerInfo or None) as `ref`
     (`keep=False`: the same image record, unregistered — what a clone boots from)."""
     from tlimage.cache.store import BlobStore
@@ -1131,8 +1154,11 @@ def reconcile() -> None:
                 _finish(rec, db, "its processes ended unexpectedly")
             elif rec.status in TRANSITIONAL:
                 _rollback(rec, be, db)
-            elif (rec.status is Status.RUNNING and rec.deadline is not None
-                  and now() > rec.deadline + 10):
+            elif (
+                rec.status is Status.RUNNING
+                and rec.deadline is not None
+                and now() > rec.deadline + 10
+            ):
                 _finish(rec, db, "timeout")
         finally:
             if fd >= 0:

@@ -68,7 +68,7 @@ class RingWriter:
         with open(self.path, "rb") as f:
             f.seek(_HEADER.size)
             content = f.read() + data
-        keep = content[-(self.cap // 2):]
+        keep = content[-(self.cap // 2) :]
         self.base += len(content) - len(keep)
         self._f.close()
         self._replace(keep)
@@ -139,8 +139,9 @@ def parse_signal(sig: str | int) -> int:
     try:
         return int(_signal.Signals[name])
     except KeyError:
-        raise RuntimeError_(f"unknown signal {sig!r}; use a name (TERM, KILL, INT, HUP, ...) "
-                            "or a number") from None
+        raise RuntimeError_(
+            f"unknown signal {sig!r}; use a name (TERM, KILL, INT, HUP, ...) or a number"
+        ) from None
 
 
 class Process:
@@ -304,7 +305,7 @@ def spawn(sb: Sandbox, cmd: list[str], *, name: str | None, env: Any, workdir: s
     if answer.startswith("error: "):
         from tlimage.runtime._errors import ExecStartError
 
-        raise ExecStartError(answer[len("error: "):])
+        raise ExecStartError(answer[len("error: ") :])
     if answer != "ok":
         raise RuntimeError_(f"process {n} of sandbox {rec.id} did not start: "
                             f"{answer or 'no answer from its supervisor'}")  # fmt: skip

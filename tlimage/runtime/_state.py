@@ -248,7 +248,8 @@ class StateDB:
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             cur = db.execute(
-                f"UPDATE sandboxes SET {sets} WHERE id=:id AND status IN ({marks})", params)
+                f"UPDATE sandboxes SET {sets} WHERE id=:id AND status IN ({marks})", params
+            )
             row = db.execute("SELECT * FROM sandboxes WHERE id=?", (sid,)).fetchone()
             db.execute("COMMIT")
         if row is None:

@@ -36,7 +36,7 @@ def _copy_size(src: int, master: int) -> None:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def relay(master: int, finish: Callable[[], int], in_fd: int = 0, out_fd: int = 1) -> int:

@@ -83,8 +83,9 @@ def _status_of(e: TlimageError) -> int:
         return 404
     if isinstance(e, RegistryError) and ("unknown" in text or "no image" in text):
         return 404
-    if isinstance(e, RuntimeError_) and ("No such file" in text or "no secret" in text
-                                         or "no checkpoint" in text):
+    if isinstance(e, RuntimeError_) and (
+        "No such file" in text or "no secret" in text or "no checkpoint" in text
+    ):
         return 404
     if isinstance(e, RuntimeError_) and (re.search(r"\bis (Running|Suspended|Terminated|"
                                                     r"Pending|Snapshotting|Suspending|exited|"
@@ -207,8 +208,9 @@ class Api:
         from tlimage.runtime import list_sandboxes
 
         everything = _flag(q, "all")
-        return [s.info().to_json() for s in list_sandboxes(self.project,
-                                                            include_terminated=everything)]
+        return [
+            s.info().to_json() for s in list_sandboxes(self.project, include_terminated=everything)
+        ]
 
     def create(self, body: Any) -> dict:
         from tlimage.runtime import BACKENDS, Sandbox
@@ -266,8 +268,12 @@ class Api:
         sb = self._sb(ref)
         r = sb.exec(*args["cmd"], env=args["env"], workdir=args["workdir"], user=args["user"],
                     timeout=args["timeout"], stdin=args["stdin"], on_output=on_output)  # fmt: skip
-        return {"exit_code": r.exit_code, "stdout": r.stdout.decode("utf-8", "replace"),
-                "stderr": r.stderr.decode("utf-8", "replace"), "duration_secs": r.duration}
+        return {
+            "exit_code": r.exit_code,
+            "stdout": r.stdout.decode("utf-8", "replace"),
+            "stderr": r.stderr.decode("utf-8", "replace"),
+            "duration_secs": r.duration,
+        }
 
     def files_list(self, ref: str, q: dict[str, str]) -> list[dict]:
         return [e.to_json() for e in self._sb(ref).files.list(_path(q))]
@@ -454,8 +460,9 @@ class Handler(BaseHTTPRequestHandler):
     def _authorized(self) -> bool:
         got = self.headers.get("Authorization", "")
         scheme, _, value = got.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(),
-                                                                  self.token.encode())
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode(), self.token.encode()
+        )
 
     # -- dispatch ---------------------------------------------------------------------------
 

@@ -204,7 +204,7 @@ class MicroVMBackend:
             if not msg.startswith("ready "):
                 why = msg.removeprefix("error: ") if msg else _log_tail(rec)
                 raise RuntimeError_(f"the microVM sandbox failed to start: {why}")
-            info = json.loads(msg[len("ready "):])
+            info = json.loads(msg[len("ready ") :])
             pids = {"shim": _proc.ident(info["shim"]), "qemu": _proc.ident(info["qemu"])}
         except BaseException:
             with contextlib.suppress(OSError):
@@ -370,9 +370,11 @@ class MicroVMBackend:
         """The guest's upper, exported while every guest process is stopped (FREEZE), as an
         overlay-style folder at `dest`; placeholders the sandbox created are left out."""
         if not running:
-            raise RuntimeError_(f"cannot snapshot sandbox {rec.id} while it is suspended: a "
-                                "suspended microVM has no running agent",
-                                hint=f"resume it first: tl sbx resume {rec.name or rec.id}")
+            raise RuntimeError_(
+                f"cannot snapshot sandbox {rec.id} while it is suspended: a "
+                "suspended microVM has no running agent",
+                hint=f"resume it first: tl sbx resume {rec.name or rec.id}",
+            )
         # On any failure the connection closes mid-request, and the shim discards the rest of
         # the export and thaws the guest.
         with self._connect(rec) as c:
@@ -413,8 +415,10 @@ class MicroVMBackend:
             qmp = QMP(str(rec.run_path / "qmp.sock"), deadline)
             try:
                 qmp.command("stop")
-                qmp.command("migrate-set-capabilities", capabilities=[
-                    {"capability": "x-ignore-shared", "state": True}])
+                qmp.command(
+                    "migrate-set-capabilities",
+                    capabilities=[{"capability": "x-ignore-shared", "state": True}],
+                )
                 tmp = rec.path / "vmstate.tmp"
                 qmp.command("migrate", uri=f"exec:cat > {shlex.quote(str(tmp))}")
                 wait_migration(qmp, deadline)
@@ -444,8 +448,10 @@ class MicroVMBackend:
             try:
                 qmp.command("stop")
                 try:
-                    qmp.command("migrate-set-capabilities", capabilities=[
-                        {"capability": "x-ignore-shared", "state": True}])
+                    qmp.command(
+                        "migrate-set-capabilities",
+                        capabilities=[{"capability": "x-ignore-shared", "state": True}],
+                    )
                     tmp = dest / "vmstate.tmp"
                     qmp.command("migrate", uri=f"exec:cat > {shlex.quote(str(tmp))}")
                     wait_migration(qmp, deadline)
@@ -468,8 +474,17 @@ class MicroVMBackend:
         if saved is not None:
             (dst.path / "disks").mkdir(parents=True, exist_ok=True)
             for name in ("vmstate", "ram", "scratch.img"):
-                subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(saved / name),
-                                str(dst.path / name)], check=True, env={"PATH": TOOL_PATH})
+                subprocess.run(
+                    [
+                        "cp",
+                        "--reflink=auto",
+                        "--sparse=always",
+                        str(saved / name),
+                        str(dst.path / name),
+                    ],
+                    check=True,
+                    env={"PATH": TOOL_PATH},
+                )
             for d in (saved / "disks").glob("l*.img"):
                 _pin(d, dst.path / "disks" / d.name)
         disks = sorted((dst.path / "disks").glob("l*.img"), key=lambda p: int(p.stem[1:]))
@@ -559,7 +574,9 @@ class _Conn:
             sock.connect(str(path))
         except OSError as e:
             sock.close()
-            raise RuntimeError_(f"cannot reach the sandbox's shim at {path}: {e.strerror}") from None
+            raise RuntimeError_(
+                f"cannot reach the sandbox's shim at {path}: {e.strerror}"
+            ) from None
         self.chan = Channel(sock)
         self.lock = threading.Lock()
 

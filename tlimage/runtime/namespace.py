@@ -75,9 +75,15 @@ class NamespaceBackend:
         cg, notes = Cgroup.create(rec.id, rec.cpus, rec.memory_mb)
         extra: dict[str, Any] = {"cgroup": cg.to_json() if cg else None, "notes": notes}
         spec = {
-            **isolation.root_spec(lowers, fs / "upper", fs / "work", fs / "merged",
-                           network=rec.network, hostname=rec.name or rec.id,
-                                files_dir=rec.path),
+            **isolation.root_spec(
+                lowers,
+                fs / "upper",
+                fs / "work",
+                fs / "merged",
+                network=rec.network,
+                hostname=rec.name or rec.id,
+                files_dir=rec.path,
+            ),
             "id": rec.id,
             "network_policy": rec.extra.get("network_policy"),
             "entrypoint": entrypoint,
@@ -88,8 +94,8 @@ class NamespaceBackend:
         }
         try:
             pid, confirm, net = isolation.start_box(
-                spec, rec.path / "console.log", START_TIMEOUT,
-                unsafe=bool(rec.extra.get("unsafe")))
+                spec, rec.path / "console.log", START_TIMEOUT, unsafe=bool(rec.extra.get("unsafe"))
+            )
         except (isolation.SandboxError, OSError, subprocess.CalledProcessError) as e:
             if cg:
                 cg.kill_all()
@@ -272,8 +278,16 @@ class NamespaceBackend:
         status_r, status_w = os.pipe()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            spec = {"mode": "exec", "argv": argv, "env": env, "user": user, "workdir": workdir,
-                    "tty": True, "tty_sock_fd": child.fileno(), "winsize": list(winsize)}
+            spec = {
+                "mode": "exec",
+                "argv": argv,
+                "env": env,
+                "user": user,
+                "workdir": workdir,
+                "tty": True,
+                "tty_sock_fd": child.fileno(),
+                "winsize": list(winsize),
+            }
             launch = self._enter(rec, spec, status_w)
             proc = launch(pass_fds=(status_w, child.fileno()), stdin=subprocess.DEVNULL,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
@@ -581,18 +595,27 @@ def read_tar(stream: IO[bytes], target: Path, top: str = "_") -> None:
 
     base = target.name
     folder = target.parent
-    with Extractor(folder, owner=(os.getuid(), os.getgid()), devices=False, setid=False,
-                   follow_links=False, error=RuntimeError_) as ex, tarfile.open(fileobj=stream, mode="r|") as tf:
+    with (
+        Extractor(
+            folder,
+            owner=(os.getuid(), os.getgid()),
+            devices=False,
+            setid=False,
+            follow_links=False,
+            error=RuntimeError_,
+        ) as ex,
+        tarfile.open(fileobj=stream, mode="r|") as tf,
+    ):
         for m in tf:
             name = m.name.rstrip("/")
             if name != top and not name.startswith(top + "/"):
                 raise RuntimeError_(f"unexpected entry {m.name!r} in the sandbox's archive")
-            m = m.replace(name=base + name[len(top):], deep=False)
+            m = m.replace(name=base + name[len(top) :], deep=False)
             if m.islnk():
                 link = m.linkname.rstrip("/")
                 if not link.startswith(top + "/"):
                     raise RuntimeError_(f"hard link {m.name!r} of the sandbox's archive points "
                                         f"outside {target}")  # fmt: skip
-                m = m.replace(linkname=base + link[len(top):], deep=False)
+                m = m.replace(linkname=base + link[len(top) :], deep=False)
             ex.add(tf, m)
         ex.finish()

@@ -43,7 +43,7 @@ def join(init):
             fds.append(os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC))
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
-        if int(raw[raw.rfind(b")") + 2:].split()[19]) != started:
+        if int(raw[raw.rfind(b")") + 2 :].split()[19]) != started:
             raise OSError(3, "the sandbox's init process is gone")
     except OSError as e:
         ns.fail(f"the sandbox is not running: {e.strerror or e}")
@@ -168,7 +168,6 @@ def get(spec):
     sys.stdout.flush()
 
 
-
 def _entry(path, name=None, follow=False):
     st = os.stat(path) if follow else os.lstat(path)
     kind = ("dir" if S.S_ISDIR(st.st_mode) else "file" if S.S_ISREG(st.st_mode)
@@ -226,4 +225,3 @@ def fs(spec):
     os.close(ns.STATUS_FD)
     sys.stdout.write(json.dumps(out))
     sys.stdout.flush()
-

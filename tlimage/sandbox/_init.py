@@ -58,8 +58,16 @@ def libc():
 
 def mount(src, target, fstype=None, options="", flags=""):
     bits = 0
-    names = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "remount": 32, "bind": 4096,
-             "rec": 16384, "private": 1 << 18}
+    names = {
+        "ro": 1,
+        "nosuid": 2,
+        "nodev": 4,
+        "noexec": 8,
+        "remount": 32,
+        "bind": 4096,
+        "rec": 16384,
+        "private": 1 << 18,
+    }
     for f in flags.split(","):
         if f:
             bits |= names[f]
@@ -178,13 +186,18 @@ def setup_mounts(root, scratch, mounts, secrets_fd):
                 os.mkdir(stage + "/work")
                 opts = f",upperdir={_escape(stage + '/upper')},workdir={_escape(stage + '/work')}"
             lowers = ":".join(_escape(p) for p in reversed(layers))
-            mount("overlay", stage + "/root", "overlay",
-                  f"lowerdir={lowers}{opts},redirect_dir=off,metacopy=off,index=off")
+            mount(
+                "overlay",
+                stage + "/root",
+                "overlay",
+                f"lowerdir={lowers}{opts},redirect_dir=off,metacopy=off,index=off",
+            )
             try:
                 src = resolve_in_root(stage + "/root", m["subpath"])
             except OSError as e:
-                raise OSError(e.errno, f"mount source {m['subpath']!r} for {target}: "
-                              f"{e.strerror or e}") from None
+                raise OSError(
+                    e.errno, f"mount source {m['subpath']!r} for {target}: {e.strerror or e}"
+                ) from None
         else:
             src = None
         is_dir = kind == "tmpfs" or os.path.isdir(src)
@@ -205,8 +218,9 @@ def setup_mounts(root, scratch, mounts, secrets_fd):
                 ro = ",ro" if m["readonly"] else ""
                 mount(None, dest, flags="remount,bind,nosuid,nodev" + ro)
         except OSError as e:  # name the target in the step's root, not the host path
-            raise OSError(e.errno, f"cannot mount {kind} at {target}: "
-                          f"{os.strerror(e.errno or 5)}") from None
+            raise OSError(
+                e.errno, f"cannot mount {kind} at {target}: {os.strerror(e.errno or 5)}"
+            ) from None
     return mounted, secret_env
 
 
@@ -311,10 +325,19 @@ def bind_file(root, rel, src, created, mounted):
 # network namespace, as podman does.
 DEFAULT_CAPS = (0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 31)
 # runc's defaults (libcontainer/specconv/example.go).
-MASKED_PATHS = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
-                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
-                "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
-                "/sys/devices/virtual/powercap")
+MASKED_PATHS = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+)
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_CAPBSET_DROP = 1, 4, 22, 24
 PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
@@ -328,8 +351,11 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
 
 
 class _SockFprog(ctypes.Structure):
@@ -469,9 +495,14 @@ def setup_root(spec):
     root = spec["merged"]
     mount(None, "/", flags="rec,private")
     lowers = ":".join(_escape(p) for p in reversed(spec["lowers"]))  # top layer first
-    mount("overlay", root, "overlay",
-          f"lowerdir={lowers},upperdir={_escape(spec['upper'])},workdir={_escape(spec['work'])},"
-          "redirect_dir=off,metacopy=off,index=off", flags="nodev")
+    mount(
+        "overlay",
+        root,
+        "overlay",
+        f"lowerdir={lowers},upperdir={_escape(spec['upper'])},workdir={_escape(spec['work'])},"
+        "redirect_dir=off,metacopy=off,index=off",
+        flags="nodev",
+    )
     if os.path.isdir(root + "/proc"):
         mount("proc", root + "/proc", "proc", flags="nosuid,nodev,noexec")
     if os.path.isdir(root + "/sys"):
@@ -491,16 +522,25 @@ def setup_root(spec):
         mount(None, dev, flags="remount,nosuid,nodev,noexec", options="mode=755,size=65536k")
         for d in ("pts", "shm", "mqueue"):
             os.mkdir(f"{dev}/{d}")
-        mount("devpts", f"{dev}/pts", "devpts", "newinstance,ptmxmode=0666,mode=620",
-              flags="nosuid,noexec")
+        mount(
+            "devpts",
+            f"{dev}/pts",
+            "devpts",
+            "newinstance,ptmxmode=0666,mode=620",
+            flags="nosuid,noexec",
+        )
         os.symlink("pts/ptmx", f"{dev}/ptmx")
         mount("tmpfs", f"{dev}/shm", "tmpfs", "mode=1777", flags="nosuid,nodev")
         try:
             mount("mqueue", f"{dev}/mqueue", "mqueue", flags="nosuid,nodev,noexec")
         except OSError:
             os.rmdir(f"{dev}/mqueue")
-        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        for name, target in (
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+        ):
             os.symlink(target, f"{dev}/{name}")
     mask_paths(root)
     created, mounted = [], []
@@ -595,8 +635,10 @@ def attach_network(sock, spec):
     except OSError:
         answer = b""
     if answer != b"net":
-        raise RuntimeError(answer.decode("utf-8", "replace").removeprefix("error: ")
-                           or "the host did not attach the network")
+        raise RuntimeError(
+            answer.decode("utf-8", "replace").removeprefix("error: ")
+            or "the host did not attach the network"
+        )
 
 
 def handshake(sock, spec):
@@ -627,7 +669,8 @@ def main_step(spec):
         fail(f"sandbox setup failed: {e}")
     try:
         step_mounts, secret_env = setup_mounts(
-            root, spec.get("scratch", ""), spec.get("mounts", []), spec.get("secrets_fd", -1))
+            root, spec.get("scratch", ""), spec.get("mounts", []), spec.get("secrets_fd", -1)
+        )
     except OSError as e:
         fail(f"RUN --mount: {e.strerror or e}")
     try:
@@ -662,8 +705,12 @@ def main_step(spec):
                 os.kill(-1, signal.SIGKILL)
             except OSError:
                 pass
-    undo_mounts([(None if d is None else inside(root, d), [inside(root, p) for p in stubs])
-                 for d, stubs in step_mounts])
+    undo_mounts(
+        [
+            (None if d is None else inside(root, d), [inside(root, p) for p in stubs])
+            for d, stubs in step_mounts
+        ]
+    )
     for p in reversed(mounted):
         libc().umount2(inside(root, p).encode(), MNT_DETACH)
     for p in created:
@@ -683,8 +730,7 @@ STATE_DIR = -1  # an O_PATH descriptor of the sandbox's state folder on the host
 
 def write_state(name, data):
     tmp = f"{name}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644,
-                 dir_fd=STATE_DIR)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644, dir_fd=STATE_DIR)
     try:
         os.write(fd, data.encode())
     finally:
@@ -721,8 +767,9 @@ def start_entrypoint(spec):
 
 def send(sock, text):
     creds = struct.pack("3i", os.getpid(), os.getuid(), os.getgid())
-    sock.sendmsg([text.encode("utf-8", "replace")],
-                 [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
+    sock.sendmsg(
+        [text.encode("utf-8", "replace")], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)]
+    )
 
 
 def read_deadline():
@@ -738,8 +785,7 @@ def read_deadline():
 
 
 def finish(reason, code):
-    write_state("exit.json",
-                json.dumps({"reason": reason, "exit_code": code, "at": time.time()}))
+    write_state("exit.json", json.dumps({"reason": reason, "exit_code": code, "at": time.time()}))
     try:
         os.kill(-1, signal.SIGKILL)
     except OSError:

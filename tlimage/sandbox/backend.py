@@ -160,8 +160,12 @@ class MemoryBackend(Backend, Protocol):
 
 
 # Methods a backend may lack (the API asks `hasattr` first), and the protocol naming each.
-OPTIONAL_METHODS = {"exec_tty": TtyBackend, "clone_memory": MemoryBackend,
-                    "save_memory": MemoryBackend, "start_from_memory": MemoryBackend}
+OPTIONAL_METHODS = {
+    "exec_tty": TtyBackend,
+    "clone_memory": MemoryBackend,
+    "save_memory": MemoryBackend,
+    "start_from_memory": MemoryBackend,
+}
 
 BACKEND_METHODS = tuple(sorted(
     n for n in Backend.__dict__ if not n.startswith("_") and callable(getattr(Backend, n))

@@ -69,7 +69,9 @@ def seccomp_bpf(caps: tuple[str, ...] = DEFAULT_CAPS) -> bytes:
         raise Unavailable("the seccomp library is missing (pip install pyseccomp; "
                           "apt-get install libseccomp2)") from None  # fmt: skip
     except OSError as e:  # the binding found no libseccomp.so
-        raise Unavailable(f"libseccomp cannot be loaded ({e}; apt-get install libseccomp2)") from None
+        raise Unavailable(
+            f"libseccomp cannot be loaded ({e}; apt-get install libseccomp2)"
+        ) from None
     machine = platform.machine()
     key = hashlib.sha256(json.dumps([
         profile.hex(), machine, platform.release(), _libseccomp_version(), sorted(caps),

@@ -455,5 +455,6 @@ def enter(init: list[int], spec: dict, *, pass_fds: tuple[int, ...] = (),
         seccomp = harden.seccomp_bpf().hex()
     except harden.Unavailable:
         seccomp = ""  # the sandbox was started without it, by the user's choice
-    return _launch("_enter", {**spec, "init": list(init), "seccomp": seccomp},
-                   pass_fds=pass_fds, **popen)
+    return _launch(
+        "_enter", {**spec, "init": list(init), "seccomp": seccomp}, pass_fds=pass_fds, **popen
+    )

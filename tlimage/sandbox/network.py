@@ -82,7 +82,9 @@ PRIVATE6 = (
     "fe80::/10", "ff00::/8",
 )  # fmt: skip
 
-_HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$")
+_HOST_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$"
+)
 
 
 # -- the policy ----------------------------------------------------------------------------
@@ -209,26 +211,27 @@ def ruleset(policy: NetworkPolicy, host4: list[str], host6: list[str],
            f"    ip daddr {SLIRP_DNS} tcp dport 53 accept\n")  # fmt: skip
 
     def checks(refuse: str) -> str:
-        return (f"    ip daddr @host4 {refuse}\n    ip6 daddr @host6 {refuse}\n"
-                f"    ip daddr @block4 {refuse}\n    ip6 daddr @block6 {refuse}\n"
-                "    ip daddr @allow4 accept\n    ip6 daddr @allow6 accept\n"
-                f"    ip daddr @private4 {refuse}\n    ip6 daddr @private6 {refuse}\n")
+        return (
+            f"    ip daddr @host4 {refuse}\n    ip6 daddr @host6 {refuse}\n"
+            f"    ip daddr @block4 {refuse}\n    ip6 daddr @block6 {refuse}\n"
+            "    ip daddr @allow4 accept\n    ip6 daddr @allow6 accept\n"
+            f"    ip daddr @private4 {refuse}\n    ip6 daddr @private6 {refuse}\n"
+        )
 
     return (
-        f"table inet {TABLE} {{\n" + sets
-        + "  chain output {\n"
+        f"table inet {TABLE} {{\n" + sets + "  chain output {\n"
         f"    type filter hook output priority 0; policy {final};\n"
-        '    oifname "lo" accept\n' + dns + checks("goto refuse")
+        '    oifname "lo" accept\n'
+        + dns
+        + checks("goto refuse")
         + ("" if policy.mode == "allow" else "    goto refuse\n")
         + "  }\n"
         "  chain refuse {\n    reject with icmpx type admin-prohibited\n  }\n"
         "  chain forward {\n    type filter hook forward priority 0; policy drop;\n  }\n"
         "}\n"
-        f"table netdev {TABLE} {{\n" + sets
-        + "  chain egress {\n"
+        f"table netdev {TABLE} {{\n" + sets + "  chain egress {\n"
         f'    type filter hook egress device "{TAP}" priority 0; policy drop;\n'
-        "    ether type arp accept\n" + dns + checks("drop")
-        + f"    ether type ip {final}\n"
+        "    ether type arp accept\n" + dns + checks("drop") + f"    ether type ip {final}\n"
         "  }\n"
         "}\n"
     )
@@ -273,7 +276,9 @@ def _netns_fd(pid: int) -> int:
     try:
         fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
-        raise NetworkError(f"cannot open the network namespace of pid {pid}: {e.strerror}") from None
+        raise NetworkError(
+            f"cannot open the network namespace of pid {pid}: {e.strerror}"
+        ) from None
     if os.fstat(fd).st_ino in (_ino("/proc/self/ns/net"), _ino("/proc/1/ns/net")):
         os.close(fd)
         raise NetworkError(f"pid {pid} shares the host's network namespace; a sandbox network "
@@ -461,16 +466,19 @@ def attach(pid: int, policy: NetworkPolicy | None = None, *, exit_fd: int | None
         try:
             _in_netns(fd, _loopback_up)
         except OSError as e:
-            raise NetworkError(f"cannot bring up loopback in the sandbox: {e.strerror or e}") \
-                from None
+            raise NetworkError(
+                f"cannot bring up loopback in the sandbox: {e.strerror or e}"
+            ) from None
         if policy.mode == "none":
             return NetHandle(None, pid, ino, policy, "# no network (loopback only)\n")
         slirp = _tool("slirp4netns", "slirp4netns")
         try:
             _in_netns(fd, _make_tap)
         except OSError as e:
-            raise NetworkError(f"cannot make the sandbox's tap device: {e.strerror or e}",
-                               hint="the kernel needs tun (modprobe tun)") from None
+            raise NetworkError(
+                f"cannot make the sandbox's tap device: {e.strerror or e}",
+                hint="the kernel needs tun (modprobe tun)",
+            ) from None
         host4, host6 = host_addresses()
         b4, b6, bm = _resolve(policy.block, "block")
         a4, a6, am = _resolve(policy.allow, "allow")

@@ -110,8 +110,11 @@ def _plain_xattrs(path: str) -> dict[str, bytes]:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
         return {}
-    return {n: os.getxattr(path, n, follow_symlinks=False) for n in names
-            if not n.startswith("trusted.overlay.")}
+    return {
+        n: os.getxattr(path, n, follow_symlinks=False)
+        for n in names
+        if not n.startswith("trusted.overlay.")
+    }
 
 
 def apply_upper(upper: Path, dest: Path) -> None:

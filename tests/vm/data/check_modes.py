@@ -18,23 +18,34 @@ APT_RUNTIME = ("var/lib/apt/lists/partial", "var/cache/apt/archives/partial")
 work = "/var/tmp/debs"
 os.makedirs(work, exist_ok=True)
 subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL)
-pkgs = subprocess.run(["dpkg-query", "-W", "-f", "${binary:Package}=${Version}\n"],
-                      check=True, capture_output=True, text=True).stdout.split()
-subprocess.run(["apt-get", "download", "-qq", *pkgs], cwd=work, check=True,
-               stdout=subprocess.DEVNULL)
+pkgs = subprocess.run(
+    ["dpkg-query", "-W", "-f", "${binary:Package}=${Version}\n"],
+    check=True,
+    capture_output=True,
+    text=True,
+).stdout.split()
+subprocess.run(
+    ["apt-get", "download", "-qq", *pkgs], cwd=work, check=True, stdout=subprocess.DEVNULL
+)
 overrides = set()
 if os.path.exists("/var/lib/dpkg/statoverride"):
     overrides = {line.split()[3].lstrip("/") for line in open("/var/lib/dpkg/statoverride")}
-diverted = set(subprocess.run(["dpkg-divert", "--list"], capture_output=True,
-                              text=True).stdout.split())
-kinds = {tarfile.DIRTYPE: stat.S_ISDIR, tarfile.REGTYPE: stat.S_ISREG,
-         tarfile.SYMTYPE: stat.S_ISLNK, tarfile.LNKTYPE: stat.S_ISREG}
+diverted = set(
+    subprocess.run(["dpkg-divert", "--list"], capture_output=True, text=True).stdout.split()
+)
+kinds = {
+    tarfile.DIRTYPE: stat.S_ISDIR,
+    tarfile.REGTYPE: stat.S_ISREG,
+    tarfile.SYMTYPE: stat.S_ISLNK,
+    tarfile.LNKTYPE: stat.S_ISREG,
+}
 users = {u.pw_uid: u.pw_name for u in pwd.getpwall()}
 groups = {g.gr_gid: g.gr_name for g in grp.getgrall()}
 bad, replaced, checked, missing = [], [], 0, 0
 for deb in sorted(os.listdir(work)):
-    p = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", os.path.join(work, deb)],
-                         stdout=subprocess.PIPE)
+    p = subprocess.Popen(
+        ["dpkg-deb", "--fsys-tarfile", os.path.join(work, deb)], stdout=subprocess.PIPE
+    )
     with tarfile.open(fileobj=p.stdout, mode="r|") as tf:
         for m in tf:
             path = m.name.removeprefix("./").rstrip("/")
@@ -42,8 +53,11 @@ for deb in sorted(os.listdir(work)):
                 continue
             if os.path.ismount("/" + path):  # /proc, /sys, /dev: the sandbox's own mounts
                 continue
-            if path.startswith(EXCLUDED) and not path.endswith("/copyright") \
-                    and path not in ("usr/share/doc", "usr/share/man", "usr/share/locale"):
+            if (
+                path.startswith(EXCLUDED)
+                and not path.endswith("/copyright")
+                and path not in ("usr/share/doc", "usr/share/man", "usr/share/locale")
+            ):
                 continue
             try:
                 st = os.lstat("/" + path)
@@ -65,5 +79,13 @@ for deb in sorted(os.listdir(work)):
             if problems:
                 bad.append(f"{deb}: /{path}: {', '.join(problems)}")
     p.wait()
-json.dump({"packages": len(pkgs), "checked": checked, "missing": missing, "bad": bad,
-           "replaced_by_links": replaced}, sys.stdout)
+json.dump(
+    {
+        "packages": len(pkgs),
+        "checked": checked,
+        "missing": missing,
+        "bad": bad,
+        "replaced_by_links": replaced,
+    },
+    sys.stdout,
+)

@@ -85,8 +85,11 @@ _DEB = BaseImage(env=(("PATH", DEFAULT_PATH), ("LANG", "C.UTF-8"),
                       ("PIP_BREAK_SYSTEM_PACKAGES", "1")))  # fmt: skip
 SEED_BASES: Mapping[str, BaseImage] = {
     "busybox": BaseImage(),
-    **{f"{dist}-{variant}": _DEB for dist in ("debian", "ubuntu")
-       for variant in ("minimal", "systemd", "vnc")},
+    **{
+        f"{dist}-{variant}": _DEB
+        for dist in ("debian", "ubuntu")
+        for variant in ("minimal", "systemd", "vnc")
+    },
 }
 
 BaseResolver = Callable[[str], "BaseImage | None"]

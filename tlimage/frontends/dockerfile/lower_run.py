@@ -24,6 +24,7 @@ SCRIPT_RUNNER = (
 
 _CHOMP = re.compile(r"(?m)^\t+")
 
+
 def run_command(cmd: ins.RunCommand) -> tuple[tuple[str, ...], bool]:
     """The IR command and whether it runs through the stage's shell.
 

@@ -229,7 +229,9 @@ def parse(source: bytes | str, file: str = "Dockerfile") -> Dockerfile:
             col = bad.start() - (text.rfind("\n", 0, bad.start()) + 1) + 1
             raise DockerfileParseError(
                 f"the text holds a lone surrogate ({bad.group()!r}), which is not text",
-                Span(file, line, col), text=text.encode("utf-8", "replace").decode())
+                Span(file, line, col),
+                text=text.encode("utf-8", "replace").decode(),
+            )
     return _Parser(text, file).run()
 
 

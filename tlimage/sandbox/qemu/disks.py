@@ -40,8 +40,17 @@ def tree_key(root: Path) -> tuple[str, int, int]:
     for rel, st in walk(root):
         path = os.path.join(root, rel)
         link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
-        rec = (rel, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_rdev,
-               link, [(n, v.hex()) for n, v in xattrs(path)])
+        rec = (
+            rel,
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_rdev,
+            link,
+            [(n, v.hex()) for n, v in xattrs(path)],
+        )
         h.update(json.dumps(rec, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n")
         if stat.S_ISREG(st.st_mode):
             size += (st.st_size + 4095) // 4096 * 4096
@@ -62,11 +71,33 @@ def make_ext4(src: Path, dest: Path, data_bytes: int, entries: int, *,
         with open(dest, "wb") as f:
             f.truncate(size)
         p = subprocess.run(
-            [mke2fs, "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0",
-             "-N", str(entries + 256), "-O", "^has_journal,^resize_inode",
-             "-E", f"root_owner={root_owner[0]}:{root_owner[1]}", "-L", "tl-lower", "-d",
-             str(src), str(dest)],
-            capture_output=True, text=True, check=False,
+            [
+                mke2fs,
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-b",
+                "4096",
+                "-I",
+                "256",
+                "-m",
+                "0",
+                "-N",
+                str(entries + 256),
+                "-O",
+                "^has_journal,^resize_inode",
+                "-E",
+                f"root_owner={root_owner[0]}:{root_owner[1]}",
+                "-L",
+                "tl-lower",
+                "-d",
+                str(src),
+                str(dest),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if p.returncode == 0:
             if not (src / "lost+found").exists():
@@ -87,8 +118,9 @@ def _drop_lost_found(image: Path) -> None:
 
 def _debugfs(image: Path, request: str) -> None:
     debugfs = require_tool("debugfs", "to edit the base disk images for the microVM")
-    p = subprocess.run([debugfs, "-w", "-R", request, str(image)],
-                       capture_output=True, text=True, check=False)
+    p = subprocess.run(
+        [debugfs, "-w", "-R", request, str(image)], capture_output=True, text=True, check=False
+    )
     if p.returncode != 0:
         raise ExecutorError(f"debugfs {request} {image} failed: {p.stderr.strip()}")
 
@@ -110,8 +142,9 @@ def flatten_layers(lowers: list[Path], dest: Path) -> None:
                 opaque = False
                 with contextlib.suppress(OSError):
                     opaque = os.getxattr(src, OPAQUE_XATTR, follow_symlinks=False) == b"y"
-                if os.path.lexists(dst) and (opaque or not os.path.isdir(dst)
-                                             or os.path.islink(dst)):
+                if os.path.lexists(dst) and (
+                    opaque or not os.path.isdir(dst) or os.path.islink(dst)
+                ):
                     if rel != ".":
                         remove(dst)
                     elif opaque:
@@ -185,7 +218,20 @@ def make_scratch(path: Path, size: int = DEFAULT_SCRATCH) -> None:
     with open(path, "wb") as f:
         f.truncate(size)
     subprocess.run(
-        [mke2fs, "-q", "-F", "-t", "ext4", "-m", "0", "-L", "tl-scratch",
-         "-E", "lazy_itable_init=1,lazy_journal_init=1", str(path)],
-        check=True, capture_output=True,
+        [
+            mke2fs,
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-m",
+            "0",
+            "-L",
+            "tl-scratch",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
     )

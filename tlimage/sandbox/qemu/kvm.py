@@ -27,8 +27,13 @@ def _qemu_version() -> str:
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
 
 
-def probe_kvm(kit: GuestKit, cache_dir: Path | None = None, *,
-              timeout: float = KVM_PROBE_TIMEOUT, refresh: bool = False) -> tuple[bool, str]:
+def probe_kvm(
+    kit: GuestKit,
+    cache_dir: Path | None = None,
+    *,
+    timeout: float = KVM_PROBE_TIMEOUT,
+    refresh: bool = False,
+) -> tuple[bool, str]:
     """(usable, reason). Boots the real guest with -accel kvm; usable only if the agent answers
     within `timeout` and QMP confirms KVM is on. Cached in executor-v1/kvm-probe.json keyed by
     the host kernel, QEMU version and guest kit. `TLIMAGE_KVM=0|1` overrides without probing."""
@@ -51,11 +56,18 @@ def probe_kvm(kit: GuestKit, cache_dir: Path | None = None, *,
         vm.start(timeout)
         enabled = vm.qmp.command("query-kvm").get("enabled", False) if vm.qmp else True
         usable = bool(enabled)
-        reason = (f"booted with KVM in {time.monotonic() - t0:.2f} s" if usable
-                  else "QEMU reports KVM not enabled")
+        reason = (
+            f"booted with KVM in {time.monotonic() - t0:.2f} s"
+            if usable
+            else "QEMU reports KVM not enabled"
+        )
     except BootError as e:
-        usable, reason = False, str(e).splitlines()[0] + "; " + " / ".join(
-            line.strip(" |") for line in str(e).splitlines()[1:3])
+        usable, reason = (
+            False,
+            str(e).splitlines()[0]
+            + "; "
+            + " / ".join(line.strip(" |") for line in str(e).splitlines()[1:3]),
+        )
     finally:
         vm.shutdown()
     cache[key] = {"usable": usable, "reason": reason, "at": int(time.time())}

@@ -140,8 +140,14 @@ def qemu_command(kit: GuestKit, accel: str, *, memory_mb: int, cpus: int, disks:
     (serial tl-scratch); `ram_file` backs the guest's RAM with a shared file (for suspend);
     `scratch_cache_unsafe` skips flushes to a scratch disk that is thrown away."""
     qemu = require_tool("qemu-system-x86_64", why)
-    append = ["console=ttyS0", "quiet", "panic=-1", "reboot=t", "rdinit=/init",
-              f"tl.epoch={int(time.time())}"]
+    append = [
+        "console=ttyS0",
+        "quiet",
+        "panic=-1",
+        "reboot=t",
+        "rdinit=/init",
+        f"tl.epoch={int(time.time())}",
+    ]
     khz = host_tsc_khz()
     if khz and accel == "tcg":
         append.append(f"tsc_early_khz={khz}")
@@ -151,8 +157,10 @@ def qemu_command(kit: GuestKit, accel: str, *, memory_mb: int, cpus: int, disks:
     cmd = [qemu]
     if ram_file is not None:
         machine += ",memory-backend=mem"
-        cmd += ["-object", f"memory-backend-file,id=mem,size={memory_mb}M,"
-                f"mem-path={ram_file},share=on"]
+        cmd += [
+            "-object",
+            f"memory-backend-file,id=mem,size={memory_mb}M,mem-path={ram_file},share=on",
+        ]
     cmd += ["-M", machine, "-m", f"{memory_mb}M", "-smp", str(cpus),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-kernel", str(kit.kernel), "-initrd", str(kit.initrd), "-append", " ".join(append),
@@ -169,11 +177,19 @@ def qemu_command(kit: GuestKit, accel: str, *, memory_mb: int, cpus: int, disks:
     else:
         cmd += ["-accel", "tcg,thread=multi", "-cpu", "max"]
     for i, disk in enumerate(disks):
-        cmd += ["-drive", f"id=l{i},file={disk},format=raw,if=none,readonly=on",
-                "-device", f"virtio-blk-device,drive=l{i},serial=tl-l{i}"]
+        cmd += [
+            "-drive",
+            f"id=l{i},file={disk},format=raw,if=none,readonly=on",
+            "-device",
+            f"virtio-blk-device,drive=l{i},serial=tl-l{i}",
+        ]
     cache = "cache=unsafe," if scratch_cache_unsafe else ""
-    cmd += ["-drive", f"id=scratch,file={scratch},format=raw,if=none,{cache}discard=unmap",
-            "-device", "virtio-blk-device,drive=scratch,serial=tl-scratch"]
+    cmd += [
+        "-drive",
+        f"id=scratch,file={scratch},format=raw,if=none,{cache}discard=unmap",
+        "-device",
+        "virtio-blk-device,drive=scratch,serial=tl-scratch",
+    ]
     if network:
         cmd += ["-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0"]
     return cmd
@@ -234,8 +250,9 @@ class VM:
             try:
                 hello = self.chan.recv(deadline)
             except TimeoutError:
-                raise self._boot_error(f"the guest agent did not answer within {timeout:g} s") \
-                    from None
+                raise self._boot_error(
+                    f"the guest agent did not answer within {timeout:g} s"
+                ) from None
             except EOFError:
                 raise self._boot_error("the guest closed the channel during boot") from None
             P.decode_hello(hello)
@@ -250,8 +267,9 @@ class VM:
             with contextlib.suppress(OSError):
                 tail += (self.tmp / name).read_text(errors="replace").strip().splitlines()[-12:]
         detail = "\n".join("  | " + line for line in tail)
-        return BootError(f"microVM ({self.accel}) failed to boot: {what}"
-                         + (f"\n{detail}" if detail else ""))
+        return BootError(
+            f"microVM ({self.accel}) failed to boot: {what}" + (f"\n{detail}" if detail else "")
+        )
 
     def request(self, frame: P.Frame, deadline: float | None = None) -> P.Frame:
         """Sends a request that answers with one OK/ERROR frame."""

@@ -117,7 +117,9 @@ class _Reader:
 
     def end(self) -> None:
         if self.off != len(self.data):
-            raise ProtocolError(f"{len(self.data) - self.off} trailing bytes in {self.what} payload")
+            raise ProtocolError(
+                f"{len(self.data) - self.off} trailing bytes in {self.what} payload"
+            )
 
 
 # --- frames ---------------------------------------------------------------------------------
@@ -229,7 +231,9 @@ class Exit:
 
 
 def encode_mount(m: MountRequest) -> Frame:
-    return Frame(FrameType.MOUNT, _strlist(m.lowers) + _str(m.upper) + _str(m.work) + _str(m.target))
+    return Frame(
+        FrameType.MOUNT, _strlist(m.lowers) + _str(m.upper) + _str(m.work) + _str(m.target)
+    )
 
 
 def decode_mount(frame: Frame) -> MountRequest:
@@ -357,8 +361,9 @@ def decode_exec(frame: Frame) -> ExecMsg:
 
 
 def encode_sandbox(m: SandboxMsg) -> Frame:
-    return Frame(FrameType.SANDBOX,
-                 _str(m.root) + bytes([1 if m.network else 0]) + _str(m.hostname))
+    return Frame(
+        FrameType.SANDBOX, _str(m.root) + bytes([1 if m.network else 0]) + _str(m.hostname)
+    )
 
 
 def decode_sandbox(frame: Frame) -> SandboxMsg:
@@ -451,9 +456,16 @@ class BindMsg:
 
 
 def encode_bind(m: BindMsg) -> Frame:
-    payload = (_str(m.root) + _str(m.target) + bytes([int(m.kind)]) + _str(m.source_root)
-               + _str(m.source) + bytes([1 if m.readonly else 0])
-               + struct.pack(">IIII", m.size_kib, m.uid, m.gid, m.mode) + _bytes(m.data))
+    payload = (
+        _str(m.root)
+        + _str(m.target)
+        + bytes([int(m.kind)])
+        + _str(m.source_root)
+        + _str(m.source)
+        + bytes([1 if m.readonly else 0])
+        + struct.pack(">IIII", m.size_kib, m.uid, m.gid, m.mode)
+        + _bytes(m.data)
+    )
     return Frame(FrameType.BIND, payload)
 
 

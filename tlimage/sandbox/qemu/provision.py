@@ -36,8 +36,15 @@ BUSYBOX_PACKAGE = "busybox-static"
 # What the guest needs beyond the built-in drivers: virtio-mmio transport (microvm has no PCI),
 # block, console (virtio-serial), net, rng and overlayfs. ext4 is built into Debian's kernel;
 # if a kernel ships it as a module it is resolved like the rest.
-GUEST_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng",
-                 "overlay", "ext4")
+GUEST_MODULES = (
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_console",
+    "virtio_net",
+    "virtio_rng",
+    "overlay",
+    "ext4",
+)
 
 
 class ProvisionError(ExecutorError):
@@ -128,8 +135,12 @@ def _run(cmd: list[str], *, cwd: Path | None = None, what: str) -> str:
 
 def _apt_show(package: str) -> dict[str, str]:
     require_tool("apt-cache", "to look up Debian packages")
-    p = subprocess.run(["apt-cache", "show", "--no-all-versions", package],
-                       capture_output=True, text=True, check=False)
+    p = subprocess.run(
+        ["apt-cache", "show", "--no-all-versions", package],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if p.returncode != 0 or not p.stdout.strip():
         raise ProvisionError(
             f"apt knows no package {package!r}",
@@ -154,8 +165,9 @@ def resolve_packages() -> tuple[tuple[str, str], tuple[str, str]]:
     meta = _apt_show(KERNEL_META_PACKAGE)
     m = re.match(r"\s*(linux-image-[^\s,(|]+)", meta.get("Depends", ""))
     if not m:
-        raise ProvisionError(f"{KERNEL_META_PACKAGE} has no linux-image-* dependency: "
-                             f"{meta.get('Depends')!r}")
+        raise ProvisionError(
+            f"{KERNEL_META_PACKAGE} has no linux-image-* dependency: {meta.get('Depends')!r}"
+        )
     kpkg = m.group(1)
     kver = _apt_show(kpkg)["Version"]
     bver = _apt_show(BUSYBOX_PACKAGE)["Version"]
@@ -202,9 +214,21 @@ def _memo_key(cache_dir: Path | None) -> str:
         except OSError:
             return 0
 
-    return json.dumps([PROVISION_FORMAT, _runner_digest(runner_source_dir()),
-                       *(mtime(p) for p in ("/var/lib/apt/lists", "/etc/apt",
-                                            "/etc/apt/sources.list.d", "/etc/apt/preferences.d"))])
+    return json.dumps(
+        [
+            PROVISION_FORMAT,
+            _runner_digest(runner_source_dir()),
+            *(
+                mtime(p)
+                for p in (
+                    "/var/lib/apt/lists",
+                    "/etc/apt",
+                    "/etc/apt/sources.list.d",
+                    "/etc/apt/preferences.d",
+                )
+            ),
+        ]
+    )
 
 
 def _remembered_kit(cache_dir: Path | None, key: str) -> GuestKit | None:
@@ -250,8 +274,19 @@ def _provision(cache_dir: Path | None, say: Callable[[str], None]) -> GuestKit:
         tmp = Path(tmp_s)
         say(f"downloading {kpkg}={kver} and {bpkg}={bver} with apt")
         # Download as root without apt's sandbox user: the temp folder is ours alone.
-        _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
-              f"{kpkg}={kver}", f"{bpkg}={bver}"], cwd=tmp, what="apt-get download")
+        _run(
+            [
+                "apt-get",
+                "download",
+                "-q",
+                "-o",
+                "APT::Sandbox::User=root",
+                f"{kpkg}={kver}",
+                f"{bpkg}={bver}",
+            ],
+            cwd=tmp,
+            what="apt-get download",
+        )
         debs = sorted(tmp.glob("*.deb"))
         kdeb = next((d for d in debs if d.name.startswith(kpkg + "_")), None)
         bdeb = next((d for d in debs if d.name.startswith(bpkg + "_")), None)
@@ -273,8 +308,10 @@ def _provision(cache_dir: Path | None, say: Callable[[str], None]) -> GuestKit:
 
         say("compiling the guest agent")
         agent = tmp / "agent"
-        _run([gcc, "-static", "-Os", "-s", "-o", str(agent), str(src / "agent.c")],
-             what="compiling runner/agent.c (needs gcc and libc6-dev)")
+        _run(
+            [gcc, "-static", "-Os", "-s", "-o", str(agent), str(src / "agent.c")],
+            what="compiling runner/agent.c (needs gcc and libc6-dev)",
+        )
 
         out = tmp / "out"
         out.mkdir()
@@ -373,8 +410,9 @@ def resolve_modules(moddir: Path, wanted: Iterable[str]) -> list[tuple[str, Path
 # --- initramfs (cpio newc, gzip) -------------------------------------------------------------
 
 
-def _cpio_entry(name: str, mode: int, data: bytes = b"", ino: int = 0,
-                rdev: tuple[int, int] = (0, 0)) -> bytes:
+def _cpio_entry(
+    name: str, mode: int, data: bytes = b"", ino: int = 0, rdev: tuple[int, int] = (0, 0)
+) -> bytes:
     namez = name.encode() + b"\0"
     fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(namez), 0]
     head = b"070701" + b"".join(b"%08X" % f for f in fields)
@@ -385,8 +423,9 @@ def _cpio_entry(name: str, mode: int, data: bytes = b"", ino: int = 0,
     return out
 
 
-def build_initramfs(*, busybox: bytes, init: bytes, agent: bytes,
-                    modules: list[tuple[str, bytes]]) -> bytes:
+def build_initramfs(
+    *, busybox: bytes, init: bytes, agent: bytes, modules: list[tuple[str, bytes]]
+) -> bytes:
     """A deterministic newc archive (fixed owners and times), gzip-compressed.
 
     Layout: /init (runner/init), /bin/busybox, /tl/agent, /lib/modules/<name>.ko and

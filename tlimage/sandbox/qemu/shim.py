@@ -198,21 +198,30 @@ class Shim:
                                f"{spec['boot_timeout']:g} s") from None  # fmt: skip
         setup = spec["setup"]
         m = setup["mount"]
-        self.agent.request(P.encode_mount(P.MountRequest(tuple(m["lowers"]), m["upper"],
-                                                         m["work"], m["target"])), deadline)
+        self.agent.request(
+            P.encode_mount(P.MountRequest(tuple(m["lowers"]), m["upper"], m["work"], m["target"])),
+            deadline,
+        )
         sb = setup["sandbox"]
-        self.agent.request(P.encode_sandbox(P.SandboxMsg(sb["root"], sb["network"],
-                                                         sb["hostname"])), deadline)
+        self.agent.request(
+            P.encode_sandbox(P.SandboxMsg(sb["root"], sb["network"], sb["hostname"])), deadline
+        )
         ep = setup.get("entrypoint")
         if ep:
-            self.agent.request(P.encode_spawn(P.ExecMsg(tuple(ep["argv"]), tuple(ep["env"]),
-                                                        ep["user"], ep["workdir"])), deadline)
+            self.agent.request(
+                P.encode_spawn(
+                    P.ExecMsg(tuple(ep["argv"]), tuple(ep["env"]), ep["user"], ep["workdir"])
+                ),
+                deadline,
+            )
 
     def _restore(self, state: str, deadline: float) -> None:
         qmp = QMP(str(self.run / "qmp.sock"), deadline)
         try:
-            qmp.command("migrate-set-capabilities", capabilities=[
-                {"capability": "x-ignore-shared", "state": True}])
+            qmp.command(
+                "migrate-set-capabilities",
+                capabilities=[{"capability": "x-ignore-shared", "state": True}],
+            )
             qmp.command("migrate-incoming", uri=f"exec:cat {_quote(state)}")
             wait_migration(qmp, deadline)
             qmp.command("cont")
@@ -340,8 +349,9 @@ class Shim:
                 code = int(found[-1])
         if code is not None:
             self.exit({"reason": "entrypoint exited", "exit_code": code})
-        self.exit({"reason": f"the VM exited (QEMU status {self.proc.returncode})",
-                   "exit_code": None})
+        self.exit(
+            {"reason": f"the VM exited (QEMU status {self.proc.returncode})", "exit_code": None}
+        )
 
     def end(self, reason: str) -> None:
         self.kill_vm()
