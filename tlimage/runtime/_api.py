@@ -325,8 +325,8 @@ class Sandbox:
                 shutil.rmtree(path, ignore_errors=True)
                 raise
             be = backend_for(be_name)
-            confirm = None
-            try:
+
+            def start() -> tuple[dict, dict, Callable[[], None]]:
                 lowers = _lowers(rec)
                 ep = None
                 if entrypoint:
@@ -334,27 +334,9 @@ class Sandbox:
                           "env": merge_env(config["env"], sandbox_env),
                           "user": user or config["user"],
                           "workdir": workdir or config["workdir"]}  # fmt: skip
-                be.set_deadline(rec, None)
-                pids, extra, confirm = be.start(rec, lowers, ep)
-                # The timeout counts from here: a slow boot (TCG) does not eat into it. The
-                # supervisor reads the deadline once it has the confirmation.
-                deadline = None if timeout is None else time.time() + timeout
-                be.set_deadline(rec, deadline)
-                rec = db.transition(sid, [Status.PENDING], Status.RUNNING, pids=pids,
-                                    extra={**rec.extra, **extra}, started_at=now(),
-                                    deadline=deadline, op_pid=None, op_start=None)  # fmt: skip
-                confirm()
-            except BaseException as e:
-                failed = db.get(sid) or rec
-                with contextlib.suppress(Exception):
-                    be.stop(failed)
-                with contextlib.suppress(Exception):
-                    be.cleanup(failed, keep_fs=False)
-                with contextlib.suppress(Exception):
-                    db.transition(sid, LIVE, Status.TERMINATED, terminated_at=now(),
-                                  reason=f"failed to start: {_first_line(e)}",
-                                  op_pid=None, op_start=None)  # fmt: skip
-                raise
+                return be.start(rec, lowers, ep)
+
+            rec = _boot(rec, db, be, start, keep_fs=False, reason="failed to start")
         return cls(rec, db)
 
     @classmethod
@@ -785,7 +767,8 @@ class Sandbox:
                 exit_code=None, started_at=None, deadline=None, suspended_at=None, pids={},
                 boot_id=_proc.boot_id(), **op_owner())  # fmt: skip
             be = backend_for(rec.backend)
-            try:
+
+            def start() -> tuple[dict, dict, Callable[[], None]]:
                 lowers = _lowers(rec)
                 config = rec.extra.get("config") or {}
                 ep = None
@@ -794,26 +777,10 @@ class Sandbox:
                           "env": merge_env(config.get("env", []), rec.env),
                           "user": rec.user or config.get("user", "root"),
                           "workdir": rec.workdir or config.get("workdir", "/")}  # fmt: skip
-                be.set_deadline(rec, None)
-                pids, extra, confirm = be.start(rec, lowers, ep)
-                deadline = None if rec.timeout is None else time.time() + rec.timeout
-                be.set_deadline(rec, deadline)
-                rec = self._db.transition(rec.id, [Status.PENDING], Status.RUNNING, pids=pids,
-                                          extra={**rec.extra, **extra}, started_at=now(),
-                                          deadline=deadline, op_pid=None,
-                                          op_start=None)  # fmt: skip
-                confirm()
-            except BaseException as e:
-                failed = self._db.get(rec.id) or rec
-                with contextlib.suppress(Exception):
-                    be.stop(failed)
-                with contextlib.suppress(Exception):
-                    be.cleanup(failed, keep_fs=True)
-                with contextlib.suppress(Exception):
-                    self._db.transition(rec.id, LIVE, Status.TERMINATED, terminated_at=now(),
-                                        reason=f"failed to start again: {_first_line(e)}",
-                                        op_pid=None, op_start=None)  # fmt: skip
-                raise
+                return be.start(rec, lowers, ep)
+
+            rec = _boot(rec, self._db, be, start, keep_fs=True,
+                        reason="failed to start again")  # fmt: skip
         self._rec = rec
         return self
 
@@ -939,27 +906,39 @@ def _start_copy(src: SandboxRecord, name: str | None, start, db: StateDB,  # noq
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
-        try:
-            be.set_deadline(rec, None)
-            pids, extra, confirm = start(rec)
-            deadline = None if rec.timeout is None else time.time() + rec.timeout
-            be.set_deadline(rec, deadline)
-            rec = db.transition(sid, [Status.PENDING], Status.RUNNING, pids=pids,
-                                extra={**rec.extra, **extra}, started_at=now(),
-                                deadline=deadline, op_pid=None, op_start=None)  # fmt: skip
-            confirm()
-        except BaseException as e:
-            failed = db.get(sid) or rec
-            with contextlib.suppress(Exception):
-                be.stop(failed)
-            with contextlib.suppress(Exception):
-                be.cleanup(failed, keep_fs=False)
-            with contextlib.suppress(Exception):
-                db.transition(sid, LIVE, Status.TERMINATED, terminated_at=now(),
-                              reason=f"failed to start: {_first_line(e)}",
-                              op_pid=None, op_start=None)  # fmt: skip
-            raise
+        rec = _boot(rec, db, be, lambda: start(rec), keep_fs=False, reason="failed to start")
     return Sandbox(rec, db)
+
+
+def _boot(rec: SandboxRecord, db: StateDB, be: Any,
+          start: Callable[[], tuple[dict, dict, Callable[[], None]]], *, keep_fs: bool,
+          reason: str) -> SandboxRecord:  # fmt: skip
+    """Starts the PENDING sandbox `rec` with `start()` (a backend's start: pids, extra,
+    confirm) and records it RUNNING. Its timeout counts from here, so a slow boot (TCG) does
+    not eat into it; the supervisor reads the deadline once it has the confirmation. On any
+    failure the sandbox is stopped, cleaned up (its files kept with `keep_fs`) and recorded
+    TERMINATED with `reason`, and the error goes on."""
+    try:
+        be.set_deadline(rec, None)
+        pids, extra, confirm = start()
+        deadline = None if rec.timeout is None else time.time() + rec.timeout
+        be.set_deadline(rec, deadline)
+        rec = db.transition(rec.id, [Status.PENDING], Status.RUNNING, pids=pids,
+                            extra={**rec.extra, **extra}, started_at=now(),
+                            deadline=deadline, op_pid=None, op_start=None)  # fmt: skip
+        confirm()
+        return rec
+    except BaseException as e:
+        failed = db.get(rec.id) or rec
+        with contextlib.suppress(Exception):
+            be.stop(failed)
+        with contextlib.suppress(Exception):
+            be.cleanup(failed, keep_fs=keep_fs)
+        with contextlib.suppress(Exception):
+            db.transition(rec.id, LIVE, Status.TERMINATED, terminated_at=now(),
+                          reason=f"{reason}: {_first_line(e)}",
+                          op_pid=None, op_start=None)  # fmt: skip
+        raise
 
 
 def _network_policy(network: bool, policy: Any) -> dict[str, Any] | None:
