@@ -16,13 +16,15 @@ COPY from the context or another stage, layers (built here or pulled), a microVM
 - symlinks are created as links and never followed on the host.
 
 `resolve_in_root` and `glob_in_root` read a tree the same way (COPY --from, the context, mount
-sources); `write_atomic` writes a small file by rename.
+sources); `write_atomic` writes a small file by rename; `flock_wait` takes a lock with a
+deadline.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
 import stat
 import tarfile
@@ -805,20 +807,26 @@ def copy_entry(src: str, writer: TreeWriter, dest: str, *, uid: int, gid: int,
 # Small files
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
-    """Write `path` by writing a temp file beside it, fsyncing it and renaming it into place;
-    an interrupted or failed write (a full disk) leaves the old content and no temp file."""
+def write_atomic(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o644, *,
+                 durable: bool = True) -> None:  # fmt: skip
+    """Write `path` by writing a temp file beside it (fsynced unless not `durable`) and renaming
+    it into place; an interrupted or failed write (a full disk) leaves the old content and no
+    temp file. `str` data is written as UTF-8; the file gets exactly `mode`."""
     p = os.fspath(path)
     folder, name = os.path.split(p)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{name}")
+    if isinstance(data, str):
+        data = data.encode()
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      mode)  # fmt: skip
         try:
+            os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, p)
@@ -827,4 +835,47 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
             os.unlink(tmp)
         except OSError:
             pass
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Locks
+
+
+def flock_wait(target: int | str | os.PathLike[str], timeout: float | None,
+               on_wait: Callable[[], None] | None = None, *, shared: bool = False) -> int:  # fmt: skip
+    """Take an flock (exclusive, or `shared`) on `target` — an open descriptor, or a path opened
+    (created 0644) here — waiting at most `timeout` seconds (None: as long as it takes; 0: one
+    try). flock itself has no timeout, so this polls with a growing pause (10 ms to 200 ms).
+    `on_wait` is called once, the first time the lock is found held. Returns the descriptor
+    (the caller closes it, which releases the lock); on timeout raises TimeoutError, having
+    closed a descriptor it opened."""
+    import fcntl
+    import time
+
+    own = not isinstance(target, int)
+    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644) if own else target
+    op = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.01
+    told = False
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, op)
+                return fd
+            except BlockingIOError:
+                pass
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise TimeoutError(errno.EWOULDBLOCK, f"lock held after {timeout:g} s",
+                                   os.fspath(target) if own else None)  # fmt: skip
+            if not told and on_wait is not None:
+                on_wait()
+                told = True
+            time.sleep(delay if deadline is None else min(delay, deadline - now))
+            delay = min(delay * 2, 0.2)
+    except BaseException:
+        if own:
+            os.close(fd)
         raise

@@ -44,9 +44,9 @@ def once(key: str, state: str, message: str,
     path = _path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, sort_keys=True, indent=1) + "\n")
-        os.replace(tmp, path)
+        from tlimage._fs import write_atomic  # lazily: notices are read at CLI start-up
+
+        write_atomic(path, json.dumps(data, sort_keys=True, indent=1) + "\n", durable=False)
     except OSError:
         pass  # a read-only state folder: the notice is said again next time, nothing worse
     return True

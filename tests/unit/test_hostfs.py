@@ -350,3 +350,55 @@ def test_chown_names_are_read_inside_the_image(tmp_path: Path, bait: Path) -> No
         build_image(ctx / "Dockerfile", executor=FakeExecutor(), register=False)
     (bait / "etc" / "passwd").unlink()
     (bait / "etc").rmdir()
+
+
+# ----------------------------------------------------------------------------------------------
+# write_atomic and flock_wait
+
+
+def test_write_atomic_replaces_whole_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    target.write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    _fs.write_atomic(tmp_path / "link", "new", 0o600)
+    assert link.is_file() and not link.is_symlink()  # the link is replaced, never followed
+    assert target.read_text() == "old"
+    assert stat.S_IMODE(link.stat().st_mode) == 0o600 and link.read_text() == "new"
+
+    (tmp_path / "d").mkdir()
+    with pytest.raises(OSError):  # the rename fails: no temp file is left behind
+        _fs.write_atomic(tmp_path / "d", b"x")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f", "link"]
+
+
+def test_flock_wait_waits_tells_once_and_times_out(tmp_path: Path) -> None:
+    import fcntl
+    import time
+
+    path = tmp_path / "lock"
+    holder = _fs.flock_wait(path, 0)  # free: one try is enough
+    told: list[float] = []
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            _fs.flock_wait(path, 0.3, lambda: told.append(time.monotonic()))
+        assert 0.3 <= time.monotonic() - t0 < 2 and len(told) == 1
+        with pytest.raises(TimeoutError):
+            _fs.flock_wait(path, 0, lambda: told.append(0))
+        assert len(told) == 1  # a single try does not say it waits
+        threading.Timer(0.2, os.close, (holder,)).start()
+        fd = _fs.flock_wait(path, 5)  # released while waiting
+        holder = -1
+        os.close(fd)
+        a = _fs.flock_wait(path, 0, shared=True)
+        b = _fs.flock_wait(os.open(path, os.O_RDWR), 0, shared=True)  # shared holders coexist
+        with pytest.raises(TimeoutError):
+            _fs.flock_wait(path, 0)
+        for fd in (a, b):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+    finally:
+        if holder >= 0:
+            os.close(holder)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlimage._fs import flock_wait, write_atomic
 from tlimage.errors import CacheError
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -111,30 +112,19 @@ class CacheLock:
         timeout: float,
         on_wait: Callable[[str], None] | None,
     ) -> None:
-        deadline = time.monotonic() + timeout
-        delay = 0.01
-        told = False
-        while True:
-            try:
-                fcntl.flock(fd, op | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                pass
-            if not told and on_wait is not None:
+        def tell() -> None:
+            if on_wait is not None:
                 on_wait(f"waiting for the {mode} cache lock, held by {self.describe_holders()}")
-                told = True
-            now = time.monotonic()
-            if now >= deadline:
-                raise LockTimeout(self.path, mode, timeout, self.describe_holders())
-            time.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, 0.2)
+
+        try:
+            flock_wait(fd, timeout, tell, shared=op == fcntl.LOCK_SH)
+        except TimeoutError:
+            raise LockTimeout(self.path, mode, timeout, self.describe_holders()) from None
 
     def _leave_note(self, mode: str, purpose: str) -> Path:
         note = self.holders_dir / f"{os.getpid()}-{secrets.token_hex(4)}.json"
         body = {"pid": os.getpid(), "mode": mode, "purpose": purpose, "since": time.time()}
-        tmp = note.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body))
-        os.replace(tmp, note)
+        write_atomic(note, json.dumps(body), durable=False)
         return note
 
     def holders(self) -> list[Holder]:
@@ -147,7 +137,7 @@ class CacheLock:
         except FileNotFoundError:
             return out
         for entry in entries:
-            if not entry.name.endswith(".json"):
+            if not entry.name.endswith(".json") or entry.name.startswith("."):  # not a temp file
                 continue
             try:
                 body = json.loads(Path(entry.path).read_text())

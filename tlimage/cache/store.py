@@ -35,6 +35,7 @@ from typing import BinaryIO
 import xxhash
 
 from tlimage import _layout
+from tlimage._fs import write_atomic
 from tlimage.errors import CacheError
 
 CACHE_DIR_ENV = "TLIMAGE_CACHE_DIR"
@@ -124,18 +125,7 @@ def ensure_cache_root(root: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Write `data` to `path` through a temp file in the same folder and `os.replace`."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}-{path.name}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        with os.fdopen(fd, "wb", closefd=True) as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
+    write_atomic(path, data, durable=durable)  # named .tmp-<pid>-…, as sweep_temp expects
     if durable:
         _fsync_dir(path.parent)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import secrets
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tlimage import _layout
+from tlimage._fs import flock_wait
 from tlimage._paths import project_name, state_dir
 from tlimage.errors import RuntimeError_
 from tlimage.runtime._errors import SandboxNotFound
@@ -162,24 +162,19 @@ def select_backend(backend: str, cache_dir: Path | None,
 def _lock(rec: SandboxRecord, *, timeout: float = LOCK_TIMEOUT,
           what: str = "") -> Iterator[None]:  # fmt: skip
     rec.path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(rec.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def tell() -> None:
+        if what:
+            print(f"tlimage: waiting for another operation on sandbox {rec.id} to {what}",
+                  file=sys.stderr)  # fmt: skip
+
     try:
-        deadline = time.monotonic() + timeout
-        said = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError_(
-                        f"sandbox {rec.id} is busy with another operation (waited {timeout:g} s)"
-                    ) from None
-                if not said and what:
-                    print(f"tlimage: waiting for another operation on sandbox {rec.id} "
-                          f"to {what}", file=sys.stderr)  # fmt: skip
-                    said = True
-                time.sleep(0.02)
+        fd = flock_wait(rec.path / "lock", timeout, tell)
+    except TimeoutError:
+        raise RuntimeError_(
+            f"sandbox {rec.id} is busy with another operation (waited {timeout:g} s)"
+        ) from None
+    try:
         yield
     finally:
         os.close(fd)
@@ -188,15 +183,11 @@ def _lock(rec: SandboxRecord, *, timeout: float = LOCK_TIMEOUT,
 def _try_lock(rec: SandboxRecord) -> int | None:
     """The lock's fd when free (the caller closes it), None when an operation holds it."""
     try:
-        fd = os.open(rec.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return flock_wait(rec.path / "lock", 0)
+    except TimeoutError:
+        return None
     except OSError:
         return -1  # no folder: nothing can hold it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-    except BlockingIOError:
-        os.close(fd)
-        return None
 
 
 # --- environment -----------------------------------------------------------------------------

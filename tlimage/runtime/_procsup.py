@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tlimage._fs import write_atomic
+
 
 def _write_status(d: Path, status: dict[str, Any]) -> None:
-    tmp = d / ".status.json.tmp"
-    tmp.write_text(json.dumps(status))
-    os.replace(tmp, d / "status.json")
+    write_atomic(d / "status.json", json.dumps(status), durable=False)
 
 
 def _children(pid: int) -> list[int]:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from tlimage._fs import write_atomic
 from tlimage.errors import RuntimeError_
 from tlimage.runtime._errors import ExecStartError, ExecTimeout
 from tlimage.runtime._state import SandboxRecord
@@ -218,10 +219,7 @@ class NamespaceBackend:
         return False
 
     def set_deadline(self, rec: SandboxRecord, deadline: float | None) -> None:
-        path = rec.path / "deadline"
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text("" if deadline is None else repr(deadline))
-        os.replace(tmp, path)
+        write_atomic(rec.path / "deadline", "" if deadline is None else repr(deadline))
 
     # -- exec and copy --------------------------------------------------------------------
 

@@ -25,6 +25,8 @@ import platform
 import tempfile
 from pathlib import Path
 
+from tlimage._fs import write_atomic
+
 PROFILE = Path("/usr/share/containers/seccomp.json")
 PROFILE_ENV = "TLIMAGE_SECCOMP_PROFILE"  # another profile in the same format (tests, distros)
 # podman's and buildah's default capability set (containers-common's containers.conf), which
@@ -87,10 +89,7 @@ def seccomp_bpf(caps: tuple[str, ...] = DEFAULT_CAPS) -> bytes:
     data = compile_profile(json.loads(profile), set(caps), machine, pyseccomp)
     with contextlib.suppress(OSError):
         cached.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=".bpf-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, cached)
+        write_atomic(cached, data, durable=False)
     _memo[key] = data
     return data
 

@@ -8,12 +8,12 @@ import contextlib
 import fcntl
 import os
 import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tlimage import _layout, ir
+from tlimage._fs import flock_wait, write_atomic
 from tlimage.builder.mounts.context import resolve_in
 from tlimage.builder.mounts.spec import MountError, Source, context_rel
 
@@ -38,49 +38,32 @@ def cache_instance(folder: Path, spec: ir.CacheMount, base: str, seed: Source | 
     folder.mkdir(parents=True, exist_ok=True)
     label = folder / "id"
     if not label.exists():
-        _write_atomic(label, f"{spec.id}\n{base}\n".encode())
+        write_atomic(label, f"{spec.id}\n{base}\n", durable=False)
     n = 0
     while True:
         fd = os.open(folder / f"{n}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         if spec.sharing == "private":
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                flock_wait(fd, 0)
+            except TimeoutError:
                 os.close(fd)
                 n += 1
                 continue
         break
     try:
         if spec.sharing != "private":
-            op = fcntl.LOCK_SH if spec.sharing == "shared" else fcntl.LOCK_EX
-            _flock_wait(fd, op, f"cache mount {spec.id!r} ({spec.sharing}), in use by another "
-                        "build", builder.emit, timeout)  # fmt: skip
+            what = f"cache mount {spec.id!r} ({spec.sharing}), in use by another build"
+            told = {"event": "status", "message": f"waiting for {what}"}
+            try:
+                flock_wait(fd, timeout, lambda: builder.emit(told), shared=spec.sharing == "shared")
+            except TimeoutError:
+                raise MountError(f"timed out after {timeout:g}s waiting for {what}") from None
         data = folder / str(n)
         if not data.is_dir():
             _create_instance(folder, data, spec, seed, builder)
         yield data
     finally:
         os.close(fd)  # releases the flock
-
-
-def _flock_wait(fd: int, op: int, what: str, emit: Callable[[dict], None],
-                timeout: float | None) -> None:  # fmt: skip
-    deadline = None if timeout is None else time.monotonic() + timeout
-    told = False
-    delay = 0.01
-    while True:
-        try:
-            fcntl.flock(fd, op | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            pass
-        if not told:
-            emit({"event": "status", "message": f"waiting for {what}"})
-            told = True
-        if deadline is not None and time.monotonic() >= deadline:
-            raise MountError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
 
 
 def _create_instance(folder: Path, data: Path, spec: ir.CacheMount, seed: Source | None,
@@ -156,9 +139,3 @@ def _du(root: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
     return total
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

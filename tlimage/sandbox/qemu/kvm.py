@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tlimage import _layout
+from tlimage._fs import write_atomic
 from tlimage.errors import ExecutorError
 from tlimage.sandbox.qemu.process import VM, BootError
 from tlimage.sandbox.qemu.provision import GuestKit, bucket_dir, provision, require_tool
@@ -71,9 +72,7 @@ def probe_kvm(
     finally:
         vm.shutdown()
     cache[key] = {"usable": usable, "reason": reason, "at": int(time.time())}
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cache, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(cache, indent=2) + "\n", durable=False)
     return usable, reason
 
 

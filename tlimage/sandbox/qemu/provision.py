@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlimage import _layout
+from tlimage._fs import write_atomic
 from tlimage.errors import ExecutorError
 
 # Bump when the layout of the guest folder or the initramfs changes; the name carries it.
@@ -244,10 +245,8 @@ def _remembered_kit(cache_dir: Path | None, key: str) -> GuestKit | None:
 
 def _remember_kit(cache_dir: Path | None, key: str, kit: GuestKit) -> None:
     path = _memo_path(cache_dir)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps({"key": key, "folder": str(kit.folder)}))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps({"key": key, "folder": str(kit.folder)}), durable=False)
     except OSError:
         pass  # only a lost shortcut: the next start asks apt again
 

@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from tlimage._fs import write_atomic
 from tlimage.sandbox.network import NetHandle, NetworkPolicy
 from tlimage.sandbox.qemu import protocol as P
 from tlimage.sandbox.qemu.process import start_qemu
@@ -42,13 +43,6 @@ from tlimage.sandbox.qemu.qmp import QMP, wait_migration
 T = P.FrameType
 TERMINAL = {T.OK, T.ERROR, T.EXIT, T.EXPORT_END, T.HELLO}
 ENTRY_EXIT = re.compile(rb"tl-agent: entrypoint exited with status (\d+)")
-
-
-def write_atomic(path: str, data: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 class Agent:
