@@ -450,7 +450,7 @@ class Builder:
         extra: dict[str, str] = {}
         if isinstance(step, ir.Run) and step.mounts:
             try:
-                files, extra = mount_key_inputs(self, step)
+                files, extra = mount_key_inputs(self, step, lambda p: self._file_digests(p, ()))
             except TlimageError as e:
                 raise _at(meta, e) from None
         comps = keys.step_components(state.key, _step_obj(step, refs), env=env,

@@ -4,6 +4,7 @@ and the identity of a stage or image a bind or cache reads `from=`."""
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,16 +20,18 @@ class MountError(BuildError):
 # -- what the mounts add to a key -----------------------------------------------------------------
 
 
-def key_inputs(builder: Any, step: ir.Run) -> tuple[dict[str, str], dict[str, str]]:
-    """(files, extra) for `keys.step_components`: context files a bind shows (path -> token) and,
-    per mount `from=` a stage or image, that source's identity."""
+def key_inputs(builder: Any, step: ir.Run, file_digests: Callable[[list[str]], dict[str, str]]
+               ) -> tuple[dict[str, str], dict[str, str]]:  # fmt: skip
+    """(files, extra) for `keys.step_components`: context files a bind shows (path -> token, as
+    `file_digests` gives them for context-relative paths) and, per mount `from=` a stage or
+    image, that source's identity."""
     files: dict[str, str] = {}
     extra: dict[str, str] = {}
     for spec in step.mounts:
         if spec.type == "ssh" and spec.required:
             raise ssh_error(spec)
         if spec.type == "bind" and spec.from_ is None:
-            files.update(builder._file_digests([context_rel(spec.source)], ()))
+            files.update(file_digests([context_rel(spec.source)]))
         if spec.type in ("bind", "cache") and spec.from_ is not None:
             extra[f"mount {spec.target} from"] = from_source(builder, spec.from_).identity
     return files, extra
