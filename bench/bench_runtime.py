@@ -126,8 +126,8 @@ def bench_backend(
 def bench_bases(backend: str, runs: int, bases: list[str], busybox_boot: float
                 ) -> list[tuple[str, float, str]]:  # fmt: skip
     """Boot-to-first-exec (`python -c pass`) of each minimal base, against the busybox image."""
+    from tlimage import Sandbox  # the one that knows the base catalog
     from tlimage.errors import TlimageError
-    from tlimage.runtime import Sandbox
 
     rows: list[tuple[str, float, str]] = []
     for base in bases:

@@ -41,8 +41,19 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'tlimage' has no attribute {name!r}")
     value = getattr(import_module(module), name)
+    if name == "Sandbox":
+        _wire_runtime()
     globals()[name] = value
     return value
+
+
+def _wire_runtime() -> None:
+    """`tlimage.Sandbox` knows the base catalog: the runtime does not build images, so the
+    builder's catalog is handed to it here, where both may be imported."""
+    from tlimage.builder.bases import CatalogBases
+    from tlimage.runtime import use_bases
+
+    use_bases(CatalogBases())
 
 
 def __dir__() -> list[str]:

@@ -46,12 +46,7 @@ ALLOWED: dict[str, set[str]] = {
 
 # Known violations being removed right now, as (importing module, imported module). Each line
 # says who removes it; prune this list as the work lands (the test fails on a stale entry).
-KNOWN: dict[tuple[str, str], str] = {
-    # The base catalog: a sandbox from a base that is not built yet builds it through the
-    # builder; the catalog and the base build are to be handed to the runtime by its caller.
-    ("tlimage.runtime._api", "tlimage.executor.catalog"): "the base catalog work",
-    ("tlimage.runtime._api", "tlimage.builder.bases"): "the base catalog work",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _module_name(path: Path) -> str:

@@ -352,3 +352,60 @@ def test_live_layer_digests_are_those_of_sandboxes_that_have_not_ended() -> None
         )
     )
     assert live_layer_digests() == {"xxh3:" + "a" * 32}
+
+
+def test_catalog_bases_come_from_the_runtimes_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The runtime builds no image: a base comes from the BaseImages it is handed, or the one
+    # `use_bases` set; without one, an unnamed image is a clear error, not a build.
+    from tlimage.runtime import _bases
+
+    class Reg:
+        def find(self, proj: str, ref: str) -> None:
+            return None
+
+        def get(self, proj: str, ref: str) -> None:
+            raise RuntimeError_(f"no image {ref} in {proj}")
+
+    class Bases:
+        asked: list[str] = []
+
+        def default(self) -> tuple[str, str]:
+            return "tiny-base", "the test's default"
+
+        def init(self, name: str) -> str | None:
+            return "none" if name == "tiny-base" else None
+
+        def image(self, name: str, cache_dir: Path | None) -> str:
+            self.asked.append(name)
+            return f"image of {name}"
+
+    monkeypatch.setattr(_bases, "_default", None)
+    said: list[str] = []
+    monkeypatch.setenv("TLIMAGE_NOTICES", "always")
+    with pytest.raises(RuntimeError_, match="no base catalog"):
+        _api._image_or_base(Reg(), "p", None, None, said.append, "namespace", None)
+    got = _api._image_or_base(Reg(), "p", None, None, said.append, "namespace", Bases())
+    assert got == "image of tiny-base" and said == ["the test's default"]
+    with pytest.raises(RuntimeError_, match="no image tiny-base:v2"):  # a tag: not the base
+        _api._image_or_base(Reg(), "p", "tiny-base:v2", None, None, "namespace", Bases())
+    _bases.use_bases(Bases())
+    assert _api._image_or_base(Reg(), "p", "tiny-base", None, None, "namespace", None) == (
+        "image of tiny-base"
+    )
+
+
+def test_tlimage_sandbox_hands_the_builders_catalog_to_the_runtime(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tlimage
+    from tlimage.builder.bases import CatalogBases
+    from tlimage.executor import catalog
+    from tlimage.runtime import _bases
+
+    monkeypatch.setattr(_bases, "_default", None)
+    monkeypatch.delitem(vars(tlimage), "Sandbox", raising=False)
+    assert tlimage.Sandbox is _api.Sandbox
+    cat = _bases.current()
+    assert isinstance(cat, CatalogBases)
+    assert cat.default()[0] == catalog.default_base()
+    assert cat.init("debian-systemd") == "systemd" and cat.init("no-such-base") is None

@@ -63,7 +63,7 @@ def debian_bases() -> list[str]:
 
 
 def sandbox(base: str, cache: Path, **kw):  # noqa: ANN201
-    from tlimage.runtime import Sandbox
+    from tlimage import Sandbox  # the one that knows the base catalog
 
     return Sandbox.create(base, backend="namespace", cache_dir=cache, timeout=900, **kw)
 
@@ -153,7 +153,7 @@ def test_debian_minimal_in_the_microvm_keeps_modes_and_runs_python(
 
 
 def microvm_sandbox(base: str, cache: Path):  # noqa: ANN201
-    from tlimage.runtime import Sandbox
+    from tlimage import Sandbox  # the one that knows the base catalog
 
     return Sandbox.create(base, backend="microvm", cache_dir=cache, timeout=900, memory=512)
 

@@ -87,3 +87,20 @@ def base_image(
     return ImageRecord(
         "", name, "latest", manifest.image_id(), manifest, f"base:{name}", time.time()
     )
+
+
+class CatalogBases:
+    """The base catalog as the runtime asks for it (`tlimage.runtime.BaseImages`): the catalog's
+    bases, built on first use."""
+
+    def default(self) -> tuple[str, str]:
+        from tlimage.executor import catalog
+
+        return catalog.default_base(), catalog.default_base_reason()
+
+    def init(self, name: str) -> str | None:
+        spec = _spec(name)
+        return None if spec is None else spec.init
+
+    def image(self, name: str, cache_dir: Path | None) -> ImageRecord:
+        return base_image(name, cache_dir)

@@ -147,6 +147,7 @@ def register(sbx: typer.Typer) -> None:
         import json
         import shlex
 
+        from tlimage.builder.bases import CatalogBases
         from tlimage.runtime import Sandbox
 
         if from_snapshot is not None:
@@ -171,7 +172,7 @@ def register(sbx: typer.Typer) -> None:
             memory=memory,
             timeout=timeout, entrypoint=shlex.split(entrypoint) if entrypoint else None,
             env=env, workdir=workdir, user=user, network=not no_network, cache_dir=cache_dir,
-            secret_names=secret or None, network_policy=policy,
+            secret_names=secret or None, network_policy=policy, bases=CatalogBases(),
         )  # fmt: skip
         if json_:
             print(json.dumps(_info_json(sb)))
@@ -455,8 +456,11 @@ def register(sbx: typer.Typer) -> None:
     ) -> None:
         """Serve the sandbox HTTP API (OpenAPI at /openapi.json; bearer token in the
         state folder's api-token file, made on first start)."""
+        from tlimage.builder.bases import CatalogBases
+        from tlimage.runtime import use_bases
         from tlimage.runtime.http import address_of, make_server
 
+        use_bases(CatalogBases())  # sandboxes the API creates may start from a catalog base
         srv = make_server(listen, project=project, backend=backend.value, quiet=quiet)
         print(f"serving the sandbox API on {address_of(srv)}", flush=True)
         try:

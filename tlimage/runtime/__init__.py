@@ -36,6 +36,7 @@ from tlimage.runtime._api import (
     reconcile,
     remove_checkpoint,
 )
+from tlimage.runtime._bases import BaseImages, use_bases
 from tlimage.runtime._errors import ExecStartError, ExecTimeout, SandboxNotFound
 from tlimage.runtime._files import FileInfo
 from tlimage.runtime._procs import Process, ProcessStatus
@@ -44,6 +45,7 @@ from tlimage.runtime._state import Status
 
 __all__ = [
     "BACKENDS",
+    "BaseImages",
     "ExecResult",
     "ExecStartError",
     "ExecTimeout",
@@ -64,4 +66,5 @@ __all__ = [
     "remove_checkpoint",
     "remove_secret",
     "set_secret",
+    "use_bases",
 ]

@@ -25,6 +25,8 @@ from tlimage import _layout
 from tlimage._fs import flock_wait
 from tlimage._paths import project_name, state_dir
 from tlimage.errors import RuntimeError_
+from tlimage.runtime._bases import BaseImages
+from tlimage.runtime._bases import current as current_bases
 from tlimage.runtime._errors import SandboxNotFound
 from tlimage.runtime._state import (
     LIVE,
@@ -243,6 +245,7 @@ class Sandbox:
         cache_dir: Path | None = None,
         secret_names: Sequence[str] | None = None,
         notice: Callable[[str], None] | None = None,
+        bases: BaseImages | None = None,
         _source: str | None = None,
     ) -> Sandbox:
         """Boots a sandbox from the registered image `image` (NAME[:TAG]; a base of the
@@ -254,7 +257,8 @@ class Sandbox:
         exec and spawn; their values are read at each exec and never stored with the sandbox.
         `network_policy` (a `tlimage.sandbox.network.NetworkPolicy` or its JSON form) says what
         the sandbox may reach when it has network: mode allow|deny and block/allow lists,
-        enforced outside it."""
+        enforced outside it. `bases` is the base catalog (see runtime._bases; default: the
+        one `use_bases` set, which `tlimage.Sandbox` sets to the builder's)."""
         from tlimage.registry import Registry
         from tlimage.runtime._secrets import check_secrets_exist
 
@@ -278,7 +282,7 @@ class Sandbox:
         be_name, accel = select_backend(backend, Path(cache) if cache else None, notice)
         unsafe = be_name == "namespace-unsafe"
         be_name = "namespace" if unsafe else be_name
-        img = _image_or_base(Registry(), proj, image, cache_dir, notice, be_name)
+        img = _image_or_base(Registry(), proj, image, cache_dir, notice, be_name, bases)
         if not img.manifest.layers:
             raise RuntimeError_(f"image {img.ref} has no layers; nothing to boot")
         if img.manifest.config.get("labels", {}).get("org.tlimage.init") == "systemd":
@@ -969,30 +973,33 @@ def _image_or_base(
     cache_dir: Path | None,  # noqa: ANN001
     notice: Callable[[str], None] | None,
     be_name: str,
+    bases: BaseImages | None,
 ):  # noqa: ANN202 - ImageRecord
     """The registered image, else a base of the catalog of that name (built on first use),
     else the default base when `image` is None (the choice said once per machine)."""
-    from tlimage.executor import catalog
-
     if image is not None and not isinstance(image, str):
         return image  # an ImageRecord already (a clone's unregistered snapshot)
+    bases = current_bases(bases)
     if image is None:
         from tlimage.notices import once
 
-        image = catalog.default_base()
-        once("default-base", image, catalog.default_base_reason(), notice)
+        if bases is None:
+            raise RuntimeError_(
+                "no image given, and no base catalog to take the default base from",
+                hint="name an image, or use `from tlimage import Sandbox` (or the tl CLI), "
+                "which knows the bases",
+            )
+        image, why = bases.default()
+        once("default-base", image, why, notice)
     rec = reg.find(proj, image)
     if rec is not None:
         return rec
     name, _, tag = image.partition(":")
-    spec = catalog.spec(name)
-    if spec is not None and tag in ("", "latest"):
-        from tlimage.builder.bases import base_image
-
-        if spec.init == "systemd":
+    init = bases.init(name) if bases is not None and tag in ("", "latest") else None
+    if init is not None:
+        if init == "systemd":
             _systemd_check(image, be_name)
-
-        return base_image(name, Path(cache_dir) if cache_dir else None)
+        return bases.image(name, Path(cache_dir) if cache_dir else None)
     return reg.get(proj, image)  # raises, naming what is registered
 
 
