@@ -23,6 +23,8 @@ this module names its module in parentheses.
     │   ├── CorruptBlob          (cache.store) a stored blob does not match its digest
     │   └── BlobNotFound         (cache.store) a blob is not in the store
     ├── NetworkError             a sandbox's private network: bad policy, missing helper, rules
+    ├── SandboxError             (sandbox.namespace) a namespace sandbox could not start or be
+    │                            entered
     ├── ExecutorError            a build step could not run
     │   ├── StepFailed           a step ran and exited non-zero; carries its source location
     │   ├── StepTimeout          (executor.base) a step ran past its time-out and was killed

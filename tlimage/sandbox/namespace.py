@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tlimage.errors import TlimageError
 from tlimage.sandbox import cgroup, harden, network
 
 HERE = Path(__file__).resolve().parent
@@ -63,7 +64,7 @@ Output = Callable[[str, bytes], None]
 OOM_CODE = 137  # 128 + SIGKILL
 
 
-class SandboxError(Exception):
+class SandboxError(TlimageError):
     """The sandbox could not be started or entered; the message says why (callers wrap it in
     their own error class)."""
 
