@@ -28,7 +28,7 @@ import secrets
 import shutil
 import stat
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -801,6 +801,122 @@ def copy_entry(src: str, writer: TreeWriter, dest: str, *, uid: int, gid: int,
             os.close(fd)
     else:
         raise UnsafePathError(f"{src}: only files, folders and symlinks can be copied")
+
+
+# ----------------------------------------------------------------------------------------------
+# Overlay-format layers laid out as one tree
+
+
+def lay_out_layers(layers: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[str], *,
+                   place: str = "link", root_meta: bool = False, dir_times: bool = True,
+                   dir_xattrs: bool = True) -> None:  # fmt: skip
+    """Lay the overlay-format `layers` (bottom first) out onto the folder `dest` as one plain
+    tree, as overlayfs shows the stack: a whiteout (a 0:0 character device, or a file with an
+    `overlay.whiteout` xattr) deletes, an opaque folder hides what is below, a file replaces a
+    folder and the other way round. Parents are made real folders before their children, so
+    nothing is written through a symlink found in `dest`; names are visited sorted.
+
+    `place` says how a non-folder entry gets there: "link" hard-links every entry (nothing is
+    copied; OSError when links cannot be made, for the caller to fall back); "copy" hard-links
+    regular files or else copies them, and makes symlinks and devices afresh; "move" renames
+    regular files out of the layer (which is used up) or else copies them, likewise. Folders get
+    their layer's owner and mode, and (`dir_xattrs`) its xattrs but overlayfs' own
+    (`*.overlay.*`), and (`dir_times`) its times once their entries are in place. `dest`
+    itself gets the owner, mode and xattrs of the layers' roots only with `root_meta` (and only
+    then does an opaque root hide what is below)."""
+    if place not in ("link", "copy", "move"):
+        raise ValueError(f"place must be link, copy or move, not {place!r}")
+    for layer in layers:
+        _lay_dir(os.fspath(layer), os.fspath(dest), place, top=True, root_meta=root_meta,
+                 times=dir_times, xattrs=dir_xattrs)  # fmt: skip
+
+
+def _lay_dir(src: str, dst: str, place: str, *, top: bool, root_meta: bool, times: bool,
+             xattrs: bool) -> None:  # fmt: skip
+    st = os.lstat(src)
+    opaque = _overlay_opaque(src)
+    if not top:
+        try:
+            cur: os.stat_result | None = os.lstat(dst)
+        except FileNotFoundError:
+            cur = None
+        if cur is not None and (opaque or not stat.S_ISDIR(cur.st_mode)):
+            remove_entry(dst)
+            cur = None
+        if cur is None:
+            os.mkdir(dst)
+    elif root_meta and opaque:
+        for name in os.listdir(dst):
+            remove_entry(os.path.join(dst, name))
+    if not top or root_meta:
+        os.lchown(dst, st.st_uid, st.st_gid)
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+        if xattrs:
+            for name in sorted(os.listxattr(src, follow_symlinks=False)):
+                if ".overlay." not in name:
+                    os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False),
+                                follow_symlinks=False)  # fmt: skip
+    for name in sorted(os.listdir(src)):
+        s, d = os.path.join(src, name), os.path.join(dst, name)
+        est = os.lstat(s)
+        if stat.S_ISDIR(est.st_mode):
+            _lay_dir(s, d, place, top=False, root_meta=root_meta, times=times, xattrs=xattrs)
+            continue
+        if os.path.lexists(d):
+            remove_entry(d)
+        if _overlay_whiteout(s, est):
+            continue
+        _place_entry(s, d, est, place)
+    if times:
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _place_entry(src: str, dst: str, st: os.stat_result, place: str) -> None:
+    if place == "link":
+        os.link(src, dst, follow_symlinks=False)
+    elif stat.S_ISREG(st.st_mode):
+        try:
+            (os.replace if place == "move" else os.link)(src, dst)
+        except OSError:
+            shutil.copy2(src, dst, follow_symlinks=False)
+            os.chown(dst, st.st_uid, st.st_gid)
+    elif stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src), dst)
+        os.lchown(dst, st.st_uid, st.st_gid)
+    else:
+        os.mknod(dst, st.st_mode, st.st_rdev)
+        os.chown(dst, st.st_uid, st.st_gid)
+
+
+def _overlay_opaque(path: str) -> bool:
+    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
+        try:
+            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _overlay_whiteout(path: str, st: os.stat_result) -> bool:
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+        return True
+    try:
+        return any(n.endswith(".overlay.whiteout")
+                   for n in os.listxattr(path, follow_symlinks=False))  # fmt: skip
+    except OSError:
+        return False
+
+
+def remove_entry(path: str) -> None:
+    """Remove `path` whatever it is (a folder with all below it); never follows a link."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 # ----------------------------------------------------------------------------------------------

@@ -76,3 +76,44 @@ def test_stack_merges_as_overlayfs_shows_it(tmp_path):
     assert "trusted.overlay.opaque" not in os.listxattr(dest / "opt")
     # The layers are untouched.
     assert (low / "etc" / "gone").read_text() == "gone" and (low / "opt" / "old" / "a").exists()
+
+
+def test_links_copies_and_moves_lay_out_the_same_tree(tmp_path):
+    # COPY --from (links), the microVM's flattened lower disks (copies) and an applied upper
+    # (moves) are one function: the same stack gives the same tree; folders keep their times.
+    import shutil
+    import subprocess
+
+    from tlimage.sandbox.qemu.disks import flatten_layers
+    from tlimage.sandbox.upper import apply_upper
+
+    low, top = tmp_path / "low", tmp_path / "top"
+    (low / "etc" / "d").mkdir(parents=True)
+    (low / "etc" / "gone").write_text("gone")
+    (low / "etc" / "d" / "x").write_text("x")
+    os.symlink("etc/d/x", low / "link")
+    (top / "etc" / "d").mkdir(parents=True)
+    os.setxattr(top / "etc" / "d", "trusted.overlay.opaque", b"y")
+    os.setxattr(top / "etc", "user.note", b"kept")
+    (top / "etc" / "d" / "y").write_text("y")
+    os.mknod(top / "etc" / "gone", stat.S_IFCHR, 0)
+    for d in (low / "etc" / "d", top / "etc" / "d", top / "etc", low / "etc"):
+        os.utime(d, ns=(1_000_000_000, 1_000_000_000))
+
+    linked, flat, moved = (tmp_path / n for n in ("linked", "flat", "moved"))
+    linked.mkdir()
+    merge_lowers([low, top], linked)
+    flatten_layers([low, top], flat)
+    moved.mkdir()
+    for layer in (low, top):
+        subprocess.run(["cp", "-a", str(layer), str(tmp_path / "spent")], check=True)
+        apply_upper(tmp_path / "spent", moved)
+        shutil.rmtree(tmp_path / "spent")
+    want = {"etc": "dir 755 0", "etc/d": "dir 755 0", "etc/d/y": "y", "link": "-> etc/d/x"}
+    assert tree(linked) == tree(flat) == tree(moved) == want
+    for out in (linked, flat):
+        assert (out / "etc").stat().st_mtime_ns == 1_000_000_000
+        assert os.getxattr(out / "etc", "user.note") == b"kept"
+        assert not [n for n in os.listxattr(out / "etc" / "d") if ".overlay." in n]
+    assert (flat / "etc" / "d" / "y").stat().st_ino == (top / "etc" / "d" / "y").stat().st_ino
+    assert (flat / "link").lstat().st_ino != (low / "link").lstat().st_ino  # made afresh

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 from pathlib import Path
 
 from tlimage import _layout
@@ -79,9 +78,6 @@ def unpack_for_overlay(raw, dest: Path) -> None:  # noqa: ANN001 - a readable bi
         raise CacheError(f"layer {dest.name} is not valid zstd data: {e}") from None
 
 
-_OPAQUE = ("trusted.overlay.opaque", "user.overlay.opaque")
-
-
 def merge_lowers(lowers: list[Path] | tuple[Path, ...], dest: Path) -> None:
     """Lay the stack `lowers` (bottom first, overlay format) out in the empty folder `dest` as
     one plain tree, as overlayfs would show it: whiteouts delete, opaque folders hide what is
@@ -89,73 +85,6 @@ def merge_lowers(lowers: list[Path] | tuple[Path, ...], dest: Path) -> None:
     this costs a walk instead of decompressing and extracting every layer. Raises OSError
     when links cannot be made (another filesystem, protected_hardlinks): callers fall back
     to extracting the layers."""
-    for lower in lowers:
-        _merge_dir(str(lower), str(dest), top=True)
+    from tlimage._fs import lay_out_layers
 
-
-def _merge_dir(src: str, dst: str, *, top: bool = False) -> None:
-    st = os.lstat(src)
-    if not top:
-        try:
-            dst_st = os.lstat(dst)
-        except FileNotFoundError:
-            dst_st = None
-        if dst_st is not None and not _isdir(dst_st.st_mode):
-            os.unlink(dst)
-            dst_st = None
-        if dst_st is None:
-            os.mkdir(dst)
-        elif _opaque(src):
-            for name in os.listdir(dst):
-                _remove(os.path.join(dst, name))
-        os.lchown(dst, st.st_uid, st.st_gid)
-        os.chmod(dst, stat.S_IMODE(st.st_mode))
-        for name in os.listxattr(src, follow_symlinks=False):
-            if ".overlay." not in name:
-                os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False),
-                            follow_symlinks=False)  # fmt: skip
-    with os.scandir(src) as it:
-        entries = list(it)
-    for e in entries:
-        s, d = e.path, os.path.join(dst, e.name)
-        est = e.stat(follow_symlinks=False)
-        if _isdir(est.st_mode):
-            _merge_dir(s, d)
-            continue
-        if os.path.lexists(d):
-            _remove(d)
-        if _whiteout(s, est):
-            continue
-        os.link(s, d, follow_symlinks=False)
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-
-
-def _isdir(mode: int) -> bool:
-    return stat.S_ISDIR(mode)
-
-
-def _opaque(path: str) -> bool:
-    for name in _OPAQUE:
-        try:
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
-                return True
-        except OSError:
-            pass
-    return False
-
-
-def _whiteout(path: str, st: os.stat_result) -> bool:
-    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-        return True
-    try:
-        return any(n.endswith(".overlay.whiteout")
-                   for n in os.listxattr(path, follow_symlinks=False))  # fmt: skip
-    except OSError:
-        return False
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
+    lay_out_layers(lowers, dest, place="link")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,14 +39,6 @@ def xattrs(path: str) -> list[tuple[str, bytes]]:
         with contextlib.suppress(OSError):
             out.append((n, os.getxattr(path, n, follow_symlinks=False)))
     return out
-
-
-def remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 def normalize_upper(upper: Path, lowers: tuple[Path, ...] = ()) -> tuple[str, ...]:
@@ -121,42 +112,6 @@ def apply_upper(upper: Path, dest: Path) -> None:
     """Applies an overlay-style upper (whiteouts delete, opaque folders replace) onto the host
     folder `dest`, moving its files in. Parents come before children and each is made a real
     folder first, so nothing is ever written through a symlink found in `dest`."""
-    for rel, st in walk(upper):
-        if rel == ".":
-            continue
-        src = os.path.join(upper, rel)
-        dst = os.path.join(dest, rel)
-        mode = st.st_mode
-        if stat.S_ISCHR(mode) and st.st_rdev == 0:
-            remove(dst)
-            continue
-        try:
-            cur = os.lstat(dst)
-        except FileNotFoundError:
-            cur = None
-        if stat.S_ISDIR(mode):
-            opaque = False
-            with contextlib.suppress(OSError):
-                opaque = os.getxattr(src, OPAQUE_XATTR, follow_symlinks=False) == b"y"
-            if cur is not None and (opaque or not stat.S_ISDIR(cur.st_mode)):
-                remove(dst)
-                cur = None
-            if cur is None:
-                os.mkdir(dst)
-            os.chown(dst, st.st_uid, st.st_gid)
-            os.chmod(dst, stat.S_IMODE(mode))
-            continue
-        if cur is not None:
-            remove(dst)
-        if stat.S_ISREG(mode):
-            try:
-                os.replace(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-                os.chown(dst, st.st_uid, st.st_gid)
-        elif stat.S_ISLNK(mode):
-            os.symlink(os.readlink(src), dst)
-            os.lchown(dst, st.st_uid, st.st_gid)
-        else:
-            os.mknod(dst, mode, st.st_rdev)
-            os.chown(dst, st.st_uid, st.st_gid)
+    from tlimage._fs import lay_out_layers
+
+    lay_out_layers([upper], dest, place="move", dir_times=False, dir_xattrs=False)

@@ -12,16 +12,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import stat
 import subprocess
 import tempfile
 from pathlib import Path
 
 from tlimage import _layout
+from tlimage._fs import lay_out_layers
 from tlimage.errors import ExecutorError
 from tlimage.sandbox.qemu.provision import bucket_dir, require_tool
-from tlimage.sandbox.upper import OPAQUE_XATTR, remove, walk, xattrs
+from tlimage.sandbox.upper import walk, xattrs
 
 # 24 virtio-mmio transports in QEMU's microvm; scratch, serial, net and rng take 4.
 MAX_DISKS = 20
@@ -127,56 +127,11 @@ def _debugfs(image: Path, request: str) -> None:
 
 def flatten_layers(lowers: list[Path], dest: Path) -> None:
     """Applies overlay-style layers bottom to top onto `dest` (whiteouts delete, opaque dirs
-    replace). Regular files are hard-linked from the layers when possible: the result is read
-    by mke2fs only and then deleted, never modified."""
+    replace), the root and every folder with its layer's owner, mode, xattrs and times.
+    Regular files are hard-linked from the layers when possible: the result is read by mke2fs
+    only and then deleted, never modified."""
     dest.mkdir(parents=True, exist_ok=True)
-    for layer in lowers:
-        for rel, st in walk(layer):
-            src = os.path.join(layer, rel)
-            dst = os.path.normpath(os.path.join(dest, rel))
-            mode = st.st_mode
-            if stat.S_ISCHR(mode) and st.st_rdev == 0:
-                remove(dst)
-                continue
-            if stat.S_ISDIR(mode):
-                opaque = False
-                with contextlib.suppress(OSError):
-                    opaque = os.getxattr(src, OPAQUE_XATTR, follow_symlinks=False) == b"y"
-                if os.path.lexists(dst) and (
-                    opaque or not os.path.isdir(dst) or os.path.islink(dst)
-                ):
-                    if rel != ".":
-                        remove(dst)
-                    elif opaque:
-                        for n in os.listdir(dst):
-                            remove(os.path.join(dst, n))
-                if not os.path.lexists(dst):
-                    os.mkdir(dst)
-                os.chown(dst, st.st_uid, st.st_gid)
-                os.chmod(dst, stat.S_IMODE(mode))
-                for n, v in xattrs(src):
-                    if not n.startswith("trusted.overlay."):
-                        os.setxattr(dst, n, v, follow_symlinks=False)
-                continue
-            remove(dst)
-            if stat.S_ISREG(mode):
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    shutil.copy2(src, dst)
-                    os.chown(dst, st.st_uid, st.st_gid)
-            elif stat.S_ISLNK(mode):
-                os.symlink(os.readlink(src), dst)
-                os.lchown(dst, st.st_uid, st.st_gid)
-            else:
-                os.mknod(dst, mode, st.st_rdev)
-                os.chown(dst, st.st_uid, st.st_gid)
-    # Directory times last: creating children changed them.
-    for layer in lowers:
-        for rel, st in walk(layer):
-            dst = os.path.join(dest, rel)
-            if stat.S_ISDIR(st.st_mode) and os.path.isdir(dst):
-                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    lay_out_layers(lowers, dest, place="copy", root_meta=True)
 
 
 def lower_images(lowers: tuple[Path, ...], cache_dir: Path | None = None, *,
