@@ -10,6 +10,7 @@ to what is stored bumps the version (a new folder) instead of migrating the old 
       layers-v1/             the layer store (cache.store): blobs/, index.db, tmp/
         unpacked-v2/         layers unpacked for overlayfs (cache.unpacked)
         mounts/cache/        RUN --mount=type=cache folders (builder.mounts.cachemounts)
+        downloads/           ADD <url> bodies, kept by URL for revalidation (builder.fetch)
       filehash-v1/stat.db    stat cache of context file hashes (cache.filehash)
       oci-v1/                remote resolutions and push hints (oci)
       executor-v1/           what build steps run on:
@@ -52,6 +53,8 @@ LAYERS = Bucket("layers", "cache", "layers-v1", "the layer store: blobs and thei
 UNPACKED = Bucket("unpacked", "cache", "layers-v1/unpacked-v2", "layers unpacked for overlayfs")
 CACHE_MOUNTS = Bucket("cache-mounts", "cache", "layers-v1/mounts/cache",
                       "RUN --mount=type=cache folders")  # fmt: skip
+DOWNLOADS = Bucket("downloads", "cache", "layers-v1/downloads",
+                   "ADD <url> downloads, kept for revalidation", True)  # fmt: skip
 FILEHASH = Bucket("filehash", "cache", "filehash-v1", "stat cache of context file hashes")
 OCI = Bucket("oci", "cache", "oci-v1", "remote registry resolutions and push hints")
 EXECUTOR = Bucket("executor", "cache", "executor-v1", "what build steps run on")
@@ -64,6 +67,6 @@ RUNTIME_DB = Bucket("runtime", "state", "runtime-v1.db", "sandboxes and their st
 SANDBOXES = Bucket("sandboxes", "state", "sandboxes-v1", "each sandbox's folder")
 SECRETS = Bucket("secrets", "state", "secrets", "project secrets")
 
-BUCKETS = (LAYERS, UNPACKED, CACHE_MOUNTS, FILEHASH, OCI, EXECUTOR, EXT4, BASES, GUEST,
+BUCKETS = (LAYERS, UNPACKED, CACHE_MOUNTS, DOWNLOADS, FILEHASH, OCI, EXECUTOR, EXT4, BASES, GUEST,
            KVM_PROBE, REGISTRY_DB, RUNTIME_DB, SANDBOXES, SECRETS)  # fmt: skip
 EVICTABLE = tuple(b for b in BUCKETS if b.evictable)

@@ -55,12 +55,13 @@ def _entry(root: Path, bucket: _layout.Bucket, name: str, size: int, age: float)
 def test_evict_takes_the_oldest_first_down_to_the_budget(tmp_path: Path) -> None:
     old = _entry(tmp_path, _layout.EXT4, "a.img", 64 << 10, 1)
     mid = _entry(tmp_path, _layout.BASES, "busybox-1", 64 << 10, 2)
+    url = _entry(tmp_path, _layout.DOWNLOADS, "5e" * 32, 64 << 10, 2.5)  # an ADD <url> body
     new = _entry(tmp_path, _layout.GUEST, "6.1-k", 64 << 10, 3)
     making = _entry(tmp_path, _layout.EXT4, ".b.123.tmp", 64 << 10, 0)
     got = evict(tmp_path, 100 << 10)
-    assert not old.exists() and not mid.exists()
+    assert not old.exists() and not mid.exists() and not url.exists()
     assert new.exists() and making.exists()
-    assert got.entries == 2 and got.freed_bytes >= 128 << 10
+    assert got.entries == 3 and got.freed_bytes >= 192 << 10
     assert got.remaining_bytes <= 100 << 10
 
 

@@ -11,9 +11,10 @@ What BuildKit does, and users rely on:
 - the file keeps the URL's last path component as its name and is never unpacked (the builder
   writes it with mode 0600).
 
-Downloads live in `<cache>/layers-v1/downloads/<sha256 of the URL>/` (the body named by its
-sha256, and `meta.json`; each written to a temp file and renamed, so an interrupted download
-leaves the old copy whole).
+Downloads live in the `_layout.DOWNLOADS` bucket, `<cache>/layers-v1/downloads/<sha256 of the
+URL>/` (the body named by its sha256, and `meta.json`; each written to a temp file and renamed,
+so an interrupted download leaves the old copy whole). `prune` evicts them like the other
+derived buckets, least recently used first (a reuse touches the folder).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlimage import _layout
 from tlimage._fs import write_atomic
 from tlimage.errors import BuildError
 
@@ -62,10 +64,12 @@ def parse_checksum(checksum: str) -> str:
 
 def fetch(url: str, cache_root: Path, checksum: str | None = None) -> Download:
     """The content of `url`, from the kept copy when the server says it has not changed (or
-    when it already has the checksum asked for), else downloaded anew."""
+    when it already has the checksum asked for), else downloaded anew. `cache_root` is the
+    cache's root folder."""
     want = parse_checksum(checksum) if checksum else None
-    folder = cache_root / "downloads" / hashlib.sha256(url.encode()).hexdigest()
+    folder = _layout.DOWNLOADS.under(cache_root) / hashlib.sha256(url.encode()).hexdigest()
     folder.mkdir(parents=True, exist_ok=True)
+    os.utime(folder)  # used now: prune evicts the least recently used first
     meta_path = folder / "meta.json"
     meta = _read_meta(meta_path)
     # Bodies are named by their digest, so a key and the bytes it names always agree, even

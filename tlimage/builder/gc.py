@@ -5,11 +5,11 @@ folder, lock-holder notes), each only once its owner process is dead.
 Registered images need their layer blobs and manifests even when no cache row names them any
 more, so `prune` pins them (`keep_digests`), with whatever the caller adds (the runtime's live
 sandboxes: `tl sbx image prune` passes them in, the builder does not look upwards); a pruned
-layer's unpacked copy goes with it. Then the executor's derived data (the `_layout` buckets
-marked evictable: microVM disk images, base trees, guest kits) is trimmed by the same size
-policy, least recently modified first, never an entry a running process holds open or a live
-sandbox names. Scratch folders are named after the process that made them and removed once it
-is gone.
+layer's unpacked copy goes with it. Then the other derived data (the `_layout` buckets marked
+evictable: microVM disk images, base trees, guest kits, ADD <url> downloads) is trimmed by the
+same size policy, least recently modified first, never an entry a running process holds open
+or a live sandbox names. Scratch folders are named after the process that made them and removed
+once it is gone.
 """
 
 from __future__ import annotations

@@ -697,7 +697,7 @@ class Builder:
         out = []
         for url in (s for s in step.sources if _is_url(s)):
             try:
-                d = fetch(url, Path(self.store.path), step.checksum)
+                d = fetch(url, Path(self.store.root), step.checksum)
             except TlimageError as e:
                 raise _at(meta, e) from None
             out.append(dataclasses.replace(d, url=url))
