@@ -31,9 +31,10 @@ import os
 import stat
 import tarfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
+from tlimage._fs import ExtractStats
 from tlimage.errors import CacheError
 
 if TYPE_CHECKING:
@@ -76,14 +77,9 @@ class TarStats:
     entries: int
 
 
-@dataclass(slots=True)
-class ApplyStats:
-    entries: int = 0
-    files: int = 0
-    bytes: int = 0
-    whiteouts: int = 0
-    # (path inside the layer, reason): devices that could not be created, xattrs refused, ...
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+# What apply_layer returns: the extraction's counts (entries, files, bytes, whiteouts) and, as
+# (path inside the layer, reason), what was skipped: devices that could not be made, xattrs refused.
+ApplyStats = ExtractStats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,7 +424,7 @@ def apply_layer(
                     pass
             ex.finish()
             st = ex.stats
-        return ApplyStats(st.entries, st.files, st.bytes, st.whiteouts, list(st.skipped))
+        return st
     except tarfile.TarError as e:
         _drain(raw)  # a verifying reader reports a corrupt blob as such, not as a bad tar
         raise LayerError(f"layer is not a valid tar: {e}") from e

@@ -182,6 +182,15 @@ def _lock(rec: SandboxRecord, *, timeout: float = LOCK_TIMEOUT,
         os.close(fd)
 
 
+def _insert(db: StateDB, rec: SandboxRecord) -> None:
+    """Record a new sandbox; its folder goes when the record cannot be made."""
+    try:
+        db.insert(rec)
+    except BaseException:
+        shutil.rmtree(rec.path, ignore_errors=True)
+        raise
+
+
 def _try_lock(rec: SandboxRecord) -> int | None:
     """The lock's fd when free (the caller closes it), None when an operation holds it."""
     try:
@@ -314,11 +323,7 @@ class Sandbox:
         )  # fmt: skip
         db = StateDB()
         with _lock(rec):
-            try:
-                db.insert(rec)
-            except BaseException:
-                shutil.rmtree(path, ignore_errors=True)
-                raise
+            _insert(db, rec)
             be = backend_for(be_name)
 
             def start() -> tuple[dict, dict, Callable[[], None]]:
@@ -425,6 +430,17 @@ class Sandbox:
         return merge_env(cfg.get("env", []), rec.env, secret_env(names, project=rec.project),
                          list(env or []))  # fmt: skip
 
+    def _process_settings(self, rec: SandboxRecord, env: Sequence[str] | dict[str, str] | None,
+                          workdir: str | None, user: str | None
+                          ) -> tuple[list[str], str, str]:  # fmt: skip
+        """(environment, working folder, user) of a command run in the sandbox: this call's,
+        else the sandbox's, else the image's (env: all merged, see `_env`)."""
+        cfg = rec.extra.get("config", {})
+        wd = workdir or rec.workdir or cfg.get("workdir") or "/"
+        if not wd.startswith("/"):
+            raise RuntimeError_(f"workdir must be absolute, got {wd!r}")
+        return self._env(rec, env), wd, user or rec.user or cfg.get("user") or "root"
+
     def exec(
         self,
         *cmd: str,
@@ -444,12 +460,7 @@ class Sandbox:
         if not cmd:
             raise RuntimeError_("exec needs a command")
         rec = self._running("exec")
-        full_env = self._env(rec, env)
-        cfg = rec.extra.get("config", {})
-        wd = workdir or rec.workdir or cfg.get("workdir") or "/"
-        if not wd.startswith("/"):
-            raise RuntimeError_(f"workdir must be absolute, got {wd!r}")
-        who = user or rec.user or cfg.get("user") or "root"
+        full_env, wd, who = self._process_settings(rec, env, workdir, user)
         out: list[bytes] = []
         err: list[bytes] = []
 
@@ -896,11 +907,7 @@ def _start_copy(src: SandboxRecord, name: str | None, start, db: StateDB,  # noq
     )  # fmt: skip
     be = backend_for(rec.backend)
     with _lock(rec):
-        try:
-            db.insert(rec)
-        except BaseException:
-            shutil.rmtree(path, ignore_errors=True)
-            raise
+        _insert(db, rec)
         rec = _boot(rec, db, be, lambda: start(rec), keep_fs=False, reason="failed to start")
     return Sandbox(rec, db)
 

@@ -260,12 +260,7 @@ def spawn(sb: Sandbox, cmd: list[str], *, name: str | None, env: Any, workdir: s
     if rec.backend != "namespace":
         raise RuntimeError_(f"background processes are not available on the {rec.backend} "
                             "backend yet; use the namespace backend")  # fmt: skip
-    full_env = sb._env(rec, env)
-    cfg = rec.extra.get("config", {})
-    wd = workdir or rec.workdir or cfg.get("workdir") or "/"
-    if not wd.startswith("/"):
-        raise RuntimeError_(f"workdir must be absolute, got {wd!r}")
-    who = user or rec.user or cfg.get("user") or "root"
+    full_env, wd, who = sb._process_settings(rec, env, workdir, user)
     root = _procs_dir(sb)
     root.mkdir(exist_ok=True)
     n = 1 + max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0)
