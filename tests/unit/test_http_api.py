@@ -89,6 +89,19 @@ def test_auth_and_errors(server) -> None:  # noqa: ANN001
     assert status == 400 and "'image' must be a string" in json.loads(body)["error"]
     status, _, body = _req(server, "POST", "/v1/sandboxes", body=b'{"image": "x", "bogus": 1}')
     assert status == 400 and "unknown field 'bogus'" in json.loads(body)["error"]
+    for policy, says in [
+        (b'{"mode": "open"}', "network_policy.mode must be one of: allow"),
+        (b'{"allow": [1]}', "network_policy.allow must be an array of strings"),
+        (b"[]", "field 'network_policy' must be a"),
+        (b'{"mode": 1}', "field 'network_policy.mode' must be a string"),
+    ]:
+        status, _, body = _req(
+            server,
+            "POST",
+            "/v1/sandboxes",
+            body=b'{"image": "x", "network_policy": ' + policy + b"}",
+        )
+        assert status == 400 and says in json.loads(body)["error"], body
     status, _, body = _req(server, "POST", "/v1/sandboxes", body=b'{"image": "nope:1"}')
     assert status == 404 and "nope" in json.loads(body)["error"]
     status, _, body = _req(server, "POST", "/v1/sandboxes/sb-x/exec", body=b'{"cmd": []}')

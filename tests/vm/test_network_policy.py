@@ -71,3 +71,43 @@ def test_a_policy_needs_network_and_a_known_mode(image: str) -> None:
                        network_policy={"mode": "deny"})  # fmt: skip
     with pytest.raises(TlimageError, match="not one of"):
         Sandbox.create(image, backend="namespace", network_policy={"mode": "open"})
+
+
+def test_the_http_api_takes_the_same_policy(image: str) -> None:
+    # POST /v1/sandboxes with `network_policy`, against a real `tl sbx serve`: enforced as
+    # Sandbox.create enforces it, and a bad policy is a 400 naming the field.
+    from tests.vm.test_http_api import _call, _serve, _stop
+    from tlimage.runtime.http import api_token
+
+    proc, url = _serve("127.0.0.1:0")
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    server = (host, int(port), api_token())
+
+    def reaches_via_api(addr: str, port: int, policy: dict) -> bool:
+        st, sb = _call(server, "POST", "/v1/sandboxes", {"image": image, "memory_mb": 64,
+                                                         "network_policy": policy})  # fmt: skip
+        assert st == 201, sb
+        sid = sb["sandbox_id"]
+        try:
+            st, r = _call(server, "POST", f"/v1/sandboxes/{sid}/exec",
+                          {"cmd": ["sh", "-c", f"nc -w 2 {addr} {port} </dev/null; echo done=1"]})  # fmt: skip
+            assert st == 200 and "done=1" in r["stdout"], r
+            return "hello" in r["stdout"]
+        finally:
+            _call(server, "DELETE", f"/v1/sandboxes/{sid}")
+
+    try:
+        with server_netns("198.51.100.9", "198.51.100.10", 30) as (addr, port, _ns):
+            assert reaches_via_api(addr, port, {"mode": "allow"})
+            assert not reaches_via_api(addr, port, {"mode": "deny"})
+            assert reaches_via_api(addr, port, {"mode": "deny", "allow": [addr]})
+            assert not reaches_via_api(addr, port, {"block": ["198.51.100.8/30"]})
+        for policy, says in [({"mode": "open"}, "network_policy.mode must be one of"),
+                             ({"block": "10.0.0.0/8"}, "network_policy.block must be an array"),
+                             ({"allow": ["no/such/thing"]}, "neither a CIDR"),
+                             ({"bogus": 1}, "unknown field 'network_policy.bogus'")]:  # fmt: skip
+            st, err = _call(server, "POST", "/v1/sandboxes",
+                            {"image": image, "network_policy": policy})  # fmt: skip
+            assert st == 400 and says in err["error"], (policy, err)
+    finally:
+        assert "Traceback" not in _stop(proc)

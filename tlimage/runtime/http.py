@@ -103,24 +103,25 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }  # fmt: skip
 
 
-def _body_fields(body: Any, spec: dict[str, tuple[str, bool]]) -> dict[str, Any]:
-    """Checks a JSON object against {field: (type, required)}; unknown fields are errors."""
+def _body_fields(body: Any, spec: dict[str, tuple[str, bool]], where: str = "") -> dict[str, Any]:
+    """Checks a JSON object against {field: (type, required)}; unknown fields are errors.
+    `where` names a nested object in the messages ("network_policy.")."""
     if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+        raise ApiError(400, f"{where.rstrip('.') or 'the request body'} must be a JSON object")
     for k in body:
         if k not in spec:
-            raise ApiError(400, f"unknown field {k!r}; expected one of: {', '.join(spec)}")
+            raise ApiError(400, f"unknown field {where + k!r}; expected one of: {', '.join(spec)}")
     out = {}
     for k, (kind, required) in spec.items():
         if k not in body or body[k] is None:
             if required:
-                raise ApiError(400, f"field {k!r} is required")
+                raise ApiError(400, f"field {where + k!r} is required")
             continue
         v = body[k]
         ok = isinstance(v, _TYPES[kind]) and not (kind in ("integer", "number")
                                                   and isinstance(v, bool))  # fmt: skip
         if not ok:
-            raise ApiError(400, f"field {k!r} must be a {kind}")
+            raise ApiError(400, f"field {where + k!r} must be a {kind}")
         out[k] = v
     return out
 
@@ -131,6 +132,23 @@ def _strings(v: Any, what: str) -> list[str]:
     if any("\0" in x for x in v):
         raise ApiError(400, f"{what} cannot contain NUL bytes")
     return v
+
+
+def _policy(v: Any) -> dict[str, Any] | None:
+    """A create request's `network_policy`: {mode: allow|deny|none, block: [...], allow: [...]}
+    (each optional; entries are CIDRs, addresses or host names), as `Sandbox.create` takes it."""
+    from tlimage.sandbox.network import MODES
+
+    if v is None:
+        return None
+    b = _body_fields(v, {"mode": ("string", False), "block": ("array", False),
+                         "allow": ("array", False)}, "network_policy.")  # fmt: skip
+    if b.get("mode", "allow") not in MODES:
+        raise ApiError(400, f"network_policy.mode must be one of: {', '.join(MODES)}")
+    for k in ("block", "allow"):
+        if k in b:
+            b[k] = _strings(b[k], f"network_policy.{k}")
+    return b
 
 
 def _env(v: Any) -> dict[str, str] | None:
@@ -221,6 +239,7 @@ class Api:
             "timeout_secs": ("number", False), "entrypoint": ("array", False),
             "env": ("object", False), "workdir": ("string", False), "user": ("string", False),
             "network": ("boolean", False), "secret_names": ("array", False),
+            "network_policy": ("object", False),
         })  # fmt: skip
         backend = b.get("backend", self.backend)
         if backend not in BACKENDS:
@@ -236,7 +255,7 @@ class Api:
             cpus=cpus or 1.0, memory=memory, timeout=_finite(b.get("timeout_secs"), "timeout_secs"),
             entrypoint=_strings(b["entrypoint"], "entrypoint") if "entrypoint" in b else None,
             env=_env(b.get("env")), workdir=b.get("workdir"), user=b.get("user"),
-            network=b.get("network", True),
+            network=b.get("network", True), network_policy=_policy(b.get("network_policy")),
             secret_names=_strings(b["secret_names"], "secret_names") if "secret_names" in b
             else None,
         )  # fmt: skip

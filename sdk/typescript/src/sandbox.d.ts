@@ -52,8 +52,18 @@ export interface CreateOptions extends ClientOptions {
   workdir?: string;
   user?: string;
   network?: boolean;
+  /** What the sandbox may reach (enforced outside it): "allow" internet (the default) or
+   * "deny" it ("none": loopback only); `block` and `allow` hold CIDRs, addresses or host
+   * names, and block wins over allow. */
+  networkPolicy?: NetworkPolicy;
   secretNames?: string[];
   client?: Client;
+}
+
+export interface NetworkPolicy {
+  mode?: "allow" | "deny" | "none";
+  block?: string[];
+  allow?: string[];
 }
 
 export interface ExecOptions {

@@ -111,7 +111,8 @@ function sandboxBody(o) {
   const body = {
     image: o.image, name: o.name, backend: o.backend, cpus: o.cpus, memory_mb: o.memoryMb,
     timeout_secs: o.timeoutSecs, entrypoint: o.entrypoint, env: o.env, workdir: o.workdir,
-    user: o.user, network: o.network, secret_names: o.secretNames,
+    user: o.user, network: o.network, network_policy: o.networkPolicy,
+    secret_names: o.secretNames,
   };
   return Object.fromEntries(Object.entries(body).filter(([, v]) => v !== undefined));
 }

@@ -59,6 +59,12 @@ test("Sandbox speaks the API of a live server", { skip }, async () => {
     assert.ok(listed.some((s) => s.id === sb.id));
     assert.equal((await Sandbox.get(sb.id)).id, sb.id);
     assert.ok(Array.isArray(await Sandbox.secretNames()));
+    await assert.rejects(Sandbox.create({ image, networkPolicy: { mode: "open" } }),
+      (e) => e instanceof ApiError && e.status === 400 && /network_policy\.mode/.test(e.message));
+    const walled = await Sandbox.create({ image, backend: "namespace",
+      networkPolicy: { mode: "deny", allow: ["127.0.0.1"], block: ["10.0.0.0/8"] } });
+    assert.equal(walled.last.status, "Running");
+    assert.equal((await walled.terminate()).status, "Terminated");
     const twin = await sb.clone();
     assert.equal((await twin.exec(["cat", "/tmp/n.txt"])).stdout, "from node");
     assert.equal((await twin.terminate()).status, "Terminated");

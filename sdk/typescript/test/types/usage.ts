@@ -40,7 +40,8 @@ base.env("K", true);
 // The sandbox API client.
 import { Sandbox, Client, ApiError } from "../../src/sandbox.js";
 async function sandboxUsage(): Promise<void> {
-  const sb = await Sandbox.create({ image: "x", secretNames: ["K"], memoryMb: 256 });
+  const sb = await Sandbox.create({ image: "x", secretNames: ["K"], memoryMb: 256,
+    networkPolicy: { mode: "deny", allow: ["pypi.org", "10.0.0.0/8"] } });
   const r = await sb.exec(["true"], { env: { A: "1" } });
   const code: number = r.exitCode;
   for await (const ev of sb.stream(["ls"])) {
@@ -56,5 +57,7 @@ async function sandboxUsage(): Promise<void> {
   await sb.exec("ls -la");
   // @ts-expect-error - create needs an image
   await Sandbox.create({ name: "n" });
+  // @ts-expect-error - the network policy's mode is a closed set
+  await Sandbox.create({ image: "x", networkPolicy: { mode: "block" } });
 }
 void sandboxUsage;
