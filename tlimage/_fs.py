@@ -959,7 +959,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o
 
 
 def flock_wait(target: int | str | os.PathLike[str], timeout: float | None,
-               on_wait: Callable[[], None] | None = None, *, shared: bool = False) -> int:  # fmt: skip
+               on_wait: Callable[[], None] | None = None, *,
+               shared: bool = False) -> int:  # fmt: skip
     """Take an flock (exclusive, or `shared`) on `target` — an open descriptor, or a path opened
     (created 0644) here — waiting at most `timeout` seconds (None: as long as it takes; 0: one
     try). flock itself has no timeout, so this polls with a growing pause (10 ms to 200 ms).

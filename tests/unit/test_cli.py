@@ -42,12 +42,23 @@ def test_several_images_need_a_choice() -> None:
     out = tl("sbx", "image", "compile", "image.py", cwd=folder)
     assert out.returncode == 2
     assert "defines several images (api, worker)" in out.stderr
-    assert "--image-name/-i" in out.stderr
+    assert "--image-name NAME" in out.stderr
     assert "Traceback" not in out.stderr
-    picked = tl("sbx", "image", "compile", "image.py", "-i", "worker", cwd=folder)
+    picked = tl("sbx", "image", "compile", "image.py", "--image-name", "worker", cwd=folder)
     assert picked.returncode == 0 and 'name="worker"' in picked.stdout
-    unknown = tl("sbx", "image", "compile", "image.py", "-i", "nope", cwd=folder)
+    assert "deprecated" not in picked.stderr
+    unknown = tl("sbx", "image", "compile", "image.py", "--image-name", "nope", cwd=folder)
     assert "no image named 'nope'; available: api, worker" in unknown.stderr
+    # -i means interactive in tl (as in docker); the old `-i NAME` still works, with a notice.
+    old = tl("sbx", "image", "compile", "image.py", "-i", "worker", cwd=folder)
+    assert old.returncode == 0 and 'name="worker"' in old.stdout
+    assert "`tl sbx image compile -i NAME` is deprecated" in old.stderr
+    assert "use --image-name NAME" in old.stderr
+    both = tl("sbx", "image", "compile", "image.py", "-i", "worker", "--image-name", "api",
+              cwd=folder)  # fmt: skip
+    assert both.returncode == 2 and "disagree" in both.stderr
+    helptext = tl("sbx", "image", "compile", "--help", cwd=folder).stdout
+    assert "--image-name" in helptext and " -i" not in helptext
 
 
 def test_user_mistakes_get_no_traceback(tmp_path: Path) -> None:

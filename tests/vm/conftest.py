@@ -28,7 +28,8 @@ def _live(state: str) -> dict[str, object]:
 
 
 @pytest.fixture(autouse=True)
-def _terminate_leftover_sandboxes(_isolated_state):  # noqa: ANN001, ANN202 - after it, before its undo
+def _terminate_leftover_sandboxes(_isolated_state):  # noqa: ANN001, ANN202
+    # Asks for _isolated_state so that it runs inside it: the sweep sees the test's folder.
     state = os.environ["TLIMAGE_STATE_DIR"]  # the test's own (tests/conftest.py)
     before = set(_live(state))
     yield

@@ -92,3 +92,32 @@ def test_a_name_from_another_source_needs_replace(ctx: Path, tmp_path: Path) -> 
     assert taken.returncode == 2 and "--replace" in taken.stderr, taken.stderr
     assert "holds an image from" in taken.stderr and "Traceback" not in taken.stderr
     build(".", "-n", "shared:v1", "--replace", cwd=other)
+
+
+def test_dash_i_means_interactive_and_the_old_image_spelling_still_works(ctx: Path) -> None:
+    # One meaning of -i across commands (docker's: interactive); `-i IMAGE` of `image create`
+    # and `new` keeps working with a deprecation notice, `--image-name`/`--image` without one.
+    (ctx / "image.py").write_text(
+        "from tlimage import Image\n"
+        "api = Image('api', base_image='busybox').copy('hello.txt', '/h').run('cat /h')\n"
+        "worker = Image('worker', base_image='busybox').copy('hello.txt', '/w').run('cat /w')\n"
+    )
+    events = build("image.py", "--image-name", "worker", cwd=ctx)
+    assert [e["name"] for e in events if e["event"] == "image_registered"][:1] == ["worker"]
+    old = tl("sbx", "image", "create", "image.py", "-i", "api", "--isolation", "namespace",
+             cwd=ctx)  # fmt: skip
+    assert old.returncode == 0, old.stderr
+    assert "`tl sbx image create -i NAME` is deprecated" in old.stderr
+    assert {"worker:latest", "api:latest"} <= registered(ctx)
+
+    new = tl("sbx", "new", "-i", "api", "--isolation", "namespace", "--timeout", "120", cwd=ctx)
+    assert new.returncode == 0, new.stderr
+    assert "`tl sbx new -i NAME` is deprecated" in new.stderr and "use --image NAME" in new.stderr
+    sid = new.stdout.strip()
+    try:
+        piped = tl("sbx", "exec", "-i", sid, "tr", "a-z", "A-Z", cwd=ctx, stdin="shout\n")
+        assert (piped.returncode, piped.stdout) == (0, "SHOUT\n"), piped.stderr
+        closed = tl("sbx", "exec", sid, "cat", cwd=ctx, stdin="not passed\n")  # no -i: no stdin
+        assert (closed.returncode, closed.stdout) == (0, ""), closed.stderr
+    finally:
+        tl("sbx", "terminate", sid, cwd=ctx)

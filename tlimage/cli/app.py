@@ -14,9 +14,11 @@ from tlimage.cli.options import (
     CacheDirOpt,
     InsecureRegistryOpt,
     Isolation,
+    OldImageOpt,
     PlatformOpt,
     ProjectOpt,
     RegistryAuthOpt,
+    deprecated_i,
     registry_config,
 )
 
@@ -94,7 +96,7 @@ FileArg = Annotated[
 ]
 ImageNameOpt = Annotated[
     str | None,
-    typer.Option("--image-name", "-i", help="Which image of the file (when it defines several)."),
+    typer.Option("--image-name", help="Which image of the file (when it defines several)."),
 ]
 BuildArgOpt = Annotated[
     list[str] | None,
@@ -143,9 +145,12 @@ def compile_(
     digests: Annotated[bool, typer.Option(help="Print each step's digest as a comment.")] = True,
     build_arg: BuildArgOpt = None,
     target: TargetOpt = None,
+    old_image_name: OldImageOpt = None,
 ) -> None:
     """Compile an image file to the build-step IR and print it (nothing is built)."""
     from tlimage import ir
+
+    image_name = deprecated_i(image_name, old_image_name, "tl sbx image compile", "--image-name")
 
     img = _load_one(file, image_name, _frontend_options(build_arg, target))
     if emit is Emit.ir:
@@ -286,6 +291,7 @@ def create(
             help="Reuse layers cached in this registry reference (repeatable).",
         ),
     ] = None,  # fmt: skip
+    old_image_name: OldImageOpt = None,
 ) -> int:
     """Build an image and register it for sandboxes.
 
@@ -297,6 +303,7 @@ def create(
     from tlimage.errors import TlimageError
     from tlimage.registry.db import parse_ref
 
+    image_name = deprecated_i(image_name, old_image_name, "tl sbx image create", "--image-name")
     named = [("--registered-name", registered_name)] if registered_name else []
     for opt, value in [*named, *(("--tag", t) for t in tag or ())]:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -50,3 +51,20 @@ def registry_config(insecure: list[str] | None, auth: list[str] | None):  # noqa
     from tlimage.oci.client import RegistryConfig
 
     return RegistryConfig.from_env(insecure=insecure or (), auth_files=auth or ())
+
+
+# `-i` means interactive in tl, as in Docker (`tl sbx exec -i`); the old `-i NAME` of `image
+# compile`, `image create` and `new` still works, hidden, with a deprecation notice.
+OldImageOpt = Annotated[str | None, typer.Option("-i", hidden=True)]
+
+
+def deprecated_i(new: str | None, old: str | None, command: str, instead: str) -> str | None:
+    """The value of an option that used to be spelled `-i`: `old` (after a notice), or `new`."""
+    if old is None:
+        return new
+    if new is not None and new != old:
+        raise typer.BadParameter(f"-i {old!r} and {instead} {new!r} disagree; drop -i",
+                                 param_hint="-i")  # fmt: skip
+    print(f"tl: `{command} -i NAME` is deprecated: -i means interactive in tl, as in docker; "
+          f"use {instead} NAME", file=sys.stderr)  # fmt: skip
+    return old

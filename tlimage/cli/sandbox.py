@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from tlimage.cli.options import CacheDirOpt, Isolation, ProjectOpt
+from tlimage.cli.options import CacheDirOpt, Isolation, OldImageOpt, ProjectOpt, deprecated_i
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON).")]
 IdArg = Annotated[str, typer.Argument(help="Sandbox id, unique id prefix, or name.")]
@@ -61,7 +61,6 @@ def register(sbx: typer.Typer) -> None:
             str,
             typer.Option(
                 "--image",
-                "-i",
                 help="Registered image NAME[:TAG], a base of `tl sbx image bases` "
                 "(default: the default base), or a registry image (pulled).",
             ),
@@ -142,10 +141,13 @@ def register(sbx: typer.Typer) -> None:
         project: ProjectOpt = None,
         cache_dir: CacheDirOpt = None,
         json_: JsonOpt = False,
+        old_image: OldImageOpt = None,
     ) -> None:
         """Boot a sandbox from a registered image (default: the default base) and print its id."""
         import json
         import shlex
+
+        image = deprecated_i(image or None, old_image, "tl sbx new", "--image") or ""
 
         from tlimage.builder.bases import CatalogBases
         from tlimage.runtime import Sandbox

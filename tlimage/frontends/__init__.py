@@ -80,7 +80,7 @@ def select(images: list[ImageDef], name: str | None, source: str | Path) -> Imag
         if len(images) > 1:
             raise DiscoveryError(
                 f"{source}: defines several images ({names})",
-                hint="pick one with --image-name/-i NAME",
+                hint="pick one with --image-name NAME",
             )
         return images[0]
     for img in images:

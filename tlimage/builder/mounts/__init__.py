@@ -7,8 +7,9 @@ module:
 - `key_inputs(builder, step, file_digests)`: what the mounts add to the step's cache key beyond
   their own definition (which is in the step already). A bind from the build context adds the
   digests of the files it shows (as COPY does, through the builder's `file_digests`); a bind or
-  cache seed `from=` another stage or image adds that stage's chain key or that image's id. Caches, tmpfs and secrets add nothing: a secret's value
-  never enters a key, and a cache's contents are by definition not an input.
+  cache seed `from=` another stage or image adds that stage's chain key or that image's id.
+  Caches, tmpfs and secrets add nothing: a secret's value never enters a key, and a cache's
+  contents are by definition not an input.
 - `StepMounts(builder, step, tmp)`: a context manager that prepares the `HostMount`s the
   executor mounts for the step and holds the cache-mount locks while it runs.
 
