@@ -38,6 +38,7 @@ MAX_SYMLINKS = 40
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
+OVERLAY_OPAQUE_XATTRS = (OVERLAY_OPAQUE_XATTR, "user.overlay.opaque")  # root's, rootless
 PAX_XATTR = "SCHILY.xattr."
 _CHUNK = 1 << 20
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -834,7 +835,7 @@ def lay_out_layers(layers: Sequence[str | os.PathLike[str]], dest: str | os.Path
 def _lay_dir(src: str, dst: str, place: str, *, top: bool, root_meta: bool, times: bool,
              xattrs: bool) -> None:  # fmt: skip
     st = os.lstat(src)
-    opaque = _overlay_opaque(src)
+    opaque = is_overlay_opaque(src)
     if not top:
         try:
             cur: os.stat_result | None = os.lstat(dst)
@@ -888,8 +889,9 @@ def _place_entry(src: str, dst: str, st: os.stat_result, place: str) -> None:
         os.chown(dst, st.st_uid, st.st_gid)
 
 
-def _overlay_opaque(path: str) -> bool:
-    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
+def is_overlay_opaque(path: str) -> bool:
+    """Whether the folder `path` is marked opaque the overlayfs way (trusted or user xattr)."""
+    for name in OVERLAY_OPAQUE_XATTRS:
         try:
             if os.getxattr(path, name, follow_symlinks=False) == b"y":
                 return True

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
-from tlimage._fs import ExtractStats
+from tlimage._fs import OVERLAY_OPAQUE_XATTRS, ExtractStats, is_overlay_opaque
 from tlimage.errors import CacheError
 
 if TYPE_CHECKING:
@@ -48,7 +48,6 @@ DEFAULT_LEVEL = 3
 _CHUNK = 1 << 20
 _KEPT_XATTR_PREFIXES = ("user.", "security.capability")
 _OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
-_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 _REFUSED_OVERLAY_XATTRS = ("redirect", "metacopy")
 _PAX_XATTR = "SCHILY.xattr."
 
@@ -172,7 +171,7 @@ def write_tar(
     entries = 0
     links: dict[tuple[int, int], str] = {}
     try:
-        if upper and ("" in opaque or _is_opaque(root)):
+        if upper and ("" in opaque or is_overlay_opaque(root)):
             tf.addfile(_marker(OPAQUE_MARKER, mtime))
             entries += 1
         for rel, path, st in _walk(root):
@@ -242,7 +241,8 @@ def _add(tf, rel, path, st, upper, opaque, links, mtime) -> int:
         ti.type = tarfile.DIRTYPE
         tf.addfile(ti)
         if upper and (
-            rel in opaque or (any(x in _OPAQUE_XATTRS for x in xattr_names) and _is_opaque(path))
+            rel in opaque
+            or (any(x in OVERLAY_OPAQUE_XATTRS for x in xattr_names) and is_overlay_opaque(path))
         ):
             tf.addfile(_marker(f"{rel}/{OPAQUE_MARKER}", mtime))
             return 2
@@ -296,16 +296,6 @@ def _marker(name: str, mtime: int) -> tarfile.TarInfo:
     ti.uname = ti.gname = ""
     ti.mtime = mtime
     return ti
-
-
-def _is_opaque(path: str) -> bool:
-    for name in _OPAQUE_XATTRS:
-        try:
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
-                return True
-        except OSError:
-            pass
-    return False
 
 
 def _listxattr(path: str, follow: bool = True) -> list[str]:
