@@ -92,7 +92,7 @@ def test_auth_and_errors(server) -> None:  # noqa: ANN001
     for policy, says in [
         (b'{"mode": "open"}', "network_policy.mode must be one of: allow"),
         (b'{"allow": [1]}', "network_policy.allow must be an array of strings"),
-        (b"[]", "field 'network_policy' must be a"),
+        (b"[]", "field 'network_policy' must be an object"),
         (b'{"mode": 1}', "field 'network_policy.mode' must be a string"),
     ]:
         status, _, body = _req(

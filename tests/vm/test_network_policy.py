@@ -103,7 +103,7 @@ def test_the_http_api_takes_the_same_policy(image: str) -> None:
             assert reaches_via_api(addr, port, {"mode": "deny", "allow": [addr]})
             assert not reaches_via_api(addr, port, {"block": ["198.51.100.8/30"]})
         for policy, says in [({"mode": "open"}, "network_policy.mode must be one of"),
-                             ({"block": "10.0.0.0/8"}, "network_policy.block must be an array"),
+                             ({"block": "10.0.0.0/8"}, "'network_policy.block' must be an array"),
                              ({"allow": ["no/such/thing"]}, "neither a CIDR"),
                              ({"bogus": 1}, "unknown field 'network_policy.bogus'")]:  # fmt: skip
             st, err = _call(server, "POST", "/v1/sandboxes",

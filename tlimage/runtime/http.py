@@ -121,7 +121,8 @@ def _body_fields(body: Any, spec: dict[str, tuple[str, bool]], where: str = "") 
         ok = isinstance(v, _TYPES[kind]) and not (kind in ("integer", "number")
                                                   and isinstance(v, bool))  # fmt: skip
         if not ok:
-            raise ApiError(400, f"field {where + k!r} must be a {kind}")
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise ApiError(400, f"field {where + k!r} must be {article} {kind}")
         out[k] = v
     return out
 
