@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tlimage.errors import TlimageError
-from tlimage.sandbox import cgroup, harden, network
+from tlimage.sandbox import cgroup, harden, network, spawner
 
 HERE = Path(__file__).resolve().parent
 TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -232,6 +232,14 @@ def _launch(module: str, spec: dict, *, unshare: int = 0, cgroup_procs: list[str
     return proc
 
 
+def _spawn(spec: dict, **kw: object) -> spawner.Launched:
+    """`_init.main(spec)` forked by the spawner (see _launch for the arguments)."""
+    try:
+        return spawner.launch("_init", json.dumps({**spec, "lib": str(HERE)}).encode(), **kw)
+    except (spawner.SpawnError, OSError) as e:
+        raise SandboxError(f"the sandbox could not start: {e}") from None
+
+
 def _flags(spec: dict) -> int:
     flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWCGROUP
     return flags if spec.get("host_network") else flags | CLONE_NEWNET
@@ -301,10 +309,10 @@ def _run_step(spec: dict, secrets: bytes, emit: Output, timeout: float | None,
     try:
         if parent:
             parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        proc = _launch("_init", spec, unshare=_flags(spec), die_with_parent=True,
-                       cgroup_procs=spec.get("cgroup_procs", []), pass_fds=fds,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+        proc = _spawn(spec, unshare=_flags(spec), die_with_parent=True,
+                      cgroup_procs=spec.get("cgroup_procs", []), pass_fds=fds,
+                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     except BaseException:
         for fd in (status_r, status_w, secrets_r, secrets_w):
             if fd >= 0:
@@ -351,7 +359,7 @@ def _run_step(spec: dict, secrets: bytes, emit: Output, timeout: float | None,
             proc.wait(left)
         except subprocess.TimeoutExpired:
             raise on_timeout() from None
-        failure = read_all(status_r)
+        failure = read_all(status_r) or proc.error
     except BaseException:
         _kill(proc)
         raise
@@ -370,7 +378,7 @@ def _run_step(spec: dict, secrets: bytes, emit: Output, timeout: float | None,
     return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _kill(proc: spawner.Launched) -> None:
     """SIGKILL to the launcher's process group, PID 1 included (which takes the whole PID
     namespace down); PID 1 would also die with the launcher."""
     try:
@@ -400,19 +408,23 @@ def start_box(spec: dict, log: Path, timeout: float,
         spec = {**spec, "mode": "box", "sock_fd": child.fileno(), "seccomp": _seccomp(unsafe)}
         fds = (child.fileno(),) + ((exit_w,) if exit_w >= 0 else ())
         with open(log, "ab") as out:
-            proc = _launch("_init", spec, unshare=_flags(spec),
-                           cgroup_procs=spec.get("cgroup_procs", []), pass_fds=fds,
-                           stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                           start_new_session=True)  # fmt: skip
+            proc = _spawn(spec, unshare=_flags(spec),
+                          cgroup_procs=spec.get("cgroup_procs", []), pass_fds=fds,
+                          stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                          start_new_session=True)  # fmt: skip
         child.close()
         if exit_w >= 0:
             os.close(exit_w)
             exit_w = -1
-        proc.wait()  # it forks PID 1 and leaves it to the host's init
+        # The launcher forks PID 1, leaves it to the host's init and exits; when it failed
+        # first, the socket's other end closes and its reason is the spawner's.
         text, pid = _recv(parent, timeout)
         if text == "attach" and pid is not None:
             net = _give_network(parent, pid, spec, exit_fd=exit_r)
             text, pid = _recv(parent, timeout)
+        proc.wait()
+        if proc.error:
+            raise SandboxError(proc.error)
         if text != "ready" or pid is None:
             raise SandboxError(text.removeprefix("error: ") if text else _log_tail(log))
     except BaseException:
