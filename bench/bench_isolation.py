@@ -20,7 +20,9 @@ Needs root, buildah and runc. Everything runs on the busybox base (built on firs
    Targets (issue 11): <= 50 ms and <= 0.2x Buildah.
 2. Sandbox create rate through the Python API: Sandbox.create("bench", backend="namespace")
    (a registered image: busybox + one RUN; and once by the catalog base's name) for N
-   sandboxes, sequentially and from a thread pool, then terminate; sandboxes/s against
+   sandboxes, sequentially and from a thread pool, then terminate; through the HTTP API
+   (`tl sbx serve`, --threads clients on keep-alive connections POSTing /v1/sandboxes, the
+   issue's measure), with and without network; sandboxes/s against
    `runc run -d` of the same tree (a sleeping container, its default spec: namespaces,
    default caps, seccomp off in runc's bare spec) and the issue's >= 50/s target.
 Each line prints the median and p90 in ms.
@@ -196,6 +198,62 @@ def create_rate(n: int, threads: int, network: bool, image: str = "bench"
     return n / wall, each
 
 
+def api_rate(n: int, threads: int, network: bool) -> tuple[float, list[float]]:
+    """Creates through the HTTP API: a `tl sbx serve` process, `threads` clients on keep-alive
+    connections each POSTing /v1/sandboxes; then DELETE each."""
+    import http.client
+
+    from tlimage.runtime.http import api_token
+
+    code = "import sys; from tlimage.cli import main; sys.exit(main(sys.argv[1:]))"
+    srv = subprocess.Popen([sys.executable, "-c", code, "sbx", "serve", "-q", "--listen",
+                            "127.0.0.1:0", "--backend", "namespace"], stdout=subprocess.PIPE,
+                           text=True)  # fmt: skip
+    try:
+        assert srv.stdout is not None
+        url = srv.stdout.readline().split(" on ", 1)[1].strip()
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        auth = {"Authorization": f"Bearer {api_token()}", "Content-Type": "application/json"}
+        body = json.dumps({"image": "bench", "network": network}).encode()
+        each: list[float] = []
+        ids: list[str] = []
+
+        def client(count: int) -> None:
+            c = http.client.HTTPConnection(host, int(port), timeout=120)
+            for _ in range(count):
+                t1 = time.perf_counter()
+                c.request("POST", "/v1/sandboxes", body=body, headers=auth)
+                r = c.getresponse()
+                data = r.read()
+                if r.status >= 300:
+                    raise SystemExit(f"POST /v1/sandboxes: {r.status} {data[:300]!r}")
+                each.append(time.perf_counter() - t1)
+                ids.append(json.loads(data)["id"])
+            c.close()
+
+        warm = http.client.HTTPConnection(host, int(port), timeout=120)  # the server's first
+        warm.request("POST", "/v1/sandboxes", body=body, headers=auth)  # create starts its
+        r = warm.getresponse()  # spawner
+        ids.append(json.loads(r.read())["id"])
+        counts = [n // threads + (i < n % threads) for i in range(threads)]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(client, counts))
+        wall = time.perf_counter() - t0
+        for sid in ids:
+            warm.request("DELETE", f"/v1/sandboxes/{sid}", headers=auth)
+            warm.getresponse().read()
+        warm.close()
+    finally:
+        srv.terminate()
+        try:
+            srv.wait(10)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.wait()
+    return n / wall, each
+
+
 def runc_rate(tree: Path, n: int) -> tuple[float, list[float]]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-runc-", dir="/var/tmp"))
     ids = [f"tlbench-{os.getpid()}-{i}" for i in range(n)]
@@ -241,14 +299,22 @@ def bench_create(tree: Path, n: int, threads: int) -> None:
             label = f"{'network' if network else 'no network'}, {th} thread{'s' * (th > 1)}"
             rates[(network, th)] = rate
             line(f"create {label}", each, f"{rate:6.1f} sandboxes/s")
+    for network in (False, True):
+        rate, each = api_rate(n, threads, network)
+        rates[("api", network)] = rate
+        line(f"HTTP API create, {'network' if network else 'no network'}, {threads} cl.", each,
+             f"{rate:6.1f} sandboxes/s")  # fmt: skip
     rate, each = create_rate(n, 1, False, "busybox")
     line("create by base name, no net, 1 th.", each, f"{rate:6.1f} sandboxes/s  (catalog base: "
          "opens a layer-cache session per create)")  # fmt: skip
     r_rate, r_each = runc_rate(tree, n)
     line("runc run -d (sleep), sequential", r_each, f"{r_rate:6.1f} containers/s")
+    api = rates[("api", False)]
     best = max(rates.values())
-    print(f"  best tlimage rate {best:.1f}/s: {best / r_rate:.2f}x runc's; target >= 50/s: "
-          f"{'yes' if best >= 50 else 'no'}")  # fmt: skip
+    print(f"  ratio HTTP API create rate (no network) / runc run -d   {api / r_rate:6.2f}x")
+    print(f"  HTTP API create rate {api:.1f}/s (with network {rates[('api', True)]:.1f}/s); "
+          f"best rate {best:.1f}/s; target >= 50/s through the API: "
+          f"{'yes' if api >= 50 else 'no'}")  # fmt: skip
 
 
 def main() -> None:

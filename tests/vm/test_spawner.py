@@ -108,6 +108,9 @@ def test_the_callers_death_ends_the_spawner_and_its_steps(tmp_path: Path, base: 
         line = caller.stdout.readline().decode()
         assert line.endswith(" started\n"), line
         helper = int(line.split()[0])
+        deadline = time.monotonic() + 10  # `exec sleep` follows the echo
+        while not _sleepers() and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert _sleepers()
     finally:
         caller.kill()
