@@ -975,6 +975,35 @@ static void perm_bind_file(const char *root, const char *rel, const char *src) {
     mount(src, path, NULL, MS_BIND, NULL);
 }
 
+/* Set when the VM boots the image's own init (runner/init, tl.init=systemd): the write end of a
+ * pipe PID 1 reads. After SANDBOX has mounted the root, the agent writes the root's path there,
+ * PID 1 chroots into it and execs /sbin/init (so systemd is PID 1 and the agent its child, in
+ * the root cgroup, which systemd leaves alone), and the agent waits for systemd's private bus
+ * socket before it answers, so `systemctl` works from the first EXEC on. */
+static int init_fd = -1;
+#define INIT_WAIT_SECONDS 150
+
+static int start_init(const char *root) {
+    char path[4096], sock[4096];
+    struct stat st;
+    if (resolve_in_root(root, "/sbin/init", 0, path, sizeof path, NULL) < 0 || stat(path, &st) < 0
+        || !S_ISREG(st.st_mode) || !(st.st_mode & 0111)) {
+        send_error("SANDBOX: the image boots its own init, but it has no /sbin/init");
+        return -1;
+    }
+    dprintf(init_fd, "%s\n", root);
+    close(init_fd);
+    init_fd = -1;
+    snprintf(sock, sizeof sock, "%s/run/systemd/private", root);
+    for (int i = 0; i < INIT_WAIT_SECONDS * 20; i++) {
+        if (stat(sock, &st) == 0 && S_ISSOCK(st.st_mode)) return 0;
+        usleep(50000);
+    }
+    send_error("SANDBOX: systemd did not open %s within %d s", sock + strlen(root),
+               INIT_WAIT_SECONDS);
+    return -1;
+}
+
 static void do_sandbox(rd_t *r) {
     char *root = rd_str(r);
     unsigned network = rd_u8(r);
@@ -986,7 +1015,9 @@ static void do_sandbox(rd_t *r) {
     } else {
         if (strcmp(root, "/") != 0) {
             perm_mount(root, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
-            perm_mount(root, "/sys", "sysfs", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL);
+            /* systemd (and udev) write to /sys; the agent's own commands get it read-only */
+            perm_mount(root, "/sys", "sysfs", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC |
+                       (init_fd >= 0 ? 0 : MS_RDONLY), NULL);
             perm_mount(root, "/dev", "/dev", NULL, MS_BIND | MS_REC, NULL);
             if (network) {
                 perm_bind_file(root, "/etc/resolv.conf", "/tl/etc/resolv.conf");
@@ -999,7 +1030,7 @@ static void do_sandbox(rd_t *r) {
         free(sandbox_root);
         sandbox_root = strdup(root);
         sandbox_mode = 1;
-        send_frame(T_OK, NULL, 0);
+        if (init_fd < 0 || start_init(root) == 0) send_frame(T_OK, NULL, 0);
     }
     free(root);
     free(hostname);
@@ -1492,6 +1523,12 @@ int main(int argc, char **argv) {
     }
     fcntl(chan_in, F_SETFD, FD_CLOEXEC);
     fcntl(chan_out, F_SETFD, FD_CLOEXEC);
+    const char *ifd = getenv("TL_INIT_FD");
+    if (ifd && !stdio_mode) {
+        init_fd = atoi(ifd);
+        if (fcntl(init_fd, F_SETFD, FD_CLOEXEC) < 0) init_fd = -1;
+        unsetenv("TL_INIT_FD");
+    }
     signal(SIGPIPE, SIG_IGN);
     if (pipe2(sigchld_pipe, O_CLOEXEC | O_NONBLOCK) < 0) die("pipe: %s", strerror(errno));
     struct sigaction sa = {0};

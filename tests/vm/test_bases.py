@@ -1,8 +1,9 @@
 """The catalog's Debian bases, built for real with mmdebstrap from the Debian archive: modes and
 owners exactly as the packages declare them (as a sandbox sees the base), `apt_install` works,
 `python` is python3, pip behaves the same in build steps and sandboxes, the systemd variants
-get a clear error on the namespace backend, and debian-vnc's TigerVNC serves RFB and its X tools
-take a screenshot of the XFCE desktop (debian-vnc is ~900 MB and ~5 minutes to build;
+get a clear error on the namespace backend and boot systemd as PID 1 in the microVM (a unit
+enabled at build time starts, systemd-run works), and debian-vnc's TigerVNC serves RFB and its
+X tools take a screenshot of the XFCE desktop (debian-vnc is ~900 MB and ~5 minutes to build;
 TLIMAGE_TEST_VNC=0 leaves it out)."""
 
 from __future__ import annotations
@@ -156,6 +157,69 @@ def microvm_sandbox(base: str, cache: Path):  # noqa: ANN201
     from tlimage import Sandbox  # the one that knows the base catalog
 
     return Sandbox.create(base, backend="microvm", cache_dir=cache, timeout=900, memory=512)
+
+
+# A unit enabled at build time: it must start when the sandbox boots. The build step itself
+# runs without systemd (as in Docker): PID 1 there is not systemd.
+HELLO_UNIT = """[Unit]
+Description=tlimage test unit enabled at build time
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c "echo booted > /run/tl-hello"
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("qemu-system-x86_64") is None,
+    reason="qemu-system-x86 is not installed (scripts/setup.sh installs it)",
+)
+def test_debian_systemd_boots_systemd_as_pid1_in_the_microvm(archive, shared_cache: Path) -> None:
+    import time
+
+    from tlimage import Image
+    from tlimage.builder import build_image
+    from tlimage.runtime import Sandbox
+
+    events: list[dict] = []
+    img = (Image("systemd-probe", base_image="debian-systemd")
+           .run(f"printf '%s' '{HELLO_UNIT}' > /etc/systemd/system/tl-hello.service && "
+                "systemctl enable tl-hello.service && "
+                "echo \"build step PID 1: $(cat /proc/1/comm)\""))  # fmt: skip
+    build_image(img, emit=events.append, cache_dir=shared_cache, isolation="namespace",
+                no_cache=True)  # fmt: skip
+    logs = "".join(e.get("data", "") for e in events if e["event"] == "build_log")
+    assert "build step PID 1: " in logs and "build step PID 1: systemd" not in logs, logs[-2000:]
+
+    # An image built FROM debian-systemd carries the base's init label: it boots systemd.
+    sb = Sandbox.create("systemd-probe", backend="microvm", cache_dir=shared_cache,
+                        timeout=900, memory=512)  # fmt: skip
+    try:
+        pid1 = sb.exec("cat", "/proc/1/comm")
+        assert pid1.exit_code == 0 and pid1.stdout.decode().strip() == "systemd", pid1.stderr
+        state = sb.exec("sh", "-c", "timeout 300 systemctl is-system-running --wait; "
+                        "systemctl --failed --no-legend --plain", timeout=330)  # fmt: skip
+        out = state.stdout.decode()
+        print(out)  # the failed units, when degraded
+        assert out.split("\n")[0] in ("running", "degraded"), (out, state.stderr)
+        assert sb.exec("cat", "/run/tl-hello").stdout == b"booted\n"
+        run = sb.exec(
+            "sh",
+            "-c",
+            "systemd-run --unit=tl-sleep sleep 600 && "
+            "systemctl is-active tl-sleep && systemctl show -p MainPID --value tl-sleep",
+        )
+        lines = run.stdout.decode().split()
+        assert run.exit_code == 0 and lines[0] == "active", (run.stdout, run.stderr)
+        # the unit's process is systemd's child, in the unit's cgroup
+        cg = sb.exec("cat", f"/proc/{lines[1]}/cgroup").stdout.decode()
+        assert "tl-sleep.service" in cg, cg
+    finally:
+        t0 = time.monotonic()
+        sb.terminate()
+        assert time.monotonic() - t0 < 30
 
 
 VNC_PROBE = r"""

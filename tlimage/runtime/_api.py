@@ -291,11 +291,12 @@ class Sandbox:
         be_name, accel = select_backend(backend, Path(cache) if cache else None, notice)
         unsafe = be_name == "namespace-unsafe"
         be_name = "namespace" if unsafe else be_name
-        img = _image_or_base(Registry(), proj, image, cache_dir, notice, be_name, bases)
+        img = _image_or_base(Registry(), proj, image, cache_dir, notice,
+                             "auto" if backend == "auto" else be_name, bases)  # fmt: skip
         if not img.manifest.layers:
             raise RuntimeError_(f"image {img.ref} has no layers; nothing to boot")
         if img.manifest.config.get("labels", {}).get("org.tlimage.init") == "systemd":
-            _systemd_check(img.ref, be_name)
+            be_name, accel = _systemd_backend(img.ref, backend, be_name, accel, notice)
         if isinstance(env, dict):
             env = [f"{k}={v}" for k, v in env.items()]
         sandbox_env = list(env or [])
@@ -965,6 +966,20 @@ def new_id() -> str:
     return "sb-" + "".join(secrets.choice(alphabet) for _ in range(10))
 
 
+def _systemd_backend(ref: str, requested: str, be_name: str, accel: str | None,
+                     notice: Callable[[str], None] | None) -> tuple[str, str | None]:  # fmt: skip
+    """An image whose init is systemd boots it as PID 1 in the microVM only: `auto` that
+    chose the namespace sandbox (no KVM) takes the microVM under TCG instead, said once."""
+    if be_name == "namespace" and requested == "auto":
+        from tlimage.notices import once
+
+        once("systemd-microvm", "tcg", f"{ref} boots systemd as init: it runs in the microVM "
+             "(without KVM: emulated, slower to start)", notice)  # fmt: skip
+        return "microvm", None
+    _systemd_check(ref, be_name)
+    return be_name, accel
+
+
 def _systemd_check(ref: str, be_name: str) -> None:
     if be_name == "namespace":
         raise RuntimeError_(
@@ -1004,7 +1019,7 @@ def _image_or_base(
     name, _, tag = image.partition(":")
     init = bases.init(name) if bases is not None and tag in ("", "latest") else None
     if init is not None:
-        if init == "systemd":
+        if init == "systemd" and be_name != "auto":
             _systemd_check(image, be_name)
         return bases.image(name, Path(cache_dir) if cache_dir else None)
     return reg.get(proj, image)  # raises, naming what is registered

@@ -556,8 +556,19 @@ def qemu_argv(rec: SandboxRecord, kit: GuestKit, accel: str, disks: list[Path],
         cpus=max(1, min(math.ceil(rec.cpus), os.cpu_count() or 1)), disks=disks,
         scratch=rec.path / "scratch.img", console=rec.path / "console.log",
         qmp=run / "qmp.sock", ctl=run / "ctl.sock", network=rec.network,
-        ram_file=rec.path / "ram" if file_ram else None, why="to run microVM sandboxes",
+        ram_file=rec.path / "ram" if file_ram else None, boot_init=boots_systemd(rec),
+        why="to run microVM sandboxes",
     )  # fmt: skip
+
+
+INIT_LABEL = "org.tlimage.init"  # tlimage.builder.bases sets it on bases whose init is systemd
+
+
+def boots_systemd(rec: SandboxRecord) -> bool:
+    """Whether the sandbox's image says its init is systemd (the label comes from the catalog
+    base and is inherited by every image built FROM it): the microVM then boots it as PID 1."""
+    labels = rec.extra.get("image_config", {}).get("labels") or {}
+    return labels.get(INIT_LABEL) == "systemd"
 
 
 # --- client side of the shim -----------------------------------------------------------------

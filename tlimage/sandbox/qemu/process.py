@@ -135,10 +135,12 @@ def host_tsc_khz() -> int | None:
 def qemu_command(kit: GuestKit, accel: str, *, memory_mb: int, cpus: int, disks: list[Path],
                  scratch: Path, console: Path, qmp: Path, ctl: Path, network: bool,
                  ram_file: Path | None = None, scratch_cache_unsafe: bool = False,
-                 why: str = "to run a microVM") -> list[str]:  # fmt: skip
+                 boot_init: bool = False, why: str = "to run a microVM") -> list[str]:  # fmt: skip
     """QEMU's argv. `disks` are attached read-only (serial tl-l<i>), `scratch` writable
     (serial tl-scratch); `ram_file` backs the guest's RAM with a shared file (for suspend);
-    `scratch_cache_unsafe` skips flushes to a scratch disk that is thrown away."""
+    `scratch_cache_unsafe` skips flushes to a scratch disk that is thrown away; `boot_init`
+    (a sandbox of an image whose init is systemd) has the guest boot the root's /sbin/init as
+    PID 1 once the sandbox is set up (runner/init, tl.init=systemd)."""
     qemu = require_tool("qemu-system-x86_64", why)
     append = [
         "console=ttyS0",
@@ -153,6 +155,10 @@ def qemu_command(kit: GuestKit, accel: str, *, memory_mb: int, cpus: int, disks:
         append.append(f"tsc_early_khz={khz}")
     if network:
         append.append("tl.net=1")
+    if boot_init:
+        # The image has no modules of the guest's kernel (the initramfs loads what it needs),
+        # so systemd's module loader has nothing to do and would only fail.
+        append += ["tl.init=systemd", "systemd.mask=systemd-modules-load.service"]
     machine = MACHINE
     cmd = [qemu]
     if ram_file is not None:

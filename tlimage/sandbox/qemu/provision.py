@@ -36,7 +36,9 @@ KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 # What the guest needs beyond the built-in drivers: virtio-mmio transport (microvm has no PCI),
 # block, console (virtio-serial), net, rng and overlayfs. ext4 is built into Debian's kernel;
-# if a kernel ships it as a module it is resolved like the rest.
+# if a kernel ships it as a module it is resolved like the rest. autofs4 and binfmt_misc:
+# systemd (PID 1 in sandboxes of systemd images) wants them for its automount units and
+# systemd-binfmt, and cannot load them itself: the image holds no modules of this kernel.
 GUEST_MODULES = (
     "virtio_mmio",
     "virtio_blk",
@@ -45,6 +47,8 @@ GUEST_MODULES = (
     "virtio_rng",
     "overlay",
     "ext4",
+    "autofs4",
+    "binfmt_misc",
 )
 
 
@@ -219,6 +223,7 @@ def _memo_key(cache_dir: Path | None) -> str:
         [
             PROVISION_FORMAT,
             _runner_digest(runner_source_dir()),
+            GUEST_MODULES,
             *(
                 mtime(p)
                 for p in (
