@@ -96,6 +96,25 @@ def test_qemu_command_line(tmp_path: Path) -> None:
     eph = qemu_argv(record(tmp=tmp_path, network=False), kit, "kvm", [], False)
     assert "memory-backend" not in " ".join(eph) and "-netdev" not in eph
     assert eph[eph.index("-accel") + 1] == "kvm"
+    assert "tl.init=" not in joined  # an image without an init label: the agent's guest init
+    labels = {"org.tlimage.init": "systemd", "x": "y"}
+    sysd = record(tmp=tmp_path, extra={"image_config": {"labels": labels}})
+    append = " ".join(qemu_argv(sysd, kit, "tcg", [], False))
+    assert "tl.init=systemd" in append and "systemd.mask=systemd-modules-load.service" in append
+
+
+def test_a_systemd_image_takes_the_microvm_unless_the_namespace_backend_was_asked_for() -> None:
+    from tlimage.errors import RuntimeError_
+    from tlimage.runtime._api import _systemd_backend
+
+    said: list[str] = []
+    assert _systemd_backend("debian-systemd", "auto", "namespace", None, said.append) == (
+        "microvm",
+        None,
+    )
+    assert _systemd_backend("img", "auto", "microvm", "kvm", said.append) == ("microvm", "kvm")
+    with pytest.raises(RuntimeError_, match="boots systemd as init, which the namespace backend"):
+        _systemd_backend("img", "namespace", "namespace", None, said.append)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts are device nodes: mknod needs root")
