@@ -256,3 +256,26 @@ def test_debian_vnc_serves_rfb_and_takes_a_screenshot(archive, shared_cache: Pat
     assert "banner: RFB 003.008" in logs, logs[-3000:]
     size = int(logs.split("screenshot bytes:")[1].split()[0])
     assert size > 1024 * 768 * 3, logs[-2000:]  # a 24-bit 1024x768 XWD dump
+
+
+@pytest.mark.skipif(
+    os.environ.get("TLIMAGE_TEST_VNC") == "0" or shutil.which("qemu-system-x86_64") is None,
+    reason="TLIMAGE_TEST_VNC=0 (debian-vnc not tested) or qemu-system-x86 is not installed",
+)
+def test_debian_vnc_in_the_microvm_starts_its_desktop_units(archive, shared_cache: Path) -> None:
+    # systemd (PID 1) starts the base's own units: TigerVNC on :1 and the XFCE session on it.
+    from tlimage.runtime import Sandbox
+
+    with Sandbox.create("debian-vnc", backend="microvm", cache_dir=shared_cache, timeout=1200,
+                        memory=1024) as sb:  # fmt: skip
+        r = sb.exec("sh", "-c", "timeout 500 systemctl is-system-running --wait; "
+                    "systemctl --failed --no-legend --plain; "
+                    "systemctl is-active tlimage-vnc tlimage-xfce", timeout=530)  # fmt: skip
+        print(r.stdout.decode())
+        lines = r.stdout.decode().split()
+        assert lines[0] in ("running", "degraded") and lines[-2:] == ["active", "active"], lines
+        probe = ("import socket; s = socket.create_connection(('127.0.0.1', 5901), timeout=10); "
+                 "print(s.recv(12).decode().strip())")  # fmt: skip
+        assert sb.exec("python3", "-c", probe).stdout.decode().strip() == "RFB 003.008"
+        shot = sb.exec("sh", "-c", "DISPLAY=:1 xwd -root -silent | wc -c", timeout=120)
+        assert int(shot.stdout.decode()) > 1280 * 800 * 3, shot.stderr  # the unit's 1280x800
