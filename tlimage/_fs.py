@@ -613,10 +613,13 @@ def _ns(mtime: float) -> int:
 
 def _copy_to_fd(src: BinaryIO, fd: int) -> None:
     while chunk := src.read(_CHUNK):
-        view = memoryview(chunk)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        _write_all(fd, chunk)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def extract_tar(
@@ -707,31 +710,26 @@ class TreeWriter:
             os.close(pfd)
 
     def file_from(self, path: str, src_fd: int, *, mode: int, uid: int, gid: int) -> None:
-        pfd, base = self._parent(path)
-        try:
-            _remove_at(pfd, base)
-            fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=pfd)  # fmt: skip
-            try:
-                with os.fdopen(os.dup(src_fd), "rb") as src:
-                    _copy_to_fd(src, fd)  # type: ignore[arg-type]
-                os.fchown(fd, uid, gid)
-                os.fchmod(fd, mode)
-            finally:
-                os.close(fd)
-        finally:
-            os.close(pfd)
+        def fill(fd: int) -> None:
+            with os.fdopen(os.dup(src_fd), "rb") as src:
+                _copy_to_fd(src, fd)  # type: ignore[arg-type]
+
+        self._new_file(path, fill, mode=mode, uid=uid, gid=gid)
 
     def file_bytes(self, path: str, data: bytes, *, mode: int, uid: int, gid: int) -> None:
+        self._new_file(path, lambda fd: _write_all(fd, data), mode=mode, uid=uid, gid=gid)
+
+    def _new_file(self, path: str, fill: Callable[[int], None], *, mode: int, uid: int,
+                  gid: int) -> None:  # fmt: skip
+        """Create `path` afresh (whatever was there is removed first; never opened), filled by
+        `fill(fd)`, then owned and moded through its descriptor."""
         pfd, base = self._parent(path)
         try:
             _remove_at(pfd, base)
             fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o600, dir_fd=pfd)  # fmt: skip
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                fill(fd)
                 os.fchown(fd, uid, gid)
                 os.fchmod(fd, mode)
             finally:
@@ -940,9 +938,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o
                      mode)  # fmt: skip
         try:
             os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, data)
             if durable:
                 os.fsync(fd)
         finally:
