@@ -326,3 +326,62 @@ def test_uncompressed_write_tar_is_a_valid_tar(tmp_path):
     stats = write_tar(src, buf, upper=False)
     assert stats.entries == 1 and stats.uncompressed_size == len(buf.getvalue())
     assert len(buf.getvalue()) % 10240 == 0
+
+
+def _gzip_members(data: bytes, parts: int) -> bytes:
+    """`data` as `parts` gzip members back to back (as pigz and some registries write)."""
+    import gzip
+
+    step = max(1, len(data) // parts)
+    return b"".join(gzip.compress(data[i : i + step], mtime=0) for i in range(0, len(data), step))
+
+
+@pytest.mark.parametrize("kind", ["zstd", "gzip", "gzip-members", "gzip-padded", "none"])
+def test_stored_layer_read_in_any_compression(tmp_path, kind):
+    """A stored layer is read whatever its compression (pulled layers keep the registry's
+    gzip bytes): told by its first bytes, through apply, the overlay unpack and open_tar."""
+    import hashlib
+
+    from tlimage.cache.layer import open_tar, sniff_compression
+    from tlimage.cache.unpacked import unpacked_layer
+
+    src = tmp_path / "src"
+    make_tree(src, [Entry("dir", "d"), Entry("file", "d/a", os.urandom(200_000)),
+                    Entry("file", "b", b"text\n" * 50_000)])  # fmt: skip
+    buf = io.BytesIO()
+    stats = write_tar(src, buf, upper=False)
+    tar = buf.getvalue()
+    blob = {
+        "zstd": zstandard.ZstdCompressor().compress(tar),
+        "gzip": _gzip_members(tar, 1),
+        "gzip-members": _gzip_members(tar, 5),
+        "gzip-padded": _gzip_members(tar, 1) + b"\0" * 1024,
+        "none": tar,
+    }[kind]
+    assert sniff_compression(blob[:4]) == kind.split("-")[0]
+    store = BlobStore(tmp_path / "cache")
+    ref = store.put_bytes(blob)
+    with store.open(ref.digest, verify=True) as raw:
+        stream, found = open_tar(raw)
+        assert found == kind.split("-")[0]
+        assert hashlib.sha256(stream.read()).hexdigest() == stats.diff_id.split(":")[1]
+    with store.open(ref.digest, verify=True) as raw:
+        apply_layer(raw, tmp_path / "dest")
+    assert snapshot_tree(tmp_path / "dest") == snapshot_tree(src)
+    lower = unpacked_layer(store, ref.digest)
+    assert (lower / "d" / "a").read_bytes() == (src / "d" / "a").read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_bad_gzip_layer_is_a_layer_error(tmp_path, damage):
+    src = tmp_path / "src"
+    make_tree(src, [Entry("file", "a", os.urandom(100_000))])
+    buf = io.BytesIO()
+    write_tar(src, buf, upper=False)
+    blob = _gzip_members(buf.getvalue(), 1)
+    if damage == "truncated":
+        blob = blob[: len(blob) - 5000]
+    else:
+        blob = blob[:5000] + bytes(b ^ 0x55 for b in blob[5000:5100]) + blob[5100:]
+    with pytest.raises(LayerError, match="gzip|tar"):
+        apply_layer(io.BytesIO(blob), tmp_path / "dest")

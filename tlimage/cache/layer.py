@@ -2,6 +2,8 @@
 
 A layer is a PAX tar compressed with zstd, stored in the blob store under the xxh3-128 of its
 compressed bytes. Its `diff_id` is the sha256 of the uncompressed tar, as OCI image configs need.
+Layers pulled from a registry keep the registry's bytes (gzip or zstd); readers tell the
+compression from the blob's first bytes (`open_tar`), as containerd does.
 
 What makes the tar bytes a function of the tree alone (not of when, how or by whom it was made):
 - entries in depth-first order, siblings sorted by the bytes of their names; a directory's opaque
@@ -27,12 +29,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import stat
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tlimage._fs import OVERLAY_OPAQUE_XATTRS, ExtractStats, is_overlay_opaque
 from tlimage.errors import CacheError
@@ -41,6 +45,8 @@ if TYPE_CHECKING:
     from tlimage.cache.store import BlobStore
 
 MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+zstd"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 DEFAULT_LEVEL = 3
@@ -54,6 +60,10 @@ _PAX_XATTR = "SCHILY.xattr."
 
 class LayerError(CacheError):
     """A tree cannot be turned into a layer, or a layer cannot be applied safely."""
+
+
+class BadCompression(LayerError):
+    """A stored layer's compressed bytes do not decompress."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +364,127 @@ def _norm_rel(path: str, what: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Reading a stored layer: zstd, gzip or a plain tar, told by its first bytes
+
+
+def sniff_compression(head: bytes) -> str:
+    """"zstd", "gzip" or "none" for a blob starting with `head` (at least 4 bytes, or all)."""
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    return "none"
+
+
+def blob_compression(path: str | os.PathLike[str]) -> str:
+    """The compression of the blob file at `path` (see `sniff_compression`)."""
+    with open(path, "rb") as f:
+        return sniff_compression(f.read(4))
+
+
+try:  # zlib-ng inflates layer data about twice as fast as zlib, with the GIL released
+    from zlib_ng import zlib_ng as _zlib
+except ImportError:  # pragma: no cover - a dependency; zlib does the same, slower
+    _zlib = zlib  # type: ignore[misc]
+
+GZIP_ERRORS: tuple[type[Exception], ...] = (zlib.error, _zlib.error)
+
+
+def gzip_decompressor() -> Any:
+    """A decompressobj for one gzip member (zlib-ng's, else zlib's); errors: `GZIP_ERRORS`."""
+    return _zlib.decompressobj(wbits=31)
+
+
+class _Prefixed:
+    """`raw` with `head` (bytes already read from it) put back in front."""
+
+    def __init__(self, raw: BinaryIO, head: bytes) -> None:
+        self._raw = raw
+        self._head = head
+
+    def read(self, size: int = -1) -> bytes:
+        if self._head:
+            if size is None or size < 0:
+                data, self._head = self._head + self._raw.read(), b""
+                return data
+            data, self._head = self._head[:size], self._head[size:]
+            return data
+        return self._raw.read(size)
+
+    def readable(self) -> bool:
+        return True
+
+
+class _Inflater(io.RawIOBase):
+    """gzip (one member or several, as pigz and some registries write) decompressed as it is
+    read."""
+
+    def __init__(self, raw: _Prefixed) -> None:
+        self._raw = raw
+        self._d = gzip_decompressor()
+        self._fed = False  # the current member has been given bytes
+        self._tail = b""  # compressed bytes read but not yet given to the decompressor
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
+        want = len(buf)
+        while not self._done:
+            if self._d.unconsumed_tail:
+                data = self._d.unconsumed_tail
+            elif self._tail:
+                data, self._tail = self._tail, b""
+            else:
+                data = self._raw.read(_CHUNK)
+                if not data:
+                    if self._fed and not self._d.eof:
+                        raise BadCompression("layer is not valid gzip data: it ends in the middle")
+                    self._done = True
+                    return 0
+            if not self._fed and not self._d.eof and not data.strip(b"\0"):
+                continue  # zero padding after the last member (gzip(1) tolerates it too)
+            self._fed = True
+            try:
+                out = self._d.decompress(data, want)
+            except GZIP_ERRORS as e:
+                raise BadCompression(f"layer is not valid gzip data: {e}") from None
+            if self._d.eof:
+                self._tail = self._d.unused_data
+                self._d = gzip_decompressor()
+                self._fed = False
+            if out:
+                n = len(out)
+                buf[:n] = out
+                return n
+        return 0
+
+
+def open_tar(raw: BinaryIO) -> tuple[BinaryIO, str]:
+    """The uncompressed tar stream of the layer blob being read from `raw`, and its compression
+    ("zstd", "gzip" or "none"). Decompression errors raise BadCompression (zstd: ZstdError)."""
+    head = b""
+    while len(head) < 4:
+        more = raw.read(4 - len(head))
+        if not more:
+            break
+        head += more
+    kind = sniff_compression(head)
+    src = _Prefixed(raw, head)
+    if kind == "zstd":
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            src, read_across_frames=True, closefd=False
+        )
+        return reader, kind  # type: ignore[return-value]
+    if kind == "gzip":
+        return io.BufferedReader(_Inflater(src), _CHUNK), kind  # type: ignore[return-value]
+    return src, kind  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
 # Applying
 
 
@@ -389,11 +520,7 @@ def apply_layer(
     else:
         raw, close_raw = layer, False
     try:
-        stream = (
-            zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
-            if compressed
-            else raw
-        )
+        stream = open_tar(raw)[0] if compressed else raw
         with (
             Extractor(dest, whiteouts="apply", same_owner=same_owner, error=LayerError) as ex,
             tarfile.open(  # fmt: skip
@@ -421,6 +548,9 @@ def apply_layer(
     except zstandard.ZstdError as e:
         _drain(raw)
         raise LayerError(f"layer is not valid zstd data: {e}") from e
+    except BadCompression:
+        _drain(raw)
+        raise
     finally:
         if close_raw:
             raw.close()

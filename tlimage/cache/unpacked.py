@@ -37,6 +37,8 @@ def unpacked_layer(store: BlobStore, digest: str) -> Path:
     try:
         with store.open(digest, verify=True) as raw:
             unpack_for_overlay(raw, tmp)
+            while raw.read(1 << 20):  # to the end: the verifying reader checks the digest there
+                pass
         try:
             os.rename(tmp, final)
         except OSError:
@@ -69,13 +71,14 @@ def unpack_for_overlay(raw, dest: Path) -> None:  # noqa: ANN001 - a readable bi
     import zstandard
 
     from tlimage._fs import extract_tar
+    from tlimage.cache.layer import BadCompression, open_tar
 
-    reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=False)
+    reader, kind = open_tar(raw)
     try:
         extract_tar(reader, dest, mode="r|", whiteouts="overlay", same_owner=True,
                     error=CacheError)  # fmt: skip
-    except zstandard.ZstdError as e:
-        raise CacheError(f"layer {dest.name} is not valid zstd data: {e}") from None
+    except (zstandard.ZstdError, BadCompression) as e:
+        raise CacheError(f"layer {dest.name} is not valid {kind} data: {e}") from None
 
 
 def merge_lowers(lowers: list[Path] | tuple[Path, ...], dest: Path) -> None:

@@ -5,7 +5,10 @@ OCI manifest beside them whose config blob (media type `application/vnd.tlimage.
 +json`) maps each step's cache key to its layer:
 
     {"version": 1, "steps": [{"key": "<step key>", "layer": "sha256:…", "diff_id": "sha256:…",
-                              "size": 123, "empty": false}, …]}
+                              "size": 123, "empty": false, "media_type": "…+zstd"}, …]}
+
+(`media_type` is the layer blob's: zstd for the layers builds make, gzip for a pulled base's
+layer kept as the registry sent it; absent means zstd.)
 
 `--cache-from REF` reads that map (one manifest and one small blob) before a build; a step that
 misses locally but is in the map fetches just its layer, checked like any pulled layer, and is
@@ -35,10 +38,11 @@ ARTIFACT_TYPE = "application/vnd.tlimage.build-cache.v1"
 @dataclass(frozen=True)
 class CacheEntry:
     key: str
-    layer: str  # sha256 of the zstd blob in the registry
+    layer: str  # sha256 of the layer blob in the registry
     diff_id: str
     size: int
     empty: bool = False
+    media_type: str = cl.OCI_LAYER_ZSTD
 
 
 class RemoteCache:
@@ -66,7 +70,8 @@ class RemoteCache:
         data = self.client.get_blob_bytes(ep, cfg["digest"], int(cfg["size"]), label=ref_text)
         for s in json.loads(data).get("steps", []):
             entry = CacheEntry(s["key"], s["layer"], s["diff_id"], int(s["size"]),
-                               bool(s.get("empty")))  # fmt: skip
+                               bool(s.get("empty")),
+                               str(s.get("media_type") or cl.OCI_LAYER_ZSTD))  # fmt: skip
             self.entries.setdefault(entry.key, (entry, ep, ref_text))
 
     def __len__(self) -> int:
@@ -83,7 +88,7 @@ class RemoteCache:
         if rec is None or rec.diff_id != entry.diff_id:
             chunks = self.client.iter_blob(ep, entry.layer, entry.size, label=label)
             info, _ = ingest_layer(cache.store, chunks, blob=entry.layer, size=entry.size,
-                                   media_type=cl.OCI_LAYER_ZSTD, diff_id=entry.diff_id,
+                                   media_type=entry.media_type, diff_id=entry.diff_id,
                                    label=label)  # fmt: skip
             cache.put(layer_key(entry.layer), info, description=f"cache {label}")
             self.fetched += 1
@@ -110,7 +115,8 @@ def export(cache: Any, keys: list[str], ref_text: str, client: cl.RegistryClient
             b = layer_blob(store, rec.digest, "zstd", Path(tmpd))
             blobs.setdefault(b.digest, b)
             steps.append({"key": key, "layer": b.digest, "diff_id": rec.diff_id, "size": b.size,
-                          "empty": bool(rec.meta.get("empty"))})  # fmt: skip
+                          "empty": bool(rec.meta.get("empty")),
+                          "media_type": b.media_type})  # fmt: skip
         cfg = canonical_json({"version": 1, "steps": steps})
         config = Blob("sha256:" + hashlib.sha256(cfg).hexdigest(), len(cfg), CONFIG_TYPE, data=cfg)
         manifest = {

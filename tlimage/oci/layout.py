@@ -1,11 +1,12 @@
 """OCI image layouts and docker-archives: export a stored image, import one (or a plain rootfs
 tarball) into the layer store.
 
-Export is reproducible: layer blobs are the store's deterministic zstd layers (or their gzip /
-uncompressed form, made with fixed settings), the config carries no wall-clock time
-(`created` is the epoch), JSON is written with sorted keys, and tar archives have sorted
-entries, zero mtimes and numeric owners 0 — so the same image gives byte-identical layers,
-manifest digests and archives on every run and machine.
+Export is reproducible: layer blobs are the store's deterministic zstd layers and the
+registry's own bytes of pulled layers (or their gzip / uncompressed form, made with fixed
+settings), the config carries no wall-clock time (`created` is the epoch), JSON is written with
+sorted keys, and tar archives have sorted entries, zero mtimes and numeric owners 0 — so the
+same image gives byte-identical layers, manifest digests and archives on every run and
+machine.
 
     export_image(store, image, dest, fmt="oci"|"docker", ...)   # dest: a folder, or *.tar
     import_image(cache, path, ...)                              # -> PulledImage
@@ -87,17 +88,23 @@ MEDIA = {"zstd": cl.OCI_LAYER_ZSTD, "gzip": cl.OCI_LAYER_GZIP, "none": cl.OCI_LA
 
 
 def layer_blob(store: Any, digest: str, compression: str, tmp: Path) -> Blob:
-    """The layer `digest` of the store as a blob in `compression` ("zstd": the stored bytes
-    themselves; "gzip" and "none" are made into a temp file under `tmp`)."""
+    """The layer `digest` of the store as a blob in `compression`. The stored bytes are used as
+    they are when they already are in that compression, and for "zstd" also when they are gzip
+    (a layer pulled from a registry keeps the registry's bytes and digest, as BuildKit keeps a
+    base's layers unless asked to force a compression: a push then finds it in place or mounts
+    it). Anything else is converted into a temp file under `tmp`."""
+    from tlimage.cache.layer import BadCompression, blob_compression, open_tar
+
     src = store.blob_path(digest)
-    if compression == "zstd":
+    stored = blob_compression(src)
+    if stored == compression or (compression == "zstd" and stored == "gzip"):
         h = hashlib.sha256()
         size = 0
         with open(src, "rb") as f:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
                 size += len(chunk)
-        return Blob("sha256:" + h.hexdigest(), size, MEDIA["zstd"], path=src)
+        return Blob("sha256:" + h.hexdigest(), size, MEDIA[stored], path=src)
     import zstandard
 
     fd, name = tempfile.mkstemp(dir=tmp, prefix="blob-")
@@ -105,8 +112,12 @@ def layer_blob(store: Any, digest: str, compression: str, tmp: Path) -> Blob:
     h = hashlib.sha256()
     size = 0
     with os.fdopen(fd, "wb") as out, store.open(digest, verify=True) as raw:
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        comp = zlib.compressobj(6, zlib.DEFLATED, 31) if compression == "gzip" else None
+        reader, _ = open_tar(raw)
+        comp: Any = None
+        if compression == "gzip":
+            comp = zlib.compressobj(6, zlib.DEFLATED, 31)
+        elif compression == "zstd":
+            comp = zstandard.ZstdCompressor(level=3, write_checksum=True).compressobj()
 
         def put(data: bytes) -> None:
             nonlocal size
@@ -115,8 +126,11 @@ def layer_blob(store: Any, digest: str, compression: str, tmp: Path) -> Blob:
                 size += len(data)
                 out.write(data)
 
-        while chunk := reader.read(_CHUNK):
-            put(comp.compress(chunk) if comp else chunk)
+        try:
+            while chunk := reader.read(_CHUNK):
+                put(comp.compress(chunk) if comp else chunk)
+        except (zstandard.ZstdError, BadCompression) as e:
+            raise OCIError(f"stored layer {digest} does not decompress: {e}") from None
         if comp:
             put(comp.flush())
         while raw.read(_CHUNK):  # the verifying reader checks the blob at EOF

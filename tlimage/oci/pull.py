@@ -9,10 +9,12 @@ network at all. A resolution that differs from the last one is reported (`moved_
 
 Layers: each is streamed once — sha256 of the compressed bytes checked against the manifest as
 they arrive (a blob longer than declared is cut off at once), decompressed (gzip, zstd or none),
-its tar headers checked (no `..` names or hard links, no device nodes outside /dev), the diff_id checked
-against the image config, and the result stored as a zstd layer blob (a zstd source is kept
-byte for byte; others are compressed). Nothing is stored when any check fails. Layers download
-in parallel; a download that breaks off is restarted a bounded number of times.
+its tar headers checked (no `..` names or hard links, no device nodes outside /dev), the
+diff_id checked against the image config, and the blob stored as it came (gzip and zstd layers
+byte for byte, so a pull writes what the registry sent and a later push of the same layer finds
+it in place; an uncompressed tar is compressed with zstd). Nothing is stored when any check
+fails. Layers download in parallel; a download that breaks off is restarted a bounded number of
+times.
 """
 
 from __future__ import annotations
@@ -319,6 +321,11 @@ def _compression(media_type: str, label: str) -> str:
 # -- one layer ------------------------------------------------------------------------------
 
 
+def stored_media(kind: str) -> str:
+    """The media type of the blob the store keeps for a layer that came in `kind`."""
+    return cl.OCI_LAYER_GZIP if kind == "gzip" else cl.OCI_LAYER_ZSTD
+
+
 def layer_key(blob_digest: str) -> str:
     return f"oci-layer:{blob_digest}"
 
@@ -373,7 +380,7 @@ def _layer(ctx: _Ctx, ep: cl.Endpoint, desc: dict[str, Any],
         if ctx.progress:
             ctx.progress({"event": "pull_layer", "ref": ctx.label, "layer": digest,
                           "status": "done", "bytes": size, "total": size})  # fmt: skip
-        info = LayerInfo(blob.digest, diff_id, blob.size, usize, entries)
+        info = LayerInfo(blob.digest, diff_id, blob.size, usize, entries, stored_media(kind))
         return info, PulledLayer(blob.digest, diff_id, blob.size, digest, media)
     raise AssertionError("unreachable")
 
@@ -406,38 +413,44 @@ def ingest_layer(store: Any, chunks: Any, *, blob: str | None, size: int | None,
             raise OCIError(f"{label}: layer {blob or ''} unpacks to {got_diff}, but the image "
                            f"config says {diff_id}; nothing was stored", ref=label)  # fmt: skip
         ref = w.commit()
-    info = LayerInfo(ref.digest, got_diff, ref.size, usize, entries)
+    info = LayerInfo(ref.digest, got_diff, ref.size, usize, entries, stored_media(kind))
     return info, PulledLayer(ref.digest, got_diff, ref.size, blob or actual, media_type)
 
 
 class Converter:
-    """Push-style: compressed layer bytes in (`feed`), a zstd layer blob out to `out`, the
-    uncompressed tar hashed and its headers checked on the way."""
+    """Push-style: compressed layer bytes in (`feed`), the layer blob out to `out`, the
+    uncompressed tar hashed and its headers checked on the way. gzip and zstd bytes are kept
+    as they came (the store reads both); an uncompressed tar is stored compressed with zstd."""
 
     def __init__(self, kind: str, out: Any, *, label: str, layer: str) -> None:
         import zstandard
 
+        from tlimage.cache.layer import GZIP_ERRORS, gzip_decompressor
+
+        self._gunzip = gzip_decompressor
+        self._errors = (*GZIP_ERRORS, zstandard.ZstdError)
         self.kind = kind
         self.out = out
         self.diff = hashlib.sha256()
         self.usize = 0
         self.tar = TarChecker(f"{label}: layer {layer}", label)
         self._zstd = zstandard
+        self._head = b""  # the first bytes, to check they are what the media type says
         if kind == "gzip":
-            self._d: Any = zlib.decompressobj(wbits=31)
+            self._d: Any = gzip_decompressor()
         elif kind == "zstd":
             self._d = zstandard.ZstdDecompressor().decompressobj()
         else:
             self._d = None
         self._c = None
-        if kind != "zstd":
-            # Level 1: on binaries ~2.5x the speed of level 3 for ~10% more bytes; a pull is
-            # bound by this step (gzip layers are decompressed and recompressed once).
+        if kind == "none":
             cctx = zstandard.ZstdCompressor(level=1, threads=1, write_checksum=True)
             self._c = cctx.compressobj()
 
     def feed(self, chunk: bytes) -> None:
-        if self.kind == "zstd":
+        if self._c is None:
+            if len(self._head) < 4:
+                self._head += chunk[: 4 - len(self._head)]
             self.out.write(chunk)
         data = chunk
         while data:
@@ -446,13 +459,13 @@ class Converter:
                 return
             try:
                 self._plain(self._d.decompress(data))
-            except (zlib.error, self._zstd.ZstdError) as e:
+            except self._errors as e:
                 raise OCIError(f"{self.tar.where}: not valid {self.kind} data: {e}",
                                ref=self.tar.label) from None  # fmt: skip
             data = b""
             if self._d.eof and self._d.unused_data:  # a next gzip member / zstd frame
                 data = self._d.unused_data
-                self._d = (zlib.decompressobj(wbits=31) if self.kind == "gzip"
+                self._d = (self._gunzip() if self.kind == "gzip"
                            else self._zstd.ZstdDecompressor().decompressobj())  # fmt: skip
 
     def _plain(self, data: bytes) -> None:
@@ -465,10 +478,19 @@ class Converter:
             self.out.write(self._c.compress(data))
 
     def finish(self) -> tuple[str, int, int]:
+        from tlimage.cache.layer import sniff_compression
+
         if self.kind == "gzip":
             self._plain(self._d.flush())
+            if not self._d.eof and self.usize:
+                raise OCIError(f"{self.tar.where}: the gzip data ends in the middle",
+                               ref=self.tar.label)  # fmt: skip
         if self._c is not None:
             self.out.write(self._c.flush())
+        elif sniff_compression(self._head) != self.kind:
+            # The store tells a blob's compression by its first bytes: they must agree.
+            raise OCIError(f"{self.tar.where}: the data is not {self.kind} as its media type "
+                           "says", ref=self.tar.label)  # fmt: skip
         self.tar.finish()
         return "sha256:" + self.diff.hexdigest(), self.usize, self.tar.entries
 
