@@ -74,3 +74,75 @@ def test_second_machine_reuses_the_registry_cache(registry, tmp_path, monkeypatc
     fourth, events, _ = build(ctx, registry, cache_from=(f"{registry.host}/app/cache:nope",))
     assert any("not used" in e.get("message", "") for e in events if e["event"] == "status")
     assert fourth.executed_steps == 5
+
+
+def _never_built(monkeypatch) -> None:
+    """On this machine a seed base's tree must not be built (no mmdebstrap, no busybox tree)."""
+    from tlimage.executor import bases
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the base's tree was built although --cache-from has its layer")
+
+    monkeypatch.setattr(bases, "build_deb_base", refuse)
+    monkeypatch.setattr(bases, "build_busybox_base", refuse)
+
+
+def test_seed_base_layer_travels_in_the_registry_cache(registry, tmp_path, monkeypatch):
+    """--cache-to exports the seed base's layer under its recipe key: a fresh machine with
+    --cache-from takes the base from the registry instead of building its tree."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(DOCKERFILE.format(base="busybox"))
+    (ctx / "a.txt").write_text("a\n")
+    (ctx / "b.txt").write_text("b\n")
+    cache_ref = f"{registry.host}/app/cache:busybox"
+
+    machine(tmp_path, "one", monkeypatch)
+    first, _, _ = build(ctx, registry, cache_to=(cache_ref,))
+    assert first.executed_steps == 5
+
+    machine(tmp_path, "two", monkeypatch)
+    with monkeypatch.context() as m:
+        _never_built(m)
+        second, events, ex2 = build(ctx, registry, cache_from=(cache_ref,))
+    assert second.executed_steps == 0 and ex2.runs == []
+    assert second.image_id == first.image_id
+    assert any("busybox fetched from the remote cache" in e.get("message", "")
+               for e in events if e["event"] == "status")  # fmt: skip
+    assert not list((tmp_path / "two" / "cache").rglob("busybox-*"))  # no tree was made
+
+    # Without --cache-from the fresh machine builds the base itself, as before.
+    machine(tmp_path, "three", monkeypatch)
+    with monkeypatch.context() as m:
+        _never_built(m)
+        with pytest.raises(AssertionError, match="tree was built"):
+            build(ctx, registry)
+
+
+def test_debian_base_needs_no_mmdebstrap_on_a_fresh_machine(registry, tmp_path, monkeypatch):
+    """The same for a Debian seed base. Its tree is stood in for by a small one on the first
+    machine (building it needs the Debian archive; what is under test is that the second
+    machine, a fresh cache folder, never runs the recipe)."""
+    from tlimage.executor import bases
+
+    def small_tree(dest, spec, info):
+        (dest / "etc").mkdir(parents=True)
+        (dest / "etc" / "os-release").write_text(f"ID=debian\nVERSION_CODENAME={info['suite']}\n")
+
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(DOCKERFILE.format(base="debian-minimal"))
+    (ctx / "a.txt").write_text("a\n")
+    (ctx / "b.txt").write_text("b\n")
+    cache_ref = f"{registry.host}/app/cache:debian"
+
+    machine(tmp_path, "one", monkeypatch)
+    with monkeypatch.context() as m:
+        m.setattr(bases, "build_deb_base", small_tree)
+        first, _, _ = build(ctx, registry, cache_to=(cache_ref,))
+    machine(tmp_path, "two", monkeypatch)
+    with monkeypatch.context() as m:
+        _never_built(m)
+        second, _, ex2 = build(ctx, registry, cache_from=(cache_ref,))
+    assert second.executed_steps == 0 and ex2.runs == []
+    assert second.image_id == first.image_id

@@ -22,25 +22,49 @@ from tlimage.registry.db import ImageRecord, LayerRef, Manifest
 INIT_LABEL = "org.tlimage.init"  # "systemd" on bases whose init is systemd
 
 
+def base_cache_key(name: str) -> str:
+    """The cache key of a seed base's layer: its recipe's key (suite, mirror, packages, tool
+    versions), known before anything is built."""
+    from tlimage.executor import bases
+
+    spec = bases.catalog.spec(name)
+    if spec is None:
+        raise bases.BaseError(f"unknown base {name!r}; available: {', '.join(bases.BASES)}")
+    return f"base:{name}:{bases.base_key(spec, bases.base_info(spec))}"
+
+
 def ensure_base(
-    name: str, cache: Any, emit: Callable[[dict[str, Any]], None], cache_dir: Path | None
+    name: str,
+    cache: Any,
+    emit: Callable[[dict[str, Any]], None],
+    cache_dir: Path | None,
+    remote: Any = None,
 ) -> tuple[LayerRef, ImageConfig]:
-    """The base's layer and config, building the tree and its layer on first use."""
+    """The base's layer and config. Found in the cache by the recipe's key, else in `remote`
+    (a `tlimage.oci.cache.RemoteCache`, the build's --cache-from) — a fresh machine then never
+    runs mmdebstrap — else the tree is built and stored as a layer."""
     from tlimage.executor import bases
 
     def progress(msg: str) -> None:
         emit({"event": "status", "message": msg})
 
     t0 = time.monotonic()
-    base = bases.ensure_base(name, cache_dir, progress=progress)
     spec = _spec(name)
     assert spec is not None
     labels = ((INIT_LABEL, spec.init),) if spec.init != "none" else ()
-    config = ImageConfig(env=base.env, cmd=spec.cmd, cmd_from_base=True, labels=labels)
-    key = f"base:{name}:{base.key}"
+    config = ImageConfig(env=spec.env, cmd=spec.cmd, cmd_from_base=True, labels=labels)
+    key = base_cache_key(name)
     rec = cache.lookup(key)
+    if rec is None and remote is not None:
+        rec = remote.fetch(cache, key)
+        if rec is not None:
+            progress(f"base image {name} fetched from the remote cache in "
+                     f"{time.monotonic() - t0:.1f}s ({rec.size / 1e6:.1f} MB)")  # fmt: skip
     if rec is None:
-        rec = cache.store_dir(key, base.tree, description=f"base {name}")
+        base = bases.ensure_base(name, cache_dir, progress=progress)
+        if f"base:{name}:{base.key}" != key:  # the recipe changed in between: use the tree's
+            key = f"base:{name}:{base.key}"
+        rec = cache.lookup(key) or cache.store_dir(key, base.tree, description=f"base {name}")
         progress(f"base image {name} stored as a layer in {time.monotonic() - t0:.1f}s "
                  f"({rec.size / 1e6:.1f} MB compressed)")  # fmt: skip
     return LayerRef(rec.digest, rec.diff_id, rec.size), config

@@ -136,6 +136,7 @@ class Builder:
         self._oci_client: Any = None
         self._remote: Any = None
         self._this_build: list[tuple[str, dict[str, Any]]] = []
+        self._base_keys: list[str] = []  # the seed bases' layer keys, for --cache-to
         self._current: tuple[str | None, str | None] = (None, None)  # (where, step) for errors
 
     def _build_name(self) -> str:
@@ -277,7 +278,8 @@ class Builder:
             from tlimage.oci.cache import export
 
             try:
-                stats = export(self.cache, [k for k, _ in self._this_build], ref, self.oci_client)
+                stats = export(self.cache, [*self._base_keys, *(k for k, _ in self._this_build)],
+                               ref, self.oci_client)  # fmt: skip
             except TlimageError as e:
                 e.message = f"--cache-to {ref}: {e.message}"
                 e.args = (e.message,)
@@ -357,7 +359,12 @@ class Builder:
             src = ImageSource(list(rec.manifest.layers), ImageConfig.from_json(rec.manifest.config),
                               rec.image_id, f"{rec.ref}@{rec.image_id}")  # fmt: skip
         elif not remote and name in KNOWN_BASES:
-            layer, config = ensure_base(name, self.cache, self.emit, self.opts.cache_dir)
+            layer, config = ensure_base(name, self.cache, self.emit, self.opts.cache_dir,
+                                        self._remote)  # fmt: skip
+            if self.opts.cache_to:  # --cache-to carries the base too: a fresh machine skips it
+                from tlimage.builder.bases import base_cache_key
+
+                self._base_keys.append(base_cache_key(name))
             src = ImageSource([layer], config, layer.digest, f"{name}@{layer.digest}")
         else:
             src = self._pull(name + (f"@{pin}" if pin else ""), meta, stage)
