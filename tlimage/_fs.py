@@ -18,6 +18,15 @@ COPY from the context or another stage, layers (built here or pulled), a microVM
 `resolve_in_root` and `glob_in_root` read a tree the same way (COPY --from, the context, mount
 sources); `write_atomic` writes a small file by rename; `flock_wait` takes a lock with a
 deadline.
+
+Device nodes (the one rule for pulled and imported layers, ADD archives and stored layers,
+`refused_entry` and `Extractor`): a character or block device is accepted wherever an archive
+puts it, as Docker, containerd and BuildKit accept it (root filesystems made by debootstrap or
+mmdebstrap carry /dev/console, /dev/null…; others carry nodes elsewhere). Where it points does
+not matter inside a sandbox: every sandbox mount is `nodev`, so a node opens nothing there. On
+the host, where layers are unpacked, a node is created owned by root with mode 0600 whatever
+the archive says (or skipped and listed when mknod is not permitted), so no other host user can
+open it either. A path with `..` (or a hard link to one) is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from typing import BinaryIO
 from tlimage.errors import TlimageError
 
 MAX_SYMLINKS = 40
+DEVICE_MODE = 0o600  # device nodes unpacked on the host: root's only (see the module docstring)
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -298,6 +308,18 @@ class ExtractStats:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
+def refused_entry(name: str, kind: str, linkname: str = "") -> str | None:
+    """Why an archive entry is refused by its name and type alone, before anything is written
+    (streamed layer checks use this; the Extractor enforces the same while it writes), or None.
+    `kind` is the tar type flag ("0" file, "1" hard link, "2" symlink, "3"/"4" devices...).
+    Device nodes are accepted anywhere (see the module docstring)."""
+    if ".." in name.replace("\\", "/").split("/"):
+        return f"entry {name!r} leaves the tree ('..' is not allowed)"
+    if kind == "1" and ".." in linkname.split("/"):
+        return f"hard link {name!r} -> {linkname!r} leaves the tree"
+    return None
+
+
 class Extractor:
     """Extracts tar members below `root` (at the folder `under` inside it).
 
@@ -504,12 +526,17 @@ class Extractor:
                 os.mkfifo(base, 0o600, dir_fd=pfd)
             else:
                 kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
-                os.mknod(base, kind | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=pfd)
+                os.mknod(base, kind | DEVICE_MODE, os.makedev(m.devmajor, m.devminor),
+                         dir_fd=pfd)  # fmt: skip
         except PermissionError as e:
             self.stats.skipped.append((m.name, f"cannot create device: {e.strerror}"))
             return
-        self._lown(pfd, base, m)
-        _chmod_at(pfd, base, self._mode(m))
+        if m.isfifo():
+            self._lown(pfd, base, m)
+            _chmod_at(pfd, base, self._mode(m))
+        elif self.same_owner or self.owner is not None:
+            # A device node: root's, mode 0600, whatever the archive says (module docstring).
+            os.chown(base, 0, 0, dir_fd=pfd, follow_symlinks=False)
         self._xattrs_at(pfd, base, m)
         os.utime(base, ns=(_ns(m.mtime),) * 2, dir_fd=pfd, follow_symlinks=False)
         self._record(real, os.lstat(base, dir_fd=pfd))

@@ -402,3 +402,61 @@ def test_flock_wait_waits_tells_once_and_times_out(tmp_path: Path) -> None:
     finally:
         if holder >= 0:
             os.close(holder)
+
+
+def _node(name: str, kind: int, major: int, minor: int) -> tuple[tarfile.TarInfo, bytes]:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.devmajor, ti.devminor = kind, major, minor
+    ti.mode, ti.uid, ti.gid = 0o666, 4242, 4242
+    return ti, b""
+
+
+def test_device_nodes_one_rule_for_add_layers_and_pulls(tmp_path: Path) -> None:
+    """The device-node rule of tlimage._fs: accepted wherever the archive puts them (as Docker
+    does) by ADD, stored layers (apply and overlay unpack) and the pull/import stream check;
+    created on the host owned by root with mode 0600 whatever the archive says."""
+    import zstandard
+
+    from tlimage.cache.layer import apply_layer
+    from tlimage.cache.unpacked import unpack_for_overlay
+    from tlimage.oci.pull import TarChecker
+
+    data = tar_bytes(
+        entry("dev", "dir"),
+        _node("dev/console", tarfile.CHRTYPE, 5, 1),
+        entry("opt", "dir"),
+        _node("opt/null", tarfile.CHRTYPE, 1, 3),
+        _node("opt/disk", tarfile.BLKTYPE, 7, 0),
+    )
+    checker = TarChecker("layer", "ref")
+    checker.feed(data)
+    checker.finish()
+    assert checker.entries == 5
+    assert _fs.refused_entry("opt/disk", "4") is None
+    assert "leaves the tree" in (_fs.refused_entry("../disk", "4") or "")
+
+    def check(root: Path) -> None:
+        for name, kind, dev in (("dev/console", stat.S_ISCHR, (5, 1)),
+                                ("opt/null", stat.S_ISCHR, (1, 3)),
+                                ("opt/disk", stat.S_ISBLK, (7, 0))):  # fmt: skip
+            st = os.lstat(root / name)
+            assert kind(st.st_mode), name
+            assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == dev
+            assert stat.S_IMODE(st.st_mode) == _fs.DEVICE_MODE and (st.st_uid, st.st_gid) == (0, 0)
+
+    apply_layer(io.BytesIO(data), tmp_path / "apply", compressed=False)
+    check(tmp_path / "apply")
+    (tmp_path / "overlay").mkdir()
+    unpack_for_overlay(io.BytesIO(zstandard.ZstdCompressor().compress(data)), tmp_path / "overlay")
+    check(tmp_path / "overlay")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "n.tar").write_bytes(data)
+    (ctx / "Dockerfile").write_text("FROM scratch\nADD n.tar /\n")
+    result = build_image(ctx / "Dockerfile", executor=FakeExecutor(), register=False)
+    from tlimage.cache.store import BlobStore
+
+    store = BlobStore(os.environ["TLIMAGE_CACHE_DIR"])
+    with store.open(result.manifest.layers[-1].digest, verify=True) as f:
+        apply_layer(f, tmp_path / "added")
+    check(tmp_path / "added")

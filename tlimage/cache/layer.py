@@ -368,7 +368,7 @@ def _norm_rel(path: str, what: str) -> str:
 
 
 def sniff_compression(head: bytes) -> str:
-    """"zstd", "gzip" or "none" for a blob starting with `head` (at least 4 bytes, or all)."""
+    """ "zstd", "gzip" or "none" for a blob starting with `head` (at least 4 bytes, or all)."""
     if head.startswith(ZSTD_MAGIC):
         return "zstd"
     if head.startswith(GZIP_MAGIC):

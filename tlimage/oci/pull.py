@@ -9,7 +9,7 @@ network at all. A resolution that differs from the last one is reported (`moved_
 
 Layers: each is streamed once — sha256 of the compressed bytes checked against the manifest as
 they arrive (a blob longer than declared is cut off at once), decompressed (gzip, zstd or none),
-its tar headers checked (no `..` names or hard links, no device nodes outside /dev), the
+its tar headers checked (`tlimage._fs.refused_entry`: no `..` names or hard links), the
 diff_id checked against the image config, and the blob stored as it came (gzip and zstd layers
 byte for byte, so a pull writes what the registry sent and a later push of the same layer finds
 it in place; an uncompressed tar is compressed with zstd). Nothing is stored when any check
@@ -23,7 +23,6 @@ import hashlib
 import json
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tlimage import _layout
+from tlimage._fs import refused_entry
 from tlimage.errors import OCIError
 from tlimage.oci import client as cl
 from tlimage.oci.reference import Reference, parse
@@ -497,7 +497,8 @@ class Converter:
 
 class TarChecker:
     """Reads tar headers from a byte stream pushed in pieces and refuses what a layer may not
-    hold: names or hard-link targets with `..`, and device nodes outside `dev/`."""
+    hold (`tlimage._fs.refused_entry`: names or hard-link targets with `..`; device nodes are
+    accepted anywhere, as Docker accepts them)."""
 
     def __init__(self, where: str, label: str) -> None:
         self.where = where
@@ -565,14 +566,8 @@ class TarChecker:
                 self._fail("a pax size is not a number")
         self._pax, self._long = {}, {}
         self.entries += 1
-        if ".." in name.replace("\\", "/").split("/"):
-            self._fail(f"entry {name!r} leaves the tree ('..' is not allowed)")
-        if typ == "1" and ".." in link.split("/"):
-            self._fail(f"hard link {name!r} -> {link!r} leaves the tree")
-        if typ in "34" and not name.lstrip("./").startswith("dev/"):
-            # Root filesystems made by debootstrap/mmdebstrap carry /dev/console, /dev/null...;
-            # a device node anywhere else is refused.
-            self._fail(f"entry {name!r} is a device node outside /dev; refused")
+        if (why := refused_entry(name, typ, link)) is not None:
+            self._fail(why)
         if typ in "0\x007":
             self._skip = (size + 511) // 512 * 512
         elif typ not in "1256":
