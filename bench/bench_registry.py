@@ -3,11 +3,12 @@ run, on the same multi-layer image in a local registry (Debian's docker-registry
 
     python bench/bench_registry.py [--layers 6] [--mib 24] [--repeat 3] [--no-podman]
 
-Pull: tlimage streams each layer once (sha256 verify + decompress + tar check + store as zstd),
-layers in parallel, into a fresh cache; `skopeo copy docker://… oci:DIR` writes the blobs as
-they are into an OCI layout; `podman pull` (vfs storage) also unpacks. Push: tlimage pushes the
-pulled image (zstd layers) to a fresh registry, `skopeo copy oci:DIR docker://…` the layout
-(gzip layers). Ratios are peer time / tlimage time: > 1 means tlimage is faster.
+Pull: tlimage streams each layer once (sha256 verify, inflate for the diff_id and tar checks,
+the blob stored as sent), layers in parallel, into a fresh cache; `skopeo copy docker://…
+oci:DIR` writes the blobs as they are into an OCI layout (sha256 only); `podman pull` (vfs
+storage) also unpacks. Push: tlimage pushes the pulled image (its gzip layers as pulled) to a
+fresh registry, `skopeo copy oci:DIR docker://…` the layout (gzip layers). Ratios are peer
+time / tlimage time: > 1 means tlimage is faster.
 """
 
 from __future__ import annotations

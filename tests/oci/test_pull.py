@@ -102,6 +102,36 @@ def test_pull_matches_umoci_unpack(registry, pushed, tmp_path):
     assert {"pull_started", "pull_layer", "pull_done"} <= kinds
 
 
+def test_gzip_layers_are_kept_as_sent_and_pushed_back_unchanged(registry, pushed, tmp_path):
+    """umoci writes gzip layers: the store keeps the registry's bytes (no recompression), and a
+    push of the pulled image finds every layer already there under the same digest."""
+    import hashlib
+
+    from tlimage.cache.layer import blob_compression
+    from tlimage.oci.layout import LocalImage
+    from tlimage.oci.push import push
+
+    ref = f"{registry.host}/test/img:v1"
+    with LayerCache(tmp_path / "cache") as cache:
+        img = oci_pull.pull(ref, cache, config=cfg(registry))
+        for la in img.layers:
+            data = cache.store.read_bytes(la.digest)
+            assert "sha256:" + hashlib.sha256(data).hexdigest() == la.blob
+            assert blob_compression(cache.store.blob_path(la.digest)) == "gzip"
+        local = LocalImage([(la.digest, la.diff_id) for la in img.layers], img.config["config"])
+        stats = push(cache.store, local, f"{registry.host}/test/img:copy", config=cfg(registry),
+                     cache_root=tmp_path / "hints")  # fmt: skip
+    assert set(stats.existing) >= {la.blob for la in img.layers} and stats.bytes < 4096
+    from tlimage.oci.client import RegistryClient
+    from tlimage.oci.reference import parse
+
+    with RegistryClient(cfg(registry)) as c:
+        fetched, _ = c.get_manifest(parse(f"{registry.host}/test/img:copy"))
+    layers = json.loads(fetched.data)["layers"]
+    assert [la["digest"] for la in layers] == [la.blob for la in img.layers]
+    assert all(la["mediaType"].endswith("+gzip") for la in layers)
+
+
 def test_second_pull_is_offline_and_refresh_sees_a_moved_tag(registry, pushed, tmp_path):
     ref = f"{registry.host}/test/img:v1"
     with LayerCache(tmp_path / "cache") as cache:
