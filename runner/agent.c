@@ -25,6 +25,7 @@
  * built, which may have no shell, no libc and no Python.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -36,7 +37,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/openat2.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <termios.h>
 #include <libgen.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
@@ -48,7 +55,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PROTOCOL_VERSION 3
+#define PROTOCOL_VERSION 4
 #define MAX_PAYLOAD (1u << 20)
 #define CHUNK 65536
 
@@ -63,7 +70,15 @@ enum {
     T_ATTACH = 0x8D, T_SPAWN = 0x8E, T_SANDBOX = 0x8F,
     /* version 3: RUN mounts */
     T_BIND = 0x90, T_UNBIND = 0x91,
+    /* version 4: sessions, files, PTYs, signals */
+    T_PID = 0x05, T_STAT = 0x06,
+    T_END = 0x92, T_FS = 0x93, T_PTY = 0x94, T_WINSIZE = 0x95, T_SIGNAL = 0x96,
 };
+#define T_NONE (-2) /* recv_frame: a frame of another session, routed to its worker */
+
+static int my_session = 0;        /* the session this process answers on (0: the main agent) */
+static int is_worker = 0;         /* a session's worker: chan_in is its socket to the agent */
+static int lock_fd = -1;          /* a POSIX lock on it makes each frame written whole */
 
 static int chan_in = -1, chan_out = -1;
 static int stdio_mode = 0;
@@ -172,13 +187,25 @@ static int read_all(int fd, void *data, size_t n) {
 }
 /* In sandbox mode a lost host drops the frames meant for it; a build VM without its host has
  * nothing left to do. */
-static void send_frame(unsigned type, const void *payload, size_t n) {
-    unsigned char h[8] = {type, 0, 0, 0, n >> 24, n >> 16, n >> 8, n};
+static void chan_lock(int on) {
+    if (lock_fd < 0) return;
+    struct flock fl = {.l_type = on ? F_WRLCK : F_UNLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
+    while (fcntl(lock_fd, F_SETLKW, &fl) < 0 && errno == EINTR) {}
+}
+static void send_frame_on(unsigned session, unsigned type, const void *payload, size_t n) {
+    unsigned char h[8] = {type, 0, session >> 8, session & 0xff, n >> 24, n >> 16, n >> 8, n};
     if (!channel_up) return;
-    if (write_all(chan_out, h, 8) < 0 || (n && write_all(chan_out, payload, n) < 0)) {
-        if (!sandbox_mode) die("channel write: %s", strerror(errno));
+    chan_lock(1);
+    int bad = write_all(chan_out, h, 8) < 0 || (n && write_all(chan_out, payload, n) < 0);
+    int e = errno;
+    chan_lock(0);
+    if (bad) {
+        if (!sandbox_mode) die("channel write: %s", strerror(e));
         channel_up = 0;
     }
+}
+static void send_frame(unsigned type, const void *payload, size_t n) {
+    send_frame_on((unsigned)my_session, type, payload, n);
 }
 static void send_buf(unsigned type, buf_t *b) {
     send_frame(type, b->p, b->len);
@@ -195,15 +222,29 @@ static void send_error(const char *fmt, ...) {
     buf_str(&b, msg);
     send_buf(T_ERROR, &b);
 }
-/* Reads one frame; returns its type, or -1 at end of channel. *payload is malloc'd. */
+static void route(unsigned session, unsigned type, const unsigned char *h,
+                  const unsigned char *payload, size_t n);
+/* Reads one frame; returns its type, -1 at end of channel, or T_NONE when the main agent read a
+ * frame of another session (it went to that session's worker). *payload is malloc'd unless
+ * T_NONE. */
 static int recv_frame(unsigned char **payload, size_t *n) {
     unsigned char h[8];
     if (read_all(chan_in, h, 8) < 0) return -1;
     uint32_t len = ((uint32_t)h[4] << 24) | ((uint32_t)h[5] << 16) | ((uint32_t)h[6] << 8) | h[7];
     if (len > MAX_PAYLOAD) die("frame too large: %u bytes", len);
     *payload = malloc(len ? len : 1);
-    if (len && read_all(chan_in, *payload, len) < 0) return -1;
+    if (len && read_all(chan_in, *payload, len) < 0) {
+        free(*payload);
+        return -1;
+    }
     *n = len;
+    unsigned session = ((unsigned)h[2] << 8) | h[3];
+    if (!is_worker && session != 0) {
+        route(session, h[0], h, *payload, len);
+        free(*payload);
+        *payload = NULL;
+        return T_NONE;
+    }
     return h[0];
 }
 
@@ -449,6 +490,30 @@ static int find_exec(const char *name, const char *path, char *out, size_t outle
 
 static pid_t step_pid = -1;
 
+/* The guest kernel's count of OOM kills: a program killed by SIGKILL while it rose was killed for
+ * memory, and the host is told so in words (as the namespace backend's cgroup says it). */
+static long oom_kills(void) {
+    FILE *f = fopen("/proc/vmstat", "re");
+    char line[256];
+    long n = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "oom_kill %ld", &n) == 1) break;
+    if (f) fclose(f);
+    return n;
+}
+static void say_oom(int status, long before) {
+    if (!WIFSIGNALED(status) || WTERMSIG(status) != SIGKILL || before < 0) return;
+    if (oom_kills() <= before) return;
+    const char *msg = "tlimage: out of memory: the kernel killed the process; exit code 137\n";
+    send_frame(T_STDERR, msg, strlen(msg));
+}
+
+/* Nothing of the agent's leaks into a program: every descriptor above 2 closes on exec. */
+static void close_extra_fds(void) {
+    if (syscall(SYS_close_range, 3u, ~0u, 4u /* CLOSE_RANGE_CLOEXEC */) == 0) return;
+    for (int fd = 3; fd < 1024; fd++) fcntl(fd, F_SETFD, FD_CLOEXEC);
+}
+
 static void child_fail(int errfd, const char *fmt, ...) {
     char msg[4096];
     va_list ap;
@@ -492,6 +557,7 @@ static void do_run(rd_t *r) {
     const char *path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
     for (char **e = env; *e; e++)
         if (strncmp(*e, "PATH=", 5) == 0) path = *e + 5;
+    long oom0 = oom_kills();
     pid_t pid = fork();
     if (pid < 0) {
         send_error("RUN: fork: %s", strerror(errno));
@@ -503,7 +569,7 @@ static void do_run(rd_t *r) {
         signal(SIGCHLD, SIG_DFL);
         dup2(outp[1], 1);
         dup2(errp[1], 2);
-        int devnull = open("/dev/null", O_RDONLY);
+        int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
         if (devnull >= 0) dup2(devnull, 0);
         if (strcmp(root, "/") != 0 && (chroot(root) < 0 || chdir("/") < 0))
             child_fail(statp[1], "chroot %s: %s", root, strerror(errno));
@@ -520,6 +586,7 @@ static void do_run(rd_t *r) {
             child_fail(statp[1], "exec: \"%s\": executable file not found in $PATH", argv[0]);
         if (setgroups((size_t)ngroups, groups) < 0 || setgid(gid) < 0 || setuid(uid) < 0)
             child_fail(statp[1], "set user %s: %s", user, strerror(errno));
+        close_extra_fds();
         /* HOME follows the user unless the step sets it, as Docker does. */
         int has_home = 0, n = 0;
         for (char **e = env; *e; e++, n++)
@@ -569,7 +636,8 @@ static void do_run(rd_t *r) {
             unsigned char *payload;
             size_t n;
             int t = recv_frame(&payload, &n);
-            if (t < 0) { kill(-pid, SIGKILL); pf[2].fd = -1; }
+            if (t == T_NONE) { /* another session's */ }
+            else if (t < 0) { kill(-pid, SIGKILL); pf[2].fd = -1; }
             else if (t == T_KILL) {
                 int sig = n >= 1 ? payload[0] : SIGKILL;
                 kill(-pid, sig);
@@ -591,6 +659,7 @@ static void do_run(rd_t *r) {
     if (fl > 0) {
         send_error("%s", failmsg);
     } else {
+        say_oom(status, oom0);
         int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
         int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
         buf_t b = {0};
@@ -671,7 +740,7 @@ static void do_export(rd_t *r) {
     pid_t pid = fork();
     if (pid == 0) {
         dup2(p[1], 1);
-        int devnull = open("/dev/null", O_WRONLY);
+        int devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
         if (devnull >= 0) dup2(devnull, 2);
         const char *tar = getenv("TL_TAR");
         execl(tar ? tar : "/bin/busybox", "tar", "-c", "-f", "-", "-C", upper, ".", (char *)NULL);
@@ -1061,6 +1130,7 @@ static void exec_child(const char *root, char **argv, char **env, const char *us
         child_fail(statfd, "exec: \"%s\": executable file not found in $PATH", argv[0]);
     if (setgroups((size_t)ngroups, groups) < 0 || setgid(gid) < 0 || setuid(uid) < 0)
         child_fail(statfd, "set user %s: %s", user, strerror(errno));
+    close_extra_fds();
     int has_home = 0, n = 0;
     for (char **e = env; *e; e++, n++)
         if (strncmp(*e, "HOME=", 5) == 0) has_home = 1;
@@ -1114,6 +1184,7 @@ static void do_exec(rd_t *r) {
         send_error("EXEC: pipe: %s", strerror(errno));
         goto out;
     }
+    long oom0 = oom_kills();
     pid_t pid = fork();
     if (pid < 0) {
         send_error("EXEC: fork: %s", strerror(errno));
@@ -1125,7 +1196,7 @@ static void do_exec(rd_t *r) {
         if (flags & 1) {
             dup2(inp[0], 0);
         } else {
-            int devnull = open("/dev/null", O_RDONLY);
+            int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
             if (devnull >= 0) dup2(devnull, 0);
         }
         exec_child(root, argv, env, user, workdir, statp[1]);
@@ -1145,6 +1216,9 @@ static void do_exec(rd_t *r) {
         send_error("%s", failmsg);
         goto out;
     }
+    buf_t pidmsg = {0};
+    buf_u32(&pidmsg, (uint32_t)pid);
+    send_buf(T_PID, &pidmsg);
 
     int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
     int status = 0, exited = 0, stdin_eof = 0;
@@ -1171,8 +1245,10 @@ static void do_exec(rd_t *r) {
             size_t n;
             int t = (pf[2].revents & POLLIN) && !(pf[2].revents & POLLHUP)
                         ? recv_frame(&payload, &n) : -1;
-            if (t < 0) {
-                kill(-pid, SIGKILL); /* the host is gone: so is the command */
+            if (t == T_NONE) {
+                /* another session's frame */
+            } else if (t < 0) {
+                kill(-pid, SIGKILL); /* the host (or the session) is gone: so is the command */
                 channel_up = 0;
             } else {
                 if (t == T_KILL) kill(-pid, n >= 1 ? payload[0] : SIGKILL);
@@ -1204,6 +1280,7 @@ static void do_exec(rd_t *r) {
         ssize_t n;
         while ((n = read(fd, chunk, CHUNK)) > 0) send_frame(i == 0 ? T_STDOUT : T_STDERR, chunk, (size_t)n);
     }
+    say_oom(status, oom0);
     int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
     buf_t b = {0};
@@ -1242,8 +1319,8 @@ static void do_spawn(rd_t *r) {
     } else {
         pid_t pid = fork();
         if (pid == 0) {
-            int con = stdio_mode ? dup(2) : open("/dev/console", O_WRONLY | O_NOCTTY);
-            int devnull = open("/dev/null", O_RDONLY);
+            int con = stdio_mode ? fcntl(2, F_DUPFD_CLOEXEC, 3) : open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+            int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
             if (devnull >= 0) dup2(devnull, 0);
             if (con >= 0) {
                 dup2(con, 1);
@@ -1375,6 +1452,7 @@ static void do_put(rd_t *r) {
         unsigned char *payload;
         size_t n;
         int t = recv_frame(&payload, &n);
+        if (t == T_NONE) continue;
         if (t < 0) {
             kill(pid, SIGKILL);
             channel_up = 0;
@@ -1429,7 +1507,7 @@ static void do_get(rd_t *r) {
     if (pid == 0) {
         dup2(outp[1], 1);
         dup2(errp[1], 2);
-        int devnull = open("/dev/null", O_RDONLY);
+        int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
         if (devnull >= 0) dup2(devnull, 0);
         if (strcmp(root, "/") != 0 && (chroot(root) < 0 || chdir("/") < 0))
             report_fail(rep[1], "chroot %s: %s", root, strerror(errno));
@@ -1481,11 +1559,575 @@ out:
     free(path);
 }
 
+/* ---- version 4: FREEZE/THAW without the agent, SIGNAL, FS, PTY ---- */
+
+static int frozen = 0; /* this process sent FREEZE and no THAW yet */
+
+/* Whether `pid` runs the agent's own program (the main agent or a session's worker). */
+static int is_agent_process(pid_t pid) {
+    struct stat self, st;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/exe", (int)pid);
+    return stat("/proc/self/exe", &self) == 0 && stat(path, &st) == 0 && st.st_dev == self.st_dev &&
+           st.st_ino == self.st_ino;
+}
+
+/* SIGSTOP / SIGCONT to every guest process but init and the agent's own (kill(-1) would stop the
+ * agent's session workers too). Two passes catch what forked during the first. */
+static void signal_guest(int sig) {
+    if (stdio_mode) return;
+    for (int pass = 0; pass < 2; pass++) {
+        DIR *d = opendir("/proc");
+        struct dirent *e;
+        while (d && (e = readdir(d)) != NULL) {
+            char *end;
+            long p = strtol(e->d_name, &end, 10);
+            if (*end || p <= 1 || p == getpid() || is_agent_process((pid_t)p)) continue;
+            kill((pid_t)p, sig);
+        }
+        if (d) closedir(d);
+    }
+}
+static void do_freeze(int on) {
+    if (on) sync();
+    signal_guest(on ? SIGSTOP : SIGCONT);
+    frozen = on;
+    send_frame(T_OK, NULL, 0);
+}
+
+/* SIGNAL: a signal to one process of the sandbox (a spawned process, by the pid EXEC reported). */
+static void do_signal(rd_t *r) {
+    uint32_t pid = rd_u32(r);
+    unsigned sig = rd_u8(r);
+    if (r->bad || r->off != r->len || pid <= 1 || pid > 0x3fffffff || sig > 64) {
+        send_error("SIGNAL: malformed request");
+    } else if (is_agent_process((pid_t)pid)) {
+        send_error("SIGNAL: process %u is not the sandbox's", pid);
+    } else if (kill((pid_t)pid, (int)sig) < 0) {
+        send_error("SIGNAL: process %u: %s", pid, strerror(errno));
+    } else {
+        send_frame(T_OK, NULL, 0);
+    }
+}
+
+/* ---- FS: file operations inside the sandbox root ---- */
+
+enum { FS_STAT = 0, FS_LIST = 1, FS_MKDIR = 2, FS_REMOVE = 3 };
+enum { FSF_FOLLOW = 1, FSF_MISSING_OK = 2, FSF_RECURSIVE = 4, FSF_PARENTS = 8 };
+
+/* `path` opened below `rootfd` as if it were "/": symlinks (absolute ones and ".." included)
+ * never leave the root and /proc's magic links are refused (openat2 RESOLVE_IN_ROOT). */
+static int open_in_root(int rootfd, const char *path, int flags, int follow) {
+    struct open_how how = {0};
+    how.flags = (uint64_t)(flags | O_CLOEXEC | (follow ? 0 : O_NOFOLLOW));
+    how.resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS;
+    const char *p = path;
+    while (*p == '/') p++;
+    long fd;
+    do fd = syscall(SYS_openat2, rootfd, *p ? p : ".", &how, sizeof how);
+    while (fd < 0 && errno == EAGAIN);
+    return (int)fd;
+}
+
+/* The path made plain: no empty, "." or ".." components (".." stops at the root), as "/a/b";
+ * *base points at its last component ("" for the root). */
+static int fs_normalize(const char *path, char *out, size_t cap, char **base) {
+    char tmp[4096];
+    if (snprintf(tmp, sizeof tmp, "%s", path) >= (int)sizeof tmp) return -1;
+    size_t len = 0;
+    out[0] = 0;
+    char *save, *c = strtok_r(tmp, "/", &save);
+    for (; c; c = strtok_r(NULL, "/", &save)) {
+        if (strcmp(c, ".") == 0) continue;
+        if (strcmp(c, "..") == 0) {
+            char *slash = strrchr(out, '/');
+            if (slash) *slash = 0;
+            len = strlen(out);
+            continue;
+        }
+        if (len + strlen(c) + 2 > cap) return -1;
+        out[len++] = '/';
+        strcpy(out + len, c);
+        len += strlen(c);
+    }
+    if (!out[0]) strcpy(out, "/");
+    *base = strrchr(out, '/') + 1;
+    return 0;
+}
+
+static void buf_u64(buf_t *b, uint64_t v) {
+    buf_u32(b, (uint32_t)(v >> 32));
+    buf_u32(b, (uint32_t)v);
+}
+
+/* STAT: `str name`, `str path`, `u8 kind`, `u64 size`, `u32 mode`, `u32 uid`, `u32 gid`,
+ * `u64 mtime_ns`, `str link`. */
+static void send_stat(const char *name, const char *path, const struct stat *st, const char *link) {
+    unsigned kind = S_ISREG(st->st_mode) ? 0 : S_ISDIR(st->st_mode) ? 1 : S_ISLNK(st->st_mode) ? 2
+                  : S_ISFIFO(st->st_mode) ? 3 : S_ISSOCK(st->st_mode) ? 4 : S_ISCHR(st->st_mode) ? 5 : 6;
+    buf_t b = {0};
+    buf_str(&b, name);
+    buf_str(&b, path);
+    unsigned char k = (unsigned char)kind;
+    buf_put(&b, &k, 1);
+    buf_u64(&b, (uint64_t)st->st_size);
+    buf_u32(&b, st->st_mode & 07777);
+    buf_u32(&b, st->st_uid);
+    buf_u32(&b, st->st_gid);
+    buf_u64(&b, (uint64_t)((int64_t)st->st_mtim.tv_sec * 1000000000 + st->st_mtim.tv_nsec));
+    buf_str(&b, link ? link : "");
+    send_buf(T_STAT, &b);
+}
+
+/* Describes `name` in the directory `dfd` (a link is described, not followed). */
+static int stat_at(int dfd, const char *name, const char *shown, const char *path) {
+    struct stat st;
+    char link[4096] = "";
+    if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0) return -1;
+    if (S_ISLNK(st.st_mode)) {
+        ssize_t n = readlinkat(dfd, name, link, sizeof link - 1);
+        link[n > 0 ? n : 0] = 0;
+    }
+    send_stat(shown, path, &st, S_ISLNK(st.st_mode) ? link : NULL);
+    return 0;
+}
+
+static int name_cmp(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Removes `name` (a directory, with what it holds) below `dfd`; links are removed, never followed. */
+static int remove_tree(int dfd, const char *name) {
+    int fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) return -1;
+    DIR *d = fdopendir(fd);
+    if (!d) {
+        close(fd);
+        return -1;
+    }
+    struct dirent *e;
+    int rc = 0;
+    while (rc == 0 && (e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        struct stat st;
+        if (fstatat(fd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) continue;
+        if (S_ISDIR(st.st_mode)) rc = remove_tree(fd, e->d_name);
+        else if (unlinkat(fd, e->d_name, 0) < 0 && errno != ENOENT) rc = -1;
+    }
+    int e2 = errno;
+    closedir(d);
+    if (rc < 0) {
+        errno = e2;
+        return -1;
+    }
+    return unlinkat(dfd, name, AT_REMOVEDIR);
+}
+
+static void do_fs(rd_t *r) {
+    unsigned op = rd_u8(r);
+    char *path = rd_str(r);
+    unsigned flags = rd_u8(r);
+    uint32_t mode = rd_u32(r);
+    const char *root = exec_root();
+    char norm[4096], parent[4096], *base;
+    int rootfd = -1, pfd = -1, fd = -1;
+    if (r->bad || r->off != r->len || path[0] != '/' || op > FS_REMOVE ||
+        fs_normalize(path, norm, sizeof norm, &base) < 0) {
+        send_error("FS: malformed request");
+        goto out;
+    }
+    if (!root) {
+        send_error("FS before SANDBOX");
+        goto out;
+    }
+    if ((rootfd = open(root, O_PATH | O_DIRECTORY | O_CLOEXEC)) < 0) {
+        send_error("%s: %s", root, strerror(errno));
+        goto out;
+    }
+    snprintf(parent, sizeof parent, "%.*s", (int)(base - norm), norm);
+    const char *shown = base[0] ? base : "/";
+    if (op == FS_STAT && (flags & FSF_FOLLOW)) {
+        struct stat st;
+        char real[4200], link[4096];
+        if ((fd = open_in_root(rootfd, norm, O_PATH, 1)) < 0 || fstat(fd, &st) < 0) goto fail;
+        /* The path it resolved to, as the sandbox sees it. */
+        snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+        ssize_t n = readlink(link, real, sizeof real - 1);
+        real[n > 0 ? n : 0] = 0;
+        size_t rl = strlen(root);
+        const char *inside = strcmp(root, "/") == 0 ? real
+                           : strncmp(real, root, rl) == 0 ? real + rl : norm;
+        if (!inside[0]) inside = "/";
+        const char *nm = strrchr(inside, '/');
+        send_stat(nm && nm[1] ? nm + 1 : "/", inside, &st, NULL);
+        goto out;
+    }
+    if (op == FS_LIST) {
+        if ((fd = open_in_root(rootfd, norm, O_RDONLY | O_DIRECTORY, 1)) < 0) {
+            if (errno == ENOTDIR) {
+                send_error("%s: not a directory", path);
+                goto out;
+            }
+            goto fail;
+        }
+        DIR *d = fdopendir(fd);
+        if (!d) goto fail;
+        fd = -1;
+        size_t cnt = 0, cap = 64;
+        char **names = malloc(cap * sizeof(char *));
+        struct dirent *e;
+        while ((e = readdir(d)) != NULL) {
+            if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+            if (cnt == cap) names = realloc(names, (cap *= 2) * sizeof(char *));
+            names[cnt++] = strdup(e->d_name);
+        }
+        qsort(names, cnt, sizeof(char *), name_cmp);
+        for (size_t i = 0; i < cnt; i++) {
+            char full[8192];
+            snprintf(full, sizeof full, "%s/%s", strcmp(norm, "/") == 0 ? "" : norm, names[i]);
+            stat_at(dirfd(d), names[i], names[i], full); /* gone meanwhile: left out */
+            free(names[i]);
+        }
+        free(names);
+        closedir(d);
+        send_frame(T_OK, NULL, 0);
+        goto out;
+    }
+    if (op == FS_MKDIR && (flags & FSF_PARENTS)) {
+        /* Each component in turn, below the one before (a link among them resolves inside). */
+        char prefix[4096] = "";
+        char copy[4096];
+        snprintf(copy, sizeof copy, "%s", norm);
+        char *save, *c = strtok_r(copy, "/", &save);
+        for (; c; c = strtok_r(NULL, "/", &save)) {
+            int dfd = open_in_root(rootfd, prefix[0] ? prefix : "/", O_PATH | O_DIRECTORY, 1);
+            if (dfd < 0) goto fail;
+            int rc = mkdirat(dfd, c, mode & 07777);
+            int e = errno;
+            close(dfd);
+            if (rc < 0 && e != EEXIST) {
+                errno = e;
+                goto fail;
+            }
+            size_t pl = strlen(prefix);
+            snprintf(prefix + pl, sizeof prefix - pl, "/%s", c);
+        }
+        int dfd = open_in_root(rootfd, norm, O_PATH | O_DIRECTORY, 1);
+        if (dfd < 0) goto fail;
+        close(dfd);
+    }
+    if (!base[0]) { /* the root itself */
+        struct stat st;
+        if (op == FS_REMOVE) {
+            send_error("%s: the sandbox's root cannot be removed", path);
+        } else if (op == FS_MKDIR && !(flags & FSF_PARENTS)) {
+            send_error("%s: File exists", path);
+        } else if (fstat(rootfd, &st) == 0) {
+            send_stat("/", "/", &st, NULL);
+        } else {
+            goto fail;
+        }
+        goto out;
+    }
+    if ((pfd = open_in_root(rootfd, parent[0] ? parent : "/", O_PATH | O_DIRECTORY, 1)) < 0) {
+        if (op == FS_STAT && (flags & FSF_MISSING_OK) && (errno == ENOENT || errno == ENOTDIR)) {
+            send_frame(T_OK, NULL, 0);
+            goto out;
+        }
+        goto fail;
+    }
+    if (op == FS_MKDIR && !(flags & FSF_PARENTS) && mkdirat(pfd, base, mode & 07777) < 0) goto fail;
+    if (op == FS_REMOVE) {
+        struct stat st;
+        if (fstatat(pfd, base, &st, AT_SYMLINK_NOFOLLOW) < 0) goto fail;
+        int rc = !S_ISDIR(st.st_mode) ? unlinkat(pfd, base, 0)
+               : (flags & FSF_RECURSIVE) ? remove_tree(pfd, base) : unlinkat(pfd, base, AT_REMOVEDIR);
+        if (rc < 0) goto fail;
+        send_frame(T_OK, NULL, 0);
+        goto out;
+    }
+    if (stat_at(pfd, base, shown, norm) < 0) {
+        if (op == FS_STAT && (flags & FSF_MISSING_OK) && errno == ENOENT) {
+            send_frame(T_OK, NULL, 0);
+            goto out;
+        }
+        goto fail;
+    }
+    goto out;
+fail:
+    send_error("%s: %s", path, strerror(errno));
+out:
+    if (fd >= 0) close(fd);
+    if (pfd >= 0) close(pfd);
+    if (rootfd >= 0) close(rootfd);
+    free(path);
+}
+
+/* ---- PTY: a program on a pseudo-terminal of the guest ---- */
+
+static unsigned rd_u16(rd_t *r) {
+    unsigned hi = rd_u8(r);
+    return (hi << 8) | rd_u8(r);
+}
+
+static void set_winsize(int fd, unsigned rows, unsigned cols) {
+    struct winsize ws = {.ws_row = (unsigned short)(rows ? rows : 24), .ws_col = (unsigned short)(cols ? cols : 80)};
+    ioctl(fd, TIOCSWINSZ, &ws);
+}
+
+/* PTY: as EXEC, but stdin, stdout and stderr are one terminal (its output comes as STDOUT; STDIN
+ * frames are typed at it; WINSIZE resizes it, which the kernel says with SIGWINCH). */
+static void do_pty(rd_t *r) {
+    char **argv = rd_strlist(r, NULL);
+    char **env = rd_strlist(r, NULL);
+    char *user = rd_str(r), *workdir = rd_str(r);
+    unsigned flags = rd_u8(r);
+    unsigned rows = rd_u16(r), cols = rd_u16(r);
+    const char *root = exec_root();
+    int master = -1, statp[2] = {-1, -1}, pidfd = -1;
+    unsigned char *chunk = NULL;
+    buf_t pending = {0};
+    size_t sent = 0;
+    char pts[128];
+    if (r->bad || r->off != r->len || !argv[0] || flags) {
+        send_error("PTY: malformed request");
+        goto out;
+    }
+    if (!root) {
+        send_error("PTY before SANDBOX");
+        goto out;
+    }
+    if ((master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0 || grantpt(master) < 0 ||
+        unlockpt(master) < 0 || ptsname_r(master, pts, sizeof pts) != 0 ||
+        pipe2(statp, O_CLOEXEC) < 0) {
+        send_error("PTY: cannot open a terminal: %s", strerror(errno));
+        goto out;
+    }
+    set_winsize(master, rows, cols);
+    long oom0 = oom_kills();
+    pid_t pid = fork();
+    if (pid < 0) {
+        send_error("PTY: fork: %s", strerror(errno));
+        goto out;
+    }
+    if (pid == 0) {
+        setsid();
+        int slave = open(pts, O_RDWR);
+        if (slave < 0 || ioctl(slave, TIOCSCTTY, 0) < 0)
+            child_fail(statp[1], "PTY: %s: %s", pts, strerror(errno));
+        for (int i = 0; i < 3; i++) dup2(slave, i);
+        if (slave > 2) close(slave);
+        exec_child(root, argv, env, user, workdir, statp[1]);
+    }
+    close(statp[1]);
+    statp[1] = -1;
+    char failmsg[4096];
+    if (read_msg(statp[0], failmsg, sizeof failmsg) > 0) {
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
+        send_error("%s", failmsg);
+        goto out;
+    }
+    buf_t pidmsg = {0};
+    buf_u32(&pidmsg, (uint32_t)pid);
+    send_buf(T_PID, &pidmsg);
+    fcntl(master, F_SETFL, O_NONBLOCK);
+    pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    chunk = malloc(CHUNK);
+    int status = 0, exited = 0, master_open = 1;
+    while (!exited) {
+        struct pollfd pf[3] = {
+            {master_open ? master : -1, POLLIN | (pending.len > sent ? POLLOUT : 0), 0},
+            {channel_up ? chan_in : -1, POLLIN, 0}, {pidfd, POLLIN, 0},
+        };
+        if (poll(pf, 3, pidfd >= 0 ? -1 : 20) < 0 && errno != EINTR) break;
+        if (pf[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+            ssize_t n = read(master, chunk, CHUNK);
+            if (n > 0) send_frame(T_STDOUT, chunk, (size_t)n);
+            else if (n == 0 || (errno != EINTR && errno != EAGAIN)) master_open = 0; /* EIO: no one holds it */
+        }
+        if (master_open && (pf[0].revents & POLLOUT)) {
+            ssize_t w = write(master, pending.p + sent, pending.len - sent);
+            if (w > 0) sent += (size_t)w;
+        }
+        if (pf[1].revents & (POLLIN | POLLHUP | POLLERR)) {
+            unsigned char *payload;
+            size_t n;
+            int t = (pf[1].revents & POLLIN) ? recv_frame(&payload, &n) : -1;
+            if (t == T_NONE) {
+            } else if (t < 0) {
+                kill(-pid, SIGHUP); /* the session ended: as a terminal hanging up */
+                kill(-pid, SIGCONT);
+                channel_up = 0;
+            } else {
+                rd_t w = {payload, n, 0, 0};
+                if (t == T_KILL) kill(-pid, n >= 1 ? payload[0] : SIGKILL);
+                if (t == T_STDIN && n) buf_put(&pending, payload, n);
+                if (t == T_WINSIZE) {
+                    unsigned wr = rd_u16(&w), wc = rd_u16(&w);
+                    if (!w.bad) set_winsize(master, wr, wc);
+                }
+                free(payload);
+            }
+        }
+        if (waitpid(pid, &status, WNOHANG) == pid) exited = 1;
+    }
+    if (!exited) while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+    ssize_t n;
+    while (master_open && (n = read(master, chunk, CHUNK)) > 0) send_frame(T_STDOUT, chunk, (size_t)n);
+    say_oom(status, oom0);
+    int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+    buf_t b = {0};
+    buf_u32(&b, (uint32_t)code);
+    buf_u32(&b, (uint32_t)sig);
+    send_buf(T_EXIT, &b);
+out:
+    if (pidfd >= 0) close(pidfd);
+    if (master >= 0) close(master);
+    for (int i = 0; i < 2; i++)
+        if (statp[i] >= 0) close(statp[i]);
+    free(chunk);
+    free(pending.p);
+    free_strlist(argv);
+    free_strlist(env);
+    free(user);
+    free(workdir);
+}
+
+/* ---- sessions (version 4) ----
+ *
+ * Session 0 is the main agent's: the build's and the sandbox set-up's requests, as in version 3.
+ * A frame of any other session goes to that session's worker: a process forked from the agent on
+ * the session's first frame, which serves its requests one at a time (reading them from a socket
+ * the agent forwards them on) and writes its frames straight to the channel, tagged with its
+ * session, one whole frame at a time under a lock. END (or the host leaving) closes the socket:
+ * the worker finishes as if its host had gone (a running EXEC is killed, a FREEZE undone). */
+
+#define MAX_SESSIONS 256
+typedef struct { unsigned id; pid_t pid; int fd; } session_t;
+static session_t sessions[MAX_SESSIONS];
+static int n_sessions = 0;
+
+static void reap_sessions(void) {
+    int j = 0;
+    for (int i = 0; i < n_sessions; i++) {
+        session_t *s = &sessions[i];
+        if (s->pid > 0 && waitpid(s->pid, NULL, WNOHANG) == s->pid) s->pid = 0;
+        if (s->pid > 0 || s->fd >= 0) sessions[j++] = *s;
+    }
+    n_sessions = j;
+}
+
+static void close_sessions(void) {
+    for (int i = 0; i < n_sessions; i++)
+        if (sessions[i].fd >= 0) {
+            close(sessions[i].fd);
+            sessions[i].fd = -1;
+        }
+    reap_sessions();
+}
+
+static void worker_main(unsigned id, int sock) {
+    for (int i = 0; i < n_sessions; i++)
+        if (sessions[i].fd >= 0) close(sessions[i].fd);
+    n_sessions = 0;
+    is_worker = 1;
+    my_session = (int)id;
+    chan_in = sock;
+    entry_pid = -1;
+    prctl(PR_SET_NAME, "tl-session", 0, 0, 0);
+    signal(SIGCHLD, SIG_DFL);
+    for (;;) {
+        unsigned char *payload;
+        size_t n;
+        int t = recv_frame(&payload, &n);
+        if (t < 0) break;
+        rd_t r = {payload, n, 0, 0};
+        switch (t) {
+        case T_EXEC: do_exec(&r); break;
+        case T_PTY: do_pty(&r); break;
+        case T_PUT: do_put(&r); break;
+        case T_GET: do_get(&r); break;
+        case T_FS: do_fs(&r); break;
+        case T_SIGNAL: do_signal(&r); break;
+        case T_EXPORT: do_export(&r); break;
+        case T_ATTACH: do_attach(&r); break;
+        case T_FREEZE: do_freeze(1); break;
+        case T_THAW: do_freeze(0); break;
+        case T_KILL: case T_STDIN: case T_TAR: case T_WINSIZE: break; /* after their request */
+        case T_MOUNT: case T_UMOUNT: case T_RUN: case T_SANDBOX: case T_SPAWN: case T_BIND:
+        case T_UNBIND: case T_SHUTDOWN:
+            send_error("request 0x%02x is only valid on session 0", t);
+            break;
+        default: send_error("unknown request type 0x%02x", t);
+        }
+        free(payload);
+    }
+    if (frozen) signal_guest(SIGCONT);
+    _exit(0);
+}
+
+static void route(unsigned id, unsigned type, const unsigned char *h, const unsigned char *payload,
+                  size_t n) {
+    reap_sessions();
+    session_t *s = NULL;
+    for (int i = 0; i < n_sessions; i++)
+        if (sessions[i].id == id && sessions[i].fd >= 0) s = &sessions[i];
+    if (type == T_END) {
+        if (s) {
+            close(s->fd);
+            s->fd = -1;
+        }
+        return;
+    }
+    if (!s) {
+        /* Data for a request that ended with its session: nobody reads it. */
+        if (type == T_KILL || type == T_STDIN || type == T_TAR || type == T_WINSIZE) return;
+        int sv[2];
+        if (n_sessions >= MAX_SESSIONS) {
+            const char *msg = "too many sessions";
+            buf_t b = {0};
+            buf_str(&b, msg);
+            send_frame_on(id, T_ERROR, b.p, b.len);
+            free(b.p);
+            return;
+        }
+        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
+            buf_t b = {0};
+            buf_str(&b, strerror(errno));
+            send_frame_on(id, T_ERROR, b.p, b.len);
+            free(b.p);
+            return;
+        }
+        int big = 4 << 20;
+        setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
+        pid_t pid = fork();
+        if (pid == 0) {
+            close(sv[0]);
+            worker_main(id, sv[1]);
+        }
+        close(sv[1]);
+        if (pid < 0) {
+            close(sv[0]);
+            return;
+        }
+        s = &sessions[n_sessions++];
+        *s = (session_t){id, pid, sv[0]};
+    }
+    unsigned char hh[8];
+    memcpy(hh, h, 8);
+    if (write_all(s->fd, hh, 8) < 0 || (n && write_all(s->fd, payload, n) < 0)) {
+        close(s->fd);
+        s->fd = -1;
+    }
+}
+
 /* Between requests in sandbox mode: reap the entrypoint, and ride out a host that went away
  * (the virtio port reports POLLHUP until a host connects again). */
 static void idle_wait(void) {
     for (;;) {
         check_entry();
+        reap_sessions();
         struct pollfd pf[2] = {{chan_in, POLLIN, 0}, {sigchld_pipe[0], POLLIN, 0}};
         if (poll(pf, 2, -1) < 0) {
             if (errno == EINTR) continue;
@@ -1494,6 +2136,7 @@ static void idle_wait(void) {
         if (pf[1].revents & POLLIN) drain_fd(sigchld_pipe[0]);
         if (pf[0].revents & POLLHUP) {
             if (stdio_mode) return;
+            if (channel_up) close_sessions(); /* their host went with it */
             channel_up = 0;
             usleep(50000);
             continue;
@@ -1514,6 +2157,7 @@ int main(int argc, char **argv) {
         chan_out = dup(1);
         int devnull = open("/dev/null", O_RDWR);
         dup2(devnull, 0);
+        if (devnull > 2) close(devnull);
         dup2(2, 1);
     } else if (argc == 2) {
         chan_in = chan_out = open(argv[1], O_RDWR | O_CLOEXEC);
@@ -1530,6 +2174,7 @@ int main(int argc, char **argv) {
         unsetenv("TL_INIT_FD");
     }
     signal(SIGPIPE, SIG_IGN);
+    lock_fd = (int)syscall(SYS_memfd_create, "tl-channel", 1u /* MFD_CLOEXEC */);
     if (pipe2(sigchld_pipe, O_CLOEXEC | O_NONBLOCK) < 0) die("pipe: %s", strerror(errno));
     struct sigaction sa = {0};
     sa.sa_handler = on_sigchld;
@@ -1547,7 +2192,9 @@ int main(int argc, char **argv) {
         size_t n;
         if (sandbox_mode) idle_wait();
         int t = recv_frame(&payload, &n);
+        if (t == T_NONE) continue;
         if (t < 0) {
+            close_sessions();
             if (sandbox_mode && !stdio_mode) {
                 channel_up = 0;
                 continue; /* the host comes back with ATTACH */
@@ -1568,20 +2215,18 @@ int main(int argc, char **argv) {
         case T_SPAWN: do_spawn(&r); break;
         case T_PUT: do_put(&r); break;
         case T_GET: do_get(&r); break;
-        case T_ATTACH: do_attach(&r); break;
+        case T_ATTACH:
+            close_sessions(); /* a new host: the sessions of the one before are over */
+            do_attach(&r);
+            break;
+        case T_FS: do_fs(&r); break;
+        case T_PTY: do_pty(&r); break;
+        case T_SIGNAL: do_signal(&r); break;
+        case T_END: case T_WINSIZE: break;
         case T_BIND: do_bind(&r); break;
         case T_UNBIND: do_unbind(); break;
-        case T_FREEZE:
-            if (!stdio_mode) {
-                sync();
-                kill(-1, SIGSTOP); /* every process but init and the agent */
-            }
-            send_frame(T_OK, NULL, 0);
-            break;
-        case T_THAW:
-            if (!stdio_mode) kill(-1, SIGCONT);
-            send_frame(T_OK, NULL, 0);
-            break;
+        case T_FREEZE: do_freeze(1); break; /* every process but init and the agent's */
+        case T_THAW: do_freeze(0); break;
         case T_STDIN: /* after its EXEC ended: nothing reads it */
         case T_TAR: break;
         case T_SHUTDOWN:

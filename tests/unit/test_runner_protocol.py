@@ -1,6 +1,7 @@
-"""Pins runner/PROTOCOL.md (version 3): golden bytes, round trips, rejection rules, and the real
-agent (compiled here, run in `--stdio` mode) answering the version 2 sandbox requests and the
-version 3 RUN mount requests."""
+"""Pins runner/PROTOCOL.md (version 4): golden bytes, round trips, rejection rules, and the real
+agent (compiled here, run in `--stdio` mode) answering the version 2 sandbox requests, the
+version 3 RUN mount requests and the version 4 sessions (concurrent requests), file operations,
+terminals and signals."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=
 texts = st.lists(text, max_size=6).map(tuple)
 
 
-def test_version_is_three():
-    assert P.PROTOCOL_VERSION == 3
+def test_version_is_four():
+    assert P.PROTOCOL_VERSION == 4
 
 
 def test_run_frame_golden_bytes_match_the_spec_example():
@@ -43,7 +44,7 @@ def test_run_frame_golden_bytes_match_the_spec_example():
 
 def test_hello_golden_bytes():
     wire = P.encode_frame(P.encode_hello())
-    assert wire == bytes.fromhex("01000000 0000000e 0003 00000008") + b"tl-agent"
+    assert wire == bytes.fromhex("01000000 0000000e 0004 00000008") + b"tl-agent"
 
 
 def test_v2_golden_bytes():
@@ -169,7 +170,7 @@ def test_decode_frames_handles_any_split(frames, cut):
 
 
 def test_version_mismatch_is_rejected():
-    with pytest.raises(P.ProtocolError, match="version 1; this host speaks 3") as e:
+    with pytest.raises(P.ProtocolError, match="version 1; this host speaks 4") as e:
         P.decode_hello(P.encode_hello(version=1))
     assert "stale" in (e.value.hint or "")
 
@@ -183,7 +184,7 @@ def test_first_frame_must_be_hello():
     "header, match",
     [
         (struct.pack(">BBHI", 0x7F, 0, 0, 0), "unknown frame type 0x7f"),
-        (struct.pack(">BBHI", 0x02, 1, 0, 0), "reserved"),
+        (struct.pack(">BBHI", 0x02, 1, 0, 0), "non-zero flags"),
         (struct.pack(">BBHI", 0x02, 0, 0, P.MAX_PAYLOAD + 1), "exceeds"),
     ],
 )
@@ -405,7 +406,7 @@ def test_agent_bind_and_unbind(agent_bin, tmp_path):
     a.err = bytearray()
     a.drain = threading.Thread(target=a._drain, daemon=True)
     a.drain.start()
-    assert P.decode_hello(a.reader.read()).version == 3
+    assert P.decode_hello(a.reader.read()).version == 4
     r = str(root)
 
     def bind(msg: P.BindMsg) -> P.Frame:
@@ -444,4 +445,231 @@ def test_agent_bind_and_unbind(agent_bin, tmp_path):
     # every stub is gone: the root holds what it held before
     assert sorted(os.listdir(root)) == ["etc", "lnk"] and os.listdir(root / "etc") == ["hostname"]
     assert os.listdir(src / "sub") == ["f"]
+    a.close()
+
+
+# --- version 4: sessions, files, terminals, signals ----------------------------------------------
+
+SH = ("PATH=/usr/bin:/bin",)
+
+
+def test_v4_golden_bytes_and_round_trips():
+    assert P.encode_frame(P.Frame(P.FrameType.END, b"", 0x0102)) == bytes.fromhex(
+        "92000102 00000000"
+    )
+    assert P.encode_frame(P.encode_fs(P.FsMsg(P.FsOp.MKDIR, "/a", P.FsFlag.PARENTS, 0o700))) == (
+        bytes.fromhex("93000000 0000000c 02 00000002") + b"/a" + bytes.fromhex("08 000001c0")
+    )
+    assert P.encode_frame(P.encode_signal(0x1234, 15)) == bytes.fromhex(
+        "96000000 00000005 000012340f"
+    )
+    assert P.encode_frame(P.encode_winsize(40, 120)) == bytes.fromhex("95000000 00000004 00280078")
+    assert P.decode_pid(P.encode_pid(77)) == 77
+    pty = P.PtyMsg(("sh",), ("TERM=xterm",), "root", "/", 30, 100)
+    assert P.decode_pty(P.encode_pty(pty)) == pty
+    fs = P.FsMsg(P.FsOp.REMOVE, "/x/y", P.FsFlag.RECURSIVE, 0)
+    assert P.decode_fs(P.encode_fs(fs)) == fs
+    s = P.FileStat("l", "/l", "symlink", 4, 0o777, 1, 2, -5, "/etc")
+    assert P.decode_stat(P.encode_stat(s)) == s
+    frames, rest = P.decode_frames(P.encode_frame(P.Frame(P.FrameType.OK, b"", 9)))
+    assert frames == [P.Frame(P.FrameType.OK, b"", 9)] and rest == b""
+    with pytest.raises(P.ProtocolError, match="out of range"):
+        P.encode_frame(P.Frame(P.FrameType.OK, b"", 1 << 16))
+    with pytest.raises(P.ProtocolError, match="unknown FS operation"):
+        P.decode_fs(P.Frame(P.FrameType.FS, b"\x09" + P.encode_fs(fs).payload[1:]))
+
+
+class Sessions:
+    """The agent's frames sorted by session, read as they come."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.a = agent
+        self.queues: dict[int, list[P.Frame]] = {}
+
+    def send(self, session: int, frame: P.Frame) -> None:
+        self.a.send(P.with_session(frame, session))
+
+    def until(self, session: int, *types: P.FrameType, timeout: float = 20) -> list[P.Frame]:
+        got: list[P.Frame] = []
+        q = self.queues.setdefault(session, [])
+        deadline = time.monotonic() + timeout
+        while True:
+            while q:
+                f = q.pop(0)
+                got.append(f)
+                if f.type in types:
+                    return got
+            assert time.monotonic() < deadline, f"session {session}: no {types} in {got}"
+            f = self.a.reader.read()
+            self.queues.setdefault(f.session, []).append(f)
+
+    def reply(self, session: int, frame: P.Frame) -> P.Frame:
+        self.send(session, frame)
+        return self.until(session, P.FrameType.OK, P.FrameType.ERROR, P.FrameType.STAT,
+                          P.FrameType.EXIT)[-1]  # fmt: skip
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[-1].startswith("Z"):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_agent_sessions_run_requests_at_the_same_time(agent_bin):
+    a = Agent(agent_bin)
+    s = Sessions(a)
+    # session 1 waits for its stdin while session 2 runs to its end
+    s.send(1, P.encode_exec(P.ExecMsg(("cat",), SH, "root", "/", stdin=True)))
+    assert s.until(1, P.FrameType.PID)[-1].type is P.FrameType.PID
+    s.send(2, P.encode_exec(P.ExecMsg(("echo", "two"), SH, "root", "/")))
+    frames = s.until(2, P.FrameType.EXIT)
+    assert frames[0].type is P.FrameType.PID and P.decode_exit(frames[-1]) == P.Exit(0, 0)
+    assert _out(frames, P.FrameType.STDOUT) == b"two\n"
+    s.send(1, P.encode_stdin(b"one\n"))
+    s.send(1, P.encode_stdin(b""))
+    frames = s.until(1, P.FrameType.EXIT)
+    assert _out(frames, P.FrameType.STDOUT) == b"one\n" and P.decode_exit(frames[-1]).code == 0
+    # a session serves requests one after another; session 0 still serves the main agent's
+    assert s.reply(1, P.encode_exec(P.ExecMsg(("true",), SH, "root", "/"))).type is P.FrameType.EXIT
+    s.send(0, P.encode_attach(0))
+    assert s.until(0, P.FrameType.HELLO)[-1].type is P.FrameType.HELLO
+    # SIGNAL from another session reaches the process a PID frame named
+    s.send(3, P.encode_exec(P.ExecMsg(("sleep", "30"), SH, "root", "/")))
+    pid = P.decode_pid(s.until(3, P.FrameType.PID)[-1])
+    assert s.reply(4, P.encode_signal(pid, 15)).type is P.FrameType.OK
+    assert P.decode_exit(s.until(3, P.FrameType.EXIT)[-1]) == P.Exit(143, 15)
+    bad = s.reply(4, P.encode_signal(a.proc.pid, 9))
+    assert "not the sandbox's" in P.decode_error(bad)
+    assert "No such process" in P.decode_error(s.reply(4, P.encode_signal(pid, 15)))
+    # END: what the session runs ends with it
+    s.send(5, P.encode_exec(P.ExecMsg(("sleep", "30"), SH, "root", "/")))
+    pid = P.decode_pid(s.until(5, P.FrameType.PID)[-1])
+    s.send(5, P.encode_end())
+    assert _gone(pid)
+    # the main agent's requests are refused on other sessions
+    m = s.reply(6, P.encode_mount(P.MountRequest(("/a",), "/u", "/w", "/t")))
+    assert "only valid on session 0" in P.decode_error(m)
+    a.close()
+
+
+def test_agent_programs_get_no_descriptor_of_the_agent(agent_bin):
+    a = Agent(agent_bin)
+    s = Sessions(a)
+    for session in (0, 1):
+        s.send(session, P.encode_exec(P.ExecMsg(("ls", "/proc/self/fd"), SH, "root", "/")))
+        frames = s.until(session, P.FrameType.EXIT)
+        # 3 is ls's own listing of the folder
+        assert _out(frames, P.FrameType.STDOUT).split() == [b"0", b"1", b"2", b"3"], session
+    a.close()
+
+
+def _stat(s: Sessions, path: str, flags: int = 0) -> P.FileStat | str | None:
+    f = s.reply(1, P.encode_fs(P.FsMsg(P.FsOp.STAT, path, flags)))
+    if f.type is P.FrameType.ERROR:
+        return P.decode_error(f)
+    return P.decode_stat(f) if f.type is P.FrameType.STAT else None
+
+
+def test_agent_file_operations_stay_inside_the_root(agent_bin, tmp_path):
+    import os
+
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "hostname").write_text("in-root\n")
+    (root / "d").mkdir()
+    (root / "d" / "f").write_text("abc")
+    os.chmod(root / "d" / "f", 0o640)
+    (root / "link").symlink_to("/etc")  # inside the root, never the host's /etc
+    (root / "up").symlink_to("../../../../..")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("host file")
+    (root / "t").mkdir()
+    (root / "t" / "escape").symlink_to(outside)
+    a = Agent(agent_bin)
+    s = Sessions(a)
+    assert s.reply(0, P.encode_sandbox(P.SandboxMsg(str(root), False, ""))).type is P.FrameType.OK
+
+    f = _stat(s, "/d/f")
+    assert isinstance(f, P.FileStat)
+    assert (f.name, f.path, f.type, f.size, f.mode) == ("f", "/d/f", "file", 3, 0o640)
+    lk = _stat(s, "/link")
+    assert isinstance(lk, P.FileStat) and (lk.type, lk.link_target) == ("symlink", "/etc")
+    followed = _stat(s, "/link", P.FsFlag.FOLLOW)
+    assert isinstance(followed, P.FileStat)
+    assert (followed.type, followed.path, followed.name) == ("dir", "/etc", "etc")
+    assert _stat(s, "/nope", P.FsFlag.MISSING_OK) is None
+    assert "/nope: No such file or directory" in str(_stat(s, "/nope"))
+    root_stat = _stat(s, "/")
+    assert isinstance(root_stat, P.FileStat) and root_stat.path == "/"
+
+    def ls(path: str) -> list[str] | str:
+        s.send(1, P.encode_fs(P.FsMsg(P.FsOp.LIST, path)))
+        frames = s.until(1, P.FrameType.OK, P.FrameType.ERROR)
+        if frames[-1].type is P.FrameType.ERROR:
+            return P.decode_error(frames[-1])
+        return [P.decode_stat(x).path for x in frames if x.type is P.FrameType.STAT]
+
+    assert ls("/link") == ["/link/hostname"]
+    names = ["d", "etc", "link", "t", "up"]
+    assert ls("/up") == [f"/up/{n}" for n in names]  # the link's ".." stops at the root
+    assert ls("/../..") == [f"/{n}" for n in names]
+    assert "not a directory" in str(ls("/d/f"))
+
+    def fs(op: P.FsOp, path: str, flags: int = 0) -> P.Frame:
+        return s.reply(1, P.encode_fs(P.FsMsg(op, path, flags, 0o750)))
+
+    assert fs(P.FsOp.MKDIR, "/link/new").type is P.FrameType.STAT
+    assert (root / "etc" / "new").is_dir() and not Path("/etc/new").exists()
+    assert "File exists" in P.decode_error(fs(P.FsOp.MKDIR, "/link/new"))
+    made = fs(P.FsOp.MKDIR, "/a/b/c", P.FsFlag.PARENTS)
+    assert P.decode_stat(made).path == "/a/b/c" and (root / "a" / "b" / "c").is_dir()
+    assert fs(P.FsOp.MKDIR, "/a/b/c", P.FsFlag.PARENTS).type is P.FrameType.STAT
+    assert "Directory not empty" in P.decode_error(fs(P.FsOp.REMOVE, "/a"))
+    assert fs(P.FsOp.REMOVE, "/a", P.FsFlag.RECURSIVE).type is P.FrameType.OK
+    assert not (root / "a").exists()
+    assert fs(P.FsOp.REMOVE, "/t", P.FsFlag.RECURSIVE).type is P.FrameType.OK  # link not followed
+    assert (outside / "keep").read_text() == "host file"
+    assert fs(P.FsOp.REMOVE, "/link").type is P.FrameType.OK
+    assert not (root / "link").exists() and (root / "etc" / "hostname").exists()
+    assert "cannot be removed" in P.decode_error(fs(P.FsOp.REMOVE, "/"))
+    a.close()
+
+
+def test_agent_pty_size_term_input_ctrl_c_and_resize(agent_bin):
+    if not Path("/dev/ptmx").exists():
+        pytest.skip("no /dev/ptmx")
+    a = Agent(agent_bin)
+    s = Sessions(a)
+    env = ("PATH=/usr/bin:/bin", "TERM=xterm-256color")
+    script = "tty; echo TERM=$TERM; stty size; read x; echo got $x; exit 5"
+    s.send(1, P.encode_pty(P.PtyMsg(("sh", "-c", script), env, "root", "/", 30, 100)))
+    out = b""
+    while b"30 100" not in out:
+        out += _out(s.until(1, P.FrameType.STDOUT), P.FrameType.STDOUT)
+    assert b"/dev/pts/" in out and b"TERM=xterm-256color" in out
+    s.send(1, P.encode_stdin(b"hello\r"))
+    frames = s.until(1, P.FrameType.EXIT)
+    assert b"got hello" in _out(frames, P.FrameType.STDOUT)
+    assert P.decode_exit(frames[-1]).code == 5
+
+    script = ('trap "echo INT; exit 7" INT; trap "stty size" WINCH; echo ready; '
+              "while :; do sleep 0.05; done")  # fmt: skip
+    s.send(2, P.encode_pty(P.PtyMsg(("sh", "-c", script), env, "root", "/", 24, 80)))
+    out = b""
+    while b"ready" not in out:
+        out += _out(s.until(2, P.FrameType.STDOUT), P.FrameType.STDOUT)
+    s.send(2, P.encode_winsize(40, 120))
+    while b"40 120" not in out:
+        out += _out(s.until(2, P.FrameType.STDOUT), P.FrameType.STDOUT)
+    s.send(2, P.encode_stdin(b"\x03"))  # Ctrl-C, as typed: the terminal makes it SIGINT
+    frames = s.until(2, P.FrameType.EXIT)
+    assert b"INT" in _out(frames, P.FrameType.STDOUT) and P.decode_exit(frames[-1]).code == 7
     a.close()

@@ -1,4 +1,4 @@
-"""The microVM backend's host-side pieces without a VM: the shim's relay bookkeeping, the
+"""The microVM backend's host-side pieces without a VM: the shim's session bookkeeping, the
 QEMU command line, the merged-layer lookup for placeholders, archive framing, and the sweep
 of leftovers no record accounts for."""
 
@@ -12,69 +12,35 @@ from pathlib import Path
 import pytest
 
 from tlimage.sandbox.qemu import protocol as P
-from tlimage.sandbox.qemu.shim import Relay
+from tlimage.sandbox.qemu.shim import Mux
 
 T = P.FrameType
 OK, EXIT0 = P.Frame(T.OK), P.encode_exit(P.Exit(0, 0))
 
 
-def test_relay_forwards_a_finished_request_and_asks_for_nothing() -> None:
-    r = Relay()
-    r.from_client(P.encode_exec(P.ExecMsg(("true",), (), "root", "/")))
-    assert r.from_agent(P.Frame(T.STDOUT, b"x")) == (True, [])
-    assert r.from_agent(EXIT0) == (True, [])
-    assert r.pending is None and r.client_left() == []
+def test_mux_gives_each_client_a_session_and_ends_it_when_it_leaves() -> None:
+    m = Mux()
+    a, b = object(), object()
+    sa, sb = m.open(a), m.open(b)
+    assert (sa, sb) == (1, 2)
+    req = P.encode_exec(P.ExecMsg(("true",), (), "root", "/"))
+    assert m.to_agent(b, req) == P.with_session(req, 2)
+    assert m.from_agent(P.Frame(T.STDOUT, b"x", 2)) == (b, P.Frame(T.STDOUT, b"x"))
+    assert m.from_agent(EXIT0) == (None, EXIT0)  # session 0 is the shim's own
+    assert m.close(a) == P.Frame(T.END, b"", 1)
+    assert m.from_agent(P.Frame(T.STDOUT, b"late", 1)) == (None, P.Frame(T.STDOUT, b"late"))
+    # ids are taken in turn, so a late frame of an ended session never reaches a new client
+    assert m.open(object()) == 3
 
 
-def test_relay_kills_an_abandoned_exec_and_discards_its_output() -> None:
-    r = Relay()
-    r.from_client(P.encode_exec(P.ExecMsg(("sleep", "9"), (), "root", "/")))
-    r.from_client(P.encode_stdin(b"data for the same request"))
-    assert r.client_left() == [P.encode_kill(9)]
-    assert r.orphan
-    assert r.from_agent(P.Frame(T.STDOUT, b"late")) == (False, [])
-    assert r.from_agent(P.encode_exit(P.Exit(137, 9))) == (False, [])
-    assert not r.orphan and r.pending is None
-
-
-def test_relay_closes_an_abandoned_put_only_once_it_has_its_path() -> None:
-    r = Relay()
-    r.from_client(P.encode_put("/tmp", "f"))
-    assert r.client_left() == []  # no PATH yet: the agent answers PATH or ERROR by itself
-    assert r.from_agent(P.encode_path("/tmp/f")) == (False, [])
-    assert r.from_agent(OK) == (False, [])
-    r = Relay()
-    r.from_client(P.encode_put("/tmp", "f"))
-    assert r.from_agent(P.encode_path("/tmp/f")) == (True, [])
-    r.from_client(P.encode_tar(b"half an archive"))
-    assert r.client_left() == [P.encode_tar(b"")]
-    assert r.from_agent(P.encode_error("tar: short read")) == (False, [])
-
-
-def test_relay_thaws_a_guest_its_client_left_frozen() -> None:
-    # frozen, then the client leaves between requests
-    r = Relay()
-    r.from_client(P.encode_freeze())
-    assert r.from_agent(OK) == (True, [])
-    assert r.client_left() == [P.encode_thaw()]
-    assert r.from_agent(OK) == (False, [])  # the THAW's OK is nobody's
-    assert not r.orphan and not r.frozen
-    # frozen, then the client leaves during the EXPORT that follows
-    r = Relay()
-    r.from_client(P.encode_freeze())
-    r.from_agent(OK)
-    r.from_client(P.encode_export("/tl/scratch/upper"))
-    assert r.client_left() == []
-    assert r.from_agent(P.Frame(T.TAR, b"...")) == (False, [])
-    assert r.from_agent(P.encode_export_end(P.ExportEnd((), ()))) == (False, [P.encode_thaw()])
-    assert r.orphan and r.from_agent(OK) == (False, []) and not r.orphan
-    # a THAW the client sent itself clears the flag
-    r = Relay()
-    r.from_client(P.encode_freeze())
-    r.from_agent(OK)
-    r.from_client(P.encode_thaw())
-    r.from_agent(OK)
-    assert r.client_left() == []
+def test_mux_wraps_around_and_skips_sessions_in_use() -> None:
+    m = Mux()
+    m.next = P.MAX_SESSION
+    first = object()
+    assert m.open(first) == P.MAX_SESSION
+    assert m.open(object()) == 1
+    m.next = P.MAX_SESSION
+    assert m.open(object()) == 2  # MAX_SESSION and 1 are taken
 
 
 def test_qemu_command_line(tmp_path: Path) -> None:

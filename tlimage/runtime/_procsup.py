@@ -111,13 +111,26 @@ def main() -> None:
                 _write_status(d, status)
                 answer("ok")
 
+    def started(pid: int) -> None:
+        """The backend names the program's pid inside the sandbox (the microVM's agent)."""
+        with lock:
+            if status["state"] == "starting":
+                status.update(state="running", pid=pid)
+                _write_status(d, status)
+                answer("ok")
+
     try:
         rec = StateDB().get(spec["sandbox"])  # no reconcile: the caller just did it
         if rec is None:
             raise RuntimeError(f"sandbox {spec['sandbox']} was removed")
-        threading.Thread(target=watch, daemon=True).start()
-        code = backend_for(rec.backend).exec(rec, spec["cmd"], spec["env"], spec["user"],
-                                             spec["workdir"], on_output=out)  # fmt: skip
+        be = backend_for(rec.backend)
+        if hasattr(be, "exec_watched"):  # it says the pid itself, and signals by it
+            code = be.exec_watched(rec, spec["cmd"], spec["env"], spec["user"], spec["workdir"],
+                                   on_output=out, on_start=started)  # fmt: skip
+        else:
+            threading.Thread(target=watch, daemon=True).start()
+            code = be.exec(rec, spec["cmd"], spec["env"], spec["user"], spec["workdir"],
+                           on_output=out)  # fmt: skip
         with lock:
             status.update(state="exited", exit_code=code, ended_at=time.time())
     except ExecStartError as e:

@@ -6,8 +6,10 @@ initramfs and agent; tlimage.sandbox.qemu) supervised by its own shim process.
            /dev/vdX  the image's layers as cached ext4 images, read-only (hard-linked into the
                      sandbox folder, so a suspended VM finds them byte-identical on resume)
            /dev/vdY  scratch.img: the sandbox's upper and work dirs (kept for named sandboxes)
-           tl.ctl    the agent's channel; the shim holds it and lends it to one client at a
-                     time on <run dir>/shim.sock (exec, cp, snapshot)
+           tl.ctl    the agent's channel; the shim holds it and serves clients on
+                     <run dir>/shim.sock, each connection an agent session of its own (protocol
+                     version 4), so execs, spawned processes, terminals, file operations and
+                     copies run at the same time
 
 Guest-side, the root is the overlay of the layers and the upper, mounted by MOUNT and turned
 into a sandbox by SANDBOX (protocol version 2, runner/PROTOCOL.md): EXEC runs commands chrooted
@@ -32,6 +34,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -282,6 +285,21 @@ class MicroVMBackend:
         passthrough: bool = False,
         timeout: float | None = None,
     ) -> int:
+        return self._exec(rec, argv, env, user, workdir, stdin=stdin, on_output=on_output,
+                          passthrough=passthrough, timeout=timeout)  # fmt: skip
+
+    def exec_watched(self, rec: SandboxRecord, argv: list[str], env: list[str], user: str,
+                     workdir: str, *, on_output: Output,
+                     on_start: Callable[[int], None]) -> int:  # fmt: skip
+        """As exec; `on_start` hears the program's pid in the guest once it runs (a spawned
+        process's supervisor records it for `ps`, and `signal` reaches it by it)."""
+        return self._exec(rec, argv, env, user, workdir, on_output=on_output, on_start=on_start)
+
+    def _exec(self, rec: SandboxRecord, argv: list[str], env: list[str], user: str,
+              workdir: str, *, stdin: bytes | int | None = None,
+              on_output: Output | None = None, passthrough: bool = False,
+              timeout: float | None = None,
+              on_start: Callable[[int], None] | None = None) -> int:  # fmt: skip
         emit = on_output or (lambda _s, _b: None)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._connect(rec) as c:
@@ -316,12 +334,144 @@ class MicroVMBackend:
                         return P.decode_exit(f).code
                     elif f.type is P.FrameType.ERROR:
                         raise ExecStartError(P.decode_error(f))
+                    elif f.type is P.FrameType.PID:
+                        if on_start is not None:
+                            on_start(P.decode_pid(f))
                     else:
                         raise P.ProtocolError(f"unexpected {f.type.name} frame during EXEC")
             except KeyboardInterrupt:
                 with contextlib.suppress(OSError):
                     c.send(P.encode_kill(signal.SIGINT))
                 raise
+
+    def signal(self, rec: SandboxRecord, pid: int, signum: int) -> None:
+        """Sends `signum` to the guest process `pid` (as EXEC's `on_start` named it)."""
+        with self._connect(rec) as c:
+            _ok(c, P.encode_signal(pid, signum), f"signal {signum} to process {pid}")
+
+    def fs(self, rec: SandboxRecord, op: str, path: str, **args: Any) -> Any:
+        """One file operation (`stat`, `list`, `mkdir`, `remove`) in the sandbox's root, done by
+        the agent with every path resolved inside the root (openat2 RESOLVE_IN_ROOT: a planted
+        link cannot lead out); returns the JSON result the namespace backend gives."""
+        F = P.FsFlag
+        if op == "stat":
+            fop = P.FsOp.STAT
+            flags = (F.FOLLOW if args.get("follow") else 0) | (
+                F.MISSING_OK if args.get("missing_ok") else 0)  # fmt: skip
+        elif op == "list":
+            fop, flags = P.FsOp.LIST, 0
+        elif op == "mkdir":
+            fop, flags = P.FsOp.MKDIR, F.PARENTS if args.get("parents") else 0
+        elif op == "remove":
+            fop, flags = P.FsOp.REMOVE, F.RECURSIVE if args.get("recursive") else 0
+        else:
+            raise RuntimeError_(f"unknown file operation {op!r}")
+        listing: list[dict] = []
+        with self._connect(rec) as c:
+            c.send(P.encode_fs(P.FsMsg(fop, path, int(flags), int(args.get("perm", 0o755)))))
+            while True:
+                f = c.recv(None)
+                if f.type is P.FrameType.STAT:
+                    entry = P.decode_stat(f).to_json()
+                    if fop is not P.FsOp.LIST:
+                        return entry
+                    listing.append(entry)
+                elif f.type is P.FrameType.OK:
+                    return listing if fop is P.FsOp.LIST else (
+                        {"path": path} if fop is P.FsOp.REMOVE else None)  # fmt: skip
+                elif f.type is P.FrameType.ERROR:
+                    raise RuntimeError_(f"{op} {rec.id}:{path} failed: {P.decode_error(f)}")
+                else:
+                    raise P.ProtocolError(f"unexpected {f.type.name} frame during FS")
+
+    def exec_tty(self, rec: SandboxRecord, argv: list[str], env: list[str], user: str,
+                 workdir: str, winsize: tuple[int, int]) -> tuple[int, Callable[[], int]]:  # fmt: skip
+        """Starts argv on a terminal of the guest (PTY). Returns the master of a local
+        pseudo-terminal whose raw other side is pumped to and from the guest's (window size
+        changes made on the master travel as WINSIZE) and a function returning the exit code."""
+        import fcntl
+        import pty
+        import termios
+        import tty
+
+        rows, cols = winsize
+        master, slave = pty.openpty()
+        tty.setraw(slave)
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        try:
+            c = _Conn(rec.run_path / "shim.sock") if _proc.alive(rec.pids.get("shim")) else None
+            if c is None:
+                raise RuntimeError_(f"sandbox {rec.id} is not running (its VM is gone)")
+        except BaseException:
+            os.close(master)
+            os.close(slave)
+            raise
+        try:
+            c.send(P.encode_pty(P.PtyMsg(tuple(argv), tuple(env), user, workdir, rows, cols)))
+            f = c.recv(None)
+            if f.type is P.FrameType.ERROR:
+                raise ExecStartError(P.decode_error(f))
+            if f.type is not P.FrameType.PID:
+                raise P.ProtocolError(f"unexpected {f.type.name} frame after PTY")
+        except BaseException:
+            c.close()
+            os.close(master)
+            os.close(slave)
+            raise
+        done = threading.Event()
+        result: dict[str, Any] = {}
+
+        def from_guest() -> None:
+            try:
+                while True:
+                    f = c.chan.recv(None)
+                    if f.type is P.FrameType.STDOUT:
+                        _write_fd(slave, f.payload)
+                    elif f.type is P.FrameType.EXIT:
+                        result["code"] = P.decode_exit(f).code
+                        return
+                    elif f.type is P.FrameType.ERROR:
+                        result["error"] = P.decode_error(f)
+                        return
+            except (EOFError, OSError) as e:
+                result["error"] = str(e)
+            finally:
+                done.set()
+
+        def to_guest() -> None:
+            import select
+
+            size = (rows, cols)
+            try:
+                while not done.is_set():
+                    ready, _, _ = select.select([slave], [], [], 0.1)
+                    now = struct.unpack("HHHH", fcntl.ioctl(slave, termios.TIOCGWINSZ, b"\0" * 8))
+                    if now[:2] != size:
+                        size = now[:2]
+                        c.send(P.encode_winsize(*size))
+                    if ready:
+                        data = os.read(slave, FRAME_CHUNK)
+                        if data:
+                            c.send(P.encode_stdin(data))
+            except OSError:
+                pass
+            finally:
+                os.close(slave)  # the relay reading the master sees the end
+
+        threading.Thread(target=from_guest, daemon=True).start()
+        pump = threading.Thread(target=to_guest, daemon=True)
+        pump.start()
+
+        def finish() -> int:
+            done.wait()
+            pump.join()
+            c.close()
+            if "code" in result:
+                return int(result["code"])
+            raise RuntimeError_(f"the terminal of sandbox {rec.id} ended: "
+                                f"{result.get('error', 'no exit status')}")  # fmt: skip
+
+        return master, finish
 
     def put(self, rec: SandboxRecord, src: Path, dest: str) -> str:
         from tlimage.runtime.namespace import write_tar

@@ -131,12 +131,29 @@ class Backend(Protocol):
 
 class TtyBackend(Backend, Protocol):
     """A backend that can also run a command on a pseudo-terminal (the API checks with
-    `hasattr`; the namespace backend can, the microVM not yet)."""
+    `hasattr`; both runtime backends can)."""
 
     def exec_tty(self, rec: SandboxState, argv: list[str], env: list[str], user: str,
                  workdir: str, winsize: tuple[int, int]) -> tuple[int, Callable[[], int]]:  # fmt: skip
         """Starts argv on a pseudo-terminal; returns (the terminal's master fd, a function that
         waits for the program and returns its exit code). The caller relays and closes it."""
+        ...
+
+
+class ProcessBackend(Backend, Protocol):
+    """A backend whose exec names the program's pid inside the sandbox and that signals by it
+    (the microVM: its guest processes are out of the host's reach). A spawned process's
+    supervisor (runtime/_procsup.py) uses these; the namespace backend's are found and
+    signalled from the host."""
+
+    def exec_watched(self, rec: SandboxState, argv: list[str], env: list[str], user: str,
+                     workdir: str, *, on_output: Output,
+                     on_start: Callable[[int], None]) -> int:  # fmt: skip
+        """As exec, calling `on_start(pid)` once the program runs."""
+        ...
+
+    def signal(self, rec: SandboxState, pid: int, signum: int) -> None:
+        """Sends `signum` to the sandbox's process `pid`."""
         ...
 
 
@@ -162,6 +179,8 @@ class MemoryBackend(Backend, Protocol):
 # Methods a backend may lack (the API asks `hasattr` first), and the protocol naming each.
 OPTIONAL_METHODS = {
     "exec_tty": TtyBackend,
+    "exec_watched": ProcessBackend,
+    "signal": ProcessBackend,
     "clone_memory": MemoryBackend,
     "save_memory": MemoryBackend,
     "start_from_memory": MemoryBackend,

@@ -49,11 +49,11 @@ class Channel:
 
     def recv(self, deadline: float | None = None) -> P.Frame:
         self._fill(P.HEADER.size, deadline)
-        t, length = P.decode_header(bytes(self.buf[: P.HEADER.size]))
+        t, length, session = P.decode_header_session(bytes(self.buf[: P.HEADER.size]))
         self._fill(P.HEADER.size + length, deadline)
         payload = bytes(self.buf[P.HEADER.size : P.HEADER.size + length])
         del self.buf[: P.HEADER.size + length]
-        return P.Frame(t, payload)
+        return P.Frame(t, payload, session)
 
 
 class FrameSource(Protocol):

@@ -1,4 +1,4 @@
-"""Host side of the guest agent protocol (runner/PROTOCOL.md, version 3).
+"""Host side of the guest agent protocol (runner/PROTOCOL.md, version 4).
 
 Pure encoding and decoding: no I/O beyond the `FrameReader` helper, so the unit tests pin the
 wire format without a VM. The C agent (runner/agent.c) is the other implementation; the two are
@@ -15,13 +15,14 @@ from typing import BinaryIO
 
 from tlimage.errors import ExecutorError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_PAYLOAD = 1 << 20
-HEADER = struct.Struct(">BBHI")  # type, flags (0), reserved (0), payload length
+HEADER = struct.Struct(">BBHI")  # type, flags (0), session (v4; was reserved), payload length
+MAX_SESSION = 0xFFFF
 
 
 class ProtocolError(ExecutorError):
-    """The channel carried something that is not protocol version 3."""
+    """The channel carried something that is not protocol version 4."""
 
 
 class FrameType(IntEnum):
@@ -30,6 +31,8 @@ class FrameType(IntEnum):
     OK = 0x02
     ERROR = 0x03
     PATH = 0x04  # version 2
+    PID = 0x05  # version 4
+    STAT = 0x06  # version 4
     STDOUT = 0x10
     STDERR = 0x11
     EXIT = 0x12
@@ -55,12 +58,19 @@ class FrameType(IntEnum):
     # version 3: RUN mounts (tlimage/executor/microvm.py)
     BIND = 0x90
     UNBIND = 0x91
+    # version 4: sessions, files, terminals, signals
+    END = 0x92
+    FS = 0x93
+    PTY = 0x94
+    WINSIZE = 0x95
+    SIGNAL = 0x96
 
 
 @dataclass(frozen=True)
 class Frame:
     type: FrameType
     payload: bytes = b""
+    session: int = 0  # version 4: 0 is the main agent's; others are served concurrently
 
 
 # --- primitive encodings: u32 big-endian lengths, strings are bytes without NUL --------------
@@ -128,31 +138,43 @@ class _Reader:
 def encode_frame(frame: Frame) -> bytes:
     if len(frame.payload) > MAX_PAYLOAD:
         raise ProtocolError(f"frame payload of {len(frame.payload)} bytes exceeds {MAX_PAYLOAD}")
-    return HEADER.pack(int(frame.type), 0, 0, len(frame.payload)) + frame.payload
+    if not 0 <= frame.session <= MAX_SESSION:
+        raise ProtocolError(f"session {frame.session} is out of range")
+    return HEADER.pack(int(frame.type), 0, frame.session, len(frame.payload)) + frame.payload
 
 
 def decode_header(header: bytes) -> tuple[FrameType, int]:
-    ftype, flags, reserved, length = HEADER.unpack(header)
+    """(type, payload length) of a frame header; `decode_header_session` adds its session."""
+    t, length, _session = decode_header_session(header)
+    return t, length
+
+
+def decode_header_session(header: bytes) -> tuple[FrameType, int, int]:
+    ftype, flags, session, length = HEADER.unpack(header)
     try:
         t = FrameType(ftype)
     except ValueError:
         raise ProtocolError(f"unknown frame type 0x{ftype:02x}") from None
-    if flags or reserved:
-        raise ProtocolError(f"frame header has non-zero reserved bits ({flags}, {reserved})")
+    if flags:
+        raise ProtocolError(f"frame header has non-zero flags ({flags})")
     if length > MAX_PAYLOAD:
         raise ProtocolError(f"frame payload of {length} bytes exceeds {MAX_PAYLOAD}")
-    return t, length
+    return t, length, session
+
+
+def with_session(frame: Frame, session: int) -> Frame:
+    return Frame(frame.type, frame.payload, session)
 
 
 def decode_frames(data: bytes) -> tuple[list[Frame], bytes]:
     """Splits a byte string into whole frames; returns them and the incomplete rest."""
     frames, off = [], 0
     while len(data) - off >= HEADER.size:
-        t, length = decode_header(data[off : off + HEADER.size])
+        t, length, session = decode_header_session(data[off : off + HEADER.size])
         if len(data) - off - HEADER.size < length:
             break
         start = off + HEADER.size
-        frames.append(Frame(t, data[start : start + length]))
+        frames.append(Frame(t, data[start : start + length], session))
         off = start + length
     return frames, data[off:]
 
@@ -174,8 +196,8 @@ class FrameReader:
         return b"".join(chunks)
 
     def read(self) -> Frame:
-        t, length = decode_header(self._read_exact(HEADER.size))
-        return Frame(t, self._read_exact(length) if length else b"")
+        t, length, session = decode_header_session(self._read_exact(HEADER.size))
+        return Frame(t, self._read_exact(length) if length else b"", session)
 
 
 # --- messages -------------------------------------------------------------------------------
@@ -484,3 +506,143 @@ def decode_bind(frame: Frame) -> BindMsg:
 
 def encode_unbind() -> Frame:
     return Frame(FrameType.UNBIND)
+
+
+# --- version 4: sessions, files, terminals, signals -------------------------------------------
+
+
+def encode_end() -> Frame:
+    """Ends the session it is sent on (no reply): what runs for it ends as if its host left."""
+    return Frame(FrameType.END)
+
+
+def encode_pid(pid: int) -> Frame:
+    return Frame(FrameType.PID, _u32(pid))
+
+
+def decode_pid(frame: Frame) -> int:
+    r = _Reader(frame.payload, "PID")
+    pid = r.u32()
+    r.end()
+    return pid
+
+
+class FsOp(IntEnum):
+    STAT = 0
+    LIST = 1
+    MKDIR = 2
+    REMOVE = 3
+
+
+class FsFlag(IntEnum):
+    FOLLOW = 1  # STAT: describe what a link leads to (inside the root)
+    MISSING_OK = 2  # STAT: a missing path answers OK instead of ERROR
+    RECURSIVE = 4  # REMOVE: a directory with what it holds
+    PARENTS = 8  # MKDIR: missing parents too, and no error when it exists
+
+
+@dataclass(frozen=True)
+class FsMsg:
+    op: FsOp
+    path: str
+    flags: int = 0
+    mode: int = 0o755
+
+
+def encode_fs(m: FsMsg) -> Frame:
+    return Frame(FrameType.FS, bytes([int(m.op)]) + _str(m.path) + bytes([m.flags & 0xFF])
+                 + _u32(m.mode))  # fmt: skip
+
+
+def decode_fs(frame: Frame) -> FsMsg:
+    r = _Reader(frame.payload, "FS")
+    op, path, flags, mode = r.u8(), r.str(), r.u8(), r.u32()
+    r.end()
+    try:
+        return FsMsg(FsOp(op), path, flags, mode)
+    except ValueError:
+        raise ProtocolError(f"unknown FS operation {op}") from None
+
+
+FILE_KINDS = ("file", "dir", "symlink", "fifo", "socket", "char", "block")
+
+
+@dataclass(frozen=True)
+class FileStat:
+    name: str
+    path: str
+    type: str  # one of FILE_KINDS
+    size: int
+    mode: int  # permission bits
+    uid: int
+    gid: int
+    mtime_ns: int
+    link_target: str | None = None
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "path": self.path, "type": self.type, "size": self.size,
+                "mode": self.mode, "uid": self.uid, "gid": self.gid,
+                "mtime": self.mtime_ns / 1e9, "link_target": self.link_target}  # fmt: skip
+
+
+def encode_stat(s: FileStat) -> Frame:
+    payload = (_str(s.name) + _str(s.path) + bytes([FILE_KINDS.index(s.type)])
+               + struct.pack(">QIIIq", s.size, s.mode, s.uid, s.gid, s.mtime_ns)
+               + _str(s.link_target or ""))  # fmt: skip
+    return Frame(FrameType.STAT, payload)
+
+
+def decode_stat(frame: Frame) -> FileStat:
+    r = _Reader(frame.payload, "STAT")
+    name, path, kind = r.str(), r.str(), r.u8()
+    size, mode, uid, gid, mtime = struct.unpack(">QIIIq", r._take(28))
+    link = r.str()
+    r.end()
+    if kind >= len(FILE_KINDS):
+        raise ProtocolError(f"unknown file kind {kind} in STAT")
+    t = FILE_KINDS[kind]
+    return FileStat(name, path, t, size, mode, uid, gid, mtime, link if t == "symlink" else None)
+
+
+@dataclass(frozen=True)
+class PtyMsg:
+    """A command on a terminal of the guest, `rows` x `cols` (TERM travels in `env`)."""
+
+    argv: tuple[str, ...]
+    env: tuple[str, ...]
+    user: str
+    workdir: str
+    rows: int = 24
+    cols: int = 80
+
+
+def encode_pty(m: PtyMsg) -> Frame:
+    if not m.argv:
+        raise ProtocolError("PTY needs a non-empty argv")
+    payload = _strlist(m.argv) + _strlist(m.env) + _str(m.user) + _str(m.workdir) + b"\0"
+    return Frame(FrameType.PTY, payload + struct.pack(">HH", m.rows & 0xFFFF, m.cols & 0xFFFF))
+
+
+def decode_pty(frame: Frame) -> PtyMsg:
+    r = _Reader(frame.payload, "PTY")
+    argv, env, user, workdir = tuple(r.strlist()), tuple(r.strlist()), r.str(), r.str()
+    if r.u8():
+        raise ProtocolError("PTY flags must be 0")
+    rows, cols = r.u16(), r.u16()
+    r.end()
+    return PtyMsg(argv, env, user, workdir, rows, cols)
+
+
+def encode_winsize(rows: int, cols: int) -> Frame:
+    return Frame(FrameType.WINSIZE, struct.pack(">HH", rows & 0xFFFF, cols & 0xFFFF))
+
+
+def encode_signal(pid: int, signal: int) -> Frame:
+    return Frame(FrameType.SIGNAL, _u32(pid) + bytes([signal]))
+
+
+def decode_signal(frame: Frame) -> tuple[int, int]:
+    r = _Reader(frame.payload, "SIGNAL")
+    pid, sig = r.u32(), r.u8()
+    r.end()
+    return pid, sig

@@ -8,10 +8,12 @@ child and dies with it (PR_SET_PDEATHSIG). The shim:
   sandbox root and starts the entrypoint;
 - reports `ready {"shim": pid, "qemu": pid}` on the socket `sock_fd` and waits for `go` (a
   creator that dies first never sends it, and the shim ends the VM);
-- holds the agent's channel for the VM's whole life and lends it to one client at a time on
-  `<run dir>/shim.sock`, forwarding frames verbatim. It follows each request to its terminal
-  frame, so a client that disconnects mid-request is cleaned up after: a running EXEC is
-  killed, a half-sent PUT is ended, a FREEZE is undone, the rest of a reply is discarded;
+- holds the agent's channel for the VM's whole life and serves any number of clients at once
+  on `<run dir>/shim.sock`: each connection is one agent session (protocol version 4), its
+  frames forwarded with the session's id and the agent's frames of that session sent back
+  (with 0, so a client speaks as if it had the channel to itself). A client that disconnects
+  ends its session (END): the agent cleans up after it — a running EXEC is killed, a half-sent
+  PUT is ended, a FREEZE is undone, the rest of a reply is discarded;
 - starts QEMU, when the sandbox has network, in a network namespace of its own attached through
   sandbox/network.py (slirp4netns + nft: the guest reaches neither the host's loopback nor its
   addresses nor private ranges), and holds the helper, which ends with the shim;
@@ -41,7 +43,6 @@ from tlimage.sandbox.qemu.process import start_qemu
 from tlimage.sandbox.qemu.qmp import QMP, wait_migration
 
 T = P.FrameType
-TERMINAL = {T.OK, T.ERROR, T.EXIT, T.EXPORT_END, T.HELLO}
 ENTRY_EXIT = re.compile(rb"tl-agent: entrypoint exited with status (\d+)")
 
 
@@ -75,10 +76,10 @@ class Agent:
     def recv(self, deadline: float) -> P.Frame:
         while True:
             if len(self.buf) >= P.HEADER.size:
-                t, length = P.decode_header(self.buf[: P.HEADER.size])
+                t, length, session = P.decode_header_session(self.buf[: P.HEADER.size])
                 end = P.HEADER.size + length
                 if len(self.buf) >= end:
-                    frame = P.Frame(t, self.buf[P.HEADER.size : end])
+                    frame = P.Frame(t, self.buf[P.HEADER.size : end], session)
                     self.buf = self.buf[end:]
                     return frame
             left = deadline - time.monotonic()
@@ -94,65 +95,48 @@ class Agent:
             self.buf += data
 
     def request(self, frame: P.Frame, deadline: float) -> P.Frame:
+        """A request of the shim's own session (0); late frames of other sessions (of a host
+        before a restore) are dropped."""
         self.send(frame)
         reply = self.recv(deadline)
+        while reply.session != 0:
+            reply = self.recv(deadline)
         if reply.type is T.ERROR:
             raise RuntimeError(P.decode_error(reply))
         return reply
 
 
-class Relay:
-    """What happens to each frame while clients, one at a time, borrow the agent's channel.
-
-    It follows every request to its terminal frame. When a client leaves mid-request, the
-    rest of the reply is discarded (`orphan`) and the guest is brought back to a clean state:
-    a running EXEC gets SIGKILL, a PUT that has its PATH gets its closing empty TAR, and a
-    FREEZE without its THAW is thawed. Pure bookkeeping, so it is tested without a VM."""
+class Mux:
+    """Which client each agent session belongs to. A client gets a session of its own when it
+    connects (1..65535, taken in turn so that an id comes back only long after its END, when no
+    late frame of the session before can still be on its way) and gives it back with END when it
+    leaves. Pure bookkeeping, so it is tested without a VM."""
 
     def __init__(self) -> None:
-        self.pending: str | None = None  # the request in progress, by kind
-        self.put_open = False  # the PUT got its PATH: TAR frames flow to the guest
-        self.frozen = False
-        self.orphan = False  # its client left: discard until the terminal frame
+        self.next = 1
+        self.session: dict[object, int] = {}  # client -> session
+        self.client: dict[int, object] = {}  # session -> client
 
-    def from_client(self, f: P.Frame) -> None:
-        if self.pending is None:  # a new request (else data for the current one)
-            self.pending = {T.EXEC: "exec", T.RUN: "exec", T.PUT: "put"}.get(f.type, "other")
-            self.put_open = False
-            if f.type is T.FREEZE:
-                self.frozen = True
-            elif f.type is T.THAW:
-                self.frozen = False
+    def open(self, client: object) -> int:
+        for _ in range(P.MAX_SESSION):
+            sid, self.next = self.next, self.next % P.MAX_SESSION + 1
+            if sid not in self.client:
+                self.session[client], self.client[sid] = sid, client
+                return sid
+        raise RuntimeError("no free agent session")
 
-    def from_agent(self, f: P.Frame) -> tuple[bool, list[P.Frame]]:
-        """(deliver it to the client, frames to send the agent)."""
-        if f.type is T.PATH and self.pending == "put":
-            self.put_open = True
-        elif f.type in TERMINAL and self.pending is not None:
-            self.pending = None
-            self.put_open = False
-            if self.orphan:
-                self.orphan = False
-                return False, self._thaw_if_frozen()
-            return True, []
-        return not self.orphan, []
+    def to_agent(self, client: object, f: P.Frame) -> P.Frame:
+        return P.with_session(f, self.session[client])
 
-    def client_left(self) -> list[P.Frame]:
-        if self.pending is None:
-            return self._thaw_if_frozen()
-        self.orphan = True
-        if self.pending == "exec":
-            return [P.encode_kill(signal.SIGKILL)]
-        if self.pending == "put" and self.put_open:
-            return [P.encode_tar(b"")]
-        return []
+    def from_agent(self, f: P.Frame) -> tuple[object | None, P.Frame]:
+        """(the client to deliver it to, or None: its session is over), the frame as the client
+        sees it."""
+        return self.client.get(f.session) if f.session else None, P.with_session(f, 0)
 
-    def _thaw_if_frozen(self) -> list[P.Frame]:
-        if not self.frozen:
-            return []
-        self.frozen = False
-        self.pending, self.orphan = "other", True  # its OK is nobody's
-        return [P.encode_thaw()]
+    def close(self, client: object) -> P.Frame:
+        sid = self.session.pop(client)
+        del self.client[sid]
+        return P.with_session(P.encode_end(), sid)
 
 
 class Shim:
@@ -162,9 +146,8 @@ class Shim:
         self.dir = Path(spec["dir"])
         self.proc: subprocess.Popen | None = None
         self.agent: Agent | None = None
-        self.client: socket.socket | None = None
-        self.cbuf = b""
-        self.relay = Relay()
+        self.cbufs: dict[socket.socket, bytes] = {}
+        self.mux = Mux()
         self.net: NetHandle | None = None
 
     # -- start ----------------------------------------------------------------------------
@@ -246,7 +229,6 @@ class Shim:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda *_: None)
         sel.register(sig_r, selectors.EVENT_READ, "signal")
-        listening = True
         while True:
             deadline = self._deadline()
             if deadline is not None and time.time() >= deadline:
@@ -259,12 +241,13 @@ class Shim:
                     self.end("terminated")
                 elif what == "qemu":
                     self.vm_exited()
-                elif what == "accept" and self.client is None and not self.relay.orphan:
-                    self.client, _ = listener.accept()
-                    self.cbuf = b""
-                    sel.register(self.client, selectors.EVENT_READ, "client")
+                elif what == "accept":
+                    client, _ = listener.accept()
+                    self.mux.open(client)
+                    self.cbufs[client] = b""
+                    sel.register(client, selectors.EVENT_READ, "client")
                 elif what == "client":
-                    self.from_client(sel)
+                    self.from_client(sel, key.fileobj)  # type: ignore[arg-type]
                 elif what == "agent":
                     try:
                         frames = self.agent.feed()
@@ -272,54 +255,41 @@ class Shim:
                         self.vm_exited()
                         continue
                     for f in frames:
-                        self.from_agent(f)
-            # One client at a time (and none while an abandoned request drains): the others
-            # wait in the listen backlog.
-            busy = self.client is not None or self.relay.orphan
-            if busy and listening:
-                sel.unregister(listener)
-                listening = False
-            elif not busy and not listening:
-                sel.register(listener, selectors.EVENT_READ, "accept")
-                listening = True
+                        self.from_agent(sel, f)
 
-    def from_client(self, sel: selectors.BaseSelector) -> None:
-        assert self.client is not None and self.agent is not None
+    def from_client(self, sel: selectors.BaseSelector, client: socket.socket) -> None:
+        assert self.agent is not None
         try:
-            data = self.client.recv(1 << 20)
+            data = client.recv(1 << 20)
         except OSError:
             data = b""
         if not data:
-            self.drop_client(sel)
+            self.drop_client(sel, client)
             return
         try:
-            frames, self.cbuf = P.decode_frames(self.cbuf + data)
+            frames, self.cbufs[client] = P.decode_frames(self.cbufs[client] + data)
         except P.ProtocolError:
-            self.drop_client(sel)
+            self.drop_client(sel, client)
             return
         for f in frames:
-            self.relay.from_client(f)
-            self.agent.send(f)
+            self.agent.send(self.mux.to_agent(client, f))
 
-    def from_agent(self, f: P.Frame) -> None:
+    def from_agent(self, sel: selectors.BaseSelector, f: P.Frame) -> None:
+        client, frame = self.mux.from_agent(f)
+        if client is None:
+            return  # a late frame of a session that ended
+        try:
+            client.sendall(P.encode_frame(frame))  # type: ignore[attr-defined]
+        except OSError:
+            pass  # the client is gone; its EOF arrives next
+
+    def drop_client(self, sel: selectors.BaseSelector, client: socket.socket) -> None:
+        """The client left: its session ends, and the agent finishes what it started."""
         assert self.agent is not None
-        deliver, replies = self.relay.from_agent(f)
-        for r in replies:
-            self.agent.send(r)
-        if deliver and self.client is not None:
-            try:
-                self.client.sendall(P.encode_frame(f))
-            except OSError:
-                pass  # the client is gone; its EOF arrives next
-
-    def drop_client(self, sel: selectors.BaseSelector) -> None:
-        """The client left: finish what it started so the guest is ready for the next one."""
-        assert self.client is not None and self.agent is not None
-        sel.unregister(self.client)
-        self.client.close()
-        self.client = None
-        for f in self.relay.client_left():
-            self.agent.send(f)
+        sel.unregister(client)
+        client.close()
+        del self.cbufs[client]
+        self.agent.send(self.mux.close(client))
 
     # -- the end --------------------------------------------------------------------------
 
