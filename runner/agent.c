@@ -1,12 +1,15 @@
 /*
- * tlimage guest agent: speaks runner/PROTOCOL.md (version 3) over one byte channel.
+ * tlimage guest agent: speaks runner/PROTOCOL.md (version 4) over one byte channel.
  *
  * Runs as PID 1's child inside the build microVM (started by runner/init), or on a host for the
  * protocol conformance tests (`agent --stdio`: the channel is fd 0 in / fd 1 out).
  *
  * Contract:
- *   - The agent sends HELLO first, then serves one request at a time; every request gets exactly
- *     one terminal reply (OK, ERROR, EXIT or EXPORT_END) after any data frames.
+ *   - The agent sends HELLO first, then serves one request at a time per session; every request
+ *     gets exactly one terminal reply (OK, ERROR, EXIT or EXPORT_END) after any data frames.
+ *   - Sessions (version 4): session 0 is served by the agent itself; every other session by a
+ *     worker forked on its first frame, so requests of several sessions run at once (an exec, a
+ *     spawned process's output, a terminal, file operations). END ends a session.
  *   - RUN streams the step's stdout and stderr as separate frames, in the order the bytes are read
  *     from the two pipes (no interleaving guarantee beyond that, as with any two pipes).
  *   - Setup failures before exec (bad user, missing workdir, command not found) end in ERROR with a
@@ -1974,6 +1977,8 @@ static void do_pty(rd_t *r) {
     if (!exited) while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
     ssize_t n;
     while (master_open && (n = read(master, chunk, CHUNK)) > 0) send_frame(T_STDOUT, chunk, (size_t)n);
+    close(master); /* the terminal is gone before the host hears the exit */
+    master = -1;
     say_oom(status, oom0);
     int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;

@@ -1,5 +1,6 @@
-"""`sb.files` and `tl sbx fs` on the namespace backend: metadata, reads and writes, and paths
-that resolve inside the sandbox's root whatever links the sandbox planted."""
+"""`sb.files` and `tl sbx fs` on both backends (the microVM: one VM for the module, the agent
+resolving paths with openat2): metadata, reads and writes, and paths that resolve inside the
+sandbox's root whatever links the sandbox planted."""
 
 from __future__ import annotations
 
@@ -22,11 +23,31 @@ pytestmark = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-def sandbox(tmp_path: Path):  # noqa: ANN201
+@pytest.fixture(scope="module")
+def vm_sandbox(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """One microVM for the module's tests (a TCG boot is slow)."""
     from tlimage.builder import build_image
     from tlimage.runtime import Sandbox
 
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86 is not installed (scripts/setup.sh installs it)")
+    tmp = tmp_path_factory.mktemp("files-vm")
+    (tmp / "image.py").write_text(
+        'from tlimage import Image\nimage = Image("files-vm", base_image="busybox")'
+        '.run("mkdir -p /srv && echo in-image > /srv/a.txt")\n')  # fmt: skip
+    build_image(tmp / "image.py", isolation="namespace")
+    with Sandbox.create("files-vm", backend="microvm", timeout=3600) as sb:
+        yield sb
+
+
+@pytest.fixture(params=["namespace", "microvm"])
+def sandbox(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
+    from tlimage.builder import build_image
+    from tlimage.runtime import Sandbox
+
+    if request.param == "microvm":
+        yield request.getfixturevalue("vm_sandbox")
+        return
     (tmp_path / "image.py").write_text(
         'from tlimage import Image\nimage = Image("files", base_image="busybox")'
         '.run("mkdir -p /srv && echo in-image > /srv/a.txt")\n')  # fmt: skip

@@ -1,5 +1,6 @@
-"""Background processes on the namespace backend: spawn, status, signals, wait, output rings
-(bounded, followed live), the CLI, and a process that outlives the command that started it."""
+"""Background processes on both backends (the microVM: one VM for the module, each process a
+session of the guest agent): spawn, status, signals, wait, output rings (bounded, followed
+live), the CLI, and a process that outlives the command that started it."""
 
 from __future__ import annotations
 
@@ -26,14 +27,35 @@ pytestmark = [
 TICKER = "i=0; while true; do echo tick $i; echo err $i >&2; i=$((i+1)); sleep 0.1; done"
 
 
-@pytest.fixture
-def sandbox(tmp_path: Path):  # noqa: ANN201
+IMAGE = 'from tlimage import Image\nimage = Image("{name}", base_image="busybox").run("true")\n'
+
+
+@pytest.fixture(scope="module")
+def vm_sandbox(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """One microVM for the module's tests (a TCG boot is slow)."""
     from tlimage.builder import build_image
     from tlimage.runtime import Sandbox
 
-    (tmp_path / "image.py").write_text(
-        'from tlimage import Image\nimage = Image("procs", base_image="busybox").run("true")\n'
-    )
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86 is not installed (scripts/setup.sh installs it)")
+    tmp = tmp_path_factory.mktemp("procs-vm")
+    (tmp / "image.py").write_text(IMAGE.format(name="procs-vm"))
+    build_image(tmp / "image.py", isolation="namespace")
+    set_secret("TOKEN", "from-the-store")
+    with Sandbox.create("procs-vm", backend="microvm", timeout=3600,
+                        secret_names=["TOKEN"]) as sb:  # fmt: skip
+        yield sb
+
+
+@pytest.fixture(params=["namespace", "microvm"])
+def sandbox(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
+    from tlimage.builder import build_image
+    from tlimage.runtime import Sandbox
+
+    if request.param == "microvm":
+        yield request.getfixturevalue("vm_sandbox")
+        return
+    (tmp_path / "image.py").write_text(IMAGE.format(name="procs"))
     build_image(tmp_path / "image.py", isolation="namespace")
     set_secret("TOKEN", "from-the-store")
     with Sandbox.create("procs", backend="namespace", secret_names=["TOKEN"]) as sb:
@@ -92,6 +114,7 @@ def test_cli_and_a_process_outliving_its_command(sandbox) -> None:  # noqa: ANN0
     assert pid.isdigit()
     time.sleep(0.5)  # the spawning command has exited; the process runs on
     ps = [json.loads(line) for line in tl("sbx", "ps", "--json", sid).stdout.splitlines()]
+    ps = [x for x in ps if x["state"] == "running"]  # (the microVM's ran the other tests too)
     assert [(x["id"], x["name"], x["state"]) for x in ps] == [(int(pid), "web", "running")]
     assert "web" in tl("sbx", "ps", sid).stdout
     logs = tl("sbx", "logs", sid, pid, "--stream", "stdout")

@@ -1,5 +1,5 @@
-"""`tl sbx exec -it` and `tl sbx shell` on a real pseudo-terminal (pexpect), namespace
-backend: the program has a terminal of the sandbox's own (`tty`), TERM and the window size
+"""`tl sbx exec -it` and `tl sbx shell` on a real pseudo-terminal (pexpect), on both backends
+(the microVM: one VM for the module, the terminal a PTY of the guest agent): the program has a terminal of the sandbox's own (`tty`), TERM and the window size
 arrive, a resize reaches it (SIGWINCH), Ctrl-C interrupts its foreground program, and the exit
 code comes back."""
 
@@ -25,14 +25,34 @@ pytestmark = [
 CLI = "import sys; from tlimage.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-@pytest.fixture
-def sandbox(tmp_path: Path):  # noqa: ANN201
+IMAGE = ('from tlimage import Image\nimage = Image("{name}", base_image="busybox")'
+         '.run("echo \'app:x:1234:1234::/tmp:/bin/sh\' >> /etc/passwd")\n')  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vm_sandbox(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """One microVM for the module's tests (a TCG boot is slow)."""
     from tlimage.builder import build_image
     from tlimage.runtime import Sandbox
 
-    (tmp_path / "image.py").write_text(
-        'from tlimage import Image\nimage = Image("tty", base_image="busybox")'
-        '.run("echo \'app:x:1234:1234::/tmp:/bin/sh\' >> /etc/passwd")\n')  # fmt: skip
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86 is not installed (scripts/setup.sh installs it)")
+    tmp = tmp_path_factory.mktemp("tty-vm")
+    (tmp / "image.py").write_text(IMAGE.format(name="tty-vm"))
+    build_image(tmp / "image.py", isolation="namespace")
+    with Sandbox.create("tty-vm", backend="microvm", timeout=3600) as sb:
+        yield sb
+
+
+@pytest.fixture(params=["namespace", "microvm"])
+def sandbox(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
+    from tlimage.builder import build_image
+    from tlimage.runtime import Sandbox
+
+    if request.param == "microvm":
+        yield request.getfixturevalue("vm_sandbox")
+        return
+    (tmp_path / "image.py").write_text(IMAGE.format(name="tty"))
     build_image(tmp_path / "image.py", isolation="namespace")
     with Sandbox.create("tty", backend="namespace") as sb:
         yield sb
