@@ -20,11 +20,7 @@ IDENTITY_MAP = "0 0 4294967295"
 REFUSED = ("EPERM", "ENOSYS", "EACCES")
 
 # Where a column is still weaker than runc, and why (a known gap, said, never a silent pass).
-KNOWN_GAPS: dict[tuple[str, str], str] = {
-    ("microVM", "memory_limit"): "an exec the guest kernel's OOM killer ends exits 137 but "
-    "nothing says 'out of memory' (the guest agent reports only the signal); the namespace "
-    "backend says it",
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 GUEST_KERNEL = {
     "cap_eff", "cap_bnd", "seccomp", "no_new_privs", "uid_map", "mount_tmpfs", "mknod_block",

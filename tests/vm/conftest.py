@@ -37,3 +37,13 @@ def _terminate_leftover_sandboxes(_isolated_state):  # noqa: ANN001, ANN202
         if sid not in before:
             with contextlib.suppress(Exception):
                 sb.terminate()
+
+
+@contextlib.contextmanager
+def state_in(base):  # noqa: ANN001, ANN201 - a Path; a context manager
+    """TLIMAGE_CACHE_DIR and TLIMAGE_STATE_DIR under `base` while the block runs: a sandbox
+    that a module's tests share (one microVM boot) lives there, not in one test's folders."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TLIMAGE_CACHE_DIR", str(base / "cache"))
+        mp.setenv("TLIMAGE_STATE_DIR", str(base / "state"))
+        yield

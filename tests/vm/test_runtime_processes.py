@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.vm.conftest import state_in
 from tlimage.runtime import ExecStartError, set_secret
 from tlimage.runtime._procs import RING_CAP
 
@@ -39,12 +40,16 @@ def vm_sandbox(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86 is not installed (scripts/setup.sh installs it)")
     tmp = tmp_path_factory.mktemp("procs-vm")
-    (tmp / "image.py").write_text(IMAGE.format(name="procs-vm"))
-    build_image(tmp / "image.py", isolation="namespace")
-    set_secret("TOKEN", "from-the-store")
-    with Sandbox.create("procs-vm", backend="microvm", timeout=3600,
-                        secret_names=["TOKEN"]) as sb:  # fmt: skip
-        yield sb
+    with state_in(tmp):
+        (tmp / "image.py").write_text(IMAGE.format(name="procs-vm"))
+        build_image(tmp / "image.py", isolation="namespace")
+        set_secret("TOKEN", "from-the-store")
+        sb = Sandbox.create("procs-vm", backend="microvm", timeout=3600, secret_names=["TOKEN"])
+    try:
+        yield sb, tmp
+    finally:
+        with state_in(tmp):
+            sb.terminate()
 
 
 @pytest.fixture(params=["namespace", "microvm"])
@@ -53,7 +58,9 @@ def sandbox(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
     from tlimage.runtime import Sandbox
 
     if request.param == "microvm":
-        yield request.getfixturevalue("vm_sandbox")
+        sb, base = request.getfixturevalue("vm_sandbox")
+        with state_in(base):
+            yield sb
         return
     (tmp_path / "image.py").write_text(IMAGE.format(name="procs"))
     build_image(tmp_path / "image.py", isolation="namespace")

@@ -1,7 +1,9 @@
-"""Secrets in namespace sandboxes: `tl secrets set` stores a value per project, `tl sbx new
---secret NAME` passes it to every exec, and the value is found nowhere else — not in the state
+"""Secrets: `tl secrets set` stores a value per project, `tl sbx new --secret NAME` passes it
+to every exec and to the entrypoint, and the value is found nowhere else — not in the state
 folder beside the store, not in the layer cache, snapshots or clones, not in any process's
-argument vector, not in what the CLI prints."""
+argument vector, not in what the CLI prints. On the microVM (one VM boot) a named sandbox's RAM
+file is private and removed at terminate, and a memory clone or checkpoint, which would copy the
+value, is refused unless asked for with --with-secrets."""
 
 from __future__ import annotations
 
@@ -160,3 +162,57 @@ def test_python_api_secret_names_and_removal(tmp_path: Path) -> None:
         remove_secret("TOKEN")
         with pytest.raises(RuntimeError_, match="'TOKEN' of this sandbox was removed"):
             sb.exec("true")
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                    reason="qemu-system-x86 is not installed (scripts/setup.sh installs it)")  # fmt: skip
+def test_microvm_secrets_reach_the_entrypoint_and_no_memory_copy_unasked(tmp_path: Path) -> None:
+    """A named microVM keeps its RAM in a file: the file is private and goes at terminate, and a
+    memory clone or checkpoint (which would copy the secret's value) needs --with-secrets."""
+    import hashlib
+
+    from tlimage.builder import build_image
+    from tlimage.errors import RuntimeError_
+    from tlimage.runtime import Sandbox, set_secret
+
+    (tmp_path / "image.py").write_text(
+        'from tlimage import Image\nimage = Image("secvm", base_image="busybox").run("true")\n'
+    )
+    build_image(tmp_path / "image.py", isolation="namespace")
+    set_secret("API_KEY", VALUE)
+    digest = hashlib.md5(VALUE.encode()).hexdigest()  # noqa: S324 - a fingerprint, not security
+    check = 'printf %s "$API_KEY" | md5sum | cut -d" " -f1'
+    outputs = []
+    sb = Sandbox.create("secvm", name="vmbox", backend="microvm", timeout=900,
+                        secret_names=["API_KEY"],
+                        entrypoint=["sh", "-c", f"{check} > /tmp/ep; exec sleep 100000"])  # fmt: skip
+    twin = None
+    try:
+        assert sb.exec("sh", "-c", check).stdout.decode().strip() == digest
+        assert sb.exec("cat", "/tmp/ep").stdout.decode().strip() == digest  # the entrypoint's
+        d = Path(sb.info().dir)
+        assert d.stat().st_mode & 0o777 == 0o700 and (d / "ram").stat().st_mode & 0o777 == 0o600
+        with pytest.raises(RuntimeError_, match="created with secrets") as e:
+            sb.clone("vmtwin", memory=True)
+        assert "--with-secrets" in (e.value.hint or "")
+        with pytest.raises(RuntimeError_, match="created with secrets"):
+            sb.save_memory("ckpt")
+        outputs.append(r := _tl(tmp_path, "sbx", "clone", "vmbox", "--memory"))
+        assert r.returncode == 1 and "--with-secrets" in r.stderr and "Traceback" not in r.stderr
+        outputs.append(r := _tl(tmp_path, "sbx", "snapshot", "vmbox", "--memory"))
+        assert r.returncode == 1 and "created with secrets" in r.stderr
+        sb.snapshot(register="secvm-snap")  # the filesystem only: allowed, and secret-free
+        twin = sb.clone("vmtwin", memory=True, with_secrets=True)  # asked for: it runs on
+        assert twin.exec("sh", "-c", check).stdout.decode().strip() == digest
+    finally:
+        for s in (sb, twin):
+            if s is not None:
+                s.terminate()
+    for s in (sb, twin):
+        assert s is not None and not (Path(s.info().dir) / "ram").exists()
+    state = Path(os.environ["TLIMAGE_STATE_DIR"])
+    cache = Path(os.environ["TLIMAGE_CACHE_DIR"])
+    assert _files_with(state, VALUE.encode()) == ["secrets/default.json"]
+    assert _files_with(cache, VALUE.encode()) == []
+    for o in outputs:
+        assert VALUE not in o.stdout + o.stderr

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.vm.conftest import state_in
+
 pexpect = pytest.importorskip("pexpect", reason="pexpect is not installed (pip install pexpect)")
 
 pytestmark = [
@@ -38,10 +40,15 @@ def vm_sandbox(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86 is not installed (scripts/setup.sh installs it)")
     tmp = tmp_path_factory.mktemp("tty-vm")
-    (tmp / "image.py").write_text(IMAGE.format(name="tty-vm"))
-    build_image(tmp / "image.py", isolation="namespace")
-    with Sandbox.create("tty-vm", backend="microvm", timeout=3600) as sb:
-        yield sb
+    with state_in(tmp):
+        (tmp / "image.py").write_text(IMAGE.format(name="tty-vm"))
+        build_image(tmp / "image.py", isolation="namespace")
+        sb = Sandbox.create("tty-vm", backend="microvm", timeout=3600)
+    try:
+        yield sb, tmp
+    finally:
+        with state_in(tmp):
+            sb.terminate()
 
 
 @pytest.fixture(params=["namespace", "microvm"])
@@ -50,7 +57,9 @@ def sandbox(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
     from tlimage.runtime import Sandbox
 
     if request.param == "microvm":
-        yield request.getfixturevalue("vm_sandbox")
+        sb, base = request.getfixturevalue("vm_sandbox")
+        with state_in(base):
+            yield sb
         return
     (tmp_path / "image.py").write_text(IMAGE.format(name="tty"))
     build_image(tmp_path / "image.py", isolation="namespace")

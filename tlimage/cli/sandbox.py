@@ -335,13 +335,21 @@ def register(sbx: typer.Typer) -> None:
                 "tl sbx new --from-snapshot NAME.",
             ),
         ] = False,
+        with_secrets: Annotated[
+            bool,
+            typer.Option(
+                "--with-secrets",
+                help="With --memory, of a sandbox created with --secret: save it anyway (its "
+                "memory holds the secrets' values, and so will the checkpoint).",
+            ),
+        ] = False,
         project: ProjectOpt = None,
         json_: JsonOpt = False,
     ) -> None:
         """Snapshot a sandbox's filesystem as a registered image (its layers plus one), or
         with --memory its memory, devices and filesystem as a checkpoint."""
         if memory:
-            print(_get(ref, project).save_memory(register))
+            print(_get(ref, project).save_memory(register, with_secrets=with_secrets))
             return
         img = _get(ref, project).snapshot(register)
         if json_:
@@ -391,11 +399,20 @@ def register(sbx: typer.Typer) -> None:
                 "--memory", help="Clone memory and device state too (microVM, named sandboxes)."
             ),
         ] = False,
+        with_secrets: Annotated[
+            bool,
+            typer.Option(
+                "--with-secrets",
+                help="With --memory, of a sandbox created with --secret: clone it anyway (its "
+                "memory holds the secrets' values, and so will the clone's).",
+            ),
+        ] = False,
         project: ProjectOpt = None,
     ) -> None:
         """Start a new sandbox from a snapshot of this one's filesystem (with --memory: from
         its memory and device state too, so its processes continue in both); prints the id."""
-        twin = _get(ref, project).clone(name, register=register, memory=memory)
+        twin = _get(ref, project).clone(name, register=register, memory=memory,
+                                        with_secrets=with_secrets)  # fmt: skip
         if not memory:
             print("note: the clone starts from a copy of the filesystem only; running processes "
                   "and memory are not carried over (microVM: --memory)", file=sys.stderr)  # fmt: skip

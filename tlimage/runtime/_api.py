@@ -204,6 +204,26 @@ def _try_lock(rec: SandboxRecord) -> int | None:
 # --- environment -----------------------------------------------------------------------------
 
 
+def _secret_env(rec: SandboxRecord) -> list[str]:
+    """The sandbox's secrets as KEY=VALUE, read from the store now (never stored with it)."""
+    from tlimage.runtime._secrets import secret_env
+
+    return list(secret_env(rec.extra.get("secret_names") or [], project=rec.project))
+
+
+def _refuse_secrets_in_memory(rec: SandboxRecord, what: str, with_secrets: bool) -> None:
+    """Secrets never reach a memory copy unless asked: a process's environment is in RAM."""
+    names = rec.extra.get("secret_names") or []
+    if names and not with_secrets:
+        flag = "clone --memory" if what == "clone" else "snapshot --memory"
+        raise RuntimeError_(
+            f"sandbox {rec.name or rec.id} was created with secrets ({', '.join(names)}): its "
+            f"memory holds their values, so a memory {what} would copy them",
+            hint=f"tl sbx {flag} --with-secrets (Python: with_secrets=True) does it anyway; "
+            f"without --memory only the filesystem is copied, and no secret with it",
+        )
+
+
 def merge_env(*layers: Sequence[str]) -> list[str]:
     """KEY=VALUE lists merged left to right (later wins, order of first appearance kept);
     PATH defaults to Docker's."""
@@ -333,6 +353,7 @@ class Sandbox:
                 if entrypoint:
                     ep = {"argv": list(entrypoint),
                           "env": merge_env(config["env"], sandbox_env),
+                          "secret_env": _secret_env(rec),
                           "user": user or config["user"],
                           "workdir": workdir or config["workdir"]}  # fmt: skip
                 return be.start(rec, lowers, ep)
@@ -642,14 +663,16 @@ class Sandbox:
             return time.monotonic() - t0
 
     def clone(self, name: str | None = None, *, register: str | None = None,
-              memory: bool = False) -> Sandbox:  # fmt: skip
+              memory: bool = False, with_secrets: bool = False) -> Sandbox:  # fmt: skip
         """A new sandbox (same backend, resources, timeout, entrypoint, env) booted from a
         snapshot of this one's filesystem. The snapshot is registered only as `register`.
         With `memory` (microVM, named sandboxes) the clone starts from this one's memory and
-        device state too, so its processes continue in both."""
+        device state too, so its processes continue in both; of a sandbox created with
+        secrets only with `with_secrets` (its memory holds their values)."""
         if memory:
             if register is not None:
                 raise RuntimeError_("a memory clone registers no image; snapshot it separately")
+            _refuse_secrets_in_memory(self.refresh(), "clone", with_secrets)
             return self._clone_memory(name)
         rec = self.refresh()
         img = self.snapshot(register, _keep=register is not None)
@@ -676,14 +699,16 @@ class Sandbox:
 
         return _start_copy(src, name, start, self._db)
 
-    def save_memory(self, name: str | None = None) -> str:
+    def save_memory(self, name: str | None = None, *, with_secrets: bool = False) -> str:
         """A restorable memory checkpoint of this running sandbox (microVM, named sandboxes):
         device state, RAM and filesystem, kept in the state folder as `name` (default
         `<id>-mem-<n>`); `Sandbox.from_checkpoint(name)` starts a sandbox from it. Returns
-        the checkpoint's name."""
+        the checkpoint's name. Of a sandbox created with secrets only with `with_secrets`
+        (its memory holds their values, and so would the checkpoint)."""
         import json
 
         rec = self.refresh()
+        _refuse_secrets_in_memory(rec, "snapshot", with_secrets)
         be = self._backend()
         if not hasattr(be, "save_memory"):
             raise RuntimeError_(f"memory snapshots are not available on the {rec.backend} "
@@ -782,6 +807,7 @@ class Sandbox:
                 if rec.entrypoint:
                     ep = {"argv": list(rec.entrypoint),
                           "env": merge_env(config.get("env", []), rec.env),
+                          "secret_env": _secret_env(rec),
                           "user": rec.user or config.get("user", "root"),
                           "workdir": rec.workdir or config.get("workdir", "/")}  # fmt: skip
                 return be.start(rec, lowers, ep)

@@ -159,12 +159,21 @@ class MicroVMBackend:
             make_scratch(scratch)
         file_ram = rec.persistent
         rec.run_path.mkdir(parents=True, exist_ok=True)
+        if file_ram:  # the guest's RAM (secrets in its processes' environments included)
+            os.chmod(rec.path, 0o700)
+            fd = os.open(rec.path / "ram", os.O_WRONLY | os.O_CREAT, 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
         argv = qemu_argv(rec, kit, accel, disks, file_ram)
         (rec.path / "qemu-argv.json").write_text(json.dumps(argv, indent=1))
         placeholders = [p for p in PLACEHOLDERS if rec.network
                         and not _exists_in_layers(lowers, p)]  # fmt: skip
         extra = {"accel": accel, "file_ram": file_ram, "placeholders": placeholders,
                  "kernel": kit.kernel_release, "disks": len(disks)}  # fmt: skip
+        secret_env: list[str] = []
+        if entrypoint is not None:  # its secrets go to the shim on its socket, not in shim.json
+            secret_env = list(entrypoint.get("secret_env") or [])
+            entrypoint = {k: v for k, v in entrypoint.items() if k != "secret_env"}
         setup = {
             "mount": {"lowers": [f"/tl/lower/{i}" for i in range(len(disks))],
                       "upper": GUEST_UPPER, "work": "/tl/scratch/work", "target": GUEST_ROOT},
@@ -172,11 +181,12 @@ class MicroVMBackend:
                         "hostname": rec.name or rec.id},
             "entrypoint": entrypoint,
         }  # fmt: skip
-        pids, confirm = self._spawn_shim(rec, argv, setup, None, accel)
+        pids, confirm = self._spawn_shim(rec, argv, setup, None, accel, secret_env)
         return pids, extra, confirm
 
     def _spawn_shim(self, rec: SandboxRecord, argv: list[str], setup: dict | None,
-                    incoming: Path | None, accel: str) -> tuple[dict, Callable[[], None]]:  # fmt: skip
+                    incoming: Path | None, accel: str,
+                    secret_env: list[str] | None = None) -> tuple[dict, Callable[[], None]]:  # fmt: skip
         boot_timeout = KVM_BOOT_TIMEOUT if accel == "kvm" else TCG_BOOT_TIMEOUT
         rec.run_path.mkdir(parents=True, exist_ok=True)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -188,6 +198,7 @@ class MicroVMBackend:
                 "incoming": str(incoming) if incoming else None, "setup": setup,
                 "sock_fd": child.fileno(), "network": rec.network,
                 "network_policy": rec.extra.get("network_policy"),
+                "secret_env_follows": bool(secret_env),
             }  # fmt: skip
             spec_path = rec.path / "shim.json"
             spec_path.write_text(json.dumps(spec, indent=1))
@@ -200,6 +211,9 @@ class MicroVMBackend:
                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                pass_fds=(child.fileno(),), env=env, check=True)  # fmt: skip
             child.close()
+            if secret_env:
+                parent.settimeout(30)
+                parent.send(json.dumps(secret_env).encode())
             parent.settimeout(boot_timeout + 30)
             try:
                 msg = parent.recv(1 << 16).decode("utf-8", "replace")

@@ -53,6 +53,15 @@ def check_host() -> str | None:
     return isolation.check_host()
 
 
+def _with_secrets(entrypoint: dict[str, Any] | None) -> dict[str, Any] | None:
+    from tlimage.sandbox.backend import entrypoint_env
+
+    if entrypoint is None:
+        return None
+    plain = {k: v for k, v in entrypoint.items() if k != "secret_env"}
+    return {**plain, "env": entrypoint_env(entrypoint)}
+
+
 def fs_dir(rec: SandboxRecord) -> Path:
     return rec.path / "fs"
 
@@ -87,7 +96,8 @@ class NamespaceBackend:
             ),
             "id": rec.id,
             "network_policy": rec.extra.get("network_policy"),
-            "entrypoint": entrypoint,
+            # on a pipe to PID 1, secrets included (never written anywhere)
+            "entrypoint": _with_secrets(entrypoint),
             # PID 1 keeps a descriptor of it and reads `deadline`, writes `exit.json` and
             # `placeholders.json` there.
             "state_dir": str(rec.path),

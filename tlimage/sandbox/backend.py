@@ -176,6 +176,16 @@ class MemoryBackend(Backend, Protocol):
         ...
 
 
+def entrypoint_env(entrypoint: dict[str, Any]) -> list[str]:
+    """The entrypoint's environment: its `env`, then its `secret_env` (the sandbox's secrets,
+    which a backend hands to the sandbox without writing them anywhere)."""
+    env: dict[str, str] = {}
+    for item in [*entrypoint.get("env", []), *entrypoint.get("secret_env", [])]:
+        k, _, v = item.partition("=")
+        env[k] = v
+    return [f"{k}={v}" for k, v in env.items()]
+
+
 # Methods a backend may lack (the API asks `hasattr` first), and the protocol naming each.
 OPTIONAL_METHODS = {
     "exec_tty": TtyBackend,

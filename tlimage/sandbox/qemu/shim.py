@@ -147,6 +147,7 @@ class Shim:
         self.proc: subprocess.Popen | None = None
         self.agent: Agent | None = None
         self.cbufs: dict[socket.socket, bytes] = {}
+        self.secret_env: list[str] = []  # the entrypoint's secrets, from the creator's socket
         self.mux = Mux()
         self.net: NetHandle | None = None
 
@@ -185,10 +186,9 @@ class Shim:
         )
         ep = setup.get("entrypoint")
         if ep:
+            env = _merge_env(ep["env"], self.secret_env)
             self.agent.request(
-                P.encode_spawn(
-                    P.ExecMsg(tuple(ep["argv"]), tuple(ep["env"]), ep["user"], ep["workdir"])
-                ),
+                P.encode_spawn(P.ExecMsg(tuple(ep["argv"]), tuple(env), ep["user"], ep["workdir"])),
                 deadline,
             )
 
@@ -338,6 +338,14 @@ class Shim:
         os._exit(0)
 
 
+def _merge_env(env: list[str], more: list[str]) -> list[str]:
+    merged: dict[str, str] = {}
+    for item in [*env, *more]:
+        k, _, v = item.partition("=")
+        merged[k] = v
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
 def _quote(path: str) -> str:
     import shlex
 
@@ -350,6 +358,9 @@ def main() -> None:
     sock = socket.socket(fileno=spec["sock_fd"])
     shim = Shim(spec)
     try:
+        if spec.get("secret_env_follows"):
+            sock.settimeout(60)
+            shim.secret_env = json.loads(sock.recv(1 << 20))
         shim.start()
         listener = shim.listen()
     except Exception as e:  # noqa: BLE001 - every failure is reported to the creator
