@@ -41,11 +41,35 @@ def _files_with(root: Path, needle: bytes) -> list[str]:
             if p.is_symlink() or not p.is_file():
                 continue
             try:
-                if needle in p.read_bytes():
+                if _contains(p, needle):
                     hits.append(str(p.relative_to(root)))
             except OSError:
                 continue
     return sorted(hits)
+
+
+def _contains(path: Path, needle: bytes, chunk: int = 4 << 20) -> bool:
+    """Whether the file holds `needle`, read in chunks and skipping holes (a microVM's disk
+    image is large and sparse)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, off = os.fstat(fd).st_size, 0
+        while off < size:
+            try:
+                off = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                return False
+            end = os.lseek(fd, off, os.SEEK_HOLE)
+            pos = off
+            while pos < end:
+                data = os.pread(fd, min(chunk, end - pos) + len(needle), pos)
+                if needle in data:
+                    return True
+                pos += chunk
+            off = end
+        return False
+    finally:
+        os.close(fd)
 
 
 def _cmdlines_with(needle: bytes) -> list[str]:
