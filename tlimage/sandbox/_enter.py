@@ -31,11 +31,13 @@ import termios
 
 import _init as ns
 
-NAMESPACES = ("cgroup", "ipc", "uts", "net", "pid", "mnt")  # mnt last: it leaves the host
+# user first: the others belong to it; mnt last: it leaves the host
+NAMESPACES = ("user", "cgroup", "ipc", "uts", "net", "pid", "mnt")
 
 
 def join(init):
-    """Joins the namespaces of the process `init` ([host pid, start time])."""
+    """Joins the namespaces of the process `init` ([host pid, start time]); in its user
+    namespace (when it has one of its own) as that namespace's root."""
     pid, started = init
     fds = []
     try:
@@ -48,7 +50,13 @@ def join(init):
     except OSError as e:
         ns.fail(f"the sandbox is not running: {e.strerror or e}")
     for name, fd in zip(NAMESPACES, fds, strict=True):
-        if ns.libc().setns(fd, 0) != 0:
+        if name == "user":
+            if os.fstat(fd).st_ino != os.stat("/proc/self/ns/user").st_ino:
+                try:
+                    ns.join_userns(fd)
+                except OSError as e:
+                    ns.fail(f"cannot join the sandbox (user): {e.strerror or e}")
+        elif ns.libc().setns(fd, 0) != 0:
             err = ns.ctypes.get_errno()
             ns.fail(f"cannot join the sandbox ({name}): {os.strerror(err)}")
         os.close(fd)

@@ -25,6 +25,7 @@ overlay root and the pseudo filesystems inside its private mount namespace, then
 """
 
 import ctypes
+import fcntl
 import json
 import os
 import signal
@@ -81,6 +82,170 @@ def mount(src, target, fstype=None, options="", flags=""):
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {fstype or flags} on {target}: {os.strerror(err)}")
+
+
+# --- the user namespace: ids 0..N-1 inside are a range of unprivileged host ids ------------
+#
+# Layers on disk keep the real ids (0 is root): the overlay's lowers, its upper folder and
+# every host folder bound in are idmapped mounts (open_tree + mount_setattr(MOUNT_ATTR_IDMAP)
+# + move_mount, as crun and runc do), so a file root makes inside lands as uid 0 in the diff
+# and `chown 1000` lands as 1000. The overlays are mounted by host root acting as the range's
+# first id (setfsuid), so overlayfs writes its upper through the idmapped mount with ids the
+# mount can map, and keeps host root's capabilities for its own xattrs and copy-up.
+
+CLONE_NEWUSER = 0x10000000
+AT_FDCWD, AT_EMPTY_PATH, AT_RECURSIVE = -100, 0x1000, 0x8000
+OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC, MOVE_MOUNT_F_EMPTY_PATH = 1, 0o2000000, 4
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MOUNT_ATTR_IDMAP = 0x100000
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442  # one number on every arch
+IDMAP = None  # [host uid of 0, host gid of 0, how many], from the spec; None: no user namespace
+USERNS_FD = -1  # the sandbox's user namespace, while the host side sets it up
+_IDMAPPED = []  # paths whose mount is idmapped in this mount namespace
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _sys(nr, what, *args):
+    rc = libc().syscall(nr, *args)
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return rc
+
+
+def host_uid(uid):
+    return uid + IDMAP[0] if IDMAP else uid
+
+
+def host_gid(gid):
+    return gid + IDMAP[1] if IDMAP else gid
+
+
+def owner_opts():
+    """tmpfs options that make its root owned by the sandbox's root."""
+    return f",uid={IDMAP[0]},gid={IDMAP[1]}" if IDMAP else ""
+
+
+def make_userns(idmap):
+    """A new user namespace with `idmap` as its uid and gid maps; returns a descriptor of it.
+    A child makes it (unshare) and the host writes its maps, then the child ends; the
+    namespace lives on as long as the descriptor."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    r2, w2 = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.close(w2)
+        code = 0 if libc().unshare(CLONE_NEWUSER) == 0 else 1
+        os.write(w, b"u" if code == 0 else os.strerror(ctypes.get_errno()).encode())
+        os.read(r2, 1)  # until the host has what it needs
+        os._exit(code)
+    os.close(w)
+    os.close(r2)
+    try:
+        said = os.read(r, 256)
+        if said != b"u":
+            raise OSError(1, f"unshare a user namespace: {said.decode(errors='replace')}")
+        uid, gid, count = idmap
+        for name, base in (("uid_map", uid), ("gid_map", gid)):
+            fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY)
+            try:
+                os.write(fd, f"0 {base} {count}\n".encode())
+            finally:
+                os.close(fd)
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(r)
+        os.close(w2)
+        os.waitpid(pid, 0)
+
+
+def idmapped(path):
+    """True when `path` is on a mount idmapped here already."""
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in _IDMAPPED)
+
+
+def idmapped_clone(path, attrs=0):
+    """A detached copy of the mount at `path`, idmapped through the sandbox's user namespace
+    (plus mount `attrs`); `attach` puts it somewhere."""
+    fd = _sys(SYS_OPEN_TREE, f"open_tree {path}", AT_FDCWD, path.encode(),
+              OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)  # fmt: skip
+    try:
+        attr = _MountAttr(MOUNT_ATTR_IDMAP | attrs, 0, 0, USERNS_FD)
+        _sys(SYS_MOUNT_SETATTR, f"idmap {path}", fd, b"", AT_EMPTY_PATH, ctypes.byref(attr),
+             ctypes.sizeof(attr))  # fmt: skip
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def attach(fd, target):
+    try:
+        _sys(SYS_MOVE_MOUNT, f"move_mount to {target}", fd, b"", AT_FDCWD, target.encode(),
+             MOVE_MOUNT_F_EMPTY_PATH)  # fmt: skip
+    finally:
+        os.close(fd)
+
+
+def idmap_in_place(paths):
+    """Each of `paths` (a parent before its children, which it then covers) becomes an
+    idmapped mount of itself."""
+    for path in sorted(set(paths), key=len):
+        if not idmapped(path):
+            attach(idmapped_clone(path), path)
+            _IDMAPPED.append(path)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def act_as_sandbox_root(on):
+    """File operations as the sandbox's root (its host uid and gid) with host root's
+    capabilities kept (`on`), or as host root again. What is made in the overlay then lands
+    as uid 0 in the upper."""
+    if not IDMAP:
+        return
+    libc().setfsuid(IDMAP[0] if on else 0)
+    libc().setfsgid(IDMAP[1] if on else 0)
+    if on:  # a non-zero fsuid clears the file capabilities from the effective set: restore
+        hdr = _CapHeader(0x20080522, 0)
+        data = (_CapData * 2)()
+        if libc().capget(ctypes.byref(hdr), data) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"capget: {os.strerror(err)}")
+        for d in data:
+            d.effective = d.permitted
+        if libc().capset(ctypes.byref(hdr), data) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+def join_userns(fd):
+    """Enter the user namespace `fd` as its root (the range's first host id)."""
+    if libc().setns(fd, CLONE_NEWUSER) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"join the user namespace: {os.strerror(err)}")
+    os.setresgid(0, 0, 0)
+    os.setgroups([])
+    os.setresuid(0, 0, 0)
 
 
 def _escape(path):
@@ -178,27 +343,22 @@ def setup_mounts(root, scratch, mounts, secrets_fd):
             fd = os.open(src, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.write(fd, datas[i])
-                os.fchown(fd, m["uid"], m["gid"])
+                os.fchown(fd, host_uid(m["uid"]), host_gid(m["gid"]))
                 os.fchmod(fd, m["mode"])
             finally:
                 os.close(fd)
         elif kind == "bind":
             src = m["source"]
         elif kind == "view":
-            stage = os.path.join(scratch, f"m{i}")
-            os.mkdir(stage)
-            os.mkdir(stage + "/root")
+            stage = os.path.join(scratch, f"m{i}")  # made by stage_views
             layers = list(m["layers"])
             opts = ""
             if m["readonly"] and len(layers) == 1:
-                os.mkdir(stage + "/empty")  # overlayfs needs two lowers when it has no upper
-                layers.append(stage + "/empty")
+                layers.append(stage + "/empty")  # overlayfs needs two lowers when it has no upper
             if not m["readonly"]:
-                os.mkdir(stage + "/upper")
                 top = os.stat(layers[-1])  # the merged root shows the upper's owner and mode
                 os.chown(stage + "/upper", top.st_uid, top.st_gid)
                 os.chmod(stage + "/upper", stat.S_IMODE(top.st_mode))
-                os.mkdir(stage + "/work")
                 opts = f",upperdir={_escape(stage + '/upper')},workdir={_escape(stage + '/work')}"
             lowers = ":".join(_escape(p) for p in reversed(layers))
             overlay(stage + "/root", f"lowerdir={lowers}{opts}", volatile=bool(opts))
@@ -220,11 +380,19 @@ def setup_mounts(root, scratch, mounts, secrets_fd):
         try:
             if kind == "tmpfs":
                 size = f",size={m['size']}" if m.get("size") else ""
-                mount("tmpfs", dest, "tmpfs", f"mode=1777{size}", flags="nosuid,nodev")
+                mount("tmpfs", dest, "tmpfs", f"mode=1777{size}{owner_opts()}",
+                      flags="nosuid,nodev")  # fmt: skip
+                mounted[-1] = (dest, stubs)
+            elif kind == "bind" and IDMAP and not idmapped(src):
+                # A host folder (a cache mount): the step's ids land as the real ones in it.
+                attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+                attach(idmapped_clone(src, attrs | (MOUNT_ATTR_RDONLY if m["readonly"] else 0)),
+                       dest)  # fmt: skip
+                mounted[-1] = (dest, stubs)
             else:
                 mount(src, dest, flags="bind")
-            mounted[-1] = (dest, stubs)
-            if kind != "tmpfs":  # a device node in a mount can never be opened
+                mounted[-1] = (dest, stubs)
+                # a device node in a mount can never be opened
                 ro = ",ro" if m["readonly"] else ""
                 mount(None, dest, flags="remount,bind,nosuid,nodev" + ro)
         except OSError as e:  # name the target in the step's root, not the host path
@@ -322,8 +490,12 @@ def bind_file(root, rel, src, created, mounted):
     except FileNotFoundError:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         created.append(path)
-    mount(os.path.realpath(src), path, flags="bind")
-    mount(None, path, flags="remount,bind,nosuid,nodev,noexec")
+    src = os.path.realpath(src)
+    if IDMAP and not idmapped(src):  # root inside may write it, as before
+        attach(idmapped_clone(src, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC), path)
+    else:
+        mount(src, path, flags="bind")
+        mount(None, path, flags="remount,bind,nosuid,nodev,noexec")
     mounted.append(path)
 
 
@@ -354,18 +526,6 @@ PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
 SECCOMP_MODE_FILTER = 2
 MNT_DETACH = 2
 CAP_LAST = 40  # read from /proc at start-up
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    ]
 
 
 class _SockFprog(ctypes.Structure):
@@ -488,8 +648,6 @@ def inside(root, path):
 def loopback_up():
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        import fcntl
-
         ifr = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, ifr))[1]
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
@@ -497,13 +655,41 @@ def loopback_up():
         s.close()
 
 
-def setup_root(spec):
-    """The sandbox's root at spec["merged"]: the overlay (nodev), /proc with runc's masks, a
-    read-only /sys, a /dev with only the usual nodes, the name files, the loopback when it has
-    its own network, the hostname. Returns (created, mounted): placeholder files made in the
-    upper and what was mounted on them (host paths, before pivot)."""
+def stage_views(scratch, mounts):
+    """The folders of each RUN mount view's overlay, made before the idmapped mounts."""
+    paths = []
+    for i, m in enumerate(mounts):
+        if m["kind"] != "view":
+            continue
+        stage = os.path.join(scratch, f"m{i}")
+        os.mkdir(stage)
+        os.mkdir(stage + "/root")
+        if m["readonly"] and len(m["layers"]) == 1:
+            os.mkdir(stage + "/empty")
+        if not m["readonly"]:
+            os.mkdir(stage + "/upper")
+            os.mkdir(stage + "/work")
+            paths.append(stage)
+        paths.extend(m["layers"])
+    return paths
+
+
+def setup_host(spec):
+    """The host side of the sandbox's root, in a private mount namespace as host root: the
+    overlay at spec["merged"] (nodev; its layers idmapped when the sandbox has a user
+    namespace), the name files and, for a step, its RUN mounts. Returns (created, mounted,
+    step_mounts, secret_env): placeholder files made in the upper, what was mounted on them,
+    the RUN mounts with their stubs, and the step's secret variables (all host paths)."""
+    global USERNS_FD
     root = spec["merged"]
     mount(None, "/", flags="rec,private")
+    mounts = spec.get("mounts", [])
+    views = stage_views(spec.get("scratch", ""), mounts)
+    if IDMAP:
+        USERNS_FD = make_userns(IDMAP)
+        upper_parent = os.path.commonpath([spec["upper"], spec["work"]])
+        idmap_in_place([*spec["lowers"], upper_parent, *views])
+        act_as_sandbox_root(True)
     lowers = ":".join(_escape(p) for p in reversed(spec["lowers"]))  # top layer first
     overlay(
         root,
@@ -511,6 +697,33 @@ def setup_root(spec):
         flags="nodev",
         volatile=spec.get("mode") == "step",
     )
+    created, mounted = [], []
+    for rel, src in sorted(spec.get("etc_files", {}).items()):
+        bind_file(root, rel, src, created, mounted)
+    try:
+        step_mounts, secret_env = setup_mounts(
+            root, spec.get("scratch", ""), mounts, spec.get("secrets_fd", -1)
+        )
+    except OSError as e:
+        raise MountFailure(f"RUN --mount: {e.strerror or e}") from None
+    return created, mounted, step_mounts, secret_env
+
+
+class MountFailure(Exception):
+    """A RUN mount could not be made (said as such, not as a sandbox failure)."""
+
+
+def setup_ns(spec):
+    """In the sandbox's namespaces (and user namespace), its working folder the root made by
+    setup_host: a copy of that root becomes a mount of its own here (pivot_root needs one this
+    namespace made), then /proc with runc's masks, a read-only /sys, a /dev with only the
+    usual nodes, the loopback when it has its own network, the hostname."""
+    tree = _sys(SYS_OPEN_TREE, "open_tree of the root", AT_FDCWD, b".",
+                OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)  # fmt: skip
+    _sys(SYS_MOVE_MOUNT, "mount the root", tree, b"", AT_FDCWD, b".", MOVE_MOUNT_F_EMPTY_PATH)
+    os.fchdir(tree)  # the new mount, on top
+    os.close(tree)
+    root = "."
     if os.path.isdir(root + "/proc"):
         mount("proc", root + "/proc", "proc", flags="nosuid,nodev,noexec")
     if os.path.isdir(root + "/sys"):
@@ -551,21 +764,17 @@ def setup_root(spec):
         ):
             os.symlink(target, f"{dev}/{name}")
     mask_paths(root)
-    created, mounted = [], []
-    for rel, src in sorted(spec.get("etc_files", {}).items()):
-        bind_file(root, rel, src, created, mounted)
     loopback_up()
     if not spec.get("host_network"):
         try:  # unprivileged ICMP echo sockets (ping without CAP_NET_RAW), this netns only
             with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
-                f.write("0 2147483647")
+                f.write(f"0 {IDMAP[2] - 1 if IDMAP else 2147483647}")
         except OSError:
             pass
     try:
         socket.sethostname(spec["hostname"])
     except OSError:
         pass
-    return created, mounted
 
 
 def become(proc, extra_env=None, keep=()):
@@ -666,23 +875,12 @@ def handshake(sock, spec):
 
 
 def main_step(spec):
-    global STATUS_FD
-    root = spec["merged"]
-    STATUS_FD = spec["status_fd"]
-    os.set_inheritable(STATUS_FD, False)
-    start(spec)
+    """PID 1 of a step (the host side made its root and RUN mounts): the rest of the root,
+    pivot, network, then the step; reaps every process until the step exits and exits with
+    its code."""
     try:
-        created, mounted = setup_root(spec)
-    except OSError as e:
-        fail(f"sandbox setup failed: {e}")
-    try:
-        step_mounts, secret_env = setup_mounts(
-            root, spec.get("scratch", ""), spec.get("mounts", []), spec.get("secrets_fd", -1)
-        )
-    except OSError as e:
-        fail(f"RUN --mount: {e.strerror or e}")
-    try:
-        pivot(root)
+        setup_ns(spec)
+        pivot(".")
     except OSError as e:
         fail(f"sandbox setup failed: {e}")
     if spec.get("sock_fd", -1) >= 0:
@@ -695,7 +893,7 @@ def main_step(spec):
     pid = os.fork()
     if pid == 0:
         os.setsid()
-        become(spec, secret_env)
+        become(spec, spec["secret_env"])
     os.close(STATUS_FD)
     # PID 1: reap everything; the step's status decides our exit code.
     code = None
@@ -713,21 +911,21 @@ def main_step(spec):
                 os.kill(-1, signal.SIGKILL)
             except OSError:
                 pass
-    undo_mounts(
-        [
-            (None if d is None else inside(root, d), [inside(root, p) for p in stubs])
-            for d, stubs in step_mounts
-        ]
-    )
-    for p in reversed(mounted):
-        libc().umount2(inside(root, p).encode(), MNT_DETACH)
-    for p in created:
-        try:
-            os.unlink(inside(root, p))
-        except OSError:
-            pass
     sys.stdout.flush()
     os._exit(code if code is not None else 127)
+
+
+def undo_step(created, mounted, step_mounts):
+    """After the step, on the host side: RUN mounts and name files off the root, and the
+    placeholders and stubs made for them out of the upper."""
+    undo_mounts(step_mounts)
+    for p in reversed(mounted):
+        libc().umount2(p.encode(), MNT_DETACH)
+    for p in created:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
 
 
 # --- a long-lived sandbox ------------------------------------------------------------------
@@ -810,16 +1008,11 @@ def finish(reason, code):
 
 
 def main_box(spec):
-    global STATE_DIR
     sock = socket.socket(fileno=spec["sock_fd"])
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
-        start(spec)
-        STATE_DIR = os.open(spec["state_dir"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        root = spec["merged"]
-        created, _mounted = setup_root(spec)
-        write_state("placeholders.json", json.dumps([os.path.relpath(p, root) for p in created]))
-        pivot(root)
+        setup_ns(spec)
+        pivot(".")
         attach_network(sock, spec)
         entry = start_entrypoint(spec) if spec["entrypoint"] else None
     except (OSError, RuntimeError, SystemExit) as e:
@@ -848,20 +1041,116 @@ def main_box(spec):
             finish("terminated", None)
 
 
+def abort(spec, msg):
+    if spec["mode"] == "step":
+        fail(msg)
+    try:
+        send(socket.socket(fileno=spec["sock_fd"]), f"error: {msg}")
+    finally:
+        os._exit(1)
+
+
 def main(spec):
-    """Called by the launcher's bootstrap in the new namespaces (all but the PID one, which
-    only this process's children join). Forks PID 1; this process, outside the sandbox's PID
-    namespace, waits for it (a build step) or leaves it to the host's init (a sandbox)."""
-    pid = os.fork()
-    if pid == 0:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL) if spec["mode"] == "step" else None
-        if spec["mode"] == "box":
-            main_box(spec)
-        else:
-            main_step(spec)
-        os._exit(127)
-    if spec["mode"] == "box":
+    """Called by the launcher's bootstrap as host root in a private mount namespace: sets up
+    the root (setup_host), then forks a child that joins the sandbox's user namespace (when
+    it has one) and makes the other namespaces, owned by it; that child forks PID 1 and, for
+    a step, waits for it. For a step this process then takes the RUN mounts and placeholders
+    off the root and exits with the step's code; for a sandbox it leaves PID 1 to the host's
+    init."""
+    global STATUS_FD, STATE_DIR, IDMAP
+    step = spec["mode"] == "step"
+    if step:
+        STATUS_FD = spec["status_fd"]
+        os.set_inheritable(STATUS_FD, False)
+    IDMAP = spec.get("idmap")
+    start(spec)
+    try:
+        if not step:
+            STATE_DIR = os.open(spec["state_dir"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            if IDMAP:  # PID 1 writes exit.json there as the sandbox's root
+                os.chown(spec["state_dir"], IDMAP[0], IDMAP[1])
+        created, mounted, step_mounts, secret_env = setup_host(spec)
+        if not step:
+            root = spec["merged"]
+            write_state("placeholders.json",
+                        json.dumps([os.path.relpath(p, root) for p in created]))  # fmt: skip
+        os.chdir(spec["merged"])
+    except MountFailure as e:
+        abort(spec, str(e))
+    except OSError as e:
+        abort(spec, f"sandbox setup failed: {e}")
+    spec["secret_env"] = secret_env
+    k = os.fork()
+    if k == 0:
+        try:
+            if IDMAP:
+                join_userns(USERNS_FD)
+            os.close(USERNS_FD) if USERNS_FD >= 0 else None
+            if step:  # after the change of credentials, which clears it
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if libc().unshare(spec["ns_flags"]) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare: {os.strerror(err)}")
+        except OSError as e:
+            abort(spec, f"sandbox setup failed: {e}")
+        pid = os.fork()
+        if pid == 0:
+            if step:
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                main_step(spec)
+            else:
+                main_box(spec)
+            os._exit(127)
+        if not step:
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(128 - code if code < 0 else code)
+    _, status = os.waitpid(k, 0)
+    if not step:
         os._exit(0)
-    _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
+    undo_step(created, mounted, step_mounts)
+    sys.stdout.flush()
     os._exit(128 - code if code < 0 else code)
+
+
+def probe(tmp, idmap):
+    """Whether this kernel gives a sandbox its user namespace (run by the host once, in a
+    process of its own, in the empty folder `tmp`): the root of an idmapped overlay makes a
+    file and chowns one to 1000 from inside; on disk they must be 0 and 1000. Prints `ok` or
+    what failed."""
+    global IDMAP
+    IDMAP = idmap
+    try:
+        if libc().unshare(0x00020000) != 0:
+            raise OSError(ctypes.get_errno(), "unshare the mount namespace")
+        for d in ("lower", "upper", "work", "merged"):
+            os.mkdir(os.path.join(tmp, d))
+        with open(os.path.join(tmp, "lower", "f"), "w") as f:
+            f.write("x")
+        disk = os.open(tmp, os.O_PATH | os.O_DIRECTORY)
+        spec = {"merged": tmp + "/merged", "lowers": [tmp + "/lower"], "upper": tmp + "/upper",
+                "work": tmp + "/work"}  # fmt: skip
+        setup_host(spec)
+        os.chdir(tmp + "/merged")
+        pid = os.fork()
+        if pid == 0:
+            try:
+                join_userns(USERNS_FD)
+                with open("new", "w") as f:
+                    f.write("x")
+                os.chown("f", 1000, 1000)  # a copy-up
+                os._exit(0 if os.stat("f").st_uid == 1000 else 2)
+            except BaseException as e:
+                os.write(2, f"{e}\n".encode())
+                os._exit(1)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if code != 0:
+            raise OSError(5, f"a file operation as the sandbox's root failed ({code})")
+        owners = [os.stat(f"upper/{n}", dir_fd=disk).st_uid for n in ("new", "f")]
+        if owners != [0, 1000]:
+            raise OSError(5, f"files made inside land on disk as {owners}, not [0, 1000]")
+        print("ok")
+    except OSError as e:
+        print(e)

@@ -81,7 +81,7 @@ def seccomp_bpf(caps: tuple[str, ...] = DEFAULT_CAPS) -> bytes:
         getattr(pyseccomp, "__version__", "")]).encode()).hexdigest()[:32]  # fmt: skip
     if key in _memo:
         return _memo[key]
-    cached = _cache_dir() / f"{key}.bpf"
+    cached = cache_dir() / f"{key}.bpf"
     with contextlib.suppress(OSError):
         data = cached.read_bytes()
         if data and len(data) % 8 == 0:
@@ -184,7 +184,7 @@ def _libseccomp_version() -> str:
         return "unknown"
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "tlimage" / "seccomp-v1"

@@ -44,6 +44,14 @@ TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 PR_SET_PDEATHSIG = 1
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
 CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x20000000, 0x40000000
+# The host ids the sandbox's ids 0..65535 stand for when /etc/subuid and /etc/subgid have no
+# `tlimage` entry: 2^31 on, above every range useradd (subordinate ids from 100000), systemd
+# (dynamic users, nspawn's 0x80000..0x6fffffff) or a login gives out, so they belong to no
+# one on the host. One range serves every step and sandbox (each has its own user namespace):
+# layers on disk keep their real ids through idmapped mounts, so the range only decides who
+# a process is to the host kernel, and sandboxes are kept apart by their other namespaces.
+DEFAULT_ID_BASE, ID_COUNT = 1 << 31, 65536
+USERNS_ENV = "TLIMAGE_USERNS"  # 0: no user namespace (as on a kernel without one)
 BOOT = """import json, os, sys
 os.close(int(sys.argv[0].rpartition("/")[2]))  # this program's pipe: read already
 fd = int(sys.argv[1])
@@ -88,6 +96,97 @@ def missing_layers() -> list[str]:
     if problem:
         out.append(f"no private network for steps and sandboxes with network: {problem}")
     return out + cgroup.missing()
+
+
+def id_range() -> tuple[int, int, int]:
+    """(host uid of root inside, host gid of root inside, count): a `tlimage` entry of
+    /etc/subuid and /etc/subgid with at least 65536 ids, else DEFAULT_ID_BASE."""
+    bases = []
+    for path in ("/etc/subuid", "/etc/subgid"):
+        base = None
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(path).read_text().splitlines():
+                name, _, rest = line.strip().partition(":")
+                start, _, count = rest.partition(":")
+                if name == "tlimage" and int(count) >= ID_COUNT:
+                    base = int(start)
+                    break
+        bases.append(base)
+    if bases[0] is None or bases[1] is None:
+        return DEFAULT_ID_BASE, DEFAULT_ID_BASE, ID_COUNT
+    return bases[0], bases[1], ID_COUNT
+
+
+_userns_memo: dict[str, str | None] = {}
+
+
+def userns_problem() -> str | None:
+    """None when steps and sandboxes get a user namespace of their own with idmapped layers,
+    else why not. Probed once per kernel boot (a process that makes one, cached with the
+    seccomp filter); $TLIMAGE_USERNS=0 turns it off."""
+    if os.environ.get(USERNS_ENV) == "0":
+        return f"user namespaces are off (${USERNS_ENV}=0)"
+    if "r" in _userns_memo:
+        return _userns_memo["r"]
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    key = f"{os.uname().release} {boot} {id_range()}"
+    cache = harden.cache_dir().parent / "userns-probe.json"
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(cache.read_text())
+        if data.get("key") == key:
+            _userns_memo["r"] = data["problem"]
+            return data["problem"]
+    problem = _probe_userns()
+    _userns_memo["r"] = problem
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "problem": problem}))
+        os.replace(tmp, cache)
+    return problem
+
+
+def _probe_userns() -> str | None:
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0:
+        return "not root"
+    where = harden.cache_dir().parent  # on the disk the layers are on, as a rule
+    with contextlib.suppress(OSError):
+        where.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tl-userns-", dir=where if where.is_dir() else None)
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import _init; "
+            f"_init.probe({tmp!r}, {list(id_range())!r})")  # fmt: skip
+    try:
+        p = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True,
+                           text=True, timeout=30, check=False)  # fmt: skip
+        out = (p.stdout.strip() or p.stderr.strip()[-300:]).strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        out = str(e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if out == "ok":
+        return None
+    return f"this kernel cannot give sandboxes a user namespace with idmapped layers ({out})"
+
+
+USERNS_LOST = ("root in build steps and sandboxes is the host's root (with podman's default "
+               "capabilities and the seccomp filter), not an unprivileged host id")  # fmt: skip
+
+
+def userns_notice() -> str | None:
+    """What a host without user namespaces for sandboxes loses, or None."""
+    problem = userns_problem()
+    return None if problem is None else f"{problem}: {USERNS_LOST}"
+
+
+def idmap() -> list[int] | None:
+    """The spec's `idmap`: [host uid, host gid, count], or None without a user namespace."""
+    return None if userns_problem() else list(id_range())
 
 
 def _seccomp(unsafe: bool) -> str:
@@ -303,13 +402,14 @@ def _run_step(spec: dict, secrets: bytes, emit: Output, timeout: float | None,
     parent, child = (socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                      if spec.get("attach") else (None, None))  # fmt: skip
     spec = {**spec, "mode": "step", "status_fd": status_w, "secrets_fd": secrets_r,
-            "sock_fd": child.fileno() if child else -1}  # fmt: skip
+            "sock_fd": child.fileno() if child else -1, "ns_flags": _flags(spec),
+            "idmap": idmap()}  # fmt: skip
     fds = ((status_w,) + ((secrets_r,) if secrets_r >= 0 else ())
            + ((child.fileno(),) if child else ()))  # fmt: skip
     try:
         if parent:
             parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        proc = _spawn(spec, unshare=_flags(spec), die_with_parent=True,
+        proc = _spawn(spec, unshare=CLONE_NEWNS, die_with_parent=True,
                       cgroup_procs=spec.get("cgroup_procs", []), pass_fds=fds,
                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
@@ -405,10 +505,11 @@ def start_box(spec: dict, log: Path, timeout: float,
     net = None
     try:
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        spec = {**spec, "mode": "box", "sock_fd": child.fileno(), "seccomp": _seccomp(unsafe)}
+        spec = {**spec, "mode": "box", "sock_fd": child.fileno(), "seccomp": _seccomp(unsafe),
+                "ns_flags": _flags(spec), "idmap": idmap()}  # fmt: skip
         fds = (child.fileno(),) + ((exit_w,) if exit_w >= 0 else ())
         with open(log, "ab") as out:
-            proc = _spawn(spec, unshare=_flags(spec),
+            proc = _spawn(spec, unshare=CLONE_NEWNS,
                           cgroup_procs=spec.get("cgroup_procs", []), pass_fds=fds,
                           stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                           start_new_session=True)  # fmt: skip
