@@ -280,6 +280,8 @@ def run_sandbox(host: Host, image: str, backend: str, column: str, work: Path) -
     try:
         proc = tl("sbx", "exec", sid, *host.argv(column), check=False, timeout=1800)
         values = finish(parse_probe(proc.stdout + proc.stderr), host, column)
+        if not vm:
+            values["escaped_mount_ns"] = escaped_mount_ns(sid, host)
         values["cp_planted_symlink"] = cp_symlink(sid, host, work / f"cp-{backend}")
         if not vm:  # (the guest has no host path to race towards)
             values["cp_symlink_race"] = cp_race(sid, host, work / "race")
@@ -294,6 +296,60 @@ def run_sandbox(host: Host, image: str, backend: str, column: str, work: Path) -
         finally:
             tl("sbx", "terminate", sid, check=False, timeout=600)
     return values
+
+
+def escaped_mount_ns(sid: str, host: Host) -> str:
+    """What a process of the sandbox could do on the host had it left every namespace but its
+    user namespace (a mount-namespace escape): `nsenter --user` into a sandbox process's user
+    namespace, as its root, in the host's mount namespace: which uid its files get in the
+    host's /tmp, whether it reads /etc/shadow, whether it mounts."""
+    secs = str(3000 + uuid.uuid4().int % 1000)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    sleeper = subprocess.Popen([sys.executable, "-m", "tlimage", "sbx", "exec", sid, "sleep",
+                                secs], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        pid = None
+        end = time.monotonic() + 60
+        while pid is None and time.monotonic() < end:
+            for d in Path("/proc").iterdir():
+                with contextlib.suppress(OSError):
+                    if (
+                        d.name.isdigit()
+                        and (d / "cmdline").read_bytes() == f"sleep\0{secs}\0".encode()
+                    ):
+                        pid = int(d.name)
+                        break
+            time.sleep(0.05)
+        if pid is None:
+            return "no sandbox process found"
+        if os.stat(f"/proc/{pid}/ns/user").st_ino == os.stat("/proc/self/ns/user").st_ino:
+            return "host root (no user namespace: the host's own)"
+        f = f"/tmp/tl-sec-esc-{host.token}"
+        mnt = f"/tmp/tl-sec-escmnt-{host.token}"
+        script = (f"touch {f} && echo made $(stat -c %u {f}); rm -f {f}; "
+                  "cat /etc/shadow >/dev/null 2>&1 && echo shadow read || echo shadow denied; "
+                  f"mount -t tmpfs none {mnt} 2>/dev/null && echo mount mounted && umount {mnt} "
+                  "|| echo mount denied")  # fmt: skip
+        os.makedirs(mnt, exist_ok=True)
+        try:
+            p = subprocess.run(["nsenter", f"--user=/proc/{pid}/ns/user", "--", "/bin/sh", "-c",
+                                script], capture_output=True, text=True, timeout=60)  # fmt: skip
+        finally:
+            with contextlib.suppress(OSError):
+                os.rmdir(mnt)
+        said = dict(line.split(" ", 1) for line in p.stdout.splitlines() if " " in line)
+        made, shadow, mount = said.get("made", "?"), said.get("shadow", "?"), said.get("mount", "?")
+        if made == "0" or shadow == "read" or mount == "mounted":
+            return f"host root (files made as uid {made}, /etc/shadow {shadow}, mount {mount})"
+        return (f"unprivileged on the host (files made as uid {made}, /etc/shadow {shadow}, "
+                f"mount {mount})")  # fmt: skip
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def new_sandbox(image: str, backend: str, memory: int) -> str:
@@ -401,6 +457,13 @@ def run_runc(host: Host, probe: Path, work: Path) -> dict[str, str]:
         ctr = container()
         proc = bh("run", "--runtime", runtime, ctr, "--", *host.argv(col), check=False)
         values = finish(parse_probe(proc.stdout), host, col)
+        # runc's default has no user namespace: a process that leaves its mount namespace
+        # has its credentials, which are the host's (its uid map says so)
+        values["escaped_mount_ns"] = (
+            f"host root (no user namespace: uid_map {values.get('uid_map')})"
+            if values.get("uid_map") == "0 0 4294967295"
+            else f"unprivileged (uid_map {values.get('uid_map')})"
+        )
         mem = bh("run", "--runtime", runtime, container("--memory", f"{MEMORY_MB}m"), "--",
                  "/probe", "--alloc-mb", str(ALLOC_MB), check=False)  # fmt: skip
         out = mem.stdout + mem.stderr

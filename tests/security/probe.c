@@ -134,6 +134,15 @@ static void probe_uid_map(void) {
     put("uid_map", out);
 }
 
+/* The host's /dev/null, as the sandbox's /dev shows it: may the sandbox's root change its mode
+ * (set to what it is, so nothing changes where it may)? */
+static void probe_dev_chmod(void) {
+    struct stat st;
+    if (stat("/dev/null", &st) != 0) { put("dev_node_chmod", "absent"); return; }
+    if (chmod("/dev/null", st.st_mode & 07777) == 0) put("dev_node_chmod", "allowed");
+    else put("dev_node_chmod", ename(errno));
+}
+
 static const char *scratch_dir(void) {
     static const char *dirs[] = {"/tmp", "/var/tmp", "/root", "/"};
     for (size_t i = 0; i < sizeof dirs / sizeof *dirs; i++)
@@ -426,6 +435,7 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOFBF, 1 << 16);
     probe_status();
     probe_uid_map();
+    probe_dev_chmod();
     probe_mount();
     probe_mknod(blockdev);
     const char *sys[] = {"/sys/kernel/uevent_helper", "/sys/kernel/profiling",

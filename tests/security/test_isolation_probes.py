@@ -26,7 +26,7 @@ GUEST_KERNEL = {
     "cap_eff", "cap_bnd", "seccomp", "no_new_privs", "uid_map", "mount_tmpfs", "mknod_block",
     "sys_write", "sys_cgroup_write", "proc_kcore", "proc_keys", "proc_timer_list",
     "proc_sysrq_trigger", "proc_sys", "pids_visible", "module_load", "sethostname", "fork_bomb",
-    "open_fds", "overlay_workdir",
+    "open_fds", "overlay_workdir", "dev_node_chmod",
 }  # fmt: skip
 
 
@@ -36,7 +36,8 @@ def _caps(v: str) -> int:
 
 def _open(v: str) -> bool:
     return v.startswith(("writable", "readable", "mounted", "opened", "changed", "can signal",
-                         "reached", "escaped", "visible", "host environment"))  # fmt: skip
+                         "reached", "escaped", "visible", "host environment", "allowed",
+                         "host root"))  # fmt: skip
 
 
 def _module_refused(v: str) -> bool:
@@ -85,10 +86,21 @@ FLOORS = {
     "memory_limit": lambda v: v == "killed: 137, said out of memory",
     "cp_planted_symlink": lambda v: not v.startswith("escaped"),
     "cp_symlink_race": lambda v: not v.startswith("escaped"),
+    # where the kernel gives sandboxes a user namespace (tl sbx doctor says when not)
+    "uid_map": lambda v: v != IDENTITY_MAP or _no_userns(),
+    "escaped_mount_ns": lambda v: v.startswith("unprivileged") or _no_userns(),
 }
 
+
+def _no_userns() -> bool:
+    from tlimage.sandbox.namespace import userns_problem
+
+    return userns_problem() is not None
+
+
 PROBES = [
-    "cap_eff", "cap_bnd", "seccomp", "no_new_privs", "uid_map", "mount_tmpfs", "mknod_block",
+    "cap_eff", "cap_bnd", "seccomp", "no_new_privs", "uid_map", "escaped_mount_ns",
+    "dev_node_chmod", "mount_tmpfs", "mknod_block",
     "sys_write", "sys_cgroup_write", "proc_kcore", "proc_keys", "proc_timer_list",
     "proc_sysrq_trigger", "proc_sys", "pids_visible", "host_process", "host_signal",
     "proc1_environ", "host_loopback_tcp", "host_address_tcp", "private_range_tcp", "module_load",
@@ -97,8 +109,10 @@ PROBES = [
 ]  # fmt: skip
 COLUMNS = ["namespace RUN", "namespace exec", "microVM"]
 # Probes a column has no path for: a build has no `cp`; the guest has no host path to race to.
-NOT_IN = {"namespace RUN": {"cp_planted_symlink", "cp_symlink_race"}, "namespace exec": set(),
-          "microVM": {"cp_symlink_race"}}  # fmt: skip
+# escaped_mount_ns is measured from the host on a running sandbox's process (the exec column
+# stands for both: a step's processes have the same credentials).
+NOT_IN = {"namespace RUN": {"cp_planted_symlink", "cp_symlink_race", "escaped_mount_ns"},
+          "namespace exec": set(), "microVM": {"cp_symlink_race", "escaped_mount_ns"}}  # fmt: skip
 # buildah has no copy that races a running container: the floor alone decides.
 NO_REFERENCE = {"cp_symlink_race": "n/a"}
 
@@ -141,6 +155,12 @@ def test_probe_is_as_strict_as_runc(security_runs, column, probe):
     ("seccomp", "0", "2", False),
     ("seccomp", "2", "2", True),
     ("uid_map", "0 100000 65536", IDENTITY_MAP, True),
+    ("escaped_mount_ns", "unprivileged on the host (files made as uid 2147483648, /etc/shadow "
+     "denied, mount denied)", "host root (no user namespace: uid_map 0 0 4294967295)", True),
+    ("escaped_mount_ns", "host root (no user namespace: uid_map 0 0 4294967295)",
+     "host root (no user namespace: uid_map 0 0 4294967295)", True),
+    ("dev_node_chmod", "EROFS", "allowed", True),
+    ("dev_node_chmod", "allowed", "EROFS", False),
     ("mount_tmpfs", "mounted", "EPERM", False),
     ("mknod_block", "open EACCES", "mknod EPERM", True),
     ("mknod_block", "opened 254:0", "mknod EPERM", False),

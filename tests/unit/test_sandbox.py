@@ -146,3 +146,27 @@ def test_cgroups_off_is_a_missing_layer(monkeypatch) -> None:
 def test_paths_made_before_pivot_are_seen_from_inside() -> None:
     assert _init.inside("/x/merged", "/x/merged/etc/hosts") == "/etc/hosts"
     assert _init.inside("/x/merged", "/x/merged") == "/"
+
+
+def test_id_range_takes_a_tlimage_entry_of_subuid_and_subgid(tmp_path) -> None:  # noqa: ANN001
+    from tlimage.sandbox.namespace import DEFAULT_ID_BASE, ID_COUNT, id_range
+
+    uid, gid = tmp_path / "subuid", tmp_path / "subgid"
+    files = (str(uid), str(gid))
+    assert id_range(files) == (DEFAULT_ID_BASE, DEFAULT_ID_BASE, ID_COUNT)  # no files
+    uid.write_text("alice:100000:65536\ntlimage:300000:65536\n")
+    gid.write_text("tlimage:400000:70000\n")
+    assert id_range(files) == (300000, 400000, ID_COUNT)
+    gid.write_text("tlimage:400000:1000\n")  # too few ids for 0..65535: the default range
+    assert id_range(files) == (DEFAULT_ID_BASE, DEFAULT_ID_BASE, ID_COUNT)
+    gid.write_text("tlimage:junk\n")
+    assert id_range(files) == (DEFAULT_ID_BASE, DEFAULT_ID_BASE, ID_COUNT)
+
+
+def test_userns_can_be_turned_off_and_the_notice_names_what_is_lost(monkeypatch) -> None:  # noqa: ANN001
+    from tlimage.sandbox import namespace
+
+    monkeypatch.setenv(namespace.USERNS_ENV, "0")
+    assert namespace.idmap() is None
+    text = namespace.userns_notice()
+    assert text is not None and "TLIMAGE_USERNS=0" in text and "host's root" in text

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tlimage.executor.base import RunRequest
+from tlimage.sandbox import namespace as _ns
 
 pytestmark = [
     pytest.mark.vm,
@@ -22,12 +23,15 @@ pytestmark = [
 
 DEFAULT_CAPS = "00000000800405fb"  # podman's/buildah's: Docker's without NET_RAW MKNOD AUDIT_WRITE
 PWNED = Path("/tmp/pwned")
+USERNS = _ns.userns_problem() is None  # the kernel gives sandboxes a user namespace
+UID_MAP = f"0-{_ns.id_range()[0]}-{_ns.ID_COUNT}" if USERNS else "0-0-4294967295"
 REPO = str(Path(__file__).resolve().parents[2])
 
 PROBE = r"""
 st() { grep "^$1:" /proc/self/status | cut -f2; }
 echo "capeff=$(st CapEff) capprm=$(st CapPrm) capbnd=$(st CapBnd) capamb=$(st CapAmb)"
 echo "seccomp=$(st Seccomp) nnp=$(st NoNewPrivs)"
+echo "uid_map=$(tr -s ' \t' - < /proc/self/uid_map | sed 's/^-//')"
 mkdir -p /tmp/m
 mount -t tmpfs none /tmp/m 2>/dev/null && echo mount=yes || echo mount=no
 mknod /tmp/blk b 7 0 2>/dev/null && echo mknod=yes || echo mknod=no
@@ -61,7 +65,10 @@ def check(kv: dict[str, str]) -> None:
     assert kv["capamb"] == "0000000000000000"
     assert kv["seccomp"] == "2" and kv["nnp"] == "1", kv
     assert kv["mount"] == "no"
-    assert kv["ping_group_range"] == "0-2147483647", kv  # ICMP echo without CAP_NET_RAW
+    # ICMP echo without CAP_NET_RAW: every group there is (65536 in the user namespace)
+    assert kv["ping_group_range"] == ("0-65535" if USERNS else "0-2147483647"), kv
+    # root inside is the range's first host id, or (a kernel without) the host's root
+    assert kv["uid_map"] == UID_MAP, kv
     assert kv["devopen"] == "no" and kv["devopen2"] == "no", kv  # mknod may work; open never
     assert kv["kcore"] == "masked" and kv["keys"] == "0" and kv["timer_list"] == "0", kv
     assert kv["procsys"] == "ro" and kv["sys"] == "ro", kv

@@ -54,7 +54,15 @@ def user_namespaces() -> dict[str, str]:
     p = subprocess.run([unshare, "--user", "--map-root-user", "true"], capture_output=True,
                        text=True, check=False)  # fmt: skip
     if p.returncode == 0:
-        return _check("user namespaces", OK, f"available (max {limit})")
+        from tlimage.sandbox.namespace import id_range, userns_notice
+
+        lost = userns_notice()
+        if lost:
+            return _check("user namespaces", WARN, lost)
+        uid, gid, count = id_range()
+        return _check("user namespaces", OK, f"available (max {limit}); build steps and "
+                      f"sandboxes map root to host uid {uid}, gid {gid} ({count} ids), layers "
+                      "keep their ids through idmapped mounts")  # fmt: skip
     return _check(
         "user namespaces", WARN, f"unshare --user failed: {p.stderr.strip()[:120]} (max {limit})"
     )

@@ -44,12 +44,15 @@ def select_isolation(requested: str, *, kvm_probe: KvmProbe,
         from tlimage.sandbox.namespace import missing_layers
 
         lack = missing_layers()
+        _userns_notice(say)
         if lack and not _noticed:
             say("namespace-unsafe: build steps and sandboxes run without "
                 + "; ".join(lack))  # fmt: skip
             _noticed = True
         return requested, None
     if requested != "auto":
+        if requested == "namespace":
+            _userns_notice(say)
         return requested, None
     ok, reason = kvm_probe()
     if ok:
@@ -72,6 +75,7 @@ def select_isolation(requested: str, *, kvm_probe: KvmProbe,
 
             kvm_fallback(reason, "build steps and sandboxes", "a namespace sandbox", say)
             _noticed = True
+        _userns_notice(say)
         return "namespace", None
     if not _noticed:
         from tlimage.notices import kvm_fallback
@@ -80,6 +84,18 @@ def select_isolation(requested: str, *, kvm_probe: KvmProbe,
                      "a microVM under TCG (slow)", say)  # fmt: skip
         _noticed = True
     return "microvm", "tcg"
+
+
+def _userns_notice(say: Callable[[str], None]) -> None:
+    """A kernel that cannot give sandboxes a user namespace is said once per machine state,
+    naming what is lost; it is no refusal (runc's default has no user namespace either)."""
+    from tlimage.sandbox.namespace import userns_notice
+
+    text = userns_notice()
+    if text:
+        from tlimage.notices import once
+
+        once("namespace-userns", text, text, say)
 
 
 __all__ = ["KvmProbe", "select_isolation"]

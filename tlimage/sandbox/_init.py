@@ -189,7 +189,11 @@ def idmapped_clone(path, attrs=0):
 
 
 def attach(fd, target):
+    """Mounts the detached mount `fd` on `target` (a folder on a file, or the other way round,
+    is ENOTDIR as mount(2) says it)."""
     try:
+        if stat.S_ISDIR(os.fstat(fd).st_mode) != os.path.isdir(target):
+            raise OSError(20, f"move_mount to {target}: {os.strerror(20)}")
         _sys(SYS_MOVE_MOUNT, f"move_mount to {target}", fd, b"", AT_FDCWD, target.encode(),
              MOVE_MOUNT_F_EMPTY_PATH)  # fmt: skip
     finally:
@@ -739,6 +743,9 @@ def setup_ns(spec):
         for node in ("null", "zero", "full", "random", "urandom", "tty"):
             os.close(os.open(f"{dev}/{node}", os.O_CREAT | os.O_WRONLY, 0o666))
             mount(f"/dev/{node}", f"{dev}/{node}", flags="bind")
+            # read-only: the node works, but neither its mode nor its owner (the host's own
+            # node) can be changed, even by a root that has the host's ids
+            mount(None, f"{dev}/{node}", flags="remount,bind,ro,nosuid,noexec")
         # Only the bind mounts above are devices: a node made in /dev cannot be opened.
         mount(None, dev, flags="remount,nosuid,nodev,noexec", options="mode=755,size=65536k")
         for d in ("pts", "shm", "mqueue"):

@@ -98,11 +98,11 @@ def missing_layers() -> list[str]:
     return out + cgroup.missing()
 
 
-def id_range() -> tuple[int, int, int]:
+def id_range(files: tuple[str, str] = ("/etc/subuid", "/etc/subgid")) -> tuple[int, int, int]:
     """(host uid of root inside, host gid of root inside, count): a `tlimage` entry of
     /etc/subuid and /etc/subgid with at least 65536 ids, else DEFAULT_ID_BASE."""
     bases = []
-    for path in ("/etc/subuid", "/etc/subgid"):
+    for path in files:
         base = None
         with contextlib.suppress(OSError, ValueError):
             for line in Path(path).read_text().splitlines():
