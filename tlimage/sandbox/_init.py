@@ -3,12 +3,14 @@
 the JSON spec arrives on the pipe FD, never in argv.
 
 Standalone on purpose: it imports nothing from tlimage (the exec helper `_enter.py` imports it
-by path), so it starts in ~15 ms and keeps running if tlimage is upgraded. It mounts the
-overlay root and the pseudo filesystems inside its private mount namespace, then:
+by path), so it starts in ~15 ms and keeps running if tlimage is upgraded. As host root in a
+private mount namespace it mounts the overlay root (and a step's RUN mounts) over idmapped
+layers (see `main`); its child joins the sandbox's user namespace and makes the others, and
+PID 1 mounts the pseudo filesystems and pivots, then:
 
-- step: makes the RUN mounts, forks the step (chroot, user, workdir, exec), reaps every process
-  in the PID namespace until the step exits, undoes its placeholder files and exits with the
-  step's code. Failures before the step's exec are written to `status_fd` (closed on exec) and
+- step: forks the step (user, workdir, exec), reaps every process in the PID namespace until
+  the step exits and exits with the step's code; the host side then undoes the RUN mounts and
+  placeholder files. Failures before the step's exec are written to `status_fd` (closed on exec) and
   end with exit 127; the host reports them as errors rather than as step results. Semantics
   match runner/agent.c. RUN mounts (`spec["mounts"]`, see executor.base.HostMount): views are
   overlays staged under `spec["scratch"]`, secrets are written to a tmpfs there (their bytes

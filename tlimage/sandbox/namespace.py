@@ -1,9 +1,14 @@
 """The host side of namespace isolation, shared by build steps and long-lived sandboxes.
 
-    tlimage-init -I -S /dev/fd/B S      python, after unshare(mount, UTS, IPC, cgroup, PID and
-      └─ PID 1 (_init.main_step/box)    network namespaces) in the child before exec
+    tlimage-init -I -S /dev/fd/B S      python, host root in a private mount namespace: makes
+      │                                 the user namespace (a short-lived child unshares it,
+      │                                 this process writes its uid/gid maps), idmaps the
+      │                                 layers and mounts the overlay root and RUN mounts
+      └─ child                          joins the user namespace as its root, unshares mount,
+          └─ PID 1 (_init.main_step/box)  UTS, IPC, cgroup, PID and network namespaces (owned
+                                        by it); PID 1 mounts /proc, /sys, /dev and pivots
     tlimage-enter -I -S /dev/fd/B S     python on the host that setns()es into a running one
-      └─ exec / cp in / cp out          (_enter.py), after importing all it needs
+      └─ exec / cp in / cp out          (_enter.py), user namespace first, after importing all
 
 The program is a tiny bootstrap read from pipe B and the spec arrives as JSON on pipe S, so
 no host path or configuration is in any argv, environment or file the sandbox can reach;
