@@ -330,7 +330,7 @@ def escaped_mount_ns(sid: str, host: Host) -> str:
             return "host root (no user namespace: the host's own)"
         f = f"/tmp/tl-sec-esc-{host.token}"
         mnt = f"/tmp/tl-sec-escmnt-{host.token}"
-        script = (f"touch {f} && echo made $(stat -c %u {f}); rm -f {f}; "
+        script = (f"touch {f}; "
                   "cat /etc/shadow >/dev/null 2>&1 && echo shadow read || echo shadow denied; "
                   f"mount -t tmpfs none {mnt} 2>/dev/null && echo mount mounted && umount {mnt} "
                   "|| echo mount denied")  # fmt: skip
@@ -338,15 +338,20 @@ def escaped_mount_ns(sid: str, host: Host) -> str:
         try:
             p = subprocess.run(["nsenter", f"--user=/proc/{pid}/ns/user", "--", "/bin/sh", "-c",
                                 script], capture_output=True, text=True, timeout=60)  # fmt: skip
+            made = str(os.stat(f).st_uid) if os.path.exists(f) else "none"  # the host's view
         finally:
             with contextlib.suppress(OSError):
                 os.rmdir(mnt)
+            with contextlib.suppress(OSError):
+                os.unlink(f)
         said = dict(line.split(" ", 1) for line in p.stdout.splitlines() if " " in line)
-        made, shadow, mount = said.get("made", "?"), said.get("shadow", "?"), said.get("mount", "?")
+        shadow, mount = said.get("shadow", "?"), said.get("mount", "?")
+        seen = f"files made as uid {made}, /etc/shadow {shadow}, mount {mount}"
         if made == "0" or shadow == "read" or mount == "mounted":
-            return f"host root (files made as uid {made}, /etc/shadow {shadow}, mount {mount})"
-        return (f"unprivileged on the host (files made as uid {made}, /etc/shadow {shadow}, "
-                f"mount {mount})")  # fmt: skip
+            return f"host root ({seen})"
+        if made.isdigit() and shadow == "denied" and mount == "denied":
+            return f"unprivileged on the host ({seen})"
+        return f"not probed ({seen}; nsenter: {p.stderr.strip()[-200:]})"
     finally:
         sleeper.kill()
         sleeper.wait()
