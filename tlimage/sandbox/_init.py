@@ -229,8 +229,15 @@ def act_as_sandbox_root(on):
     as uid 0 in the upper."""
     if not IDMAP:
         return
+    death = ctypes.c_int(0)  # a change of fsuid clears the parent-death signal: kept here
+    libc().prctl(2, ctypes.byref(death), 0, 0, 0)  # PR_GET_PDEATHSIG
+    parent = os.getppid()
     libc().setfsuid(IDMAP[0] if on else 0)
     libc().setfsgid(IDMAP[1] if on else 0)
+    if death.value:
+        prctl(PR_SET_PDEATHSIG, death.value)
+        if os.getppid() != parent:  # it died in between
+            os._exit(128 + death.value)
     if on:  # a non-zero fsuid clears the file capabilities from the effective set: restore
         hdr = _CapHeader(0x20080522, 0)
         data = (_CapData * 2)()

@@ -1,6 +1,7 @@
 """The host side of namespace isolation, shared by build steps and long-lived sandboxes.
 
-    tlimage-init -I -S /dev/fd/B S      python, host root in a private mount namespace: makes
+    launcher (_init.main)               forked by the spawner (_spawn.py), host root in a
+      │                                 private mount namespace (unshared there): makes
       │                                 the user namespace (a short-lived child unshares it,
       │                                 this process writes its uid/gid maps), idmaps the
       │                                 layers and mounts the overlay root and RUN mounts
