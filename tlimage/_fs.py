@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import shutil
 import stat
 import tarfile
@@ -957,7 +956,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o
     temp file. `str` data is written as UTF-8; the file gets exactly `mode`."""
     p = os.fspath(path)
     folder, name = os.path.split(p)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{name}")
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{name}")
     if isinstance(data, str):
         data = data.encode()
     try:
