@@ -20,6 +20,7 @@ this module names its module in parentheses.
     │   ├── LockTimeout          (cache.lock) a cache lock was not granted in time
     │   ├── ContextPathError     (cache.filehash) a context path cannot be hashed
     │   ├── LayerError           (cache.layer) a layer cannot be made or applied
+    │   │   └── BadCompression   (cache.layer) a stored layer's bytes do not decompress
     │   ├── CorruptBlob          (cache.store) a stored blob does not match its digest
     │   └── BlobNotFound         (cache.store) a blob is not in the store
     ├── NetworkError             a sandbox's private network: bad policy, missing helper, rules
