@@ -73,18 +73,19 @@ def bench_backend(
         execs = [timed(lambda: sb.exec("true")) for _ in range(max(10, runs * 5))]
         ex = median(execs)
         rows.append(("exec `true`", ex, f"{ex / boot:.3f}x boot-to-first-exec"))
-        if backend == "namespace":  # background processes: the namespace backend only
 
-            def spawn_wait() -> None:
-                p = sb.spawn("true")
-                assert p.wait(30) == 0
+        def spawn_wait() -> None:
+            p = sb.spawn("true")
+            assert p.wait(30) == 0
 
-            spawns = [timed(lambda: sb.spawn("sleep", "60").kill())
-                      for _ in range(max(5, runs * 2))]  # fmt: skip
-            sp = median(spawns)
-            rows.append(("spawn (to running)", sp, f"{sp / ex:.2f}x exec `true`"))
-            spw = median([timed(spawn_wait) for _ in range(max(5, runs * 2))])
-            rows.append(("spawn `true` + wait", spw, f"{spw / ex:.2f}x exec `true`"))
+        spawns = [timed(lambda: sb.spawn("sleep", "60").kill())
+                  for _ in range(max(5, runs * 2))]  # fmt: skip
+        sp = median(spawns)
+        rows.append(("spawn (to running)", sp, f"{sp / ex:.2f}x exec `true`"))
+        spw = median([timed(spawn_wait) for _ in range(max(5, runs * 2))])
+        rows.append(("spawn `true` + wait", spw, f"{spw / ex:.2f}x exec `true`"))
+        st = median([timed(lambda: sb.files.stat("/etc")) for _ in range(max(10, runs * 5))])
+        rows.append(("files.stat", st, f"{st / ex:.2f}x exec `true`"))
         clones = []
         for _ in range(runs):
             t0 = time.perf_counter()

@@ -120,6 +120,10 @@ def test_cli_and_a_process_outliving_its_command(sandbox) -> None:  # noqa: ANN0
     pid = r.stdout.strip()
     assert pid.isdigit()
     time.sleep(0.5)  # the spawning command has exited; the process runs on
+    # `cmd &` outlives the exec that started it on both backends (no setsid needed)
+    assert sandbox.exec("sh", "-c", "sleep 1000 >/dev/null 2>&1 &").exit_code == 0
+    time.sleep(0.5)
+    assert sandbox.exec("sh", "-c", "ps | grep -c 'sleep 100[0]'").stdout == b"1\n"
     ps = [json.loads(line) for line in tl("sbx", "ps", "--json", sid).stdout.splitlines()]
     ps = [x for x in ps if x["state"] == "running"]  # (the microVM's ran the other tests too)
     assert [(x["id"], x["name"], x["state"]) for x in ps] == [(int(pid), "web", "running")]
