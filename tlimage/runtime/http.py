@@ -328,14 +328,18 @@ class Api:
 
     def clone(self, ref: str, body: Any) -> dict:
         b = _body_fields(body or {}, {"name": ("string", False), "register": ("string", False),
-                                      "memory": ("boolean", False)})  # fmt: skip
+                                      "memory": ("boolean", False),
+                                      "with_secrets": ("boolean", False)})  # fmt: skip
         twin = self._sb(ref).clone(b.get("name"), register=b.get("register"),
-                                   memory=b.get("memory", False))  # fmt: skip
+                                   memory=b.get("memory", False),
+                                   with_secrets=b.get("with_secrets", False))  # fmt: skip
         return twin.info().to_json()
 
     def checkpoint(self, ref: str, body: Any) -> dict:
-        b = _body_fields(body or {}, {"name": ("string", False)})
-        return {"checkpoint": self._sb(ref).save_memory(b.get("name"))}
+        b = _body_fields(body or {}, {"name": ("string", False),
+                                      "with_secrets": ("boolean", False)})  # fmt: skip
+        return {"checkpoint": self._sb(ref).save_memory(
+            b.get("name"), with_secrets=b.get("with_secrets", False))}  # fmt: skip
 
     def checkpoint_start(self, ckpt: str, body: Any) -> dict:
         from tlimage.runtime import Sandbox
