@@ -525,8 +525,10 @@ class Extractor:
                 os.mkfifo(base, 0o600, dir_fd=pfd)
             else:
                 kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
-                os.mknod(base, kind | DEVICE_MODE, os.makedev(m.devmajor, m.devminor),
-                         dir_fd=pfd)  # fmt: skip
+                # a 0:0 character device is an overlay whiteout: mode 0, as overlayfs makes it
+                whiteout = m.ischr() and m.devmajor == 0 and m.devminor == 0
+                os.mknod(base, kind | (0 if whiteout else DEVICE_MODE),
+                         os.makedev(m.devmajor, m.devminor), dir_fd=pfd)  # fmt: skip
         except PermissionError as e:
             self.stats.skipped.append((m.name, f"cannot create device: {e.strerror}"))
             return
