@@ -313,3 +313,51 @@ def test_multi_frame_zstd_layer_unpacks_whole(registry, tmp_path):
         lower = unpacked_layer(cache.store, img.layers[0].digest)
         assert sorted(p.name for p in lower.iterdir()) == ["f0.bin", "f1.bin", "f2.bin"]
         assert (lower / "f2.bin").stat().st_size == 300_000
+
+
+def test_wrong_diff_id_is_caught_by_the_first_unpack(registry, tmp_path):
+    """A layer whose blob matches the manifest but whose tar does not match the config's
+    diff_id: the pull stores it as sent (its sha256 is right), the first unpack finds the
+    diff_id wrong, discards the blob and says so; pulling again fetches it again."""
+    import gzip
+    import hashlib
+    import io
+    import tarfile
+
+    from tlimage.cache.layer import LayerError
+    from tlimage.cache.unpacked import unpacked_layer
+    from tlimage.oci.client import OCI_CONFIG, OCI_LAYER_GZIP, RegistryClient
+    from tlimage.oci.reference import parse
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("f.txt")
+        ti.size = 3
+        tf.addfile(ti, io.BytesIO(b"abc"))
+    blob = gzip.compress(buf.getvalue(), mtime=0)
+
+    def sha(b: bytes) -> str:
+        return "sha256:" + hashlib.sha256(b).hexdigest()
+
+    wrong = sha(b"not the tar")
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [wrong]}}).encode()  # fmt: skip
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": sha(config), "size": len(config)},
+        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": sha(blob), "size": len(blob)}],
+    }).encode()  # fmt: skip
+    ref = f"{registry.host}/bad/diffid:v1"
+    with RegistryClient(cfg(registry)) as c:
+        ep = c.endpoints(parse(ref), write=True)[0]
+        for b in (blob, config):
+            c.upload_blob(ep, sha(b), len(b), lambda b=b: iter([b]), label=ref)
+        c.put_manifest(ep, "v1", manifest, OCI_MANIFEST, label=ref)
+    with LayerCache(tmp_path / "cache") as cache:
+        img = oci_pull.pull(ref, cache, config=cfg(registry))
+        digest = img.layers[0].digest
+        with pytest.raises(LayerError, match=f"unpacks to {sha(buf.getvalue())}.*says {wrong}"):
+            unpacked_layer(cache.store, digest)
+        assert not cache.store.has(digest)
+        again = oci_pull.pull(ref, cache, config=cfg(registry))
+        assert again.downloaded == 1 and cache.store.has(digest)

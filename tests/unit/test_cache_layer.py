@@ -1,5 +1,6 @@
 import io
 import os
+import shutil
 import stat
 import tarfile
 
@@ -385,3 +386,45 @@ def test_bad_gzip_layer_is_a_layer_error(tmp_path, damage):
         blob = blob[:5000] + bytes(b ^ 0x55 for b in blob[5000:5100]) + blob[5100:]
     with pytest.raises(LayerError, match="gzip|tar"):
         apply_layer(io.BytesIO(blob), tmp_path / "dest")
+
+
+@pytest.mark.parametrize("path", ["overlay", "apply"])
+def test_pulled_layer_diff_id_is_checked_on_first_read(tmp_path, path):
+    """A pulled blob's diff_id is noted and checked by its first full read: a match clears the
+    note; a mismatch discards the blob and says which diff_ids differ."""
+    import gzip
+    import hashlib
+
+    from tlimage.cache.cache import LayerCache
+    from tlimage.cache.layer import LayerInfo, mark_unverified, unverified_diff_id
+    from tlimage.cache.unpacked import unpacked_layer, unpacked_root
+
+    src = tmp_path / "src"
+    make_tree(src, [Entry("file", "a", b"hello\n")])
+    buf = io.BytesIO()
+    write_tar(src, buf, upper=False)
+    good = "sha256:" + hashlib.sha256(buf.getvalue()).hexdigest()
+    blob = gzip.compress(buf.getvalue(), mtime=0)
+    with LayerCache(tmp_path / "cache") as cache:
+        store = cache.store
+        for expected in (good, "sha256:" + "0" * 64):
+            ref = store.put_bytes(blob)
+            mark_unverified(store, ref.digest, expected)
+            rec = cache.put("k", LayerInfo(ref.digest, expected, ref.size, 0, 0))
+            dest = tmp_path / f"dest-{expected[7:12]}"
+
+            def read():
+                if path == "overlay":
+                    return unpacked_layer(store, ref.digest)
+                return cache.apply(rec, dest)
+
+            if expected == good:
+                read()
+                assert unverified_diff_id(store, ref.digest) is None and store.has(ref.digest)
+            else:
+                with pytest.raises(LayerError, match="unpacks to .* but its image config says"):
+                    read()
+                assert not store.has(ref.digest)
+                assert unverified_diff_id(store, ref.digest) is None
+                assert cache.lookup("k") is None
+            shutil.rmtree(unpacked_root(store), ignore_errors=True)

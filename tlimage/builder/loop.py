@@ -678,7 +678,7 @@ class Builder:
 
     def _sources_from(self, step: ir.Copy, meta: ir.StepMeta, tmp: Path) -> list[ctx.Source]:
         """COPY --from: the sources come from another stage's or image's filesystem."""
-        from tlimage.cache.layer import apply_layer
+        from tlimage.cache.layer import apply_layer, ensure_verified
         from tlimage.cache.unpacked import merge_lowers
 
         assert step.from_ is not None
@@ -694,6 +694,7 @@ class Builder:
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir()
             for la in layers:
+                ensure_verified(self.store, la.digest)
                 with self.store.open(la.digest, verify=True) as f:
                     apply_layer(f, root)
         return ctx.select_sources(root, step.sources, ignored=self._ignore(step.excludes).matches)

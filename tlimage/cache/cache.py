@@ -139,9 +139,11 @@ class LayerCache:
     def apply(self, rec: LayerRecord, dest_dir: str | os.PathLike[str], **kw: Any) -> ApplyStats:
         """Extract a cached layer onto `dest_dir`. A corrupt blob raises CorruptBlob (it and
         its rows are dropped); `dest_dir` is then half-written and must be discarded."""
+        from tlimage.cache.layer import ensure_verified
         from tlimage.cache.store import CorruptBlob
 
         try:
+            ensure_verified(self.store, rec.digest)
             with self.open_layer(rec, verify=True) as f:
                 return apply_layer(f, dest_dir, **kw)
         except CorruptBlob:

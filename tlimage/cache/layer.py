@@ -36,6 +36,7 @@ import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tlimage._fs import OVERLAY_OPAQUE_XATTRS, ExtractStats, is_overlay_opaque
@@ -482,6 +483,100 @@ def open_tar(raw: BinaryIO) -> tuple[BinaryIO, str]:
     if kind == "gzip":
         return io.BufferedReader(_Inflater(src), _CHUNK), kind  # type: ignore[return-value]
     return src, kind  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pulled layers whose diff_id is checked when they are first read
+#
+# A pull verifies each blob's sha256 as it streams and stores it as sent; inflating it only to
+# hash the tar would double the work (the first unpack inflates it anyway). The image config's
+# diff_id is recorded beside the blob (`<layers-v1>/unverified/<hex>`, written before any index
+# row names the blob) and checked by the first full read: a match removes the note; a mismatch
+# discards the blob (the pull fetches it again) and raises.
+
+_UNVERIFIED = "unverified"
+
+
+def _note(store: BlobStore, digest: str) -> Path:
+    from tlimage.cache.store import parse_digest
+
+    return Path(store.path) / _UNVERIFIED / parse_digest(digest)
+
+
+def mark_unverified(store: BlobStore, digest: str, diff_id: str) -> None:
+    """Note that the blob `digest` must unpack to `diff_id` (checked on its first read)."""
+    from tlimage.cache.store import atomic_write_bytes
+
+    note = _note(store, digest)
+    note.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(note, diff_id.encode())
+
+
+def unverified_diff_id(store: BlobStore, digest: str) -> str | None:
+    """The diff_id the blob must still be checked against, or None (checked, or built here)."""
+    try:
+        return _note(store, digest).read_text().strip() or None
+    except (OSError, ValueError):
+        return None
+
+
+def settle_diff_id(store: BlobStore, digest: str, actual: str) -> None:
+    """The first full read of `digest` hashed its tar to `actual`: clear the note, or discard
+    the blob and raise LayerError when it differs from what the image config said."""
+    expected = unverified_diff_id(store, digest)
+    if expected is None:
+        return
+    note = _note(store, digest)
+    if actual != expected:
+        store.delete(digest)
+        note.unlink(missing_ok=True)
+        raise LayerError(f"layer {digest} unpacks to {actual}, but its image config says "
+                         f"{expected}; the layer was discarded", hint="pull the image again; "
+                         "if this repeats, the image in the registry is broken")  # fmt: skip
+    note.unlink(missing_ok=True)
+
+
+class HashingReader:
+    """A read-only stream that hashes (sha256) everything read through it."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self._inner = inner
+        self.hash = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        if data:
+            self.hash.update(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def drain(self) -> str:
+        """Read to the end; the `sha256:` digest of everything read."""
+        while self.read(_CHUNK):
+            pass
+        return "sha256:" + self.hash.hexdigest()
+
+
+def ensure_verified(store: BlobStore, digest: str) -> None:
+    """Check a pulled blob's pending diff_id now with one read of it (paths that extract a layer
+    other than through `unpacked_layer`, which checks while it unpacks)."""
+    import zstandard
+
+    if unverified_diff_id(store, digest) is None:
+        return
+    with store.open(digest, verify=True) as raw:
+        try:
+            stream, _ = open_tar(raw)
+            actual = HashingReader(stream).drain()
+        except (zstandard.ZstdError, BadCompression) as e:
+            _drain(raw)
+            store.delete(digest)
+            raise LayerError(f"layer {digest} does not decompress: {e}") from None
+        while raw.read(_CHUNK):  # the verifying reader checks the blob at its end
+            pass
+    settle_diff_id(store, digest, actual)
 
 
 # ----------------------------------------------------------------------------------------------

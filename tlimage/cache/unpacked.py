@@ -35,10 +35,15 @@ def unpacked_layer(store: BlobStore, digest: str) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
+        from tlimage.cache.layer import settle_diff_id, unverified_diff_id
+
+        pending = unverified_diff_id(store, digest) is not None  # a pulled layer's first read
         with store.open(digest, verify=True) as raw:
-            unpack_for_overlay(raw, tmp)
+            diff_id = unpack_for_overlay(raw, tmp, hash_tar=pending)
             while raw.read(1 << 20):  # to the end: the verifying reader checks the digest there
                 pass
+        if diff_id is not None:
+            settle_diff_id(store, digest, diff_id)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -65,18 +70,21 @@ def adopt_upper(store: BlobStore, digest: str, upper: Path) -> None:
         pass  # another build adopted it first, or another filesystem: unpack on demand
 
 
-def unpack_for_overlay(raw, dest: Path) -> None:  # noqa: ANN001 - a readable binary stream
-    """Extract a stored layer as an overlay lower (see `tlimage._fs.Extractor`: nothing is
-    written, linked or followed outside `dest`)."""
+def unpack_for_overlay(raw, dest: Path, *, hash_tar: bool = False) -> str | None:  # noqa: ANN001
+    """Extract a stored layer (`raw`: a readable binary stream) as an overlay lower (see
+    `tlimage._fs.Extractor`: nothing is written, linked or followed outside `dest`). With
+    `hash_tar`, returns the diff_id (`sha256:` of the whole tar), else None."""
     import zstandard
 
     from tlimage._fs import extract_tar
-    from tlimage.cache.layer import BadCompression, open_tar
+    from tlimage.cache.layer import BadCompression, HashingReader, open_tar
 
     reader, kind = open_tar(raw)
+    hashing = HashingReader(reader) if hash_tar else None
     try:
-        extract_tar(reader, dest, mode="r|", whiteouts="overlay", same_owner=True,
+        extract_tar(hashing or reader, dest, mode="r|", whiteouts="overlay", same_owner=True,
                     error=CacheError)  # fmt: skip
+        return hashing.drain() if hashing else None
     except (zstandard.ZstdError, BadCompression) as e:
         raise CacheError(f"layer {dest.name} is not valid {kind} data: {e}") from None
 

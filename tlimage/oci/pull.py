@@ -8,13 +8,14 @@ from the last resolution recorded under `<cache>/oci-v1/` when its layers are st
 network at all. A resolution that differs from the last one is reported (`moved_from`).
 
 Layers: each is streamed once — sha256 of the compressed bytes checked against the manifest as
-they arrive (a blob longer than declared is cut off at once), decompressed (gzip, zstd or none),
-its tar headers checked (`tlimage._fs.refused_entry`: no `..` names or hard links), the
-diff_id checked against the image config, and the blob stored as it came (gzip and zstd layers
-byte for byte, so a pull writes what the registry sent and a later push of the same layer finds
-it in place; an uncompressed tar is compressed with zstd). Nothing is stored when any check
-fails. Layers download in parallel; a download that breaks off is restarted a bounded number of
-times.
+they arrive (a blob longer than declared is cut off at once; a blob that fails stores nothing)
+— and stored as it came: gzip and zstd layers byte for byte, so a pull writes what the registry
+sent (as `skopeo copy` does) and a later push of the layer finds it in place. The image
+config's diff_id is checked by the layer's first unpack, which inflates it anyway (as
+containerd checks it on unpack): `tlimage.cache.layer.mark_unverified`; a mismatch discards the
+blob. The unpack applies the path rules of `tlimage._fs` (no `..`, links kept inside). An
+uncompressed tar is checked (`TarChecker`, diff_id) and compressed with zstd on the way in.
+Layers download in parallel; a download that breaks off is restarted a bounded number of times.
 """
 
 from __future__ import annotations
@@ -333,7 +334,7 @@ def layer_key(blob_digest: str) -> str:
 def _layer(ctx: _Ctx, ep: cl.Endpoint, desc: dict[str, Any],
            diff_id: str) -> tuple[Any, PulledLayer]:  # fmt: skip
     """Download one layer into the store (run in a worker thread): (LayerInfo, PulledLayer)."""
-    from tlimage.cache.layer import LayerInfo
+    from tlimage.cache.layer import LayerInfo, mark_unverified, sniff_compression
 
     digest, size = str(desc["digest"]), int(desc["size"])
     media = desc.get("mediaType", "")
@@ -362,16 +363,31 @@ def _layer(ctx: _Ctx, ep: cl.Endpoint, desc: dict[str, Any],
 
         try:
             with ctx.cache.store.writer() as w:
-                conv = Converter(kind, w, label=ctx.label, layer=digest)
-                for chunk in ctx.client.iter_blob(ep, digest, size, label=ctx.label,
-                                                  on_bytes=on_bytes):  # fmt: skip
-                    conv.feed(chunk)
-                got_diff, usize, entries = conv.finish()
-                if got_diff != diff_id:
-                    raise OCIError(f"{ctx.label}: layer {digest} unpacks to {got_diff}, but the "
-                                   f"image config says {diff_id}; nothing was stored",
-                                   ref=ctx.label)  # fmt: skip
+                chunks = ctx.client.iter_blob(ep, digest, size, label=ctx.label,
+                                              on_bytes=on_bytes)  # fmt: skip
+                if kind == "none":  # a plain tar: checked and compressed on the way in
+                    conv = Converter(kind, w, label=ctx.label, layer=digest)
+                    for chunk in chunks:
+                        conv.feed(chunk)
+                    got_diff, usize, entries = conv.finish()
+                    if got_diff != diff_id:
+                        raise OCIError(f"{ctx.label}: layer {digest} unpacks to {got_diff}, but "
+                                       f"the image config says {diff_id}; nothing was stored",
+                                       ref=ctx.label)  # fmt: skip
+                else:  # kept as sent; the diff_id is checked by the first unpack
+                    usize = entries = 0
+                    head = b""
+                    for chunk in chunks:
+                        if len(head) < 4:
+                            head += chunk[: 4 - len(head)]
+                        w.write(chunk)
+                    if sniff_compression(head) != kind:
+                        raise OCIError(f"{ctx.label}: layer {digest} is not {kind} data as its "
+                                       "media type says; nothing was stored",
+                                       ref=ctx.label)  # fmt: skip
                 blob = w.commit()
+                if kind != "none":
+                    mark_unverified(ctx.cache.store, blob.digest, diff_id)
         except cl.BlobInterrupted:
             if attempt == retries:
                 raise

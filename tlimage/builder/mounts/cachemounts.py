@@ -96,13 +96,14 @@ def _seed(dest: Path, seed: Source, source: str, store: Any) -> None:
     """`dest` := a copy of the folder `source` of the stage or image `seed` (a cache mount's
     `from=`). The layers are extracted afresh: the cache will be written to, so nothing may be
     shared with the stored layers."""
-    from tlimage.cache.layer import apply_layer
+    from tlimage.cache.layer import apply_layer, ensure_verified
 
     root = dest.with_name(dest.name + "-root")
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
     try:
         for digest in seed.digests:
+            ensure_verified(store, digest)
             with store.open(digest, verify=True) as f:
                 apply_layer(f, root)
         rel = context_rel(source)
