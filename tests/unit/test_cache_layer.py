@@ -413,7 +413,7 @@ def test_pulled_layer_diff_id_is_checked_on_first_read(tmp_path, path):
             rec = cache.put("k", LayerInfo(ref.digest, expected, ref.size, 0, 0))
             dest = tmp_path / f"dest-{expected[7:12]}"
 
-            def read():
+            def read(ref=ref, rec=rec, dest=dest):
                 if path == "overlay":
                     return unpacked_layer(store, ref.digest)
                 return cache.apply(rec, dest)
