@@ -263,6 +263,10 @@ class BlobStore:
                     removed += 1
         return removed
 
+    def sync_dir(self) -> None:
+        """Make the names of blobs committed with `sync_dir=False` durable."""
+        _fsync_dir(self.blobs_dir)
+
     def disk_usage(self) -> int:
         """Bytes held by complete blobs."""
         total = 0
@@ -316,7 +320,10 @@ class BlobWriter:
     def tell(self) -> int:
         return self._size
 
-    def commit(self) -> BlobRef:
+    def commit(self, *, sync_dir: bool = True) -> BlobRef:
+        """Complete the blob. With `sync_dir=False` its name is durable only after the caller's
+        `BlobStore.sync_dir()` (a pull commits several blobs, then syncs the folder once before
+        any index row names them)."""
         if self._done:
             raise ValueError("BlobWriter already finished")
         self._file.flush()
@@ -326,7 +333,8 @@ class BlobWriter:
         final = self._store.blob_path(digest)
         # Replacing an existing blob is harmless: same name, same bytes; open readers keep theirs.
         os.replace(self._tmp, final)
-        _fsync_dir(final.parent)
+        if sync_dir:
+            _fsync_dir(final.parent)
         self._done = True
         return BlobRef(digest, self._size)
 

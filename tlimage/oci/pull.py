@@ -205,20 +205,24 @@ def _pull(ctx: _Ctx, ref: Reference, ref_text: str, platform: str, jobs: int) ->
         with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(todo))),
                                 thread_name_prefix="tlimage-pull") as pool:  # fmt: skip
             futures = {pool.submit(_layer, ctx, ep, descs[i], diff_ids[i]): i for i in todo}
+            done: list[tuple[int, Any, PulledLayer]] = []
             try:
                 for fut in as_completed(futures):
                     info, layer = fut.result()
-                    ctx.cache.put(
-                        layer_key(layer.blob),
-                        info,
-                        description=f"pulled {ctx.label} {layer.blob[:19]}",
-                        meta={"blob": layer.blob, "media_type": layer.media_type},
-                    )
-                    results[futures[fut]] = (layer, int(descs[futures[fut]]["size"]))
+                    done.append((futures[fut], info, layer))
             except BaseException:
                 for f in futures:
                     f.cancel()
                 raise
+        ctx.cache.store.sync_dir()  # the new blobs' names, before index rows name them
+        for i, info, layer in done:
+            ctx.cache.put(
+                layer_key(layer.blob),
+                info,
+                description=f"pulled {ctx.label} {layer.blob[:19]}",
+                meta={"blob": layer.blob, "media_type": layer.media_type},
+            )
+            results[i] = (layer, int(descs[i]["size"]))
     results_ = [r for r in results if r is not None]
     img = PulledImage(
         ref=ref_text, name=ref.name, digest=fetched.digest, platform=platform, config=config,
@@ -385,7 +389,7 @@ def _layer(ctx: _Ctx, ep: cl.Endpoint, desc: dict[str, Any],
                         raise OCIError(f"{ctx.label}: layer {digest} is not {kind} data as its "
                                        "media type says; nothing was stored",
                                        ref=ctx.label)  # fmt: skip
-                blob = w.commit()
+                blob = w.commit(sync_dir=False)  # the folder is synced once, in _pull
                 if kind != "none":
                     mark_unverified(ctx.cache.store, blob.digest, diff_id)
         except cl.BlobInterrupted:
