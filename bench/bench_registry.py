@@ -3,10 +3,11 @@ run, on the same multi-layer image in a local registry (Debian's docker-registry
 
     python bench/bench_registry.py [--layers 6] [--mib 24] [--repeat 3] [--no-podman]
 
-Pull: tlimage streams each layer once (sha256 verify, inflate for the diff_id and tar checks,
-the blob stored as sent), layers in parallel, into a fresh cache; `skopeo copy docker://…
+Pull: tlimage streams each layer once (sha256 verified, the blob stored as sent; the diff_id is
+checked by the first unpack), layers in parallel, into a fresh cache; `skopeo copy docker://…
 oci:DIR` writes the blobs as they are into an OCI layout (sha256 only); `podman pull` (vfs
-storage) also unpacks. Push: tlimage pushes the pulled image (its gzip layers as pulled) to a
+storage) also unpacks. The first pull of the process pays for importing httpx (the median of
+the repeats does not). Push: tlimage pushes the pulled image (its gzip layers as pulled) to a
 fresh registry, `skopeo copy oci:DIR docker://…` the layout (gzip layers). Ratios are peer
 time / tlimage time: > 1 means tlimage is faster.
 """
