@@ -176,7 +176,7 @@ def bench_steps(tree: Path, steps: int) -> None:
 
 def create_rate(n: int, threads: int, network: bool, image: str = "bench"
                 ) -> tuple[float, list[float]]:  # fmt: skip
-    from tlimage.runtime import Sandbox
+    from tlimage import Sandbox
 
     each: list[float] = []
 
@@ -228,13 +228,13 @@ def api_rate(n: int, threads: int, network: bool) -> tuple[float, list[float]]:
                 if r.status >= 300:
                     raise SystemExit(f"POST /v1/sandboxes: {r.status} {data[:300]!r}")
                 each.append(time.perf_counter() - t1)
-                ids.append(json.loads(data)["id"])
+                ids.append(json.loads(data)["sandbox_id"])
             c.close()
 
         warm = http.client.HTTPConnection(host, int(port), timeout=120)  # the server's first
         warm.request("POST", "/v1/sandboxes", body=body, headers=auth)  # create starts its
         r = warm.getresponse()  # spawner
-        ids.append(json.loads(r.read())["id"])
+        ids.append(json.loads(r.read())["sandbox_id"])
         counts = [n // threads + (i < n % threads) for i in range(threads)]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(threads) as pool:
@@ -281,8 +281,8 @@ def runc_rate(tree: Path, n: int) -> tuple[float, list[float]]:
 
 
 def bench_create(tree: Path, n: int, threads: int) -> None:
+    from tlimage import Sandbox
     from tlimage.builder import build_image
-    from tlimage.runtime import Sandbox
 
     src = Path(os.environ["TLIMAGE_STATE_DIR"]) / "image.py"
     src.write_text(IMAGE)
