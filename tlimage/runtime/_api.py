@@ -1160,6 +1160,8 @@ def reconcile() -> None:
         return
     bid = _proc.boot_id()
     for rec in live:
+        if _settled(rec, bid):
+            continue
         fd = _try_lock(rec)
         if fd is None:
             continue  # an operation is in progress
@@ -1188,6 +1190,17 @@ def reconcile() -> None:
         finally:
             if fd >= 0:
                 os.close(fd)
+
+
+def _settled(rec: SandboxRecord, bid: str) -> bool:
+    """Nothing for reconcile to do, judged from the listed row without taking its lock (which
+    made every create cost a lock and a read per live sandbox): running on this boot, its
+    processes alive, within its deadline. Anything else is looked at under the lock."""
+    if rec.status is not Status.RUNNING or rec.boot_id != bid:
+        return False
+    if rec.deadline is not None and now() > rec.deadline + 10:
+        return False
+    return backend_for(rec.backend).alive(rec)
 
 
 _swept = False
