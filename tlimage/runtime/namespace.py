@@ -3,7 +3,7 @@ namespaces (and network, when it has none) on an overlayfs root, with no daemon.
 itself (launch, PID 1, exec helper, cgroups) is tlimage.sandbox's; this module keeps sandboxes
 alive and records their state.
 
-    tlimage-init (sandbox/_init.py: new namespaces)    forks PID 1 and exits
+    launcher (sandbox/_init.py, forked by the spawner into new namespaces)   forks PID 1, exits
       └─ PID 1 (`pids["init"]`, child of the host's init)  mounts, entrypoint, watchdog, reaper
     tlimage-enter (sandbox/_enter.py: setns into the sandbox)   exec, cp in, cp out
 

@@ -1,9 +1,9 @@
 """PID 1 of a namespace sandbox: one build step (`mode: step`) or a long-lived sandbox
-(`mode: box`). Started by sandbox/namespace.py under `unshare` as `python3 -I -S _init.py FD`;
-the JSON spec arrives on the pipe FD, never in argv.
+(`mode: box`). `main` runs in a launcher the spawner (`_spawn.py`, which imported this
+module once) forked; the JSON spec arrives on a pipe, never in argv.
 
-Standalone on purpose: it imports nothing from tlimage (the exec helper `_enter.py` imports it
-by path), so it starts in ~15 ms and keeps running if tlimage is upgraded. As host root in a
+Standalone on purpose: it imports nothing from tlimage (the spawner and the exec helper
+`_enter.py` import it by path), so it keeps running if tlimage is upgraded. As host root in a
 private mount namespace it mounts the overlay root (and a step's RUN mounts) over idmapped
 layers (see `main`); its child joins the sandbox's user namespace and makes the others, and
 PID 1 mounts the pseudo filesystems and pivots, then:

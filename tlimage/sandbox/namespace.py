@@ -1,19 +1,22 @@
 """The host side of namespace isolation, shared by build steps and long-lived sandboxes.
 
-    launcher (_init.main)               forked by the spawner (_spawn.py), host root in a
-      │                                 private mount namespace (unshared there): makes
-      │                                 the user namespace (a short-lived child unshares it,
-      │                                 this process writes its uid/gid maps), idmaps the
-      │                                 layers and mounts the overlay root and RUN mounts
-      └─ child                          joins the user namespace as its root, unshares mount,
-          └─ PID 1 (_init.main_step/box)  UTS, IPC, cgroup, PID and network namespaces (owned
-                                        by it); PID 1 mounts /proc, /sys, /dev and pivots
+    tlimage-spawn -I -S /dev/fd/B S     python, one per calling process (spawner.py), that
+      │                                 imported _init once and forks every launcher
+      └─ launcher (_init.main)          host root in a private mount namespace (unshared
+         │                              there): makes the user namespace (a short-lived child
+         │                              unshares it, this process writes its uid/gid maps),
+         │                              idmaps the layers and mounts the overlay root and RUN
+         │                              mounts
+         └─ child                       joins the user namespace as its root, unshares mount,
+            └─ PID 1 (_init.main_step/box)  UTS, IPC, cgroup, PID and network namespaces
+                                        (owned by it); PID 1 mounts /proc, /sys, /dev, pivots
     tlimage-enter -I -S /dev/fd/B S     python on the host that setns()es into a running one
       └─ exec / cp in / cp out          (_enter.py), user namespace first, after importing all
 
-The program is a tiny bootstrap read from pipe B and the spec arrives as JSON on pipe S, so
-no host path or configuration is in any argv, environment or file the sandbox can reach;
-`_init.py` and `_enter.py` are imported from this folder by the bootstrap. PID 1 pivots into
+A started program is a tiny bootstrap read from pipe B with its spec as JSON on pipe S (a
+launcher gets its spec on a pipe from the spawner), so no host path or configuration is in
+any argv, environment or file the sandbox can reach; `_init.py`, `_spawn.py` and `_enter.py`
+are imported from this folder by the bootstrap. PID 1 pivots into
 the sandbox's root (the old root detached) and marks itself non-dumpable, so /proc/1/root,
 /proc/1/exe and /proc/1/environ show nothing of the host.
 
