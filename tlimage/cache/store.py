@@ -327,10 +327,18 @@ class BlobWriter:
         if self._done:
             raise ValueError("BlobWriter already finished")
         self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
         digest = format_digest(self._hash.hexdigest())
         final = self._store.blob_path(digest)
+        if final.is_file() and final.stat().st_size == self._size:
+            # Already stored (a step that changes nothing makes the same empty layer every
+            # time): a final name is complete and was fsynced, so this copy is dropped
+            # without the two fsyncs a new blob costs.
+            self._file.close()
+            _unlink_quiet(self._tmp)
+            self._done = True
+            return BlobRef(digest, self._size)
+        os.fsync(self._file.fileno())
+        self._file.close()
         # Replacing an existing blob is harmless: same name, same bytes; open readers keep theirs.
         os.replace(self._tmp, final)
         if sync_dir:
