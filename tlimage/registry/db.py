@@ -16,6 +16,7 @@ import xxhash
 
 from tlimage import _layout
 from tlimage._paths import state_dir
+from tlimage._sqlite import connection
 from tlimage.errors import RegistryError
 
 _SCHEMA = """
@@ -110,15 +111,12 @@ class Registry:
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn = connection(self.path, _SCHEMA, synchronous="FULL")
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(_SCHEMA)
             yield conn
         finally:
-            conn.close()
+            if conn.in_transaction:  # left by an error between BEGIN and COMMIT
+                conn.rollback()
 
     def register(
         self, project: str, name: str, tag: str, manifest: Manifest, source: str | None = None

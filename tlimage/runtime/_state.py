@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from typing import Any
 
 from tlimage import _layout
 from tlimage._paths import state_dir
+from tlimage._sqlite import connection
 from tlimage.errors import RuntimeError_
 
 DB_NAME = _layout.RUNTIME_DB.path
@@ -160,55 +160,16 @@ class SandboxRecord:
         return cls(**d)
 
 
-_local = threading.local()
-
-
-def _connection(path: Path) -> sqlite3.Connection:
-    """This thread's connection to the database at `path`, kept open: opening one per query
-    cost a schema check each time, and closing the last connection of a WAL database
-    checkpoints and fsyncs it (~20 ms, several per sandbox create). A connection is opened
-    again when the file at `path` is another one (removed and made anew) or after a fork."""
-    conns = getattr(_local, "conns", None)
-    if conns is None or _local.pid != os.getpid():
-        conns = _local.conns = {}  # a forked child never uses its parent's connections
-        _local.pid = os.getpid()
-    key = str(path)
-    try:
-        st = os.stat(path)
-        ident = (st.st_dev, st.st_ino)
-    except FileNotFoundError:
-        ident = None
-    have = conns.get(key)
-    if have is not None and ident is not None and have[1] == ident:
-        return have[0]
-    if have is not None:
-        have[0].close()
-        del conns[key]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
-    try:
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit survives a crash of any process; only a power loss
-        # may drop the last ones, and a new boot ends every sandbox anyway (reconcile).
-        # FULL cost ~5 ms of fsync per transition, two per create.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
-        st = os.stat(path)
-    except BaseException:
-        conn.close()
-        raise
-    conns[key] = (conn, (st.st_dev, st.st_ino))
-    return conn
-
-
 class StateDB:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or state_dir() / DB_NAME
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        conn = _connection(self.path)
+        # NORMAL in WAL mode: a commit survives a crash of any process; only a power loss may
+        # drop the last ones, and a new boot ends every sandbox anyway (reconcile). FULL cost
+        # ~5 ms of fsync per transition, two per create.
+        conn = connection(self.path, _SCHEMA, synchronous="NORMAL", named_rows=True)
         try:
             yield conn
         finally:
