@@ -13,7 +13,8 @@ other one), starts a session, asks for SIGKILL when this process dies, joins the
 unshares the namespaces, reads the spec and runs `module.main(spec)` as the former
 `tlimage-init` did. On the reply socket the caller hears `{"pid"}` at once and `{"status"}`
 (a wait status as an exit code, negative for a signal) once the child is reaped; a failure
-before the fork is `{"error"}`. This process ends when the caller's end of `ctl_fd` closes
+before the fork is `{"error"}` (and nothing else), one of the child before `main` is
+`{"failed"}` (which may come before `{"pid"}`). This process ends when the caller's end of `ctl_fd` closes
 (the caller exited), and every launcher of a build step dies with it.
 """
 
@@ -95,7 +96,7 @@ def child(req, fds, parent, sockets):
         module = __import__(req["module"])
     except BaseException as e:  # noqa: BLE001 - told to the caller, which raises it
         try:
-            os.write(reply_fd, json.dumps({"error": str(e)}).encode())
+            os.write(reply_fd, json.dumps({"failed": str(e)}).encode())
         finally:
             os._exit(127)
     os.close(reply_fd)

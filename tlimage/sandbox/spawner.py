@@ -55,8 +55,8 @@ class Launched:
                     self.returncode = -9
                     break
                 obj = json.loads(msg)
-                if "error" in obj:
-                    self.error = str(obj["error"])
+                if "failed" in obj:
+                    self.error = str(obj["failed"])
                 if "status" in obj:
                     self.returncode = int(obj["status"])
             self._reply.close()
@@ -151,9 +151,13 @@ def launch(module: str, spec: bytes, *, unshare: int = 0, cgroup_procs: list[str
                    "targets": [0, 1, 2, *pass_fds]}  # fmt: skip
             fds = [theirs[0], spec_r, fd_in, fd_out, fd_err, *pass_fds]
             sp = _spawner(fresh=attempt > 0)
+            failed = None  # the child's own failure may come before the spawner's pid
             try:
                 socket.send_fds(sp.ctl, [json.dumps(req).encode()], fds)
                 msg = reply.recv(REPLY_SIZE)
+                while msg and "failed" in (obj := json.loads(msg)):
+                    failed = str(obj["failed"])
+                    msg = reply.recv(REPLY_SIZE)
             except OSError:
                 msg = b""
         except BaseException:
@@ -169,7 +173,9 @@ def launch(module: str, spec: bytes, *, unshare: int = 0, cgroup_procs: list[str
             _write_all(spec_w, spec)
             out = open(r_out, "rb", buffering=0) if r_out >= 0 else None  # noqa: SIM115
             err = open(r_err, "rb", buffering=0) if r_err >= 0 else None  # noqa: SIM115
-            return Launched(int(obj["pid"]), reply, out, err)
+            launched = Launched(int(obj["pid"]), reply, out, err)
+            launched.error = failed or ""
+            return launched
         reply.close()
         for fd in (*mine, spec_w):
             os.close(fd)
