@@ -14,8 +14,8 @@ unshares the namespaces, reads the spec and runs `module.main(spec)` as the form
 `tlimage-init` did. On the reply socket the caller hears `{"pid"}` at once and `{"status"}`
 (a wait status as an exit code, negative for a signal) once the child is reaped; a failure
 before the fork is `{"error"}` (and nothing else), one of the child before `main` is
-`{"failed"}` (which may come before `{"pid"}`). This process ends when the caller's end of `ctl_fd` closes
-(the caller exited), and every launcher of a build step dies with it.
+`{"failed"}` (which may come before `{"pid"}`). This process ends when the caller's end of
+`ctl_fd` closes (the caller exited), and every launcher of a build step dies with it.
 """
 
 import ctypes
