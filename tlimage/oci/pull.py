@@ -110,11 +110,11 @@ def pull(
     config: cl.RegistryConfig | None = None,
     client: cl.RegistryClient | None = None,
     progress: Progress | None = None,
-    jobs: int = 4,
+    jobs: int = 6,
     label: str | None = None,
 ) -> PulledImage:
     """Resolve `ref_text` and make sure its layers are in `cache`'s store (see the module
-    docstring). `label` names the asker in errors (a Dockerfile line), default the reference."""
+    docstring), `jobs` layers at a time (6, as containers/image downloads). `label` names the asker in errors (a Dockerfile line), default the reference."""
     ref = parse(ref_text)
     label = label or ref_text
     platform = normalize_platform(platform)
