@@ -136,10 +136,22 @@ def owner_opts():
     return f",uid={IDMAP[0]},gid={IDMAP[1]}" if IDMAP else ""
 
 
+def userns_of(pid, idmap):
+    """Writes `idmap` as the uid and gid maps of the user namespace `pid` made (unshared,
+    not yet mapped); returns a descriptor of it."""
+    uid, gid, count = idmap
+    for name, base in (("uid_map", uid), ("gid_map", gid)):
+        fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY)
+        try:
+            os.write(fd, f"0 {base} {count}\n".encode())
+        finally:
+            os.close(fd)
+    return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+
+
 def make_userns(idmap):
-    """A new user namespace with `idmap` as its uid and gid maps; returns a descriptor of it.
-    A child makes it (unshare) and the host writes its maps, then the child ends; the
-    namespace lives on as long as the descriptor."""
+    """A new user namespace with `idmap` as its maps, made by a child that then ends (the
+    namespace lives on as long as the descriptor returned)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     r2, w2 = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
@@ -156,14 +168,7 @@ def make_userns(idmap):
         said = os.read(r, 256)
         if said != b"u":
             raise OSError(1, f"unshare a user namespace: {said.decode(errors='replace')}")
-        uid, gid, count = idmap
-        for name, base in (("uid_map", uid), ("gid_map", gid)):
-            fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY)
-            try:
-                os.write(fd, f"0 {base} {count}\n".encode())
-            finally:
-                os.close(fd)
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        return userns_of(pid, idmap)
     finally:
         os.close(r)
         os.close(w2)
@@ -693,13 +698,11 @@ def setup_host(spec):
     namespace), the name files and, for a step, its RUN mounts. Returns (created, mounted,
     step_mounts, secret_env): placeholder files made in the upper, what was mounted on them,
     the RUN mounts with their stubs, and the step's secret variables (all host paths)."""
-    global USERNS_FD
     root = spec["merged"]
     mount(None, "/", flags="rec,private")
     mounts = spec.get("mounts", [])
     views = stage_views(spec.get("scratch", ""), mounts)
-    if IDMAP:
-        USERNS_FD = make_userns(IDMAP)
+    if IDMAP:  # USERNS_FD: the sandbox's (main) or a probe's (make_userns)
         upper_parent = os.path.commonpath([spec["upper"], spec["work"]])
         idmap_in_place([*spec["lowers"], upper_parent, *views])
         act_as_sandbox_root(True)
@@ -1067,61 +1070,54 @@ def abort(spec, msg):
 
 
 def main(spec):
-    """Called by the launcher's bootstrap as host root in a private mount namespace: sets up
-    the root (setup_host), then forks a child that joins the sandbox's user namespace (when
-    it has one) and makes the other namespaces, owned by it; that child forks PID 1 and, for
-    a step, waits for it. For a step this process then takes the RUN mounts and placeholders
-    off the root and exits with the step's code; for a sandbox it leaves PID 1 to the host's
-    init."""
-    global STATUS_FD, STATE_DIR, IDMAP
+    """Called by the launcher's bootstrap as host root in a private mount namespace. Forks a
+    child first, which makes the sandbox's user namespace (when it has one) and waits; this
+    process writes that namespace's id maps, sets up the root with it (setup_host) and hands
+    the child the root (a descriptor) and the step's secret variables. The child becomes the
+    namespace's root, makes the other namespaces (owned by it) and forks PID 1; for a step it
+    waits for PID 1, and this process then takes the RUN mounts and placeholders off the
+    root and exits with the step's code. A sandbox's PID 1 is left to the host's init."""
+    global STATUS_FD, STATE_DIR, IDMAP, USERNS_FD
     step = spec["mode"] == "step"
     if step:
         STATUS_FD = spec["status_fd"]
         os.set_inheritable(STATUS_FD, False)
     IDMAP = spec.get("idmap")
     start(spec)
-    try:
-        if not step:
+    if not step:
+        try:
             STATE_DIR = os.open(spec["state_dir"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             if IDMAP:  # PID 1 writes exit.json there as the sandbox's root
                 os.chown(spec["state_dir"], IDMAP[0], IDMAP[1])
+        except OSError as e:
+            abort(spec, f"sandbox setup failed: {e}")
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    k = os.fork()
+    if k == 0:
+        mine.close()
+        sandbox_parent(spec, theirs, step)
+    theirs.close()
+    try:
+        said = mine.recv(4096)
+        if said != b"u":
+            raise OSError(1, said.decode("utf-8", "replace") or "the sandbox's parent died")
+        if IDMAP:
+            USERNS_FD = userns_of(k, IDMAP)
         created, mounted, step_mounts, secret_env = setup_host(spec)
         if not step:
             root = spec["merged"]
             write_state("placeholders.json",
                         json.dumps([os.path.relpath(p, root) for p in created]))  # fmt: skip
-        os.chdir(spec["merged"])
-    except MountFailure as e:
-        abort(spec, str(e))
-    except OSError as e:
+        fd = os.open(spec["merged"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        socket.send_fds(mine, [json.dumps(secret_env).encode()], [fd])
+        os.close(fd)
+    except (MountFailure, OSError) as e:
+        os.kill(k, signal.SIGKILL)
+        os.waitpid(k, 0)
+        if isinstance(e, MountFailure):
+            abort(spec, str(e))
         abort(spec, f"sandbox setup failed: {e}")
-    spec["secret_env"] = secret_env
-    k = os.fork()
-    if k == 0:
-        try:
-            if IDMAP:
-                join_userns(USERNS_FD)
-            os.close(USERNS_FD) if USERNS_FD >= 0 else None
-            if step:  # after the change of credentials, which clears it
-                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            if libc().unshare(spec["ns_flags"]) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"unshare: {os.strerror(err)}")
-        except OSError as e:
-            abort(spec, f"sandbox setup failed: {e}")
-        pid = os.fork()
-        if pid == 0:
-            if step:
-                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-                main_step(spec)
-            else:
-                main_box(spec)
-            os._exit(127)
-        if not step:
-            os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        os._exit(128 - code if code < 0 else code)
+    mine.close()
     _, status = os.waitpid(k, 0)
     if not step:
         os._exit(0)
@@ -1131,12 +1127,55 @@ def main(spec):
     os._exit(128 - code if code < 0 else code)
 
 
+def sandbox_parent(spec, sock, step):
+    """The child of main: unshares the user namespace (its maps come from the host side),
+    waits for the root, becomes the namespace's root (the range's first host id), makes the
+    other namespaces and forks PID 1. Never returns."""
+    try:
+        if IDMAP and libc().unshare(CLONE_NEWUSER) != 0:
+            err = ctypes.get_errno()
+            sock.send(f"unshare a user namespace: {os.strerror(err)}".encode())
+            os._exit(1)
+        sock.send(b"u")
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 1)
+        sock.close()
+        if not fds:
+            os._exit(1)  # the host side failed, and says why
+        spec["secret_env"] = json.loads(msg)
+        os.fchdir(fds[0])
+        os.close(fds[0])
+        if IDMAP:
+            os.setresgid(0, 0, 0)
+            os.setgroups([])
+            os.setresuid(0, 0, 0)
+        if step:  # after the change of credentials, which clears it
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if libc().unshare(spec["ns_flags"]) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"unshare: {os.strerror(err)}")
+    except OSError as e:
+        abort(spec, f"sandbox setup failed: {e}")
+    pid = os.fork()
+    if pid == 0:
+        if step:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            main_step(spec)
+        else:
+            main_box(spec)
+        os._exit(127)
+    if not step:
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    os._exit(128 - code if code < 0 else code)
+
+
 def probe(tmp, idmap):
     """Whether this kernel gives a sandbox its user namespace (run by the host once, in a
     process of its own, in the empty folder `tmp`): the root of an idmapped overlay makes a
     file and chowns one to 1000 from inside; on disk they must be 0 and 1000. Prints `ok` or
     what failed."""
-    global IDMAP
+    global IDMAP, USERNS_FD
     IDMAP = idmap
     try:
         if libc().unshare(0x00020000) != 0:
@@ -1146,6 +1185,7 @@ def probe(tmp, idmap):
         with open(os.path.join(tmp, "lower", "f"), "w") as f:
             f.write("x")
         disk = os.open(tmp, os.O_PATH | os.O_DIRECTORY)
+        USERNS_FD = make_userns(idmap)
         spec = {"merged": tmp + "/merged", "lowers": [tmp + "/lower"], "upper": tmp + "/upper",
                 "work": tmp + "/work"}  # fmt: skip
         setup_host(spec)
