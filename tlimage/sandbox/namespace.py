@@ -3,11 +3,10 @@
     tlimage-spawn -I -S /dev/fd/B S     python, one per calling process (spawner.py), that
       │                                 imported _init once and forks every launcher
       └─ launcher (_init.main)          host root in a private mount namespace (unshared
-         │                              there): makes the user namespace (a short-lived child
-         │                              unshares it, this process writes its uid/gid maps),
-         │                              idmaps the layers and mounts the overlay root and RUN
-         │                              mounts
-         └─ child                       joins the user namespace as its root, unshares mount,
+         │                              there): writes the id maps of the user namespace its
+         │                              child made, idmaps the layers through it, mounts the
+         │                              overlay root and RUN mounts, hands the child the root
+         └─ child                       unshares the user namespace, then (as its root) mount,
             └─ PID 1 (_init.main_step/box)  UTS, IPC, cgroup, PID and network namespaces
                                         (owned by it); PID 1 mounts /proc, /sys, /dev, pivots
     tlimage-enter -I -S /dev/fd/B S     python on the host that setns()es into a running one
