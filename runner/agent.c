@@ -1053,6 +1053,7 @@ static void perm_bind_file(const char *root, const char *rel, const char *src) {
  * the root cgroup, which systemd leaves alone), and the agent waits for systemd's private bus
  * socket before it answers, so `systemctl` works from the first EXEC on. */
 static int init_fd = -1;
+static int init_booted = 0; /* PID 1 is the root's init: SHUTDOWN asks it to reboot */
 #define INIT_WAIT_SECONDS 150
 
 static int start_init(const char *root) {
@@ -1066,6 +1067,7 @@ static int start_init(const char *root) {
     dprintf(init_fd, "%s\n", root);
     close(init_fd);
     init_fd = -1;
+    init_booted = 1;
     snprintf(sock, sizeof sock, "%s/run/systemd/private", root);
     for (int i = 0; i < INIT_WAIT_SECONDS * 20; i++) {
         if (stat(sock, &st) == 0 && S_ISSOCK(st.st_mode)) return 0;
@@ -2239,6 +2241,8 @@ int main(int argc, char **argv) {
             free(payload);
             if (!stdio_mode) {
                 sync();
+                /* systemd stops its units, then resets the VM itself (and ends the agent) */
+                if (init_booted && kill(1, SIGRTMIN + 5) == 0) for (;;) pause();
                 reboot(RB_AUTOBOOT); /* QEMU runs with -no-reboot: a reset ends the VM */
             }
             return 0;

@@ -179,9 +179,8 @@ WantedBy=multi-user.target
 def test_debian_systemd_boots_systemd_as_pid1_in_the_microvm(archive, shared_cache: Path) -> None:
     import time
 
-    from tlimage import Image
+    from tlimage import Image, Sandbox
     from tlimage.builder import build_image
-    from tlimage.runtime import Sandbox
 
     events: list[dict] = []
     img = (Image("systemd-probe", base_image="debian-systemd")
@@ -264,7 +263,7 @@ def test_debian_vnc_serves_rfb_and_takes_a_screenshot(archive, shared_cache: Pat
 )
 def test_debian_vnc_in_the_microvm_starts_its_desktop_units(archive, shared_cache: Path) -> None:
     # systemd (PID 1) starts the base's own units: TigerVNC on :1 and the XFCE session on it.
-    from tlimage.runtime import Sandbox
+    from tlimage import Sandbox
 
     with Sandbox.create("debian-vnc", backend="microvm", cache_dir=shared_cache, timeout=1200,
                         memory=1024) as sb:  # fmt: skip

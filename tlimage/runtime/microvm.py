@@ -199,6 +199,7 @@ class MicroVMBackend:
                 "sock_fd": child.fileno(), "network": rec.network,
                 "network_policy": rec.extra.get("network_policy"),
                 "secret_env_follows": bool(secret_env),
+                "stop_grace": stop_grace(rec, accel),
             }  # fmt: skip
             spec_path = rec.path / "shim.json"
             spec_path.write_text(json.dumps(spec, indent=1))
@@ -250,7 +251,8 @@ class MicroVMBackend:
 
     def stop(self, rec: SandboxRecord) -> None:
         shim, qemu = rec.pids.get("shim"), rec.pids.get("qemu")
-        if _proc.signal_entry(shim, signal.SIGTERM) and _proc.wait_dead([shim, qemu], 5):
+        grace = stop_grace(rec, rec.extra.get("accel") or "tcg")
+        if _proc.signal_entry(shim, signal.SIGTERM) and _proc.wait_dead([shim, qemu], grace + 5):
             return
         _proc.signal_entry(shim, signal.SIGKILL)
         _proc.signal_entry(qemu, signal.SIGKILL)
@@ -726,6 +728,15 @@ def qemu_argv(rec: SandboxRecord, kit: GuestKit, accel: str, disks: list[Path],
 
 
 INIT_LABEL = "org.tlimage.init"  # tlimage.builder.bases sets it on bases whose init is systemd
+
+
+def stop_grace(rec: SandboxRecord, accel: str) -> float:
+    """How long the shim lets the guest shut itself down before it kills QEMU: the agent's
+    sync and reset take well under a second; systemd stops its units first (the agent syncs
+    before it asks, so a systemd that takes longer loses no written file when it is killed)."""
+    if boots_systemd(rec):
+        return 5.0 if accel == "kvm" else 10.0
+    return 3.0
 
 
 def boots_systemd(rec: SandboxRecord) -> bool:

@@ -17,7 +17,8 @@ child and dies with it (PR_SET_PDEATHSIG). The shim:
 - starts QEMU, when the sandbox has network, in a network namespace of its own attached through
   sandbox/network.py (slirp4netns + nft: the guest reaches neither the host's loopback nor its
   addresses nor private ranges), and holds the helper, which ends with the shim;
-- ends the VM on SIGTERM or when the deadline in `deadline_file` passes, and writes
+- ends the VM on SIGTERM or when the deadline in `deadline_file` passes (asking the agent to
+  shut the guest down first, for at most `stop_grace` seconds), and writes
   `exit_file` (reason, exit code) when the VM ends for any reason other than a suspend (the
   suspending client writes `suspended` in the sandbox folder before it quits QEMU).
 """
@@ -318,8 +319,25 @@ class Shim:
         )
 
     def end(self, reason: str) -> None:
+        self.shut_down()
         self.kill_vm()
         self.exit({"reason": reason, "exit_code": None})
+
+    def shut_down(self) -> None:
+        """Asks an idle agent to end the VM (SHUTDOWN: the guest syncs its writes to the
+        scratch disk first; under systemd, the units are stopped) and waits up to `stop_grace`
+        seconds for QEMU to exit. A guest busy with a client's request, or one that does not
+        end in time, is killed by the caller."""
+        grace = float(self.spec.get("stop_grace") or 0)
+        if grace <= 0 or self.agent is None or self.proc is None or self.proc.poll() is not None:
+            return
+        if self.relay.pending is not None or self.relay.frozen:
+            return
+        try:
+            self.agent.send(P.encode_shutdown())
+            self.proc.wait(grace)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
 
     def kill_vm(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
