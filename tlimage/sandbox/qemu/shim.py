@@ -324,14 +324,13 @@ class Shim:
         self.exit({"reason": reason, "exit_code": None})
 
     def shut_down(self) -> None:
-        """Asks an idle agent to end the VM (SHUTDOWN: the guest syncs its writes to the
-        scratch disk first; under systemd, the units are stopped) and waits up to `stop_grace`
-        seconds for QEMU to exit. A guest busy with a client's request, or one that does not
-        end in time, is killed by the caller."""
+        """Asks the agent to end the VM (SHUTDOWN on session 0, which only the shim uses, so
+        it is served whatever the clients' sessions are doing: the guest syncs its writes to
+        the scratch disk first; under systemd, the units are stopped) and waits up to
+        `stop_grace` seconds for QEMU to exit. A guest that does not end in time is killed by
+        the caller."""
         grace = float(self.spec.get("stop_grace") or 0)
         if grace <= 0 or self.agent is None or self.proc is None or self.proc.poll() is not None:
-            return
-        if self.relay.pending is not None or self.relay.frozen:
             return
         try:
             self.agent.send(P.encode_shutdown())
