@@ -55,6 +55,23 @@ def test_put_and_read(tmp_path):
     assert len(os.listdir(store.blobs_dir)) == 1
 
 
+def test_a_blob_already_stored_is_kept_and_the_copy_dropped_without_fsync(tmp_path, monkeypatch):
+    store = BlobStore(tmp_path)
+    ref = store.put_bytes(b"same layer")
+    path = store.blob_path(ref.digest)
+    inode = os.stat(path).st_ino
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    assert store.put_bytes(b"same layer") == ref
+    assert synced == []  # nothing new reached the disk's name space
+    assert os.stat(path).st_ino == inode and store.read_bytes(ref.digest) == b"same layer"
+    assert os.listdir(store.blobs_dir) == [path.name] and not any(
+        n.startswith(".") for n in os.listdir(path.parent))  # fmt: skip
+    store.put_bytes(b"another layer")  # a new blob is still fsynced (file and folder)
+    assert len(synced) == 2
+
+
 def test_writer_without_commit_leaves_nothing(tmp_path):
     store = BlobStore(tmp_path)
     with store.writer() as w:
