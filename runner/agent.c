@@ -2011,32 +2011,65 @@ out:
  * the worker finishes as if its host had gone (a running EXEC is killed, a FREEZE undone). */
 
 #define MAX_SESSIONS 256
-typedef struct { unsigned id; pid_t pid; int fd; } session_t;
+/* What the agent forwards to a worker waits in `out` while the worker does not read (a PUT
+ * whose tar a FREEZE stopped): the channel is never held up by one session. */
+#define MAX_PENDING (64u << 20)
+typedef struct { unsigned id; pid_t pid; int fd; buf_t out; size_t sent; } session_t;
 static session_t sessions[MAX_SESSIONS];
 static int n_sessions = 0;
+
+static void end_session(session_t *s) {
+    if (s->fd >= 0) close(s->fd);
+    s->fd = -1;
+    free(s->out.p);
+    s->out = (buf_t){0};
+    s->sent = 0;
+}
+
+/* Writes what waits for the worker, as far as its socket takes it. */
+static void flush_session(session_t *s) {
+    while (s->fd >= 0 && s->sent < s->out.len) {
+        ssize_t w = write(s->fd, s->out.p + s->sent, s->out.len - s->sent);
+        if (w > 0) {
+            s->sent += (size_t)w;
+        } else if (w < 0 && errno == EINTR) {
+            continue;
+        } else {
+            if (w < 0 && errno == EAGAIN) return;
+            end_session(s); /* the worker is gone */
+            return;
+        }
+    }
+    if (s->sent == s->out.len) {
+        s->out.len = 0;
+        s->sent = 0;
+    }
+}
+
+static void flush_sessions(void) {
+    for (int i = 0; i < n_sessions; i++) flush_session(&sessions[i]);
+}
 
 static void reap_sessions(void) {
     int j = 0;
     for (int i = 0; i < n_sessions; i++) {
         session_t *s = &sessions[i];
-        if (s->pid > 0 && waitpid(s->pid, NULL, WNOHANG) == s->pid) s->pid = 0;
+        if (s->pid > 0 && waitpid(s->pid, NULL, WNOHANG) == s->pid) {
+            s->pid = 0;
+            end_session(s);
+        }
         if (s->pid > 0 || s->fd >= 0) sessions[j++] = *s;
     }
     n_sessions = j;
 }
 
 static void close_sessions(void) {
-    for (int i = 0; i < n_sessions; i++)
-        if (sessions[i].fd >= 0) {
-            close(sessions[i].fd);
-            sessions[i].fd = -1;
-        }
+    for (int i = 0; i < n_sessions; i++) end_session(&sessions[i]);
     reap_sessions();
 }
 
 static void worker_main(unsigned id, int sock) {
-    for (int i = 0; i < n_sessions; i++)
-        if (sessions[i].fd >= 0) close(sessions[i].fd);
+    for (int i = 0; i < n_sessions; i++) end_session(&sessions[i]);
     n_sessions = 0;
     is_worker = 1;
     my_session = (int)id;
@@ -2077,14 +2110,12 @@ static void worker_main(unsigned id, int sock) {
 static void route(unsigned id, unsigned type, const unsigned char *h, const unsigned char *payload,
                   size_t n) {
     reap_sessions();
+    flush_sessions();
     session_t *s = NULL;
     for (int i = 0; i < n_sessions; i++)
         if (sessions[i].id == id && sessions[i].fd >= 0) s = &sessions[i];
     if (type == T_END) {
-        if (s) {
-            close(s->fd);
-            s->fd = -1;
-        }
+        if (s) end_session(s);
         return;
     }
     if (!s) {
@@ -2118,15 +2149,17 @@ static void route(unsigned id, unsigned type, const unsigned char *h, const unsi
             close(sv[0]);
             return;
         }
+        fcntl(sv[0], F_SETFL, O_NONBLOCK);
         s = &sessions[n_sessions++];
-        *s = (session_t){id, pid, sv[0]};
+        *s = (session_t){id, pid, sv[0], {0}, 0};
     }
-    unsigned char hh[8];
-    memcpy(hh, h, 8);
-    if (write_all(s->fd, hh, 8) < 0 || (n && write_all(s->fd, payload, n) < 0)) {
-        close(s->fd);
-        s->fd = -1;
+    if (s->out.len - s->sent + 8 + n > MAX_PENDING) { /* a worker that reads nothing more */
+        end_session(s);
+        return;
     }
+    buf_put(&s->out, h, 8);
+    if (n) buf_put(&s->out, payload, n);
+    flush_session(s);
 }
 
 /* Between requests in sandbox mode: reap the entrypoint, and ride out a host that went away
@@ -2135,8 +2168,13 @@ static void idle_wait(void) {
     for (;;) {
         check_entry();
         reap_sessions();
-        struct pollfd pf[2] = {{chan_in, POLLIN, 0}, {sigchld_pipe[0], POLLIN, 0}};
-        if (poll(pf, 2, -1) < 0) {
+        flush_sessions();
+        struct pollfd pf[2 + MAX_SESSIONS] = {{chan_in, POLLIN, 0}, {sigchld_pipe[0], POLLIN, 0}};
+        int npf = 2;
+        for (int i = 0; i < n_sessions; i++)
+            if (sessions[i].fd >= 0 && sessions[i].sent < sessions[i].out.len)
+                pf[npf++] = (struct pollfd){sessions[i].fd, POLLOUT, 0};
+        if (poll(pf, (nfds_t)npf, -1) < 0) {
             if (errno == EINTR) continue;
             return;
         }
@@ -2197,7 +2235,7 @@ int main(int argc, char **argv) {
     for (;;) {
         unsigned char *payload;
         size_t n;
-        if (sandbox_mode) idle_wait();
+        if (sandbox_mode || n_sessions) idle_wait();
         int t = recv_frame(&payload, &n);
         if (t == T_NONE) continue;
         if (t < 0) {

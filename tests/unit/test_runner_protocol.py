@@ -6,6 +6,7 @@ terminals and signals."""
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
 import subprocess
@@ -672,4 +673,44 @@ def test_agent_pty_size_term_input_ctrl_c_and_resize(agent_bin):
     s.send(2, P.encode_stdin(b"\x03"))  # Ctrl-C, as typed: the terminal makes it SIGINT
     frames = s.until(2, P.FrameType.EXIT)
     assert b"INT" in _out(frames, P.FrameType.STDOUT) and P.decode_exit(frames[-1]).code == 7
+    a.close()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{t}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+@pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="busybox-static is not installed")
+def test_agent_a_stalled_session_holds_up_no_other(agent_bin, tmp_path):
+    """A PUT whose tar is stopped (as FREEZE stops it) stops reading its frames; the agent keeps
+    them for it and serves the other sessions meanwhile."""
+    import signal
+
+    a = Agent(agent_bin, {"TL_TAR": "/bin/busybox"})
+    s = Sessions(a)
+    s.send(1, P.encode_put(str(tmp_path) + "/", "big"))
+    assert s.until(1, P.FrameType.PATH, P.FrameType.ERROR)[-1].type is P.FrameType.PATH
+    workers = _children(a.proc.pid)
+    tars = [c for w in workers for c in _children(w)]
+    assert len(tars) == 1
+    os.kill(tars[0], signal.SIGSTOP)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        ti = tarfile.TarInfo("big")
+        ti.size = 24 << 20
+        tf.addfile(ti, io.BytesIO(b"x" * ti.size))
+    data = buf.getvalue()
+    for i in range(0, len(data), 1 << 19):
+        s.send(1, P.encode_tar(data[i : i + (1 << 19)]))
+    s.send(1, P.encode_tar(b""))
+    t0 = time.monotonic()
+    frames = s.reply(2, P.encode_exec(P.ExecMsg(("echo", "served"), SH, "root", "/")))
+    assert frames.type is P.FrameType.EXIT and time.monotonic() - t0 < 10
+    os.kill(tars[0], signal.SIGCONT)
+    assert s.until(1, P.FrameType.OK, P.FrameType.ERROR, timeout=60)[-1].type is P.FrameType.OK
+    assert (tmp_path / "big").stat().st_size == 24 << 20
     a.close()
