@@ -152,8 +152,9 @@ export declare class Sandbox {
   processes(): Promise<Process[]>;
   process(pid: number | string): Promise<Process>;
   snapshot(options?: { register?: string }): Promise<{ image: string; image_id: string; layers: number; size: number }>;
-  /** With memory (microVM, named sandboxes) the clone's processes continue from this one's. */
-  clone(options?: { name?: string; register?: string; memory?: boolean }): Promise<Sandbox>;
+  /** With memory (microVM, named sandboxes) the clone's processes continue from this one's; of
+   * a sandbox created with secrets only with withSecrets (its memory holds their values). */
+  clone(options?: { name?: string; register?: string; memory?: boolean; withSecrets?: boolean }): Promise<Sandbox>;
   suspend(): Promise<{ seconds: number; memory_snapshot: boolean; note: string | null }>;
   resume(): Promise<{ seconds: number }>;
   terminate(): Promise<SandboxInfo>;

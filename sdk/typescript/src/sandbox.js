@@ -237,8 +237,9 @@ export class Sandbox {
     return this.client.request("POST", this.#path("/snapshot"), { json: register ? { register } : {} });
   }
 
-  async clone({ name, register, memory } = {}) {
-    const body = Object.fromEntries(Object.entries({ name, register, memory }).filter(([, v]) => v !== undefined));
+  async clone({ name, register, memory, withSecrets } = {}) {
+    const fields = { name, register, memory, with_secrets: withSecrets };
+    const body = Object.fromEntries(Object.entries(fields).filter(([, v]) => v !== undefined));
     return new Sandbox(this.client, await this.client.request("POST", this.#path("/clone"), { json: body }));
   }
 
