@@ -149,18 +149,21 @@ def test_paths_made_before_pivot_are_seen_from_inside() -> None:
 
 
 def test_id_range_takes_a_tlimage_entry_of_subuid_and_subgid(tmp_path) -> None:  # noqa: ANN001
-    from tlimage.sandbox.namespace import DEFAULT_ID_BASE, ID_COUNT, id_range
+    from tlimage.sandbox.namespace import DEFAULT_ID_BASE, DEFAULT_ID_COUNT, id_range
+
+    default = (DEFAULT_ID_BASE, DEFAULT_ID_BASE, DEFAULT_ID_COUNT)
 
     uid, gid = tmp_path / "subuid", tmp_path / "subgid"
     files = (str(uid), str(gid))
-    assert id_range(files) == (DEFAULT_ID_BASE, DEFAULT_ID_BASE, ID_COUNT)  # no files
+    assert id_range(files) == default  # no files
+    assert DEFAULT_ID_BASE + DEFAULT_ID_COUNT - 1 == 2**32 - 3  # (uid_t)-2 and -1 stay out
     uid.write_text("alice:100000:65536\ntlimage:300000:65536\n")
     gid.write_text("tlimage:400000:70000\n")
-    assert id_range(files) == (300000, 400000, ID_COUNT)
+    assert id_range(files) == (300000, 400000, 65536)  # the smaller count
     gid.write_text("tlimage:400000:1000\n")  # too few ids for 0..65535: the default range
-    assert id_range(files) == (DEFAULT_ID_BASE, DEFAULT_ID_BASE, ID_COUNT)
+    assert id_range(files) == default
     gid.write_text("tlimage:junk\n")
-    assert id_range(files) == (DEFAULT_ID_BASE, DEFAULT_ID_BASE, ID_COUNT)
+    assert id_range(files) == default
 
 
 def test_userns_can_be_turned_off_and_the_notice_names_what_is_lost(monkeypatch) -> None:  # noqa: ANN001

@@ -52,13 +52,16 @@ TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 PR_SET_PDEATHSIG = 1
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
 CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x20000000, 0x40000000
-# The host ids the sandbox's ids 0..65535 stand for when /etc/subuid and /etc/subgid have no
-# `tlimage` entry: 2^31 on, above every range useradd (subordinate ids from 100000), systemd
-# (dynamic users, nspawn's 0x80000..0x6fffffff) or a login gives out, so they belong to no
-# one on the host. One range serves every step and sandbox (each has its own user namespace):
+# The host ids the sandbox's ids stand for when /etc/subuid and /etc/subgid have no `tlimage`
+# entry: 2^31 on, above every range useradd (subordinate ids from 100000), systemd (dynamic
+# users, nspawn's 0x80000..0x6fffffff) or a login gives out, so they belong to no one on the
+# host. All of that half is mapped (0..2^31-3 inside, up to 2^32-3 outside; 2^32-2 and -1
+# stay out), so a layer's file owned by any id a real image uses (npm's tarball ids, 1000000
+# and up) can still be changed and chowned inside; a subuid entry maps as many as it has
+# (at least MIN_COUNT). One range serves every step and sandbox (each has its own user namespace):
 # layers on disk keep their real ids through idmapped mounts, so the range only decides who
 # a process is to the host kernel, and sandboxes are kept apart by their other namespaces.
-DEFAULT_ID_BASE, ID_COUNT = 1 << 31, 65536
+DEFAULT_ID_BASE, DEFAULT_ID_COUNT, MIN_COUNT = 1 << 31, (1 << 31) - 2, 65536
 USERNS_ENV = "TLIMAGE_USERNS"  # 0: no user namespace (as on a kernel without one)
 BOOT = """import json, os, sys
 os.close(int(sys.argv[0].rpartition("/")[2]))  # this program's pipe: read already
@@ -108,7 +111,8 @@ def missing_layers() -> list[str]:
 
 def id_range(files: tuple[str, str] = ("/etc/subuid", "/etc/subgid")) -> tuple[int, int, int]:
     """(host uid of root inside, host gid of root inside, count): a `tlimage` entry of
-    /etc/subuid and /etc/subgid with at least 65536 ids, else DEFAULT_ID_BASE."""
+    /etc/subuid and /etc/subgid with at least MIN_COUNT ids (its count, the smaller of the
+    two), else DEFAULT_ID_BASE and DEFAULT_ID_COUNT."""
     bases = []
     for path in files:
         base = None
@@ -116,13 +120,13 @@ def id_range(files: tuple[str, str] = ("/etc/subuid", "/etc/subgid")) -> tuple[i
             for line in Path(path).read_text().splitlines():
                 name, _, rest = line.strip().partition(":")
                 start, _, count = rest.partition(":")
-                if name == "tlimage" and int(count) >= ID_COUNT:
-                    base = int(start)
+                if name == "tlimage" and int(count) >= MIN_COUNT:
+                    base = (int(start), int(count))
                     break
         bases.append(base)
     if bases[0] is None or bases[1] is None:
-        return DEFAULT_ID_BASE, DEFAULT_ID_BASE, ID_COUNT
-    return bases[0], bases[1], ID_COUNT
+        return DEFAULT_ID_BASE, DEFAULT_ID_BASE, DEFAULT_ID_COUNT
+    return bases[0][0], bases[1][0], min(bases[0][1], bases[1][1])
 
 
 _userns_memo: dict[str, str | None] = {}
