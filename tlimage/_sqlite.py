@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 _local = threading.local()
@@ -41,7 +42,7 @@ def connection(path: Path, schema: str, *, synchronous: str,
     try:
         if named_rows:
             conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
+        _wal(conn)
         conn.execute(f"PRAGMA synchronous={synchronous}")
         conn.executescript(schema)
         st = os.stat(path)
@@ -50,3 +51,20 @@ def connection(path: Path, schema: str, *, synchronous: str,
         raise
     conns[key] = (conn, (st.st_dev, st.st_ino))
     return conn
+
+
+def _wal(conn: sqlite3.Connection, timeout: float = 30.0) -> None:
+    """Puts the database in WAL mode. Changing the journal mode takes an exclusive lock and
+    SQLite answers "database is locked" at once, without its busy handler, while another
+    process is creating or switching the same new database; so this waits, as every other
+    statement does, up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)

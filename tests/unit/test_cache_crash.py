@@ -28,6 +28,7 @@ WRITER = textwrap.dedent(
     root, seed = sys.argv[1], int(sys.argv[2])
     rng = random.Random(seed)
     cache = LayerCache(root, on_wait=None)
+    print("ready", flush=True)
     i = 0
     while True:
         i += 1
@@ -65,16 +66,28 @@ def check_integrity(root, tmp_path):
 def test_sigkill_at_random_points_leaves_no_corrupt_entry(tmp_path):
     root = tmp_path / "cache"
     rng = random.Random(1234)
-    for round_ in range(24):
+    progress = tmp_path / "cache.progress"
+    # The kill lands a random time after the writers are ready (not after they were started: a
+    # loaded host can take longer than the whole window to start Python), and rounds go on until
+    # enough layers were stored for the check to mean something.
+    for round_ in range(200):
+        if round_ >= 24 and progress.exists() and len(progress.read_text().split()) >= 10:
+            break
         procs = [
-            subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(round_ * 10 + k)])
+            subprocess.Popen(
+                [sys.executable, "-c", WRITER, str(root), str(round_ * 10 + k)],
+                stdout=subprocess.PIPE,
+            )
             for k in range(2)
         ]
+        for p in procs:
+            assert p.stdout.readline() == b"ready\n", "a writer did not start"
         time.sleep(rng.uniform(0.15, 0.9))
         for p in procs:
             p.send_signal(signal.SIGKILL)
         for p in procs:
             assert p.wait() == -signal.SIGKILL, "a writer exited on its own (crashed?)"
+            p.stdout.close()
     cache = check_integrity(root, tmp_path)
     stored = (tmp_path / "cache.progress").read_text().split()
     assert len(stored) >= 10, "writers got too few layers stored; the test proved little"
