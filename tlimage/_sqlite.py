@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+from tlimage._private import private_dir
+
 _local = threading.local()
 
 
@@ -37,7 +39,7 @@ def connection(path: Path, schema: str, *, synchronous: str,
     if have is not None:
         have[0].close()
         del conns[key]
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)  # the state root (names of images, sandboxes) or a cache bucket
     conn = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
         if named_rows:

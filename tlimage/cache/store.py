@@ -117,7 +117,9 @@ def parse_digest(digest: str) -> str:
 
 def ensure_cache_root(root: Path) -> None:
     """Create the root and its CACHEDIR.TAG (atomically; concurrent callers are fine)."""
-    root.mkdir(parents=True, exist_ok=True)
+    from tlimage._private import private_dir
+
+    private_dir(root)  # image trees and build scratch live below: other host users stay out
     tag = root / "CACHEDIR.TAG"
     if not tag.exists():
         atomic_write_bytes(tag, CACHEDIR_TAG.encode())

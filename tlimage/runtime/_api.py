@@ -24,6 +24,7 @@ from typing import Any
 from tlimage import _layout
 from tlimage._fs import flock_wait
 from tlimage._paths import project_name, state_dir
+from tlimage._private import private_dir
 from tlimage.errors import RuntimeError_
 from tlimage.runtime._bases import BaseImages
 from tlimage.runtime._bases import current as current_bases
@@ -326,9 +327,10 @@ class Sandbox:
                   "workdir": cfg.get("workdir") or "/"}  # fmt: skip
 
         sid = new_id()
-        path = sandboxes_root() / sid
+        path = private_dir(sandboxes_root()) / sid
+        private_dir(state_dir())
         path.mkdir(parents=True)
-        run_dir = run_root() / sid
+        run_dir = private_dir(run_root()) / sid
         rec = SandboxRecord(
             id=sid, project=proj, name=name, status=Status.PENDING, backend=be_name,
             image_ref=img.ref, image_id=img.image_id, cpus=float(cpus), memory_mb=int(memory),
@@ -923,7 +925,7 @@ def _start_copy(src: SandboxRecord, name: str | None, start, db: StateDB,  # noq
     if name is not None:
         _check_name(name)
     sid = new_id()
-    path = sandboxes_root() / sid
+    path = private_dir(sandboxes_root()) / sid
     path.mkdir(parents=True)
     rec = dataclasses.replace(
         src, id=sid, name=name, status=Status.PENDING, created_at=now(), started_at=None,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tlimage import _layout
 from tlimage._fs import write_atomic
+from tlimage._private import private_dir
 from tlimage.errors import ExecutorError
 
 # Bump when the layout of the guest folder or the initramfs changes; the name carries it.
@@ -68,7 +69,9 @@ def cache_root() -> Path:
 
 def bucket_dir(bucket: _layout.Bucket, cache_dir: Path | None = None) -> Path:
     """Where a cache bucket of `tlimage._layout` is (its parent folder made)."""
-    path = bucket.under(cache_dir or cache_root())
+    root = cache_dir or cache_root()
+    private_dir(root)
+    path = bucket.under(root)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
