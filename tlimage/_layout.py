@@ -4,9 +4,9 @@ Each bucket is a folder or file below one of two roots: the cache (`TLIMAGE_CACH
 `$XDG_CACHE_HOME/tlimage`, else `~/.cache/tlimage`: everything there can be rebuilt) or the state
 folder (`TLIMAGE_STATE_DIR`, else `$XDG_DATA_HOME/tlimage`, else `~/.local/share/tlimage`: the
 names of images, sandboxes and secrets). Both roots, and the run root of sandbox sockets, are
-made 0700 (`tlimage._private`): image trees, sandbox uppers and build scratch below them are no
-other host user's to list or read. A bucket's name carries its format version: a change
-to what is stored bumps the version (a new folder) instead of migrating the old one.
+made 0700 (`_private.private_dir`): no other host user may list or read the image trees, sandbox
+uppers and build scratch below them. A bucket's name carries its format version: a change to
+what is stored bumps the version (a new folder) instead of migrating the old one.
 
     <cache>/
       layers-v1/             the layer store (cache.store): blobs/, index.db, tmp/

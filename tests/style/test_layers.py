@@ -4,7 +4,7 @@ package, and packages import each other without cycles.
 Every `import` in every module of `tlimage` is read with `ast`, including those inside functions
 (lazy imports are still dependencies). The layers, bottom first:
 
-    errors, source, notices, _fs, _paths, _layout, _grammar, _sqlite   shared (tlimage/*.py)
+    errors, source, notices, _fs, _paths, _private, _layout, _grammar, _sqlite   shared
     ir                       the build-step IR
     frontends  -> ir         Python DSL, JSON, TypeScript, Dockerfile
     cache      -> ir         blobs, layers, keys
@@ -30,7 +30,8 @@ from pathlib import Path
 import tlimage
 
 PACKAGE = Path(tlimage.__file__).parent
-SHARED = {"errors", "source", "notices", "_fs", "_paths", "_layout", "_grammar", "_sqlite"}
+SHARED = {"errors", "source", "notices", "_fs", "_paths", "_private", "_layout", "_grammar",
+          "_sqlite"}  # fmt: skip
 TOP = {"cli", "", "__main__"}
 ALLOWED: dict[str, set[str]] = {
     "ir": set(),
