@@ -31,6 +31,7 @@ Each line prints the median and p90 in ms.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -343,6 +344,12 @@ def main() -> None:
         if not args.skip_create:
             bench_create(tree, args.sandboxes, args.threads)
     finally:
+        # A run that failed half-way leaves sandboxes running; their records go with `state`.
+        from tlimage.runtime import list_sandboxes
+
+        for sb in list_sandboxes(all_projects=True):
+            with contextlib.suppress(Exception):
+                sb.terminate()
         shutil.rmtree(state, ignore_errors=True)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
