@@ -1163,6 +1163,23 @@ static ssize_t read_msg(int fd, char *msg, size_t cap) {
     return fl;
 }
 
+/* After fork: the child writes a setup failure (bad user, missing workdir, no such program) on
+ * the status pipe, which closes unread on a successful exec. On a failure the child is reaped
+ * and the message sent as ERROR; returns 0 when the program runs. */
+static int child_started(int statfd, pid_t pid) {
+    char failmsg[4096];
+    if (read_msg(statfd, failmsg, sizeof failmsg) <= 0) return 0;
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
+    send_error("%s", failmsg);
+    return -1;
+}
+
+static void send_pid(pid_t pid) {
+    buf_t msg = {0};
+    buf_u32(&msg, (uint32_t)pid);
+    send_buf(T_PID, &msg);
+}
+
 /* EXEC: like RUN, in the sandbox root, but nothing else is killed when the program exits, and
  * EXIT follows the program's exit (with the output it left in the pipes), not the pipes' end:
  * a background process that keeps them open holds nothing. */
@@ -1215,15 +1232,8 @@ static void do_exec(rd_t *r) {
         inp[0] = -1;
         fcntl(inp[1], F_SETFL, O_NONBLOCK);
     }
-    char failmsg[4096];
-    if (read_msg(statp[0], failmsg, sizeof failmsg) > 0) {
-        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
-        send_error("%s", failmsg);
-        goto out;
-    }
-    buf_t pidmsg = {0};
-    buf_u32(&pidmsg, (uint32_t)pid);
-    send_buf(T_PID, &pidmsg);
+    if (child_started(statp[0], pid) < 0) goto out;
+    send_pid(pid);
 
     int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
     int status = 0, exited = 0, stdin_eof = 0;
@@ -1334,13 +1344,9 @@ static void do_spawn(rd_t *r) {
             exec_child(root, argv, env, user, workdir, statp[1]);
         }
         close(statp[1]);
-        char failmsg[4096];
         if (pid < 0) {
             send_error("SPAWN: fork: %s", strerror(errno));
-        } else if (read_msg(statp[0], failmsg, sizeof failmsg) > 0) {
-            while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
-            send_error("%s", failmsg);
-        } else {
+        } else if (child_started(statp[0], pid) == 0) {
             entry_pid = pid;
             send_frame(T_OK, NULL, 0);
         }
@@ -1926,15 +1932,8 @@ static void do_pty(rd_t *r) {
     }
     close(statp[1]);
     statp[1] = -1;
-    char failmsg[4096];
-    if (read_msg(statp[0], failmsg, sizeof failmsg) > 0) {
-        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
-        send_error("%s", failmsg);
-        goto out;
-    }
-    buf_t pidmsg = {0};
-    buf_u32(&pidmsg, (uint32_t)pid);
-    send_buf(T_PID, &pidmsg);
+    if (child_started(statp[0], pid) < 0) goto out;
+    send_pid(pid);
     fcntl(master, F_SETFL, O_NONBLOCK);
     pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
     chunk = malloc(CHUNK);
