@@ -339,7 +339,7 @@ def _launch(module: str, spec: dict, *, unshare: int = 0, cgroup_procs: list[str
         raise
     os.close(boot_r)
     os.close(spec_r)
-    _write_all(spec_w, json.dumps({**spec, "lib": str(HERE)}).encode())
+    spawner.write_and_close(spec_w, json.dumps({**spec, "lib": str(HERE)}).encode())
     return proc
 
 
@@ -354,19 +354,6 @@ def _spawn(spec: dict, **kw: object) -> spawner.Launched:
 def _flags(spec: dict) -> int:
     flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWCGROUP
     return flags if spec.get("host_network") else flags | CLONE_NEWNET
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Writes and closes; a sandbox that died first (EPIPE) reports its own failure."""
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-    except BrokenPipeError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_all(fd: int) -> str:
@@ -439,7 +426,7 @@ def _run_step(spec: dict, secrets: bytes, emit: Output, timeout: float | None,
     if child:
         child.close()
     if secrets_w >= 0:
-        _write_all(secrets_w, secrets)
+        spawner.write_and_close(secrets_w, secrets)
     deadline = None if timeout is None else time.monotonic() + timeout
     sel = selectors.DefaultSelector()
     net = None

@@ -170,7 +170,7 @@ def launch(module: str, spec: bytes, *, unshare: int = 0, cgroup_procs: list[str
                 os.close(fd)
         obj = json.loads(msg) if msg else {}
         if "pid" in obj:
-            _write_all(spec_w, spec)
+            write_and_close(spec_w, spec)
             out = open(r_out, "rb", buffering=0) if r_out >= 0 else None  # noqa: SIM115
             err = open(r_err, "rb", buffering=0) if r_err >= 0 else None  # noqa: SIM115
             launched = Launched(int(obj["pid"]), reply, out, err)
@@ -184,8 +184,9 @@ def launch(module: str, spec: bytes, *, unshare: int = 0, cgroup_procs: list[str
     raise SpawnError("the sandbox spawner is not answering")
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """Writes and closes; a launcher that died first (EPIPE) reports its own failure."""
+def write_and_close(fd: int, data: bytes) -> None:
+    """Writes all of `data` to the pipe `fd` and closes it; a reader that died first (EPIPE:
+    a launcher or sandbox that failed) reports its own failure."""
     try:
         view = memoryview(data)
         while view:
