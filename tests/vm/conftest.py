@@ -47,3 +47,55 @@ def state_in(base):  # noqa: ANN001, ANN201 - a Path; a context manager
         mp.setenv("TLIMAGE_CACHE_DIR", str(base / "cache"))
         mp.setenv("TLIMAGE_STATE_DIR", str(base / "state"))
         yield
+
+
+def _image_with_secrets(folder, name: str, image: str, secrets: dict[str, str]) -> list[str]:  # noqa: ANN001
+    """Builds `image` (a DSL file, `{name}` filled in) as `name` in `folder` and stores the
+    secrets; returns their names for Sandbox.create."""
+    from tlimage.builder import build_image
+    from tlimage.runtime import set_secret
+
+    (folder / "image.py").write_text(image.format(name=name))
+    build_image(folder / "image.py", isolation="namespace")
+    for key, value in secrets.items():
+        set_secret(key, value)
+    return list(secrets)
+
+
+@contextlib.contextmanager
+def module_microvm(tmp_path_factory, name: str, image: str, secrets: dict[str, str] | None = None):  # noqa: ANN001, ANN201
+    """One microVM sandbox for a module's tests (a TCG boot is slow), in a state folder of its
+    own: yields (sandbox, that folder) and terminates it at the end."""
+    import shutil
+
+    from tlimage.runtime import Sandbox
+
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86 is not installed (scripts/setup.sh installs it)")
+    tmp = tmp_path_factory.mktemp(name)
+    with state_in(tmp):
+        names = _image_with_secrets(tmp, name, image, secrets or {})
+        sb = Sandbox.create(name, backend="microvm", timeout=3600, secret_names=names or None)
+    try:
+        yield sb, tmp
+    finally:
+        with state_in(tmp):
+            sb.terminate()
+
+
+@contextlib.contextmanager
+def sandbox_on_backend(
+    request, tmp_path, name: str, image: str, secrets: dict[str, str] | None = None
+):  # noqa: ANN001, ANN201
+    """The sandbox for a test parametrized over ["namespace", "microvm"]: the module's shared
+    microVM (its `vm_sandbox` fixture, a module_microvm) or a fresh namespace sandbox."""
+    from tlimage.runtime import Sandbox
+
+    if request.param == "microvm":
+        sb, base = request.getfixturevalue("vm_sandbox")
+        with state_in(base):
+            yield sb
+        return
+    names = _image_with_secrets(tmp_path, name, image, secrets or {})
+    with Sandbox.create(name, backend="namespace", secret_names=names or None) as sb:
+        yield sb

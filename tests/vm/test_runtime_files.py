@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import state_in
+from tests.vm.conftest import module_microvm, sandbox_on_backend
 from tlimage.errors import RuntimeError_
 
 pytestmark = [
@@ -24,43 +24,19 @@ pytestmark = [
 ]  # fmt: skip
 
 
+IMAGE = ('from tlimage import Image\nimage = Image("{name}", base_image="busybox")'
+         '.run("mkdir -p /srv && echo in-image > /srv/a.txt")\n')  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def vm_sandbox(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    """One microVM for the module's tests (a TCG boot is slow)."""
-    from tlimage.builder import build_image
-    from tlimage.runtime import Sandbox
-
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86 is not installed (scripts/setup.sh installs it)")
-    tmp = tmp_path_factory.mktemp("files-vm")
-    with state_in(tmp):
-        (tmp / "image.py").write_text(
-            'from tlimage import Image\nimage = Image("files-vm", base_image="busybox")'
-            '.run("mkdir -p /srv && echo in-image > /srv/a.txt")\n')  # fmt: skip
-        build_image(tmp / "image.py", isolation="namespace")
-        sb = Sandbox.create("files-vm", backend="microvm", timeout=3600)
-    try:
-        yield sb, tmp
-    finally:
-        with state_in(tmp):
-            sb.terminate()
+    with module_microvm(tmp_path_factory, "files-vm", IMAGE) as got:
+        yield got
 
 
 @pytest.fixture(params=["namespace", "microvm"])
 def sandbox(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
-    from tlimage.builder import build_image
-    from tlimage.runtime import Sandbox
-
-    if request.param == "microvm":
-        sb, base = request.getfixturevalue("vm_sandbox")
-        with state_in(base):
-            yield sb
-        return
-    (tmp_path / "image.py").write_text(
-        'from tlimage import Image\nimage = Image("files", base_image="busybox")'
-        '.run("mkdir -p /srv && echo in-image > /srv/a.txt")\n')  # fmt: skip
-    build_image(tmp_path / "image.py", isolation="namespace")
-    with Sandbox.create("files", backend="namespace") as sb:
+    with sandbox_on_backend(request, tmp_path, "files", IMAGE) as sb:
         yield sb
 
 

@@ -39,17 +39,22 @@ def _count(sb: Sandbox) -> int:
     return int(sb.exec("cat", "/tmp/c").stdout)
 
 
+def _start_counter(sb: Sandbox) -> None:
+    """Starts COUNTER in the background and waits until it has counted to 3."""
+    sb.exec("sh", "-c", COUNTER)
+    deadline = time.monotonic() + 60
+    while sb.exec("sh", "-c", "test -s /tmp/c").exit_code != 0 or _count(sb) < 3:
+        assert time.monotonic() < deadline, "the counter never started"
+        time.sleep(0.2)
+
+
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
                     reason="qemu-system-x86 is not installed (scripts/setup.sh installs it)")  # fmt: skip
 def test_microvm_memory_clone_keeps_processes_running_in_both(image: str) -> None:
     sb = Sandbox.create(image, name="orig", backend="microvm", timeout=900)
     twin = None
     try:
-        sb.exec("sh", "-c", COUNTER)
-        deadline = time.monotonic() + 60
-        while sb.exec("sh", "-c", "test -s /tmp/c").exit_code != 0 or _count(sb) < 3:
-            assert time.monotonic() < deadline, "the counter never started"
-            time.sleep(0.2)
+        _start_counter(sb)
         with pytest.raises(RuntimeError_, match="registers no image"):
             sb.clone(memory=True, register="x:y")
         t0 = time.monotonic()
@@ -92,11 +97,7 @@ def test_microvm_memory_checkpoint_and_restore(image: str) -> None:
     sb = Sandbox.create(image, name="ckpt", backend="microvm", timeout=900)
     restored = None
     try:
-        sb.exec("sh", "-c", COUNTER)
-        deadline = time.monotonic() + 60
-        while sb.exec("sh", "-c", "test -s /tmp/c").exit_code != 0 or _count(sb) < 3:
-            assert time.monotonic() < deadline, "the counter never started"
-            time.sleep(0.2)
+        _start_counter(sb)
         name = sb.save_memory("ckpt-1")
         at = _count(sb)
         assert name == "ckpt-1" and list_checkpoints() == ["ckpt-1"]

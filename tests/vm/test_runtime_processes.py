@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import state_in
-from tlimage.runtime import ExecStartError, set_secret
+from tests.vm.conftest import module_microvm, sandbox_on_backend
+from tlimage.runtime import ExecStartError
 from tlimage.runtime._procs import RING_CAP
 
 pytestmark = [
@@ -28,44 +28,19 @@ pytestmark = [
 TICKER = "i=0; while true; do echo tick $i; echo err $i >&2; i=$((i+1)); sleep 0.1; done"
 
 
+SECRETS = {"TOKEN": "from-the-store"}
 IMAGE = 'from tlimage import Image\nimage = Image("{name}", base_image="busybox").run("true")\n'
 
 
 @pytest.fixture(scope="module")
 def vm_sandbox(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    """One microVM for the module's tests (a TCG boot is slow)."""
-    from tlimage.builder import build_image
-    from tlimage.runtime import Sandbox
-
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86 is not installed (scripts/setup.sh installs it)")
-    tmp = tmp_path_factory.mktemp("procs-vm")
-    with state_in(tmp):
-        (tmp / "image.py").write_text(IMAGE.format(name="procs-vm"))
-        build_image(tmp / "image.py", isolation="namespace")
-        set_secret("TOKEN", "from-the-store")
-        sb = Sandbox.create("procs-vm", backend="microvm", timeout=3600, secret_names=["TOKEN"])
-    try:
-        yield sb, tmp
-    finally:
-        with state_in(tmp):
-            sb.terminate()
+    with module_microvm(tmp_path_factory, "procs-vm", IMAGE, secrets=SECRETS) as got:
+        yield got
 
 
 @pytest.fixture(params=["namespace", "microvm"])
 def sandbox(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
-    from tlimage.builder import build_image
-    from tlimage.runtime import Sandbox
-
-    if request.param == "microvm":
-        sb, base = request.getfixturevalue("vm_sandbox")
-        with state_in(base):
-            yield sb
-        return
-    (tmp_path / "image.py").write_text(IMAGE.format(name="procs"))
-    build_image(tmp_path / "image.py", isolation="namespace")
-    set_secret("TOKEN", "from-the-store")
-    with Sandbox.create("procs", backend="namespace", secret_names=["TOKEN"]) as sb:
+    with sandbox_on_backend(request, tmp_path, "procs", IMAGE, secrets=SECRETS) as sb:
         yield sb
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import state_in
+from tests.vm.conftest import module_microvm, sandbox_on_backend
 
 pexpect = pytest.importorskip("pexpect", reason="pexpect is not installed (pip install pexpect)")
 
@@ -33,37 +33,13 @@ IMAGE = ('from tlimage import Image\nimage = Image("{name}", base_image="busybox
 
 @pytest.fixture(scope="module")
 def vm_sandbox(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    """One microVM for the module's tests (a TCG boot is slow)."""
-    from tlimage.builder import build_image
-    from tlimage.runtime import Sandbox
-
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86 is not installed (scripts/setup.sh installs it)")
-    tmp = tmp_path_factory.mktemp("tty-vm")
-    with state_in(tmp):
-        (tmp / "image.py").write_text(IMAGE.format(name="tty-vm"))
-        build_image(tmp / "image.py", isolation="namespace")
-        sb = Sandbox.create("tty-vm", backend="microvm", timeout=3600)
-    try:
-        yield sb, tmp
-    finally:
-        with state_in(tmp):
-            sb.terminate()
+    with module_microvm(tmp_path_factory, "tty-vm", IMAGE) as got:
+        yield got
 
 
 @pytest.fixture(params=["namespace", "microvm"])
 def sandbox(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
-    from tlimage.builder import build_image
-    from tlimage.runtime import Sandbox
-
-    if request.param == "microvm":
-        sb, base = request.getfixturevalue("vm_sandbox")
-        with state_in(base):
-            yield sb
-        return
-    (tmp_path / "image.py").write_text(IMAGE.format(name="tty"))
-    build_image(tmp_path / "image.py", isolation="namespace")
-    with Sandbox.create("tty", backend="namespace") as sb:
+    with sandbox_on_backend(request, tmp_path, "tty", IMAGE) as sb:
         yield sb
 
 
