@@ -62,13 +62,60 @@ def test_new_takes_isolation_and_hides_backend() -> None:
 
 
 def test_shell_completion() -> None:
-    script = tl("--show-completion", "bash")
+    script = tl("--show-completion", "bash", env={"SHELL": "/usr/bin/zsh"})
     assert script.returncode == 0 and "_TL_COMPLETE=complete_bash" in script.stdout
+    assert "compdef" not in script.stdout  # the shell asked for, not the one detected
     out = subprocess.run([sys.executable, "-m", "tlimage"], capture_output=True, text=True,
                          env={**os.environ, "_TL_COMPLETE": "complete_bash",
                               "COMP_WORDS": "tl sbx image cr", "COMP_CWORD": "3"},
                          timeout=60)  # fmt: skip
     assert out.stdout.split() == ["create"]
+    bad = tl("--show-completion", "tcsh")
+    assert bad.returncode == 2 and "one of bash, zsh" in bad.stderr
+
+
+# Run by an orphan: its parent exits first, so it is adopted by init (or a subreaper) and has no
+# shell among its ancestors, as under cron, `setsid -f` or a CI runner's background job.
+# The orphan's exit status comes back as the last line of its stderr.
+_ORPHAN = """
+import os, subprocess, sys
+parent = os.getpid()
+if os.fork():
+    os._exit(0)
+os.setsid()
+while os.getppid() == parent:
+    pass
+rc = subprocess.call(sys.argv[1:])
+print(f"exit {rc}", file=sys.stderr)
+"""
+
+
+def orphan(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k != "SHELL"}
+    out = subprocess.run([sys.executable, "-c", _ORPHAN, *argv], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, env={**base, **env}, timeout=60)  # fmt: skip
+    err, _, last = out.stderr.rstrip("\n").rpartition("\n")
+    assert last.startswith("exit "), out.stderr
+    return subprocess.CompletedProcess(argv, int(last.split()[1]), out.stdout, err)
+
+
+def test_shell_completion_without_a_parent_shell() -> None:
+    probe = orphan(sys.executable, "-c", "import shellingham; print(shellingham.detect_shell())",
+                   env={})  # fmt: skip
+    if probe.returncode == 0:
+        pytest.skip(f"a shell adopts orphans on this machine: {probe.stdout.strip()}")
+    assert "ShellDetectionFailure" in probe.stderr
+    named = orphan(sys.executable, "-m", "tlimage", "--show-completion", "bash", env={})
+    assert named.returncode == 0, named.stderr
+    assert "_TL_COMPLETE=complete_bash" in named.stdout
+    from_env = orphan(sys.executable, "-m", "tlimage", "--show-completion",
+                      env={"SHELL": "/bin/zsh"})  # fmt: skip
+    assert from_env.returncode == 0 and "compdef tl" in from_env.stdout, from_env.stderr
+    unknown = orphan(sys.executable, "-m", "tlimage", "--show-completion", env={})
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert "tl --show-completion bash" in unknown.stderr
+    install = orphan(sys.executable, "-m", "tlimage", "--install-completion", env={})
+    assert install.returncode == 2 and "tl --install-completion bash" in install.stderr
 
 
 def test_missing_image_file_in_a_folder_is_a_clear_error(tmp_path: Path) -> None:

@@ -15,10 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import click
 
-        from tlimage.cli.app import app
+        from tlimage.cli.app import command
 
         try:
-            rv = app(args=argv, prog_name="tl", standalone_mode=False)
+            rv = command().main(args=argv, prog_name="tl", standalone_mode=False)
         except click.exceptions.Abort:
             print("aborted", file=sys.stderr)
             return 130

@@ -8,6 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from tlimage.cli.options import (
@@ -27,6 +28,7 @@ app = typer.Typer(
     help="Build sandbox images from Python, TypeScript/JSON or Dockerfiles, and run sandboxes.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    add_completion=False,  # tlimage.cli.completion: the same flags, with an optional SHELL
     context_settings={"help_option_names": ["-h", "--help"]},
     # Plain help text: rendering help through rich costs ~150 ms of imports on every `--help`.
     rich_markup_mode=None,
@@ -63,6 +65,15 @@ def _root(
     Conventions: `--isolation auto|microvm|namespace` for builds and sandboxes; `--json` prints
     one JSON object for a single result and NDJSON (one object a line) for streams and lists;
     times are ISO-8601 in UTC."""
+
+
+def command() -> click.Command:
+    """The click command `tl` runs: the Typer tree plus the completion options."""
+    from tlimage.cli import completion
+
+    cmd = typer.main.get_command(app)
+    cmd.params.extend(completion.options())
+    return cmd
 
 
 app.add_typer(sbx, name="sbx")
