@@ -398,3 +398,38 @@ def skopeo_copy(src: str, dest: str, *flags: str) -> None:
     proc = subprocess.run(["skopeo", "copy", "--quiet", *flags, src, dest], capture_output=True,
                           text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+
+
+# -- podman as a peer -----------------------------------------------------------------------------
+
+
+@dataclass
+class Podman:
+    """A throw-away podman store (vfs) run by runc with cgroupfs and explicit ulimits, so that
+    `podman run` works as root on hosts with hybrid cgroups and a low hard nofile limit."""
+
+    base: list[str]
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([*self.base, *args], capture_output=True, text=True, timeout=300)
+        if check:
+            assert proc.returncode == 0, f"podman {' '.join(args)}: {proc.stderr}"
+        return proc
+
+    def run(self, image: str, *argv: str) -> str:
+        return self("run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024",
+                    "--ulimit", "nproc=1024:1024", image, *argv).stdout  # fmt: skip
+
+
+@pytest.fixture
+def podman(tmp_path: Path):
+    need("podman", "runc")
+    import tempfile
+
+    run = Path(tempfile.mkdtemp(prefix="tlp-", dir="/tmp"))  # podman: runroot < 50 characters
+    p = Podman(["podman", "--root", str(tmp_path / "podman-root"), "--runroot", str(run),
+                "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--runtime", "runc",
+                "--events-backend", "none"])  # fmt: skip
+    yield p
+    p("rmi", "-a", "-f", check=False)
+    shutil.rmtree(run, ignore_errors=True)

@@ -5,12 +5,12 @@ on the busybox seed base)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import shutil
 import subprocess
+import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,8 @@ pytestmark = [
 IMAGE = """\
 from tlimage import Image
 image = (Image("exp", base_image="busybox")
-         .run("write /etc/app.conf hello; mkdir /data; rm /etc/hostname")
+         .run("write /etc/app.conf hello; mkdir /data; rm /etc/hostname; "
+              "write /etc/os-release PRETTY_NAME=tlimage-exp")
          .env("MODE", "prod").workdir("/data").entrypoint(["/bin/sh", "-c"]).cmd(["echo hi"]))
 """
 
@@ -94,30 +95,65 @@ def test_oci_tar_is_byte_identical_across_exports(built, tmp_path):
         assert {"oci-layout", "index.json"} <= set(tf.getnames())
 
 
-def test_docker_archive_loads_in_podman(built, tmp_path):
-    need("podman")
+@pytest.mark.parametrize("form", ["oci-dir", "oci-tar", "oci-tar-gzip", "docker"])
+def test_export_loads_and_runs_in_podman(built, tmp_path, podman, form):
+    """Each export form is what `podman load` reads, and the image runs."""
+    out = tmp_path / ("exp" if form == "oci-dir" else "exp.tar")
     with LayerCache() as cache:
-        export_image(cache.store, local_image(built), tmp_path / "d.tar", fmt="docker",
-                     repo_tag="localhost/exp:test")  # fmt: skip
-    root = tmp_path / "podman"
-    run = Path(tempfile.mkdtemp(prefix="tlp-", dir="/tmp"))  # podman: runroot < 50 characters
-    base = ["podman", "--root", str(root / "root"), "--runroot", str(run),
-            "--storage-driver", "vfs"]  # fmt: skip
-    proc = subprocess.run([*base, "load", "-i", str(tmp_path / "d.tar")], capture_output=True,
-                          text=True)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(
-        subprocess.run(
-            [*base, "image", "inspect", "localhost/exp:test"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-    assert "MODE=prod" in out[0]["Config"]["Env"]
-    assert len(out[0]["RootFS"]["Layers"]) == len(built.manifest.layers)
-    subprocess.run([*base, "rmi", "-a", "-f"], capture_output=True)
-    shutil.rmtree(run, ignore_errors=True)
+        export_image(cache.store, local_image(built), out, fmt="docker" if form == "docker"
+                     else "oci", ref_name="test", repo_tag="localhost/exp:test",
+                     compression="gzip" if form.endswith("gzip") else None)  # fmt: skip
+    loaded = podman("load", "-i", str(out)).stdout
+    image = "localhost/exp:test" if form == "docker" else loaded.split("Loaded image:")[-1].strip()
+    info = json.loads(podman("image", "inspect", image).stdout)[0]
+    assert "MODE=prod" in info["Config"]["Env"] and info["Config"]["WorkingDir"] == "/data"
+    assert len(info["RootFS"]["Layers"]) == len(built.manifest.layers)
+    # The entrypoint is ["/bin/sh", "-c"]: the command is its script.
+    assert podman.run(image, "cat /etc/os-release") == "PRETTY_NAME=tlimage-exp"
+    assert podman.run(image, "cat /etc/app.conf; pwd") == "hello/data\n"
+
+
+DOCKERFILE = """\
+FROM busybox
+COPY app/ /app/
+COPY one.txt /etc/one.txt
+RUN write /etc/os-release PRETTY_NAME=rep; mkdir /var/data
+"""
+
+
+def _build_on_a_fresh_machine(root: Path, mtime: int, umask: int, monkeypatch) -> dict:
+    ctx = root / "ctx"
+    (ctx / "app/sub").mkdir(parents=True)
+    (ctx / "Dockerfile").write_text(DOCKERFILE)
+    for rel, text, mode in [("one.txt", "one\n", 0o644), ("app/a.py", "print(1)\n", 0o755),
+                            ("app/sub/b", "b\n", 0o600)]:  # fmt: skip
+        (ctx / rel).write_text(text)
+        os.chmod(ctx / rel, mode)
+    for p in [ctx, *ctx.rglob("*")]:
+        os.utime(p, (mtime, mtime))
+    monkeypatch.setenv("TLIMAGE_CACHE_DIR", str(root / "cache"))
+    monkeypatch.setenv("TLIMAGE_STATE_DIR", str(root / "state"))
+    old = os.umask(umask)
+    try:
+        rec = build_image(ctx / "Dockerfile", executor=FakeExecutor(), registered_name="rep").record
+        with LayerCache(root / "cache") as cache:
+            digest = export_image(cache.store, local_image(rec), root / "o.tar")
+            export_image(cache.store, local_image(rec), root / "d.tar", fmt="docker")
+            export_image(cache.store, local_image(rec), root / "layout", compression="gzip")
+    finally:
+        os.umask(old)
+    return {"manifest": digest, "layers": [la.digest for la in rec.manifest.layers],
+            "diff_ids": [la.diff_id for la in rec.manifest.layers],
+            "blobs": sorted(p.name for p in (root / "layout/blobs/sha256").iterdir()),
+            "oci.tar": sha(root / "o.tar"), "docker.tar": sha(root / "d.tar")}  # fmt: skip
+
+
+def test_same_build_is_byte_identical_across_machines(tmp_path, monkeypatch):
+    """Two machines: fresh cache folders (so the busybox base is built on each), context files
+    with other mtimes, another umask. Layers, blobs, manifest digest and archives are equal."""
+    a = _build_on_a_fresh_machine(tmp_path / "a", 1_000_000, 0o022, monkeypatch)
+    b = _build_on_a_fresh_machine(tmp_path / "b", 1_700_000_000, 0o077, monkeypatch)
+    assert a == b
 
 
 def test_import_round_trips_and_rootfs_tarball(built, tmp_path):
@@ -152,3 +188,88 @@ def test_import_round_trips_and_rootfs_tarball(built, tmp_path):
         with pytest.raises(OCIError, match="hashes to|not valid|does not match"):
             import_image(cache, bad)
     assert {r.tag for r in Registry().list("default") if r.name == "back"} == {"o", "d"}
+
+
+def _tar(path: Path, entries: list[tuple]) -> Path:
+    """entries: (name,) a file, (name, "sym"|"hard", target)."""
+    with tarfile.open(path, "w") as tf:
+        for name, *link in entries:
+            ti = tarfile.TarInfo(name)
+            if link:
+                ti.type = tarfile.SYMTYPE if link[0] == "sym" else tarfile.LNKTYPE
+                ti.linkname = link[1]
+                tf.addfile(ti)
+            else:
+                ti.size = 6
+                tf.addfile(ti, io.BytesIO(b"pwned\n"))
+    return path
+
+
+def test_a_hostile_rootfs_tarball_never_touches_a_host_file(tmp_path):
+    host = tmp_path / "host"
+    host.mkdir()
+    up = "../" * 30 + str(host).lstrip("/")
+    with LayerCache(tmp_path / "cache") as cache:
+        with pytest.raises(OCIError, match=r"dotdot\.tar: .*leaves the tree"):
+            import_image(cache, _tar(tmp_path / "dotdot.tar", [(f"{up}/a",)]))
+        # Absolute names and links out of the tree stay inside it, as Docker resolves them.
+        for name, entries in {
+            "abs": [(f"{host}/b",)],
+            "symlink": [("etc", "sym", str(host)), ("etc/c",)],
+            "relsymlink": [("x", "sym", up), ("x/d",)],
+        }.items():
+            img = import_image(cache, _tar(tmp_path / f"{name}.tar", entries))
+            root = unpack_layers(cache, img.layers, tmp_path / f"root-{name}")
+            assert any(p.is_file() for p in root.rglob("*") if not p.is_symlink())
+    assert os.listdir(host) == []
+
+
+def _layout(path: Path, index: object, blobs: dict[str, bytes] = {}) -> Path:  # noqa: B006
+    (path / "blobs/sha256").mkdir(parents=True)
+    (path / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (path / "index.json").write_text(index if isinstance(index, str) else json.dumps(index))
+    for name, data in blobs.items():
+        (path / "blobs/sha256" / name).write_bytes(data)
+    return path
+
+
+def test_import_names_the_file_for_malformed_or_hostile_layouts(tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"schemaVersion": 2}')
+    out = "../" * 3 + "secret.json"
+    cases = {
+        "traversal": ({"manifests": [{"digest": f"sha256:{out}", "size": 1}]},
+                      r"index\.json names an invalid digest"),
+        "no-digest": ({"manifests": [{"size": 1}]}, "missing or malformed field 'digest'"),
+        "not-json": ("{nope", "JSON"),
+        "wrong-shape": ({"manifests": "x"}, "malformed"),
+    }  # fmt: skip
+    with LayerCache(tmp_path / "cache") as cache:
+        for name, (index, msg) in cases.items():
+            path = _layout(tmp_path / name, index)
+            with pytest.raises(OCIError, match=msg) as e:
+                import_image(cache, path)
+            assert str(path) in str(e.value)
+        # A config digest out of the layout is refused before any file is read.
+        manifest = json.dumps({"schemaVersion": 2, "config": {"digest": f"sha256:{out}"},
+                               "layers": []}).encode()  # fmt: skip
+        digest = hashlib.sha256(manifest).hexdigest()
+        path = _layout(tmp_path / "cfg", {"manifests": [{"digest": f"sha256:{digest}"}]},
+                       {digest: manifest})  # fmt: skip
+        with pytest.raises(OCIError, match="config names an invalid digest"):
+            import_image(cache, path)
+        # A docker-archive whose manifest.json lacks the config.
+        arch = tmp_path / "docker.tar"
+        with tarfile.open(arch, "w") as tf:
+            data = json.dumps([{"Layers": []}]).encode()
+            ti = tarfile.TarInfo("manifest.json")
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        with pytest.raises(OCIError, match=f"{arch}: .*field 'Config'"):
+            import_image(cache, arch)
+    # Through the CLI: the error, no traceback, exit 1.
+    proc = subprocess.run([sys.executable, "-m", "tlimage", "sbx", "image", "import",
+                           str(tmp_path / "traversal"), "-n", "x"], capture_output=True,
+                          text=True)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{tmp_path / 'traversal'}: index.json names an invalid digest" in proc.stderr

@@ -157,6 +157,20 @@ def test_step_on_both_backends_gives_the_same_upper(
     assert snapshot(r2_vm.upper)["data"][4] == "opaque"
 
 
+def test_a_namespace_step_runs_under_umask_022_whatever_the_callers(namespace, base, tmp_path):
+    """As runc gives a container's process: a step's files must not depend on the umask of
+    whoever ran the build (layers would differ between machines)."""
+    old = os.umask(0o077)
+    try:
+        r, out, err = run(namespace, (base,), ("/bin/sh", "-c", "umask; mkdir /made; echo x > "
+                                              "/made/f"), tmp_path / "u")  # fmt: skip
+    finally:
+        os.umask(old)
+    assert (r.exit_code, out) == (0, b"0022\n"), err
+    assert stat.S_IMODE(os.lstat(r.upper / "made").st_mode) == 0o755
+    assert stat.S_IMODE(os.lstat(r.upper / "made/f").st_mode) == 0o644
+
+
 def test_setup_errors_are_executor_errors(microvm, namespace, base, tmp_path):
     for ex in (namespace, microvm):
         with pytest.raises(ExecutorError, match="unable to find user nobody-here"):

@@ -237,6 +237,9 @@ def build_busybox_base(dest: Path) -> None:
         "run",
     ):
         (dest / d).mkdir(parents=True, exist_ok=True)
+    # Every mode set explicitly: the base's layer must not depend on the builder's umask.
+    for dirpath, _dirs, _files in os.walk(dest):
+        os.chmod(dirpath, 0o755)
     os.chmod(dest / "tmp", 0o1777)
     os.chmod(dest / "var/tmp", 0o1777)
     os.chmod(dest / "root", 0o700)
@@ -253,6 +256,8 @@ def build_busybox_base(dest: Path) -> None:
     )
     (dest / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
     (dest / "etc/hostname").write_text("tlimage\n")
+    for name in ("passwd", "group", "hostname"):
+        os.chmod(dest / "etc" / name, 0o644)
     _normalize_tree(dest, _epoch())
 
 

@@ -123,13 +123,14 @@ def default_handler(req: RunRequest, upper: Path, emit: OutputCallback) -> int:
             # views and tmpfs: the write is discarded with the mount
         elif op == "write":
             p = upper / _rel(args[0])
-            p.parent.mkdir(parents=True, exist_ok=True)
+            _mkdirs(upper, p.parent)
             p.write_text(" ".join(args[1:]))
+            os.chmod(p, 0o644)
         elif op == "mkdir":
-            (upper / _rel(args[-1])).mkdir(parents=True, exist_ok=True)
+            _mkdirs(upper, upper / _rel(args[-1]))
         elif op == "rm":
             p = upper / _rel(args[-1])
-            p.parent.mkdir(parents=True, exist_ok=True)
+            _mkdirs(upper, p.parent)
             if os.geteuid() == 0:
                 os.mknod(p, stat.S_IFCHR, 0)
             else:
@@ -140,6 +141,15 @@ def default_handler(req: RunRequest, upper: Path, emit: OutputCallback) -> int:
             emit("stderr", f"fake executor: unknown command {op!r}\n".encode())
             return 127
     return 0
+
+
+def _mkdirs(upper: Path, d: Path) -> None:
+    """`mkdir -p` as a program under umask 022 (a sandbox's) makes it, whatever the test
+    process's umask: the step's layer must not depend on it."""
+    d.mkdir(parents=True, exist_ok=True)
+    while d != upper and upper in d.parents:
+        os.chmod(d, 0o755)
+        d = d.parent
 
 
 @dataclass

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -341,6 +342,13 @@ def import_image(cache: Any, path: Path, *, ref_name: str | None = None,
         if src.tar is None:
             raise OCIError(f"{path}: a folder without oci-layout and index.json is not an OCI "
                            "image layout")  # fmt: skip
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+        # A document of the right JSON but the wrong shape (a field missing, a string where
+        # an object belongs): named, not a traceback.
+        what = (f"field {e}" if isinstance(e, KeyError) else f"JSON ({e})"
+                if isinstance(e, json.JSONDecodeError) else str(e))  # fmt: skip
+        raise OCIError(f"{path}: not a valid image layout or archive: missing or malformed "
+                       f"{what}") from None  # fmt: skip
     finally:
         src.close()
     return _import_rootfs(cache, path)
@@ -365,7 +373,15 @@ def _store_layers(cache: Any, label: str, items: list[tuple[Any, str | None, int
     return out
 
 
-def _blob_name(digest: str) -> str:
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
+
+
+def _blob_name(digest: Any, label: str = "", where: str = "") -> str:
+    """blobs/<algo>/<hex> of a digest the layout names; anything else (`sha256:../../x`, a
+    path out of the layout) is refused before a file is opened."""
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise OCIError(f"{label}: {where or 'a descriptor'} names an invalid digest "
+                       f"{str(digest)[:80]!r}")  # fmt: skip
     algo, _, hexd = digest.partition(":")
     return f"blobs/{algo}/{hexd}"
 
@@ -390,16 +406,18 @@ def _import_oci(cache: Any, src: _Source, ref_name: str | None, platform: str) -
                        "one (PATH:NAME)")  # fmt: skip
     else:
         entry = entries[0]
-    data = src.read(_blob_name(entry["digest"]), cl.MAX_MANIFEST)
+    data = src.read(_blob_name(entry["digest"], label, "index.json"), cl.MAX_MANIFEST)
     if "sha256:" + hashlib.sha256(data).hexdigest() != entry["digest"]:
         raise OCIError(f"{label}: manifest {entry['digest']} does not match its digest")
     doc = json.loads(data)
     if "manifests" in doc:  # a nested index
         digest = select_platform(doc, platform, label)
-        data = src.read(_blob_name(digest), cl.MAX_MANIFEST)
+        data = src.read(_blob_name(digest, label, "the nested index"), cl.MAX_MANIFEST)
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise OCIError(f"{label}: manifest {digest} does not match its digest")
         doc = json.loads(data)
         entry = {"digest": digest}
-    cfg_bytes = src.read(_blob_name(doc["config"]["digest"]))
+    cfg_bytes = src.read(_blob_name(doc["config"]["digest"], label, "the manifest's config"))
     if "sha256:" + hashlib.sha256(cfg_bytes).hexdigest() != doc["config"]["digest"]:
         raise OCIError(f"{label}: the image config does not match its digest")
     config = json.loads(cfg_bytes)
@@ -407,7 +425,8 @@ def _import_oci(cache: Any, src: _Source, ref_name: str | None, platform: str) -
     if len(diff_ids) != len(doc.get("layers", [])):
         raise OCIError(f"{label}: the manifest and config disagree on the number of layers")
     layers = _store_layers(cache, label, [
-        (src.chunks(_blob_name(d["digest"])), d["digest"], int(d["size"]),
+        (src.chunks(_blob_name(d["digest"], label, f"the manifest's layer {i}")), d["digest"],
+         int(d["size"]),
          d.get("mediaType", cl.OCI_LAYER), diff_ids[i])
         for i, d in enumerate(doc.get("layers", []))])  # fmt: skip
     return PulledImage(ref=label, name=label, digest=entry["digest"], platform=platform,

@@ -803,6 +803,7 @@ def become(proc, extra_env=None, keep=()):
     fd."""
     for s in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(s, signal.SIG_DFL)
+    os.umask(0o022)  # runc's and Docker's: not the caller's, so a step's files never depend on it
     uid, gid, groups, home = resolve_user(proc["user"])
     try:
         os.chdir(proc["workdir"] or "/")
