@@ -273,7 +273,8 @@ class Shim:
             self.drop_client(sel, client)
             return
         for f in frames:
-            self.agent.send(self.mux.to_agent(client, f))
+            if not self.to_agent(self.mux.to_agent(client, f)):
+                return
 
     def from_agent(self, sel: selectors.BaseSelector, f: P.Frame) -> None:
         client, frame = self.mux.from_agent(f)
@@ -290,7 +291,20 @@ class Shim:
         sel.unregister(client)
         client.close()
         del self.cbufs[client]
-        self.agent.send(self.mux.close(client))
+        self.to_agent(self.mux.close(client))
+
+    def to_agent(self, frame: P.Frame) -> bool:
+        """Sends a client's frame; False when the channel is gone. QEMU has then exited or is
+        exiting (a suspend quits it while its client hangs up): the channel's EOF and QEMU's
+        exit come next and end the shim through `vm_exited`, which closes the network helper
+        first. Raising here instead killed the shim with a traceback and left the helper to
+        notice its exit pipe on its own, after the caller saw the shim gone."""
+        assert self.agent is not None
+        try:
+            self.agent.send(frame)
+        except OSError:
+            return False
+        return True
 
     # -- the end --------------------------------------------------------------------------
 
@@ -400,7 +414,15 @@ def main() -> None:
     sock.close()
     if go != b"go":
         shim.end("the host did not confirm the start")
-    shim.serve(listener)
+    try:
+        shim.serve(listener)
+    except Exception as e:  # noqa: BLE001 - the VM and the network helper end with the shim
+        import traceback
+
+        traceback.print_exc()  # to shim.log
+        suspended = (shim.dir / "suspended").exists()
+        shim.exit(None if suspended else {"reason": f"the sandbox's supervisor failed: {e}",
+                                          "exit_code": None})  # fmt: skip
 
 
 if __name__ == "__main__":
