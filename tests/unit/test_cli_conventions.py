@@ -153,6 +153,10 @@ def test_doctor_reports_every_check(tmp_path: Path) -> None:
     assert out.returncode in (0, 1), out.stderr
     checks = {c["check"]: c for c in json.loads(out.stdout)["checks"]}
     assert list(checks) == ["kvm", "cgroups", "user namespaces", "seccomp", "network helper",
-                            "namespace backend", "base images", "cache"]  # fmt: skip
+                            "namespace backend", "base images", "cache",
+                            "stray sandboxes"]  # fmt: skip
     assert all(c["status"] in ("ok", "warn", "missing") and c["detail"] for c in checks.values())
     assert "default debian-minimal" in checks["base images"]["detail"]
+    assert (
+        checks["stray sandboxes"]["status"] == "ok" and checks["stray sandboxes"]["sandboxes"] == []
+    )

@@ -888,12 +888,15 @@ def start(refs: Annotated[list[str], typer.Argument(help="Names of terminated sa
 @sbx.command("doctor")
 def doctor(cache_dir: CacheDirOpt = None,
            json_: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+           fix: Annotated[bool, typer.Option("--fix", help="End stray sandboxes (running "
+                                             "with no record) and remove their cgroups.")] = False,
            ) -> int:  # fmt: skip
     """Report what this machine can do: KVM, cgroups, user namespaces, seccomp, the network
-    helper, base images and the cache size (exit 1 when something needed is missing)."""
+    helper, base images and the cache size, and sandboxes of this state folder that run with
+    no record (exit 1 when something needed is missing)."""
     from tlimage.cli import doctor as d
 
-    checks = d.run(cache_dir)
+    checks = d.run(cache_dir, fix)
     if json_:
         import json
 

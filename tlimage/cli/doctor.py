@@ -123,12 +123,49 @@ def cache_size(cache_dir: Path | None) -> dict[str, str]:
                   f"at {root}")  # fmt: skip
 
 
-def run(cache_dir: Path | None) -> list[dict[str, Any]]:
+def _stray_text(s: Any) -> str:
+    where = "folder removed" if not s.folder_exists else "no record"
+    cg = f", {len(s.cgroups)} cgroups" if s.cgroups else ""
+    return f"{s.sandbox_id} ({s.backend}, pid {s.process[0]}, {where}{cg})"
+
+
+def stray_sandboxes(fix: bool = False) -> dict[str, Any]:
+    """Sandboxes of this state folder that run with no record (nothing can reach them to
+    terminate them); `fix` ends them and removes their cgroups."""
+    from tlimage._paths import state_dir
+    from tlimage.runtime import end_stray_sandboxes, stray_sandboxes
+
+    where = state_dir()
+    if fix:
+        ended = end_stray_sandboxes()
+        if not ended:
+            return {**_check("stray sandboxes", OK, f"none of {where}"), "sandboxes": []}
+        left = [s for s, gone in ended if not gone]
+        text = "ended " + ", ".join(_stray_text(s) for s, _ in ended)
+        if left:
+            text += "; still there: " + ", ".join(s.sandbox_id for s in left)
+        return {**_check("stray sandboxes", WARN if left else OK, text),
+                "sandboxes": [{**s.to_json(), "ended": gone} for s, gone in ended]}  # fmt: skip
+    found = stray_sandboxes()
+    if not found:
+        return {**_check("stray sandboxes", OK, f"none of {where}"), "sandboxes": []}
+    text = (f"{len(found)} of {where} run with no record, so no command reaches them: "
+            + ", ".join(_stray_text(s) for s in found)
+            + "; `tl sbx doctor --fix` ends them and removes their cgroups")  # fmt: skip
+    return {**_check("stray sandboxes", WARN, text), "sandboxes": [s.to_json() for s in found]}
+
+
+def run(cache_dir: Path | None, fix: bool = False) -> list[dict[str, Any]]:
     checks = []
     for fn in (kvm, cgroups, user_namespaces, seccomp, network_helper, namespace_backend,
-               base_images, cache_size):  # fmt: skip
+               base_images, cache_size, stray_sandboxes):  # fmt: skip
         try:
-            checks.append(fn(cache_dir) if fn in (kvm, base_images, cache_size) else fn())
+            if fn in (kvm, base_images, cache_size):
+                checks.append(fn(cache_dir))
+            elif fn is stray_sandboxes:
+                checks.append(fn(fix))
+            else:
+                checks.append(fn())
         except Exception as e:  # noqa: BLE001 - one broken check must not hide the others
             checks.append(_check(fn.__name__.replace("_", " "), WARN, f"check failed: {e}"))
     return checks

@@ -29,12 +29,14 @@ from tlimage.runtime._api import (
     Sandbox,
     SandboxInfo,
     SuspendResult,
+    end_stray_sandboxes,
     list_checkpoints,
     list_sandboxes,
     live_cache_paths,
     live_layer_digests,
     reconcile,
     remove_checkpoint,
+    stray_sandboxes,
 )
 from tlimage.runtime._bases import BaseImages, use_bases
 from tlimage.runtime._errors import ExecStartError, ExecTimeout, SandboxNotFound
@@ -57,6 +59,7 @@ __all__ = [
     "SandboxNotFound",
     "Status",
     "SuspendResult",
+    "end_stray_sandboxes",
     "list_checkpoints",
     "list_sandboxes",
     "list_secrets",
@@ -66,5 +69,6 @@ __all__ = [
     "remove_checkpoint",
     "remove_secret",
     "set_secret",
+    "stray_sandboxes",
     "use_bases",
 ]

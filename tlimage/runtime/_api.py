@@ -1205,6 +1205,38 @@ def _settled(rec: SandboxRecord, bid: str) -> bool:
     return backend_for(rec.backend).alive(rec)
 
 
+STRAY_MIN_AGE = 120.0  # seconds: a sandbox whose folder still exists may be being created
+
+
+def stray_sandboxes() -> list[Any]:
+    """Sandboxes of this state folder that run with no live record: their folder was removed
+    (a benchmark or test that failed half-way removed its state folder) or their record was
+    lost, so no command can reach them. A sandbox's processes say which state folder is
+    theirs (sandbox/stray.py); another state folder's sandboxes are never among them. One
+    whose folder still exists counts only once it is older than STRAY_MIN_AGE (its record
+    may be on its way). Returns `tlimage.sandbox.stray.Stray` items."""
+    from tlimage.sandbox import stray
+
+    db = StateDB()
+    live = {r.id for r in db.list(None, LIVE)} if db.path.exists() else set()
+    ticks = os.sysconf("SC_CLK_TCK")
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    out = []
+    for s in stray.find(sandboxes_root()):
+        age = uptime - s.process[1] / ticks
+        if s.sandbox_id not in live and (not s.folder_exists or age > STRAY_MIN_AGE):
+            out.append(s)
+    return out
+
+
+def end_stray_sandboxes() -> list[tuple[Any, bool]]:
+    """Ends what `stray_sandboxes()` finds (processes, then cgroups); (stray, all gone)."""
+    from tlimage.sandbox import stray
+
+    return [(s, stray.end(s)) for s in stray_sandboxes()]
+
+
 _swept = False
 SWEEP_MIN_AGE = 120.0  # seconds: younger leftovers may belong to a sandbox being created
 

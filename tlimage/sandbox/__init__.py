@@ -14,6 +14,7 @@
     qemu/          the microVM: guest kit, disk images, QEMU process, QMP, agent channel,
                    KVM probe, the sandbox shim (qemu/__init__.py lists them)
     harden.py      the capability set and the seccomp filter (libseccomp, containers-common)
+    stray.py       running sandboxes found from their processes (whose state folder, cgroups)
 
 Importing this package starts nothing and imports nothing above it.
 """
