@@ -46,9 +46,14 @@ def test_build_from_mirrored_registry_image_and_run_sandbox(registry, tmp_path):
          "TLIMAGE_STATE_DIR": str(tmp_path / "a/state")}  # fmt: skip
     (tmp_path / "seed.py").write_text(SEED)
     out = tl("sbx", "image", "create", "seed.py", "--isolation", "namespace",
-             "--push", f"{registry.host}/library/debian:bookworm", "--insecure-registry",
-             registry.host, cwd=tmp_path, env=a)  # fmt: skip
+             "--push", f"{registry.host}/library/debian:bookworm", "--compression", "gzip",
+             "--insecure-registry", registry.host, cwd=tmp_path, env=a)  # fmt: skip
     assert out.returncode == 0, out.stderr + out.stdout
+    raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                          f"docker://{registry.host}/library/debian:bookworm"],
+                         capture_output=True, check=True, text=True).stdout  # fmt: skip
+    assert {la["mediaType"] for la in json.loads(raw)["layers"]} == {
+        "application/vnd.oci.image.layer.v1.tar+gzip"}  # fmt: skip
 
     b = {**os.environ, "TLIMAGE_CACHE_DIR": str(tmp_path / "b/cache"),
          "TLIMAGE_STATE_DIR": str(tmp_path / "b/state"),

@@ -28,6 +28,9 @@ class Proxy:
         self.faults: list = []  # (path substring, fault), consumed once each
         self.seen: list[str] = []
         self.on_cut = None
+        # The client's Host goes on: the registry's upload Locations then name the proxy, so
+        # PATCH and PUT of uploads pass here too (counted, faultable).
+        self.forward_host = False
         self.port = free_port()
         proxy = self
 
@@ -57,6 +60,8 @@ class Proxy:
 
             def _go(self):
                 proxy.seen.append(f"{self.command} {self.path}")
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else None  # read even when answering a fault
                 fault = self._fault()
                 if fault and fault[0] == "status":
                     self.send_response(fault[1])
@@ -65,10 +70,9 @@ class Proxy:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                n = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(n) if n else None
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() != "host" or proxy.forward_host}  # fmt: skip
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()

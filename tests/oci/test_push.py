@@ -4,16 +4,15 @@ last."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
 import subprocess
-import tempfile
-from pathlib import Path
+import sys
 
 import pytest
 
-from tests.oci.conftest import need, skopeo_copy
+from tests.oci.conftest import free_port, need, skopeo_copy
 from tests.oci.test_layout import IMAGE
 from tests.oci.test_pull import tree, umoci_rootfs, unpack_layers
 from tlimage.builder import build_image
@@ -79,24 +78,47 @@ def test_push_read_back_by_skopeo_umoci_and_pulled_again(registry, built, tmp_pa
         assert tree(unpack_layers(cache, img.layers, tmp_path / "pulled")) == tree(ours)
 
 
-def test_podman_pulls_a_pushed_image(registry, built, tmp_path):
-    need("podman")
+def tl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tlimage", *args], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def test_cli_push_gzip_pulled_and_run_by_podman(registry, built, podman):
+    """`tl sbx image push --compression gzip --json`: events per blob and at the end; podman
+    pulls the image and runs it; a failed push is an `error` event naming the reference."""
     ref = f"{registry.host}/app/pod:1"
-    with LayerCache() as cache:
-        push(cache.store, local_image(built), ref, config=cfg(registry), compression="gzip")
-    run = Path(tempfile.mkdtemp(prefix="tlp-", dir="/tmp"))
-    base = ["podman", "--root", str(tmp_path / "proot"), "--runroot", str(run),
-            "--storage-driver", "vfs"]  # fmt: skip
-    try:
-        proc = subprocess.run([*base, "pull", "--tls-verify=false", ref], capture_output=True,
-                              text=True)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        out = json.loads(subprocess.run([*base, "image", "inspect", ref], capture_output=True,
-                                        check=True, text=True).stdout)  # fmt: skip
-        assert out[0]["Config"]["WorkingDir"] == "/data"
-    finally:
-        subprocess.run([*base, "rmi", "-a", "-f"], capture_output=True)
-        shutil.rmtree(run, ignore_errors=True)
+    out = tl("sbx", "image", "push", "exp", ref, "--compression", "gzip", "--insecure-registry",
+             registry.host, "--json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    blobs = [e for e in events if e["event"] == "push_blob"]
+    assert len(blobs) == len(built.manifest.layers) + 1
+    assert {e["status"] for e in blobs} == {"uploaded"} and {e["ref"] for e in blobs} == {ref}
+    done = events[-1]
+    assert done["event"] == "push_done" and done["uploaded"] == len(blobs)
+    raw = json.loads(subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                                     f"docker://{ref}"], capture_output=True, check=True,
+                                    text=True).stdout)  # fmt: skip
+    assert {la["mediaType"] for la in raw["layers"]} == {
+        "application/vnd.oci.image.layer.v1.tar+gzip"}  # fmt: skip
+    assert done["digest"] == "sha256:" + hashlib.sha256(subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
+        capture_output=True, check=True).stdout).hexdigest()  # fmt: skip
+
+    podman("pull", "--tls-verify=false", ref)
+    info = json.loads(podman("image", "inspect", ref).stdout)[0]
+    assert info["Config"]["WorkingDir"] == "/data"
+    assert podman.run(ref, "cat /etc/os-release") == "PRETTY_NAME=tlimage-exp"
+
+    again = tl("sbx", "image", "push", "exp", ref, "--compression", "gzip",
+               "--insecure-registry", registry.host)  # fmt: skip
+    assert again.returncode == 0 and "0 uploaded" in again.stdout, again.stderr
+    port = free_port()
+    bad = tl("sbx", "image", "push", "exp", f"127.0.0.1:{port}/app/x:1", "--insecure-registry",
+             f"127.0.0.1:{port}", "--json")  # fmt: skip
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    err = json.loads(bad.stdout.splitlines()[-1])
+    assert err["event"] == "error" and err["message"].startswith(f"127.0.0.1:{port}/app/x:1: ")
 
 
 def test_push_with_tls_basic_auth_and_tokens(tls_registry, token_registry, built):
@@ -136,3 +158,115 @@ def test_failed_push_leaves_no_tag(registry, built, tmp_path):
         capture_output=True,
     )
     assert proc.returncode != 0
+
+
+def _requests(proxy, start: int = 0) -> list[tuple[str, str]]:
+    """(method, kind) of the requests the proxy saw since `start`."""
+    out = []
+    for line in proxy.seen[start:]:
+        method, path = line.split(" ", 1)
+        kind = ("mount" if "mount=" in path else "upload" if "/blobs/uploads/" in path else
+                "blob" if "/blobs/" in path else "manifest" if "/manifests/" in path else
+                "other")  # fmt: skip
+        out.append((method, kind))
+    return out
+
+
+def test_push_requests_head_mount_monolithic_chunked_manifest_last(registry, built):
+    """Counted on the wire: HEAD per blob, one POST + one PUT per monolithic upload, PATCHes of
+    chunk_size for a chunked one, a cross-repository mount instead of an upload, nothing but
+    HEADs for a second push, and the manifest always the last request."""
+    from tests.oci.test_faults import Proxy
+
+    proxy = Proxy(registry.host)
+    proxy.forward_host = True
+    conf = RegistryConfig(insecure=(proxy.host,), certs_dirs=(), backoff=0.05)
+    n = len(built.manifest.layers) + 1  # blobs: the layers and the config
+    try:
+        with LayerCache() as cache:
+            img = local_image(built)
+            push(cache.store, img, f"{proxy.host}/app/wire:1", config=conf, jobs=1)
+            first = _requests(proxy)
+            assert first.count(("HEAD", "blob")) == n
+            assert first.count(("POST", "upload")) == n and first.count(("PUT", "upload")) == n
+            assert ("PATCH", "upload") not in first
+            assert first[-1] == ("PUT", "manifest") and first.count(("PUT", "manifest")) == 1
+
+            mark = len(proxy.seen)
+            again = push(cache.store, img, f"{proxy.host}/app/wire:2", config=conf)
+            second = _requests(proxy, mark)
+            assert again.existing and not again.uploaded
+            assert sorted(set(second)) == [("HEAD", "blob"), ("PUT", "manifest")]
+            assert second.count(("HEAD", "blob")) == n and second[-1] == ("PUT", "manifest")
+
+            mark = len(proxy.seen)
+            other = push(cache.store, img, f"{proxy.host}/other/wire:1", config=conf)
+            third = _requests(proxy, mark)
+            assert len(other.mounted) == n and third.count(("POST", "mount")) == n
+            assert ("PUT", "upload") not in third and ("PATCH", "upload") not in third
+
+            mark = len(proxy.seen)
+            events: list[dict] = []
+            chunk = 16 << 10
+            push(cache.store, img, f"{proxy.host}/app/wire:gz", config=conf, jobs=1,
+                 compression="gzip", chunk_size=chunk, progress=events.append)  # fmt: skip
+            fourth = _requests(proxy, mark)
+            sizes = [e["size"] for e in events if e.get("status") == "uploaded"]
+            assert sizes, "gzip layers are new blobs: uploaded"
+            patches = sum(-(-s // chunk) for s in sizes)
+            assert fourth.count(("PATCH", "upload")) == patches > len(sizes)
+            assert fourth[-1] == ("PUT", "manifest")
+    finally:
+        proxy.close()
+    info = json.loads(subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                                      f"docker://{registry.host}/app/wire:gz"],
+                                     capture_output=True, check=True, text=True).stdout)  # fmt: skip
+    assert all(la["mediaType"].endswith("tar+gzip") for la in info["layers"])
+
+
+def test_a_push_cut_by_a_stopped_registry_leaves_no_tag(registry, built):
+    """The registry goes away after the first blob: the push fails naming the reference, and
+    once the registry is back the tag does not exist (the manifest was never sent)."""
+    need("skopeo")
+    ref = f"{registry.host}/app/cut:1"
+
+    def stop_after_first_blob(ev: dict) -> None:
+        if ev["event"] == "push_blob":
+            registry.stop()
+
+    with LayerCache() as cache, pytest.raises(OCIError) as e:
+        push(cache.store, local_image(built), ref, config=cfg(registry, retries=1), jobs=1,
+             progress=stop_after_first_blob)  # fmt: skip
+    assert str(e.value).startswith(ref) and "cannot reach" in str(e.value)
+    registry.start()
+    proc = subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{ref}"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode != 0 and "manifest unknown" in proc.stderr
+
+
+def test_push_retries_5xx_and_errors_name_the_reference(registry, tls_registry, built, tmp_path):
+    from tests.oci.test_faults import Proxy
+
+    proxy = Proxy(registry.host)
+    proxy.forward_host = True
+    # A 503 on an upload's PUT and a 500 on the manifest: retried, the push succeeds.
+    proxy.faults = [("digest=", ("status", 503, {})), ("/manifests/", ("status", 500, {}))]
+    ref = f"{proxy.host}/app/retry:1"
+    try:
+        with LayerCache() as cache:
+            stats = push(cache.store, local_image(built), ref, config=RegistryConfig(
+                insecure=(proxy.host,), certs_dirs=(), backoff=0.01))  # fmt: skip
+    finally:
+        proxy.close()
+    assert proxy.faults == [] and stats.digest
+    assert sum(s.startswith("PUT") and "/manifests/" in s for s in proxy.seen) == 2
+    # Wrong credentials: the error names the reference, the registry and the file tried.
+    bad = tmp_path / "bad-auth.json"
+    bad.write_text(json.dumps({"auths": {tls_registry.host: {"auth": "YWxpY2U6d3Jvbmc="}}}))
+    ref = f"{tls_registry.host}/a/denied:1"
+    with LayerCache() as cache, pytest.raises(OCIError) as e:
+        push(cache.store, local_image(built), ref, config=RegistryConfig(
+            certs_dirs=(str(tls_registry.certs_dir),), auth_files=(str(bad),), retries=0))  # fmt: skip
+    msg = str(e.value)
+    assert msg.startswith(ref) and f"access to {tls_registry.host} denied (401)" in msg
+    assert str(bad) in msg

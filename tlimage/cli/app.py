@@ -181,6 +181,11 @@ class HostCA(StrEnum):
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print NDJSON events on stdout.")]
 
 
+class Compression(StrEnum):
+    zstd = "zstd"
+    gzip = "gzip"
+
+
 class Progress(StrEnum):
     auto = "auto"
     plain = "plain"
@@ -286,6 +291,13 @@ def create(
         str | None,
         typer.Option("--push", help="After the build, push the image to this registry reference."),
     ] = None,  # fmt: skip
+    compression: Annotated[
+        Compression,
+        typer.Option(
+            "--compression",
+            help="Layer compression of --push (gzip for clients that cannot read zstd).",
+        ),
+    ] = Compression.zstd,  # fmt: skip
     cache_to: Annotated[
         list[str] | None,
         typer.Option(
@@ -366,7 +378,8 @@ def create(
         if push:
             if result.record is None:
                 raise TlimageError("--push needs the image registered")
-            push_record(result.record, push, compression="zstd", insecure=insecure_registry,
+            push_record(result.record, push, compression=compression.value,
+                        insecure=insecure_registry,
                         auth=registry_auth, cache_dir=cache_dir,
                         json_=mode is Progress.json)  # fmt: skip
     except TlimageError as e:
@@ -541,11 +554,6 @@ class ExportFormat(StrEnum):
     docker = "docker"
 
 
-class Compression(StrEnum):
-    zstd = "zstd"
-    gzip = "gzip"
-
-
 @image.command("export")
 def image_export(
     ref: Annotated[str, typer.Argument(help="NAME[:TAG] of a registered image.")],
@@ -635,14 +643,25 @@ def image_push(
     project: ProjectOpt = None,
     cache_dir: CacheDirOpt = None,
     json_: JsonOpt = False,
-) -> None:
+) -> int:
     """Upload a registered image to a registry (unchanged layers are not sent)."""
     from tlimage._paths import project_name
+    from tlimage.errors import TlimageError
     from tlimage.registry import Registry
 
-    rec = Registry().get(project_name(project), ref)
-    push_record(rec, dest, compression=compression.value, insecure=insecure_registry,
-                auth=registry_auth, cache_dir=cache_dir, json_=json_)  # fmt: skip
+    try:
+        rec = Registry().get(project_name(project), ref)
+        push_record(rec, dest, compression=compression.value, insecure=insecure_registry,
+                    auth=registry_auth, cache_dir=cache_dir, json_=json_)  # fmt: skip
+    except TlimageError as e:
+        if not json_:
+            raise
+        from tlimage.builder import error_event
+        from tlimage.cli.render import emit_json
+
+        emit_json(error_event(e))  # a --json caller reads the failure as an event too
+        return e.exit_code
+    return 0
 
 
 @image.command("import")
