@@ -1,6 +1,6 @@
 """--cache-to / --cache-from through a real registry: a second machine (a fresh cache folder and
-state) reports every step CACHED and fetches only layers; a changed file rebuilds exactly the
-steps after it."""
+state) reports every step CACHED and fetches only the layers of the image it builds; a changed
+file rebuilds exactly the steps after it."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def test_seed_base_layer_travels_in_the_registry_cache(registry, tmp_path, monke
         second, events, ex2 = build(ctx, registry, cache_from=(cache_ref,))
     assert second.executed_steps == 0 and ex2.runs == []
     assert second.image_id == first.image_id
-    assert any("busybox fetched from the remote cache" in e.get("message", "")
+    assert any("remote cache: fetched" in e.get("message", "")
                for e in events if e["event"] == "status")  # fmt: skip
     assert not list((tmp_path / "two" / "cache").rglob("busybox-*"))  # no tree was made
 
@@ -146,3 +146,149 @@ def test_debian_base_needs_no_mmdebstrap_on_a_fresh_machine(registry, tmp_path, 
         second, _, ex2 = build(ctx, registry, cache_from=(cache_ref,))
     assert second.executed_steps == 0 and ex2.runs == []
     assert second.image_id == first.image_id
+
+
+MULTI_STAGE = """\
+FROM busybox AS tools
+RUN write /opt/tool1 one
+COPY a.txt /opt/a.txt
+RUN write /opt/tool2 two
+FROM busybox AS unused
+RUN write /opt/never read
+FROM busybox
+COPY --from=tools /opt/tool1 /usr/bin/tool1
+COPY b.txt /b.txt
+RUN write /etc/final yes
+"""
+
+
+def _multi_stage(tmp_path: Path) -> Path:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(MULTI_STAGE)
+    (ctx / "a.txt").write_text("a\n")
+    (ctx / "b.txt").write_text("b\n")
+    return ctx
+
+
+def _stored(tmp_path: Path, name: str) -> set[str]:
+    """The layer keys the cache of machine `name` holds."""
+    from tlimage.cache.cache import LayerCache
+
+    with LayerCache(tmp_path / name / "cache") as cache:
+        return {r.key for r in cache.index.records()}
+
+
+def _cached_keys(events: list[dict], stage: str) -> list[str]:
+    return [e["key"] for e in events
+            if e["event"] == "step_cached" and e["stage"] == stage and e["index"]]  # fmt: skip
+
+
+def test_fresh_machine_fetches_only_the_final_images_layers(registry, tmp_path, monkeypatch):
+    """A stage only read by a cached COPY --from is never downloaded (one nothing reads is not
+    even walked): the fresh machine fetches the base and the final stage's layers, no more."""
+    ctx = _multi_stage(tmp_path)
+    cache_ref = f"{registry.host}/app/cache:multi"
+    machine(tmp_path, "one", monkeypatch)
+    first, _, _ = build(ctx, registry, cache_to=(cache_ref,))
+
+    machine(tmp_path, "two", monkeypatch)
+    second, events, ex2 = build(ctx, registry, cache_from=(cache_ref,))
+    assert second.executed_steps == 0 and ex2.runs == [] and second.cached_steps == 6
+    assert second.image_id == first.image_id
+    stored = _stored(tmp_path, "two")
+    assert len(_cached_keys(events, "tools")) == 3
+    assert not stored & set(_cached_keys(events, "tools")), "stage tools was downloaded"
+    assert not any(e.get("stage") == "unused" for e in events)
+    # The final image: the base and three layers; every one of them is stored and unpacks.
+    assert len(second.manifest.layers) == 4
+    assert set(_cached_keys(events, "stage-2")) <= stored
+    fetched = [e["message"] for e in events if "remote cache: fetched" in e.get("message", "")]
+    assert fetched == [fetched[0]] and "fetched 4 layers" in fetched[0], fetched
+
+    # A changed file on a third machine: the final stage's COPY and RUN run on top of layers
+    # fetched then; the tools stage is still not downloaded.
+    (ctx / "b.txt").write_text("changed\n")
+    machine(tmp_path, "three", monkeypatch)
+    third, events, ex3 = build(ctx, registry, cache_from=(cache_ref,))
+    ran = [(e["stage"], e["index"]) for e in events if e["event"] == "step_done"]
+    assert ran == [("stage-2", 2), ("stage-2", 3)] and len(ex3.runs) == 1
+    assert not _stored(tmp_path, "three") & set(_cached_keys(events, "tools"))
+
+
+def test_cache_to_carries_steps_never_fetched(registry, tmp_path, monkeypatch):
+    """A machine that built from --cache-from and exports with --cache-to writes every step of
+    the build, the ones it never downloaded included: mounted from the first cache on the same
+    registry, streamed across to another registry host."""
+    ctx = _multi_stage(tmp_path)
+    first_ref = f"{registry.host}/app/cache:multi"
+    same_host = f"{registry.host}/other/cache:copy"
+    port = registry.host.rsplit(":", 1)[1]
+    other_host = f"localhost:{port}/third/cache:copy"  # another registry name: no mount
+    machine(tmp_path, "one", monkeypatch)
+    first, _, _ = build(ctx, registry, cache_to=(first_ref,))
+
+    machine(tmp_path, "two", monkeypatch)
+    events: list[dict] = []
+    cfg = RegistryConfig(insecure=(registry.host, f"localhost:{port}"), certs_dirs=(),
+                         backoff=0.05)  # fmt: skip
+    build_image(ctx / "Dockerfile", emit=events.append, executor=FakeExecutor(),
+                registry_config=cfg, cache_from=(first_ref,),
+                cache_to=(same_host, other_host))  # fmt: skip
+    exported = [e["message"] for e in events if "cache exported" in e.get("message", "")]
+    assert len(exported) == 2
+    # Same registry: every layer mounted or there already; only the new map's config is sent.
+    assert ": 1 blobs uploaded" in exported[0] and "0 mounted" not in exported[0], exported
+    assert ": 8 blobs uploaded" in exported[1], exported  # another registry: streamed across
+
+    for n, ref in enumerate((same_host, other_host)):
+        machine(tmp_path, f"fresh{n}", monkeypatch)
+        events = []
+        result = build_image(ctx / "Dockerfile", emit=events.append, executor=FakeExecutor(),
+                             registry_config=cfg, cache_from=(ref,))  # fmt: skip
+        assert result.executed_steps == 0 and result.image_id == first.image_id, ref
+        # The tools stage's layers were carried too: a build of that stage alone is CACHED.
+        tools = build_image(ctx / "Dockerfile", emit=events.append, executor=FakeExecutor(),
+                            registry_config=cfg, cache_from=(ref,),
+                            frontend_options={"target": "tools"})  # fmt: skip
+        assert tools.executed_steps == 0, ref
+
+
+def test_a_cached_layer_lost_from_the_registry_is_a_clear_error(registry, tmp_path,
+                                                                 monkeypatch):  # fmt: skip
+    """The step was CACHED on the map's word; when its layer then cannot be fetched, the build
+    stops naming the step that needed it and how to go on (nothing is registered)."""
+    import shutil
+
+    from tlimage.errors import TlimageError
+
+    ctx = _multi_stage(tmp_path)
+    cache_ref = f"{registry.host}/app/cache:lost"
+    machine(tmp_path, "one", monkeypatch)
+    first, _, _ = build(ctx, registry, cache_to=(cache_ref,))
+    from tlimage.oci.cache import RemoteCache
+    from tlimage.oci.client import RegistryClient
+
+    cfg = RegistryConfig(insecure=(registry.host,), certs_dirs=(), backoff=0.05, retries=1)
+    with RegistryClient(cfg) as client:
+        remote = RemoteCache([cache_ref], client)
+        small = {
+            entry.layer
+            for entry, _ep, _l in remote.entries.values()
+            if not entry.empty and entry.size < 1000
+        }  # the steps' layers, not the base's
+    blobs = registry.root / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256"
+    registry.stop()
+    for digest in small:
+        hexd = digest.split(":")[1]
+        shutil.rmtree(blobs / hexd[:2] / hexd)
+    registry.start()
+
+    machine(tmp_path, "two", monkeypatch)
+    events: list[dict] = []
+    with pytest.raises(TlimageError) as err:
+        build_image(ctx / "Dockerfile", emit=events.append, executor=FakeExecutor(),
+                    registry_config=cfg, cache_from=(cache_ref,))  # fmt: skip
+    assert "from the remote cache, which could not be fetched" in err.value.message
+    assert "--no-cache" in (err.value.hint or "")
+    assert not any(e["event"] == "image_registered" for e in events)

@@ -33,33 +33,31 @@ def base_cache_key(name: str) -> str:
     return f"base:{name}:{bases.base_key(spec, bases.base_info(spec))}"
 
 
+def base_config(name: str) -> ImageConfig:
+    """The image config of seed base `name` (its env, command and init label)."""
+    spec = _spec(name)
+    assert spec is not None
+    labels = ((INIT_LABEL, spec.init),) if spec.init != "none" else ()
+    return ImageConfig(env=spec.env, cmd=spec.cmd, cmd_from_base=True, labels=labels)
+
+
 def ensure_base(
     name: str,
     cache: Any,
     emit: Callable[[dict[str, Any]], None],
     cache_dir: Path | None,
-    remote: Any = None,
 ) -> tuple[LayerRef, ImageConfig]:
-    """The base's layer and config. Found in the cache by the recipe's key, else in `remote`
-    (a `tlimage.oci.cache.RemoteCache`, the build's --cache-from) — a fresh machine then never
-    runs mmdebstrap — else the tree is built and stored as a layer."""
+    """The base's layer and config: found in the cache by the recipe's key, else the tree is
+    built and stored as a layer. (A build with --cache-from looks in the registry cache first,
+    `base_cache_key`: a fresh machine then never runs mmdebstrap.)"""
     from tlimage.executor import bases
 
     def progress(msg: str) -> None:
         emit({"event": "status", "message": msg})
 
     t0 = time.monotonic()
-    spec = _spec(name)
-    assert spec is not None
-    labels = ((INIT_LABEL, spec.init),) if spec.init != "none" else ()
-    config = ImageConfig(env=spec.env, cmd=spec.cmd, cmd_from_base=True, labels=labels)
     key = base_cache_key(name)
     rec = cache.lookup(key)
-    if rec is None and remote is not None:
-        rec = remote.fetch(cache, key)
-        if rec is not None:
-            progress(f"base image {name} fetched from the remote cache in "
-                     f"{time.monotonic() - t0:.1f}s ({rec.size / 1e6:.1f} MB)")  # fmt: skip
     if rec is None:
         base = bases.ensure_base(name, cache_dir, progress=progress)
         if f"base:{name}:{base.key}" != key:  # the recipe changed in between: use the tree's
@@ -67,7 +65,7 @@ def ensure_base(
         rec = cache.lookup(key) or cache.store_dir(key, base.tree, description=f"base {name}")
         progress(f"base image {name} stored as a layer in {time.monotonic() - t0:.1f}s "
                  f"({rec.size / 1e6:.1f} MB compressed)")  # fmt: skip
-    return LayerRef(rec.digest, rec.diff_id, rec.size), config
+    return LayerRef(rec.digest, rec.diff_id, rec.size), base_config(name)
 
 
 def pull_base(ref: str, cache: Any, emit: Callable[[dict[str, Any]], None], *,

@@ -25,14 +25,16 @@ import sqlite3
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tlimage import ir
 from tlimage.builder import context as ctx
+from tlimage.builder import lazy
 from tlimage.builder.config import ImageConfig
+from tlimage.builder.lazy import Deferred, Layer
 from tlimage.builder.mounts import Redactor, StepMounts
 from tlimage.builder.mounts import key_inputs as mount_key_inputs
 from tlimage.cache import keys
@@ -86,9 +88,10 @@ class BuildOptions:
 @dataclass
 class ImageSource:
     """An image a stage starts from or reads: a registered image, a seed base or a registry
-    image. `identity` enters cache keys (an image id, a layer digest, a manifest digest)."""
+    image. `identity` enters cache keys (an image id, a seed base's diff_id, a manifest
+    digest)."""
 
-    layers: list[LayerRef]
+    layers: list[Layer]
     config: ImageConfig
     identity: str
     desc: str  # for the registry record and messages: name@digest
@@ -107,7 +110,7 @@ class BuildResult:
 
 @dataclass
 class _StageState:
-    layers: list[LayerRef]
+    layers: list[Layer]  # bottom first; a Deferred is fetched on first need (builder.lazy)
     config: ImageConfig
     key: str
     base_desc: str
@@ -254,8 +257,9 @@ class Builder:
         for stage in self.image.needed_stages():
             self._build_stage(stage)
         target = self.stages[self.image.target_stage.name]
+        self._current = (None, None)
         manifest = Manifest(
-            layers=tuple(target.layers),
+            layers=tuple(self.need(target.layers)),
             config=target.config.to_json(),
             base=target.base_desc,
             ir_digest=self.image.digest(),
@@ -279,14 +283,15 @@ class Builder:
 
             try:
                 stats = export(self.cache, [*self._base_keys, *(k for k, _ in self._this_build)],
-                               ref, self.oci_client)  # fmt: skip
+                               ref, self.oci_client, self._remote)  # fmt: skip
             except TlimageError as e:
                 e.message = f"--cache-to {ref}: {e.message}"
                 e.args = (e.message,)
                 raise
             self._status(
-                f"cache exported to {ref}: {len(stats.uploaded)} layers uploaded, "
-                f"{len(stats.existing) + len(stats.mounted)} already there"
+                f"cache exported to {ref}: {len(stats.uploaded)} blobs uploaded "
+                f"({stats.bytes / 1e6:.1f} MB), {len(stats.mounted)} mounted, "
+                f"{len(stats.existing)} already there"
             )
         duration = time.monotonic() - t0
         self.emit({"event": "done", "image_id": image_id, "duration": round(duration, 3),
@@ -348,7 +353,7 @@ class Builder:
         """Resolve an image name: a remote reference (a host or a digest in it) is pulled; else
         an image registered in the project, a seed base, and last a registry image
         (`debian:bookworm` is docker.io/library/debian:bookworm)."""
-        from tlimage.builder.bases import KNOWN_BASES, ensure_base
+        from tlimage.builder.bases import KNOWN_BASES, base_config
 
         memo = f"{name}@{pin}" if pin else name
         if memo in self._images:
@@ -359,23 +364,67 @@ class Builder:
             src = ImageSource(list(rec.manifest.layers), ImageConfig.from_json(rec.manifest.config),
                               rec.image_id, f"{rec.ref}@{rec.image_id}")  # fmt: skip
         elif not remote and name in KNOWN_BASES:
-            layer, config = ensure_base(name, self.cache, self.emit, self.opts.cache_dir,
-                                        self._remote)  # fmt: skip
-            if self.opts.cache_to:  # --cache-to carries the base too: a fresh machine skips it
-                from tlimage.builder.bases import base_cache_key
-
-                self._base_keys.append(base_cache_key(name))
-            src = ImageSource([layer], config, layer.digest, f"{name}@{layer.digest}")
+            layer = self._seed_base(name)
+            # Its identity is the tree's diff_id, known before the bytes when the layer is in a
+            # --cache-from registry cache (a local layer digest is not).
+            src = ImageSource([layer], base_config(name), layer.diff_id,
+                              f"{name}@{layer.diff_id}")  # fmt: skip
         else:
             src = self._pull(name + (f"@{pin}" if pin else ""), meta, stage)
             pin = None  # the digest was part of the reference
-        if pin and pin not in (src.identity, _hex(src.identity)):
+        pins = (src.identity, *(la.digest for la in src.layers[:1] if isinstance(la, LayerRef)))
+        if pin and pin not in (*pins, *map(_hex, pins)):
             err = TlimageError(f"base image {name!r} is pinned to {pin} but is now "
                                f"{src.identity}", hint="update the pin, or rebuild the base it "
                                "named")  # fmt: skip
             raise _at(meta, err) if meta else err
         self._images[memo] = src
         return src
+
+    def _seed_base(self, name: str) -> Layer:
+        """A seed base's layer: from the cache, else (deferred) from the --cache-from registry
+        cache — a fresh machine never runs mmdebstrap — else built."""
+        from tlimage.builder.bases import base_cache_key, ensure_base
+
+        key = base_cache_key(name)
+        if self.opts.cache_to:  # --cache-to carries the base too: a fresh machine skips it
+            self._base_keys.append(key)
+        if self._remote is not None and self.cache.lookup(key) is None \
+                and (entry := self._remote.entry(key)) is not None:  # fmt: skip
+            return Deferred(key, entry.diff_id, entry.size, f"base image {name}")
+        return ensure_base(name, self.cache, self.emit, self.opts.cache_dir)[0]
+
+    # -- layers not fetched yet ----------------------------------------------------------
+
+    def need(self, layers: Sequence[Layer]) -> list[LayerRef]:
+        """`layers` with those a --cache-from registry cache holds fetched into the store
+        (`tlimage.builder.lazy`)."""
+        return lazy.need(layers, self._fetch)
+
+    def _fetch(self, missing: list[Deferred]) -> None:
+        from tlimage.builder.bases import _n
+
+        t0 = time.monotonic()
+        before = self._remote.bytes
+        try:
+            recs = self._remote.fetch(self.cache, [d.key for d in missing])
+        except TlimageError as e:
+            where, desc = self._current
+            e.message = (f"{where + ': ' if where else ''}"
+                         f"{'step ' + repr(desc) if desc else 'the image'} needs "
+                         f"{_n(len(missing), 'cached layer')} ({missing[0].what}"
+                         f"{', …' if len(missing) > 1 else ''}) from the remote cache, which "
+                         f"could not be fetched: {e.message}")  # fmt: skip
+            e.args = (e.message,)
+            e.hint = ("the --cache-from registry lost or damaged the layer: build again with "
+                      "--no-cache, or without that --cache-from")  # fmt: skip
+            raise
+        for d in missing:
+            rec = recs[d.key]
+            d.ref = LayerRef(rec.digest, rec.diff_id, rec.size)
+        got = self._remote.bytes - before
+        self._status(f"remote cache: fetched {_n(len(missing), 'layer')} "
+                     f"({got / 1e6:.1f} MB downloaded) in {time.monotonic() - t0:.1f}s")  # fmt: skip
 
     def _pull(self, ref: str, meta: ir.StepMeta | None, stage: str | None) -> ImageSource:
         from tlimage.builder.bases import pull_base
@@ -466,14 +515,15 @@ class Builder:
         key = comps.key()
         self._this_build.append((key, {"step": desc, **comps.to_json()}))
         hit = None if (self.opts.no_cache or meta.force) else self.cache.lookup(key)
-        if hit is None and self._remote is not None and not meta.force:
-            try:
-                hit = self._remote.fetch(self.cache, key)
-            except TlimageError as e:
-                self._status(f"remote cache layer for {desc} not used: {e}")
+        cached: Layer | None = None
         if hit is not None:
-            if not hit.meta.get("empty"):
-                state.layers.append(LayerRef(hit.digest, hit.diff_id, hit.size))
+            cached = None if hit.meta.get("empty") else LayerRef(hit.digest, hit.diff_id, hit.size)
+        elif self._remote is not None and not meta.force and (entry := self._remote.entry(key)):
+            hit = entry  # CACHED now; the layer is fetched when something reads it
+            cached = None if entry.empty else Deferred(key, entry.diff_id, entry.size, desc)
+        if hit is not None:
+            if cached is not None:
+                state.layers.append(cached)
             state.config = _after_fs_step(state.config, step)
             state.key = key
             self.cached += 1
@@ -537,7 +587,7 @@ class Builder:
         return str(d)
 
     def _lowers(self, state: _StageState) -> tuple[Path, ...]:
-        return tuple(unpacked_layer(self.store, la.digest) for la in state.layers)
+        return tuple(unpacked_layer(self.store, la.digest) for la in self.need(state.layers))
 
     # -- RUN -----------------------------------------------------------------------------
 
@@ -683,9 +733,9 @@ class Builder:
 
         assert step.from_ is not None
         if step.from_ in self.stages:
-            layers = self.stages[step.from_].layers
+            layers = self.need(self.stages[step.from_].layers)
         else:
-            layers = self.image_source(step.from_, meta).layers
+            layers = self.need(self.image_source(step.from_, meta).layers)
         root = tmp / "from"
         root.mkdir()
         try:  # the source's unpacked layers, linked into one tree: no decompression

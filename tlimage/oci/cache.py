@@ -11,9 +11,15 @@ OCI manifest beside them whose config blob (media type `application/vnd.tlimage.
 layer kept as the registry sent it; absent means zstd.)
 
 `--cache-from REF` reads that map (one manifest and one small blob) before a build; a step that
-misses locally but is in the map fetches just its layer, checked like any pulled layer, and is
-CACHED. Keys are content-addressed (files by digest, bases by manifest digest), so they agree
-across machines. A cache reference that does not exist yet is reported and skipped.
+misses locally but is in the map is CACHED without its bytes (`entry`), and its layer is fetched
+only when something needs its files (`fetch`: a later step that runs on top of it, a COPY --from
+or mount of its stage, the final image), checked like any pulled layer — as BuildKit's lazy
+blobs, a fresh machine downloads just the layers of the image it builds. Keys are
+content-addressed (files by digest, bases by content), so they agree across machines. A cache
+reference that does not exist yet is reported and skipped.
+
+`--cache-to` writes every step of the build, fetched or not: a layer left in a `--cache-from`
+registry is mounted from there (same registry) or streamed across, never stored here.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any
 from tlimage.errors import OCIError
 from tlimage.oci import client as cl
 from tlimage.oci.layout import Blob, canonical_json, layer_blob
-from tlimage.oci.pull import ingest_layer, layer_key
+from tlimage.oci.pull import layer_key
 from tlimage.oci.reference import parse
 
 CONFIG_TYPE = "application/vnd.tlimage.build-cache.v1+json"
@@ -52,7 +58,8 @@ class RemoteCache:
                  status: Any = None) -> None:  # fmt: skip
         self.client = client
         self.entries: dict[str, tuple[CacheEntry, cl.Endpoint, str]] = {}
-        self.fetched = 0
+        self.fetched = 0  # layers downloaded
+        self.bytes = 0
         for ref_text in refs:
             try:
                 self._load(ref_text)
@@ -77,31 +84,52 @@ class RemoteCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def fetch(self, cache: Any, key: str) -> Any:
-        """The LayerRecord for `key`, fetched into `cache` from the registry; None if the map
-        lacks it."""
+    def entry(self, key: str) -> CacheEntry | None:
+        """The map's entry for `key` (a step or seed base key), or None."""
         found = self.entries.get(key)
-        if found is None:
-            return None
-        entry, ep, label = found
-        rec = cache.lookup(layer_key(entry.layer))
-        if rec is None or rec.diff_id != entry.diff_id:
-            chunks = self.client.iter_blob(ep, entry.layer, entry.size, label=label)
-            info, _ = ingest_layer(cache.store, chunks, blob=entry.layer, size=entry.size,
-                                   media_type=entry.media_type, diff_id=entry.diff_id,
-                                   label=label)  # fmt: skip
-            cache.put(layer_key(entry.layer), info, description=f"cache {label}")
-            self.fetched += 1
-        else:
-            from tlimage.cache.layer import LayerInfo
+        return found[0] if found else None
 
+    def fetch(self, cache: Any, keys: list[str], *, progress: Any = None) -> dict[str, Any]:
+        """The LayerRecords of `keys` (each in the map), their layers fetched into `cache`'s
+        store in parallel and each key indexed there."""
+        from tlimage.cache.layer import LayerInfo
+        from tlimage.oci.pull import fetch_layers
+
+        keys = list(dict.fromkeys(keys))
+        wanted = []
+        for key in keys:
+            entry, ep, _label = self.entries[key]
+            desc = {"digest": entry.layer, "size": entry.size, "mediaType": entry.media_type}
+            wanted.append((ep, desc, entry.diff_id))
+        labels = ", ".join(dict.fromkeys(self.entries[k][2] for k in keys))
+        got = fetch_layers(cache, self.client, wanted, label=f"cache {labels}", progress=progress)
+        out = {}
+        for key, (layer, downloaded) in zip(keys, got, strict=True):
+            entry, _ep, label = self.entries[key]
+            self.fetched += bool(downloaded)
+            self.bytes += downloaded
+            rec = cache.index.get(layer_key(layer.blob), touch=False)
             info = LayerInfo(rec.digest, rec.diff_id, rec.size, rec.uncompressed_size, 0)
-        return cache.put(key, info, description=f"from cache {label}",
-                         meta={"empty": entry.empty})  # fmt: skip
+            out[key] = cache.put(key, info, description=f"from cache {label}",
+                                 meta={"empty": entry.empty})  # fmt: skip
+        return out
+
+    def source(self, key: str) -> tuple[CacheEntry, cl.Endpoint] | None:
+        """Where the map's layer for `key` is: (its entry, the endpoint holding it)."""
+        found = self.entries.get(key)
+        return (found[0], found[1]) if found else None
 
 
-def export(cache: Any, keys: list[str], ref_text: str, client: cl.RegistryClient) -> Any:
-    """Push the layers of `keys` (those the local cache holds) and the key map to `ref_text`."""
+def export(
+    cache: Any,
+    keys: list[str],
+    ref_text: str,
+    client: cl.RegistryClient,
+    remote: RemoteCache | None = None,
+) -> Any:
+    """Push the layers of `keys` and the key map to `ref_text`: those the local cache holds,
+    and those still only in `remote` (the build's --cache-from), which are mounted or streamed
+    from there."""
     from tlimage.oci.push import push
 
     store = cache.store
@@ -110,13 +138,23 @@ def export(cache: Any, keys: list[str], ref_text: str, client: cl.RegistryClient
     with tempfile.TemporaryDirectory(dir=str(store.path), prefix="cache-to-") as tmpd:
         for key in dict.fromkeys(keys):
             rec = cache.index.get(key, touch=False)
-            if rec is None or store.size(rec.digest) != rec.size:
+            found = remote.source(key) if remote is not None else None
+            if rec is not None and store.size(rec.digest) == rec.size:
+                b = layer_blob(store, rec.digest, "zstd", Path(tmpd))
+                entry = CacheEntry(key, b.digest, rec.diff_id, b.size,
+                                   bool(rec.meta.get("empty")), b.media_type)  # fmt: skip
+                if found is not None and found[0].layer == b.digest:  # fetched from there
+                    b.origin = found[1]
+            elif found is not None:
+                entry, ep = found
+                b = Blob(entry.layer, entry.size, entry.media_type, origin=ep,
+                         reader=_reader(client, ep, entry))  # fmt: skip
+            else:
                 continue
-            b = layer_blob(store, rec.digest, "zstd", Path(tmpd))
             blobs.setdefault(b.digest, b)
-            steps.append({"key": key, "layer": b.digest, "diff_id": rec.diff_id, "size": b.size,
-                          "empty": bool(rec.meta.get("empty")),
-                          "media_type": b.media_type})  # fmt: skip
+            steps.append({"key": key, "layer": entry.layer, "diff_id": entry.diff_id,
+                          "size": entry.size, "empty": entry.empty,
+                          "media_type": entry.media_type})  # fmt: skip
         cfg = canonical_json({"version": 1, "steps": steps})
         config = Blob("sha256:" + hashlib.sha256(cfg).hexdigest(), len(cfg), CONFIG_TYPE, data=cfg)
         manifest = {
@@ -135,3 +173,10 @@ def export(cache: Any, keys: list[str], ref_text: str, client: cl.RegistryClient
             manifest=mblob,  # type: ignore[arg-type]
             extra_blobs=[*blobs.values(), config],
         )
+
+
+def _reader(client: cl.RegistryClient, ep: cl.Endpoint, entry: CacheEntry) -> Any:
+    def read() -> Any:
+        return client.iter_blob(ep, entry.layer, entry.size, label=f"cache layer {entry.layer}")
+
+    return read

@@ -23,7 +23,7 @@ import shutil
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,12 +74,19 @@ class Blob:
     media_type: str
     path: Path | None = None  # a file holding the bytes (a temp file or the store's blob)
     data: bytes | None = None
+    # A registry repository that holds the blob already (a push to the same registry mounts
+    # it from there), and for a blob not stored here, the reader of its bytes from there.
+    origin: cl.Endpoint | None = None
+    reader: Callable[[], Iterator[bytes]] | None = None
 
     def chunks(self) -> Iterator[bytes]:
         if self.data is not None:
             yield self.data
             return
-        assert self.path is not None
+        if self.path is None:
+            assert self.reader is not None, self.digest
+            yield from self.reader()
+            return
         with open(self.path, "rb") as f:
             while chunk := f.read(_CHUNK):
                 yield chunk

@@ -187,24 +187,47 @@ def _pull(ctx: _Ctx, ref: Reference, ref_text: str, platform: str, jobs: int) ->
             }
         )
     t0 = time.monotonic()
+    wanted = [(ep, d, diff_id) for d, diff_id in zip(descs, diff_ids, strict=True)]
+    results = fetch_layers(ctx.cache, ctx.client, wanted, label=ctx.label, progress=ctx.progress,
+                           jobs=jobs)  # fmt: skip
+    img = PulledImage(
+        ref=ref_text, name=ref.name, digest=fetched.digest, platform=platform, config=config,
+        layers=[r[0] for r in results], index_digest=index_digest, tag=ref.tag,
+        downloaded=sum(1 for r in results if r[1]), bytes=sum(r[1] for r in results),
+    )  # fmt: skip
+    if ctx.progress:
+        ctx.progress({"event": "pull_done", "ref": ctx.label, "digest": img.digest,
+                      "downloaded": img.downloaded, "bytes": img.bytes,
+                      "duration": round(time.monotonic() - t0, 3)})  # fmt: skip
+    return img
+
+
+def fetch_layers(cache: Any, client: cl.RegistryClient,
+                 layers: list[tuple[cl.Endpoint, dict[str, Any], str]], *, label: str,
+                 progress: Progress | None = None,
+                 jobs: int = 6) -> list[tuple[PulledLayer, int]]:  # fmt: skip
+    """Make sure each layer — (endpoint, registry descriptor, diff_id) — is in `cache`'s store
+    and indexed under `layer_key(blob)`: one stored before costs a lookup, the rest download
+    `jobs` at a time. For each layer, in order: (its PulledLayer, bytes downloaded)."""
+    ctx = _Ctx(cache, client, label, progress)
     # The cache index is used from this thread only; workers download and store blobs.
-    results: list[tuple[PulledLayer, int] | None] = [None] * len(descs)
+    results: list[tuple[PulledLayer, int] | None] = [None] * len(layers)
     todo = []
-    for i, d in enumerate(descs):
-        rec = ctx.cache.lookup(layer_key(str(d["digest"])))
-        if rec is not None and rec.diff_id == diff_ids[i]:
+    for i, (_ep, d, diff_id) in enumerate(layers):
+        rec = cache.lookup(layer_key(str(d["digest"])))
+        if rec is not None and rec.diff_id == diff_id:
             results[i] = (PulledLayer(rec.digest, rec.diff_id, rec.size, str(d["digest"]),
                                       d.get("mediaType", "")), 0)  # fmt: skip
-            if ctx.progress:
-                ctx.progress({"event": "pull_layer", "ref": ctx.label, "layer": d["digest"],
-                              "status": "exists", "total": int(d["size"]),
-                              "bytes": int(d["size"])})  # fmt: skip
+            if progress:
+                progress({"event": "pull_layer", "ref": label, "layer": d["digest"],
+                          "status": "exists", "total": int(d["size"]),
+                          "bytes": int(d["size"])})  # fmt: skip
         else:
             todo.append(i)
     if todo:
         with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(todo))),
                                 thread_name_prefix="tlimage-pull") as pool:  # fmt: skip
-            futures = {pool.submit(_layer, ctx, ep, descs[i], diff_ids[i]): i for i in todo}
+            futures = {pool.submit(_layer, ctx, *layers[i]): i for i in todo}
             done: list[tuple[int, Any, PulledLayer]] = []
             try:
                 for fut in as_completed(futures):
@@ -214,26 +237,12 @@ def _pull(ctx: _Ctx, ref: Reference, ref_text: str, platform: str, jobs: int) ->
                 for f in futures:
                     f.cancel()
                 raise
-        ctx.cache.store.sync_dir()  # the new blobs' names, before index rows name them
+        cache.store.sync_dir()  # the new blobs' names, before index rows name them
         for i, info, layer in done:
-            ctx.cache.put(
-                layer_key(layer.blob),
-                info,
-                description=f"pulled {ctx.label} {layer.blob[:19]}",
-                meta={"blob": layer.blob, "media_type": layer.media_type},
-            )
-            results[i] = (layer, int(descs[i]["size"]))
-    results_ = [r for r in results if r is not None]
-    img = PulledImage(
-        ref=ref_text, name=ref.name, digest=fetched.digest, platform=platform, config=config,
-        layers=[r[0] for r in results_], index_digest=index_digest, tag=ref.tag,
-        downloaded=sum(1 for r in results_ if r[1]), bytes=sum(r[1] for r in results_),
-    )  # fmt: skip
-    if ctx.progress:
-        ctx.progress({"event": "pull_done", "ref": ctx.label, "digest": img.digest,
-                      "downloaded": img.downloaded, "bytes": img.bytes,
-                      "duration": round(time.monotonic() - t0, 3)})  # fmt: skip
-    return img
+            cache.put(layer_key(layer.blob), info, description=f"pulled {label} {layer.blob[:19]}",
+                      meta={"blob": layer.blob, "media_type": layer.media_type})  # fmt: skip
+            results[i] = (layer, int(layers[i][1]["size"]))
+    return [r for r in results if r is not None]
 
 
 # -- platforms ------------------------------------------------------------------------------

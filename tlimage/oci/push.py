@@ -100,7 +100,10 @@ def _send_blob(client: cl.RegistryClient, ep: cl.Endpoint, ref: Any, b: Blob,
                chunk_size: int | None, hints: _MountHints, label: str) -> str:  # fmt: skip
     if client.blob_exists(ep, b.digest, label=label, push=True):
         return "existing"
-    for repo in hints.repos(ref.registry, b.digest):
+    repos = hints.repos(ref.registry, b.digest)
+    if b.origin is not None and b.origin.host == ep.host:
+        repos.insert(0, b.origin.repository)
+    for repo in repos:
         if repo == ep.repository:
             continue
         try:

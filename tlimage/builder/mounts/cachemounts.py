@@ -79,7 +79,7 @@ def _create_instance(folder: Path, data: Path, spec: ir.CacheMount, seed: Source
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             if seed is not None:
-                _seed(tmp, seed, spec.source, builder.store)
+                _seed(tmp, seed.digests(builder), spec.source, builder.store)
             else:
                 tmp.mkdir()
                 os.chown(tmp, spec.uid or 0, spec.gid or 0)
@@ -92,8 +92,8 @@ def _create_instance(folder: Path, data: Path, spec: ir.CacheMount, seed: Source
         os.close(fd)
 
 
-def _seed(dest: Path, seed: Source, source: str, store: Any) -> None:
-    """`dest` := a copy of the folder `source` of the stage or image `seed` (a cache mount's
+def _seed(dest: Path, seed: tuple[str, ...], source: str, store: Any) -> None:
+    """`dest` := a copy of the folder `source` of the layers `seed` (a cache mount's
     `from=`). The layers are extracted afresh: the cache will be written to, so nothing may be
     shared with the stored layers."""
     from tlimage.cache.layer import apply_layer, ensure_verified
@@ -102,7 +102,7 @@ def _seed(dest: Path, seed: Source, source: str, store: Any) -> None:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
     try:
-        for digest in seed.digests:
+        for digest in seed:
             ensure_verified(store, digest)
             with store.open(digest, verify=True) as f:
                 apply_layer(f, root)

@@ -53,25 +53,29 @@ def context_rel(source: str) -> str:
 
 @dataclass(frozen=True)
 class Source:
-    """A stage or image a mount reads `from=`: its layer digests (bottom first) and its
-    identity for keys (a built stage's chain key, an image's id, a seed base's layer digest)."""
+    """A stage or image a mount reads `from=`: its layers (bottom first; one still in a
+    --cache-from registry cache is fetched on first use, `tlimage.builder.lazy`) and its
+    identity for keys (a built stage's chain key, an image's id, a seed base's diff_id)."""
 
-    digests: tuple[str, ...]
+    stack: tuple[Any, ...]
     identity: str
+
+    def digests(self, builder: Any) -> tuple[str, ...]:
+        return tuple(la.digest for la in builder.need(self.stack))
 
     def layers(self, builder: Any) -> tuple[Path, ...]:
         """The layers as overlay-style folders, unpacked on first use."""
         from tlimage.cache.unpacked import unpacked_layer
 
-        return tuple(unpacked_layer(builder.store, d) for d in self.digests)
+        return tuple(unpacked_layer(builder.store, d) for d in self.digests(builder))
 
 
 def from_source(builder: Any, name: str) -> Source:
     if name in builder.stages:
         state = builder.stages[name]
-        return Source(tuple(la.digest for la in state.layers), f"stage {name} {state.key}")
+        return Source(tuple(state.layers), f"stage {name} {state.key}")
     if name in builder.image.stage_names:
         raise MountError(f"mount from stage {name!r}: that stage has not been built")
     # A registered image, a seed base, or a registry image (pulled; its digest is the identity).
     src = builder.image_source(name)
-    return Source(tuple(la.digest for la in src.layers), f"image {src.desc}")
+    return Source(tuple(src.layers), f"image {src.desc}")
