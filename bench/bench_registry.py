@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from tlimage.cache.cache import LayerCache
 from tlimage.oci import pull as oci_pull
-from tlimage.oci.client import RegistryConfig
+from tlimage.oci.client import RegistryClient, RegistryConfig
 from tlimage.oci.layout import LocalImage
 from tlimage.oci.push import push
 
@@ -91,11 +92,16 @@ def median(xs: list[float]) -> float:
     return xs[len(xs) // 2]
 
 
+# A builder stage whose 32 MiB the final image does not carry (only a 4 KiB file of it), and a
+# final stage of 24 MiB: the fresh machine should download the final image's layers only.
 CACHE_DOCKERFILE = """\
+FROM busybox AS tools
+RUN dd if=/dev/urandom of=/a.bin bs=1M count=32 2>/dev/null && sleep 1
+RUN head -c 4096 /a.bin > /tool
 FROM busybox
-RUN dd if=/dev/urandom of=/a.bin bs=1M count=24 2>/dev/null && sleep 1
 RUN for i in $(seq 1 2000); do echo "line $i" >> /lines.txt; done
 COPY data.txt /data.txt
+COPY --from=tools /tool /usr/bin/tool
 RUN dd if=/dev/urandom of=/b.bin bs=1M count=24 2>/dev/null && sleep 1
 """
 
@@ -123,11 +129,12 @@ def cache_bench(work: Path, host: str) -> None:
                                          registry_config=conf, cache_to=(ref,)))  # fmt: skip
     on("fresh")
     res = None
+    events: list[dict] = []
 
     def warm() -> None:
         nonlocal res
         res = build_image(ctx / "Dockerfile", isolation="namespace", registry_config=conf,
-                          cache_from=(ref,))  # fmt: skip
+                          cache_from=(ref,), emit=events.append)  # fmt: skip
 
     t_warm = timed(warm)
     assert res is not None and res.executed_steps == 0
@@ -135,6 +142,15 @@ def cache_bench(work: Path, host: str) -> None:
         f"build cold {t_cold:6.2f}s  fresh machine --cache-from {t_warm:6.2f}s  "
         f"ratio {t_cold / t_warm:.2f}  (cached rebuild + --cache-to {t_export:.2f}s)"
     )
+    with RegistryClient(conf) as client:
+        from tlimage.oci.cache import RemoteCache
+
+        in_cache = sum(e.size for e, _ep, _l in RemoteCache([ref], client).entries.values())
+    got = sum(float(m.group(1)) for e in events if e["event"] == "status"
+              and (m := re.search(r"remote cache: fetched .*\(([0-9.]+) MB downloaded", e["message"])))  # fmt: skip
+    final = sum(la.size for la in res.manifest.layers)
+    print(f"fresh machine downloaded {got:.1f} MB of the {in_cache / 1e6:.1f} MB the cache "
+          f"holds (the final image: {final / 1e6:.1f} MB)")  # fmt: skip
 
 
 def main() -> None:
