@@ -7,4 +7,4 @@ bash scripts/setup.sh
 # Lint first: a mistake here costs seconds, not the suite's run.
 python3 -m ruff check tlimage tests bench
 python3 -m ruff format --check tlimage tests bench
-python3 -m pytest tests -q "$@"
+python3 -m pytest tests -q --durations=20 "$@"

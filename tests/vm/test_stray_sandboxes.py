@@ -31,15 +31,15 @@ image = Image("stray", base_image="busybox").run("echo kept > /kept")
 """
 
 
-def _lost_sandbox(base: Path) -> Sandbox:
-    """A running namespace sandbox of the state folder `base/state`, built and started there."""
+def _lost_sandbox(base: Path, backend: str = "namespace") -> Sandbox:
+    """A running sandbox of the state folder `base/state`, built and started there."""
     from tlimage.builder import build_image
 
     base.mkdir()
     (base / "image.py").write_text(IMAGE)
     with state_in(base):
         build_image(base / "image.py", isolation="namespace")
-        sb = Sandbox.create("stray", backend="namespace", timeout=600)
+        sb = Sandbox.create("stray", backend=backend, timeout=600)
     assert sb.exec("cat", "/kept").stdout == b"kept\n"
     return sb
 
@@ -105,3 +105,25 @@ def test_doctor_ends_the_sandboxes_of_a_removed_state_folder(tmp_path: Path) -> 
             for s in stray.find(Path(sb.record.dir).parent):
                 if s.sandbox_id == sb.id:
                     stray.end(s)
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                    reason="qemu-system-x86 is not installed (scripts/setup.sh installs it)")  # fmt: skip
+def test_doctor_ends_a_microvm_whose_state_folder_was_removed(tmp_path: Path) -> None:
+    sb = _lost_sandbox(tmp_path / "vm", backend="microvm")
+    shim, qemu = sb.record.pids["shim"], sb.record.pids["qemu"]
+    try:
+        shutil.rmtree(tmp_path / "vm" / "state")
+        check, _ = doctor(tmp_path / "vm")
+        assert [(s["sandbox_id"], s["backend"], s["pid"]) for s in check["sandboxes"]] == [
+            (sb.id, "microvm", shim[0])
+        ], check
+        check, _ = doctor(tmp_path / "vm", "--fix")
+        assert check["sandboxes"][0]["ended"] is True, check
+        assert not alive(shim) and not alive(qemu)  # the shim ended its VM
+        assert not Path(sb.record.run_dir).exists()  # and removed its sockets' folder
+    finally:
+        from tlimage.sandbox import stray
+
+        for s in stray.find(Path(sb.record.dir).parent):
+            stray.end(s)

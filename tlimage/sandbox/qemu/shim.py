@@ -30,6 +30,7 @@ import json
 import os
 import re
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -359,10 +360,13 @@ class Shim:
 
     def exit(self, info: dict | None) -> None:
         if info is not None:
-            write_atomic(self.spec["exit_file"], json.dumps({**info, "at": time.time()}))
+            with contextlib.suppress(OSError):  # the sandbox folder may be gone (a stray VM)
+                write_atomic(self.spec["exit_file"], json.dumps({**info, "at": time.time()}))
         self.kill_vm()
         if self.net is not None:
             self.net.close()
+        if not self.dir.is_dir():  # no record is left to clean up after us: the run folder too
+            shutil.rmtree(self.run, ignore_errors=True)
         for name in ("shim.sock", "ctl.sock", "qmp.sock", "resolv.conf"):
             with contextlib.suppress(OSError):
                 (self.run / name).unlink()
