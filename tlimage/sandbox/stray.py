@@ -123,7 +123,6 @@ def end(stray: Stray, grace: float = 10.0) -> bool:
     asked = stray.backend == "microvm" and _proc.signal_entry(entry, signal.SIGTERM)
     if not (asked and _proc.wait_dead([entry], grace)):
         _proc.signal_entry(entry, signal.SIGKILL)
-    gone = _proc.wait_dead([entry], grace)
     by_version: dict[int, dict[str, str]] = {}
     for d in stray.cgroups:
         p = Path(d)
@@ -131,8 +130,10 @@ def end(stray: Stray, grace: float = 10.0) -> bool:
             by_version.setdefault(2, {})[""] = d
         else:  # /sys/fs/cgroup/<controller>/tlimage/<id>
             by_version.setdefault(1, {})[p.parent.parent.name] = d
-    for version, dirs in by_version.items():
-        cg = Cgroup(version, dirs)
-        cg.kill_all()
+    groups = [Cgroup(version, dirs) for version, dirs in by_version.items()]
+    for cg in groups:
+        cg.kill_all()  # and thaws: a frozen (suspended) sandbox's processes die only then
+    gone = _proc.wait_dead([entry], grace)
+    for cg in groups:
         gone = cg.remove() and gone
     return gone
