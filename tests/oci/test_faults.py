@@ -189,3 +189,39 @@ def test_oversized_manifest_and_layer_are_refused(proxied, tmp_path):
         with pytest.raises(OCIError, match="larger than its declared"):
             oci_pull.pull(f"{proxied.host}/f/img:v1", cache, config=_cfg(proxied))
         assert _stored(cache) == []
+
+
+def test_a_failed_layer_leaves_no_blob_without_its_row(registry, tmp_path):
+    """Two layers, the big one corrupt on every attempt: the pull fails naming the image; the
+    small layer that arrived whole is kept under its row (no orphan blob, no temp file), and
+    the next pull fetches only the missing layer. In parallel, the others stop at their next
+    piece and leave nothing either."""
+    import os as _os
+
+    big = _os.urandom(3 << 20)
+    layout = umoci_image(tmp_path / "layout", "v1",
+                         [{"etc/": "", "etc/small": b"small\n"}, {"big.bin": big}])  # fmt: skip
+    skopeo_copy(f"oci:{layout}:v1", f"docker://{registry.host}/f/two:v1",
+                *registry.skopeo_flags("dest"))  # fmt: skip
+    proxy = Proxy(registry.host)
+    try:
+        proxy.faults = [("/blobs/sha256", ("corrupt",))] * 10
+        ref = f"{proxy.host}/f/two:v1"
+        with LayerCache(tmp_path / "cache") as cache:
+            with pytest.raises(OCIError, match="hashes to") as e:  # one layer at a time
+                oci_pull.pull(ref, cache, config=_cfg(proxy), jobs=1)
+            assert str(e.value).startswith(ref)
+            rows = _stored(cache)
+            blobs = sorted(p.name for p in cache.store.blobs_dir.iterdir())
+            assert len(rows) == 1 and blobs == [rows[0].digest.split(":", 1)[1]], (rows, blobs)
+            proxy.faults = []
+            img = oci_pull.pull(ref, cache, config=_cfg(proxy))
+            assert img.downloaded == 1 and len(img.layers) == 2
+        with LayerCache(tmp_path / "cache2") as cache:
+            proxy.faults = [("/blobs/sha256", ("corrupt",))] * 10
+            with pytest.raises(OCIError, match="hashes to"):
+                oci_pull.pull(ref, cache, config=_cfg(proxy))
+            rows = {r.digest.split(":", 1)[1] for r in _stored(cache)}
+            assert {p.name for p in cache.store.blobs_dir.iterdir()} == rows
+    finally:
+        proxy.close()

@@ -559,24 +559,57 @@ class HashingReader:
         return "sha256:" + self.hash.hexdigest()
 
 
-def ensure_verified(store: BlobStore, digest: str) -> None:
-    """Check a pulled blob's pending diff_id now with one read of it (paths that extract a layer
-    other than through `unpacked_layer`, which checks while it unpacks)."""
+def tar_digest(store: BlobStore, digest: str, *, discard: bool = True) -> str:
+    """The `sha256:` of a stored layer's uncompressed tar (one full read, the blob verified
+    against its name on the way). A blob that does not decompress raises LayerError (and is
+    deleted when `discard`)."""
     import zstandard
 
-    if unverified_diff_id(store, digest) is None:
-        return
     with store.open(digest, verify=True) as raw:
         try:
             stream, _ = open_tar(raw)
             actual = HashingReader(stream).drain()
         except (zstandard.ZstdError, BadCompression) as e:
             _drain(raw)
-            store.delete(digest)
+            if discard:
+                store.delete(digest)
             raise LayerError(f"layer {digest} does not decompress: {e}") from None
         while raw.read(_CHUNK):  # the verifying reader checks the blob at its end
             pass
-    settle_diff_id(store, digest, actual)
+    return actual
+
+
+def ensure_verified(store: BlobStore, digest: str) -> None:
+    """Check a pulled blob's pending diff_id now with one read of it (paths that extract a layer
+    other than through `unpacked_layer`, which checks while it unpacks)."""
+    if unverified_diff_id(store, digest) is None:
+        return
+    settle_diff_id(store, digest, tar_digest(store, digest))
+
+
+def claim_diff_id(store: BlobStore, digest: str, diff_id: str, *, new_blob: bool) -> str | None:
+    """A pull stored (or found stored) the blob `digest` for an image config that says it
+    unpacks to `diff_id`. Returns None when the claim is accepted, else the blob's real diff_id
+    (the image is wrong; the caller refuses it).
+
+    One image's config never discards or un-verifies a blob another image or a build put there:
+    - a blob this pull wrote anew is noted as unverified (`mark_unverified`; its first unpack
+      checks it);
+    - a blob that was already stored and has no note is verified (or was made here): the claim
+      is checked now with one read, and a wrong one changes nothing;
+    - a blob still noted for another claim: the same claim is accepted as is; a different one
+      is settled now with one read — the note goes when either claim proves right, the blob is
+      never deleted here (a wrong earlier claim is the earlier image's to find)."""
+    if new_blob:
+        mark_unverified(store, digest, diff_id)
+        return None
+    pending = unverified_diff_id(store, digest)
+    if pending == diff_id:
+        return None
+    actual = tar_digest(store, digest, discard=False)
+    if actual in (diff_id, pending):
+        _note(store, digest).unlink(missing_ok=True)  # checked now: verified
+    return None if actual == diff_id else actual
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -136,6 +136,7 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
 class BlobRef:
     digest: str
     size: int
+    existed: bool = field(default=False, compare=False)  # the store had it before this write
 
 
 class BlobStore:
@@ -338,7 +339,7 @@ class BlobWriter:
             self._file.close()
             _unlink_quiet(self._tmp)
             self._done = True
-            return BlobRef(digest, self._size)
+            return BlobRef(digest, self._size, existed=True)
         os.fsync(self._file.fileno())
         self._file.close()
         # Replacing an existing blob is harmless: same name, same bytes; open readers keep theirs.

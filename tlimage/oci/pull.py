@@ -12,8 +12,9 @@ they arrive (a blob longer than declared is cut off at once; a blob that fails s
 — and stored as it came: gzip and zstd layers byte for byte, so a pull writes what the registry
 sent (as `skopeo copy` does) and a later push of the layer finds it in place. The image
 config's diff_id is checked by the layer's first unpack, which inflates it anyway (as
-containerd checks it on unpack): `tlimage.cache.layer.mark_unverified`; a mismatch discards the
-blob. The unpack applies the path rules of `tlimage._fs` (no `..`, links kept inside). An
+containerd checks it on unpack): `tlimage.cache.layer.claim_diff_id`; a mismatch discards the
+blob. A blob that was already stored is another image's too: a config that disagrees with it
+is checked at once and the image refused, the blob kept (`_claim`). The unpack applies the path rules of `tlimage._fs` (no `..`, links kept inside). An
 uncompressed tar is checked (`TarChecker`, diff_id) and compressed with zstd on the way in.
 Layers download in parallel; a download that breaks off is restarted a bounded number of times.
 """
@@ -95,6 +96,7 @@ class _Ctx:
     label: str
     progress: Progress | None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)  # a layer failed: stop all
 
 
 def state_root(cache: Any) -> Path:
@@ -215,7 +217,12 @@ def fetch_layers(cache: Any, client: cl.RegistryClient,
     todo = []
     for i, (_ep, d, diff_id) in enumerate(layers):
         rec = cache.lookup(layer_key(str(d["digest"])))
-        if rec is not None and rec.diff_id == diff_id:
+        if rec is not None and rec.diff_id != diff_id:
+            # Stored for another image whose config said otherwise: this config's claim is
+            # checked against the stored blob now, which it never discards or un-verifies.
+            _claim(ctx, rec.digest, str(d["digest"]), diff_id, new_blob=False)
+            rec = None  # the claim holds: fetched again, and the row rewritten
+        if rec is not None:
             results[i] = (PulledLayer(rec.digest, rec.diff_id, rec.size, str(d["digest"]),
                                       d.get("mediaType", "")), 0)  # fmt: skip
             if progress:
@@ -225,23 +232,32 @@ def fetch_layers(cache: Any, client: cl.RegistryClient,
         else:
             todo.append(i)
     if todo:
+        done: list[tuple[int, Any, PulledLayer]] = []
+        failed: BaseException | None = None
         with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(todo))),
                                 thread_name_prefix="tlimage-pull") as pool:  # fmt: skip
             futures = {pool.submit(_layer, ctx, *layers[i]): i for i in todo}
-            done: list[tuple[int, Any, PulledLayer]] = []
-            try:
-                for fut in as_completed(futures):
+            for fut in as_completed(futures):
+                try:
                     info, layer = fut.result()
-                    done.append((futures[fut], info, layer))
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+                except BaseException as e:  # noqa: BLE001 - re-raised below, after the rows
+                    if failed is None:
+                        failed = e
+                        ctx.stop.set()  # the other downloads stop at their next piece
+                        for f in futures:
+                            f.cancel()
+                    continue
+                done.append((futures[fut], info, layer))
+        # Every layer that arrived whole is kept under its row, also when another failed (a
+        # second attempt fetches only what is missing); a layer that did not arrive whole left
+        # nothing behind.
         cache.store.sync_dir()  # the new blobs' names, before index rows name them
         for i, info, layer in done:
             cache.put(layer_key(layer.blob), info, description=f"pulled {label} {layer.blob[:19]}",
                       meta={"blob": layer.blob, "media_type": layer.media_type})  # fmt: skip
             results[i] = (layer, int(layers[i][1]["size"]))
+        if failed is not None:
+            raise failed
     return [r for r in results if r is not None]
 
 
@@ -347,7 +363,7 @@ def layer_key(blob_digest: str) -> str:
 def _layer(ctx: _Ctx, ep: cl.Endpoint, desc: dict[str, Any],
            diff_id: str) -> tuple[Any, PulledLayer]:  # fmt: skip
     """Download one layer into the store (run in a worker thread): (LayerInfo, PulledLayer)."""
-    from tlimage.cache.layer import LayerInfo, mark_unverified, sniff_compression
+    from tlimage.cache.layer import LayerInfo, sniff_compression
 
     digest, size = str(desc["digest"]), int(desc["size"])
     media = desc.get("mediaType", "")
@@ -359,6 +375,9 @@ def _layer(ctx: _Ctx, ep: cl.Endpoint, desc: dict[str, Any],
 
         def on_bytes(n: int) -> None:
             nonlocal done, last
+            if ctx.stop.is_set():
+                raise OCIError(f"{ctx.label}: layer {digest} stopped: another layer failed",
+                               ref=ctx.label)  # fmt: skip
             done += n
             now = time.monotonic()
             if ctx.progress and (now - last > 0.2 or done == size):
@@ -400,7 +419,7 @@ def _layer(ctx: _Ctx, ep: cl.Endpoint, desc: dict[str, Any],
                                        ref=ctx.label)  # fmt: skip
                 blob = w.commit(sync_dir=False)  # the folder is synced once, in _pull
                 if kind != "none":
-                    mark_unverified(ctx.cache.store, blob.digest, diff_id)
+                    _claim(ctx, blob.digest, digest, diff_id, new_blob=not blob.existed)
         except cl.BlobInterrupted:
             if attempt == retries:
                 raise
@@ -412,6 +431,25 @@ def _layer(ctx: _Ctx, ep: cl.Endpoint, desc: dict[str, Any],
         info = LayerInfo(blob.digest, diff_id, blob.size, usize, entries, stored_media(kind))
         return info, PulledLayer(blob.digest, diff_id, blob.size, digest, media)
     raise AssertionError("unreachable")
+
+
+def _claim(ctx: _Ctx, stored: str, blob: str, diff_id: str, *, new_blob: bool) -> None:
+    """Record that the stored layer `stored` (the registry's `blob`) must unpack to `diff_id`
+    (`tlimage.cache.layer.claim_diff_id`), or refuse the image when the stored layer is known
+    to unpack to something else. A wrong config changes nothing in the store."""
+    from tlimage.cache.layer import LayerError, claim_diff_id
+
+    try:
+        actual = claim_diff_id(ctx.cache.store, stored, diff_id, new_blob=new_blob)
+    except LayerError as e:
+        raise OCIError(f"{ctx.label}: layer {blob}: {e.message}", ref=ctx.label) from None
+    if actual is not None:
+        raise OCIError(
+            f"{ctx.label}: layer {blob} unpacks to {actual}, but the image config says "
+            f"{diff_id}; the image is refused (the stored layer, which other images use, is "
+            "kept)", ref=ctx.label,
+            hint="the image in the registry is broken: its config does not describe its layers",
+        )  # fmt: skip
 
 
 def ingest_layer(store: Any, chunks: Any, *, blob: str | None, size: int | None, media_type: str,
