@@ -221,11 +221,17 @@ class DiskFullError(TlimageError):
 
 class OCIError(TlimageError):
     """Talking to a container registry or reading an OCI layout failed. `ref` is the image
-    reference that asked for it, when known."""
+    reference that asked for it, when known; `span` the place in a Dockerfile, DSL call or JSON
+    document that named it (`str()` is then `file:line:col: message`, the line and a caret)."""
 
-    def __init__(self, message: str, *, ref: str | None = None, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, ref: str | None = None, hint: str | None = None,
+                 span: Span | None = None) -> None:  # fmt: skip
         super().__init__(message, hint=hint)
         self.ref = ref
+        self.span = span
+
+    def __str__(self) -> str:
+        return self.message if self.span is None else self.span.render(self.message)
 
 
 class RuntimeError_(TlimageError):  # noqa: N801 - `RuntimeError` is a builtin

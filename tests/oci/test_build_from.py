@@ -177,3 +177,32 @@ def test_scratch_and_seed_bases_never_reach_a_registry(tmp_path, monkeypatch):
         server.shutdown()
         server.server_close()
     assert seen == []
+
+
+@pytest.mark.parametrize("name, text, line, shown", [
+    ("Dockerfile", "FROM busybox\nFROM {ref}\n", 2, "FROM {ref}"),
+    ("Dockerfile", "FROM busybox\nCOPY --from={ref} /x /y\n", 2, "COPY --from={ref} /x /y"),
+    ("Dockerfile", "FROM busybox\nRUN --mount=type=bind,from={ref},target=/m true\n", 2,
+     "RUN --mount=type=bind,from={ref},target=/m true"),
+    ("image.py", "from tlimage import Image\n\nimage = Image('a', base_image='{ref}').run('true')\n",
+     3, "image = Image('a', base_image='{ref}').run('true')"),
+    ("image.json", '{{\n  "type": "image",\n  "name": "a",\n  "base_image": "{ref}",\n'
+     '  "operations": [{{"op": "RUN", "args": ["true"]}}]\n}}\n', 4, '  "base_image": "{ref}",'),
+])  # fmt: skip
+def test_a_bad_image_reference_names_the_line_that_asked_for_it(registry, tmp_path, name, text,
+                                                                 line, shown):  # fmt: skip
+    """FROM, COPY --from, RUN --mount=from, the DSL's and the JSON form's base_image: the error
+    names the reference and points at the place (file:line:col, the line, a caret), also in
+    the structured fields of a JSON `error` event."""
+    ref = f"{registry.host}/no/such:nope"
+    (tmp_path / "ctx").mkdir()
+    path = tmp_path / "ctx" / name
+    path.write_text(text.format(ref=ref))
+    with pytest.raises(TlimageError) as e:
+        build(path, registry)
+    loc = e.value.location_fields()
+    assert (loc["file"], loc["line"]) == (str(path), line) and loc["column"] >= 1
+    lines = e.value.render().splitlines()
+    assert lines[0].startswith(f"{path}:{line}:{loc['column']}: {ref}: unknown image or tag")
+    assert lines[1] == f"{line:>4} | " + shown.format(ref=ref)
+    assert lines[2].strip().startswith("^")

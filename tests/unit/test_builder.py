@@ -203,7 +203,7 @@ def test_unknown_base_lists_what_is_available(tmp_path: Path, monkeypatch) -> No
         run(tmp_path / "image.py")
     # Not a local name: it is a registry image, pulled; Docker Hub is unreachable (no network,
     # or this nonexistent host named as its only endpoint) or lacks it.
-    assert "image.py:2: python:3.11-slim: " in str(info.value)
+    assert "image.py:2:1: python:3.11-slim: " in str(info.value)  # the call site, with a caret
     assert re.search(r"cannot reach|unknown image", str(info.value))
     assert (
         "available locally: debian-minimal, debian-systemd, debian-vnc, ubuntu-minimal"

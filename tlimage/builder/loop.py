@@ -39,7 +39,14 @@ from tlimage.builder.mounts import Redactor, StepMounts
 from tlimage.builder.mounts import key_inputs as mount_key_inputs
 from tlimage.cache import keys
 from tlimage.cache.unpacked import adopt_upper, unpacked_layer
-from tlimage.errors import BuildError, DiskFullError, ExecutorError, StepFailed, TlimageError
+from tlimage.errors import (
+    BuildError,
+    DiskFullError,
+    ExecutorError,
+    OCIError,
+    StepFailed,
+    TlimageError,  # fmt: skip
+)
 from tlimage.ir.describe import describe
 from tlimage.registry.db import ImageRecord, LayerRef, Manifest, Registry
 
@@ -429,7 +436,6 @@ class Builder:
     def _pull(self, ref: str, meta: ir.StepMeta | None, stage: str | None) -> ImageSource:
         from tlimage.builder.bases import pull_base
         from tlimage.builder.config import config_from_oci
-        from tlimage.errors import OCIError
 
         try:
             if (img := self.opts.resolved.get(ref)) is not None and all(
@@ -446,7 +452,7 @@ class Builder:
                     registry_config=self.opts.registry_config,
                 )
         except OCIError as e:
-            if not str(e).startswith(ref):
+            if not e.message.startswith(ref):
                 e.message = f"{ref}: {e.message}"
                 e.args = (e.message,)
             if e.hint is None or "unknown image" in e.message or "does not resolve" in e.message:
@@ -780,7 +786,12 @@ def _same_source(old: str | None, new: str | None) -> bool:
 
 
 def _at(meta: ir.StepMeta, err: TlimageError) -> TlimageError:
-    """Prefix an error with the step's source location."""
+    """Prefix an error with the step's source location (an image reference's error carries it
+    as its span: file:line:col, the line and a caret)."""
+    if isinstance(err, OCIError):
+        if err.span is None:
+            err.span = meta.span
+        return err
     if meta.span is not None and not str(err).startswith(meta.span.short):
         err.message = f"{meta.span.short}: {err.message}"
         err.args = (err.message,)

@@ -169,8 +169,10 @@ def _lower_image(obj: dict[str, Any], path: Path_, ctx: _Context) -> ir.ImageDef
             spans.append(ctx.step_span(op, op_path))
     lowered = img.to_ir()
     stage = lowered.stages[0]
+    # The base's errors (an unknown registry image) point at its `base_image` member.
+    base_at = (*path, "base_image") if "base_image" in obj else path
     metas = (
-        ir.StepMeta(span=ctx.step_span(obj, path)),
+        ir.StepMeta(span=ctx.step_span(obj, base_at)),
         *(ir.StepMeta(span=s, force=m.force) for s, m in zip(spans, stage.meta[1:], strict=True)),
     )
     return ir.ImageDef(
