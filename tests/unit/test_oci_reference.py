@@ -29,6 +29,9 @@ D = "sha256:" + "ab" * 32
     ("127.0.0.1:5000/a/b/c:tag", "127.0.0.1:5000/a/b/c:tag"),
     (f"ghcr.io/org/img@{D}", f"ghcr.io/org/img@{D}"),
     (f"debian:12@{D}", f"docker.io/library/debian:12@{D}"),
+    (f"debian@{D}", f"docker.io/library/debian@{D}"),
+    (f"docker.io/library/debian@{D}", f"docker.io/library/debian@{D}"),
+    (f"index.docker.io/user/img@{D}", f"docker.io/user/img@{D}"),
     ("[::1]:5000/img", "[::1]:5000/img:latest"),
 ])  # fmt: skip
 def test_normalization(text, want):

@@ -261,8 +261,10 @@ class RegistryClient:
                     self._schemes[ep.host] = "http"
                     continue
                 attempt += 1
-                if attempt > self.config.retries or _unresolvable(e):
-                    raise self._net_error(ep, ref, e) from None
+                # A mirror that cannot be reached is left at once: the next endpoint is its
+                # fallback (as Docker and containerd fall back), not its retries' back-off.
+                if attempt > self.config.retries or _unresolvable(e) or ep.mirror_of:
+                    raise self._net_error(ep, ref, e, attempts=attempt) from None
                 time.sleep(self._backoff(attempt))
                 continue
             except (httpx.TransportError, OSError) as e:
@@ -328,14 +330,16 @@ class RegistryClient:
                 return None
             return min(max(when - time.time(), 0.0), self.config.max_wait)
 
-    def _net_error(self, ep: Endpoint, ref: str, e: Exception) -> OCIError:
+    def _net_error(self, ep: Endpoint, ref: str, e: Exception,
+                   attempts: int | None = None) -> OCIError:  # fmt: skip
         if _unresolvable(e):
             return OCIError(f"{ref or ep}: cannot reach {ep.host}: its name does not resolve ({e})",
                             ref=ref or None, hint="no network here? name a mirror, e.g. "
                             f"{MIRRORS_ENV}=docker.io=mirror.example:5000 (or in "
                             f"${CONFIG_ENV})")  # fmt: skip
         return OCIError(
-            f"{ref or ep}: cannot reach {ep.host} after {self.config.retries + 1} attempts: "
+            f"{ref or ep}: cannot reach {ep.host} after "
+            f"{_n(attempts or self.config.retries + 1, 'attempt')}: "
             f"{type(e).__name__}: {e}", ref=ref or None,
             hint=("the registry speaks plain HTTP? name it with --insecure-registry "
                   f"{ep.host}" if isinstance(e, ssl.SSLError) or "SSL" in str(e) else None),
@@ -766,6 +770,10 @@ def _unresolvable(e: Exception) -> bool:
     return any(m in text for m in ("Name or service not known", "No address associated",
                                    "Temporary failure in name resolution",
                                    "nodename nor servname"))  # fmt: skip
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _empty() -> bytes:

@@ -1,0 +1,323 @@
+"""Pull promises of issue #12 not covered elsewhere, each against a real registry
+(docker-registry): mirrors falling back to the next endpoint, 429 Retry-After honoured,
+connection resets, foreign layers, wrong credentials from $REGISTRY_AUTH_FILE named, the CLI's
+--registry-auth with --json pull events, and a pulled base's Entrypoint/Cmd/Healthcheck
+inherited as BuildKit does."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.oci.conftest import Reg, _config, free_port, skopeo_copy, umoci_image
+from tests.oci.test_faults import Proxy
+from tlimage.cache.cache import LayerCache
+from tlimage.errors import OCIError
+from tlimage.oci import pull as oci_pull
+from tlimage.oci.client import (
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    RegistryClient,
+    RegistryConfig,
+)
+from tlimage.oci.reference import parse
+
+pytestmark = pytest.mark.slow
+
+LAYERS_ONE = [{"etc/": "", "etc/os-release": b"ID=test\n", "bin/": "", "bin/tool": b"x\n"}]
+
+
+def sha(b: bytes) -> str:
+    return "sha256:" + hashlib.sha256(b).hexdigest()
+
+
+def cfg(*hosts: str, **kw) -> RegistryConfig:
+    kw.setdefault("backoff", 0.05)
+    return RegistryConfig(insecure=hosts, certs_dirs=(), **kw)
+
+
+@pytest.fixture
+def image(registry, tmp_path):
+    layout = umoci_image(tmp_path / "layout", "v1", LAYERS_ONE)
+    ref = f"{registry.host}/m/img:v1"
+    skopeo_copy(f"oci:{layout}:v1", f"docker://{ref}", *registry.skopeo_flags("dest"))
+    return ref
+
+
+def test_mirrors_fall_back_to_the_next_endpoint_at_once(registry, image, tmp_path):
+    """A dead mirror (nothing listens) is left after one attempt, not after the retries and
+    their back-off; an empty mirror (a real registry without the image) answers 404; the
+    registry itself then serves the image."""
+    root = tmp_path / "empty"
+    root.mkdir()
+    port = free_port()
+    empty = Reg(f"127.0.0.1:{port}", root, None, _config(root, port))
+    empty.start()
+    dead = f"127.0.0.1:{free_port()}"
+    try:
+        conf = cfg(registry.host, empty.host, dead, backoff=0.5, retries=4,
+                   mirrors={registry.host: (dead, empty.host)})  # fmt: skip
+        with LayerCache(tmp_path / "cache") as cache:
+            t0 = time.monotonic()
+            img = oci_pull.pull(image, cache, config=conf)
+            took = time.monotonic() - t0
+        assert len(img.layers) == 1 and img.downloaded == 1
+        assert took < 3.0, f"the dead mirror held the pull {took:.1f}s"
+        # Nothing anywhere: the error names every endpoint tried and the reference.
+        with LayerCache(tmp_path / "cache") as cache:
+            with pytest.raises(OCIError) as e:
+                oci_pull.pull(f"{registry.host}/m/none:v1", cache, config=conf)
+        msg = str(e.value)
+        assert msg.startswith(f"{registry.host}/m/none:v1: unknown image or tag 'v1'")
+        assert f"mirror {dead}" in msg and f"{empty.host}: not found" in msg
+    finally:
+        empty.stop()
+
+
+def test_429_waits_for_retry_after_then_gives_up_clearly(registry, image, tmp_path):
+    proxy = Proxy(registry.host)
+    try:
+        ref = image.replace(registry.host, proxy.host)
+        proxy.faults = [("/manifests/", ("status", 429, {"Retry-After": "1"}))]
+        with LayerCache(tmp_path / "cache") as cache:
+            t0 = time.monotonic()
+            oci_pull.pull(ref, cache, config=cfg(proxy.host))
+            assert time.monotonic() - t0 >= 1.0  # the back-off alone would be 0.05 s
+        proxy.faults = [("/manifests/", ("status", 429, {"Retry-After": "0"}))] * 10
+        with LayerCache(tmp_path / "cache2") as cache:
+            with pytest.raises(OCIError) as e:
+                oci_pull.pull(ref, cache, config=cfg(proxy.host, retries=2))
+        assert str(e.value).startswith(ref) and "answered 429" in str(e.value)
+        assert "3 times" in str(e.value) and "try again later" in e.value.hint
+    finally:
+        proxy.close()
+
+
+class ResettingProxy(Proxy):
+    """The fault proxy, whose `resets` first connections are answered by a TCP reset as soon
+    as a request arrives."""
+
+    def __init__(self, upstream: str, resets: int) -> None:
+        super().__init__(upstream)
+        self.resets = resets
+        handler = self.server.RequestHandlerClass
+        proxy = self
+
+        class Resetting(handler):  # type: ignore[misc, valid-type]
+            def handle_one_request(self):  # noqa: ANN202
+                if proxy.resets > 0:
+                    proxy.resets -= 1
+                    self.rfile.readline()
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))  # fmt: skip
+                    self.close_connection = True
+                    return
+                super().handle_one_request()
+
+        self.server.RequestHandlerClass = Resetting
+
+
+def test_connection_resets_are_retried_then_reported(registry, image, tmp_path):
+    proxy = ResettingProxy(registry.host, resets=2)
+    try:
+        ref = image.replace(registry.host, proxy.host)
+        with LayerCache(tmp_path / "cache") as cache:
+            img = oci_pull.pull(ref, cache, config=cfg(proxy.host))
+            assert img.downloaded == 1 and proxy.resets == 0
+        proxy.resets = 100
+        with LayerCache(tmp_path / "cache2") as cache:
+            with pytest.raises(OCIError) as e:
+                oci_pull.pull(ref, cache, config=cfg(proxy.host, retries=2))
+            assert not list(cache.store.blobs_dir.iterdir())
+        msg = str(e.value)
+        assert msg.startswith(ref) and f"cannot reach {proxy.host} after 3 attempts" in msg
+    finally:
+        proxy.close()
+
+
+def test_foreign_layers_are_refused_before_anything_is_fetched(registry, tmp_path):
+    config = json.dumps({"architecture": "amd64", "os": "windows", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [sha(b"x")]}}).encode()  # fmt: skip
+    foreign = {"mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+               "digest": sha(b"remote"), "size": 6,
+               "urls": ["https://example.invalid/layer"]}  # fmt: skip
+    ref = f"{registry.host}/win/base:ltsc"
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": sha(config), "size": len(config)},
+        "layers": [foreign],
+    }).encode()  # fmt: skip
+    with RegistryClient(cfg(registry.host)) as c:
+        ep = c.endpoints(parse(ref), write=True)[0]
+        c.upload_blob(ep, sha(config), len(config), lambda: iter([config]), label=ref)
+        c.put_manifest(ep, "ltsc", manifest, OCI_MANIFEST, label=ref)
+    with LayerCache(tmp_path / "cache") as cache:
+        with pytest.raises(OCIError) as e:
+            oci_pull.pull(ref, cache, config=cfg(registry.host))
+        assert not list(cache.store.blobs_dir.iterdir())
+    assert str(e.value).startswith(ref) and "foreign (non-distributable) layer" in str(e.value)
+
+
+def test_wrong_credentials_from_registry_auth_file_are_named(tls_registry, tmp_path,
+                                                             monkeypatch):  # fmt: skip
+    layout = umoci_image(tmp_path / "layout", "v1", LAYERS_ONE)
+    ref = f"{tls_registry.host}/priv/img:v1"
+    skopeo_copy(f"oci:{layout}:v1", f"docker://{ref}", *tls_registry.skopeo_flags("dest"))
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(
+        json.dumps(
+            {"auths": {tls_registry.host: {"auth": base64.b64encode(b"alice:nope").decode()}}}
+        )
+    )
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.docker/config.json of the machine's
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(wrong))
+    conf = RegistryConfig(certs_dirs=(str(tls_registry.certs_dir),), retries=0)
+    with LayerCache(tmp_path / "cache") as cache:
+        with pytest.raises(OCIError) as e:
+            oci_pull.pull(ref, cache, config=conf)
+        msg = str(e.value)
+        assert msg.startswith(ref) and f"access to {tls_registry.host} denied (401)" in msg
+        assert f"credentials tried: {wrong} ({tls_registry.host})" in msg
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tls_registry.auth_file))
+        assert len(oci_pull.pull(ref, cache, config=conf).layers) == 1
+
+
+def tl(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tlimage", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=env)  # fmt: skip
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unpacking layers needs root")
+def test_cli_registry_auth_and_json_pull_events(tls_registry, tmp_path):
+    layout = umoci_image(tmp_path / "layout", "v1", LAYERS_ONE)
+    ref = f"{tls_registry.host}/priv/img:v1"
+    skopeo_copy(f"oci:{layout}:v1", f"docker://{ref}", *tls_registry.skopeo_flags("dest"))
+    env = {**os.environ, "HOME": str(tmp_path), "TLIMAGE_CACHE_DIR": str(tmp_path / "cache"),
+           "TLIMAGE_STATE_DIR": str(tmp_path / "state"),
+           "TLIMAGE_REGISTRY_CERTS_DIR": str(tls_registry.certs_dir)}  # fmt: skip
+    env.pop("REGISTRY_AUTH_FILE", None)
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {ref}\nLABEL built=yes\n")
+    out = tl("sbx", "image", "create", "Dockerfile", "-n", "app", cwd=ctx, env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"Dockerfile:1:1: {ref}: " in out.stderr and "user name and password" in out.stderr
+    assert "   1 | FROM" in out.stderr
+    out = tl("sbx", "image", "create", "Dockerfile", "-n", "app", "--json", "--registry-auth",
+             str(tls_registry.auth_file), cwd=ctx, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr + out.stdout
+    events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    kinds = [e["event"] for e in events]
+    assert "pull_started" in kinds and "pull_done" in kinds
+    layer = [e for e in events if e["event"] == "pull_layer" and e["status"] == "done"]
+    assert layer and layer[0]["bytes"] == layer[0]["total"] > 0
+
+
+def test_pulled_entrypoint_cmd_and_healthcheck_are_inherited(registry, tmp_path):
+    """As BuildKit: the base's Entrypoint, Cmd, Healthcheck, User, StopSignal and Labels carry
+    over; a new ENTRYPOINT resets the inherited Cmd."""
+    from tlimage.builder import build_image
+    from tlimage.executor.fake import FakeExecutor
+
+    layout = umoci_image(tmp_path / "layout", "v1", LAYERS_ONE)
+    src = f"{registry.host}/cfg/src:v1"
+    skopeo_copy(f"oci:{layout}:v1", f"docker://{src}", *registry.skopeo_flags("dest"))
+    with RegistryClient(cfg(registry.host)) as c:
+        fetched, ep = c.get_manifest(parse(src))
+        manifest = json.loads(fetched.data)
+        config = json.loads(c.get_blob_bytes(ep, manifest["config"]["digest"],
+                                             manifest["config"]["size"], label=src))  # fmt: skip
+        config["config"].update({
+            "Entrypoint": ["/bin/tool"], "Cmd": ["--serve"], "User": "app:app",
+            "StopSignal": "SIGTERM", "Labels": {"a": "b"}, "ExposedPorts": {"80/tcp": {}},
+            "Healthcheck": {"Test": ["CMD", "/bin/tool", "--check"], "Interval": 30_000_000_000,
+                            "Retries": 3},
+        })  # fmt: skip
+        data = json.dumps(config).encode()
+        manifest["config"].update(digest=sha(data), size=len(data))
+        c.upload_blob(ep, sha(data), len(data), lambda: iter([data]), label=src)
+        c.put_manifest(ep, "hc", json.dumps(manifest).encode(), fetched.media_type,
+                       label=src)  # fmt: skip
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    conf = cfg(registry.host)
+    (ctx / "Dockerfile").write_text(f"FROM {registry.host}/cfg/src:hc\nLABEL c=d\n")
+    got = build_image(ctx / "Dockerfile", executor=FakeExecutor(),
+                      registry_config=conf).manifest.config  # fmt: skip
+    assert got["entrypoint"] == ["/bin/tool"] and got["cmd"] == ["--serve"]
+    assert got["user"] == "app:app" and got["stopsignal"] == "SIGTERM"
+    assert got["labels"] == {"a": "b", "c": "d"} and got["exposed_ports"] == ["80/tcp"]
+    assert got["healthcheck"]["test"] == ["CMD", "/bin/tool", "--check"]
+    assert got["healthcheck"]["retries"] == 3 and got["healthcheck"]["interval"]
+    (ctx / "Dockerfile").write_text(f'FROM {registry.host}/cfg/src:hc\nENTRYPOINT ["/x"]\n')
+    got = build_image(ctx / "Dockerfile", executor=FakeExecutor(),
+                      registry_config=conf).manifest.config  # fmt: skip
+    assert got["entrypoint"] == ["/x"] and not got.get("cmd")
+
+
+def test_docker_schema2_manifest_list_and_an_uncompressed_layer(registry, tmp_path):
+    """An image in Docker's media types (skopeo --format v2s2) behind a Docker manifest list
+    whose arm64 entry carries variant v8, and an uncompressed (plain tar) OCI layer: all pull,
+    and the trees equal umoci's own unpack."""
+    import io
+    import tarfile
+
+    from tests.oci.test_pull import tree, umoci_rootfs, unpack_layers
+    from tlimage.oci.client import DOCKER_LIST, DOCKER_MANIFEST, OCI_LAYER
+
+    layout = umoci_image(tmp_path / "layout", "v1", LAYERS_ONE)
+    ref = f"{registry.host}/d/img"
+    skopeo_copy(f"oci:{layout}:v1", f"docker://{ref}:v2s2", "--format", "v2s2",
+                *registry.skopeo_flags("dest"))  # fmt: skip
+    with RegistryClient(cfg(registry.host)) as c:
+        fetched, ep = c.get_manifest(parse(f"{ref}:v2s2"))
+        assert fetched.media_type == DOCKER_MANIFEST
+        entry = {"mediaType": DOCKER_MANIFEST, "digest": fetched.digest,
+                 "size": len(fetched.data)}  # fmt: skip
+        index = {
+            "schemaVersion": 2,
+            "mediaType": DOCKER_LIST,
+            "manifests": [
+                {**entry, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}}
+            ],
+        }
+        c.put_manifest(ep, "list", json.dumps(index).encode(), DOCKER_LIST, label=ref)
+        # A plain-tar layer, as some tools push them.
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            ti = tarfile.TarInfo("plain.txt")
+            ti.size = 5
+            tf.addfile(ti, io.BytesIO(b"plain"))
+        tar = buf.getvalue()
+        config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                             "rootfs": {"type": "layers", "diff_ids": [sha(tar)]}}).encode()  # fmt: skip
+        for b in (tar, config):
+            c.upload_blob(ep, sha(b), len(b), lambda b=b: iter([b]), label=ref)
+        plain = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": sha(config), "size": len(config)},
+            "layers": [{"mediaType": OCI_LAYER, "digest": sha(tar), "size": len(tar)}],
+        }).encode()  # fmt: skip
+        c.put_manifest(ep, "plain", plain, OCI_MANIFEST, label=ref)
+    with LayerCache(tmp_path / "cache") as cache:
+        img = oci_pull.pull(f"{ref}:list", cache, config=cfg(registry.host),
+                            platform="linux/arm64/v8")  # fmt: skip
+        assert img.digest == fetched.digest and img.index_digest
+        ours = unpack_layers(cache, img.layers, tmp_path / "ours")
+        with pytest.raises(OCIError, match=r"no image for platform linux/amd64; the index has: "
+                           r"linux/arm64$"):  # fmt: skip
+            oci_pull.pull(f"{ref}:list", cache, config=cfg(registry.host))
+        flat = oci_pull.pull(f"{ref}:plain", cache, config=cfg(registry.host))
+        out = unpack_layers(cache, flat.layers, tmp_path / "plain")
+        assert (out / "plain.txt").read_bytes() == b"plain"
+    assert tree(ours) == tree(umoci_rootfs(layout, "v1", tmp_path / "umoci"))
