@@ -321,3 +321,51 @@ def test_docker_schema2_manifest_list_and_an_uncompressed_layer(registry, tmp_pa
         out = unpack_layers(cache, flat.layers, tmp_path / "plain")
         assert (out / "plain.txt").read_bytes() == b"plain"
     assert tree(ours) == tree(umoci_rootfs(layout, "v1", tmp_path / "umoci"))
+
+
+def test_a_reference_pinned_to_an_index_digest_is_reused_offline(registry, image, tmp_path):
+    """`FROM name@sha256:<index>` (the digest Docker Hub shows): once resolved for a platform,
+    later pulls need no registry, as a tag's resolution is reused."""
+    with RegistryClient(cfg(registry.host)) as c:
+        fetched, ep = c.get_manifest(parse(image))
+        entry = {"mediaType": fetched.media_type, "digest": fetched.digest,
+                 "size": len(fetched.data), "platform": {"os": "linux", "architecture": "amd64"}}  # fmt: skip
+        index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                            "manifests": [entry]}).encode()  # fmt: skip
+        c.put_manifest(ep, "multi", index, "application/vnd.oci.image.index.v1+json", label=image)
+    pinned = f"{registry.host}/m/img@{sha(index)}"
+    with LayerCache(tmp_path / "cache") as cache:
+        img = oci_pull.pull(pinned, cache, config=cfg(registry.host))
+        assert img.digest == fetched.digest and not img.offline
+        registry.stop()
+        again = oci_pull.pull(pinned, cache, config=cfg(registry.host, retries=0))
+        assert again.offline and again.digest == fetched.digest
+
+
+def test_a_blob_the_mirror_lacks_comes_from_the_next_endpoint(registry, image, tmp_path):
+    """The mirror (a real registry) has the manifest but lost a layer blob (deleted through the
+    registry API): that blob is read from the registry itself, the rest from the mirror."""
+    root = tmp_path / "mirror"
+    root.mkdir()
+    port = free_port()
+    mirror = Reg(f"127.0.0.1:{port}", root, None, _config(root, port))
+    mirror.start()
+    try:
+        path = image.split("/", 1)[1]
+        skopeo_copy(f"docker://{image}", f"docker://{mirror.host}/{path}", "--src-tls-verify=false",
+                    *mirror.skopeo_flags("dest"))  # fmt: skip
+        with RegistryClient(cfg(mirror.host)) as c:
+            fetched, ep = c.get_manifest(parse(f"{mirror.host}/{path}"))
+            layer = json.loads(fetched.data)["layers"][0]["digest"]
+            resp = c.request("DELETE", ep, f"{ep.repository}/blobs/{layer}", ok=(202,),
+                             scope=f"repository:{ep.repository}:pull,push,delete")  # fmt: skip
+            assert resp.status_code == 202
+        conf = cfg(registry.host, mirror.host, mirrors={registry.host: (mirror.host,)})
+        events: list[dict] = []
+        with LayerCache(tmp_path / "cache") as cache:
+            img = oci_pull.pull(image, cache, config=conf, progress=events.append)
+            assert img.downloaded == 1
+        said = [e["message"] for e in events if e["event"] == "status"]
+        assert said and f"mirror {mirror.host}" in said[0] and layer in said[0]
+    finally:
+        mirror.stop()

@@ -38,6 +38,8 @@ from tlimage.oci import client as cl
 from tlimage.oci.reference import Reference, parse
 
 Progress = Callable[[dict[str, Any]], None]
+# Where a blob is read: an endpoint, or endpoints in order (a mirror's failure falls to the next).
+Endpoints = cl.Endpoint | list[cl.Endpoint]
 LAYOUT = _layout.OCI.path
 DEFAULT_PLATFORM = "linux/amd64"
 
@@ -157,8 +159,9 @@ def _pull(ctx: _Ctx, ref: Reference, ref_text: str, platform: str, jobs: int) ->
         cached.ref, cached.tag, cached.index_digest = ref_text, ref.tag, index_digest
         return cached
     cdesc = manifest["config"]
-    config_bytes = ctx.client.get_blob_bytes(ep, cdesc["digest"], int(cdesc["size"]),
-                                             label=ctx.label)  # fmt: skip
+    eps = _blob_endpoints(ctx, ref, ep)
+    config_bytes = _on_endpoints(ctx, eps, lambda e: ctx.client.get_blob_bytes(
+        e, cdesc["digest"], int(cdesc["size"]), label=ctx.label))  # fmt: skip
     try:
         config = json.loads(config_bytes)
         diff_ids = list(config["rootfs"]["diff_ids"])
@@ -189,7 +192,7 @@ def _pull(ctx: _Ctx, ref: Reference, ref_text: str, platform: str, jobs: int) ->
             }
         )
     t0 = time.monotonic()
-    wanted = [(ep, d, diff_id) for d, diff_id in zip(descs, diff_ids, strict=True)]
+    wanted = [(eps, d, diff_id) for d, diff_id in zip(descs, diff_ids, strict=True)]
     results = fetch_layers(ctx.cache, ctx.client, wanted, label=ctx.label, progress=ctx.progress,
                            jobs=jobs)  # fmt: skip
     img = PulledImage(
@@ -205,12 +208,13 @@ def _pull(ctx: _Ctx, ref: Reference, ref_text: str, platform: str, jobs: int) ->
 
 
 def fetch_layers(cache: Any, client: cl.RegistryClient,
-                 layers: list[tuple[cl.Endpoint, dict[str, Any], str]], *, label: str,
+                 layers: list[tuple[Endpoints, dict[str, Any], str]], *, label: str,
                  progress: Progress | None = None,
                  jobs: int = 6) -> list[tuple[PulledLayer, int]]:  # fmt: skip
-    """Make sure each layer — (endpoint, registry descriptor, diff_id) — is in `cache`'s store
-    and indexed under `layer_key(blob)`: one stored before costs a lookup, the rest download
-    `jobs` at a time. For each layer, in order: (its PulledLayer, bytes downloaded)."""
+    """Make sure each layer — (endpoint or endpoints in order, registry descriptor, diff_id) —
+    is in `cache`'s store and indexed under `layer_key(blob)`: one stored before costs a
+    lookup, the rest download `jobs` at a time. For each layer, in order: (its PulledLayer,
+    bytes downloaded)."""
     ctx = _Ctx(cache, client, label, progress)
     # The cache index is used from this thread only; workers download and store blobs.
     results: list[tuple[PulledLayer, int] | None] = [None] * len(layers)
@@ -236,7 +240,9 @@ def fetch_layers(cache: Any, client: cl.RegistryClient,
         failed: BaseException | None = None
         with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(todo))),
                                 thread_name_prefix="tlimage-pull") as pool:  # fmt: skip
-            futures = {pool.submit(_layer, ctx, *layers[i]): i for i in todo}
+            futures = {pool.submit(_on_endpoints, ctx, _chain(layers[i][0]),
+                                   lambda e, i=i: _layer(ctx, e, *layers[i][1:])): i
+                       for i in todo}  # fmt: skip
             for fut in as_completed(futures):
                 try:
                     info, layer = fut.result()
@@ -259,6 +265,32 @@ def fetch_layers(cache: Any, client: cl.RegistryClient,
         if failed is not None:
             raise failed
     return [r for r in results if r is not None]
+
+
+def _chain(eps: Endpoints) -> list[cl.Endpoint]:
+    return list(eps) if isinstance(eps, (list, tuple)) else [eps]
+
+
+def _blob_endpoints(ctx: _Ctx, ref: Reference, ep: cl.Endpoint) -> list[cl.Endpoint]:
+    """Where blobs are read: `ep` (which served the manifest), then the endpoints after it."""
+    eps = ctx.client.endpoints(ref)
+    return eps[eps.index(ep) :] if ep in eps else [ep]
+
+
+def _on_endpoints(ctx: _Ctx, eps: list[cl.Endpoint], fetch: Callable[[cl.Endpoint], Any]) -> Any:
+    """`fetch` from the first endpoint; a mirror that fails it (the blob missing, broken or
+    unreachable) falls back to the next endpoint, as a manifest does."""
+    for k, e in enumerate(eps):
+        try:
+            return fetch(e)
+        except OCIError as err:
+            if e.mirror_of is None or k == len(eps) - 1 or ctx.stop.is_set():
+                raise
+            if ctx.progress:
+                ctx.progress({"event": "status", "ref": ctx.label,
+                              "message": f"mirror {e.host}: {err.message}; trying "
+                              f"{eps[k + 1].host}"})  # fmt: skip
+    raise AssertionError("unreachable")
 
 
 # -- platforms ------------------------------------------------------------------------------
@@ -701,8 +733,9 @@ def _img_path(cache: Any, digest: str) -> Path:
 
 
 def _load_resolution(cache: Any, ref: Reference, platform: str) -> str | None:
-    if ref.digest:
-        return ref.digest if _img_path(cache, ref.digest).exists() else None
+    if ref.digest and _img_path(cache, ref.digest).exists():
+        return ref.digest
+    # A tag, or a digest of an index (the platform's manifest it named; it never moves).
     try:
         return json.loads(_res_path(cache, ref, platform).read_text())["digest"]
     except (OSError, ValueError, KeyError):
@@ -730,7 +763,7 @@ def _save(cache: Any, ref: Reference, platform: str, img: PulledImage) -> None:
     ip = _img_path(cache, img.digest)
     ip.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(ip, json.dumps(img.to_json(), sort_keys=True).encode(), durable=False)
-    if ref.digest is None:
+    if ref.digest != img.digest:  # a tag, or an index's digest
         rp = _res_path(cache, ref, platform)
         rp.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(rp, json.dumps({"ref": str(ref), "platform": platform,
