@@ -2,14 +2,16 @@
 run, on the same multi-layer image in a local registry (Debian's docker-registry, plain HTTP).
 
     python bench/bench_registry.py [--layers 6] [--mib 24] [--repeat 3] [--no-podman]
+                                   [--no-cache-bench]
 
 Pull: tlimage streams each layer once (sha256 verified, the blob stored as sent; the diff_id is
 checked by the first unpack), layers in parallel, into a fresh cache; `skopeo copy docker://…
 oci:DIR` writes the blobs as they are into an OCI layout (sha256 only); `podman pull` (vfs
 storage) also unpacks. The first pull of the process pays for importing httpx (the median of
 the repeats does not). Push: tlimage pushes the pulled image (its gzip layers as pulled) to a
-fresh registry, `skopeo copy oci:DIR docker://…` the layout (gzip layers). Ratios are peer
-time / tlimage time: > 1 means tlimage is faster.
+fresh registry, `skopeo copy oci:DIR docker://…` the layout (gzip layers). Export: tlimage writes
+the pulled image as an OCI archive (a tar), `skopeo copy oci:DIR oci-archive:FILE` the same
+layout's blobs into one. Ratios are peer time / tlimage time: > 1 means tlimage is faster.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 from tlimage.cache.cache import LayerCache
 from tlimage.oci import pull as oci_pull
 from tlimage.oci.client import RegistryClient, RegistryConfig
-from tlimage.oci.layout import LocalImage
+from tlimage.oci.layout import LocalImage, export_image
 from tlimage.oci.push import push
 
 
@@ -212,6 +214,19 @@ def main() -> None:
 
         assert img is not None
         local = LocalImage([(la.digest, la.diff_id) for la in img.layers], img.config["config"])
+        e_ours, e_skopeo = [], []
+        for r in range(args.repeat):
+            with LayerCache(work / "cache0") as cache:
+                e_ours.append(timed(lambda cache=cache, r=r: export_image(
+                    cache.store, local, work / f"ours{r}.tar", ref_name="v1")))  # fmt: skip
+            e_skopeo.append(timed(lambda r=r: subprocess.run(
+                ["skopeo", "copy", "--quiet", f"oci:{layout}:v1",
+                 f"oci-archive:{work / f'skopeo{r}.tar'}:v1"], check=True)))  # fmt: skip
+            for name in (f"ours{r}.tar", f"skopeo{r}.tar"):
+                (work / name).unlink()
+        o = median(e_ours)
+        print(f"export tlimage {o:5.2f}s  skopeo copy oci->oci-archive {median(e_skopeo):5.2f}s  "
+              f"ratio {median(e_skopeo) / o:.2f}")  # fmt: skip
         p_ours, p_skopeo = [], []
         for r in range(args.repeat):
             proc2, host2 = start_registry(work / f"push{r}")
