@@ -159,10 +159,11 @@ def test_same_build_is_byte_identical_across_machines(tmp_path, monkeypatch):
 def test_import_round_trips_and_rootfs_tarball(built, tmp_path):
     with LayerCache() as cache:
         export_image(cache.store, local_image(built), tmp_path / "o.tar")
+        export_image(cache.store, local_image(built), tmp_path / "dir", compression="gzip")
         export_image(cache.store, local_image(built), tmp_path / "d.tar", fmt="docker")
         ours = unpack_layers(cache, built.manifest.layers, tmp_path / "ours")
     with LayerCache(tmp_path / "fresh") as cache:  # a second machine
-        for src in ("o.tar", "d.tar"):
+        for src in ("o.tar", "dir", "d.tar"):
             img = import_image(cache, tmp_path / src)
             assert [la.diff_id for la in img.layers] == [la.diff_id for la in built.manifest.layers]
             rec = register_pulled(img, "default", "back", src.split(".")[0])
@@ -187,7 +188,7 @@ def test_import_round_trips_and_rootfs_tarball(built, tmp_path):
         blobs[0].write_bytes(bytes(data))
         with pytest.raises(OCIError, match="hashes to|not valid|does not match"):
             import_image(cache, bad)
-    assert {r.tag for r in Registry().list("default") if r.name == "back"} == {"o", "d"}
+    assert {r.tag for r in Registry().list("default") if r.name == "back"} == {"o", "dir", "d"}
 
 
 def _tar(path: Path, entries: list[tuple]) -> Path:
