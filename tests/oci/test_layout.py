@@ -86,6 +86,37 @@ def test_oci_layout_read_by_skopeo_and_umoci(built, tmp_path):
     assert not (theirs / "etc/hostname").exists()
 
 
+def test_export_replaces_an_earlier_export_and_nothing_else(built, tmp_path):
+    """`-o .` or `-o ~/project` must not delete a folder: only an empty folder or an earlier
+    OCI layout is replaced; a file where a folder goes, or a folder where an archive goes, is
+    an error naming it. Nothing of the user's is touched."""
+    victim = tmp_path / "project"
+    (victim / "src").mkdir(parents=True)
+    (victim / "src/main.py").write_text("precious\n")
+    afile = tmp_path / "notes"
+    afile.write_text("keep\n")
+    adir = tmp_path / "folder.tar"
+    adir.mkdir()
+    with LayerCache() as cache:
+        img = local_image(built)
+        for dest, kw, msg in [(victim, {}, "not empty and not an OCI image layout"),
+                              (afile, {}, "not a folder"),
+                              (adir, {}, "is a folder"),
+                              (adir, {"fmt": "docker"}, "is a folder")]:  # fmt: skip
+            with pytest.raises(OCIError, match=msg) as e:
+                export_image(cache.store, img, dest, **kw)
+            assert str(dest) in str(e.value)
+        first = export_image(cache.store, img, tmp_path / "layout")
+        assert export_image(cache.store, img, tmp_path / "layout", compression="gzip") != first
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        export_image(cache.store, img, empty)
+        assert (empty / "oci-layout").is_file()
+    assert (victim / "src/main.py").read_text() == "precious\n"
+    assert afile.read_text() == "keep\n" and adir.is_dir()
+    assert not list(tmp_path.glob(".*.tmp-*"))
+
+
 def test_oci_tar_is_byte_identical_across_exports(built, tmp_path):
     with LayerCache() as cache:
         export_image(cache.store, local_image(built), tmp_path / "a.tar")

@@ -176,6 +176,7 @@ def export_image(store: Any, image: LocalImage, dest: Path, *, fmt: str = "oci",
     manifest digest (OCI) or the config digest (docker: the image ID). Written to a temp
     name and renamed: an interrupted export leaves nothing under `dest`."""
     dest = Path(dest)
+    _check_dest(dest, archive=fmt == "docker" or dest.suffix == ".tar")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.tmp-") as tmpd:
         tmp = Path(tmpd)
@@ -214,6 +215,24 @@ def export_image(store: Any, image: LocalImage, dest: Path, *, fmt: str = "oci",
                 shutil.rmtree(dest)
             os.replace(out, dest)
         return manifest.digest
+
+
+def _check_dest(dest: Path, *, archive: bool) -> None:
+    """An export replaces an earlier export at `dest`, never anything else: a folder that is
+    not an OCI layout (`-o .`, `-o ~/project`) would be deleted whole."""
+    if not (dest.exists() or dest.is_symlink()):
+        return
+    if archive:
+        if dest.is_dir() and not dest.is_symlink():
+            raise OCIError(f"{dest}: is a folder; an archive is written to a file (name another "
+                           "path, or drop .tar for an OCI layout folder)")  # fmt: skip
+        return
+    if dest.is_symlink() or not dest.is_dir():
+        raise OCIError(f"{dest}: exists and is not a folder; an OCI layout is a folder (end the "
+                       "path in .tar for an archive)")  # fmt: skip
+    if any(dest.iterdir()) and not (dest / "oci-layout").is_file():
+        raise OCIError(f"{dest}: a folder that is not empty and not an OCI image layout; "
+                       "not replaced (name a new or empty folder)")  # fmt: skip
 
 
 def _data(data: bytes) -> Blob:
