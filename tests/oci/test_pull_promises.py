@@ -369,3 +369,25 @@ def test_a_blob_the_mirror_lacks_comes_from_the_next_endpoint(registry, image, t
         assert said and f"mirror {mirror.host}" in said[0] and layer in said[0]
     finally:
         mirror.stop()
+
+
+def test_sbx_new_image_takes_the_registry_flags(tls_registry, tmp_path):
+    """`tl sbx new --image <registry ref>` reads credentials from --registry-auth as `create`
+    does: a wrong file given there is the one the error names (no sandbox is started)."""
+    layout = umoci_image(tmp_path / "layout", "v1", LAYERS_ONE)
+    ref = f"{tls_registry.host}/priv/img:v1"
+    skopeo_copy(f"oci:{layout}:v1", f"docker://{ref}", *tls_registry.skopeo_flags("dest"))
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(
+        json.dumps(
+            {"auths": {tls_registry.host: {"auth": base64.b64encode(b"alice:nope").decode()}}}
+        )
+    )
+    env = {**os.environ, "HOME": str(tmp_path), "TLIMAGE_CACHE_DIR": str(tmp_path / "cache"),
+           "TLIMAGE_STATE_DIR": str(tmp_path / "state"),
+           "TLIMAGE_REGISTRY_CERTS_DIR": str(tls_registry.certs_dir)}  # fmt: skip
+    env.pop("REGISTRY_AUTH_FILE", None)
+    out = tl("sbx", "new", "--image", ref, "--registry-auth", str(wrong), "--platform",
+             "linux/amd64", cwd=tmp_path, env=env)  # fmt: skip
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert ref in out.stderr and f"credentials tried: {wrong} ({tls_registry.host})" in out.stderr

@@ -29,7 +29,8 @@ def register_pulled(img: Any, project: str, name: str, tag: str, *,
 
 
 def registered_or_pulled(project: str, ref: str, *, cache_dir: Any = None,
-                         platform: str = "linux/amd64", emit: Any = None) -> str:  # fmt: skip
+                         platform: str = "linux/amd64", emit: Any = None,
+                         registry_config: Any = None) -> str:  # fmt: skip
     """`ref` when it names an image registered in the project; otherwise a registry image,
     pulled and registered (as its last path component and tag, e.g. `debian:bookworm`) — the
     NAME:TAG to launch."""
@@ -64,7 +65,7 @@ def registered_or_pulled(project: str, ref: str, *, cache_dir: Any = None,
             emit or (lambda _e: None),
             platform=platform,
             refresh=False,
-            registry_config=RegistryConfig.from_env(),
+            registry_config=registry_config or RegistryConfig.from_env(),
         )
         name = re.sub(r"[^A-Za-z0-9._-]", "-", parsed.repository.rsplit("/", 1)[-1])
         tag = parsed.tag or img.digest.split(":")[1][:12]

@@ -12,7 +12,16 @@ from typing import Annotated
 
 import typer
 
-from tlimage.cli.options import CacheDirOpt, Isolation, OldImageOpt, ProjectOpt, deprecated_i
+from tlimage.cli.options import (
+    CacheDirOpt,
+    InsecureRegistryOpt,
+    Isolation,
+    OldImageOpt,
+    PlatformOpt,
+    ProjectOpt,
+    RegistryAuthOpt,
+    deprecated_i,
+)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON).")]
 IdArg = Annotated[str, typer.Argument(help="Sandbox id, unique id prefix, or name.")]
@@ -142,6 +151,9 @@ def register(sbx: typer.Typer) -> None:
         cache_dir: CacheDirOpt = None,
         json_: JsonOpt = False,
         old_image: OldImageOpt = None,
+        platform: PlatformOpt = "linux/amd64",
+        insecure_registry: InsecureRegistryOpt = None,
+        registry_auth: RegistryAuthOpt = None,
     ) -> None:
         """Boot a sandbox from a registered image (default: the default base) and print its id."""
         import json
@@ -161,9 +173,12 @@ def register(sbx: typer.Typer) -> None:
         if image:
             from tlimage._paths import project_name
             from tlimage.builder.images import registered_or_pulled
+            from tlimage.cli.options import registry_config
 
             # Not registered in the project nor a seed base: a registry image, pulled first.
-            image = registered_or_pulled(project_name(project), image, cache_dir=cache_dir)
+            image = registered_or_pulled(
+                project_name(project), image, cache_dir=cache_dir, platform=platform,
+                registry_config=registry_config(insecure_registry, registry_auth))  # fmt: skip
         policy = None
         if network != "allow" or block or allow:
             from tlimage.sandbox.network import NetworkPolicy
