@@ -292,3 +292,61 @@ def test_a_cached_layer_lost_from_the_registry_is_a_clear_error(registry, tmp_pa
     assert "from the remote cache, which could not be fetched" in err.value.message
     assert "--no-cache" in (err.value.hint or "")
     assert not any(e["event"] == "image_registered" for e in events)
+
+
+def test_a_builder_stages_registry_base_is_not_pulled(registry, tmp_path, monkeypatch):
+    """FROM <registry image> AS tools, all its steps in the cache, read only by a cached COPY
+    --from: the fresh machine resolves the image (manifest and config, for the keys) but never
+    downloads its layers; the resolution is kept, so the next build asks no registry."""
+    from tlimage.oci.pull import layer_key
+
+    big = umoci_image(tmp_path / "big", "v1", [{"opt/": "", "opt/sdk": b"x" * 200_000}])
+    skopeo_copy(f"oci:{big}:v1", f"docker://{registry.host}/sdk/big:v1",
+                *registry.skopeo_flags("dest"))  # fmt: skip
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"""\
+FROM {registry.host}/sdk/big:v1 AS tools
+RUN write /opt/tool built
+FROM busybox
+COPY --from=tools /opt/tool /usr/bin/tool
+""")
+    cache_ref = f"{registry.host}/app/cache:sdk"
+    machine(tmp_path, "one", monkeypatch)
+    first, events, _ = build(ctx, registry, cache_to=(cache_ref,))
+    assert any(e["event"] == "pull_started" for e in events)
+
+    machine(tmp_path, "two", monkeypatch)
+    second, events, ex2 = build(ctx, registry, cache_from=(cache_ref,))
+    assert second.executed_steps == 0 and ex2.runs == [] and second.image_id == first.image_id
+    assert not any(e["event"] in ("pull_started", "pull_layer") for e in events), events
+    blobs = [d["digest"] for d in _manifest_layers(registry, "sdk/big", "v1")]
+    with_cache = _stored(tmp_path, "two")
+    assert not {layer_key(b) for b in blobs} & with_cache
+
+    # The resolution was recorded: with the registry gone it is answered offline. A build that
+    # must run a step on the image then (no cache) says which step needed which layers.
+    from tlimage.cache.cache import LayerCache
+    from tlimage.errors import TlimageError
+    from tlimage.oci.pull import resolve
+
+    registry.stop()
+    with LayerCache(tmp_path / "two" / "cache") as cache:
+        res = resolve(f"{registry.host}/sdk/big:v1", cache)
+    assert res.offline and [d["digest"] for d in res.layers] == blobs
+    with pytest.raises(TlimageError) as err:
+        build(ctx, registry)
+    assert "Dockerfile:2: step 'RUN write /opt/tool built' needs 1 layer of image" in str(err.value)
+    registry.start()
+
+
+def _manifest_layers(registry, repo: str, tag: str) -> list[dict]:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"http://{registry.host}/v2/{repo}/manifests/{tag}",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    with urllib.request.urlopen(req) as resp:  # noqa: S310 - the test's own registry
+        return json.loads(resp.read())["layers"]

@@ -130,7 +130,8 @@ def _is_dockerfile(source: Any) -> bool:
 def _base_resolver(opts: BuildOptions, emit: Emit | None) -> Any:
     """What a Dockerfile's lowering learns of a base image before the build: its ENV and
     WORKDIR (for word expansion) and its ONBUILD triggers. Registered images answer from the
-    registry; registry images are pulled (the build reuses that resolution). Seed bases and
+    registry; registry images are resolved, their layers not fetched (the build reuses that
+    resolution, and fetches the layers when a step needs them). Seed bases and
     failures answer None: the lowering's defaults, and the build reports the error at FROM."""
     from tlimage.builder.bases import KNOWN_BASES
     from tlimage.frontends.dockerfile.lower import BaseImage
@@ -151,15 +152,15 @@ def _base_resolver(opts: BuildOptions, emit: Emit | None) -> Any:
                 rec = Registry().find(opts.project, name)
                 if rec is not None:
                     return to_base(ImageConfig.from_json(rec.manifest.config))
-            from tlimage.builder.bases import pull_base
+            from tlimage.builder.config import config_from_oci
             from tlimage.cache.cache import LayerCache
+            from tlimage.oci import pull as oci_pull
 
             with LayerCache(opts.cache_dir) as cache:
-                img, _, config = pull_base(ref, cache, emit or (lambda _e: None),
-                                           platform=opts.platform, refresh=opts.pull,
-                                           registry_config=opts.registry_config)  # fmt: skip
-            opts.resolved[ref] = img
-            return to_base(config)
+                res = oci_pull.resolve(ref, cache, platform=opts.platform, refresh=opts.pull,
+                                       config=opts.registry_config)  # fmt: skip
+            opts.resolved[ref] = res
+            return to_base(config_from_oci(res.config))
         except TlimageError:
             return None
 

@@ -76,6 +76,15 @@ def pull_base(ref: str, cache: Any, emit: Callable[[dict[str, Any]], None], *,
     from tlimage.builder.config import config_from_oci
     from tlimage.oci import pull as oci_pull
 
+    img = oci_pull.pull(ref, cache, platform=platform, refresh=refresh, config=registry_config,
+                        progress=pull_progress(emit), label=label)  # fmt: skip
+    layers = [LayerRef(la.digest, la.diff_id, la.size) for la in img.layers]
+    return img, layers, config_from_oci(img.config)
+
+
+def pull_progress(emit: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    """A pull's progress events, passed on with a status line at its start and end."""
+
     def progress(ev: dict[str, Any]) -> None:
         kind = ev["event"]
         if kind == "pull_started":
@@ -86,10 +95,7 @@ def pull_base(ref: str, cache: Any, emit: Callable[[dict[str, Any]], None], *,
                   f"{ev['bytes'] / 1e6:.1f} MB in {ev['duration']:.1f}s"})  # fmt: skip
         emit(ev)
 
-    img = oci_pull.pull(ref, cache, platform=platform, refresh=refresh, config=registry_config,
-                        progress=progress, label=label)  # fmt: skip
-    layers = [LayerRef(la.digest, la.diff_id, la.size) for la in img.layers]
-    return img, layers, config_from_oci(img.config)
+    return progress
 
 
 def _n(count: int, noun: str) -> str:

@@ -88,7 +88,7 @@ class BuildOptions:
     # A build cache in a registry (tlimage.oci.cache): read before, written after the build.
     cache_from: tuple[str, ...] = ()
     cache_to: tuple[str, ...] = ()
-    # Registry images the front end already resolved (reference -> PulledImage), reused here.
+    # Registry images the front end already resolved (reference -> oci.pull.Resolved).
     resolved: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -409,48 +409,65 @@ class Builder:
         return lazy.need(layers, self._fetch)
 
     def _fetch(self, missing: list[Deferred]) -> None:
+        """Fetch `missing`: those of the --cache-from maps in one parallel download, those of
+        each registry image with the image's pull."""
+        from tlimage.builder.bases import _n, pull_progress
+        from tlimage.oci import pull as oci_pull
+
+        groups: dict[int, list[Deferred]] = {}
+        for d in missing:
+            groups.setdefault(id(d.origin), []).append(d)
+        for group in groups.values():
+            origin = group[0].origin
+            t0 = time.monotonic()
+            try:
+                if origin is None:
+                    before = self._remote.bytes
+                    recs = self._remote.fetch(self.cache, [d.key for d in group])
+                    refs = {k: LayerRef(r.digest, r.diff_id, r.size) for k, r in recs.items()}
+                    got = self._remote.bytes - before
+                    self._status(f"remote cache: fetched {_n(len(group), 'layer')} "
+                                 f"({got / 1e6:.1f} MB downloaded) in "
+                                 f"{time.monotonic() - t0:.1f}s")  # fmt: skip
+                else:
+                    img = oci_pull.fetch(origin, self.cache, client=self.oci_client,
+                                         progress=pull_progress(self.emit))  # fmt: skip
+                    refs = {oci_pull.layer_key(la.blob): LayerRef(la.digest, la.diff_id, la.size)
+                            for la in img.layers}  # fmt: skip
+            except TlimageError as e:
+                raise self._not_fetched(e, group) from None
+            for d in group:
+                d.ref = refs[d.key]
+
+    def _not_fetched(self, e: TlimageError, group: list[Deferred]) -> TlimageError:
+        """`e`, said as the layers the current step (or the final image) needs."""
         from tlimage.builder.bases import _n
 
-        t0 = time.monotonic()
-        before = self._remote.bytes
-        try:
-            recs = self._remote.fetch(self.cache, [d.key for d in missing])
-        except TlimageError as e:
-            where, desc = self._current
-            e.message = (f"{where + ': ' if where else ''}"
-                         f"{'step ' + repr(desc) if desc else 'the image'} needs "
-                         f"{_n(len(missing), 'cached layer')} ({missing[0].what}"
-                         f"{', …' if len(missing) > 1 else ''}) from the remote cache, which "
-                         f"could not be fetched: {e.message}")  # fmt: skip
-            e.args = (e.message,)
+        where, desc = self._current
+        cached = group[0].origin is None
+        what = _n(len(group), "cached layer" if cached else "layer")
+        e.message = (f"{where + ': ' if where else ''}"
+                     f"{'step ' + repr(desc) if desc else 'the image'} needs {what} of "
+                     f"{group[0].what}{' and more' if cached and len(group) > 1 else ''}"
+                     f"{' from the remote cache' if cached else ''}, which could not be "
+                     f"fetched: {e.message}")  # fmt: skip
+        e.args = (e.message,)
+        if cached:
             e.hint = ("the --cache-from registry lost or damaged the layer: build again with "
                       "--no-cache, or without that --cache-from")  # fmt: skip
-            raise
-        for d in missing:
-            rec = recs[d.key]
-            d.ref = LayerRef(rec.digest, rec.diff_id, rec.size)
-        got = self._remote.bytes - before
-        self._status(f"remote cache: fetched {_n(len(missing), 'layer')} "
-                     f"({got / 1e6:.1f} MB downloaded) in {time.monotonic() - t0:.1f}s")  # fmt: skip
+        return e
 
     def _pull(self, ref: str, meta: ir.StepMeta | None, stage: str | None) -> ImageSource:
-        from tlimage.builder.bases import pull_base
+        """A registry image, resolved (manifest and config); its layers are fetched when a step
+        or the final image needs them (`need`), so a stage whose steps are all cached never
+        downloads its base."""
         from tlimage.builder.config import config_from_oci
+        from tlimage.oci import pull as oci_pull
 
         try:
-            if (img := self.opts.resolved.get(ref)) is not None and all(
-                    self.store.size(la.digest) == la.size for la in img.layers):  # fmt: skip
-                layers = [LayerRef(la.digest, la.diff_id, la.size) for la in img.layers]
-                config = config_from_oci(img.config)
-            else:
-                img, layers, config = pull_base(
-                    ref,
-                    self.cache,
-                    self.emit,
-                    platform=self.opts.platform,
-                    refresh=self.opts.pull,
-                    registry_config=self.opts.registry_config,
-                )
+            img = self.opts.resolved.get(ref) or oci_pull.resolve(
+                ref, self.cache, platform=self.opts.platform, refresh=self.opts.pull,
+                client=self.oci_client)  # fmt: skip
         except OCIError as e:
             if not e.message.startswith(ref):
                 e.message = f"{ref}: {e.message}"
@@ -473,7 +490,14 @@ class Builder:
             if self.opts.explain:
                 self.emit({"event": "explain", "stage": stage or "", "index": 0, "step": ref,
                            "reason": reason})  # fmt: skip
-        return ImageSource(layers, config, img.digest, f"{img.name}@{img.digest}")
+        layers: list[Layer] = [
+            LayerRef(la.digest, la.diff_id, la.size) if la is not None
+            else Deferred(oci_pull.layer_key(d["digest"]), d["diff_id"], int(d["size"]),
+                          f"image {ref}", origin=img)
+            for la, d in zip(oci_pull.stored_layers(self.cache, img), img.layers, strict=True)
+        ]  # fmt: skip
+        return ImageSource(layers, config_from_oci(img.config), img.digest,
+                           f"{img.name}@{img.digest}")  # fmt: skip
 
     # -- other steps ---------------------------------------------------------------------
 

@@ -21,13 +21,14 @@ Layers download in parallel; a download that breaks off is restarted a bounded n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +80,6 @@ class PulledImage:
     def pinned(self) -> str:
         return f"{self.name}@{self.digest}"
 
-    def to_json(self) -> dict[str, Any]:
-        obj = asdict(self)
-        for k in ("offline", "moved_from", "downloaded", "bytes"):
-            obj.pop(k)
-        return obj
-
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> PulledImage:
         layers = [PulledLayer(**la) for la in obj.pop("layers")]
@@ -105,6 +100,32 @@ def state_root(cache: Any) -> Path:
     return Path(cache.root) / LAYOUT
 
 
+@dataclass
+class Resolved:
+    """An image resolved to one platform's manifest, its layers not fetched: what a build
+    needs before any layer (the digest for keys, the config). `fetch` gets the layers."""
+
+    ref: str  # as asked for
+    name: str  # canonical name: registry/repository
+    digest: str  # the platform manifest's digest
+    platform: str
+    config: dict[str, Any]  # the OCI image config document
+    layers: list[dict[str, Any]]  # the manifest's layer descriptors, each with its "diff_id"
+    index_digest: str | None = None
+    tag: str | None = None
+    offline: bool = False  # answered from the recorded resolution, no network
+    moved_from: str | None = None  # the previous resolution, when it differs
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "digest": self.digest, "platform": self.platform,
+                "config": self.config, "layers": self.layers,
+                "index_digest": self.index_digest}  # fmt: skip
+
+    @property
+    def size(self) -> int:
+        return sum(int(d["size"]) for d in self.layers)
+
+
 def pull(
     ref_text: str,
     cache: Any,
@@ -118,32 +139,44 @@ def pull(
     label: str | None = None,
 ) -> PulledImage:
     """Resolve `ref_text` and make sure its layers are in `cache`'s store (see the module
-    docstring), `jobs` layers at a time (6, as containers/image downloads). `label` names the asker in errors (a Dockerfile line), default the reference."""
+    docstring), `jobs` layers at a time (6, as containers/image downloads). `label` names the
+    asker in errors (a Dockerfile line), default the reference."""
+    with _own_client(client, config) as client_:
+        res = resolve(ref_text, cache, platform=platform, refresh=refresh, client=client_,
+                      label=label)  # fmt: skip
+        return fetch(res, cache, client=client_, progress=progress, jobs=jobs, label=label)
+
+
+def resolve(
+    ref_text: str,
+    cache: Any,
+    *,
+    platform: str = DEFAULT_PLATFORM,
+    refresh: bool = False,
+    config: cl.RegistryConfig | None = None,
+    client: cl.RegistryClient | None = None,
+    label: str | None = None,
+) -> Resolved:
+    """`ref_text` resolved to its platform manifest and config, no layer fetched. Without
+    `refresh` a resolution recorded before is answered offline."""
     ref = parse(ref_text)
     label = label or ref_text
     platform = normalize_platform(platform)
     previous = _load_resolution(cache, ref, platform)
     if previous is not None and not refresh:
-        img = _load_image(cache, previous)
-        if img is not None and _have_layers(cache, img):
-            img.offline = True
-            img.ref = ref_text
-            return img
-    own = client is None
-    client = client or cl.RegistryClient(config)
-    try:
-        ctx = _Ctx(cache, client, label, progress)
-        img = _pull(ctx, ref, ref_text, platform, jobs)
-    finally:
-        if own:
-            client.close()
-    if previous is not None and previous != img.digest and ref.digest is None:
-        img.moved_from = previous
-    _save(cache, ref, platform, img)
-    return img
+        res = _load_resolved(cache, previous)
+        if res is not None:
+            res.ref, res.tag, res.offline = ref_text, ref.tag, True
+            return res
+    with _own_client(client, config) as client_:
+        res = _resolve(_Ctx(cache, client_, label, None), ref, ref_text, platform)
+    if previous is not None and previous != res.digest and ref.digest is None:
+        res.moved_from = previous
+    _save(cache, ref, platform, res)
+    return res
 
 
-def _pull(ctx: _Ctx, ref: Reference, ref_text: str, platform: str, jobs: int) -> PulledImage:
+def _resolve(ctx: _Ctx, ref: Reference, ref_text: str, platform: str) -> Resolved:
     fetched, ep = ctx.client.get_manifest(ref, label=ctx.label)
     index_digest = None
     if fetched.media_type in cl.INDEX_TYPES or _is_index(fetched.data):
@@ -154,10 +187,10 @@ def _pull(ctx: _Ctx, ref: Reference, ref_text: str, platform: str, jobs: int) ->
             raise OCIError(f"{ctx.label}: the index names manifest {chosen} for {platform}, but "
                            f"{ep} does not have it", ref=ctx.label)  # fmt: skip
     manifest = _manifest_doc(fetched, ctx.label)
-    cached = _load_image(ctx.cache, fetched.digest)
-    if cached is not None and _have_layers(ctx.cache, cached):
-        cached.ref, cached.tag, cached.index_digest = ref_text, ref.tag, index_digest
-        return cached
+    known = _load_resolved(ctx.cache, fetched.digest)
+    if known is not None:  # the same manifest as before: its config is known
+        known.ref, known.tag, known.index_digest = ref_text, ref.tag, index_digest
+        return known
     cdesc = manifest["config"]
     eps = _blob_endpoints(ctx, ref, ep)
     config_bytes = _on_endpoints(ctx, eps, lambda e: ctx.client.get_blob_bytes(
@@ -172,7 +205,8 @@ def _pull(ctx: _Ctx, ref: Reference, ref_text: str, platform: str, jobs: int) ->
     if len(descs) != len(diff_ids):
         raise OCIError(f"{ctx.label}: the manifest lists {len(descs)} layers but the config "
                        f"{len(diff_ids)} diff_ids", ref=ctx.label)  # fmt: skip
-    for d in descs:
+    layers = []
+    for d, diff_id in zip(descs, diff_ids, strict=True):
         mt = d.get("mediaType", "")
         if mt in FOREIGN_TYPES or "nondistributable" in mt or "foreign" in mt or d.get("urls"):
             raise OCIError(
@@ -181,30 +215,75 @@ def _pull(ctx: _Ctx, ref: Reference, ref_text: str, platform: str, jobs: int) ->
                 ref=ctx.label, hint="such layers are Windows base layers; use a Linux image",
             )  # fmt: skip
         _compression(mt, ctx.label)
-    if ctx.progress:
-        ctx.progress(
-            {
-                "event": "pull_started",
-                "ref": ctx.label,
-                "digest": fetched.digest,
-                "layers": len(descs),
-                "size": sum(int(d["size"]) for d in descs),
-            }
-        )
+        layers.append({"digest": str(d["digest"]), "size": int(d["size"]), "mediaType": mt,
+                       "diff_id": str(diff_id)})  # fmt: skip
+    return Resolved(ref_text, ref.name, fetched.digest, platform, config, layers,
+                    index_digest, ref.tag)  # fmt: skip
+
+
+def stored_layers(cache: Any, res: Resolved) -> list[PulledLayer | None]:
+    """For each layer of `res`: its PulledLayer when the store holds it, else None."""
+    out: list[PulledLayer | None] = []
+    for d in res.layers:
+        rec = cache.lookup(layer_key(d["digest"]))
+        ok = rec is not None and rec.diff_id == d["diff_id"]
+        out.append(PulledLayer(rec.digest, rec.diff_id, rec.size, d["digest"], d["mediaType"])
+                   if ok else None)  # fmt: skip
+    return out
+
+
+def fetch(
+    res: Resolved,
+    cache: Any,
+    *,
+    config: cl.RegistryConfig | None = None,
+    client: cl.RegistryClient | None = None,
+    progress: Progress | None = None,
+    jobs: int = 6,
+    label: str | None = None,
+) -> PulledImage:
+    """The layers of `res` into `cache`'s store (no network when all are there), `jobs` at a
+    time; the image recorded for offline use."""
+    label = label or res.ref
+    img = PulledImage(ref=res.ref, name=res.name, digest=res.digest, platform=res.platform,
+                      config=res.config, layers=[], index_digest=res.index_digest, tag=res.tag,
+                      offline=res.offline, moved_from=res.moved_from)  # fmt: skip
+    have = stored_layers(cache, res)
+    if all(la is not None for la in have):
+        img.layers = [la for la in have if la is not None]
+        return img
+    if progress:
+        progress({"event": "pull_started", "ref": label, "digest": res.digest,
+                  "layers": len(res.layers), "size": res.size})  # fmt: skip
     t0 = time.monotonic()
-    wanted = [(eps, d, diff_id) for d, diff_id in zip(descs, diff_ids, strict=True)]
-    results = fetch_layers(ctx.cache, ctx.client, wanted, label=ctx.label, progress=ctx.progress,
-                           jobs=jobs)  # fmt: skip
-    img = PulledImage(
-        ref=ref_text, name=ref.name, digest=fetched.digest, platform=platform, config=config,
-        layers=[r[0] for r in results], index_digest=index_digest, tag=ref.tag,
-        downloaded=sum(1 for r in results if r[1]), bytes=sum(r[1] for r in results),
-    )  # fmt: skip
-    if ctx.progress:
-        ctx.progress({"event": "pull_done", "ref": ctx.label, "digest": img.digest,
-                      "downloaded": img.downloaded, "bytes": img.bytes,
-                      "duration": round(time.monotonic() - t0, 3)})  # fmt: skip
+    with _own_client(client, config) as client_:
+        eps = client_.endpoints(parse(f"{res.name}@{res.digest}"))
+        wanted = [(eps, d, d["diff_id"]) for d in res.layers]
+        results = fetch_layers(cache, client_, wanted, label=label, progress=progress,
+                               jobs=jobs)  # fmt: skip
+    img.layers = [r[0] for r in results]
+    img.downloaded = sum(1 for r in results if r[1])
+    img.bytes = sum(r[1] for r in results)
+    img.offline = False
+    if progress:
+        progress({"event": "pull_done", "ref": label, "digest": img.digest,
+                  "downloaded": img.downloaded, "bytes": img.bytes,
+                  "duration": round(time.monotonic() - t0, 3)})  # fmt: skip
     return img
+
+
+@contextlib.contextmanager
+def _own_client(client: cl.RegistryClient | None,
+                config: cl.RegistryConfig | None) -> Iterator[cl.RegistryClient]:  # fmt: skip
+    """`client`, or one made from `config` for the block and closed after it."""
+    if client is not None:
+        yield client
+        return
+    own = cl.RegistryClient(config)
+    try:
+        yield own
+    finally:
+        own.close()
 
 
 def fetch_layers(cache: Any, client: cl.RegistryClient,
@@ -746,27 +825,40 @@ def last_resolution(cache: Any, ref_text: str, platform: str = DEFAULT_PLATFORM)
     return _load_resolution(cache, parse(ref_text), normalize_platform(platform))
 
 
-def _load_image(cache: Any, digest: str) -> PulledImage | None:
+def _load_resolved(cache: Any, digest: str) -> Resolved | None:
+    """The recorded resolution of manifest `digest`: its config and layer descriptors."""
     try:
-        return PulledImage.from_json(json.loads(_img_path(cache, digest).read_text()))
+        obj = json.loads(_img_path(cache, digest).read_text())
+        if obj["layers"] and "blob" in obj["layers"][0]:
+            return _from_pulled(cache, PulledImage.from_json(obj))  # written by an older version
+        return Resolved(ref=obj["name"], name=obj["name"], digest=obj["digest"],
+                        platform=obj["platform"], config=obj["config"], layers=obj["layers"],
+                        index_digest=obj.get("index_digest"))  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _have_layers(cache: Any, img: PulledImage) -> bool:
-    return all(cache.store.size(la.digest) == la.size for la in img.layers)
+def _from_pulled(cache: Any, img: PulledImage) -> Resolved | None:
+    """An image record of an older version as a resolution, when its layers are all stored
+    (it kept no registry sizes; a stored layer is never downloaded again)."""
+    if not all(cache.store.size(la.digest) == la.size for la in img.layers):
+        return None
+    layers = [{"digest": la.blob, "size": la.size, "mediaType": la.media_type,
+               "diff_id": la.diff_id} for la in img.layers]  # fmt: skip
+    return Resolved(img.name, img.name, img.digest, img.platform, img.config, layers,
+                    img.index_digest)  # fmt: skip
 
 
-def _save(cache: Any, ref: Reference, platform: str, img: PulledImage) -> None:
+def _save(cache: Any, ref: Reference, platform: str, res: Resolved) -> None:
     from tlimage.cache.store import atomic_write_bytes
 
-    ip = _img_path(cache, img.digest)
+    ip = _img_path(cache, res.digest)
     ip.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(ip, json.dumps(img.to_json(), sort_keys=True).encode(), durable=False)
-    if ref.digest != img.digest:  # a tag, or an index's digest
+    atomic_write_bytes(ip, json.dumps(res.to_json(), sort_keys=True).encode(), durable=False)
+    if ref.digest != res.digest:  # a tag, or an index's digest
         rp = _res_path(cache, ref, platform)
         rp.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(rp, json.dumps({"ref": str(ref), "platform": platform,
-                                           "digest": img.digest,
+                                           "digest": res.digest,
                                            "resolved_at": time.time()}).encode(),
                            durable=False)  # fmt: skip
