@@ -305,3 +305,24 @@ def test_import_names_the_file_for_malformed_or_hostile_layouts(tmp_path):
                           text=True)  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"{tmp_path / 'traversal'}: index.json names an invalid digest" in proc.stderr
+
+
+def test_cli_export_names_the_image_for_podman_and_import_picks_it(built, tmp_path, podman):
+    """`tl sbx image export NAME:TAG -o F.tar`: `podman load` names it localhost/NAME:TAG (as
+    it names what `podman save` wrote); `import F.tar:NAME:TAG` and `F.tar:TAG` pick it."""
+
+    def tl(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "tlimage", "sbx", "image", *args],
+                              capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    tl("export", "exp", "-o", "exp.tar")
+    loaded = podman("load", "-i", str(tmp_path / "exp.tar")).stdout
+    assert "Loaded image: localhost/exp:latest" in loaded
+    assert podman.run("localhost/exp:latest", "cat /etc/app.conf") == "hello"
+    skopeo = subprocess.run(["skopeo", "inspect", f"oci-archive:{tmp_path / 'exp.tar'}:exp:latest"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert skopeo.returncode == 0, skopeo.stderr
+    assert "as exp:latest " in tl("import", "exp.tar:exp:latest")
+    assert "as again:1 " in tl("import", "exp.tar:latest", "-n", "again:1")

@@ -589,8 +589,12 @@ def image_export(
         from tlimage.errors import TlimageError
 
         raise TlimageError(f"{output}: a docker-archive is a tar file; name it *.tar")
+    # NAME:TAG as the layout's ref name, as `podman save` and `skopeo copy oci-archive:F:N:T`
+    # write it: `podman load` then names the image localhost/NAME:TAG (with the tag alone, it
+    # named it localhost/TAG:latest).
     digest = export_image(BlobStore(cache_dir), local_image(rec), output, fmt=fmt.value,
-                          ref_name=rec.tag, repo_tag=f"localhost/{rec.name}:{rec.tag}",
+                          ref_name=f"{rec.name}:{rec.tag}",
+                          repo_tag=f"localhost/{rec.name}:{rec.tag}",
                           compression=compression.value)  # fmt: skip
     print(f"exported {rec.ref} to {output} ({fmt.value}, {digest})")
 
@@ -693,11 +697,19 @@ def image_import(
     from tlimage.registry.db import parse_ref
 
     pick = None
-    if not path.exists() and ":" in str(path):
-        head, _, pick = str(path).rpartition(":")
-        path = Path(head)
+    text = str(path)
+    if not path.exists() and ":" in text:
+        # PATH:NAME, where NAME may hold a colon itself (app.tar:app:v1): the first colon
+        # whose left side exists splits them.
+        cut = next((i for i, c in enumerate(text) if c == ":" and Path(text[:i]).exists()),
+                   text.rindex(":"))  # fmt: skip
+        path, pick = Path(text[:cut]), text[cut + 1 :]
     default = re.sub(r"[^A-Za-z0-9._-]+", "-", path.name.split(".")[0]).strip("-.") or "imported"
-    img_name, tag = parse_ref(name or (default + (f":{pick}" if pick else "")))
+    if pick and ":" in (last := pick.rsplit("/", 1)[-1]):
+        default, pick_tag = last.split(":", 1)  # NAME:TAG picked: registered as NAME:TAG
+    else:
+        pick_tag = pick.rsplit("/", 1)[-1] if pick else None
+    img_name, tag = parse_ref(name or (default + (f":{pick_tag}" if pick_tag else "")))
     with LayerCache(cache_dir) as cache, cache.session(purpose="import"):
         img = import_image(cache, path, ref_name=pick, platform=platform)
         rec = register_pulled(img, project_name(project), img_name, tag, source=str(path))

@@ -412,12 +412,23 @@ def _blob_name(digest: Any, label: str = "", where: str = "") -> str:
     return f"blobs/{algo}/{hexd}"
 
 
+def _names(name: str, pick: str) -> bool:
+    """Whether an image named `name` in a layout or archive (a tag, NAME:TAG or a full
+    reference) is the one `pick` asks for: the same, its last path part, or its tag."""
+    return bool(name) and (name == pick or name.endswith(f"/{pick}")
+                           or name.rsplit(":", 1)[-1] == pick)  # fmt: skip
+
+
 def _import_oci(cache: Any, src: _Source, ref_name: str | None, platform: str) -> PulledImage:
     label = str(src.path)
     index = _json(src, "index.json")
     entries = index.get("manifests") or []
     if ref_name is not None:
-        entries = [m for m in entries if (m.get("annotations") or {}).get(REF_NAME) == ref_name]
+        entries = [
+            m
+            for m in entries
+            if _names(str((m.get("annotations") or {}).get(REF_NAME, "")), ref_name)
+        ]
     if not entries:
         names = [(m.get("annotations") or {}).get(REF_NAME, "?")
                  for m in index.get("manifests") or []]  # fmt: skip
@@ -466,9 +477,8 @@ def _import_docker(cache: Any, src: _Source, ref_name: str | None) -> PulledImag
         raise OCIError(f"{label}: manifest.json lists no images")
     entry = manifest[0]
     if ref_name is not None:
-        found = [m for m in manifest if any(t == ref_name or t.endswith(f"/{ref_name}") or
-                                            t.split(":")[-1] == ref_name
-                                            for t in m.get("RepoTags") or [])]  # fmt: skip
+        found = [m for m in manifest
+                 if any(_names(t, ref_name) for t in m.get("RepoTags") or [])]  # fmt: skip
         if not found:
             raise OCIError(f"{label}: no image {ref_name!r} in the archive")
         entry = found[0]
