@@ -206,3 +206,48 @@ def test_a_bad_image_reference_names_the_line_that_asked_for_it(registry, tmp_pa
     assert lines[0].startswith(f"{path}:{line}:{loc['column']}: {ref}: unknown image or tag")
     assert lines[1] == f"{line:>4} | " + shown.format(ref=ref)
     assert lines[2].strip().startswith("^")
+
+
+@pytest.mark.parametrize(
+    "text", ["FROM {ref}\nRUN write /x 1\n", "FROM scratch\nCOPY --from={ref} /f.txt /y\n"]
+)
+def test_an_image_whose_config_lies_about_a_layer_names_image_and_line(registry, tmp_path, text):
+    """A pulled image whose config's diff_id does not match its layer: the step that first
+    unpacks it (a RUN on it, a COPY --from it) fails naming the image reference and the
+    Dockerfile line."""
+    import gzip
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    from tlimage.oci.client import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, RegistryClient
+    from tlimage.oci.reference import parse
+
+    def sha(b: bytes) -> str:
+        return "sha256:" + hashlib.sha256(b).hexdigest()
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("f.txt")
+        ti.size = 3
+        tf.addfile(ti, io.BytesIO(b"abc"))
+    blob = gzip.compress(buf.getvalue(), mtime=0)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [sha(b"lie")]}}).encode()  # fmt: skip
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": sha(config), "size": len(config)},
+        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": sha(blob), "size": len(blob)}],
+    }).encode()  # fmt: skip
+    ref = f"{registry.host}/bad/base:v1"
+    with RegistryClient(RegistryConfig(insecure=(registry.host,), certs_dirs=())) as c:
+        ep = c.endpoints(parse(ref), write=True)[0]
+        for b in (blob, config):
+            c.upload_blob(ep, sha(b), len(b), lambda b=b: iter([b]), label=ref)
+        c.put_manifest(ep, "v1", manifest, OCI_MANIFEST, label=ref)
+    df = dockerfile(tmp_path, text.format(ref=ref))
+    with pytest.raises(TlimageError) as e:
+        build(df, registry)
+    text = e.value.render()
+    assert "Dockerfile:2" in text and f"of {ref} unpacks to" in text and sha(b"lie") in text

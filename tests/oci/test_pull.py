@@ -356,7 +356,8 @@ def test_wrong_diff_id_is_caught_by_the_first_unpack(registry, tmp_path):
     with LayerCache(tmp_path / "cache") as cache:
         img = oci_pull.pull(ref, cache, config=cfg(registry))
         digest = img.layers[0].digest
-        with pytest.raises(LayerError, match=f"unpacks to {sha(buf.getvalue())}.*says {wrong}"):
+        with pytest.raises(LayerError, match=f"of {ref} unpacks to {sha(buf.getvalue())}.*says "
+                           f"{wrong}"):  # fmt: skip
             unpacked_layer(cache.store, digest)
         assert not cache.store.has(digest)
         again = oci_pull.pull(ref, cache, config=cfg(registry))

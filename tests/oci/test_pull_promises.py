@@ -391,3 +391,27 @@ def test_sbx_new_image_takes_the_registry_flags(tls_registry, tmp_path):
              "linux/amd64", cwd=tmp_path, env=env)  # fmt: skip
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert ref in out.stderr and f"credentials tried: {wrong} ({tls_registry.host})" in out.stderr
+
+
+def test_token_server_refusing_wrong_credentials_names_them(token_registry, tmp_path):
+    """Docker Hub-style auth: the token server refuses the credentials of an auth file; the
+    error names the reference, the realm, the scope asked for and the file tried."""
+    layout = umoci_image(tmp_path / "layout", "v1", LAYERS_ONE)
+    ref = f"{token_registry.host}/private/img:v1"
+    skopeo_copy(f"oci:{layout}:v1", f"docker://{ref}", "--dest-tls-verify=false",
+                "--dest-creds=bob:pw")  # fmt: skip
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(
+        json.dumps(
+            {"auths": {token_registry.host: {"auth": base64.b64encode(b"bob:nope").decode()}}}
+        )
+    )
+    conf = RegistryConfig(insecure=(token_registry.host,), certs_dirs=(), retries=0,
+                          auth_files=(str(wrong),))  # fmt: skip
+    with LayerCache(tmp_path / "cache") as cache:
+        with pytest.raises(OCIError) as e:
+            oci_pull.pull(ref, cache, config=conf)
+    msg = str(e.value)
+    assert msg.startswith(ref) and "the token server http://127.0.0.1:" in msg
+    assert "refused access to repository:private/img:pull (401)" in msg
+    assert f"credentials tried: {wrong} ({token_registry.host})" in msg

@@ -503,34 +503,41 @@ def _note(store: BlobStore, digest: str) -> Path:
     return Path(store.path) / _UNVERIFIED / parse_digest(digest)
 
 
-def mark_unverified(store: BlobStore, digest: str, diff_id: str) -> None:
-    """Note that the blob `digest` must unpack to `diff_id` (checked on its first read)."""
+def mark_unverified(store: BlobStore, digest: str, diff_id: str, source: str = "") -> None:
+    """Note that the blob `digest` must unpack to `diff_id` (checked on its first read);
+    `source` (the image reference it came with) is named if it does not."""
     from tlimage.cache.store import atomic_write_bytes
 
     note = _note(store, digest)
     note.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(note, diff_id.encode())
+    atomic_write_bytes(note, f"{diff_id}\n{source}".encode())
+
+
+def _read_note(store: BlobStore, digest: str) -> tuple[str | None, str]:
+    try:
+        diff_id, _, source = _note(store, digest).read_text().partition("\n")
+    except (OSError, ValueError):
+        return None, ""
+    return diff_id.strip() or None, source.strip()
 
 
 def unverified_diff_id(store: BlobStore, digest: str) -> str | None:
     """The diff_id the blob must still be checked against, or None (checked, or built here)."""
-    try:
-        return _note(store, digest).read_text().strip() or None
-    except (OSError, ValueError):
-        return None
+    return _read_note(store, digest)[0]
 
 
 def settle_diff_id(store: BlobStore, digest: str, actual: str) -> None:
     """The first full read of `digest` hashed its tar to `actual`: clear the note, or discard
     the blob and raise LayerError when it differs from what the image config said."""
-    expected = unverified_diff_id(store, digest)
+    expected, source = _read_note(store, digest)
     if expected is None:
         return
     note = _note(store, digest)
     if actual != expected:
         store.delete(digest)
         note.unlink(missing_ok=True)
-        raise LayerError(f"layer {digest} unpacks to {actual}, but its image config says "
+        of = f" of {source}" if source else ""
+        raise LayerError(f"layer {digest}{of} unpacks to {actual}, but its image config says "
                          f"{expected}; the layer was discarded", hint="pull the image again; "
                          "if this repeats, the image in the registry is broken")  # fmt: skip
     note.unlink(missing_ok=True)
@@ -587,7 +594,8 @@ def ensure_verified(store: BlobStore, digest: str) -> None:
     settle_diff_id(store, digest, tar_digest(store, digest))
 
 
-def claim_diff_id(store: BlobStore, digest: str, diff_id: str, *, new_blob: bool) -> str | None:
+def claim_diff_id(store: BlobStore, digest: str, diff_id: str, *, new_blob: bool,
+                  source: str = "") -> str | None:  # fmt: skip
     """A pull stored (or found stored) the blob `digest` for an image config that says it
     unpacks to `diff_id`. Returns None when the claim is accepted, else the blob's real diff_id
     (the image is wrong; the caller refuses it).
@@ -601,7 +609,7 @@ def claim_diff_id(store: BlobStore, digest: str, diff_id: str, *, new_blob: bool
       is settled now with one read — the note goes when either claim proves right, the blob is
       never deleted here (a wrong earlier claim is the earlier image's to find)."""
     if new_blob:
-        mark_unverified(store, digest, diff_id)
+        mark_unverified(store, digest, diff_id, source)
         return None
     pending = unverified_diff_id(store, digest)
     if pending == diff_id:

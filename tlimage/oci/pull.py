@@ -551,7 +551,8 @@ def _claim(ctx: _Ctx, stored: str, blob: str, diff_id: str, *, new_blob: bool) -
     from tlimage.cache.layer import LayerError, claim_diff_id
 
     try:
-        actual = claim_diff_id(ctx.cache.store, stored, diff_id, new_blob=new_blob)
+        actual = claim_diff_id(ctx.cache.store, stored, diff_id, new_blob=new_blob,
+                               source=ctx.label)  # fmt: skip
     except LayerError as e:
         raise OCIError(f"{ctx.label}: layer {blob}: {e.message}", ref=ctx.label) from None
     if actual is not None:
