@@ -270,3 +270,31 @@ def test_push_retries_5xx_and_errors_name_the_reference(registry, tls_registry, 
     msg = str(e.value)
     assert msg.startswith(ref) and f"access to {tls_registry.host} denied (401)" in msg
     assert str(bad) in msg
+
+
+def test_a_mount_the_registry_refuses_uploads_into_the_session_it_opened(registry, built):
+    """A cross-repository mount the registry cannot do (the blob left the source repository)
+    opens a plain upload: the blob goes into that session, no second one is started."""
+    import httpx
+
+    from tests.oci.test_faults import Proxy
+
+    proxy = Proxy(registry.host)
+    proxy.forward_host = True
+    conf = RegistryConfig(insecure=(proxy.host,), certs_dirs=(), backoff=0.05)
+    try:
+        with LayerCache() as cache:
+            img = local_image(built)
+            first = push(cache.store, img, f"{proxy.host}/src/m:1", config=conf)
+            for digest in first.uploaded:  # unlink every blob from src/m
+                r = httpx.delete(f"http://{registry.host}/v2/src/m/blobs/{digest}")
+                assert r.status_code == 202, r.text
+            mark = len(proxy.seen)
+            second = push(cache.store, img, f"{proxy.host}/dst/m:1", config=conf)
+            wire = _requests(proxy, mark)
+    finally:
+        proxy.close()
+    n = len(first.uploaded)
+    assert second.mounted == [] and len(second.uploaded) == n
+    assert wire.count(("POST", "mount")) == n and ("POST", "upload") not in wire
+    assert wire.count(("PUT", "upload")) == n and wire[-1] == ("PUT", "manifest")

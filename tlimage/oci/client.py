@@ -693,12 +693,14 @@ class RegistryClient:
 
     def upload_blob(self, ep: Endpoint, digest: str, size: int,
                     chunks: Callable[[], Iterator[bytes]], *, label: str,
-                    chunk_size: int | None = None) -> None:  # fmt: skip
+                    chunk_size: int | None = None, url: str | None = None) -> None:  # fmt: skip
         """Upload a blob: monolithic (one PUT) by default, or in PATCH chunks of `chunk_size`
-        bytes. `chunks` makes the byte stream afresh for each attempt."""
+        bytes. `chunks` makes the byte stream afresh for each attempt. `url`: an upload the
+        registry opened already (a mount it answered with a plain upload), used first."""
         scope = f"repository:{ep.repository}:pull,push"
+        opened = url
         for attempt in range(self.config.retries + 1):
-            url = self.start_upload(ep, label=label)
+            url, opened = opened or self.start_upload(ep, label=label), None
             try:
                 if chunk_size:
                     url = self._patch_chunks(ep, url, chunks, chunk_size, scope, label)

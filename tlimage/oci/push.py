@@ -103,16 +103,19 @@ def _send_blob(client: cl.RegistryClient, ep: cl.Endpoint, ref: Any, b: Blob,
     repos = hints.repos(ref.registry, b.digest)
     if b.origin is not None and b.origin.host == ep.host:
         repos.insert(0, b.origin.repository)
+    opened = None
     for repo in repos:
         if repo == ep.repository:
             continue
         try:
-            if client.mount_blob(ep, b.digest, repo, label=label) is None:
+            opened = client.mount_blob(ep, b.digest, repo, label=label)
+            if opened is None:
                 return "mounted"
         except OCIError:
             pass
-        break  # the registry opened a plain upload instead: upload below
-    client.upload_blob(ep, b.digest, b.size, b.chunks, label=label, chunk_size=chunk_size)
+        break  # the registry opened a plain upload instead (`opened`): upload below, into it
+    client.upload_blob(ep, b.digest, b.size, b.chunks, label=label, chunk_size=chunk_size,
+                       url=opened)  # fmt: skip
     return "uploaded"
 
 
