@@ -415,3 +415,19 @@ def test_token_server_refusing_wrong_credentials_names_them(token_registry, tmp_
     assert msg.startswith(ref) and "the token server http://127.0.0.1:" in msg
     assert "refused access to repository:private/img:pull (401)" in msg
     assert f"credentials tried: {wrong} ({token_registry.host})" in msg
+
+
+def test_a_plain_http_registry_not_named_insecure_is_refused_with_the_flag_to_use(
+    registry, image, tmp_path
+):
+    """TLS is the default: a registry that speaks plain HTTP is not reached over it unless
+    named with --insecure-registry, and the error says so."""
+    with LayerCache(tmp_path / "cache") as cache:
+        with pytest.raises(OCIError) as e:
+            oci_pull.pull(image, cache, config=RegistryConfig(certs_dirs=(), retries=0))
+        assert not list(cache.store.blobs_dir.iterdir())
+    assert str(e.value).startswith(f"{image}: cannot reach {registry.host}")
+    assert (
+        e.value.hint
+        == f"the registry speaks plain HTTP? name it with --insecure-registry {registry.host}"
+    )
