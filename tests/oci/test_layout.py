@@ -256,6 +256,23 @@ def test_a_hostile_rootfs_tarball_never_touches_a_host_file(tmp_path):
     assert os.listdir(host) == []
 
 
+def test_a_rootfs_hard_link_must_name_an_earlier_entry(tmp_path):
+    """A root filesystem tarball is a layer on its own: a hard link to a path it does not hold
+    (the host's /etc/shadow, or a later entry) is refused at import, naming the file, rather
+    than at the first build or sandbox that unpacks it; a link to an earlier entry imports."""
+    with LayerCache(tmp_path / "cache") as cache:
+        for name, entries in {
+            "outside": [("etc/",), ("etc/shadow", "hard", "/etc/shadow")],
+            "later": [("b", "hard", "./a"), ("a",)],
+        }.items():
+            path = _tar(tmp_path / f"{name}.tar", [e for e in entries if e != ("etc/",)])
+            with pytest.raises(OCIError, match=rf"{name}\.tar: .*hard link .* not earlier"):
+                import_image(cache, path)
+        img = import_image(cache, _tar(tmp_path / "ok.tar", [("./a",), ("b", "hard", "a")]))
+        root = unpack_layers(cache, img.layers, tmp_path / "root-ok")
+        assert os.stat(root / "a").st_ino == os.stat(root / "b").st_ino
+
+
 def _layout(path: Path, index: object, blobs: dict[str, bytes] = {}) -> Path:  # noqa: B006
     (path / "blobs/sha256").mkdir(parents=True)
     (path / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')

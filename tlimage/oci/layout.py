@@ -388,11 +388,13 @@ def _json(src: _Source, name: str) -> Any:
 
 
 def _store_layers(cache: Any, label: str, items: list[tuple[Any, str | None, int | None, str,
-                                                            str | None]]) -> list:  # fmt: skip
+                                                            str | None]],
+                  standalone: bool = False) -> list:  # fmt: skip
     out = []
     for chunks, blob, size, media, diff_id in items:
         info, layer = ingest_layer(cache.store, chunks, blob=blob, size=size, media_type=media,
-                                   diff_id=diff_id, label=label)  # fmt: skip
+                                   diff_id=diff_id, label=label,
+                                   standalone=standalone)  # fmt: skip
         cache.put(layer_key(layer.blob), info, description=f"imported {label}",
                   meta={"blob": layer.blob, "media_type": media})  # fmt: skip
         out.append(layer)
@@ -523,7 +525,7 @@ def _import_rootfs(cache: Any, path: Path) -> PulledImage:
             while chunk := f.read(_CHUNK):
                 yield chunk
 
-    [layer] = _store_layers(cache, label, [(chunks(), None, None, media, None)])
+    [layer] = _store_layers(cache, label, [(chunks(), None, None, media, None)], standalone=True)
     config = {"architecture": "amd64", "os": "linux",
               "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:"
                                  "/bin"]},

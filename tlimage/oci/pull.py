@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import posixpath
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -565,17 +566,20 @@ def _claim(ctx: _Ctx, stored: str, blob: str, diff_id: str, *, new_blob: bool) -
 
 
 def ingest_layer(store: Any, chunks: Any, *, blob: str | None, size: int | None, media_type: str,
-                 diff_id: str | None, label: str) -> tuple[Any, PulledLayer]:  # fmt: skip
+                 diff_id: str | None, label: str,
+                 standalone: bool = False) -> tuple[Any, PulledLayer]:  # fmt: skip
     """Store a layer read from anywhere (an OCI layout, an archive): the compressed bytes in
     `chunks` are checked against `blob` (sha256) and `size` when given, and the tar against
-    `diff_id`. Returns (LayerInfo, PulledLayer); nothing is stored when a check fails."""
+    `diff_id`. Returns (LayerInfo, PulledLayer); nothing is stored when a check fails.
+    `standalone`: the layer has nothing under it (a root filesystem tarball), so a hard link
+    must name an entry earlier in it."""
     from tlimage.cache.layer import LayerInfo
 
     kind = _compression(media_type, label)
     h = hashlib.sha256()
     seen = 0
     with store.writer() as w:
-        conv = Converter(kind, w, label=label, layer=blob or "(layer)")
+        conv = Converter(kind, w, label=label, layer=blob or "(layer)", standalone=standalone)
         for chunk in chunks:
             seen += len(chunk)
             if size is not None and seen > size:
@@ -601,7 +605,8 @@ class Converter:
     uncompressed tar hashed and its headers checked on the way. gzip and zstd bytes are kept
     as they came (the store reads both); an uncompressed tar is stored compressed with zstd."""
 
-    def __init__(self, kind: str, out: Any, *, label: str, layer: str) -> None:
+    def __init__(self, kind: str, out: Any, *, label: str, layer: str,
+                 standalone: bool = False) -> None:  # fmt: skip
         import zstandard
 
         from tlimage.cache.layer import GZIP_ERRORS, gzip_decompressor
@@ -612,7 +617,7 @@ class Converter:
         self.out = out
         self.diff = hashlib.sha256()
         self.usize = 0
-        self.tar = TarChecker(f"{label}: layer {layer}", label)
+        self.tar = TarChecker(f"{label}: layer {layer}", label, standalone=standalone)
         self._zstd = zstandard
         self._head = b""  # the first bytes, to check they are what the media type says
         if kind == "gzip":
@@ -677,11 +682,14 @@ class Converter:
 class TarChecker:
     """Reads tar headers from a byte stream pushed in pieces and refuses what a layer may not
     hold (`tlimage._fs.refused_entry`: names or hard-link targets with `..`; device nodes are
-    accepted anywhere, as Docker accepts them)."""
+    accepted anywhere, as Docker accepts them). `standalone`: a layer with nothing under it,
+    whose hard links must name entries earlier in it (else its unpack would refuse the link
+    only later, at a build or a sandbox's start)."""
 
-    def __init__(self, where: str, label: str) -> None:
+    def __init__(self, where: str, label: str, *, standalone: bool = False) -> None:
         self.where = where
         self.label = label
+        self._seen: set[str] | None = set() if standalone else None
         self.entries = 0
         self._buf = bytearray()
         self._skip = 0
@@ -747,6 +755,11 @@ class TarChecker:
         self.entries += 1
         if (why := refused_entry(name, typ, link)) is not None:
             self._fail(why)
+        if self._seen is not None:
+            if typ == "1" and _entry(link) not in self._seen:
+                self._fail(f"hard link {name!r} names {link!r}, which is not earlier in the "
+                           "archive (a root filesystem tarball is a layer on its own)")  # fmt: skip
+            self._seen.add(_entry(name))
         if typ in "0\x007":
             self._skip = (size + 511) // 512 * 512
         elif typ not in "1256":
@@ -780,6 +793,11 @@ class TarChecker:
 
     def _fail(self, why: str) -> None:
         raise OCIError(f"{self.where}: {why}; nothing was stored", ref=self.label)
+
+
+def _entry(name: str) -> str:
+    """A tar member's path as the unpack sees it (`./a//b/` is `a/b`)."""
+    return posixpath.normpath("/" + name).lstrip("/")
 
 
 def _checksum(block: bytes) -> int:
