@@ -343,3 +343,24 @@ def test_cli_export_names_the_image_for_podman_and_import_picks_it(built, tmp_pa
     assert skopeo.returncode == 0, skopeo.stderr
     assert "as exp:latest " in tl("import", "exp.tar:exp:latest")
     assert "as again:1 " in tl("import", "exp.tar:latest", "-n", "again:1")
+
+
+def test_import_never_replaces_an_image_of_another_source_unasked(built, tmp_path):
+    """`import -n NAME` where NAME holds an image built from a file is refused (exit 2, naming
+    both); the same archive imported again updates its own name; --replace takes the name."""
+
+    def tl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tlimage", "sbx", "image", *args],
+                              capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+
+    rootfs = _tar(tmp_path / "rootfs.tar", [("etc/",), ("etc/os-release",)])
+    proc = tl("import", str(rootfs), "-n", "exp")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "exp:latest" in proc.stderr and str(tmp_path / "image.py") in proc.stderr
+    assert "--replace" in proc.stderr
+    assert Registry().get("default", "exp").image_id == built.image_id
+    assert tl("import", str(rootfs), "-n", "mine").returncode == 0
+    assert tl("import", str(rootfs), "-n", "mine").returncode == 0  # its own name: updated
+    proc = tl("import", str(rootfs), "-n", "exp", "--replace")
+    assert proc.returncode == 0, proc.stderr
+    assert Registry().get("default", "exp").image_id != built.image_id

@@ -431,3 +431,31 @@ def test_a_plain_http_registry_not_named_insecure_is_refused_with_the_flag_to_us
         e.value.hint
         == f"the registry speaks plain HTTP? name it with --insecure-registry {registry.host}"
     )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unpacking layers needs root")
+def test_a_pulled_image_never_takes_a_name_the_user_built(registry, tmp_path):
+    """`tl sbx new --image HOST/x/img:v1` registers the pull as img:v1 — unless img:v1 holds an
+    image the user built: then under the whole reference's name, and the built one stays."""
+    from tlimage.builder import build_image
+    from tlimage.builder.images import registered_or_pulled
+    from tlimage.executor.fake import FakeExecutor
+    from tlimage.registry import Registry
+
+    layout = umoci_image(tmp_path / "layout", "v1", LAYERS_ONE)
+    for repo in ("x/img", "y/other"):
+        skopeo_copy(f"oci:{layout}:v1", f"docker://{registry.host}/{repo}:v1",
+                    *registry.skopeo_flags("dest"))  # fmt: skip
+    (tmp_path / "image.py").write_text(
+        'from tlimage import Image\nimage = Image("img", tag="v1", base_image="busybox")'
+        '.env("MINE", "1")\n'
+    )
+    mine = build_image(tmp_path / "image.py", executor=FakeExecutor()).record
+    conf = RegistryConfig(insecure=(registry.host,), certs_dirs=())
+    ref = f"{registry.host}/x/img:v1"
+    got = registered_or_pulled("default", ref, registry_config=conf)
+    assert got == f"{registry.host.replace(':', '-')}-x-img:v1"
+    assert Registry().get("default", "img:v1").image_id == mine.image_id
+    assert registered_or_pulled("default", ref, registry_config=conf) == got  # its own now
+    assert registered_or_pulled("default", f"{registry.host}/y/other:v1",
+                                registry_config=conf) == "other:v1"  # fmt: skip

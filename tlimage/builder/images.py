@@ -3,6 +3,7 @@ register."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tlimage.builder.config import config_from_oci, config_to_oci
@@ -17,15 +18,25 @@ def local_image(rec: ImageRecord, platform: str = "linux/amd64") -> Any:
                       config_to_oci(rec.manifest.config), platform)  # fmt: skip
 
 
-def register_pulled(img: Any, project: str, name: str, tag: str, *,
-                    source: str | None = None) -> ImageRecord:  # fmt: skip
-    """Register a pulled or imported image (`tlimage.oci.pull.PulledImage`) under name:tag."""
+def register_pulled(img: Any, project: str, name: str, tag: str, *, source: str | None = None,
+                    replace: bool = True) -> ImageRecord:  # fmt: skip
+    """Register a pulled or imported image (`tlimage.oci.pull.PulledImage`) under name:tag.
+    Without `replace`, a name holding another image of another source is refused."""
     manifest = Manifest(
         layers=tuple(LayerRef(la.digest, la.diff_id, la.size) for la in img.layers),
         config=config_from_oci(img.config).to_json(),
         base=f"{img.name}@{img.digest}",
     )
-    return Registry().register(project, name, tag, manifest, source)
+    registry = Registry()
+    held = None if replace else registry.taken(project, f"{name}:{tag}", source)
+    if held is not None and _content(held.manifest) != _content(manifest):
+        from tlimage.builder.loop import NameTaken
+
+        raise NameTaken(f"{name}:{tag} in project {project!r} holds an image from "
+                        f"{held.source or 'the Python API'}, not from {source}",
+                        hint="pass --replace to register this one under that name anyway, or "
+                        "choose another name with -n/--name")  # fmt: skip
+    return registry.register(project, name, tag, manifest, source)
 
 
 def registered_or_pulled(project: str, ref: str, *, cache_dir: Any = None,
@@ -34,8 +45,6 @@ def registered_or_pulled(project: str, ref: str, *, cache_dir: Any = None,
     """`ref` when it names an image registered in the project; otherwise a registry image,
     pulled and registered (as its last path component and tag, e.g. `debian:bookworm`) — the
     NAME:TAG to launch."""
-    import re
-
     from tlimage.builder.bases import KNOWN_BASES
     from tlimage.errors import RegistryError
 
@@ -67,7 +76,29 @@ def registered_or_pulled(project: str, ref: str, *, cache_dir: Any = None,
             refresh=False,
             registry_config=registry_config or RegistryConfig.from_env(),
         )
-        name = re.sub(r"[^A-Za-z0-9._-]", "-", parsed.repository.rsplit("/", 1)[-1])
         tag = parsed.tag or img.digest.split(":")[1][:12]
+        # Its short name, unless an image of another source holds it: then the whole
+        # reference's (a pull never replaces what the user built or imported).
+        names = [_name(parsed.repository.rsplit("/", 1)[-1]),
+                 _name(f"{parsed.registry}/{parsed.repository}")]  # fmt: skip
+        registry = Registry()
+        name = next((n for n in names if registry.taken(project, f"{n}:{tag}", ref) is None),
+                    None)  # fmt: skip
+        if name is None:
+            from tlimage.builder.loop import NameTaken
+
+            raise NameTaken(f"{ref}: {names[0]}:{tag} and {names[1]}:{tag} in project "
+                            f"{project!r} hold images of other sources",
+                            hint="build FROM it under a name of your choice with `tl sbx image "
+                            "create`, or remove one of those images")  # fmt: skip
         rec = register_pulled(img, project, name, tag, source=ref)
     return rec.ref
+
+
+def _name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", text)
+
+
+def _content(m: Manifest) -> tuple[Any, ...]:
+    """What an image holds, wherever its layers came from: its trees and its config."""
+    return tuple(la.diff_id for la in m.layers), m.config

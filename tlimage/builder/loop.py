@@ -197,8 +197,8 @@ class Builder:
         if self.opts.replace:
             return
         for name, tag in refs:
-            rec = self.registry.find(self.opts.project, f"{name}:{tag}")
-            if rec is None or _same_source(rec.source, self.opts.source):
+            rec = self.registry.taken(self.opts.project, f"{name}:{tag}", self.opts.source)
+            if rec is None:
                 continue
             raise NameTaken(
                 f"{name}:{tag} in project {self.opts.project!r} holds an image from "
@@ -806,14 +806,6 @@ class NameTaken(BuildError):
     """A build would take a registered name from an image of another source."""
 
     exit_code = 2
-
-
-def _same_source(old: str | None, new: str | None) -> bool:
-    if old == new:
-        return True
-    if old is None or new is None or old.startswith("sandbox "):
-        return False
-    return Path(old).resolve() == Path(new).resolve()
 
 
 def _at(meta: ir.StepMeta, err: TlimageError) -> TlimageError:

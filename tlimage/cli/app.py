@@ -683,6 +683,14 @@ def image_import(
             "--name", "-n", help="NAME[:TAG] to register it under (default: the file's name)."
         ),
     ] = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Register under a name that holds an image of another "
+            "source (built from a file, a snapshot, another archive).",
+        ),
+    ] = False,  # fmt: skip
     project: ProjectOpt = None,
     cache_dir: CacheDirOpt = None,
     platform: PlatformOpt = "linux/amd64",
@@ -712,7 +720,8 @@ def image_import(
     img_name, tag = parse_ref(name or (default + (f":{pick_tag}" if pick_tag else "")))
     with LayerCache(cache_dir) as cache, cache.session(purpose="import"):
         img = import_image(cache, path, ref_name=pick, platform=platform)
-        rec = register_pulled(img, project_name(project), img_name, tag, source=str(path))
+        rec = register_pulled(img, project_name(project), img_name, tag,
+                              source=str(path.resolve()), replace=replace)  # fmt: skip
     print(f"imported {path} as {rec.ref} ({len(img.layers)} layers, image {rec.image_id[:12]})")
 
 

@@ -153,6 +153,13 @@ class Registry:
         except RegistryError:
             return None
 
+    def taken(self, project: str, ref: str, source: str | None) -> ImageRecord | None:
+        """The image registered as `ref` when it came from another source than `source` (a
+        different image file, registry reference or archive; a sandbox snapshot): the name is
+        then taken, and registering there needs the user's word (`--replace`)."""
+        rec = self.find(project, ref)
+        return None if rec is None or same_source(rec.source, source) else rec
+
     def list(self, project: str | None = None) -> list[ImageRecord]:
         with self._db() as db:
             if project is None:
@@ -182,3 +189,12 @@ def _record(row: tuple[Any, ...]) -> ImageRecord:
     return ImageRecord(
         project, name, tag, image_id, Manifest.from_bytes(manifest), source, created_at
     )
+
+
+def same_source(old: str | None, new: str | None) -> bool:
+    """Whether two images' sources are one: the same text, or paths of the same file."""
+    if old == new:
+        return True
+    if old is None or new is None or old.startswith("sandbox "):
+        return False
+    return Path(old).resolve() == Path(new).resolve()
