@@ -209,7 +209,13 @@ def test_a_bad_image_reference_names_the_line_that_asked_for_it(registry, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "text", ["FROM {ref}\nRUN write /x 1\n", "FROM scratch\nCOPY --from={ref} /f.txt /y\n"]
+    "text",
+    [
+        "FROM {ref}\nRUN write /x 1\n",
+        "FROM scratch\nCOPY --from={ref} /f.txt /y\n",
+        "FROM {ref}\nWORKDIR /f.txt/sub\n",
+        "FROM {ref}\nCOPY --chown=1:1 Dockerfile /f.txt\n",
+    ],
 )
 def test_an_image_whose_config_lies_about_a_layer_names_image_and_line(registry, tmp_path, text):
     """A pulled image whose config's diff_id does not match its layer: the step that first

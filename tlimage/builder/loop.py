@@ -567,13 +567,17 @@ class Builder:
 
         with tempfile.TemporaryDirectory(prefix=scratch_name("tlimage-step-"),
                                          dir=self._scratch_dir()) as tmp:  # fmt: skip
-            if isinstance(step, ir.Run):
-                upper, opaque = self._run(step, meta, state, Path(tmp), base_event)
-            elif isinstance(step, ir.Workdir):
-                upper, opaque = self._workdir(step, state, Path(tmp)), ()
-            else:
-                upper, opaque = self._copy(step, meta, state, sources, Path(tmp)), ()
-            from tlimage.cache.layer import layer_from_upper
+            from tlimage.cache.layer import LayerError, layer_from_upper
+
+            try:
+                if isinstance(step, ir.Run):
+                    upper, opaque = self._run(step, meta, state, Path(tmp), base_event)
+                elif isinstance(step, ir.Workdir):
+                    upper, opaque = self._workdir(step, state, Path(tmp)), ()
+                else:
+                    upper, opaque = self._copy(step, meta, state, sources, Path(tmp)), ()
+            except LayerError as e:  # the first unpack of a pulled layer found its config wrong
+                raise _at(meta, e) from None
 
             info = layer_from_upper(upper, self.store, opaque_dirs=opaque)
             self.cache.put(key, info, description=desc, meta={"empty": info.entries == 0})
@@ -629,12 +633,8 @@ class Builder:
             raise _at(meta, TlimageError("RUN needs a base image with a shell; this stage starts "
                                          "FROM scratch"))  # fmt: skip
         from tlimage.builder import hostca
-        from tlimage.cache.layer import LayerError
 
-        try:  # the first unpack of a pulled layer checks it: a lying base config stops here
-            lowers = self._lowers(state)
-        except LayerError as e:
-            raise _at(meta, e) from None
+        lowers = self._lowers(state)
         config = state.config
         env = dict(BUILD_ENV_DEFAULTS)
         env.update(config.run_env())
@@ -762,7 +762,7 @@ class Builder:
 
     def _sources_from(self, step: ir.Copy, meta: ir.StepMeta, tmp: Path) -> list[ctx.Source]:
         """COPY --from: the sources come from another stage's or image's filesystem."""
-        from tlimage.cache.layer import LayerError, apply_layer, ensure_verified
+        from tlimage.cache.layer import apply_layer, ensure_verified
         from tlimage.cache.unpacked import merge_lowers
 
         assert step.from_ is not None
@@ -772,18 +772,15 @@ class Builder:
             layers = self.need(self.image_source(step.from_, meta).layers)
         root = tmp / "from"
         root.mkdir()
-        try:
-            try:  # the source's unpacked layers, linked into one tree: no decompression
-                merge_lowers([unpacked_layer(self.store, la.digest) for la in layers], root)
-            except OSError:  # links refused (another filesystem, protected_hardlinks): extract
-                shutil.rmtree(root, ignore_errors=True)
-                root.mkdir()
-                for la in layers:
-                    ensure_verified(self.store, la.digest)
-                    with self.store.open(la.digest, verify=True) as f:
-                        apply_layer(f, root)
-        except LayerError as e:  # a pulled layer's first read found its image config wrong
-            raise _at(meta, e) from None
+        try:  # the source's unpacked layers, linked into one tree: no decompression
+            merge_lowers([unpacked_layer(self.store, la.digest) for la in layers], root)
+        except OSError:  # links refused (another filesystem, protected_hardlinks): extract
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            for la in layers:
+                ensure_verified(self.store, la.digest)
+                with self.store.open(la.digest, verify=True) as f:
+                    apply_layer(f, root)
         return ctx.select_sources(root, step.sources, ignored=self._ignore(step.excludes).matches)
 
     def _downloads(self, step: ir.Add, meta: ir.StepMeta) -> list[Any]:
