@@ -517,6 +517,17 @@ static void close_extra_fds(void) {
     for (int fd = 3; fd < 1024; fd++) fcntl(fd, F_SETFD, FD_CLOEXEC);
 }
 
+/* A program starts with every signal at its default action and none blocked, whatever the
+ * agent inherited (a caller started in the background has SIGINT and SIGQUIT ignored, and an
+ * ignored signal stays ignored across exec: Ctrl-C and `kill -INT` would do nothing). */
+static void default_signals(void) {
+    for (int s = 1; s < NSIG; s++)
+        if (s != SIGKILL && s != SIGSTOP) signal(s, SIG_DFL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
 static void child_fail(int errfd, const char *fmt, ...) {
     char msg[4096];
     va_list ap;
@@ -568,8 +579,7 @@ static void do_run(rd_t *r) {
     }
     if (pid == 0) {
         setsid();
-        signal(SIGPIPE, SIG_DFL);
-        signal(SIGCHLD, SIG_DFL);
+        default_signals();
         dup2(outp[1], 1);
         dup2(errp[1], 2);
         int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
@@ -1115,8 +1125,7 @@ static void do_sandbox(rd_t *r) {
 static void exec_child(const char *root, char **argv, char **env, const char *user,
                        const char *workdir, int statfd) {
     setsid();
-    signal(SIGPIPE, SIG_DFL);
-    signal(SIGCHLD, SIG_DFL);
+    default_signals();
     const char *path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
     for (char **e = env; *e; e++)
         if (strncmp(*e, "PATH=", 5) == 0) path = *e + 5;

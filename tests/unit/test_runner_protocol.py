@@ -228,14 +228,26 @@ def agent_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _as_background_job() -> None:
+    """What a shell's background job (`cmd &`, nohup) inherits: SIGINT and SIGQUIT ignored,
+    and here SIGUSR1 blocked too."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
+
 class Agent:
-    def __init__(self, binary: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, binary: Path, env: dict[str, str] | None = None,
+                 background: bool = False) -> None:  # fmt: skip
         self.proc = subprocess.Popen(
             [str(binary), "--stdio"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env={"PATH": "/usr/bin:/bin", **(env or {})},
+            preexec_fn=_as_background_job if background else None,
         )
         self.reader = P.FrameReader(self.proc.stdout)
         self.err = bytearray()
@@ -270,6 +282,23 @@ class Agent:
 
 def _out(frames: list[P.Frame], t: P.FrameType) -> bytes:
     return b"".join(f.payload for f in frames if f.type is t)
+
+
+def test_agent_programs_start_with_default_signals(agent_bin):
+    """An agent started as a background job (SIGINT and SIGQUIT ignored, a signal blocked)
+    starts its programs with every signal at its default action: an ignored one survives exec,
+    and Ctrl-C or `kill -INT` would do nothing (a PTY session then never ended)."""
+    a = Agent(agent_bin, background=True)
+    for msg in (P.encode_exec(P.ExecMsg(("cat", "/proc/self/status"), ("PATH=/usr/bin:/bin",),
+                                        "root", "/")),  # fmt: skip
+                P.encode_pty(P.PtyMsg(("cat", "/proc/self/status"), ("PATH=/usr/bin:/bin",),
+                                      "root", "/", 24, 80))):  # fmt: skip
+        a.send(msg)
+        frames = a.until(P.FrameType.EXIT, P.FrameType.ERROR)
+        status = _out(frames, P.FrameType.STDOUT).decode()
+        assert "SigIgn:\t0000000000000000" in status, status
+        assert "SigBlk:\t0000000000000000" in status, status
+    a.close()
 
 
 def test_agent_exec_streams_takes_stdin_and_does_not_wait_for_background_writers(agent_bin):

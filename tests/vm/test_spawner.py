@@ -120,3 +120,30 @@ def test_the_callers_death_ends_the_spawner_and_its_steps(tmp_path: Path, base: 
         time.sleep(0.05)
     assert not _sleepers(), "the step outlived its caller"
     assert not os.path.exists(f"/proc/{helper}"), "the spawner outlived its caller"
+
+
+BACKGROUND_CALLER = """
+import signal, sys
+from pathlib import Path
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell's background job (`cmd &`, nohup)
+signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+from tlimage.executor.base import RunRequest
+from tlimage.executor.namespace import NamespaceExecutor
+out = []
+r = NamespaceExecutor().run(RunRequest(lowers=(Path(sys.argv[1]),),
+    argv=("/bin/cat", "/proc/self/status"), upper_dir=Path(sys.argv[2])),
+    lambda _s, b: out.append(b))
+sys.stdout.write(b"".join(out).decode())
+"""
+
+
+def test_a_step_starts_with_default_signals_whatever_its_caller_ignores(tmp_path: Path,
+                                                                         base: Path) -> None:  # fmt: skip
+    """A build run in the background (SIGINT and SIGQUIT ignored) must not hand that to its
+    steps: an ignored signal survives exec, and `kill -INT` or Ctrl-C would do nothing."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    status = subprocess.run([sys.executable, "-c", BACKGROUND_CALLER, str(base),
+                             str(tmp_path / "up")], capture_output=True, text=True, env=env,
+                            timeout=120).stdout  # fmt: skip
+    assert "SigIgn:\t0000000000000000" in status, status
+    assert "SigBlk:\t0000000000000000" in status, status

@@ -801,8 +801,15 @@ def become(proc, extra_env=None, keep=()):
     capabilities, no_new_privs and the seccomp filter, cd to its workdir and exec its argv
     with exactly its env (plus HOME and `extra_env`). Never returns; failures go to the status
     fd."""
-    for s in (signal.SIGPIPE, signal.SIGXFSZ):
-        signal.signal(s, signal.SIG_DFL)
+    # Every signal at its default action, none blocked, whatever the caller had: one started in
+    # the background has SIGINT and SIGQUIT ignored, which would survive the exec.
+    for s in signal.valid_signals():
+        if s not in (signal.SIGKILL, signal.SIGSTOP):
+            try:
+                signal.signal(s, signal.SIG_DFL)
+            except (OSError, ValueError):  # the real-time ones libc keeps for itself
+                pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     os.umask(0o022)  # runc's and Docker's: not the caller's, so a step's files never depend on it
     uid, gid, groups, home = resolve_user(proc["user"])
     try:
