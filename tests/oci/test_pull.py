@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,14 @@ def test_second_pull_is_offline_and_refresh_sees_a_moved_tag(registry, pushed, t
         registry.stop()  # no network needed now
         again = oci_pull.pull(ref, cache, config=cfg(registry))
         assert again.offline and again.digest == first.digest
+        # Nor a client: a fresh process answers without importing the HTTP stack.
+        code = ("import sys; from tlimage.cache.cache import LayerCache; "
+                "from tlimage.oci import pull; c = LayerCache(sys.argv[1]); "
+                "img = pull.pull(sys.argv[2], c); "
+                "print(img.offline, 'httpx' in sys.modules)")  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache"), ref],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert out.split() == ["True", "False"], out
         registry.start()
         umoci_image(pushed, "v1", [{"etc/new": b"moved"}])
         skopeo_copy(f"oci:{pushed}:v1", f"docker://{ref}", *registry.skopeo_flags("dest"))

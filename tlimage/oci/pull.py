@@ -275,16 +275,32 @@ def fetch(
 
 @contextlib.contextmanager
 def _own_client(client: cl.RegistryClient | None,
-                config: cl.RegistryConfig | None) -> Iterator[cl.RegistryClient]:  # fmt: skip
-    """`client`, or one made from `config` for the block and closed after it."""
+                config: cl.RegistryConfig | None) -> Iterator[Any]:  # fmt: skip
+    """`client`, or one made from `config` on first use (an offline answer needs none, and
+    spares importing the HTTP stack) and closed after the block."""
     if client is not None:
         yield client
         return
-    own = cl.RegistryClient(config)
+    own = _OnDemand(config)
     try:
         yield own
     finally:
         own.close()
+
+
+class _OnDemand:
+    def __init__(self, config: cl.RegistryConfig | None) -> None:
+        self._config = config
+        self._client: cl.RegistryClient | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._client is None:
+            self._client = cl.RegistryClient(self._config)
+        return getattr(self._client, name)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
 
 
 def fetch_layers(cache: Any, client: cl.RegistryClient,
