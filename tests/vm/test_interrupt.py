@@ -35,6 +35,13 @@ def leftover_processes(marker: str) -> list[str]:
     return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
 
 
+def _at_a_terminal() -> None:
+    """As a command typed at a terminal starts: SIGINT at its default action. (Under a test
+    run started in the background, e.g. with nohup, it is inherited ignored, and a program
+    rightly keeps it so: the Ctrl-C would never arrive.)"""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("isolation", ["namespace", "microvm"])
 def test_ctrl_c_during_a_step(tmp_path: Path, isolation: str) -> None:
     if isolation == "microvm" and shutil.which("qemu-system-x86_64") is None:
@@ -46,6 +53,7 @@ def test_ctrl_c_during_a_step(tmp_path: Path, isolation: str) -> None:
         [sys.executable, "-m", "tlimage", "sbx", "image", "create", "image.py", "--json",
          "--isolation", isolation],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_at_a_terminal,
     )  # fmt: skip
     assert proc.stdout is not None
     deadline = time.monotonic() + 240
