@@ -45,7 +45,7 @@ from tlimage.errors import (
     ExecutorError,
     OCIError,
     StepFailed,
-    TlimageError,  # fmt: skip
+    TlimageError,
 )
 from tlimage.ir.describe import describe
 from tlimage.registry.db import ImageRecord, LayerRef, Manifest, Registry
@@ -366,6 +366,7 @@ class Builder:
         if memo in self._images:
             return self._images[memo]
         remote = pin is not None and pin.startswith("sha256:")
+        pins: tuple[str, ...] = ()  # what a pin may name besides the identity
         if not remote and "/" not in name and (rec := self.registry.find(self.opts.project,
                                                                          name)):  # fmt: skip
             src = ImageSource(list(rec.manifest.layers), ImageConfig.from_json(rec.manifest.config),
@@ -373,13 +374,15 @@ class Builder:
         elif not remote and name in KNOWN_BASES:
             layer = self._seed_base(name)
             # Its identity is the tree's diff_id, known before the bytes when the layer is in a
-            # --cache-from registry cache (a local layer digest is not).
+            # --cache-from registry cache (a local layer digest is not); a pin may still name
+            # the stored layer's digest.
             src = ImageSource([layer], base_config(name), layer.diff_id,
                               f"{name}@{layer.diff_id}")  # fmt: skip
+            pins = (layer.digest,) if isinstance(layer, LayerRef) else ()
         else:
             src = self._pull(name + (f"@{pin}" if pin else ""), meta, stage)
             pin = None  # the digest was part of the reference
-        pins = (src.identity, *(la.digest for la in src.layers[:1] if isinstance(la, LayerRef)))
+        pins = (src.identity, *pins)
         if pin and pin not in (*pins, *map(_hex, pins)):
             err = TlimageError(f"base image {name!r} is pinned to {pin} but is now "
                                f"{src.identity}", hint="update the pin, or rebuild the base it "
@@ -422,10 +425,8 @@ class Builder:
             t0 = time.monotonic()
             try:
                 if origin is None:
-                    before = self._remote.bytes
-                    recs = self._remote.fetch(self.cache, [d.key for d in group])
+                    recs, got = self._remote.fetch(self.cache, [d.key for d in group])
                     refs = {k: LayerRef(r.digest, r.diff_id, r.size) for k, r in recs.items()}
-                    got = self._remote.bytes - before
                     self._status(f"remote cache: fetched {_n(len(group), 'layer')} "
                                  f"({got / 1e6:.1f} MB downloaded) in "
                                  f"{time.monotonic() - t0:.1f}s")  # fmt: skip

@@ -58,8 +58,6 @@ class RemoteCache:
                  status: Any = None) -> None:  # fmt: skip
         self.client = client
         self.entries: dict[str, tuple[CacheEntry, cl.Endpoint, str]] = {}
-        self.fetched = 0  # layers downloaded
-        self.bytes = 0
         for ref_text in refs:
             try:
                 self._load(ref_text)
@@ -89,9 +87,9 @@ class RemoteCache:
         found = self.entries.get(key)
         return found[0] if found else None
 
-    def fetch(self, cache: Any, keys: list[str], *, progress: Any = None) -> dict[str, Any]:
+    def fetch(self, cache: Any, keys: list[str]) -> tuple[dict[str, Any], int]:
         """The LayerRecords of `keys` (each in the map), their layers fetched into `cache`'s
-        store in parallel and each key indexed there."""
+        store in parallel and each key indexed there; and the bytes downloaded."""
         from tlimage.cache.layer import LayerInfo
         from tlimage.oci.pull import fetch_layers
 
@@ -102,22 +100,15 @@ class RemoteCache:
             desc = {"digest": entry.layer, "size": entry.size, "mediaType": entry.media_type}
             wanted.append((ep, desc, entry.diff_id))
         labels = ", ".join(dict.fromkeys(self.entries[k][2] for k in keys))
-        got = fetch_layers(cache, self.client, wanted, label=f"cache {labels}", progress=progress)
+        got = fetch_layers(cache, self.client, wanted, label=f"cache {labels}")
         out = {}
-        for key, (layer, downloaded) in zip(keys, got, strict=True):
+        for key, (layer, _downloaded) in zip(keys, got, strict=True):
             entry, _ep, label = self.entries[key]
-            self.fetched += bool(downloaded)
-            self.bytes += downloaded
             rec = cache.index.get(layer_key(layer.blob), touch=False)
             info = LayerInfo(rec.digest, rec.diff_id, rec.size, rec.uncompressed_size, 0)
             out[key] = cache.put(key, info, description=f"from cache {label}",
                                  meta={"empty": entry.empty})  # fmt: skip
-        return out
-
-    def source(self, key: str) -> tuple[CacheEntry, cl.Endpoint] | None:
-        """Where the map's layer for `key` is: (its entry, the endpoint holding it)."""
-        found = self.entries.get(key)
-        return (found[0], found[1]) if found else None
+        return out, sum(downloaded for _layer, downloaded in got)
 
 
 def export(
@@ -138,7 +129,7 @@ def export(
     with tempfile.TemporaryDirectory(dir=str(store.path), prefix="cache-to-") as tmpd:
         for key in dict.fromkeys(keys):
             rec = cache.index.get(key, touch=False)
-            found = remote.source(key) if remote is not None else None
+            found = remote.entries.get(key) if remote is not None else None
             if rec is not None and store.size(rec.digest) == rec.size:
                 b = layer_blob(store, rec.digest, "zstd", Path(tmpd))
                 entry = CacheEntry(key, b.digest, rec.diff_id, b.size,
@@ -146,7 +137,7 @@ def export(
                 if found is not None and found[0].layer == b.digest:  # fetched from there
                     b.origin = found[1]
             elif found is not None:
-                entry, ep = found
+                entry, ep, _label = found
                 b = Blob(entry.layer, entry.size, entry.media_type, origin=ep,
                          reader=_reader(client, ep, entry))  # fmt: skip
             else:
