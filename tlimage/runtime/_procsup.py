@@ -35,11 +35,11 @@ def _children(pid: int) -> list[int]:
 
 
 def _ns_pid(pid: int) -> int | None:
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("NSpid:"):
-                return int(line.split()[-1])
-    return None
+    """`pid` as its own PID namespace numbers it."""
+    from tlimage.sandbox import proc as _proc
+
+    ids = _proc.ns_pids(pid)
+    return ids[-1] if ids else None
 
 
 def _program(timeout: float) -> int | None:

@@ -52,6 +52,16 @@ def alive(entry: list[int] | tuple[int, int] | None) -> bool:
     return f is not None and int(f[19]) == start and f[0] not in ("Z", "X")
 
 
+def ns_pids(pid: int) -> list[int]:
+    """`pid` in each PID namespace it is in, the host's first (NSpid of /proc/PID/status);
+    empty when it is gone."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return [int(x) for x in line.split()[1:]]
+    return []
+
+
 def ident(pid: int) -> list[int] | None:
     start = proc_start(pid)
     return None if start is None else [pid, start]

@@ -14,7 +14,6 @@ hierarchy (sandbox/cgroup.py).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 from dataclasses import dataclass, field
@@ -57,12 +56,8 @@ def _argv(pid: str) -> list[bytes]:
 
 def _is_pid1(pid: str) -> bool:
     """PID 1 of a PID namespace below the host's (NSpid: HOSTPID ... 1)."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("NSpid:"):
-                ids = line.split()[1:]
-                return len(ids) > 1 and ids[-1] == "1"
-    return False
+    ids = _proc.ns_pids(int(pid))
+    return len(ids) > 1 and ids[-1] == 1
 
 
 def _held_folder(pid: str, roots: set[str]) -> str | None:
