@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import http.server
+import io
 import json
 import os
 import shutil
 import socket
 import subprocess
+import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -391,6 +394,46 @@ def umoci_image(layout: Path, tag: str, layers: list[dict[str, object]],
         subprocess.run(["umoci", "config", "--image", f"{layout}:{tag}", *config], check=True)
     shutil.rmtree(work, ignore_errors=True)
     return layout
+
+
+# -- images made by hand (what no tool writes: a config that lies, a layer of many frames) -----
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def one_file_tar(name: str, data: bytes) -> bytes:
+    """A pax tar holding one file."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo(name)
+        ti.size = len(data)
+        tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def put_image(reg: Reg, ref: str, blob: bytes, media_type: str, diff_id: str,
+              config: dict | None = None) -> None:  # fmt: skip
+    """Upload to the plain-HTTP registry `reg`, as `ref`, a one-layer image made by hand: the
+    layer `blob` (of `media_type`) and an image config (`config` its "config" part) that says
+    the layer unpacks to `diff_id` — right or not, as the test wants."""
+    from tlimage.oci.client import OCI_CONFIG, OCI_MANIFEST, RegistryClient, RegistryConfig
+    from tlimage.oci.reference import parse
+
+    cfg = json.dumps({"architecture": "amd64", "os": "linux", "config": config or {},
+                      "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()  # fmt: skip
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": sha256(cfg), "size": len(cfg)},
+        "layers": [{"mediaType": media_type, "digest": sha256(blob), "size": len(blob)}],
+    }).encode()  # fmt: skip
+    parsed = parse(ref)
+    with RegistryClient(RegistryConfig(insecure=(reg.host,), certs_dirs=())) as c:
+        ep = c.endpoints(parsed, write=True)[0]
+        for b in (blob, cfg):
+            c.upload_blob(ep, sha256(b), len(b), lambda b=b: iter([b]), label=ref)
+        c.put_manifest(ep, parsed.tag or "latest", manifest, OCI_MANIFEST, label=ref)
 
 
 def skopeo_copy(src: str, dest: str, *flags: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.oci.conftest import skopeo_copy, umoci_image
+from tests.oci.conftest import one_file_tar, put_image, sha256, skopeo_copy, umoci_image
 from tlimage.builder import build_image
 from tlimage.errors import TlimageError
 from tlimage.executor.fake import FakeExecutor
@@ -222,38 +222,14 @@ def test_an_image_whose_config_lies_about_a_layer_names_image_and_line(registry,
     unpacks it (a RUN on it, a COPY --from it) fails naming the image reference and the
     Dockerfile line."""
     import gzip
-    import hashlib
-    import io
-    import json
-    import tarfile
 
-    from tlimage.oci.client import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, RegistryClient
-    from tlimage.oci.reference import parse
+    from tlimage.oci.client import OCI_LAYER_GZIP
 
-    def sha(b: bytes) -> str:
-        return "sha256:" + hashlib.sha256(b).hexdigest()
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        ti = tarfile.TarInfo("f.txt")
-        ti.size = 3
-        tf.addfile(ti, io.BytesIO(b"abc"))
-    blob = gzip.compress(buf.getvalue(), mtime=0)
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                         "rootfs": {"type": "layers", "diff_ids": [sha(b"lie")]}}).encode()  # fmt: skip
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": sha(config), "size": len(config)},
-        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": sha(blob), "size": len(blob)}],
-    }).encode()  # fmt: skip
+    blob = gzip.compress(one_file_tar("f.txt", b"abc"), mtime=0)
     ref = f"{registry.host}/bad/base:v1"
-    with RegistryClient(RegistryConfig(insecure=(registry.host,), certs_dirs=())) as c:
-        ep = c.endpoints(parse(ref), write=True)[0]
-        for b in (blob, config):
-            c.upload_blob(ep, sha(b), len(b), lambda b=b: iter([b]), label=ref)
-        c.put_manifest(ep, "v1", manifest, OCI_MANIFEST, label=ref)
+    put_image(registry, ref, blob, OCI_LAYER_GZIP, sha256(b"lie"))
     df = dockerfile(tmp_path, text.format(ref=ref))
     with pytest.raises(TlimageError) as e:
         build(df, registry)
     text = e.value.render()
-    assert "Dockerfile:2" in text and f"of {ref} unpacks to" in text and sha(b"lie") in text
+    assert "Dockerfile:2" in text and f"of {ref} unpacks to" in text and sha256(b"lie") in text

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.oci.conftest import need, skopeo_copy, umoci_image
+from tests.oci.conftest import need, one_file_tar, put_image, sha256, skopeo_copy, umoci_image
 from tlimage.cache.cache import LayerCache
 from tlimage.cache.layer import apply_layer
 from tlimage.errors import OCIError
@@ -268,15 +268,13 @@ def test_platform_selection_from_an_index(registry, tmp_path):
 def test_multi_frame_zstd_layer_unpacks_whole(registry, tmp_path):
     """A zstd layer of several frames (as zstd:chunked writers make) is kept byte for byte and
     unpacks completely, also as an overlay lower."""
-    import hashlib
     import io
     import tarfile
 
     import zstandard
 
     from tlimage.cache.unpacked import unpacked_layer
-    from tlimage.oci.client import OCI_CONFIG, OCI_LAYER_ZSTD, RegistryClient
-    from tlimage.oci.reference import parse
+    from tlimage.oci.client import OCI_LAYER_ZSTD
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
@@ -289,33 +287,8 @@ def test_multi_frame_zstd_layer_unpacks_whole(registry, tmp_path):
     cctx = zstandard.ZstdCompressor()
     third = len(tar) // 3
     blob = b"".join(cctx.compress(tar[i : i + third]) for i in range(0, len(tar), third))
-    diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {},
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        }
-    ).encode()
-
-    def sha(b: bytes) -> str:
-        return "sha256:" + hashlib.sha256(b).hexdigest()
-
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": sha(config), "size": len(config)},
-            "layers": [{"mediaType": OCI_LAYER_ZSTD, "digest": sha(blob), "size": len(blob)}],
-        }
-    ).encode()
     ref = f"{registry.host}/frames/img:v1"
-    with RegistryClient(cfg(registry)) as c:
-        ep = c.endpoints(parse(ref), write=True)[0]
-        for b in (blob, config):
-            c.upload_blob(ep, sha(b), len(b), lambda b=b: iter([b]), label=ref)
-        c.put_manifest(ep, "v1", manifest, OCI_MANIFEST, label=ref)
+    put_image(registry, ref, blob, OCI_LAYER_ZSTD, sha256(tar))
     with LayerCache(tmp_path / "cache") as cache:
         img = oci_pull.pull(ref, cache, config=cfg(registry))
         assert cache.store.read_bytes(img.layers[0].digest) == blob  # kept as sent
@@ -329,43 +302,20 @@ def test_wrong_diff_id_is_caught_by_the_first_unpack(registry, tmp_path):
     diff_id: the pull stores it as sent (its sha256 is right), the first unpack finds the
     diff_id wrong, discards the blob and says so; pulling again fetches it again."""
     import gzip
-    import hashlib
-    import io
-    import tarfile
 
     from tlimage.cache.layer import LayerError
     from tlimage.cache.unpacked import unpacked_layer
-    from tlimage.oci.client import OCI_CONFIG, OCI_LAYER_GZIP, RegistryClient
-    from tlimage.oci.reference import parse
+    from tlimage.oci.client import OCI_LAYER_GZIP
 
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        ti = tarfile.TarInfo("f.txt")
-        ti.size = 3
-        tf.addfile(ti, io.BytesIO(b"abc"))
-    blob = gzip.compress(buf.getvalue(), mtime=0)
-
-    def sha(b: bytes) -> str:
-        return "sha256:" + hashlib.sha256(b).hexdigest()
-
-    wrong = sha(b"not the tar")
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                         "rootfs": {"type": "layers", "diff_ids": [wrong]}}).encode()  # fmt: skip
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": sha(config), "size": len(config)},
-        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": sha(blob), "size": len(blob)}],
-    }).encode()  # fmt: skip
+    tar = one_file_tar("f.txt", b"abc")
+    blob = gzip.compress(tar, mtime=0)
+    wrong = sha256(b"not the tar")
     ref = f"{registry.host}/bad/diffid:v1"
-    with RegistryClient(cfg(registry)) as c:
-        ep = c.endpoints(parse(ref), write=True)[0]
-        for b in (blob, config):
-            c.upload_blob(ep, sha(b), len(b), lambda b=b: iter([b]), label=ref)
-        c.put_manifest(ep, "v1", manifest, OCI_MANIFEST, label=ref)
+    put_image(registry, ref, blob, OCI_LAYER_GZIP, wrong)
     with LayerCache(tmp_path / "cache") as cache:
         img = oci_pull.pull(ref, cache, config=cfg(registry))
         digest = img.layers[0].digest
-        with pytest.raises(LayerError, match=f"of {ref} unpacks to {sha(buf.getvalue())}.*says "
+        with pytest.raises(LayerError, match=f"of {ref} unpacks to {sha256(tar)}.*says "
                            f"{wrong}"):  # fmt: skip
             unpacked_layer(cache.store, digest)
         assert not cache.store.has(digest)

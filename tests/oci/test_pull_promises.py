@@ -168,8 +168,9 @@ def test_foreign_layers_are_refused_before_anything_is_fetched(registry, tmp_pat
     assert str(e.value).startswith(ref) and "foreign (non-distributable) layer" in str(e.value)
 
 
-def test_wrong_credentials_from_registry_auth_file_are_named(tls_registry, tmp_path,
-                                                             monkeypatch):  # fmt: skip
+def _private_image_and_wrong_auth(tls_registry, tmp_path: Path) -> tuple[str, Path]:
+    """An image in the TLS + htpasswd registry, and an auth file with a wrong password for
+    it."""
     layout = umoci_image(tmp_path / "layout", "v1", LAYERS_ONE)
     ref = f"{tls_registry.host}/priv/img:v1"
     skopeo_copy(f"oci:{layout}:v1", f"docker://{ref}", *tls_registry.skopeo_flags("dest"))
@@ -179,6 +180,12 @@ def test_wrong_credentials_from_registry_auth_file_are_named(tls_registry, tmp_p
             {"auths": {tls_registry.host: {"auth": base64.b64encode(b"alice:nope").decode()}}}
         )
     )
+    return ref, wrong
+
+
+def test_wrong_credentials_from_registry_auth_file_are_named(tls_registry, tmp_path,
+                                                             monkeypatch):  # fmt: skip
+    ref, wrong = _private_image_and_wrong_auth(tls_registry, tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.docker/config.json of the machine's
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(wrong))
     conf = RegistryConfig(certs_dirs=(str(tls_registry.certs_dir),), retries=0)
@@ -374,15 +381,7 @@ def test_a_blob_the_mirror_lacks_comes_from_the_next_endpoint(registry, image, t
 def test_sbx_new_image_takes_the_registry_flags(tls_registry, tmp_path):
     """`tl sbx new --image <registry ref>` reads credentials from --registry-auth as `create`
     does: a wrong file given there is the one the error names (no sandbox is started)."""
-    layout = umoci_image(tmp_path / "layout", "v1", LAYERS_ONE)
-    ref = f"{tls_registry.host}/priv/img:v1"
-    skopeo_copy(f"oci:{layout}:v1", f"docker://{ref}", *tls_registry.skopeo_flags("dest"))
-    wrong = tmp_path / "wrong.json"
-    wrong.write_text(
-        json.dumps(
-            {"auths": {tls_registry.host: {"auth": base64.b64encode(b"alice:nope").decode()}}}
-        )
-    )
+    ref, wrong = _private_image_and_wrong_auth(tls_registry, tmp_path)
     env = {**os.environ, "HOME": str(tmp_path), "TLIMAGE_CACHE_DIR": str(tmp_path / "cache"),
            "TLIMAGE_STATE_DIR": str(tmp_path / "state"),
            "TLIMAGE_REGISTRY_CERTS_DIR": str(tls_registry.certs_dir)}  # fmt: skip

@@ -5,75 +5,44 @@ come in and whichever path unpacks it; the wrong image is refused with its refer
 from __future__ import annotations
 
 import gzip
-import hashlib
-import io
-import json
-import tarfile
 
 import pytest
 
+from tests.oci.conftest import one_file_tar, put_image, sha256
 from tlimage.cache.cache import LayerCache
 from tlimage.cache.layer import apply_layer, ensure_verified, unverified_diff_id
 from tlimage.cache.unpacked import unpacked_layer
 from tlimage.errors import OCIError
 from tlimage.oci import pull as oci_pull
 from tlimage.oci.client import (
-    OCI_CONFIG,
     OCI_LAYER_GZIP,
-    OCI_MANIFEST,
-    RegistryClient,
     RegistryConfig,
 )
-from tlimage.oci.reference import parse
 
 pytestmark = pytest.mark.slow
 
 
-def sha(b: bytes) -> str:
-    return "sha256:" + hashlib.sha256(b).hexdigest()
-
-
-def _tar() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        ti = tarfile.TarInfo("shared.txt")
-        ti.size = 6
-        tf.addfile(ti, io.BytesIO(b"shared"))
-    return buf.getvalue()
-
-
-TAR = _tar()
+TAR = one_file_tar("shared.txt", b"shared")
 BLOB = gzip.compress(TAR, mtime=0)
-RIGHT = sha(TAR)
-WRONG = sha(b"not the tar")
+RIGHT = sha256(TAR)
+WRONG = sha256(b"not the tar")
 
 
 def cfg(reg) -> RegistryConfig:
     return RegistryConfig(insecure=(reg.host,), certs_dirs=(), backoff=0.05)
 
 
-def put_image(reg, ref: str, diff_id: str, marker: str) -> None:
+def put_shared(reg, ref: str, diff_id: str, marker: str) -> None:
     """An image of the one shared layer whose config says `diff_id` (`marker` makes the
     configs differ)."""
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Env": [marker]},
-                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()  # fmt: skip
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": sha(config), "size": len(config)},
-        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": sha(BLOB), "size": len(BLOB)}],
-    }).encode()  # fmt: skip
-    with RegistryClient(cfg(reg)) as c:
-        ep = c.endpoints(parse(ref), write=True)[0]
-        for b in (BLOB, config):
-            c.upload_blob(ep, sha(b), len(b), lambda b=b: iter([b]), label=ref)
-        c.put_manifest(ep, "v1", manifest, OCI_MANIFEST, label=ref)
+    put_image(reg, ref, BLOB, OCI_LAYER_GZIP, diff_id, {"Env": [marker]})
 
 
 @pytest.fixture
 def images(registry):
     good, bad = f"{registry.host}/shared/good:v1", f"{registry.host}/shared/bad:v1"
-    put_image(registry, good, RIGHT, "A=1")
-    put_image(registry, bad, WRONG, "B=1")
+    put_shared(registry, good, RIGHT, "A=1")
+    put_shared(registry, bad, WRONG, "B=1")
     return good, bad
 
 
@@ -105,7 +74,7 @@ def test_wrong_config_after_a_verified_or_pending_pull_keeps_the_blob(
         assert (tmp_path / "second" / "shared.txt").read_bytes() == b"shared"
         assert (unpacked_layer(cache.store, digest) / "shared.txt").read_bytes() == b"shared"
         again = oci_pull.pull(good, cache, config=cfg(registry))
-        assert again.offline and cache.lookup(oci_pull.layer_key(sha(BLOB))).diff_id == RIGHT
+        assert again.offline and cache.lookup(oci_pull.layer_key(sha256(BLOB))).diff_id == RIGHT
 
 
 def test_right_config_after_a_wrong_pending_one_keeps_the_blob(registry, images, tmp_path):
@@ -121,7 +90,7 @@ def test_right_config_after_a_wrong_pending_one_keeps_the_blob(registry, images,
         assert unverified_diff_id(cache.store, digest) is None
         _extract(cache, digest, tmp_path / "out")
         assert cache.store.has(digest)
-        assert cache.lookup(oci_pull.layer_key(sha(BLOB))).diff_id == RIGHT
+        assert cache.lookup(oci_pull.layer_key(sha256(BLOB))).diff_id == RIGHT
 
 
 def test_wrong_config_for_a_blob_a_local_image_holds(registry, images, tmp_path):
@@ -131,11 +100,11 @@ def test_wrong_config_for_a_blob_a_local_image_holds(registry, images, tmp_path)
 
     _, bad = images
     with LayerCache(tmp_path / "cache") as cache:
-        info, _ = ingest_layer(cache.store, iter([BLOB]), blob=sha(BLOB), size=len(BLOB),
+        info, _ = ingest_layer(cache.store, iter([BLOB]), blob=sha256(BLOB), size=len(BLOB),
                                media_type=OCI_LAYER_GZIP, diff_id=RIGHT, label="import")  # fmt: skip
         with pytest.raises(OCIError, match=f"unpacks to {RIGHT}"):
             oci_pull.pull(bad, cache, config=cfg(registry))
         assert cache.store.has(info.digest)
         assert unverified_diff_id(cache.store, info.digest) is None
         _extract(cache, info.digest, tmp_path / "out")
-        assert cache.lookup(oci_pull.layer_key(sha(BLOB))) is None
+        assert cache.lookup(oci_pull.layer_key(sha256(BLOB))) is None
